@@ -1,0 +1,206 @@
+//! Building blocks shared by the networks: norms with the reference's eps, convs, attention.
+
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder};
+
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    candle_nn::linear(in_dim, out_dim, vb)
+}
+
+pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    candle_nn::linear_no_bias(in_dim, out_dim, vb)
+}
+
+/// A `Conv1d(k=1)` stored as `[out, in, 1]`, applied as the linear layer it is.
+pub fn conv1x1_as_linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    let w = vb.get((out_dim, in_dim, 1), "weight")?.reshape((out_dim, in_dim))?;
+    let b = vb.get(out_dim, "bias")?;
+    Ok(Linear::new(w, Some(b)))
+}
+
+pub fn conv2d(
+    in_c: usize,
+    out_c: usize,
+    kernel: usize,
+    padding: usize,
+    stride: usize,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let cfg = Conv2dConfig { padding, stride, ..Default::default() };
+    candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)
+}
+
+pub fn conv2d_no_bias(
+    in_c: usize,
+    out_c: usize,
+    kernel: usize,
+    padding: usize,
+    stride: usize,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let cfg = Conv2dConfig { padding, stride, ..Default::default() };
+    candle_nn::conv2d_no_bias(in_c, out_c, kernel, cfg, vb)
+}
+
+pub fn group_norm(channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
+    candle_nn::group_norm(32, channels, eps, vb)
+}
+
+pub fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
+    candle_nn::layer_norm(dim, candle_nn::LayerNormConfig { eps, ..Default::default() }, vb)
+}
+
+/// `(n, l, heads·d) → (n·heads, l, d)`, head-major channels as `einops 'b n (h d) -> (b h) n d'`.
+pub fn split_heads(xs: &Tensor, heads: usize) -> Result<Tensor> {
+    let (n, l, c) = xs.dims3()?;
+    xs.reshape((n, l, heads, c / heads))?
+        .transpose(1, 2)?
+        .reshape((n * heads, l, c / heads))
+}
+
+/// Inverse of [`split_heads`].
+pub fn merge_heads(xs: &Tensor, heads: usize) -> Result<Tensor> {
+    let (nh, l, d) = xs.dims3()?;
+    xs.reshape((nh / heads, heads, l, d))?
+        .transpose(1, 2)?
+        .reshape((nh / heads, l, heads * d))
+}
+
+/// `softmax(q·kᵀ·scale [+ mask])·v` over `(batch, len, dim)` tensors.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
+    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    probs.matmul(&v.contiguous()?)
+}
+
+/// Multi-head attention with already-projected `q, k, v` of shape `(n, l, heads·d)`.
+pub fn multi_head_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let out = attention(
+        &split_heads(q, heads)?,
+        &split_heads(k, heads)?,
+        &split_heads(v, heads)?,
+        scale,
+        mask,
+    )?;
+    merge_heads(&out, heads)
+}
+
+/// `(b·t, c, h, w) → (b, c, t, h, w)`.
+pub fn frames_to_video(xs: &Tensor, b: usize) -> Result<Tensor> {
+    let (bt, c, h, w) = xs.dims4()?;
+    xs.reshape((b, bt / b, c, h, w))?.permute((0, 2, 1, 3, 4))?.contiguous()
+}
+
+/// `(b, c, t, h, w) → (b·t, c, h, w)`.
+pub fn video_to_frames(xs: &Tensor) -> Result<Tensor> {
+    let (b, c, t, h, w) = xs.dims5()?;
+    xs.permute((0, 2, 1, 3, 4))?.contiguous()?.reshape((b * t, c, h, w))
+}
+
+/// Sinusoidal embedding of scalar timesteps, `[cos, sin]` halves, computed in f32 exactly as
+/// the reference (`timestep_embedding`, max period 1e4).
+pub fn timestep_embedding(values: &[f32], dim: usize, dev: &candle_core::Device) -> Result<Tensor> {
+    let half = dim / 2;
+    let neg_log = -(10000f64.ln()) as f32;
+    let freqs: Vec<f32> = (0..half).map(|i| (neg_log * i as f32 / half as f32).exp()).collect();
+    let mut out = Vec::with_capacity(values.len() * dim);
+    for &t in values {
+        out.extend(freqs.iter().map(|f| (t * f).cos()));
+        out.extend(freqs.iter().map(|f| (t * f).sin()));
+        if dim % 2 == 1 {
+            out.push(0.0);
+        }
+    }
+    Tensor::from_vec(out, (values.len(), dim), dev)
+}
+
+pub fn silu(xs: &Tensor) -> Result<Tensor> {
+    xs.silu()
+}
+
+/// GEGLU feed-forward input half: `a · GELU(g)` where `[a, g] = proj(x)`.
+pub fn geglu(proj: &Linear, xs: &Tensor) -> Result<Tensor> {
+    let p = proj.forward(xs)?;
+    let half = p.dim(D::Minus1)? / 2;
+    let a = p.narrow(D::Minus1, 0, half)?;
+    let g = p.narrow(D::Minus1, half, half)?;
+    a * g.gelu_erf()?
+}
+
+/// OpenCLIP `ResidualAttentionBlock`: pre-LN attention with packed `in_proj`, then a GELU MLP.
+#[derive(Debug, Clone)]
+pub struct ClipBlock {
+    ln_1: LayerNorm,
+    in_proj: Linear,
+    out_proj: Linear,
+    ln_2: LayerNorm,
+    c_fc: Linear,
+    c_proj: Linear,
+    heads: usize,
+}
+
+impl ClipBlock {
+    pub fn new(width: usize, heads: usize, mlp_ratio: f64, vb: VarBuilder) -> Result<Self> {
+        let attn = vb.pp("attn");
+        let in_w = attn.get((3 * width, width), "in_proj_weight")?;
+        let in_b = attn.get(3 * width, "in_proj_bias")?;
+        let hidden = (width as f64 * mlp_ratio) as usize;
+        Ok(Self {
+            ln_1: layer_norm(width, 1e-5, vb.pp("ln_1"))?,
+            in_proj: Linear::new(in_w, Some(in_b)),
+            out_proj: linear(width, width, attn.pp("out_proj"))?,
+            ln_2: layer_norm(width, 1e-5, vb.pp("ln_2"))?,
+            c_fc: linear(width, hidden, vb.pp("mlp.c_fc"))?,
+            c_proj: linear(hidden, width, vb.pp("mlp.c_proj"))?,
+            heads,
+        })
+    }
+
+    /// Checkpoint keys and shapes of one block, for blocks the model holds but never runs.
+    pub fn keys(prefix: &str, width: usize, mlp_ratio: f64) -> Vec<(String, Vec<usize>)> {
+        let hidden = (width as f64 * mlp_ratio) as usize;
+        [
+            ("ln_1.weight", vec![width]),
+            ("ln_1.bias", vec![width]),
+            ("attn.in_proj_weight", vec![3 * width, width]),
+            ("attn.in_proj_bias", vec![3 * width]),
+            ("attn.out_proj.weight", vec![width, width]),
+            ("attn.out_proj.bias", vec![width]),
+            ("ln_2.weight", vec![width]),
+            ("ln_2.bias", vec![width]),
+            ("mlp.c_fc.weight", vec![hidden, width]),
+            ("mlp.c_fc.bias", vec![hidden]),
+            ("mlp.c_proj.weight", vec![width, hidden]),
+            ("mlp.c_proj.bias", vec![width]),
+        ]
+        .into_iter()
+        .map(|(k, s)| (format!("{prefix}.{k}"), s))
+        .collect()
+    }
+
+    /// `xs`: `(n, l, width)`; `mask`: additive `(l, l)`.
+    pub fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let width = xs.dim(D::Minus1)?;
+        let h = self.ln_1.forward(xs)?;
+        let qkv = self.in_proj.forward(&h)?;
+        let q = qkv.narrow(D::Minus1, 0, width)?;
+        let k = qkv.narrow(D::Minus1, width, width)?;
+        let v = qkv.narrow(D::Minus1, 2 * width, width)?;
+        let scale = 1.0 / ((width / self.heads) as f64).sqrt();
+        let a = multi_head_attention(&q, &k, &v, self.heads, scale, mask)?;
+        let xs = (xs + self.out_proj.forward(&a)?)?;
+        let h = self.c_fc.forward(&self.ln_2.forward(&xs)?)?.gelu_erf()?;
+        xs + self.c_proj.forward(&h)?
+    }
+}

@@ -1,0 +1,545 @@
+//! DynamiCrafter's 3-D UNet (`model.diffusion_model.`, `openaimodel3d.py::UNetModel`).
+//!
+//! Activations are `(b·t, c, h, w)` ("frames folded into the batch"), unfolded to
+//! `(b, c, t, h, w)` only inside temporal convs and temporal transformers.
+
+use super::layers::{
+    conv1x1_as_linear, conv2d, frames_to_video, geglu, group_norm, layer_norm, linear, linear_no_bias,
+    multi_head_attention, silu, timestep_embedding, video_to_frames,
+};
+use crate::config::UnetConfig;
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
+
+/// Length of the text part of the context; hard-coded in the reference.
+pub const TEXT_CONTEXT_LEN: usize = 77;
+/// Image tokens per frame emitted by the Resampler; hard-coded in the reference.
+pub const IMAGE_TOKENS_PER_FRAME: usize = 16;
+
+/// ModelScope temporal conv block: four GN → SiLU → conv(3,1,1) stages over time, plus residual.
+#[derive(Debug, Clone)]
+struct TemporalConvBlock {
+    stages: Vec<(GroupNorm, Tensor, Tensor)>,
+}
+
+impl TemporalConvBlock {
+    fn new(c: usize, vb: VarBuilder) -> Result<Self> {
+        let stages = (1..=4)
+            .map(|i| {
+                let s = vb.pp(format!("conv{i}"));
+                let conv_idx = if i == 1 { "2" } else { "3" }; // conv1 has no dropout slot
+                let conv = s.pp(conv_idx);
+                // Conv3d kernel (3,1,1) stored [c, c, 3, 1, 1]; run as a 2-D conv over (t, h·w).
+                let w = conv.get((c, c, 3, 1, 1), "weight")?.reshape((c, c, 3, 1))?;
+                let b = conv.get(c, "bias")?.reshape((1, c, 1, 1))?;
+                Ok((group_norm(c, 1e-5, s.pp("0"))?, w, b))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { stages })
+    }
+
+    /// `xs`: `(b, c, t, h, w)`.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, c, t, h, w) = xs.dims5()?;
+        let mut hs = xs.clone();
+        for (norm, weight, bias) in &self.stages {
+            let a = silu(&norm.forward(&hs)?)?.reshape((b, c, t, h * w))?;
+            let a = a.pad_with_zeros(2, 1, 1)?.conv2d(weight, 0, 1, 1, 1)?.broadcast_add(bias)?;
+            hs = a.reshape((b, c, t, h, w))?;
+        }
+        xs + hs
+    }
+}
+
+#[derive(Debug, Clone)]
+struct ResBlock {
+    in_norm: GroupNorm,
+    in_conv: Conv2d,
+    emb_proj: Linear,
+    out_norm: GroupNorm,
+    out_conv: Conv2d,
+    skip: Option<Conv2d>,
+    temporal_conv: TemporalConvBlock,
+}
+
+impl ResBlock {
+    fn new(ci: usize, co: usize, emb_dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            in_norm: group_norm(ci, 1e-5, vb.pp("in_layers.0"))?,
+            in_conv: conv2d(ci, co, 3, 1, 1, vb.pp("in_layers.2"))?,
+            emb_proj: linear(emb_dim, co, vb.pp("emb_layers.1"))?,
+            out_norm: group_norm(co, 1e-5, vb.pp("out_layers.0"))?,
+            out_conv: conv2d(co, co, 3, 1, 1, vb.pp("out_layers.3"))?,
+            skip: if ci != co { Some(conv2d(ci, co, 1, 0, 1, vb.pp("skip_connection"))?) } else { None },
+            temporal_conv: TemporalConvBlock::new(co, vb.pp("temopral_conv"))?, // sic
+        })
+    }
+
+    /// `xs`: `(b·t, ci, h, w)`, `emb`: `(b·t, emb_dim)`.
+    fn forward(&self, xs: &Tensor, emb: &Tensor, b: usize) -> Result<Tensor> {
+        let h = self.in_conv.forward(&silu(&self.in_norm.forward(xs)?)?)?;
+        let e = self.emb_proj.forward(&silu(emb)?)?.unsqueeze(2)?.unsqueeze(3)?;
+        let h = h.broadcast_add(&e)?;
+        let h = self.out_conv.forward(&silu(&self.out_norm.forward(&h)?)?)?;
+        let h = match &self.skip {
+            Some(s) => (s.forward(xs)? + h)?,
+            None => (xs + h)?,
+        };
+        video_to_frames(&self.temporal_conv.forward(&frames_to_video(&h, b)?)?)
+    }
+}
+
+/// `CrossAttention`; with `to_k_ip/to_v_ip` it is the dual text/image cross-attention.
+#[derive(Debug, Clone)]
+struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    image: Option<(Linear, Linear)>,
+    /// 256 model: the image branch is scaled by `tanh(alpha) + 1`.
+    alpha: Option<Tensor>,
+    to_out: Linear,
+    heads: usize,
+    scale: f64,
+}
+
+impl Attention {
+    fn new(
+        dim: usize,
+        context_dim: usize,
+        heads: usize,
+        dim_head: usize,
+        image_cross_attention: bool,
+        learnable_scale: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let inner = heads * dim_head;
+        let image = if image_cross_attention {
+            Some((
+                linear_no_bias(context_dim, inner, vb.pp("to_k_ip"))?,
+                linear_no_bias(context_dim, inner, vb.pp("to_v_ip"))?,
+            ))
+        } else {
+            None
+        };
+        Ok(Self {
+            to_q: linear_no_bias(dim, inner, vb.pp("to_q"))?,
+            to_k: linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
+            to_v: linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
+            image,
+            alpha: if learnable_scale { Some(vb.get((), "alpha")?) } else { None },
+            to_out: linear(inner, dim, vb.pp("to_out.0"))?,
+            heads,
+            scale: (dim_head as f64).powf(-0.5),
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let q = self.to_q.forward(xs)?;
+        let out = match (&self.image, context) {
+            (Some((to_k_ip, to_v_ip)), Some(ctx)) => {
+                let len = ctx.dim(1)?;
+                let text = ctx.narrow(1, 0, TEXT_CONTEXT_LEN)?;
+                let img = ctx.narrow(1, TEXT_CONTEXT_LEN, len - TEXT_CONTEXT_LEN)?;
+                let k = self.to_k.forward(&text)?;
+                let v = self.to_v.forward(&text)?;
+                let out_txt = multi_head_attention(&q, &k, &v, self.heads, self.scale, None)?;
+                let k = to_k_ip.forward(&img)?;
+                let v = to_v_ip.forward(&img)?;
+                let out_img = multi_head_attention(&q, &k, &v, self.heads, self.scale, None)?;
+                let out_img = match &self.alpha {
+                    Some(a) => out_img.broadcast_mul(&(a.tanh()? + 1.0)?)?,
+                    None => out_img,
+                };
+                (out_txt + out_img)?
+            }
+            (_, ctx) => {
+                let ctx = ctx.unwrap_or(xs);
+                let k = self.to_k.forward(ctx)?;
+                let v = self.to_v.forward(ctx)?;
+                multi_head_attention(&q, &k, &v, self.heads, self.scale, None)?
+            }
+        };
+        self.to_out.forward(&out)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct BasicTransformerBlock {
+    attn1: Attention,
+    attn2: Attention,
+    ff_proj: Linear,
+    ff_out: Linear,
+    norm1: LayerNorm,
+    norm2: LayerNorm,
+    norm3: LayerNorm,
+}
+
+impl BasicTransformerBlock {
+    /// `context_dim` None: both attentions are self-attention (temporal transformers).
+    fn new(
+        dim: usize,
+        heads: usize,
+        dim_head: usize,
+        context_dim: Option<usize>,
+        learnable_scale: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let inner = heads * dim_head;
+        Ok(Self {
+            attn1: Attention::new(dim, dim, heads, dim_head, false, false, vb.pp("attn1"))?,
+            attn2: Attention::new(
+                dim,
+                context_dim.unwrap_or(dim),
+                heads,
+                dim_head,
+                context_dim.is_some(),
+                learnable_scale && context_dim.is_some(),
+                vb.pp("attn2"),
+            )?,
+            ff_proj: linear(dim, inner * 8, vb.pp("ff.net.0.proj"))?,
+            ff_out: linear(inner * 4, dim, vb.pp("ff.net.2"))?,
+            norm1: layer_norm(dim, 1e-5, vb.pp("norm1"))?,
+            norm2: layer_norm(dim, 1e-5, vb.pp("norm2"))?,
+            norm3: layer_norm(dim, 1e-5, vb.pp("norm3"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
+        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, context)? + &xs)?;
+        let h = geglu(&self.ff_proj, &self.norm3.forward(&xs)?)?;
+        self.ff_out.forward(&h)? + xs
+    }
+}
+
+/// Per-frame spatial transformer with the dual text/image cross-attention.
+#[derive(Debug, Clone)]
+struct SpatialTransformer {
+    norm: GroupNorm,
+    proj_in: Linear,
+    blocks: Vec<BasicTransformerBlock>,
+    proj_out: Linear,
+}
+
+impl SpatialTransformer {
+    fn new(c: usize, heads: usize, dim_head: usize, cfg: &UnetConfig, vb: VarBuilder) -> Result<Self> {
+        let inner = heads * dim_head;
+        let blocks = (0..cfg.transformer_depth)
+            .map(|i| {
+                BasicTransformerBlock::new(
+                    inner,
+                    heads,
+                    dim_head,
+                    Some(cfg.context_dim),
+                    cfg.image_cross_attention_scale_learnable,
+                    vb.pp(format!("transformer_blocks.{i}")),
+                )
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            norm: group_norm(c, 1e-6, vb.pp("norm"))?,
+            proj_in: linear(c, inner, vb.pp("proj_in"))?,
+            blocks,
+            proj_out: linear(inner, c, vb.pp("proj_out"))?,
+        })
+    }
+
+    /// `xs`: `(b·t, c, h, w)`; `context`: `(b·t, l, context_dim)`.
+    fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (n, c, h, w) = xs.dims4()?;
+        let hs = self.norm.forward(xs)?.flatten_from(2)?.transpose(1, 2)?.contiguous()?;
+        let mut hs = self.proj_in.forward(&hs)?;
+        for block in &self.blocks {
+            hs = block.forward(&hs, Some(context))?;
+        }
+        let hs = self.proj_out.forward(&hs)?.transpose(1, 2)?.reshape((n, c, h, w))?;
+        hs + xs
+    }
+}
+
+/// Self-attention over frames at every spatial location.
+#[derive(Debug, Clone)]
+struct TemporalTransformer {
+    norm: GroupNorm,
+    proj_in: Linear,
+    blocks: Vec<BasicTransformerBlock>,
+    proj_out: Linear,
+}
+
+impl TemporalTransformer {
+    /// `conv_proj`: `proj_in/out` are stored as Conv1d(k=1) (only `init_attn`).
+    fn new(c: usize, heads: usize, dim_head: usize, depth: usize, conv_proj: bool, vb: VarBuilder) -> Result<Self> {
+        let inner = heads * dim_head;
+        let (proj_in, proj_out) = if conv_proj {
+            (conv1x1_as_linear(c, inner, vb.pp("proj_in"))?, conv1x1_as_linear(inner, c, vb.pp("proj_out"))?)
+        } else {
+            (linear(c, inner, vb.pp("proj_in"))?, linear(inner, c, vb.pp("proj_out"))?)
+        };
+        let blocks = (0..depth)
+            .map(|i| BasicTransformerBlock::new(inner, heads, dim_head, None, false, vb.pp(format!("transformer_blocks.{i}"))))
+            .collect::<Result<_>>()?;
+        Ok(Self { norm: group_norm(c, 1e-6, vb.pp("norm"))?, proj_in, blocks, proj_out })
+    }
+
+    /// `xs`: `(b·t, c, h, w)`; returns the same layout.
+    fn forward(&self, xs: &Tensor, b: usize) -> Result<Tensor> {
+        let (bt, c, h, w) = xs.dims4()?;
+        let t = bt / b;
+        // The norm's statistics span all frames: normalise in (b, c, t, h, w).
+        let video = frames_to_video(xs, b)?;
+        let hs = self.norm.forward(&video)?;
+        // (b, c, t, h, w) → (b·h·w, t, c)
+        let hs = hs.permute((0, 3, 4, 2, 1))?.contiguous()?.reshape((b * h * w, t, c))?;
+        let mut hs = self.proj_in.forward(&hs)?;
+        for block in &self.blocks {
+            hs = block.forward(&hs, None)?;
+        }
+        let hs = self.proj_out.forward(&hs)?;
+        // (b·h·w, t, c) → (b·t, c, h, w)
+        let hs = hs.reshape((b, h, w, t, c))?.permute((0, 3, 4, 1, 2))?.contiguous()?.reshape((bt, c, h, w))?;
+        hs + xs
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Layer {
+    Conv(Conv2d),
+    Res(ResBlock),
+    Spatial(SpatialTransformer),
+    Temporal(TemporalTransformer),
+    Down(Conv2d),
+    Up(Conv2d),
+}
+
+impl Layer {
+    fn forward(&self, xs: &Tensor, emb: &Tensor, context: &Tensor, b: usize) -> Result<Tensor> {
+        match self {
+            Layer::Conv(c) | Layer::Down(c) => c.forward(xs),
+            Layer::Res(r) => r.forward(xs, emb, b),
+            Layer::Spatial(s) => s.forward(xs, context),
+            Layer::Temporal(t) => t.forward(xs, b),
+            Layer::Up(c) => {
+                let (_, _, h, w) = xs.dims4()?;
+                c.forward(&xs.upsample_nearest2d(2 * h, 2 * w)?)
+            }
+        }
+    }
+}
+
+/// Inputs of one UNet call.
+pub struct UnetInput<'a> {
+    /// `(b, in_channels, t, h, w)`: noisy latent then `c_concat` on channels.
+    pub x: &'a Tensor,
+    /// DDPM timestep per batch element.
+    pub timesteps: &'a [f32],
+    /// `(b, l, context_dim)`: text tokens then image tokens.
+    pub context: &'a Tensor,
+    /// fs per batch element; `None` uses the config's `default_fs`.
+    pub fs: Option<&'a [f32]>,
+}
+
+/// Intermediate activations the parity tests compare.
+#[derive(Default)]
+pub struct UnetTrace {
+    pub time_embed: Option<Tensor>,
+    pub fps_embedding: Option<Tensor>,
+    pub init_attn: Option<Tensor>,
+    /// Input block outputs (block 0 before `init_attn`, as a hook on the block sees it).
+    pub input_blocks: Vec<Tensor>,
+    pub middle_block: Option<Tensor>,
+    pub output_blocks: Vec<Tensor>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Unet {
+    time_embed: (Linear, Linear),
+    fps_embedding: (Linear, Linear),
+    input_blocks: Vec<Vec<Layer>>,
+    init_attn: Option<TemporalTransformer>,
+    middle_block: Vec<Layer>,
+    output_blocks: Vec<Vec<Layer>>,
+    out_norm: GroupNorm,
+    out_conv: Conv2d,
+    cfg: UnetConfig,
+}
+
+fn mlp(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<(Linear, Linear)> {
+    Ok((linear(in_dim, out_dim, vb.pp("0"))?, linear(out_dim, out_dim, vb.pp("2"))?))
+}
+
+impl Unet {
+    pub fn new(cfg: &UnetConfig, vb: VarBuilder) -> Result<Self> {
+        let mc = cfg.model_channels;
+        let emb_dim = cfg.time_embed_dim();
+        let heads_for = |ch: usize| ch / cfg.num_head_channels;
+        let attn_layers = |ch: usize, vb: &VarBuilder, first: usize| -> Result<Vec<Layer>> {
+            Ok(vec![
+                Layer::Spatial(SpatialTransformer::new(ch, heads_for(ch), cfg.num_head_channels, cfg, vb.pp(first.to_string()))?),
+                Layer::Temporal(TemporalTransformer::new(
+                    ch,
+                    heads_for(ch),
+                    cfg.num_head_channels,
+                    cfg.transformer_depth,
+                    false,
+                    vb.pp((first + 1).to_string()),
+                )?),
+            ])
+        };
+
+        let ib = vb.pp("input_blocks");
+        let mut input_blocks = vec![vec![Layer::Conv(conv2d(cfg.in_channels, mc, 3, 1, 1, ib.pp("0.0"))?)]];
+        let mut skip_channels = vec![mc];
+        let mut ch = mc;
+        let mut ds = 1;
+        for (level, &mult) in cfg.channel_mult.iter().enumerate() {
+            for _ in 0..cfg.num_res_blocks {
+                let b = ib.pp(input_blocks.len().to_string());
+                let mut layers = vec![Layer::Res(ResBlock::new(ch, mult * mc, emb_dim, b.pp("0"))?)];
+                ch = mult * mc;
+                if cfg.attention_resolutions.contains(&ds) {
+                    layers.extend(attn_layers(ch, &b, 1)?);
+                }
+                input_blocks.push(layers);
+                skip_channels.push(ch);
+            }
+            if level + 1 != cfg.channel_mult.len() {
+                let b = ib.pp(input_blocks.len().to_string());
+                input_blocks.push(vec![Layer::Down(conv2d(ch, ch, 3, 1, 2, b.pp("0.op"))?)]);
+                skip_channels.push(ch);
+                ds *= 2;
+            }
+        }
+
+        let init_attn = if cfg.addition_attention {
+            Some(TemporalTransformer::new(mc, 8, cfg.num_head_channels, cfg.transformer_depth, true, vb.pp("init_attn.0"))?)
+        } else {
+            None
+        };
+
+        let mb = vb.pp("middle_block");
+        let mut middle_block = vec![Layer::Res(ResBlock::new(ch, ch, emb_dim, mb.pp("0"))?)];
+        middle_block.extend(attn_layers(ch, &mb, 1)?);
+        middle_block.push(Layer::Res(ResBlock::new(ch, ch, emb_dim, mb.pp("3"))?));
+
+        let ob = vb.pp("output_blocks");
+        let mut output_blocks = Vec::new();
+        for (level, &mult) in cfg.channel_mult.iter().enumerate().rev() {
+            for i in 0..=cfg.num_res_blocks {
+                let b = ob.pp(output_blocks.len().to_string());
+                let skip = skip_channels.pop().ok_or_else(|| candle_core::Error::Msg("skip stack underflow".into()))?;
+                let mut layers = vec![Layer::Res(ResBlock::new(ch + skip, mult * mc, emb_dim, b.pp("0"))?)];
+                ch = mult * mc;
+                if cfg.attention_resolutions.contains(&ds) {
+                    layers.extend(attn_layers(ch, &b, 1)?);
+                }
+                if level != 0 && i == cfg.num_res_blocks {
+                    let idx = layers.len();
+                    layers.push(Layer::Up(conv2d(ch, ch, 3, 1, 1, b.pp(format!("{idx}.conv")))?));
+                    ds /= 2;
+                }
+                output_blocks.push(layers);
+            }
+        }
+
+        Ok(Self {
+            time_embed: mlp(mc, emb_dim, vb.pp("time_embed"))?,
+            fps_embedding: mlp(mc, emb_dim, vb.pp("fps_embedding"))?,
+            input_blocks,
+            init_attn,
+            middle_block,
+            output_blocks,
+            out_norm: group_norm(mc, 1e-5, vb.pp("out.0"))?,
+            out_conv: conv2d(mc, cfg.out_channels, 3, 1, 1, vb.pp("out.2"))?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &UnetConfig {
+        &self.cfg
+    }
+
+    fn embed(&self, mlp: &(Linear, Linear), values: &[f32], dtype: candle_core::DType, dev: &candle_core::Device) -> Result<Tensor> {
+        let e = timestep_embedding(values, self.cfg.model_channels, dev)?.to_dtype(dtype)?;
+        mlp.1.forward(&silu(&mlp.0.forward(&e)?)?)
+    }
+
+    /// Per-frame context: with exactly `77 + 16·t` tokens, frame j sees the text and its own 16
+    /// image tokens; otherwise every frame sees the whole context.
+    fn frame_context(context: &Tensor, t: usize) -> Result<Tensor> {
+        let (b, l, c) = context.dims3()?;
+        let repeat = |x: &Tensor| -> Result<Tensor> {
+            let (b, l, c) = x.dims3()?;
+            x.unsqueeze(1)?.broadcast_as((b, t, l, c))?.reshape((b * t, l, c))
+        };
+        if l == TEXT_CONTEXT_LEN + t * IMAGE_TOKENS_PER_FRAME {
+            let text = repeat(&context.narrow(1, 0, TEXT_CONTEXT_LEN)?)?;
+            let img = context
+                .narrow(1, TEXT_CONTEXT_LEN, l - TEXT_CONTEXT_LEN)?
+                .reshape((b * t, IMAGE_TOKENS_PER_FRAME, c))?;
+            Tensor::cat(&[&text, &img], 1)
+        } else {
+            repeat(context)
+        }
+    }
+
+    pub fn forward(&self, input: &UnetInput) -> Result<Tensor> {
+        self.forward_traced(input, None)
+    }
+
+    pub fn forward_traced(&self, input: &UnetInput, mut trace: Option<&mut UnetTrace>) -> Result<Tensor> {
+        let x = input.x;
+        let (b, _, t, _, _) = x.dims5()?;
+        let (dtype, dev) = (x.dtype(), x.device());
+        let t_emb = self.embed(&self.time_embed, input.timesteps, dtype, dev)?;
+        let default_fs = vec![self.cfg.default_fs as f32; b];
+        let fs = input.fs.unwrap_or(&default_fs);
+        let fs_emb = self.embed(&self.fps_embedding, fs, dtype, dev)?;
+        if let Some(tr) = trace.as_deref_mut() {
+            tr.time_embed = Some(t_emb.clone());
+            tr.fps_embedding = Some(fs_emb.clone());
+        }
+        let emb = (t_emb + fs_emb)?;
+        let e = emb.dim(1)?;
+        let emb = emb.unsqueeze(1)?.broadcast_as((b, t, e))?.reshape((b * t, e))?;
+        let context = Self::frame_context(input.context, t)?;
+
+        let mut h = video_to_frames(x)?;
+        let mut skips = Vec::with_capacity(self.input_blocks.len());
+        for (i, block) in self.input_blocks.iter().enumerate() {
+            for layer in block {
+                h = layer.forward(&h, &emb, &context, b)?;
+            }
+            if let Some(tr) = trace.as_deref_mut() {
+                tr.input_blocks.push(h.clone());
+            }
+            if i == 0 {
+                if let Some(init_attn) = &self.init_attn {
+                    h = init_attn.forward(&h, b)?;
+                    if let Some(tr) = trace.as_deref_mut() {
+                        tr.init_attn = Some(h.clone());
+                    }
+                }
+            }
+            skips.push(h.clone());
+        }
+        for layer in &self.middle_block {
+            h = layer.forward(&h, &emb, &context, b)?;
+        }
+        if let Some(tr) = trace.as_deref_mut() {
+            tr.middle_block = Some(h.clone());
+        }
+        for block in &self.output_blocks {
+            let skip = skips.pop().ok_or_else(|| candle_core::Error::Msg("skip stack underflow".into()))?;
+            h = Tensor::cat(&[&h, &skip], 1)?;
+            for layer in block {
+                h = layer.forward(&h, &emb, &context, b)?;
+            }
+            if let Some(tr) = trace.as_deref_mut() {
+                tr.output_blocks.push(h.clone());
+            }
+        }
+        let out = self.out_conv.forward(&silu(&self.out_norm.forward(&h)?)?)?;
+        frames_to_video(&out, b)
+    }
+}

@@ -1,0 +1,265 @@
+//! Checkpoint loading: memory-mapped safetensors or a PyTorch Lightning `model.ckpt` (zip + pickle,
+//! parsed as data: no pickle code is ever executed), exposed to the networks as a candle
+//! `VarBuilder` that records every key the networks ask for, so the load can be checked strictly.
+
+use crate::{Error, Result};
+use candle_core::{safetensors::MmapedSafetensors, DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+enum Source {
+    Safetensors(MmapedSafetensors),
+    Pickle(candle_core::pickle::PthTensors),
+}
+
+/// What the networks asked for, and what went wrong while they did.
+#[derive(Default)]
+struct Requests {
+    used: HashMap<String, Vec<usize>>,
+    missing: Vec<String>,
+    mismatched: Vec<String>,
+}
+
+/// An opened checkpoint. Tensors are read lazily, one at a time, when a network asks for them.
+pub struct Checkpoint {
+    path: PathBuf,
+    source: Source,
+    /// Model key → (key in the file, shape in the file).
+    keys: HashMap<String, (String, Vec<usize>)>,
+    requests: Mutex<Requests>,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Checkpoint({}, {} tensors)", self.path.display(), self.keys.len())
+    }
+}
+
+/// The 256 checkpoint stores the fs MLP as `framestride_embed`; upstream renames it on load.
+fn model_key(file_key: &str) -> String {
+    file_key.replace("framestride_embed", "fps_embedding")
+}
+
+impl Checkpoint {
+    /// Opens `model.safetensors` or `model.ckpt`, telling them apart by content, not by name.
+    pub fn open(path: &Path) -> Result<Self> {
+        let err = |detail: String| Error::Checkpoint { path: path.to_path_buf(), detail };
+        let mut magic = [0u8; 8];
+        let mut file = std::fs::File::open(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let n = file.read(&mut magic).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if n < 8 {
+            return Err(err("file too short to be a checkpoint".into()));
+        }
+        let (source, file_shapes): (Source, Vec<(String, Vec<usize>)>) = if &magic[..4] == b"PK\x03\x04" {
+            // torch.save zip; Lightning nests the weights under "state_dict".
+            let infos = candle_core::pickle::read_pth_tensor_info(path, false, Some("state_dict"))
+                .or_else(|_| candle_core::pickle::read_pth_tensor_info(path, false, None))
+                .map_err(|e| err(format!("not a readable PyTorch checkpoint: {e}")))?;
+            if infos.is_empty() {
+                return Err(err("no tensors found in the pickle (is this a model.ckpt?)".into()));
+            }
+            let shapes = infos.iter().map(|i| (i.name.clone(), i.layout.dims().to_vec())).collect();
+            let pth = candle_core::pickle::PthTensors::new(path, Some("state_dict"))
+                .or_else(|_| candle_core::pickle::PthTensors::new(path, None))
+                .map_err(|e| err(e.to_string()))?;
+            (Source::Pickle(pth), shapes)
+        } else {
+            let header_len = u64::from_le_bytes(magic);
+            let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
+            if header_len == 0 || header_len > file_len.saturating_sub(8) {
+                return Err(err(
+                    "neither a safetensors file nor a PyTorch zip checkpoint (bad header or truncated)"
+                        .into(),
+                ));
+            }
+            // SAFETY: the file is mapped read-only; like every mmap user we rely on nobody
+            // truncating it while we run.
+            let st = unsafe { MmapedSafetensors::new(path) }
+                .map_err(|e| err(format!("invalid safetensors: {e}")))?;
+            let shapes = st.tensors().into_iter().map(|(k, v)| (k, v.shape().to_vec())).collect();
+            (Source::Safetensors(st), shapes)
+        };
+        let keys = file_shapes
+            .into_iter()
+            .map(|(k, shape)| (model_key(&k), (k, shape)))
+            .collect();
+        Ok(Self { path: path.to_path_buf(), source, keys, requests: Mutex::default() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        self.keys.contains_key(key)
+    }
+
+    /// Names and shapes of every tensor, under the model's key names.
+    pub fn shapes(&self) -> BTreeMap<&str, &[usize]> {
+        self.keys.iter().map(|(k, (_, s))| (k.as_str(), s.as_slice())).collect()
+    }
+
+    /// Reads one tensor by model key, in its stored dtype.
+    pub fn load(&self, key: &str, dev: &Device) -> Result<Tensor> {
+        let (file_key, _) = self.keys.get(key).ok_or_else(|| Error::Checkpoint {
+            path: self.path.clone(),
+            detail: format!("missing key {key}"),
+        })?;
+        let t = match &self.source {
+            Source::Safetensors(st) => st.load(file_key, dev)?,
+            Source::Pickle(p) => p
+                .get(file_key)?
+                .ok_or_else(|| candle_core::Error::Msg(format!("missing {file_key}")))?
+                .to_device(dev)?,
+        };
+        Ok(t)
+    }
+
+    /// A `VarBuilder` over this checkpoint that records each request for [`Checkpoint::finish`].
+    pub fn var_builder(&self, dtype: DType, dev: &Device) -> VarBuilder<'_> {
+        VarBuilder::from_backend(Box::new(Tracked(self)), dtype, dev.clone())
+    }
+
+    /// Strict check after the networks are built: every tensor of the file must have been used or
+    /// be in `unused` (keys a real checkpoint holds that inference never reads), every requested
+    /// key must exist, and every shape must match. Lists all problems at once.
+    pub fn finish(&self, unused: &[(String, Vec<usize>)]) -> Result<()> {
+        let req = self.requests.lock().expect("poisoned");
+        let mut missing = req.missing.clone();
+        let mut mismatched = req.mismatched.clone();
+        let mut expected: HashMap<&str, &[usize]> =
+            req.used.iter().map(|(k, s)| (k.as_str(), s.as_slice())).collect();
+        for (k, shape) in unused {
+            match self.keys.get(k) {
+                None => missing.push(k.clone()),
+                Some((_, s)) if s != shape => {
+                    mismatched.push(format!("{k}: checkpoint {s:?}, model {shape:?}"))
+                }
+                _ => {}
+            }
+            expected.insert(k, shape);
+        }
+        let mut unexpected: Vec<&str> =
+            self.keys.keys().map(|k| k.as_str()).filter(|k| !expected.contains_key(k)).collect();
+        if missing.is_empty() && mismatched.is_empty() && unexpected.is_empty() {
+            return Ok(());
+        }
+        missing.sort();
+        mismatched.sort();
+        unexpected.sort();
+        let mut detail = String::from("does not match the model config:");
+        let mut list = |what: &str, items: &[String]| {
+            if !items.is_empty() {
+                const SHOWN: usize = 12;
+                let more = items.len().saturating_sub(SHOWN);
+                let shown: Vec<&str> = items.iter().take(SHOWN).map(|s| s.as_str()).collect();
+                detail.push_str(&format!(" {} {what}: {}", items.len(), shown.join(", ")));
+                if more > 0 {
+                    detail.push_str(&format!(", … ({more} more)"));
+                }
+                detail.push(';');
+            }
+        };
+        list("missing keys", &missing);
+        list("shape mismatches", &mismatched);
+        list(
+            "unexpected keys",
+            &unexpected.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        );
+        Err(Error::Checkpoint { path: self.path.clone(), detail })
+    }
+}
+
+struct Tracked<'a>(&'a Checkpoint);
+
+impl SimpleBackend for Tracked<'_> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let ck = self.0;
+        let mut req = ck.requests.lock().expect("poisoned");
+        req.used.insert(name.to_string(), s.dims().to_vec());
+        // Problems are collected, not raised, so `finish` can list all of them in one error.
+        match ck.keys.get(name) {
+            None => {
+                req.missing.push(name.to_string());
+                Tensor::zeros(s, dtype, dev)
+            }
+            Some((_, shape)) if shape.as_slice() != s.dims() => {
+                req.mismatched.push(format!("{name}: checkpoint {shape:?}, model {:?}", s.dims()));
+                Tensor::zeros(s, dtype, dev)
+            }
+            Some(_) => {
+                drop(req);
+                ck.load(name, dev)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?
+                    .to_dtype(dtype)
+            }
+        }
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self.0.load(name, dev).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        self.0.requests.lock().expect("poisoned").used.insert(name.to_string(), t.dims().to_vec());
+        t.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains(name)
+    }
+}
+
+/// Random weights for benchmarks and shape checks of the real networks without a checkpoint:
+/// matrices N(0, 1/fan_in), 1-D `weight`s (norms) one, everything else small noise.
+pub struct RandomWeights;
+
+impl RandomWeights {
+    pub fn var_builder(dtype: DType, dev: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(RandomWeights), dtype, dev.clone())
+    }
+}
+
+impl SimpleBackend for RandomWeights {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let dims = s.dims();
+        let t = if dims.len() >= 2 {
+            let fan_in: usize = dims[1..].iter().product();
+            Tensor::randn(0f32, (1.0 / (fan_in as f64).sqrt()) as f32, s, dev)?
+        } else if name.ends_with("weight") {
+            Tensor::ones(s, DType::F32, dev)?
+        } else {
+            Tensor::randn(0f32, 0.02, s, dev)?
+        };
+        t.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random weights need a shape for {name}")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
