@@ -15,10 +15,11 @@ use crate::models::{RESAMPLER_PREFIX, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, VISI
 use crate::noise::NoiseSource;
 use crate::preprocess::{clip_preprocess, resize_and_crop, to_tensor, video_to_u8, RgbImage};
 use crate::tokenizer::Tokenizer;
-use crate::weights::{Checkpoint, RandomWeights};
+use crate::weights::{Checkpoint, KeyRecorder, RandomWeights};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -160,6 +161,9 @@ pub struct Pipeline {
     schedule: NoiseSchedule,
 }
 
+/// Schedule buffers inference reads from the checkpoint.
+const SCHEDULE_BUFFERS: [&str; 3] = ["alphas_cumprod", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod"];
+
 /// Schedule buffers of a checkpoint that inference does not read.
 const UNUSED_BUFFERS: [&str; 9] = [
     "betas",
@@ -197,9 +201,33 @@ impl Pipeline {
         })
     }
 
+    /// Every tensor a checkpoint for `cfg` holds, with its shape, under the model's key names
+    /// (the 256 checkpoint's `framestride_embed` already renamed): what the networks read, the
+    /// schedule buffers, and the weights the reference keeps but inference never uses.
+    pub fn checkpoint_keys(cfg: &ModelConfig) -> Result<BTreeMap<String, Vec<usize>>> {
+        let recorder = KeyRecorder::default();
+        let schedule = NoiseSchedule::new(&cfg.diffusion);
+        let n = schedule.num_timesteps();
+        let scale_len = schedule.scale_arr.as_ref().map(|s| s.len());
+        Self::build(cfg.clone(), recorder.var_builder(DType::F32), schedule, &Device::Cpu)?;
+        let mut keys = recorder.into_keys();
+        let buffers = SCHEDULE_BUFFERS.iter().chain(&UNUSED_BUFFERS);
+        keys.extend(buffers.map(|k| (k.to_string(), vec![n])));
+        if let Some(len) = scale_len {
+            keys.insert("scale_arr".into(), vec![len]);
+        }
+        let prefixed = |p: &str, list: Vec<(String, Vec<usize>)>| -> Vec<(String, Vec<usize>)> {
+            list.into_iter().map(|(k, s)| (format!("{p}.{k}"), s)).collect()
+        };
+        keys.extend(prefixed(TEXT_PREFIX, ClipTextEncoder::unused_keys(&cfg.text, cfg.clip_embed_dim)));
+        keys.extend(prefixed(VISION_PREFIX, ClipVisionEncoder::unused_keys(&cfg.vision, &cfg.text, cfg.clip_embed_dim)));
+        Ok(keys)
+    }
+
     /// Loads a `model.safetensors` or `model.ckpt` strictly against `cfg`.
     pub fn load(cfg: ModelConfig, path: &Path, device: &Device) -> Result<Self> {
         let ck = Checkpoint::open(path)?;
+        ck.verify(&Self::checkpoint_keys(&cfg)?)?;
         let vb = ck.var_builder(DType::F32, device);
         // The schedule buffers in the file overwrite the computed ones, as in the reference.
         let mut schedule = NoiseSchedule::new(&cfg.diffusion);
@@ -213,20 +241,7 @@ impl Pipeline {
         if let Some(s) = &schedule.scale_arr {
             schedule.scale_arr = Some(buffer("scale_arr", s.len())?);
         }
-        let pipeline = Self::build(cfg, vb, schedule, device)?;
-        let cfg = &pipeline.cfg;
-        let mut unused: Vec<(String, Vec<usize>)> =
-            UNUSED_BUFFERS.iter().map(|k| (k.to_string(), vec![n])).collect();
-        fn prefixed(p: &str, keys: Vec<(String, Vec<usize>)>) -> Vec<(String, Vec<usize>)> {
-            keys.into_iter().map(|(k, s)| (format!("{p}.{k}"), s)).collect()
-        }
-        unused.extend(prefixed(TEXT_PREFIX, ClipTextEncoder::unused_keys(&cfg.text, cfg.clip_embed_dim)));
-        unused.extend(prefixed(
-            VISION_PREFIX,
-            ClipVisionEncoder::unused_keys(&cfg.vision, &cfg.text, cfg.clip_embed_dim),
-        ));
-        ck.finish(&unused)?;
-        Ok(pipeline)
+        Self::build(cfg, vb, schedule, device)
     }
 
     /// Builds the networks of `cfg` with random weights (benchmarks, shape checks).

@@ -16,21 +16,12 @@ enum Source {
     Pickle(candle_core::pickle::PthTensors),
 }
 
-/// What the networks asked for, and what went wrong while they did.
-#[derive(Default)]
-struct Requests {
-    used: HashMap<String, Vec<usize>>,
-    missing: Vec<String>,
-    mismatched: Vec<String>,
-}
-
 /// An opened checkpoint. Tensors are read lazily, one at a time, when a network asks for them.
 pub struct Checkpoint {
     path: PathBuf,
     source: Source,
     /// Model key → (key in the file, shape in the file).
     keys: HashMap<String, (String, Vec<usize>)>,
-    requests: Mutex<Requests>,
 }
 
 impl std::fmt::Debug for Checkpoint {
@@ -93,7 +84,7 @@ impl Checkpoint {
             .into_iter()
             .map(|(k, shape)| (model_key(&k), (k, shape)))
             .collect();
-        Ok(Self { path: path.to_path_buf(), source, keys, requests: Mutex::default() })
+        Ok(Self { path: path.to_path_buf(), source, keys })
     }
 
     pub fn path(&self) -> &Path {
@@ -125,64 +116,49 @@ impl Checkpoint {
         Ok(t)
     }
 
-    /// A `VarBuilder` over this checkpoint that records each request for [`Checkpoint::finish`].
+    /// A `VarBuilder` reading this checkpoint, converting to `dtype` on `dev`.
     pub fn var_builder(&self, dtype: DType, dev: &Device) -> VarBuilder<'_> {
-        VarBuilder::from_backend(Box::new(Tracked(self)), dtype, dev.clone())
+        VarBuilder::from_backend(Box::new(Reader(self)), dtype, dev.clone())
     }
 
-    /// Strict check after the networks are built: every tensor of the file must have been used or
-    /// be in `unused` (keys a real checkpoint holds that inference never reads), every requested
-    /// key must exist, and every shape must match. Lists all problems at once.
-    pub fn finish(&self, unused: &[(String, Vec<usize>)]) -> Result<()> {
-        let req = self.requests.lock().expect("poisoned");
-        let mut missing = req.missing.clone();
-        let mut mismatched = req.mismatched.clone();
-        let mut expected: HashMap<&str, &[usize]> =
-            req.used.iter().map(|(k, s)| (k.as_str(), s.as_slice())).collect();
-        for (k, shape) in unused {
+    /// Strict check against the key set a model expects (see `Pipeline::checkpoint_keys`):
+    /// lists every missing, unexpected and mis-shaped tensor at once.
+    pub fn verify(&self, expected: &BTreeMap<String, Vec<usize>>) -> Result<()> {
+        let mut missing = Vec::new();
+        let mut mismatched = Vec::new();
+        for (k, shape) in expected {
             match self.keys.get(k) {
                 None => missing.push(k.clone()),
-                Some((_, s)) if s != shape => {
-                    mismatched.push(format!("{k}: checkpoint {s:?}, model {shape:?}"))
-                }
+                Some((_, s)) if s != shape => mismatched.push(format!("{k}: checkpoint {s:?}, model {shape:?}")),
                 _ => {}
             }
-            expected.insert(k, shape);
         }
-        let mut unexpected: Vec<&str> =
-            self.keys.keys().map(|k| k.as_str()).filter(|k| !expected.contains_key(k)).collect();
+        let mut unexpected: Vec<String> =
+            self.keys.keys().filter(|k| !expected.contains_key(*k)).cloned().collect();
         if missing.is_empty() && mismatched.is_empty() && unexpected.is_empty() {
             return Ok(());
         }
-        missing.sort();
-        mismatched.sort();
         unexpected.sort();
         let mut detail = String::from("does not match the model config:");
-        let mut list = |what: &str, items: &[String]| {
-            if !items.is_empty() {
-                const SHOWN: usize = 12;
-                let more = items.len().saturating_sub(SHOWN);
-                let shown: Vec<&str> = items.iter().take(SHOWN).map(|s| s.as_str()).collect();
-                detail.push_str(&format!(" {} {what}: {}", items.len(), shown.join(", ")));
-                if more > 0 {
-                    detail.push_str(&format!(", … ({more} more)"));
-                }
-                detail.push(';');
+        for (what, items) in [("missing keys", &missing), ("shape mismatches", &mismatched), ("unexpected keys", &unexpected)] {
+            if items.is_empty() {
+                continue;
             }
-        };
-        list("missing keys", &missing);
-        list("shape mismatches", &mismatched);
-        list(
-            "unexpected keys",
-            &unexpected.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-        );
+            const SHOWN: usize = 12;
+            let shown: Vec<&str> = items.iter().take(SHOWN).map(|s| s.as_str()).collect();
+            detail.push_str(&format!(" {} {what}: {}", items.len(), shown.join(", ")));
+            if items.len() > SHOWN {
+                detail.push_str(&format!(", … ({} more)", items.len() - SHOWN));
+            }
+            detail.push(';');
+        }
         Err(Error::Checkpoint { path: self.path.clone(), detail })
     }
 }
 
-struct Tracked<'a>(&'a Checkpoint);
+struct Reader<'a>(&'a Checkpoint);
 
-impl SimpleBackend for Tracked<'_> {
+impl SimpleBackend for Reader<'_> {
     fn get(
         &self,
         s: Shape,
@@ -191,36 +167,60 @@ impl SimpleBackend for Tracked<'_> {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let ck = self.0;
-        let mut req = ck.requests.lock().expect("poisoned");
-        req.used.insert(name.to_string(), s.dims().to_vec());
-        // Problems are collected, not raised, so `finish` can list all of them in one error.
-        match ck.keys.get(name) {
-            None => {
-                req.missing.push(name.to_string());
-                Tensor::zeros(s, dtype, dev)
-            }
-            Some((_, shape)) if shape.as_slice() != s.dims() => {
-                req.mismatched.push(format!("{name}: checkpoint {shape:?}, model {:?}", s.dims()));
-                Tensor::zeros(s, dtype, dev)
-            }
-            Some(_) => {
-                drop(req);
-                ck.load(name, dev)
-                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?
-                    .to_dtype(dtype)
-            }
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.dims() != s.dims() {
+            candle_core::bail!("{name}: checkpoint shape {:?}, model {:?}", t.dims(), s.dims())
         }
+        Ok(t)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let t = self.0.load(name, dev).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        self.0.requests.lock().expect("poisoned").used.insert(name.to_string(), t.dims().to_vec());
-        t.to_dtype(dtype)
+        self.0.load(name, dev).map_err(|e| candle_core::Error::Msg(e.to_string()))?.to_dtype(dtype)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
         self.0.contains(name)
+    }
+}
+
+/// Records the name and shape of every tensor the networks ask for and hands back broadcast
+/// zeros (no memory), so even the real networks can be "built" to list their checkpoint keys.
+#[derive(Default)]
+pub struct KeyRecorder {
+    keys: Mutex<BTreeMap<String, Vec<usize>>>,
+}
+
+impl KeyRecorder {
+    pub fn var_builder(&self, dtype: DType) -> VarBuilder<'_> {
+        VarBuilder::from_backend(Box::new(Recording(self)), dtype, Device::Cpu)
+    }
+
+    pub fn into_keys(self) -> BTreeMap<String, Vec<usize>> {
+        self.keys.into_inner().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+struct Recording<'a>(&'a KeyRecorder);
+
+impl SimpleBackend for Recording<'_> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.0.keys.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), s.dims().to_vec());
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("key recorder needs a shape for {name}")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
     }
 }
 

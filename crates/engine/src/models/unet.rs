@@ -30,8 +30,8 @@ impl TemporalConvBlock {
                 let conv_idx = if i == 1 { "2" } else { "3" }; // conv1 has no dropout slot
                 let conv = s.pp(conv_idx);
                 // Conv3d kernel (3,1,1) stored [c, c, 3, 1, 1]; run as a 2-D conv over (t, h·w).
-                let w = conv.get((c, c, 3, 1, 1), "weight")?.reshape((c, c, 3, 1))?;
-                let b = conv.get(c, "bias")?.reshape((1, c, 1, 1))?;
+                let w = conv.get((c, c, 3, 1, 1), "weight")?;
+                let b = conv.get(c, "bias")?;
                 Ok((group_norm(c, 1e-5, s.pp("0"))?, w, b))
             })
             .collect::<Result<_>>()?;
@@ -43,8 +43,10 @@ impl TemporalConvBlock {
         let (b, c, t, h, w) = xs.dims5()?;
         let mut hs = xs.clone();
         for (norm, weight, bias) in &self.stages {
+            let weight = weight.reshape((c, c, 3, 1))?;
+            let bias = bias.reshape((1, c, 1, 1))?;
             let a = silu(&norm.forward(&hs)?)?.reshape((b, c, t, h * w))?;
-            let a = a.pad_with_zeros(2, 1, 1)?.conv2d(weight, 0, 1, 1, 1)?.broadcast_add(bias)?;
+            let a = a.pad_with_zeros(2, 1, 1)?.conv2d(&weight, 0, 1, 1, 1)?.broadcast_add(&bias)?;
             hs = a.reshape((b, c, t, h, w))?;
         }
         xs + hs
