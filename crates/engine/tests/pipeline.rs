@@ -1,0 +1,82 @@
+//! `Pipeline::generate` as front ends use it: progress, cancel, modes, input validation.
+
+use candle_core::Device;
+use dynamicrafter_engine::{Error, Mode, ModelConfig, Pipeline, Progress, Request, RgbImage, SeededNoise, Stage};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+fn tiny_v() -> (ModelConfig, Pipeline) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny-v");
+    let cfg = ModelConfig::from_json_file(&dir.join("config.json")).unwrap();
+    let p = Pipeline::load(cfg.clone(), &dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    (cfg, p)
+}
+
+fn image(w: usize, h: usize) -> RgbImage {
+    RgbImage::new(w, h, (0..w * h * 3).map(|i| (i * 7 % 251) as u8).collect()).unwrap()
+}
+
+#[test]
+fn progress_reports_every_stage_and_step_and_cancel_stops_between_steps() {
+    let (cfg, p) = tiny_v();
+    let mut req = Request::new(&cfg, image(90, 50), "a cat");
+    req.steps = 3;
+    let cancel = AtomicBool::new(false);
+    let mut seen: Vec<Progress> = Vec::new();
+    let video = p.generate(&req, &mut SeededNoise::new(1, &Device::Cpu), &mut |pr| seen.push(pr), &cancel).unwrap();
+    let stages: Vec<Stage> = seen.iter().filter(|p| p.step == 0).map(|p| p.stage).collect();
+    assert_eq!(stages, [Stage::TextEncode, Stage::ImageEncode, Stage::VaeEncode, Stage::Denoise, Stage::VaeDecode]);
+    let steps: Vec<usize> = seen.iter().filter(|p| p.stage == Stage::Denoise).map(|p| p.step).collect();
+    assert_eq!(steps, [0, 1, 2, 3]);
+    assert_eq!(video.frames, req.frames);
+    assert_eq!(video.frames_u8.len(), req.frames * req.height * req.width * 3);
+
+    let mut after = 0;
+    let r = p.generate(&req, &mut SeededNoise::new(1, &Device::Cpu), &mut |pr| {
+        if pr.stage == Stage::Denoise && pr.step == 1 {
+            cancel.store(true, Ordering::Relaxed);
+        }
+        if cancel.load(Ordering::Relaxed) {
+            after += 1;
+        }
+    }, &cancel);
+    assert!(matches!(r, Err(Error::Cancelled)), "{r:?}");
+    assert_eq!(after, 1, "no step may run after the cancel");
+}
+
+#[test]
+fn same_seed_same_video_and_loop_drops_the_last_frame() {
+    let (cfg, p) = tiny_v();
+    let mut req = Request::new(&cfg, image(64, 64), "waves");
+    req.steps = 2;
+    let never = AtomicBool::new(false);
+    let run = |req: &Request, seed| p.generate(req, &mut SeededNoise::new(seed, &Device::Cpu), &mut |_| {}, &never).unwrap();
+    let a = run(&req, 5);
+    assert_eq!(a.frames_u8, run(&req, 5).frames_u8);
+    assert_ne!(a.frames_u8, run(&req, 6).frames_u8);
+    req.mode = Mode::Loop;
+    assert_eq!(run(&req, 5).frames, req.frames - 1);
+    req.mode = Mode::Interpolate { end: image(80, 40) };
+    assert_eq!(run(&req, 5).frames, req.frames);
+}
+
+#[test]
+fn invalid_requests_name_the_problem() {
+    let (cfg, p) = tiny_v();
+    let never = AtomicBool::new(false);
+    let base = Request::new(&cfg, image(64, 64), "x");
+    let cases: Vec<(Request, &str)> = vec![
+        (Request { steps: 0, ..base.clone() }, "steps"),
+        (Request { frames: 0, ..base.clone() }, "frames"),
+        (Request { height: 65, ..base.clone() }, "multiples of 64"),
+        (Request { cfg_scale: f64::NAN, ..base.clone() }, "cfg"),
+        (Request { eta: -1.0, ..base.clone() }, "eta"),
+        (Request { mode: Mode::Loop, frames: 1, ..base.clone() }, "frames"),
+    ];
+    for (req, needle) in cases {
+        match p.generate(&req, &mut SeededNoise::new(1, &Device::Cpu), &mut |_| {}, &never) {
+            Err(Error::InvalidInput(m)) => assert!(m.contains(needle), "{m}"),
+            other => panic!("expected invalid input naming {needle}, got {other:?}"),
+        }
+    }
+}
