@@ -17,14 +17,6 @@ pub struct BenchArgs {
     runs: usize,
 }
 
-/// Peak resident set size of this process, in bytes (Linux `VmHWM`).
-pub fn peak_rss() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
 fn time_runs(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<Duration>> {
     f()?; // warm-up
     (0..runs)
@@ -69,7 +61,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
         summary.push(format!("{case} {:.2}s", median.as_secs_f64()));
     }
-    let rss = peak_rss().map(|b| format!("{:.2} GB", b as f64 / 1e9)).unwrap_or_else(|| "n/a".into());
+    let rss = dynamicrafter_engine::report::peak_rss_bytes().map(|b| format!("{:.2} GB", b as f64 / 1e9)).unwrap_or_else(|| "n/a".into());
     println!("summary: {} | peak RSS {rss}", summary.join(", "));
     Ok(())
 }

@@ -140,6 +140,55 @@ impl std::str::FromStr for TimestepSpacing {
     }
 }
 
+/// What the user asks for with `--precision`. The engine decides per device what that means
+/// (one policy for every front end).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+    F16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "fp32" | "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            "fp16" | "f16" => Ok(Self::F16),
+            _ => Err(Error::InvalidInput(format!("precision '{s}' (expected auto, fp32, bf16 or f16)"))),
+        }
+    }
+}
+
+impl Precision {
+    /// The precision a run actually uses on `device`. On CPU only fp32 exists today: `auto`
+    /// picks it, and reduced precision is refused rather than silently ignored.
+    pub fn resolve(self, device: &candle_core::Device) -> Result<Self> {
+        match (self, device.is_cpu()) {
+            (Self::Auto, true) | (Self::F32, _) => Ok(Self::F32),
+            (Self::Auto, false) => Ok(Self::Bf16),
+            (p, true) => Err(Error::InvalidInput(format!(
+                "precision {} is not available on CPU yet; use fp32 or auto",
+                p.name()
+            ))),
+            (p, false) => Ok(p),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::F32 => "fp32",
+            Self::Bf16 => "bf16",
+            Self::F16 => "f16",
+        }
+    }
+}
+
 /// The diffusion wrapper (`lvdm/models/ddpm3d.py::LatentVisualDiffusion`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct DiffusionConfig {

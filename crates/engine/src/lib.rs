@@ -10,6 +10,7 @@ pub mod models;
 pub mod noise;
 pub mod pipeline;
 pub mod preprocess;
+pub mod report;
 pub mod tokenizer;
 pub mod weights;
 
@@ -18,3 +19,5 @@ pub use error::{Error, Result};
 pub use noise::{GivenNoise, NoiseSource, SeededNoise};
 pub use pipeline::{Mode, Pipeline, Progress, Request, Stage, Video};
 pub use preprocess::RgbImage;
+pub use report::Report;
+pub use config::Precision;

@@ -119,7 +119,8 @@ pub struct Video {
     pub width: usize,
     /// Final latent `(1, 4, t, h/8, w/8)`.
     pub latent: Tensor,
-    /// Wall time per stage, in order; each denoising step listed separately.
+    /// Wall time per stage, in order; each denoising step listed separately. With several
+    /// samples, the shared conditioning stages are in the first sample's list.
     pub timings: Vec<(Stage, Duration)>,
 }
 
@@ -497,11 +498,27 @@ impl Pipeline {
         progress: &mut dyn FnMut(Progress),
         cancel: &AtomicBool,
     ) -> Result<Video> {
+        let mut videos = self.generate_samples(req, 1, noise, progress, cancel)?;
+        Ok(videos.remove(0))
+    }
+
+    /// `samples` videos of one request: the conditioning is computed once, each sample is a
+    /// full DDIM run with new noise from the continuing stream (upstream's `--n_samples`).
+    pub fn generate_samples(
+        &self,
+        req: &Request,
+        samples: usize,
+        noise: &mut dyn NoiseSource,
+        progress: &mut dyn FnMut(Progress),
+        cancel: &AtomicBool,
+    ) -> Result<Vec<Video>> {
         self.validate(req)?;
+        if samples == 0 {
+            return Err(Error::InvalidInput("the number of samples must be at least 1".into()));
+        }
         check_cancel(cancel)?;
         let mut timings = Vec::new();
         let cond = self.condition(req, noise, progress, &mut timings)?;
-        check_cancel(cancel)?;
         let opts = SamplerOptions {
             steps: req.steps,
             eta: req.eta,
@@ -510,16 +527,28 @@ impl Pipeline {
             spacing: req.spacing,
             guidance_rescale: req.guidance_rescale,
         };
-        let latent = self.sample(&cond, &opts, noise, progress, cancel, &mut |_, _, _| {}, &mut timings)?;
-        check_cancel(cancel)?;
-
-        progress(Progress { stage: Stage::VaeDecode, step: 0, total: 1 });
-        let start = Instant::now();
-        let tensor = self.vae_decode(&latent)?.to_dtype(DType::F32)?;
-        let saved = if req.mode == Mode::Loop { tensor.narrow(2, 0, req.frames - 1)? } else { tensor.clone() };
-        let frames = saved.dim(2)?;
-        let frames_u8 = video_to_u8(&saved)?;
-        timings.push((Stage::VaeDecode, start.elapsed()));
-        Ok(Video { tensor, frames_u8, frames, height: req.height, width: req.width, latent, timings })
+        let mut videos = Vec::with_capacity(samples);
+        for _ in 0..samples {
+            check_cancel(cancel)?;
+            let latent = self.sample(&cond, &opts, noise, progress, cancel, &mut |_, _, _| {}, &mut timings)?;
+            check_cancel(cancel)?;
+            progress(Progress { stage: Stage::VaeDecode, step: 0, total: 1 });
+            let start = Instant::now();
+            let tensor = self.vae_decode(&latent)?.to_dtype(DType::F32)?;
+            let saved = if req.mode == Mode::Loop { tensor.narrow(2, 0, req.frames - 1)? } else { tensor.clone() };
+            let frames = saved.dim(2)?;
+            let frames_u8 = video_to_u8(&saved)?;
+            timings.push((Stage::VaeDecode, start.elapsed()));
+            videos.push(Video {
+                tensor,
+                frames_u8,
+                frames,
+                height: req.height,
+                width: req.width,
+                latent,
+                timings: std::mem::take(&mut timings),
+            });
+        }
+        Ok(videos)
     }
 }

@@ -100,6 +100,13 @@ impl Checkpoint {
         self.keys.iter().map(|(k, (_, s))| (k.as_str(), s.as_slice())).collect()
     }
 
+    /// `(key in the file, model key)` of every tensor, sorted by file key.
+    pub fn file_keys(&self) -> Vec<(&str, &str)> {
+        let mut v: Vec<(&str, &str)> = self.keys.iter().map(|(m, (f, _))| (f.as_str(), m.as_str())).collect();
+        v.sort();
+        v
+    }
+
     /// Reads one tensor by model key, in its stored dtype.
     pub fn load(&self, key: &str, dev: &Device) -> Result<Tensor> {
         let (file_key, _) = self.keys.get(key).ok_or_else(|| Error::Checkpoint {

@@ -1,0 +1,57 @@
+use dynamicrafter_video::{decode_mp4, encode_mp4, psnr, write, Format, Frames};
+
+/// Smooth moving colour gradients with luminance texture: like natural video, unlike noise
+/// (whose colour detail yuv420p cannot hold, by design).
+fn test_frames(count: usize, w: usize, h: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(count * w * h * 3);
+    for t in 0..count {
+        for y in 0..h {
+            for x in 0..w {
+                let fx = (x + 3 * t) as f32 / (w + 3 * count) as f32;
+                let fy = y as f32 / h as f32;
+                let texture = (((x / 4 + y / 4 + t) % 2) * 30) as f32;
+                v.push((200.0 * fx + texture) as u8);
+                v.push((180.0 * (0.5 + 0.5 * (3.0 * fy + t as f32 * 0.3).sin()) + texture) as u8);
+                v.push((60.0 + 100.0 * fy + texture) as u8);
+            }
+        }
+    }
+    v
+}
+
+#[test]
+fn mp4_plays_back_at_high_quality() {
+    let (n, w, h) = (8, 128, 64);
+    let data = test_frames(n, w, h);
+    let bytes = encode_mp4(Frames::new(&data, n, w, h).unwrap(), 8.0).unwrap();
+    let video = decode_mp4(&bytes).unwrap();
+    assert!(video.moov_first, "moov must precede mdat");
+    assert_eq!((video.count, video.width, video.height), (n, w, h));
+    assert!((video.fps - 8.0).abs() < 1e-6, "fps {}", video.fps);
+    let db = psnr(&video.frames, &data);
+    assert!(db >= 35.0, "PSNR {db:.1} dB");
+}
+
+#[test]
+fn gif_and_png_hold_every_frame_and_nothing_partial_is_left() {
+    let (n, w, h) = (4, 32, 16);
+    let data = test_frames(n, w, h);
+    let frames = Frames::new(&data, n, w, h).unwrap();
+    let dir = std::env::temp_dir().join(format!("dc-video-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let gif = dir.join("a.gif");
+    write(frames, Format::Gif, 8.0, &gif).unwrap();
+    let decoder = image::codecs::gif::GifDecoder::new(std::io::BufReader::new(std::fs::File::open(&gif).unwrap())).unwrap();
+    use image::AnimationDecoder;
+    assert_eq!(decoder.into_frames().count(), n);
+    let png = dir.join("frames");
+    write(frames, Format::Png, 8.0, &png).unwrap();
+    let first = image::open(png.join("frame_000.png")).unwrap().to_rgb8();
+    assert_eq!(first.as_raw().as_slice(), frames.frame(0));
+    assert_eq!(std::fs::read_dir(&png).unwrap().count(), n);
+    let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains("partial")).collect();
+    assert!(leftovers.is_empty());
+    assert!(write(frames, Format::Mp4, 0.0, &dir.join("bad.mp4")).is_err());
+    assert!(!dir.join("bad.mp4").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
