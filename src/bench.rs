@@ -1,67 +1,216 @@
-//! `dynamicrafter bench`: times the real networks with random weights (no checkpoint needed).
+//! `dynamicrafter bench`: times the real networks with random weights (no checkpoint needed) and
+//! the primitive ops of `shared/bench/torch_ops.py` at the same shapes.
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
+use dynamicrafter_engine::kernels;
+use dynamicrafter_engine::models::clip_text::ClipTextEncoder;
+use dynamicrafter_engine::models::clip_vision::ClipVisionEncoder;
 use dynamicrafter_engine::models::unet::{Unet, UnetInput, IMAGE_TOKENS_PER_FRAME, TEXT_CONTEXT_LEN};
+use dynamicrafter_engine::models::vae::AutoencoderKL;
+use dynamicrafter_engine::report::peak_rss_bytes;
 use dynamicrafter_engine::weights::RandomWeights;
-use dynamicrafter_engine::ModelConfig;
-use std::time::{Duration, Instant};
+use dynamicrafter_engine::{ModelConfig, Pipeline, Precision, Request, RgbImage, SeededNoise};
+use serde_json::json;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+const CASES: [&str; 6] = ["unet-256", "vae-decode-256", "clip-image", "clip-text", "tiny-pipeline", "ops"];
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Cases to run: unet-256 (one UNet forward of the real 256 network, 16 frames, 32×32 latent).
-    #[arg(default_value = "unet-256")]
+    /// Cases: unet-256 (one forward of the real 256 UNet: 16 frames, 32×32 latent, context
+    /// 333×1024), vae-decode-256 (16 frames at 256×256), clip-image, clip-text, tiny-pipeline
+    /// (a full run of fixtures/tiny-v), ops (the primitives of torch_ops.py). Default: all.
     cases: Vec<String>,
-    /// Timed runs per case (after one warm-up run).
+    /// Timed runs per case, after one warm-up run.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Numeric precision (see `generate --help`).
+    #[arg(long, default_value = "auto")]
+    precision: String,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
-fn time_runs(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<Duration>> {
+struct Timing {
+    name: String,
+    ms: Vec<f64>,
+}
+
+impl Timing {
+    fn median(&self) -> f64 {
+        self.ms[self.ms.len() / 2]
+    }
+}
+
+fn time(name: &str, runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
     f()?; // warm-up
-    (0..runs)
+    let mut ms = (0..runs.max(1))
         .map(|_| {
-            let start = Instant::now();
+            let t = Instant::now();
             f()?;
-            Ok(start.elapsed())
+            Ok(t.elapsed().as_secs_f64() * 1e3)
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    ms.sort_by(f64::total_cmp);
+    let t = Timing { name: name.to_string(), ms };
+    println!(
+        "{:<44} median {:>10.2} ms  (min {:.2}, max {:.2}, n={})",
+        t.name,
+        t.median(),
+        t.ms[0],
+        t.ms[t.ms.len() - 1],
+        t.ms.len()
+    );
+    Ok(t)
 }
 
-fn unet_256(runs: usize) -> Result<Vec<Duration>> {
-    let dev = Device::Cpu;
+fn randn(shape: &[usize], std: f32) -> Result<Tensor> {
+    Ok(Tensor::randn(0f32, std, shape, &Device::Cpu)?)
+}
+
+fn unet_256(runs: usize) -> Result<Timing> {
     let cfg = ModelConfig::dc_256();
-    let unet = Unet::new(&cfg.unet, RandomWeights::var_builder(DType::F32, &dev))?;
+    let unet = Unet::new(&cfg.unet, RandomWeights::var_builder(DType::F32, &Device::Cpu))?;
     let t = cfg.unet.temporal_length;
-    let x = Tensor::randn(0f32, 1.0, (1, cfg.unet.in_channels, t, 32, 32), &dev)?;
-    let ctx_len = TEXT_CONTEXT_LEN + t * IMAGE_TOKENS_PER_FRAME;
-    let context = Tensor::randn(0f32, 1.0, (1, ctx_len, cfg.unet.context_dim), &dev)?;
-    time_runs(runs, || {
-        let out = unet.forward(&UnetInput { x: &x, timesteps: &[637.0], context: &context, fs: Some(&[3.0]) })?;
-        out.dims5()?;
+    let x = randn(&[1, cfg.unet.in_channels, t, 32, 32], 1.0)?;
+    let context = randn(&[1, TEXT_CONTEXT_LEN + t * IMAGE_TOKENS_PER_FRAME, cfg.unet.context_dim], 1.0)?;
+    time("unet-256 forward (16×32×32, ctx 333)", runs, || {
+        unet.forward(&UnetInput { x: &x, timesteps: &[637.0], context: &context, fs: Some(&[3.0]) })?;
         Ok(())
     })
 }
 
-pub fn run(args: BenchArgs) -> Result<()> {
-    let mut summary = Vec::new();
-    for case in &args.cases {
-        let mut times = match case.as_str() {
-            "unet-256" => unet_256(args.runs)?,
-            other => bail!("unknown bench case '{other}' (known: unet-256)"),
-        };
-        times.sort();
-        let median = times[times.len() / 2];
-        println!(
-            "{case}: median {:.2?} min {:.2?} max {:.2?} over {} runs",
-            median,
-            times[0],
-            times[times.len() - 1],
-            times.len()
-        );
-        summary.push(format!("{case} {:.2}s", median.as_secs_f64()));
+fn vae_decode_256(runs: usize) -> Result<Timing> {
+    let cfg = ModelConfig::dc_256();
+    let vae = AutoencoderKL::new(&cfg.vae, RandomWeights::var_builder(DType::F32, &Device::Cpu).pp("first_stage_model"))?;
+    let z = randn(&[1, 4, 32, 32], 1.0)?;
+    // 16 frames one at a time, as the decode runs.
+    time("vae-decode-256 (16 frames 256×256)", runs, || {
+        for _ in 0..16 {
+            vae.decode(&z)?;
+        }
+        Ok(())
+    })
+}
+
+fn clip_image(runs: usize) -> Result<Timing> {
+    let cfg = ModelConfig::dc_256();
+    let enc = ClipVisionEncoder::new(&cfg.vision, RandomWeights::var_builder(DType::F32, &Device::Cpu))?;
+    let x = randn(&[1, 3, 224, 224], 1.0)?;
+    time("clip-image (ViT-H/14, one image)", runs, || {
+        enc.forward(&x)?;
+        Ok(())
+    })
+}
+
+fn clip_text(runs: usize) -> Result<Timing> {
+    let cfg = ModelConfig::dc_256();
+    let enc = ClipTextEncoder::new(&cfg.text, RandomWeights::var_builder(DType::F32, &Device::Cpu))?;
+    let ids = Tensor::from_vec((0..77u32).map(|i| (i * 97) % 49408).collect::<Vec<_>>(), (1, 77), &Device::Cpu)?;
+    time("clip-text (77 tokens)", runs, || {
+        enc.forward(&ids)?;
+        Ok(())
+    })
+}
+
+fn tiny_pipeline(runs: usize) -> Result<Timing> {
+    let dir = std::path::Path::new("fixtures/tiny-v");
+    if !dir.is_dir() {
+        bail!("tiny-pipeline needs fixtures/tiny-v: run from the repository root");
     }
-    let rss = dynamicrafter_engine::report::peak_rss_bytes().map(|b| format!("{:.2} GB", b as f64 / 1e9)).unwrap_or_else(|| "n/a".into());
-    println!("summary: {} | peak RSS {rss}", summary.join(", "));
+    let cfg = ModelConfig::from_json_file(&dir.join("config.json"))?;
+    let p = Pipeline::load(cfg.clone(), &dir.join("model.safetensors"), &Device::Cpu)?;
+    let image = RgbImage::new(220, 96, (0..220 * 96 * 3).map(|i| (i % 251) as u8).collect())?;
+    let req = Request::new(&cfg, image, "a red fox running through fresh snow");
+    let cancel = AtomicBool::new(false);
+    time("tiny-pipeline (tiny-v, 5 steps, CFG)", runs, || {
+        p.generate(&req, &mut SeededNoise::new(1, &Device::Cpu), &mut |_| {}, &cancel)?;
+        Ok(())
+    })
+}
+
+/// The ops of `torch_ops.py`, same shapes and names: ours next to candle's own where we replace it.
+fn ops(runs: usize) -> Result<Vec<Timing>> {
+    let mut out = Vec::new();
+    let w = randn(&[320, 320, 3, 3], 0.05)?;
+    for hw in [32, 64] {
+        let x = randn(&[16, 320, hw, hw], 1.0)?;
+        out.push(time(&format!("conv2d f32 16x320x{hw}x{hw} k3"), runs, || Ok(drop(x.conv2d(&w, 1, 1, 1, 1)?)))?);
+    }
+    let w1 = randn(&[320, 320, 3], 0.05)?;
+    let x1 = randn(&[1024, 320, 16], 1.0)?;
+    out.push(time("conv1d f32 1024x320x16 k3", runs, || Ok(drop(x1.conv1d(&w1, 1, 1, 1, 1)?)))?);
+    let a = randn(&[4096, 1280], 1.0)?;
+    let b = randn(&[1280, 1280], 1.0)?;
+    out.push(time("matmul f32 4096x1280@1280x1280", runs, || Ok(drop(a.matmul(&b)?)))?);
+    let (ab, bb) = (a.to_dtype(DType::BF16)?, b.to_dtype(DType::BF16)?);
+    out.push(time("matmul bf16 4096x1280@1280x1280", runs, || Ok(drop(ab.matmul(&bb)?)))?);
+    let (wb, xb) = (w.to_dtype(DType::BF16)?, randn(&[16, 320, 32, 32], 1.0)?.to_dtype(DType::BF16)?);
+    match xb.conv2d(&wb, 1, 1, 1, 1) {
+        Ok(_) => out.push(time("conv2d bf16 16x320x32x32 k3", runs, || Ok(drop(xb.conv2d(&wb, 1, 1, 1, 1)?)))?),
+        Err(e) => println!("{:<44} unsupported ({})", "conv2d bf16 16x320x32x32 k3", e.to_string().lines().next().unwrap_or("")),
+    }
+    let qkv = |b, l| -> Result<[Tensor; 3]> { Ok([randn(&[b, l, 64], 1.0)?, randn(&[b, l, 64], 1.0)?, randn(&[b, l, 64], 1.0)?]) };
+    let [q, k, v] = qkv(16 * 5, 1024)?;
+    out.push(time("sdpa f32 spatial 16x5x1024x64 (ours)", runs, || Ok(drop(kernels::attention(&q, &k, &v, 0.125)?)))?);
+    out.push(time("attn naive f32 spatial (candle)", runs, || Ok(drop(kernels::attention_reference(&q, &k, &v, 0.125)?)))?);
+    let [q, k, v] = qkv(1024 * 5, 16)?;
+    out.push(time("sdpa f32 temporal 1024x5x16x64 (ours)", runs, || Ok(drop(kernels::attention(&q, &k, &v, 0.125)?)))?);
+    out.push(time("attn naive f32 temporal (candle)", runs, || Ok(drop(kernels::attention_reference(&q, &k, &v, 0.125)?)))?);
+    let x = randn(&[16, 320, 32, 32], 1.0)?;
+    let (g, bb) = (Tensor::ones(320, DType::F32, &Device::Cpu)?, Tensor::zeros(320, DType::F32, &Device::Cpu)?);
+    out.push(time("group_norm f32 16x320x32x32 g32 (ours)", runs, || Ok(drop(kernels::group_norm(&x, &g, &bb, 32, 1e-5, false)?)))?);
+    out.push(time("group_norm f32 16x320x32x32 g32 (candle)", runs, || Ok(drop(kernels::group_norm_reference(&x, &g, &bb, 32, 1e-5, false)?)))?);
+    let s = randn(&[80, 1024, 1024], 1.0)?;
+    out.push(time("softmax f32 80x1024x1024 (ours)", runs, || Ok(drop(kernels::softmax_last_dim(&s)?)))?);
+    out.push(time("softmax f32 80x1024x1024 (candle)", runs, || Ok(drop(candle_nn_softmax(&s)?)))?);
+    Ok(out)
+}
+
+fn candle_nn_softmax(x: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::softmax_last_dim(x)?)
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let precision = args.precision.parse::<Precision>()?.resolve(&Device::Cpu)?;
+    let cases: Vec<String> = if args.cases.is_empty() { CASES.iter().map(|s| s.to_string()).collect() } else { args.cases.clone() };
+    if let Some(bad) = cases.iter().find(|c| !CASES.contains(&c.as_str())) {
+        bail!("unknown bench case '{bad}' (known: {})", CASES.join(", "));
+    }
+    println!("precision {} | threads {} | {} runs after a warm-up", precision.name(), rayon_threads(), args.runs);
+    let mut results = Vec::new();
+    for case in &cases {
+        match case.as_str() {
+            "unet-256" => results.push(unet_256(args.runs)?),
+            "vae-decode-256" => results.push(vae_decode_256(args.runs)?),
+            "clip-image" => results.push(clip_image(args.runs)?),
+            "clip-text" => results.push(clip_text(args.runs)?),
+            "tiny-pipeline" => results.push(tiny_pipeline(args.runs)?),
+            _ => results.extend(ops(args.runs)?),
+        }
+    }
+    let rss = peak_rss_bytes();
+    if let Some(path) = &args.json {
+        let j = json!({
+            "precision": precision.name(),
+            "peak_rss_bytes": rss,
+            "results": results.iter().map(|t| json!({"name": t.name, "median_ms": t.median(), "min_ms": t.ms[0], "max_ms": t.ms[t.ms.len()-1], "runs": t.ms.len()})).collect::<Vec<_>>(),
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&j)?)?;
+    }
+    let summary: Vec<String> = results.iter().map(|t| format!("{} {:.1} ms", t.name, t.median())).collect();
+    println!(
+        "summary: {} | peak RSS {}",
+        summary.join("; "),
+        rss.map(|b| format!("{:.2} GB", b as f64 / 1e9)).unwrap_or_else(|| "n/a".into())
+    );
     Ok(())
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }

@@ -6,6 +6,7 @@
 pub mod config;
 pub mod diffusion;
 mod error;
+pub mod kernels;
 pub mod models;
 pub mod noise;
 pub mod pipeline;

@@ -1,7 +1,7 @@
 //! Building blocks shared by the networks: norms with the reference's eps, convs, attention.
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder};
 
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     candle_nn::linear(in_dim, out_dim, vb)
@@ -30,6 +30,24 @@ pub fn conv2d(
     candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)
 }
 
+/// 3×3 convolution, stride 1, padding 1, with bias (every such conv of the UNet and VAE), on
+/// our shifted-GEMM kernel.
+#[derive(Debug, Clone)]
+pub struct Conv3x3 {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Module for Conv3x3 {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        crate::kernels::conv3x3(xs, &self.weight, &self.bias)
+    }
+}
+
+pub fn conv3x3(in_c: usize, out_c: usize, vb: VarBuilder) -> Result<Conv3x3> {
+    Ok(Conv3x3 { weight: vb.get((out_c, in_c, 3, 3), "weight")?, bias: vb.get(out_c, "bias")? })
+}
+
 pub fn conv2d_no_bias(
     in_c: usize,
     out_c: usize,
@@ -42,8 +60,29 @@ pub fn conv2d_no_bias(
     candle_nn::conv2d_no_bias(in_c, out_c, kernel, cfg, vb)
 }
 
+/// GroupNorm with 32 groups (every norm of this model), on our fused kernel.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub const GROUPS: usize = 32;
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        crate::kernels::group_norm(xs, &self.weight, &self.bias, Self::GROUPS, self.eps, false)
+    }
+
+    /// `SiLU(norm(x))` in one pass.
+    pub fn forward_silu(&self, xs: &Tensor) -> Result<Tensor> {
+        crate::kernels::group_norm(xs, &self.weight, &self.bias, Self::GROUPS, self.eps, true)
+    }
+}
+
 pub fn group_norm(channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
-    candle_nn::group_norm(32, channels, eps, vb)
+    Ok(GroupNorm { weight: vb.get(channels, "weight")?, bias: vb.get(channels, "bias")?, eps })
 }
 
 pub fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
@@ -68,13 +107,13 @@ pub fn merge_heads(xs: &Tensor, heads: usize) -> Result<Tensor> {
 
 /// `softmax(q·kᵀ·scale [+ mask])·v` over `(batch, len, dim)` tensors.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&Tensor>) -> Result<Tensor> {
-    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
-    let scores = match mask {
-        Some(m) => scores.broadcast_add(m)?,
-        None => scores,
-    };
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    probs.matmul(&v.contiguous()?)
+    match mask {
+        None => crate::kernels::attention(q, k, v, scale),
+        Some(m) => {
+            let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(m)?;
+            crate::kernels::softmax_last_dim(&scores)?.matmul(&v.contiguous()?)
+        }
+    }
 }
 
 /// Multi-head attention with already-projected `q, k, v` of shape `(n, l, heads·d)`.

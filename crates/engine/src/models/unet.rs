@@ -4,12 +4,12 @@
 //! `(b, c, t, h, w)` only inside temporal convs and temporal transformers.
 
 use super::layers::{
-    conv1x1_as_linear, conv2d, frames_to_video, geglu, group_norm, layer_norm, linear, linear_no_bias,
+    conv1x1_as_linear, conv2d, conv3x3, frames_to_video, geglu, group_norm, Conv3x3, GroupNorm, layer_norm, linear, linear_no_bias,
     multi_head_attention, silu, timestep_embedding, video_to_frames,
 };
 use crate::config::UnetConfig;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Conv2d, LayerNorm, Linear, VarBuilder};
 
 /// Length of the text part of the context; hard-coded in the reference.
 pub const TEXT_CONTEXT_LEN: usize = 77;
@@ -29,7 +29,7 @@ impl TemporalConvBlock {
                 let s = vb.pp(format!("conv{i}"));
                 let conv_idx = if i == 1 { "2" } else { "3" }; // conv1 has no dropout slot
                 let conv = s.pp(conv_idx);
-                // Conv3d kernel (3,1,1) stored [c, c, 3, 1, 1]; run as a 2-D conv over (t, h·w).
+                // Conv3d kernel (3,1,1) stored [c, c, 3, 1, 1]: a 3-tap conv over time.
                 let w = conv.get((c, c, 3, 1, 1), "weight")?;
                 let b = conv.get(c, "bias")?;
                 Ok((group_norm(c, 1e-5, s.pp("0"))?, w, b))
@@ -43,11 +43,8 @@ impl TemporalConvBlock {
         let (b, c, t, h, w) = xs.dims5()?;
         let mut hs = xs.clone();
         for (norm, weight, bias) in &self.stages {
-            let weight = weight.reshape((c, c, 3, 1))?;
-            let bias = bias.reshape((1, c, 1, 1))?;
-            let a = silu(&norm.forward(&hs)?)?.reshape((b, c, t, h * w))?;
-            let a = a.pad_with_zeros(2, 1, 1)?.conv2d(&weight, 0, 1, 1, 1)?.broadcast_add(&bias)?;
-            hs = a.reshape((b, c, t, h, w))?;
+            let a = norm.forward_silu(&hs)?.reshape((b, c, t, h * w))?;
+            hs = crate::kernels::temporal_conv(&a, weight, bias)?.reshape((b, c, t, h, w))?;
         }
         xs + hs
     }
@@ -56,10 +53,10 @@ impl TemporalConvBlock {
 #[derive(Debug, Clone)]
 struct ResBlock {
     in_norm: GroupNorm,
-    in_conv: Conv2d,
+    in_conv: Conv3x3,
     emb_proj: Linear,
     out_norm: GroupNorm,
-    out_conv: Conv2d,
+    out_conv: Conv3x3,
     skip: Option<Conv2d>,
     temporal_conv: TemporalConvBlock,
 }
@@ -68,10 +65,10 @@ impl ResBlock {
     fn new(ci: usize, co: usize, emb_dim: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             in_norm: group_norm(ci, 1e-5, vb.pp("in_layers.0"))?,
-            in_conv: conv2d(ci, co, 3, 1, 1, vb.pp("in_layers.2"))?,
+            in_conv: conv3x3(ci, co, vb.pp("in_layers.2"))?,
             emb_proj: linear(emb_dim, co, vb.pp("emb_layers.1"))?,
             out_norm: group_norm(co, 1e-5, vb.pp("out_layers.0"))?,
-            out_conv: conv2d(co, co, 3, 1, 1, vb.pp("out_layers.3"))?,
+            out_conv: conv3x3(co, co, vb.pp("out_layers.3"))?,
             skip: if ci != co { Some(conv2d(ci, co, 1, 0, 1, vb.pp("skip_connection"))?) } else { None },
             temporal_conv: TemporalConvBlock::new(co, vb.pp("temopral_conv"))?, // sic
         })
@@ -79,10 +76,10 @@ impl ResBlock {
 
     /// `xs`: `(b·t, ci, h, w)`, `emb`: `(b·t, emb_dim)`.
     fn forward(&self, xs: &Tensor, emb: &Tensor, b: usize) -> Result<Tensor> {
-        let h = self.in_conv.forward(&silu(&self.in_norm.forward(xs)?)?)?;
+        let h = self.in_conv.forward(&self.in_norm.forward_silu(xs)?)?;
         let e = self.emb_proj.forward(&silu(emb)?)?.unsqueeze(2)?.unsqueeze(3)?;
         let h = h.broadcast_add(&e)?;
-        let h = self.out_conv.forward(&silu(&self.out_norm.forward(&h)?)?)?;
+        let h = self.out_conv.forward(&self.out_norm.forward_silu(&h)?)?;
         let h = match &self.skip {
             Some(s) => (s.forward(xs)? + h)?,
             None => (xs + h)?,
@@ -306,18 +303,19 @@ impl TemporalTransformer {
 
 #[derive(Debug, Clone)]
 enum Layer {
-    Conv(Conv2d),
+    Conv(Conv3x3),
     Res(ResBlock),
     Spatial(SpatialTransformer),
     Temporal(TemporalTransformer),
     Down(Conv2d),
-    Up(Conv2d),
+    Up(Conv3x3),
 }
 
 impl Layer {
     fn forward(&self, xs: &Tensor, emb: &Tensor, context: &Tensor, b: usize) -> Result<Tensor> {
         match self {
-            Layer::Conv(c) | Layer::Down(c) => c.forward(xs),
+            Layer::Conv(c) => c.forward(xs),
+            Layer::Down(c) => c.forward(xs),
             Layer::Res(r) => r.forward(xs, emb, b),
             Layer::Spatial(s) => s.forward(xs, context),
             Layer::Temporal(t) => t.forward(xs, b),
@@ -362,7 +360,7 @@ pub struct Unet {
     middle_block: Vec<Layer>,
     output_blocks: Vec<Vec<Layer>>,
     out_norm: GroupNorm,
-    out_conv: Conv2d,
+    out_conv: Conv3x3,
     cfg: UnetConfig,
 }
 
@@ -390,7 +388,7 @@ impl Unet {
         };
 
         let ib = vb.pp("input_blocks");
-        let mut input_blocks = vec![vec![Layer::Conv(conv2d(cfg.in_channels, mc, 3, 1, 1, ib.pp("0.0"))?)]];
+        let mut input_blocks = vec![vec![Layer::Conv(conv3x3(cfg.in_channels, mc, ib.pp("0.0"))?)]];
         let mut skip_channels = vec![mc];
         let mut ch = mc;
         let mut ds = 1;
@@ -437,7 +435,7 @@ impl Unet {
                 }
                 if level != 0 && i == cfg.num_res_blocks {
                     let idx = layers.len();
-                    layers.push(Layer::Up(conv2d(ch, ch, 3, 1, 1, b.pp(format!("{idx}.conv")))?));
+                    layers.push(Layer::Up(conv3x3(ch, ch, b.pp(format!("{idx}.conv")))?));
                     ds /= 2;
                 }
                 output_blocks.push(layers);
@@ -452,7 +450,7 @@ impl Unet {
             middle_block,
             output_blocks,
             out_norm: group_norm(mc, 1e-5, vb.pp("out.0"))?,
-            out_conv: conv2d(mc, cfg.out_channels, 3, 1, 1, vb.pp("out.2"))?,
+            out_conv: conv3x3(mc, cfg.out_channels, vb.pp("out.2"))?,
             cfg: cfg.clone(),
         })
     }
@@ -541,7 +539,7 @@ impl Unet {
                 tr.output_blocks.push(h.clone());
             }
         }
-        let out = self.out_conv.forward(&silu(&self.out_norm.forward(&h)?)?)?;
+        let out = self.out_conv.forward(&self.out_norm.forward_silu(&h)?)?;
         frames_to_video(&out, b)
     }
 }

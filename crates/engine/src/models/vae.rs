@@ -1,19 +1,19 @@
 //! SD-style KL autoencoder (`first_stage_model.`): encoder → posterior moments, decoder.
 //! Frames are independent (a 2-D VAE); callers fold frames into the batch.
 
-use super::layers::{attention, conv2d, group_norm, silu};
+use super::layers::{attention, conv2d, conv3x3, group_norm, Conv3x3, GroupNorm};
 use crate::config::VaeConfig;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use candle_nn::{Conv2d, VarBuilder};
 
 const EPS: f64 = 1e-6;
 
 #[derive(Debug, Clone)]
 struct ResnetBlock {
     norm1: GroupNorm,
-    conv1: Conv2d,
+    conv1: Conv3x3,
     norm2: GroupNorm,
-    conv2: Conv2d,
+    conv2: Conv3x3,
     nin_shortcut: Option<Conv2d>,
 }
 
@@ -21,16 +21,16 @@ impl ResnetBlock {
     fn new(ci: usize, co: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             norm1: group_norm(ci, EPS, vb.pp("norm1"))?,
-            conv1: conv2d(ci, co, 3, 1, 1, vb.pp("conv1"))?,
+            conv1: conv3x3(ci, co, vb.pp("conv1"))?,
             norm2: group_norm(co, EPS, vb.pp("norm2"))?,
-            conv2: conv2d(co, co, 3, 1, 1, vb.pp("conv2"))?,
+            conv2: conv3x3(co, co, vb.pp("conv2"))?,
             nin_shortcut: if ci != co { Some(conv2d(ci, co, 1, 0, 1, vb.pp("nin_shortcut"))?) } else { None },
         })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&silu(&self.norm1.forward(xs)?)?)?;
-        let h = self.conv2.forward(&silu(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         match &self.nin_shortcut {
             Some(s) => s.forward(xs)? + h,
             None => xs + h,
@@ -94,18 +94,18 @@ impl Mid {
 }
 
 #[derive(Debug, Clone)]
-struct Level {
+struct Level<R> {
     blocks: Vec<ResnetBlock>,
-    resample: Option<Conv2d>,
+    resample: Option<R>,
 }
 
 #[derive(Debug, Clone)]
 pub struct Encoder {
-    conv_in: Conv2d,
-    down: Vec<Level>,
+    conv_in: Conv3x3,
+    down: Vec<Level<Conv2d>>,
     mid: Mid,
     norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_out: Conv3x3,
 }
 
 impl Encoder {
@@ -129,11 +129,11 @@ impl Encoder {
         }
         let z = if cfg.double_z { 2 * cfg.z_channels } else { cfg.z_channels };
         Ok(Self {
-            conv_in: conv2d(cfg.in_channels, cfg.ch, 3, 1, 1, vb.pp("conv_in"))?,
+            conv_in: conv3x3(cfg.in_channels, cfg.ch, vb.pp("conv_in"))?,
             down,
             mid: Mid::new(block_in, vb.pp("mid"))?,
             norm_out: group_norm(block_in, EPS, vb.pp("norm_out"))?,
-            conv_out: conv2d(block_in, z, 3, 1, 1, vb.pp("conv_out"))?,
+            conv_out: conv3x3(block_in, z, vb.pp("conv_out"))?,
         })
     }
 
@@ -149,25 +149,25 @@ impl Encoder {
             }
         }
         let h = self.mid.forward(&h)?;
-        self.conv_out.forward(&silu(&self.norm_out.forward(&h)?)?)
+        self.conv_out.forward(&self.norm_out.forward_silu(&h)?)
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct Decoder {
-    conv_in: Conv2d,
+    conv_in: Conv3x3,
     mid: Mid,
     /// Indexed by resolution level; run from the last to the first.
-    up: Vec<Level>,
+    up: Vec<Level<Conv3x3>>,
     norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_out: Conv3x3,
 }
 
 impl Decoder {
     fn new(cfg: &VaeConfig, vb: VarBuilder) -> Result<Self> {
         let levels = cfg.ch_mult.len();
         let mut block_in = cfg.ch * cfg.ch_mult[levels - 1];
-        let conv_in = conv2d(cfg.z_channels, block_in, 3, 1, 1, vb.pp("conv_in"))?;
+        let conv_in = conv3x3(cfg.z_channels, block_in, vb.pp("conv_in"))?;
         let mid = Mid::new(block_in, vb.pp("mid"))?;
         let mut up = Vec::with_capacity(levels);
         for i in (0..levels).rev() {
@@ -178,7 +178,7 @@ impl Decoder {
                 blocks.push(ResnetBlock::new(block_in, block_out, l.pp(format!("block.{b}")))?);
                 block_in = block_out;
             }
-            let resample = if i != 0 { Some(conv2d(block_in, block_in, 3, 1, 1, l.pp("upsample.conv"))?) } else { None };
+            let resample = if i != 0 { Some(conv3x3(block_in, block_in, l.pp("upsample.conv"))?) } else { None };
             up.push(Level { blocks, resample });
         }
         up.reverse();
@@ -187,7 +187,7 @@ impl Decoder {
             mid,
             up,
             norm_out: group_norm(block_in, EPS, vb.pp("norm_out"))?,
-            conv_out: conv2d(block_in, cfg.out_ch, 3, 1, 1, vb.pp("conv_out"))?,
+            conv_out: conv3x3(block_in, cfg.out_ch, vb.pp("conv_out"))?,
         })
     }
 
@@ -205,7 +205,7 @@ impl Decoder {
                 h = conv.forward(&h.upsample_nearest2d(2 * hh, 2 * ww)?)?;
             }
         }
-        let out = self.conv_out.forward(&silu(&self.norm_out.forward(&h)?)?)?;
+        let out = self.conv_out.forward(&self.norm_out.forward_silu(&h)?)?;
         Ok((out, mid))
     }
 }
