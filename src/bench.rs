@@ -137,13 +137,19 @@ fn tiny_pipeline(runs: usize) -> Result<Timing> {
 fn ops(runs: usize) -> Result<Vec<Timing>> {
     let mut out = Vec::new();
     let w = randn(&[320, 320, 3, 3], 0.05)?;
+    let bias = Tensor::zeros(320, DType::F32, &Device::Cpu)?;
     for hw in [32, 64] {
         let x = randn(&[16, 320, hw, hw], 1.0)?;
-        out.push(time(&format!("conv2d f32 16x320x{hw}x{hw} k3"), runs, || Ok(drop(x.conv2d(&w, 1, 1, 1, 1)?)))?);
+        out.push(time(&format!("conv2d f32 16x320x{hw}x{hw} k3 (ours)"), runs, || Ok(drop(kernels::conv3x3(&x, &w, &bias)?)))?);
+        out.push(time(&format!("conv2d f32 16x320x{hw}x{hw} k3 (candle)"), runs, || Ok(drop(x.conv2d(&w, 1, 1, 1, 1)?)))?);
     }
     let w1 = randn(&[320, 320, 3], 0.05)?;
     let x1 = randn(&[1024, 320, 16], 1.0)?;
-    out.push(time("conv1d f32 1024x320x16 k3", runs, || Ok(drop(x1.conv1d(&w1, 1, 1, 1, 1)?)))?);
+    out.push(time("conv1d f32 1024x320x16 k3 (candle)", runs, || Ok(drop(x1.conv1d(&w1, 1, 1, 1, 1)?)))?);
+    // The same temporal conv as the UNet runs it: (b, c, t, h·w) with taps over t.
+    let xt = randn(&[1, 320, 16, 1024], 1.0)?;
+    let wt = randn(&[320, 320, 3, 1, 1], 0.05)?;
+    out.push(time("conv1d f32 1024x320x16 k3 (ours, temporal)", runs, || Ok(drop(kernels::temporal_conv(&xt, &wt, &bias)?)))?);
     let a = randn(&[4096, 1280], 1.0)?;
     let b = randn(&[1280, 1280], 1.0)?;
     out.push(time("matmul f32 4096x1280@1280x1280", runs, || Ok(drop(a.matmul(&b)?)))?);

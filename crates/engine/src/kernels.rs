@@ -46,7 +46,9 @@ fn fast_exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     let xc = x.clamp(-87.3, 88.0);
-    let n = (xc * std::f32::consts::LOG2_E).round();
+    // Round to nearest by the 1.5·2^23 trick: a plain add/sub pair, which vectorises everywhere.
+    const MAGIC: f32 = 12_582_912.0;
+    let n = (xc * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
     let r = (xc - n * LN2_HI) - n * LN2_LO;
     let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
     let e = p * f32::from_bits(((n as i32 + 127).max(1) as u32) << 23);
@@ -351,6 +353,14 @@ mod tests {
         t.to_dtype(DType::F64).unwrap()
     }
 
+    /// Our kernel must stay at f32 rounding level: against the exact (f64) result it may err at
+    /// most twice as much as candle's own f32 composition, plus 1e-6 of slack for inputs where
+    /// candle happens to be exact.
+    fn assert_f32_level(ours: &Tensor, candle: &Tensor, exact: &Tensor, what: &str) {
+        let (e_ours, e_candle) = (max_rel(ours, exact), max_rel(candle, exact));
+        assert!(e_ours <= 2.0 * e_candle + 1e-6, "{what}: ours {e_ours:e}, candle f32 {e_candle:e}");
+    }
+
     #[test]
     fn fast_exp_is_accurate() {
         for i in -1740..=1760 {
@@ -375,7 +385,7 @@ mod tests {
             let got = attention(&q, &k, &v, scale).unwrap();
             let want = attention_reference(&f64(&q), &f64(&k), &f64(&v), scale).unwrap();
             let candle = attention_reference(&q, &k, &v, scale).unwrap();
-            assert!(max_rel(&got, &want) < 1e-6, "{:?}: ours {} candle {}", (b, m, n, d, dv), max_rel(&got, &want), max_rel(&candle, &want));
+            assert_f32_level(&got, &candle, &want, &format!("{:?}", (b, m, n, d, dv)));
         }
     }
 
@@ -386,7 +396,8 @@ mod tests {
             let x = (Tensor::randn(0f32, 4.0, shape, &dev).unwrap() + 2.0).unwrap();
             let got = softmax_last_dim(&x).unwrap();
             let want = candle_nn::ops::softmax_last_dim(&f64(&x)).unwrap();
-            assert!(max_rel(&got, &want) < 1e-6, "{shape:?}: {}", max_rel(&got, &want));
+            let candle = candle_nn::ops::softmax_last_dim(&x).unwrap();
+            assert_f32_level(&got, &candle, &want, &format!("{shape:?}"));
         }
     }
 
@@ -401,7 +412,8 @@ mod tests {
             for silu in [false, true] {
                 let got = group_norm(&x, &w, &b, groups, 1e-5, silu).unwrap();
                 let want = group_norm_reference(&f64(&x), &f64(&w), &f64(&b), groups, 1e-5, silu).unwrap();
-                assert!(max_rel(&got, &want) < 1e-6, "{shape:?} silu {silu}: {}", max_rel(&got, &want));
+                let candle = group_norm_reference(&x, &w, &b, groups, 1e-5, silu).unwrap();
+                assert_f32_level(&got, &candle, &want, &format!("{shape:?} silu {silu}"));
             }
         }
     }
@@ -616,10 +628,16 @@ mod conv_tests {
     use super::*;
     use candle_core::Device;
 
-    fn check(got: &Tensor, want64: &Tensor, what: &str) {
+    fn err(got: &Tensor, want64: &Tensor) -> f64 {
         let d = (got.to_dtype(DType::F64).unwrap() - want64).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
         let m = want64.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap().max(1.0);
-        assert!(d / m < 1e-6, "{what}: {}", d / m);
+        d / m
+    }
+
+    /// At most twice candle's own f32 error against the exact result (see kernels::tests).
+    fn check(got: &Tensor, candle: &Tensor, want64: &Tensor, what: &str) {
+        let (e, c) = (err(got, want64), err(candle, want64));
+        assert!(e <= 2.0 * c + 1e-6, "{what}: ours {e:e}, candle f32 {c:e}");
     }
 
     #[test]
@@ -632,7 +650,8 @@ mod conv_tests {
             let got = temporal_conv(&x, &w, &bias).unwrap();
             let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
             let want = temporal_conv_reference(&f(&x), &f(&w), &f(&bias)).unwrap();
-            check(&got, &want, &format!("{:?}", (b, c, co, t, s)));
+            let candle = temporal_conv_reference(&x, &w, &bias).unwrap();
+            check(&got, &candle, &want, &format!("{:?}", (b, c, co, t, s)));
         }
     }
 
@@ -646,7 +665,91 @@ mod conv_tests {
             let got = conv3x3(&x, &wt, &bias).unwrap();
             let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
             let want = conv3x3_reference(&f(&x), &f(&wt), &f(&bias)).unwrap();
-            check(&got, &want, &format!("{:?}", (n, c, co, h, w)));
+            let candle = conv3x3_reference(&x, &wt, &bias).unwrap();
+            check(&got, &candle, &want, &format!("{:?}", (n, c, co, h, w)));
+        }
+    }
+}
+
+/// `erf(x)` by Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7), branch-free.
+#[inline(always)]
+fn fast_erf(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
+    let y = 1.0 - poly * fast_exp(-a * a);
+    y.copysign(x)
+}
+
+dispatch!(geglu_rows, fn(p: &[f32], out: &mut [f32], hidden: usize) {
+    for (row, o) in p.chunks_exact(2 * hidden).zip(out.chunks_exact_mut(hidden)) {
+        let (a, g) = row.split_at(hidden);
+        for ((o, &a), &g) in o.iter_mut().zip(a).zip(g) {
+            *o = a * (0.5 * g * (1.0 + fast_erf(g * std::f32::consts::FRAC_1_SQRT_2)));
+        }
+    }
+});
+
+struct Geglu;
+
+impl candle_core::CustomOp1 for Geglu {
+    fn name(&self) -> &'static str {
+        "dc-geglu"
+    }
+
+    fn cpu_fwd(&self, p: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(p) = p else { candle_core::bail!("dc-geglu: f32 only") };
+        if !l.is_contiguous() {
+            candle_core::bail!("dc-geglu: contiguous input only")
+        }
+        let dims = l.dims();
+        let hidden = dims[dims.len() - 1] / 2;
+        let p = &p[l.start_offset()..l.start_offset() + l.shape().elem_count()];
+        let mut out = vec![0f32; p.len() / 2];
+        const ROWS: usize = 64;
+        out.par_chunks_mut(ROWS * hidden)
+            .zip(p.par_chunks(ROWS * 2 * hidden))
+            .for_each(|(o, p)| geglu_rows(p, o, hidden));
+        let mut shape = dims.to_vec();
+        *shape.last_mut().expect("rank ≥ 1") = hidden;
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+}
+
+/// Reference: `a · GELU_erf(g)` for `[a, g]` = the two halves of the last dimension.
+pub fn geglu_reference(p: &Tensor) -> Result<Tensor> {
+    let half = p.dim(candle_core::D::Minus1)? / 2;
+    let a = p.narrow(candle_core::D::Minus1, 0, half)?;
+    let g = p.narrow(candle_core::D::Minus1, half, half)?;
+    a * g.gelu_erf()?
+}
+
+/// GEGLU activation of the UNet feed-forwards, fused (one pass, vectorised erf) on CPU f32.
+pub fn geglu(p: &Tensor) -> Result<Tensor> {
+    if p.device().is_cpu() && p.dtype() == DType::F32 && p.dim(candle_core::D::Minus1)? % 2 == 0 {
+        p.contiguous()?.apply_op1_no_bwd(&Geglu)
+    } else {
+        geglu_reference(p)
+    }
+}
+
+#[cfg(test)]
+mod geglu_tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn geglu_matches_reference() {
+        for shape in [&[1usize, 2][..], &[3, 5, 18][..], &[2, 100, 640][..]] {
+            let p = Tensor::randn(0f32, 3.0, shape, &Device::Cpu).unwrap();
+            let got = geglu(&p).unwrap().to_dtype(DType::F64).unwrap();
+            let want = geglu_reference(&p.to_dtype(DType::F64).unwrap()).unwrap();
+            let candle = geglu_reference(&p).unwrap().to_dtype(DType::F64).unwrap();
+            let err = |t: &Tensor| {
+                let d = (t - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+                d / want.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap().max(1.0)
+            };
+            assert!(err(&got) <= 2.0 * err(&candle) + 1e-6, "{shape:?}: ours {:e}, candle {:e}", err(&got), err(&candle));
         }
     }
 }

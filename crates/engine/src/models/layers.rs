@@ -170,11 +170,7 @@ pub fn silu(xs: &Tensor) -> Result<Tensor> {
 
 /// GEGLU feed-forward input half: `a · GELU(g)` where `[a, g] = proj(x)`.
 pub fn geglu(proj: &Linear, xs: &Tensor) -> Result<Tensor> {
-    let p = proj.forward(xs)?;
-    let half = p.dim(D::Minus1)? / 2;
-    let a = p.narrow(D::Minus1, 0, half)?;
-    let g = p.narrow(D::Minus1, half, half)?;
-    a * g.gelu_erf()?
+    crate::kernels::geglu(&proj.forward(xs)?)
 }
 
 /// OpenCLIP `ResidualAttentionBlock`: pre-LN attention with packed `in_proj`, then a GELU MLP.
