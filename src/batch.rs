@@ -3,7 +3,7 @@
 use crate::model;
 use crate::run::{read_image, run_request, OutputArgs, ProgressView, SamplingArgs, Settings};
 use anyhow::{bail, Context, Result};
-use dynamicrafter_engine::{Mode, Pipeline};
+use dynamicrafter_engine::Mode;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -92,7 +92,7 @@ pub fn run(args: BatchArgs) -> Result<bool> {
     let source = model::resolve(&args.model, args.config.as_deref())?;
     let mut view = ProgressView::new(settings.output_quiet());
     let start = Instant::now();
-    let pipeline = Pipeline::load(source.config.clone(), &source.weights, &settings.device)?;
+    let pipeline = settings.load(&source)?;
     let mut load_time = Some(start.elapsed());
     let mut reports = Vec::new();
     let mut failed = 0;

@@ -10,7 +10,7 @@ use dynamicrafter_engine::models::unet::{Unet, UnetInput, IMAGE_TOKENS_PER_FRAME
 use dynamicrafter_engine::models::vae::AutoencoderKL;
 use dynamicrafter_engine::report::peak_rss_bytes;
 use dynamicrafter_engine::weights::RandomWeights;
-use dynamicrafter_engine::{ModelConfig, Pipeline, Precision, Request, RgbImage, SeededNoise};
+use dynamicrafter_engine::{ModelConfig, Pipeline, Precision, PrecisionPolicy, Request, RgbImage, SeededNoise};
 use serde_json::json;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -182,7 +182,7 @@ fn candle_nn_softmax(x: &Tensor) -> Result<Tensor> {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    let precision = args.precision.parse::<Precision>()?.resolve(&Device::Cpu)?;
+    let precision = PrecisionPolicy::new(args.precision.parse::<Precision>()?, &Device::Cpu)?;
     let cases: Vec<String> = if args.cases.is_empty() { CASES.iter().map(|s| s.to_string()).collect() } else { args.cases.clone() };
     if let Some(bad) = cases.iter().find(|c| !CASES.contains(&c.as_str())) {
         bail!("unknown bench case '{bad}' (known: {})", CASES.join(", "));

@@ -3,7 +3,7 @@
 use crate::model;
 use crate::run::{emit_report, read_image, run_request, OutputArgs, ProgressView, SamplingArgs, Settings};
 use anyhow::Result;
-use dynamicrafter_engine::{Mode, Pipeline};
+use dynamicrafter_engine::Mode;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -50,7 +50,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut view = ProgressView::new(settings.output_quiet());
     view.line(&format!("loading {}", source.weights.display()));
     let start = Instant::now();
-    let pipeline = Pipeline::load(source.config.clone(), &source.weights, &settings.device)?;
+    let pipeline = settings.load(&source)?;
     let load_time = start.elapsed();
     let req = settings.request(&source.config, image, mode, &args.prompt);
     let outputs = settings.output_paths(&args.out);

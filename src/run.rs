@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use candle_core::Device;
 use dynamicrafter_engine::config::TimestepSpacing;
 use dynamicrafter_engine::report::peak_rss_bytes;
-use dynamicrafter_engine::{Mode, ModelConfig, Pipeline, Precision, Progress, Report, Request, RgbImage, SeededNoise, Stage};
+use dynamicrafter_engine::{Mode, ModelConfig, Pipeline, Precision, PrecisionPolicy, Progress, Report, Request, RgbImage, SeededNoise, Stage};
 use dynamicrafter_video::{Format, Frames};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
@@ -82,7 +82,7 @@ pub struct Settings {
     pub format: Format,
     pub fps: f64,
     pub quiet: bool,
-    pub precision: Precision,
+    pub precision: PrecisionPolicy,
     pub device: Device,
     pub spacing: Option<TimestepSpacing>,
 }
@@ -90,7 +90,7 @@ pub struct Settings {
 impl Settings {
     pub fn new(sampling: SamplingArgs, output: &OutputArgs) -> Result<Self> {
         let device = Device::Cpu;
-        let precision = sampling.precision.parse::<Precision>()?.resolve(&device)?;
+        let precision = PrecisionPolicy::new(sampling.precision.parse::<Precision>()?, &device)?;
         let spacing = sampling.spacing.as_deref().map(str::parse).transpose()?;
         if sampling.n_samples == 0 {
             anyhow::bail!("--n-samples must be at least 1");
@@ -120,6 +120,11 @@ impl Settings {
             anyhow::bail!("output {} is a folder; give a file name for --format {}", out.display(), self.format.extension());
         }
         Ok(())
+    }
+
+    /// Loads the model with this run's precision policy.
+    pub fn load(&self, source: &crate::model::ModelSource) -> Result<Pipeline> {
+        Ok(Pipeline::load_with(source.config.clone(), &source.weights, &self.device, self.precision.clone())?)
     }
 
     pub fn output_quiet(&self) -> bool {

@@ -15,6 +15,7 @@ use crate::models::{RESAMPLER_PREFIX, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, VISI
 use crate::noise::NoiseSource;
 use crate::preprocess::{clip_preprocess, resize_and_crop, to_tensor, video_to_u8, RgbImage};
 use crate::tokenizer::Tokenizer;
+use crate::precision::{Part, PrecisionPolicy};
 use crate::weights::{Checkpoint, KeyRecorder, RandomWeights};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
@@ -152,7 +153,7 @@ pub struct SamplerOptions {
 pub struct Pipeline {
     cfg: ModelConfig,
     device: Device,
-    dtype: DType,
+    precision: PrecisionPolicy,
     tokenizer: Tokenizer,
     text: ClipTextEncoder,
     vision: ClipVisionEncoder,
@@ -187,15 +188,16 @@ fn check_cancel(cancel: &AtomicBool) -> Result<()> {
 }
 
 impl Pipeline {
-    fn build(cfg: ModelConfig, vb: VarBuilder, schedule: NoiseSchedule, device: &Device) -> Result<Self> {
+    fn build(cfg: ModelConfig, vb: VarBuilder, schedule: NoiseSchedule, precision: PrecisionPolicy, device: &Device) -> Result<Self> {
+        let part = |prefix: &str, p: Part| vb.pp(prefix).set_dtype(precision.part(p).weights);
         Ok(Self {
             tokenizer: Tokenizer::new()?,
-            text: ClipTextEncoder::new(&cfg.text, vb.pp(TEXT_PREFIX))?,
-            vision: ClipVisionEncoder::new(&cfg.vision, vb.pp(VISION_PREFIX))?,
-            resampler: Resampler::new(&cfg.resampler, vb.pp(RESAMPLER_PREFIX))?,
-            vae: AutoencoderKL::new(&cfg.vae, vb.pp(VAE_PREFIX))?,
-            unet: Unet::new(&cfg.unet, vb.pp(UNET_PREFIX))?,
-            dtype: vb.dtype(),
+            text: ClipTextEncoder::new(&cfg.text, part(TEXT_PREFIX, Part::TextEncoder))?,
+            vision: ClipVisionEncoder::new(&cfg.vision, part(VISION_PREFIX, Part::ImageEncoder))?,
+            resampler: Resampler::new(&cfg.resampler, part(RESAMPLER_PREFIX, Part::Resampler))?,
+            vae: AutoencoderKL::new(&cfg.vae, part(VAE_PREFIX, Part::Vae))?,
+            unet: Unet::new(&cfg.unet, part(UNET_PREFIX, Part::Unet))?,
+            precision,
             device: device.clone(),
             schedule,
             cfg,
@@ -210,7 +212,7 @@ impl Pipeline {
         let schedule = NoiseSchedule::new(&cfg.diffusion);
         let n = schedule.num_timesteps();
         let scale_len = schedule.scale_arr.as_ref().map(|s| s.len());
-        Self::build(cfg.clone(), recorder.var_builder(DType::F32), schedule, &Device::Cpu)?;
+        Self::build(cfg.clone(), recorder.var_builder(DType::F32), schedule, PrecisionPolicy::f32(), &Device::Cpu)?;
         let mut keys = recorder.into_keys();
         let buffers = SCHEDULE_BUFFERS.iter().chain(&UNUSED_BUFFERS);
         keys.extend(buffers.map(|k| (k.to_string(), vec![n])));
@@ -225,8 +227,13 @@ impl Pipeline {
         Ok(keys)
     }
 
-    /// Loads a `model.safetensors` or `model.ckpt` strictly against `cfg`.
+    /// Loads a `model.safetensors` or `model.ckpt` strictly against `cfg`, in fp32.
     pub fn load(cfg: ModelConfig, path: &Path, device: &Device) -> Result<Self> {
+        Self::load_with(cfg, path, device, PrecisionPolicy::f32())
+    }
+
+    /// Loads with the dtypes of `precision` (weights converted as they are read).
+    pub fn load_with(cfg: ModelConfig, path: &Path, device: &Device, precision: PrecisionPolicy) -> Result<Self> {
         let ck = Checkpoint::open(path)?;
         ck.verify(&Self::checkpoint_keys(&cfg)?)?;
         let vb = ck.var_builder(DType::F32, device);
@@ -242,13 +249,13 @@ impl Pipeline {
         if let Some(s) = &schedule.scale_arr {
             schedule.scale_arr = Some(buffer("scale_arr", s.len())?);
         }
-        Self::build(cfg, vb, schedule, device)
+        Self::build(cfg, vb, schedule, precision, device)
     }
 
     /// Builds the networks of `cfg` with random weights (benchmarks, shape checks).
     pub fn random(cfg: ModelConfig, device: &Device) -> Result<Self> {
         let schedule = NoiseSchedule::new(&cfg.diffusion);
-        Self::build(cfg, RandomWeights::var_builder(DType::F32, device), schedule, device)
+        Self::build(cfg, RandomWeights::var_builder(DType::F32, device), schedule, PrecisionPolicy::f32(), device)
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -257,6 +264,14 @@ impl Pipeline {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    pub fn precision(&self) -> &PrecisionPolicy {
+        &self.precision
+    }
+
+    fn compute(&self, part: Part) -> DType {
+        self.precision.part(part).compute
     }
 
     pub fn schedule(&self) -> &NoiseSchedule {
@@ -296,33 +311,35 @@ impl Pipeline {
 
     /// Text context `(n, 77, d)`.
     pub fn encode_text(&self, prompts: &[&str]) -> Result<Tensor> {
-        Ok(self.text.forward(&self.token_ids(prompts)?)?)
+        Ok(self.text.forward(&self.token_ids(prompts)?)?.to_dtype(self.compute(Part::Unet))?)
     }
 
     /// CLIP image tokens `(n, 257, width)` of images `(n, 3, h, w)` in [-1, 1].
     pub fn clip_image_tokens(&self, images: &Tensor) -> Result<Tensor> {
-        let pixels = clip_preprocess(images, self.cfg.vision.image_size)?.to_dtype(self.dtype)?;
+        let pixels = clip_preprocess(images, self.cfg.vision.image_size)?.to_dtype(self.compute(Part::ImageEncoder))?;
         Ok(self.vision.forward(&pixels)?)
     }
 
     /// Image context tokens `(n, 16·frames, d)`: CLIP then the Resampler.
     pub fn encode_image(&self, images: &Tensor) -> Result<Tensor> {
-        Ok(self.resampler.forward(&self.clip_image_tokens(images)?)?)
+        let tokens = self.clip_image_tokens(images)?.to_dtype(self.compute(Part::Resampler))?;
+        Ok(self.resampler.forward(&tokens)?.to_dtype(self.compute(Part::Unet))?)
     }
 
     /// Scaled latent `0.18215·(mean + std·noise)` of images `(n, 3, h, w)`.
     pub fn vae_encode(&self, images: &Tensor, noise: &Tensor) -> Result<Tensor> {
-        let post = self.vae.encode(&images.to_dtype(self.dtype)?)?;
-        let z = post.sample(&noise.to_dtype(self.dtype)?)?;
-        Ok(z.broadcast_mul(&Tensor::new(self.cfg.diffusion.scale_factor as f32, &self.device)?.to_dtype(self.dtype)?)?)
+        let dt = self.compute(Part::Vae);
+        let post = self.vae.encode(&images.to_dtype(dt)?)?;
+        let z = post.sample(&noise.to_dtype(dt)?)?.to_dtype(DType::F32)?;
+        Ok(z.broadcast_mul(&Tensor::new(self.cfg.diffusion.scale_factor as f32, &self.device)?)?)
     }
 
     /// Decodes scaled latents `(b, c, t, h, w)` to `(b, 3, t, H, W)`, one frame at a time when
     /// the config says so (same math, less memory).
     pub fn vae_decode(&self, latents: &Tensor) -> Result<Tensor> {
         let (b, _, _, _, _) = latents.dims5()?;
-        let inv = Tensor::new((1.0 / self.cfg.diffusion.scale_factor) as f32, &self.device)?.to_dtype(self.dtype)?;
-        let z = crate::models::layers::video_to_frames(&latents.broadcast_mul(&inv)?)?;
+        let inv = Tensor::new((1.0 / self.cfg.diffusion.scale_factor) as f32, &self.device)?;
+        let z = crate::models::layers::video_to_frames(&latents.broadcast_mul(&inv)?)?.to_dtype(self.compute(Part::Vae))?;
         let out = if self.cfg.diffusion.perframe_ae {
             let n = z.dim(0)?;
             let frames = (0..n).map(|i| self.vae.decode(&z.narrow(0, i, 1)?)).collect::<candle_core::Result<Vec<_>>>()?;
@@ -330,12 +347,12 @@ impl Pipeline {
         } else {
             self.vae.decode(&z)?
         };
-        Ok(crate::models::layers::frames_to_video(&out, b)?)
+        Ok(crate::models::layers::frames_to_video(&out.to_dtype(DType::F32)?, b)?)
     }
 
     /// One UNet call on the noisy latent `x` with the concat latent and context.
     pub fn denoiser(&self, x: &Tensor, c_concat: &Tensor, t: usize, context: &Tensor, fs: i64) -> Result<Tensor> {
-        let input = Tensor::cat(&[x, c_concat], 1)?.to_dtype(self.dtype)?;
+        let input = Tensor::cat(&[x, c_concat], 1)?.to_dtype(self.compute(Part::Unet))?;
         let ts = [t as f32];
         let fs = [fs as f32];
         let out = self.unet.forward(&UnetInput { x: &input, timesteps: &ts, context, fs: Some(&fs) })?;
