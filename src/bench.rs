@@ -140,40 +140,40 @@ fn ops(runs: usize) -> Result<Vec<Timing>> {
     let bias = Tensor::zeros(320, DType::F32, &Device::Cpu)?;
     for hw in [32, 64] {
         let x = randn(&[16, 320, hw, hw], 1.0)?;
-        out.push(time(&format!("conv2d f32 16x320x{hw}x{hw} k3 (ours)"), runs, || Ok(drop(kernels::conv3x3(&x, &w, &bias)?)))?);
-        out.push(time(&format!("conv2d f32 16x320x{hw}x{hw} k3 (candle)"), runs, || Ok(drop(x.conv2d(&w, 1, 1, 1, 1)?)))?);
+        out.push(time(&format!("conv2d f32 16x320x{hw}x{hw} k3 (ours)"), runs, || { kernels::conv3x3(&x, &w, &bias)?; Ok(()) })?);
+        out.push(time(&format!("conv2d f32 16x320x{hw}x{hw} k3 (candle)"), runs, || { x.conv2d(&w, 1, 1, 1, 1)?; Ok(()) })?);
     }
     let w1 = randn(&[320, 320, 3], 0.05)?;
     let x1 = randn(&[1024, 320, 16], 1.0)?;
-    out.push(time("conv1d f32 1024x320x16 k3 (candle)", runs, || Ok(drop(x1.conv1d(&w1, 1, 1, 1, 1)?)))?);
+    out.push(time("conv1d f32 1024x320x16 k3 (candle)", runs, || { x1.conv1d(&w1, 1, 1, 1, 1)?; Ok(()) })?);
     // The same temporal conv as the UNet runs it: (b, c, t, h·w) with taps over t.
     let xt = randn(&[1, 320, 16, 1024], 1.0)?;
     let wt = randn(&[320, 320, 3, 1, 1], 0.05)?;
-    out.push(time("conv1d f32 1024x320x16 k3 (ours, temporal)", runs, || Ok(drop(kernels::temporal_conv(&xt, &wt, &bias)?)))?);
+    out.push(time("conv1d f32 1024x320x16 k3 (ours, temporal)", runs, || { kernels::temporal_conv(&xt, &wt, &bias)?; Ok(()) })?);
     let a = randn(&[4096, 1280], 1.0)?;
     let b = randn(&[1280, 1280], 1.0)?;
-    out.push(time("matmul f32 4096x1280@1280x1280", runs, || Ok(drop(a.matmul(&b)?)))?);
+    out.push(time("matmul f32 4096x1280@1280x1280", runs, || { a.matmul(&b)?; Ok(()) })?);
     let (ab, bb) = (a.to_dtype(DType::BF16)?, b.to_dtype(DType::BF16)?);
-    out.push(time("matmul bf16 4096x1280@1280x1280", runs, || Ok(drop(ab.matmul(&bb)?)))?);
+    out.push(time("matmul bf16 4096x1280@1280x1280", runs, || { ab.matmul(&bb)?; Ok(()) })?);
     let (wb, xb) = (w.to_dtype(DType::BF16)?, randn(&[16, 320, 32, 32], 1.0)?.to_dtype(DType::BF16)?);
     match xb.conv2d(&wb, 1, 1, 1, 1) {
-        Ok(_) => out.push(time("conv2d bf16 16x320x32x32 k3", runs, || Ok(drop(xb.conv2d(&wb, 1, 1, 1, 1)?)))?),
+        Ok(_) => out.push(time("conv2d bf16 16x320x32x32 k3", runs, || { xb.conv2d(&wb, 1, 1, 1, 1)?; Ok(()) })?),
         Err(e) => println!("{:<44} unsupported ({})", "conv2d bf16 16x320x32x32 k3", e.to_string().lines().next().unwrap_or("")),
     }
     let qkv = |b, l| -> Result<[Tensor; 3]> { Ok([randn(&[b, l, 64], 1.0)?, randn(&[b, l, 64], 1.0)?, randn(&[b, l, 64], 1.0)?]) };
     let [q, k, v] = qkv(16 * 5, 1024)?;
-    out.push(time("sdpa f32 spatial 16x5x1024x64 (ours)", runs, || Ok(drop(kernels::attention(&q, &k, &v, 0.125)?)))?);
-    out.push(time("attn naive f32 spatial (candle)", runs, || Ok(drop(kernels::attention_reference(&q, &k, &v, 0.125)?)))?);
+    out.push(time("sdpa f32 spatial 16x5x1024x64 (ours)", runs, || { kernels::attention(&q, &k, &v, 0.125)?; Ok(()) })?);
+    out.push(time("attn naive f32 spatial (candle)", runs, || { kernels::attention_reference(&q, &k, &v, 0.125)?; Ok(()) })?);
     let [q, k, v] = qkv(1024 * 5, 16)?;
-    out.push(time("sdpa f32 temporal 1024x5x16x64 (ours)", runs, || Ok(drop(kernels::attention(&q, &k, &v, 0.125)?)))?);
-    out.push(time("attn naive f32 temporal (candle)", runs, || Ok(drop(kernels::attention_reference(&q, &k, &v, 0.125)?)))?);
+    out.push(time("sdpa f32 temporal 1024x5x16x64 (ours)", runs, || { kernels::attention(&q, &k, &v, 0.125)?; Ok(()) })?);
+    out.push(time("attn naive f32 temporal (candle)", runs, || { kernels::attention_reference(&q, &k, &v, 0.125)?; Ok(()) })?);
     let x = randn(&[16, 320, 32, 32], 1.0)?;
     let (g, bb) = (Tensor::ones(320, DType::F32, &Device::Cpu)?, Tensor::zeros(320, DType::F32, &Device::Cpu)?);
-    out.push(time("group_norm f32 16x320x32x32 g32 (ours)", runs, || Ok(drop(kernels::group_norm(&x, &g, &bb, 32, 1e-5, false)?)))?);
-    out.push(time("group_norm f32 16x320x32x32 g32 (candle)", runs, || Ok(drop(kernels::group_norm_reference(&x, &g, &bb, 32, 1e-5, false)?)))?);
+    out.push(time("group_norm f32 16x320x32x32 g32 (ours)", runs, || { kernels::group_norm(&x, &g, &bb, 32, 1e-5, false)?; Ok(()) })?);
+    out.push(time("group_norm f32 16x320x32x32 g32 (candle)", runs, || { kernels::group_norm_reference(&x, &g, &bb, 32, 1e-5, false)?; Ok(()) })?);
     let s = randn(&[80, 1024, 1024], 1.0)?;
-    out.push(time("softmax f32 80x1024x1024 (ours)", runs, || Ok(drop(kernels::softmax_last_dim(&s)?)))?);
-    out.push(time("softmax f32 80x1024x1024 (candle)", runs, || Ok(drop(candle_nn_softmax(&s)?)))?);
+    out.push(time("softmax f32 80x1024x1024 (ours)", runs, || { kernels::softmax_last_dim(&s)?; Ok(()) })?);
+    out.push(time("softmax f32 80x1024x1024 (candle)", runs, || { candle_nn_softmax(&s)?; Ok(()) })?);
     Ok(out)
 }
 

@@ -614,7 +614,7 @@ mod json {
                 other => return Err(unsupported(&format!("fps_condition_type {other}"))),
             };
             let oc = self.open_clip_model.config;
-            if oc.vision_cfg.width % oc.vision_cfg.head_width != 0 {
+            if !oc.vision_cfg.width.is_multiple_of(oc.vision_cfg.head_width) {
                 return Err(Error::Config("vision width not a multiple of head_width".into()));
             }
             let vae = VaeConfig {

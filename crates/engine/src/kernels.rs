@@ -106,6 +106,15 @@ dispatch!(scale_rows, fn(rows: &mut [f32], width: usize, sums: &[f32]) {
     }
 });
 
+/// The f32 data of a contiguous CPU input, from its start offset to its end.
+fn contiguous_f32<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else { candle_core::bail!("{op}: f32 only") };
+    if !layout.is_contiguous() {
+        candle_core::bail!("{op}: contiguous inputs only")
+    }
+    Ok(&data[layout.start_offset()..layout.start_offset() + layout.shape().elem_count()])
+}
+
 /// Query rows per block: scores of one block stay in cache.
 const QUERY_BLOCK: usize = 64;
 
@@ -127,20 +136,14 @@ impl CustomOp3 for Attention {
         v: &CpuStorage,
         lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) = (q, k, v) else {
-            candle_core::bail!("dc-attention: f32 only")
-        };
-        for l in [lq, lk, lv] {
-            if !l.is_contiguous() || l.dims().len() != 3 {
-                candle_core::bail!("dc-attention: contiguous (batch, len, dim) inputs only")
-            }
+        let name = self.name();
+        let (q, k, v) = (contiguous_f32(name, q, lq)?, contiguous_f32(name, k, lk)?, contiguous_f32(name, v, lv)?);
+        if [lq, lk, lv].iter().any(|l| l.dims().len() != 3) {
+            candle_core::bail!("{name}: (batch, len, dim) inputs only")
         }
         let (dq, dk, dv) = (lq.dims(), lk.dims(), lv.dims());
         let (b, m, d) = (dq[0], dq[1], dq[2]);
         let (n, dvw) = (dk[1], dv[2]);
-        let q = &q[lq.start_offset()..];
-        let k = &k[lk.start_offset()..];
-        let v = &v[lv.start_offset()..];
         let mut out = vec![0f32; b * m * dvw];
         let blocks_per_batch = m.div_ceil(QUERY_BLOCK);
         let scale = self.scale;
@@ -205,12 +208,9 @@ impl candle_core::CustomOp1 for Softmax {
     }
 
     fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(x) = x else { candle_core::bail!("dc-softmax: f32 only") };
-        if !l.is_contiguous() {
-            candle_core::bail!("dc-softmax: contiguous input only")
-        }
+        let x = contiguous_f32(self.name(), x, l)?;
         let width = *l.dims().last().unwrap_or(&1);
-        let mut y = x[l.start_offset()..l.start_offset() + l.shape().elem_count()].to_vec();
+        let mut y = x.to_vec();
         const ROWS: usize = 16;
         y.par_chunks_mut(ROWS * width).for_each(|rows| {
             let mut sums = [0f32; ROWS];
@@ -289,17 +289,10 @@ impl CustomOp3 for GroupNorm {
         b: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) = (x, w, b) else {
-            candle_core::bail!("dc-group-norm: f32 only")
-        };
-        if !lx.is_contiguous() || !lw.is_contiguous() || !lb.is_contiguous() {
-            candle_core::bail!("dc-group-norm: contiguous inputs only")
-        }
+        let name = self.name();
+        let (x, w, b) = (contiguous_f32(name, x, lx)?, contiguous_f32(name, w, lw)?, contiguous_f32(name, b, lb)?);
         let dims = lx.dims();
         let (c, spatial) = (dims[1], dims[2..].iter().product::<usize>());
-        let x = &x[lx.start_offset()..lx.start_offset() + lx.shape().elem_count()];
-        let w = &w[lw.start_offset()..];
-        let b = &b[lb.start_offset()..];
         let cg = c / self.groups;
         let group_len = cg * spatial;
         let mut y = vec![0f32; x.len()];
@@ -464,17 +457,10 @@ impl CustomOp3 for TemporalConv {
         bias: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(bias)) = (x, w, bias) else {
-            candle_core::bail!("dc-temporal-conv: f32 only")
-        };
-        if !lx.is_contiguous() || !lw.is_contiguous() || !lb.is_contiguous() {
-            candle_core::bail!("dc-temporal-conv: contiguous inputs only")
-        }
+        let name = self.name();
+        let (x, w, bias) = (contiguous_f32(name, x, lx)?, contiguous_f32(name, w, lw)?, contiguous_f32(name, bias, lb)?);
         let (b, c, t, s) = lx.shape().dims4()?;
         let co = lw.dims()[0];
-        let x = &x[lx.start_offset()..];
-        let w = &w[lw.start_offset()..];
-        let bias = &bias[lb.start_offset()..];
         let ts = t * s;
         let mut y = vec![0f32; b * co * ts];
         // Work items: (sample, block of output channels), so both threads stay busy at b = 1.
@@ -542,17 +528,10 @@ impl CustomOp3 for Conv3x3 {
         bias: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(bias)) = (x, w, bias) else {
-            candle_core::bail!("dc-conv3x3: f32 only")
-        };
-        if !lx.is_contiguous() || !lw.is_contiguous() || !lb.is_contiguous() {
-            candle_core::bail!("dc-conv3x3: contiguous inputs only")
-        }
+        let name = self.name();
+        let (x, w, bias) = (contiguous_f32(name, x, lx)?, contiguous_f32(name, w, lw)?, contiguous_f32(name, bias, lb)?);
         let (n, c, h, wd) = lx.shape().dims4()?;
         let co = lw.dims()[0];
-        let x = &x[lx.start_offset()..];
-        let w = &w[lw.start_offset()..];
-        let bias = &bias[lb.start_offset()..];
         // Output computed on the padded width (w+2): every tap is then one shifted view of the
         // padded input, and the two extra columns per row are dropped at the end.
         let (hp, wp) = (h + 2, wd + 2);
@@ -698,13 +677,9 @@ impl candle_core::CustomOp1 for Geglu {
     }
 
     fn cpu_fwd(&self, p: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(p) = p else { candle_core::bail!("dc-geglu: f32 only") };
-        if !l.is_contiguous() {
-            candle_core::bail!("dc-geglu: contiguous input only")
-        }
+        let p = contiguous_f32(self.name(), p, l)?;
         let dims = l.dims();
         let hidden = dims[dims.len() - 1] / 2;
-        let p = &p[l.start_offset()..l.start_offset() + l.shape().elem_count()];
         let mut out = vec![0f32; p.len() / 2];
         const ROWS: usize = 64;
         out.par_chunks_mut(ROWS * hidden)

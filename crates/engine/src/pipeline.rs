@@ -421,7 +421,7 @@ impl Pipeline {
     fn validate(&self, req: &Request) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidInput(m));
         let multiple = self.cfg.vae.downsample_factor() << (self.cfg.unet.channel_mult.len() - 1);
-        if req.height == 0 || req.width == 0 || req.height % multiple != 0 || req.width % multiple != 0 {
+        if req.height == 0 || req.width == 0 || !req.height.is_multiple_of(multiple) || !req.width.is_multiple_of(multiple) {
             return bad(format!("height and width must be positive multiples of {multiple}, got {}×{}", req.height, req.width));
         }
         let min_frames = if req.mode == Mode::ImageToVideo { 1 } else { 2 };

@@ -174,7 +174,10 @@ pub fn video_to_u8(video: &Tensor) -> Result<Vec<u8>> {
     Ok(v.into_iter().map(|x| x as u8).collect())
 }
 
+// The reference literals, as written upstream (f32 rounds them).
+#[allow(clippy::excessive_precision)]
 pub const CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
+#[allow(clippy::excessive_precision)]
 pub const CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 
 /// Separable Gaussian blur with reflect padding (kornia `gaussian_blur2d`), on `(c, h, w)`.
@@ -266,10 +269,10 @@ pub fn clip_preprocess(images: &Tensor, size: usize) -> Result<Tensor> {
             let src = if fh.max(fw) > 1.0 {
                 let sigma = (((fh - 1.0) / 2.0).max(0.001), ((fw - 1.0) / 2.0).max(0.001));
                 let mut ks = ((4.0 * sigma.0).max(3.0) as usize, (4.0 * sigma.1).max(3.0) as usize);
-                if ks.0 % 2 == 0 {
+                if ks.0.is_multiple_of(2) {
                     ks.0 += 1;
                 }
-                if ks.1 % 2 == 0 {
+                if ks.1.is_multiple_of(2) {
                     ks.1 += 1;
                 }
                 gaussian_blur(img, c, h, w, ks, sigma)

@@ -117,7 +117,7 @@ pub fn encode_mp4(frames: Frames, fps: f64) -> Result<Vec<u8>> {
     use openh264::encoder::{BitRate, Encoder, EncoderConfig, FrameRate, QpRange, RateControlMode};
     use openh264::formats::YUVBuffer;
     use openh264::OpenH264API;
-    if frames.width % 2 != 0 || frames.height % 2 != 0 {
+    if !frames.width.is_multiple_of(2) || !frames.height.is_multiple_of(2) {
         return Err(Error::Invalid(format!("yuv420p needs even sizes, got {}×{}", frames.width, frames.height)));
     }
     // Near-lossless, like upstream's libx264 CRF 10: a bitrate budget no frame can exhaust and
