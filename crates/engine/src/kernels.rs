@@ -116,7 +116,7 @@ fn contiguous_f32<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Res
 }
 
 /// Query rows per block: scores of one block stay in cache.
-const QUERY_BLOCK: usize = 64;
+const QUERY_BLOCK: usize = 256;
 
 struct Attention {
     scale: f32,
