@@ -537,11 +537,14 @@ impl CustomOp3 for Conv3x3 {
         let (hp, wp) = (h + 2, wd + 2);
         let cols = h * wp;
         let mut y = vec![0f32; n * co * h * wd];
-        const CO_BLOCK: usize = 128;
-        let blocks = co.div_ceil(CO_BLOCK);
+        // Output-channel blocks: up to 128 rows (GEMM efficiency), but small enough that a
+        // single image (the per-frame VAE) still gives every thread work; at least 64 rows.
+        let threads = rayon::current_num_threads().max(1);
+        let co_block = (co * n).div_ceil(2 * threads).next_multiple_of(16).clamp(64, 128);
+        let blocks = co.div_ceil(co_block);
         let y_ptr = SendPtr(y.as_mut_ptr());
         (0..n * blocks).into_par_iter().for_each_init(
-            || (vec![0f32; c * hp * wp + 2], vec![0f32; CO_BLOCK * cols], usize::MAX),
+            || (vec![0f32; c * hp * wp + 2], vec![0f32; co_block * cols], usize::MAX),
             |(padded, acc, padded_for), task| {
                 let (ni, blk) = (task / blocks, task % blocks);
                 if *padded_for != ni {
@@ -557,8 +560,8 @@ impl CustomOp3 for Conv3x3 {
                     }
                     *padded_for = ni;
                 }
-                let o0 = blk * CO_BLOCK;
-                let rows = CO_BLOCK.min(co - o0);
+                let o0 = blk * co_block;
+                let rows = co_block.min(co - o0);
                 // SAFETY: extents checked by construction; disjoint output rows per task.
                 unsafe {
                     for tap in 0..9 {
@@ -637,7 +640,7 @@ mod conv_tests {
     #[test]
     fn conv3x3_matches_reference() {
         let dev = Device::Cpu;
-        for &(n, c, co, h, w) in &[(1, 1, 1, 1, 1), (2, 3, 5, 4, 7), (3, 16, 140, 9, 5), (1, 64, 32, 16, 16)] {
+        for &(n, c, co, h, w) in &[(1, 1, 1, 1, 1), (2, 3, 5, 4, 7), (3, 16, 140, 9, 5), (1, 64, 32, 16, 16), (1, 8, 200, 6, 6)] {
             let x = Tensor::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap();
             let wt = Tensor::randn(0f32, 0.2, (co, c, 3, 3), &dev).unwrap();
             let bias = Tensor::randn(0f32, 0.2, co, &dev).unwrap();
