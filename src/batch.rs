@@ -1,7 +1,7 @@
 //! `dynamicrafter batch`: upstream `run.sh` semantics over a folder of images and a prompt file.
 
 use crate::model;
-use crate::run::{read_image, run_request, OutputArgs, ProgressView, SamplingArgs, Settings};
+use crate::run::{read_image, run_request, write_json, OutputArgs, ProgressView, SamplingArgs, Settings};
 use anyhow::{bail, Context, Result};
 use dynamicrafter_engine::Mode;
 use std::path::{Path, PathBuf};
@@ -90,7 +90,7 @@ pub fn run(args: BatchArgs) -> Result<bool> {
     let items = list_inputs(&args.prompt_dir, args.interp)?;
     std::fs::create_dir_all(&args.out_dir).with_context(|| format!("output folder {}", args.out_dir.display()))?;
     let source = model::resolve(&args.model, args.config.as_deref())?;
-    let mut view = ProgressView::new(settings.output_quiet());
+    let mut view = ProgressView::new(settings.quiet);
     let start = Instant::now();
     let pipeline = settings.load(&source)?;
     let mut load_time = Some(start.elapsed());
@@ -129,9 +129,7 @@ pub fn run(args: BatchArgs) -> Result<bool> {
         }
     }
     if let Some(path) = &args.output.report_json {
-        let tmp = path.with_extension("json.partial");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&reports)?)?;
-        std::fs::rename(&tmp, path)?;
+        write_json(path, &reports)?;
     }
     eprintln!("{} of {} done{}", items.len() - failed, items.len(), if failed > 0 { format!(", {failed} failed") } else { String::new() });
     Ok(failed == 0)

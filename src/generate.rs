@@ -47,7 +47,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     };
     settings.check_output(&args.out)?;
     let source = model::resolve(&args.model, args.config.as_deref())?;
-    let mut view = ProgressView::new(settings.output_quiet());
+    let mut view = ProgressView::new(settings.quiet);
     view.line(&format!("loading {}", source.weights.display()));
     let start = Instant::now();
     let pipeline = settings.load(&source)?;

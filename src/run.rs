@@ -127,10 +127,6 @@ impl Settings {
         Ok(Pipeline::load_with(source.config.clone(), &source.weights, &self.device, self.precision.clone())?)
     }
 
-    pub fn output_quiet(&self) -> bool {
-        self.quiet
-    }
-
     /// The user's seed, else the launch script's (run_application.sh uses 234 for loops).
     pub fn seed(&self, cfg: &ModelConfig, mode: &Mode) -> u64 {
         let default = if cfg.name == "512_interp" && *mode == Mode::Loop { 234 } else { cfg.defaults.seed };
@@ -276,13 +272,19 @@ pub fn run_request(
     Ok(report)
 }
 
-/// Prints the report and writes it as JSON when asked (temp file + rename).
+/// Writes `value` as pretty JSON to a temporary name, then renames it to `path`.
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    let tmp = path.with_extension("json.partial");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(value)?).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Prints the report and writes it as JSON when asked.
 pub fn emit_report(report: &Report, json: Option<&Path>) -> Result<()> {
     eprint!("{}", report.to_text());
-    if let Some(path) = json {
-        let tmp = path.with_extension("json.partial");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(report)?).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    match json {
+        Some(path) => write_json(path, report),
+        None => Ok(()),
     }
-    Ok(())
 }

@@ -58,6 +58,18 @@ pub struct Request {
 }
 
 impl Request {
+    /// The sampler settings of this request.
+    pub fn sampler_options(&self) -> SamplerOptions {
+        SamplerOptions {
+            steps: self.steps,
+            eta: self.eta,
+            cfg_scale: self.cfg_scale,
+            cfg_img: self.cfg_img,
+            spacing: self.spacing,
+            guidance_rescale: self.guidance_rescale,
+        }
+    }
+
     pub fn new(cfg: &ModelConfig, image: RgbImage, prompt: impl Into<String>) -> Self {
         let d = &cfg.defaults;
         Self {
@@ -536,14 +548,7 @@ impl Pipeline {
         check_cancel(cancel)?;
         let mut timings = Vec::new();
         let cond = self.condition(req, noise, progress, &mut timings)?;
-        let opts = SamplerOptions {
-            steps: req.steps,
-            eta: req.eta,
-            cfg_scale: req.cfg_scale,
-            cfg_img: req.cfg_img,
-            spacing: req.spacing,
-            guidance_rescale: req.guidance_rescale,
-        };
+        let opts = req.sampler_options();
         let mut videos = Vec::with_capacity(samples);
         for _ in 0..samples {
             check_cancel(cancel)?;

@@ -402,14 +402,7 @@ fn check_run(p: &Pipeline, run: Run, r: &mut Report) {
         r.compare(uc, cond.uncond_context.as_ref().unwrap(), t(uc), Tol::Rel(STAGE_TOL));
         r.compare(cc, &cond.c_concat, t(cc), Tol::Rel(STAGE_TOL));
     }
-    let opts = SamplerOptions {
-        steps: run.req.steps,
-        eta: run.req.eta,
-        cfg_scale: run.req.cfg_scale,
-        cfg_img: run.req.cfg_img,
-        spacing: run.req.spacing,
-        guidance_rescale: run.req.guidance_rescale,
-    };
+    let opts = run.req.sampler_options();
     let ddim = DdimSchedule::new(p.schedule(), opts.spacing, opts.steps, opts.eta).unwrap();
     let ts: Vec<i64> = ddim.timesteps.iter().rev().map(|&t| t as i64).collect();
     r.compare(run.steps_t, &Tensor::new(ts.as_slice(), &Device::Cpu).unwrap(), t(run.steps_t), Tol::Exact);
