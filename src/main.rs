@@ -10,6 +10,7 @@ mod convert;
 mod generate;
 mod model;
 mod run;
+mod serve;
 
 #[derive(Parser)]
 #[command(name = "dynamicrafter", version, about = "DynamiCrafter image-to-video generation", long_about = None)]
@@ -26,6 +27,8 @@ enum Command {
     Batch(batch::BatchArgs),
     /// Convert a model.ckpt to safetensors (memory-mapped loads, optional bf16/f16).
     Convert(convert::ConvertArgs),
+    /// Serve the web page and the HTTP API (model loaded once, bounded job queue).
+    Serve(serve::ServeArgs),
     /// Time the networks with random weights (no checkpoint needed).
     Bench(bench::BenchArgs),
 }
@@ -37,6 +40,7 @@ fn main() -> ExitCode {
         Command::Batch(args) => batch::run(args),
         Command::Convert(args) => convert::run(args).map(|()| true),
         Command::Bench(args) => bench::run(args).map(|()| true),
+        Command::Serve(args) => serve::run(args).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -5,13 +5,14 @@ use anyhow::{Context, Result};
 use candle_core::Device;
 use dynamicrafter_engine::config::TimestepSpacing;
 use dynamicrafter_engine::report::peak_rss_bytes;
+use dynamicrafter_engine::pipeline::default_seed;
 use dynamicrafter_engine::{Mode, ModelConfig, Pipeline, Precision, PrecisionPolicy, Progress, Report, Request, RgbImage, SeededNoise, Stage};
 use dynamicrafter_video::{Format, Frames};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Sampling knobs; unset ones take the model's launch-script defaults (upstream `run.sh`).
 #[derive(clap::Args, Debug, Clone)]
@@ -127,10 +128,9 @@ impl Settings {
         Ok(Pipeline::load_with(source.config.clone(), &source.weights, &self.device, self.precision.clone())?)
     }
 
-    /// The user's seed, else the launch script's (run_application.sh uses 234 for loops).
+    /// The user's seed, else the launch script's.
     pub fn seed(&self, cfg: &ModelConfig, mode: &Mode) -> u64 {
-        let default = if cfg.name == "512_interp" && *mode == Mode::Loop { 234 } else { cfg.defaults.seed };
-        self.sampling.seed.unwrap_or(default)
+        self.sampling.seed.unwrap_or_else(|| default_seed(cfg, mode))
     }
 
     pub fn request(&self, cfg: &ModelConfig, image: RgbImage, mode: Mode, prompt: &str) -> Request {
@@ -232,36 +232,42 @@ impl ProgressView {
     }
 }
 
-/// Runs one request and writes one file per sample to `outputs`; returns the report.
+/// Where a run's videos go and how they are encoded.
+#[derive(Debug, Clone, Copy)]
+pub struct VideoOutput {
+    pub format: Format,
+    pub fps: f64,
+}
+
+/// The one generation path of every front end (CLI, batch, server): run the pipeline for `req`
+/// with `seed`, write one video per path in `outputs` (one sample each), and return the report.
+/// Device and precision come from the loaded pipeline, never from the caller.
 #[allow(clippy::too_many_arguments)]
-pub fn run_request(
+pub fn generate_videos(
     pipeline: &Pipeline,
     model_name: &str,
-    settings: &Settings,
     req: &Request,
+    seed: u64,
+    output: VideoOutput,
     outputs: &[PathBuf],
-    load_time: Option<std::time::Duration>,
-    view: &mut ProgressView,
+    load_time: Option<Duration>,
+    progress: &mut dyn FnMut(Progress),
+    cancel: &AtomicBool,
 ) -> Result<Report> {
     let start = Instant::now();
-    let seed = settings.seed(pipeline.config(), &req.mode);
-    view.line(&format!("seed {seed}"));
-    let mut report = Report::new(model_name, "cpu", settings.precision.name());
+    let device = if pipeline.device().is_cpu() { "cpu" } else { "cuda" };
+    let mut report = Report::new(model_name, device, pipeline.precision().name());
     if let Some(d) = load_time {
         report.add("model load", d);
     }
-    let mut noise = SeededNoise::new(seed, &settings.device);
-    let cancel = AtomicBool::new(false);
-    let videos = pipeline.generate_samples(req, outputs.len(), &mut noise, &mut |p| view.update(p), &cancel);
-    view.finish();
-    let videos = videos?;
+    let mut noise = SeededNoise::new(seed, pipeline.device());
+    let videos = pipeline.generate_samples(req, outputs.len(), &mut noise, progress, cancel)?;
     for (video, path) in videos.iter().zip(outputs) {
         report.add_timings(&video.timings);
         let t = Instant::now();
         let frames = Frames::new(&video.frames_u8, video.frames, video.width, video.height)?;
-        dynamicrafter_video::write(frames, settings.format, settings.fps, path)?;
+        dynamicrafter_video::write(frames, output.format, output.fps, path)?;
         report.add("video write", t.elapsed());
-        view.line(&format!("wrote {}", path.display()));
     }
     report.seed = Some(seed);
     report.frames = videos[0].frames;
@@ -270,6 +276,28 @@ pub fn run_request(
     report.total_seconds = start.elapsed().as_secs_f64() + load_time.map_or(0.0, |d| d.as_secs_f64());
     report.peak_rss_bytes = peak_rss_bytes();
     Ok(report)
+}
+
+/// Runs one CLI request with a progress display; returns the report.
+pub fn run_request(
+    pipeline: &Pipeline,
+    model_name: &str,
+    settings: &Settings,
+    req: &Request,
+    outputs: &[PathBuf],
+    load_time: Option<Duration>,
+    view: &mut ProgressView,
+) -> Result<Report> {
+    let seed = settings.seed(pipeline.config(), &req.mode);
+    view.line(&format!("seed {seed}"));
+    let output = VideoOutput { format: settings.format, fps: settings.fps };
+    let cancel = AtomicBool::new(false);
+    let report = generate_videos(pipeline, model_name, req, seed, output, outputs, load_time, &mut |p| view.update(p), &cancel);
+    view.finish();
+    for path in outputs {
+        view.line(&format!("wrote {}", path.display()));
+    }
+    report
 }
 
 /// Writes `value` as pretty JSON to a temporary name, then renames it to `path`.

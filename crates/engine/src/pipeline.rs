@@ -90,6 +90,16 @@ impl Request {
     }
 }
 
+/// The seed a launch script uses for `mode` when the user gives none (run_application.sh uses
+/// 234 for loops with the interpolation model).
+pub fn default_seed(cfg: &ModelConfig, mode: &Mode) -> u64 {
+    if cfg.name == "512_interp" && *mode == Mode::Loop {
+        234
+    } else {
+        cfg.defaults.seed
+    }
+}
+
 /// Pipeline stages, for progress and timing reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Stage {

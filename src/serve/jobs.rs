@@ -1,0 +1,319 @@
+//! Every job the server knows: its request, state, progress, the ordered list of events it has
+//! produced (replayed to each event-stream subscriber), and its result.
+
+use dynamicrafter_engine::{Report, Request};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Queued,
+    Running,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+impl State {
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Queued => "queued",
+            State::Running => "running",
+            State::Done => "done",
+            State::Failed => "failed",
+            State::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(self, State::Done | State::Failed | State::Cancelled)
+    }
+}
+
+/// One server-sent event. The SSE event name is the variant's, the data its JSON.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// Accepted; `position` 1 is next.
+    Queued { position: usize },
+    /// The queue moved.
+    Position { position: usize },
+    /// A pipeline stage began.
+    Stage { stage: String },
+    /// A denoising step finished.
+    Step { step: usize, total: usize, eta_seconds: Option<f64> },
+    Done { report: Box<Report> },
+    Error { error: String },
+    Cancelled,
+}
+
+impl Event {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::Queued { .. } => "queued",
+            Event::Position { .. } => "position",
+            Event::Stage { .. } => "stage",
+            Event::Step { .. } => "step",
+            Event::Done { .. } => "done",
+            Event::Error { .. } => "error",
+            Event::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProgressInfo {
+    pub stage: String,
+    pub step: usize,
+    pub total: usize,
+    pub eta_seconds: Option<f64>,
+}
+
+/// What a worker needs to run a job.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    pub request: Request,
+    pub seed: u64,
+    pub mode: &'static str,
+}
+
+pub struct Job {
+    pub spec: JobSpec,
+    pub state: State,
+    pub position: Option<usize>,
+    pub progress: Option<ProgressInfo>,
+    pub report: Option<Report>,
+    pub error: Option<String>,
+    pub video: Option<PathBuf>,
+    pub created_unix: f64,
+    pub finished: Option<Instant>,
+    pub cancel: Arc<AtomicBool>,
+    events: Vec<Event>,
+    /// Carries the number of events, so subscribers wake on each new one.
+    changed: watch::Sender<usize>,
+}
+
+/// The JSON of `GET /jobs/{id}`.
+#[derive(Debug, Serialize)]
+pub struct JobView {
+    pub id: String,
+    pub state: State,
+    pub mode: &'static str,
+    pub seed: u64,
+    pub position: Option<usize>,
+    pub progress: Option<ProgressInfo>,
+    pub report: Option<Report>,
+    pub error: Option<String>,
+    pub video_url: Option<String>,
+    pub created_unix: f64,
+}
+
+/// Result of a cancel request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// Was waiting; now cancelled.
+    Dequeued,
+    /// Is running; stops between denoising steps.
+    Stopping,
+    /// Already finished in this state.
+    AlreadyFinal(State),
+}
+
+#[derive(Default)]
+pub struct JobStore {
+    jobs: Mutex<HashMap<String, Job>>,
+}
+
+impl JobStore {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Job>> {
+        // Every update below leaves a job consistent before it can panic.
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn insert(&self, id: &str, spec: JobSpec) {
+        let created_unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        let job = Job {
+            spec,
+            state: State::Queued,
+            position: None,
+            progress: None,
+            report: None,
+            error: None,
+            video: None,
+            created_unix,
+            finished: None,
+            cancel: Arc::new(AtomicBool::new(false)),
+            events: Vec::new(),
+            changed: watch::channel(0).0,
+        };
+        self.lock().insert(id.to_string(), job);
+    }
+
+    /// Forgets a job that never made it into the queue.
+    pub fn discard(&self, id: &str) {
+        self.lock().remove(id);
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.lock().contains_key(id)
+    }
+
+    pub fn view(&self, id: &str) -> Option<JobView> {
+        let jobs = self.lock();
+        let job = jobs.get(id)?;
+        Some(JobView {
+            id: id.to_string(),
+            state: job.state,
+            mode: job.spec.mode,
+            seed: job.spec.seed,
+            position: job.position,
+            progress: job.progress.clone(),
+            report: job.report.clone(),
+            error: job.error.clone(),
+            video_url: job.video.as_ref().map(|_| format!("/api/v1/jobs/{id}/video")),
+            created_unix: job.created_unix,
+        })
+    }
+
+    pub fn video(&self, id: &str) -> Option<(State, Option<PathBuf>)> {
+        let jobs = self.lock();
+        jobs.get(id).map(|j| (j.state, j.video.clone()))
+    }
+
+    /// Events from index `from` on, whether the job has ended, and a receiver to wait for more.
+    pub fn events_since(&self, id: &str, from: usize) -> Option<(Vec<Event>, bool, watch::Receiver<usize>)> {
+        let jobs = self.lock();
+        let job = jobs.get(id)?;
+        let events = job.events.get(from..).unwrap_or_default().to_vec();
+        Some((events, job.state.is_final(), job.changed.subscribe()))
+    }
+
+    fn emit(job: &mut Job, event: Event) {
+        job.events.push(event);
+        job.changed.send_replace(job.events.len());
+    }
+
+    /// Publishes each waiting job's new position (an event only when it moved).
+    pub fn set_positions(&self, waiting: &[String]) {
+        let mut jobs = self.lock();
+        for (i, id) in waiting.iter().enumerate() {
+            let Some(job) = jobs.get_mut(id) else { continue };
+            let position = i + 1;
+            if job.state != State::Queued || job.position == Some(position) {
+                continue;
+            }
+            let event = match job.position {
+                None => Event::Queued { position },
+                Some(_) => Event::Position { position },
+            };
+            job.position = Some(position);
+            Self::emit(job, event);
+        }
+    }
+
+    /// Marks a job taken by a worker as running; `None` when it was cancelled meanwhile.
+    pub fn start(&self, id: &str) -> Option<(JobSpec, Arc<AtomicBool>)> {
+        let mut jobs = self.lock();
+        let job = jobs.get_mut(id)?;
+        if job.state != State::Queued {
+            return None;
+        }
+        if job.events.is_empty() {
+            // Taken before its position was published: it was next in line.
+            Self::emit(job, Event::Queued { position: 1 });
+        }
+        job.state = State::Running;
+        job.position = None;
+        Some((job.spec.clone(), job.cancel.clone()))
+    }
+
+    pub fn stage(&self, id: &str, stage: &str) {
+        if let Some(job) = self.lock().get_mut(id) {
+            job.progress = Some(ProgressInfo { stage: stage.to_string(), step: 0, total: 0, eta_seconds: None });
+            Self::emit(job, Event::Stage { stage: stage.to_string() });
+        }
+    }
+
+    pub fn step(&self, id: &str, step: usize, total: usize, eta_seconds: Option<f64>) {
+        if let Some(job) = self.lock().get_mut(id) {
+            job.progress = Some(ProgressInfo { stage: "denoise".into(), step, total, eta_seconds });
+            Self::emit(job, Event::Step { step, total, eta_seconds });
+        }
+    }
+
+    /// Ends a job; returns false when it had already ended (nothing changes then).
+    pub fn finish(&self, id: &str, outcome: Result<(Report, PathBuf), Option<String>>) -> bool {
+        let mut jobs = self.lock();
+        let Some(job) = jobs.get_mut(id) else { return false };
+        if job.state.is_final() {
+            return false;
+        }
+        job.position = None;
+        job.finished = Some(Instant::now());
+        let event = match outcome {
+            Ok((report, video)) => {
+                job.state = State::Done;
+                job.video = Some(video);
+                job.report = Some(report.clone());
+                Event::Done { report: Box::new(report) }
+            }
+            Err(Some(error)) => {
+                job.state = State::Failed;
+                job.error = Some(error.clone());
+                Event::Error { error }
+            }
+            Err(None) => {
+                job.state = State::Cancelled;
+                Event::Cancelled
+            }
+        };
+        Self::emit(job, event);
+        true
+    }
+
+    /// Cancels a job: a waiting one ends at once (the caller takes it out of the queue
+    /// first), a running one is flagged and stops between denoising steps.
+    pub fn cancel(&self, id: &str, was_waiting: bool) -> Option<CancelOutcome> {
+        let state = {
+            let jobs = self.lock();
+            let job = jobs.get(id)?;
+            job.cancel.store(true, Ordering::Relaxed);
+            job.state
+        };
+        Some(match state {
+            s if s.is_final() => CancelOutcome::AlreadyFinal(s),
+            State::Queued if was_waiting => {
+                self.finish(id, Err(None));
+                CancelOutcome::Dequeued
+            }
+            _ => CancelOutcome::Stopping,
+        })
+    }
+
+    /// Flags every running job to stop.
+    pub fn cancel_running(&self) {
+        for job in self.lock().values() {
+            if job.state == State::Running {
+                job.cancel.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Removes jobs that ended more than `keep` ago; returns their video files.
+    pub fn expire(&self, keep: std::time::Duration) -> Vec<PathBuf> {
+        let mut jobs = self.lock();
+        let old: Vec<String> =
+            jobs.iter().filter(|(_, j)| j.finished.is_some_and(|t| t.elapsed() >= keep)).map(|(id, _)| id.clone()).collect();
+        old.iter().filter_map(|id| jobs.remove(id).and_then(|j| j.video)).collect()
+    }
+
+    pub fn count_running(&self) -> usize {
+        self.lock().values().filter(|j| j.state == State::Running).count()
+    }
+}

@@ -1,0 +1,38 @@
+//! The web page in headless Chromium: pick an example, generate, watch progress, play the video.
+//! Needs Debian's `chromium` and `npm ci --prefix tests/browser` (both done by `.ci/run`).
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::Command;
+use support::{repo, Server};
+
+fn chromium() -> PathBuf {
+    if let Some(p) = std::env::var_os("CHROMIUM") {
+        return p.into();
+    }
+    ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .expect("Chromium not found: install Debian's `chromium` (`.ci/run` does) or set CHROMIUM")
+}
+
+#[test]
+fn the_page_generates_a_video_that_plays_in_headless_chromium() {
+    let chromium = chromium();
+    assert!(
+        repo().join("tests/browser/node_modules/playwright-core").is_dir(),
+        "playwright-core missing: run `npm ci --prefix tests/browser` (`.ci/run` does)"
+    );
+    let server = Server::start(&[]);
+    let out = Command::new("node")
+        .current_dir(repo())
+        .args(["tests/browser/ui.mjs", &server.url])
+        .env("CHROMIUM", chromium)
+        .output()
+        .expect("running node (install nodejs)");
+    let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("browser test passed"), "{log}");
+}

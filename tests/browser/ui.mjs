@@ -1,0 +1,76 @@
+// Loads the served page in headless Chromium, picks an example image, generates, and checks
+// that progress advanced and the result <video> plays. Usage: node ui.mjs <server-url>
+import { chromium } from "playwright-core";
+
+const url = process.argv[2];
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  args: ["--no-sandbox", "--autoplay-policy=no-user-gesture-required"],
+});
+const fail = async (msg) => {
+  console.error("browser test failed: " + msg);
+  await browser.close();
+  process.exit(1);
+};
+try {
+  const page = await browser.newPage();
+  page.on("console", (m) => console.log("page console:", m.text()));
+  page.on("pageerror", (e) => console.log("page error:", e.message));
+  await page.goto(url);
+  await page.waitForFunction(() => document.getElementById("model-line").textContent.startsWith("model "));
+
+  // An example from the gallery fills the image input and the prompt.
+  await page.click("#gallery figure");
+  await page.waitForFunction(() => document.getElementById("image").files.length === 1);
+  const prompt = await page.inputValue("#prompt");
+  if (!prompt) await fail("the example did not fill the prompt");
+  await page.$eval("#steps", (el) => { el.value = 4; el.dispatchEvent(new Event("input")); });
+
+  // Record every status line and progress value the page shows.
+  await page.evaluate(() => {
+    window.seen = [];
+    const status = document.getElementById("status");
+    const progress = document.getElementById("progress");
+    new MutationObserver(() => window.seen.push([status.textContent, progress.value]))
+      .observe(status, { childList: true, characterData: true, subtree: true });
+  });
+  await page.click("#generate");
+  await page.waitForFunction(() => /^(Done|Failed|Cancelled)/.test(document.getElementById("status").textContent),
+    null, { timeout: 180000 });
+  const seen = await page.evaluate(() => window.seen);
+  console.log("status lines:", JSON.stringify(seen.map(([s]) => s)));
+  const final = seen[seen.length - 1][0];
+  if (!final.startsWith("Done")) await fail("the job ended with: " + final + " / " + await page.textContent("#error"));
+  if (!seen.some(([s]) => s.startsWith("Queued"))) await fail("no queue position was shown");
+  const steps = seen.filter(([s]) => /^Step \d+\/4/.test(s));
+  if (steps.length === 0) await fail("no step progress was shown");
+  const values = steps.map(([, v]) => v);
+  if (!values.every((v, i) => v > 0 && (i === 0 || v >= values[i - 1]))) await fail("progress did not advance: " + values);
+
+  const timings = await page.$$eval("#timings tr", (rows) => rows.map((r) => r.textContent));
+  if (!timings.some((t) => t.includes("denoise"))) await fail("no stage timings shown: " + timings);
+  const href = await page.getAttribute("#download", "href");
+  if (!href || !href.endsWith("/video")) await fail("no download link");
+
+  // The video loads, has frames and plays.
+  await page.waitForFunction(() => {
+    const v = document.getElementById("result");
+    return v.readyState >= 2 && v.videoWidth > 0;
+  }, null, { timeout: 30000 }).catch(async () => {
+    const err = await page.evaluate(() => { const v = document.getElementById("result"); return [v.error && v.error.code, v.currentSrc, v.readyState]; });
+    await fail("the video did not load: " + JSON.stringify(err));
+  });
+  const play = await page.evaluate(async () => {
+    const v = document.getElementById("result");
+    await v.play();
+    const t0 = v.currentTime;
+    await new Promise((r) => setTimeout(r, 700));
+    return { t0, t1: v.currentTime, width: v.videoWidth, height: v.videoHeight, duration: v.duration, paused: v.paused };
+  });
+  console.log("video:", JSON.stringify(play));
+  if (play.paused || !(play.t1 > play.t0 || play.t1 > 0)) await fail("the video does not play: " + JSON.stringify(play));
+  console.log("browser test passed");
+} catch (e) {
+  await fail(e.stack || String(e));
+}
+await browser.close();

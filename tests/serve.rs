@@ -1,0 +1,247 @@
+//! The HTTP API of `dynamicrafter serve`, end to end on the tiny fixture model.
+
+mod support;
+
+use serde_json::{json, Value};
+use std::process::Command;
+use support::{file, text, Part, Server};
+
+const SUNSET: &str = "examples/images/sunset.png";
+
+fn names(events: &[(String, Value)]) -> Vec<&str> {
+    events.iter().map(|(n, _)| n.as_str()).collect()
+}
+
+#[test]
+fn a_job_streams_its_events_in_order_and_equals_the_cli_run() {
+    let server = Server::start(&[]);
+    let id = server.submit(&[file("image", SUNSET), text("prompt", "waves at sunset"), text("steps", 3), text("seed", 7)]);
+    let events = server.events(&id);
+    assert_eq!(
+        names(&events),
+        ["queued", "stage", "stage", "stage", "stage", "step", "step", "step", "stage", "done"],
+        "{events:?}"
+    );
+    let stages: Vec<&str> = events.iter().filter(|(n, _)| n == "stage").map(|(_, d)| d["stage"].as_str().unwrap()).collect();
+    assert_eq!(stages, ["text encode", "image encode", "VAE encode", "denoise", "VAE decode"]);
+    let steps: Vec<u64> = events.iter().filter(|(n, _)| n == "step").map(|(_, d)| d["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [1, 2, 3]);
+    assert_eq!(events[0].1["position"], 1);
+
+    let status = server.get(&format!("/api/v1/jobs/{id}")).json();
+    assert_eq!(status["state"], "done");
+    assert_eq!(status["seed"], 7);
+    let report = &status["report"];
+    assert_eq!(report["precision"], "fp32");
+    assert_eq!(report["denoise_steps"]["count"], 3);
+    assert_eq!(&events.last().unwrap().1["report"], report);
+
+    let video = server.get(&format!("/api/v1/jobs/{id}/video"));
+    assert_eq!(video.status, 200);
+    assert_eq!(video.header("content-type"), Some("video/mp4"));
+
+    // The same request on the command line gives the same file, byte for byte: one code path.
+    let dir = std::env::temp_dir().join(format!("dynamicrafter-serve-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("cli.mp4");
+    let o = Command::new(env!("CARGO_BIN_EXE_dynamicrafter"))
+        .current_dir(support::repo())
+        .args(["generate", "--model", "fixtures/tiny-v", "--image", SUNSET, "--prompt", "waves at sunset"])
+        .args(["--steps", "3", "--seed", "7", "--quiet", "--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(std::fs::read(&out).unwrap() == video.body, "server and CLI videos differ");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // A late subscriber gets the whole history.
+    assert_eq!(names(&server.events(&id)), names(&events));
+    assert_eq!(server.metric("dynamicrafter_jobs_total{state=\"done\"}"), Some(1.0));
+    assert_eq!(server.metric("dynamicrafter_denoise_step_duration_seconds_count"), Some(3.0));
+    assert_eq!(server.metric("dynamicrafter_queue_depth"), Some(0.0));
+    assert!(server.metric("dynamicrafter_model_load_seconds").is_some());
+    assert!(server.get("/metrics").text().contains("dynamicrafter_stage_duration_seconds_bucket{stage=\"VAE decode\""));
+
+    let page = server.get("/");
+    assert_eq!(page.status, 200);
+    assert!(page.text().contains("id=\"generate\""));
+    let api = server.get("/openapi.json").json();
+    for path in ["/api/v1/jobs", "/api/v1/jobs/{id}", "/api/v1/jobs/{id}/events", "/api/v1/jobs/{id}/video"] {
+        assert!(api["paths"][path].is_object(), "openapi lists {path}");
+    }
+    let examples = server.get("/api/v1/examples").json();
+    for ex in examples.as_array().unwrap() {
+        let img = server.get(ex["image_url"].as_str().unwrap());
+        assert_eq!(img.status, 200);
+        assert!(image::load_from_memory(&img.body).is_ok());
+    }
+}
+
+#[test]
+fn concurrent_jobs_each_get_their_own_result() {
+    let server = Server::start(&["--workers", "2"]);
+    let seeds = [11u64, 12, 13, 11];
+    let ids: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = seeds
+            .iter()
+            .map(|&seed| {
+                let server = &server;
+                s.spawn(move || server.submit(&[file("image", SUNSET), text("prompt", "waves"), text("steps", 2), text("seed", seed)]))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut videos = Vec::new();
+    for (id, seed) in ids.iter().zip(seeds) {
+        let status = server.wait(id);
+        assert_eq!(status["state"], "done", "{status}");
+        assert_eq!(status["report"]["seed"], seed);
+        let v = server.get(&format!("/api/v1/jobs/{id}/video"));
+        assert_eq!(v.status, 200);
+        videos.push(v.body);
+    }
+    assert!(videos[0] == videos[3], "same seed, same video");
+    for (i, j) in [(0, 1), (0, 2), (1, 2)] {
+        assert!(videos[i] != videos[j], "seeds {} and {} gave the same video", seeds[i], seeds[j]);
+    }
+    assert_eq!(server.metric("dynamicrafter_jobs_total{state=\"done\"}"), Some(4.0));
+}
+
+#[test]
+fn cancel_queued_and_running_jobs_and_refuse_past_the_queue_bound() {
+    let server = Server::start(&["--max-queue", "1"]);
+    let long = || vec![file("image", SUNSET), text("prompt", "slow"), text("steps", 60)];
+    let running = server.submit(&long());
+    // Wait until it is denoising.
+    server.events_until(&running, |(n, _)| n == "step");
+    let queued = server.submit(&long());
+    assert_eq!(server.get(&format!("/api/v1/jobs/{queued}")).json()["position"], 1);
+
+    let full = server.post_form(&long());
+    assert_eq!(full.status, 429, "{}", full.text());
+    let secs: u64 = full.header("retry-after").expect("Retry-After header").parse().unwrap();
+    assert!(secs >= 1);
+    assert!(full.json()["error"].as_str().unwrap().contains("queue is full"));
+    assert_eq!(server.metric("dynamicrafter_jobs_rejected_total"), Some(1.0));
+
+    let r = server.delete(&format!("/api/v1/jobs/{queued}"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(server.get(&format!("/api/v1/jobs/{queued}")).json()["state"], "cancelled");
+    assert_eq!(names(&server.events(&queued)), ["queued", "cancelled"]);
+
+    let r = server.delete(&format!("/api/v1/jobs/{running}"));
+    assert_eq!(r.status, 202, "{}", r.text());
+    let events = server.events(&running);
+    assert_eq!(events.last().unwrap().0, "cancelled");
+    let steps = events.iter().filter(|(n, _)| n == "step").count();
+    assert!(steps < 60, "stopped between steps, after {steps}");
+    let status = server.wait(&running);
+    assert_eq!(status["state"], "cancelled");
+    assert!(status["video_url"].is_null());
+    assert_eq!(server.get(&format!("/api/v1/jobs/{running}/video")).status, 409);
+    let again = server.delete(&format!("/api/v1/jobs/{running}"));
+    assert_eq!(again.status, 409);
+    assert_eq!(again.json()["field"], "id");
+    assert_eq!(server.metric("dynamicrafter_jobs_total{state=\"cancelled\"}"), Some(2.0));
+
+    // The worker is free again.
+    let next = server.submit(&[file("image", SUNSET), text("steps", 1)]);
+    assert_eq!(server.wait(&next)["state"], "done");
+}
+
+/// A PNG of `w`×`h` pixels.
+fn png(w: u32, h: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_pixel(w, h, image::Rgb([10, 20, 30]));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+#[test]
+fn bad_input_is_refused_with_the_field_named() {
+    let server = Server::start(&["--max-image-bytes", "40000", "--max-image-pixels", "70000"]);
+    let ok_image = || file("image", SUNSET);
+    let long_prompt = "a very long prompt ".repeat(30);
+    let cases: Vec<(Vec<Part>, u16, &str)> = vec![
+        (vec![text("prompt", "no image")], 400, "image"),
+        (vec![Part::File("image", b"not an image at all".to_vec())], 415, "image"),
+        (vec![file("image", "examples/images/test_card.png")], 413, "image"),
+        (vec![Part::File("image", png(300, 300))], 413, "image"),
+        (vec![Part::File("image", png(8, 8)[..40].to_vec())], 400, "image"),
+        (vec![ok_image(), text("steps", 0)], 422, "steps"),
+        (vec![ok_image(), text("steps", 61)], 422, "steps"),
+        (vec![ok_image(), text("steps", 2.5)], 422, "steps"),
+        (vec![ok_image(), text("steps", "many")], 400, "steps"),
+        (vec![ok_image(), text("cfg_scale", 20)], 422, "cfg_scale"),
+        (vec![ok_image(), text("eta", -0.5)], 422, "eta"),
+        (vec![ok_image(), text("fs", 100)], 422, "fs"),
+        (vec![ok_image(), text("seed", -1)], 422, "seed"),
+        (vec![ok_image(), text("prompt", &long_prompt)], 422, "prompt"),
+        (vec![ok_image(), text("mode", "zoom")], 400, "mode"),
+        (vec![ok_image(), text("mode", "interpolate")], 400, "image2"),
+        (vec![ok_image(), text("mode", "loop"), file("image2", SUNSET)], 400, "image2"),
+        (vec![ok_image(), text("colour", "red")], 400, "colour"),
+    ];
+    for (parts, status, field) in cases {
+        let r = server.post_form(&parts);
+        assert_eq!(r.status, status, "field {field}: {}", r.text());
+        let body = r.json();
+        assert_eq!(body["field"], field, "{body}");
+        assert!(body["error"].as_str().unwrap().contains(field), "the message names {field}: {body}");
+    }
+
+    let json_cases = [
+        (json!({ "image": "***" }), 400, "image"),
+        (json!({ "image": "aGVsbG8=", "steps": "3" }), 400, "steps"),
+        (json!({ "image": "aGVsbG8=", "colour": 1 }), 400, "colour"),
+        (json!({ "image": "aGVsbG8=" }), 415, "image"),
+    ];
+    for (body, status, field) in json_cases {
+        let r = server.post_json(&body);
+        assert_eq!(r.status, status, "{body}: {}", r.text());
+        assert_eq!(r.json()["field"], field);
+    }
+    assert_eq!(server.post_raw("application/json", b"{not json").status, 400);
+    assert_eq!(server.post_raw("text/plain", b"hello").status, 415);
+
+    for path in ["/api/v1/jobs/nope", "/api/v1/jobs/nope/events", "/api/v1/jobs/nope/video"] {
+        let r = server.get(path);
+        assert_eq!(r.status, 404, "{path}");
+        assert_eq!(r.json()["field"], "id");
+    }
+    assert_eq!(server.delete("/api/v1/jobs/nope").status, 404);
+    assert_eq!(server.get("/api/v1/nothing").status, 404);
+
+    // Nothing was queued, and a good JSON job still runs.
+    assert_eq!(server.metric("dynamicrafter_jobs_total{state=\"done\"}"), Some(0.0));
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(std::fs::read(support::repo().join(SUNSET)).unwrap());
+    let r = server.post_json(&json!({ "image": format!("data:image/png;base64,{b64}"), "prompt": "waves", "steps": 1, "mode": "loop" }));
+    assert_eq!(r.status, 202, "{}", r.text());
+    let status = server.wait(r.json()["id"].as_str().unwrap());
+    assert_eq!(status["state"], "done");
+    assert_eq!(status["mode"], "loop");
+    assert_eq!(status["report"]["frames"], 7, "a loop drops the last frame");
+}
+
+#[test]
+fn sigterm_cancels_work_and_exits_cleanly() {
+    let results = std::env::temp_dir().join(format!("dynamicrafter-serve-sigterm-{}", std::process::id()));
+    let mut server = Server::start(&["--results-dir", results.to_str().unwrap()]);
+    let long = || vec![file("image", SUNSET), text("steps", 60)];
+    let running = server.submit(&long());
+    let waiting = server.submit(&long());
+    server.events_until(&running, |(n, _)| n == "step");
+    let url = server.url.clone();
+    let watcher = std::thread::spawn(move || support::read_events(&url, &running, |_| false));
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let status = server.terminate();
+    assert!(status.success(), "exit status {status}");
+    let events = watcher.join().unwrap();
+    assert_eq!(events.last().unwrap().0, "cancelled", "{events:?}");
+    let _ = waiting;
+    // No partial video left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(&results).unwrap().collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let _ = std::fs::remove_dir_all(&results);
+}
