@@ -10,20 +10,21 @@ use dynamicrafter_engine::models::unet::{Unet, UnetInput, IMAGE_TOKENS_PER_FRAME
 use dynamicrafter_engine::models::vae::AutoencoderKL;
 use dynamicrafter_engine::report::peak_rss_bytes;
 use dynamicrafter_engine::weights::RandomWeights;
-use dynamicrafter_engine::{ModelConfig, Pipeline, Precision, PrecisionPolicy, Request, RgbImage, SeededNoise};
+use dynamicrafter_engine::{ModelConfig, Pipeline, Request, RgbImage, SeededNoise};
 use serde_json::json;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-const CASES: [&str; 7] = ["unet-256", "vae-decode-256", "clip-image", "clip-text", "tiny-pipeline", "ops", "serve-vs-cli"];
+const CASES: [&str; 8] = ["unet-256", "vae-decode-256", "clip-image", "clip-text", "tiny-pipeline", "ops", "serve-vs-cli", "quant-256"];
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// Cases: unet-256 (one forward of the real 256 UNet: 16 frames, 32×32 latent, context
     /// 333×1024), vae-decode-256 (16 frames at 256×256), clip-image, clip-text, tiny-pipeline
     /// (a full run of fixtures/tiny-v), ops (the primitives of torch_ops.py), serve-vs-cli (the
-    /// same tiny-v request through `generate` and through `serve`). Default: all.
+    /// same tiny-v request through `generate` and through `serve`), quant-256 (the 256 UNet in
+    /// fp32 and q8_0 from the same seeded weights: output error, times, file sizes). Default: all.
     cases: Vec<String>,
     /// Timed runs per case, after one warm-up run.
     #[arg(long, default_value_t = 3)]
@@ -31,6 +32,9 @@ pub struct BenchArgs {
     /// Numeric precision (see `generate --help`).
     #[arg(long, default_value = "auto")]
     precision: String,
+    /// Quantize linear layers (q8_0) in unet-256, clip-image and clip-text.
+    #[arg(long)]
+    quantize: Option<String>,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -73,16 +77,81 @@ fn randn(shape: &[usize], std: f32) -> Result<Tensor> {
     Ok(Tensor::randn(0f32, std, shape, &Device::Cpu)?)
 }
 
-fn unet_256(runs: usize) -> Result<Timing> {
-    let cfg = ModelConfig::dc_256();
-    let unet = Unet::new(&cfg.unet, RandomWeights::var_builder(DType::F32, &Device::Cpu))?;
+/// Seeded random weights of the presets' networks, float or with linear layers in q8_0.
+fn weights(quantized: bool) -> candle_nn::VarBuilder<'static> {
+    if quantized {
+        RandomWeights::var_builder_quantized(DType::F32, &Device::Cpu)
+    } else {
+        RandomWeights::var_builder(DType::F32, &Device::Cpu)
+    }
+}
+
+/// The UNet input of `unet-256`: 16 frames of 32×32 latents, context 77 + 16·16 tokens.
+fn unet_256_input(cfg: &ModelConfig) -> Result<(Tensor, Tensor)> {
     let t = cfg.unet.temporal_length;
-    let x = randn(&[1, cfg.unet.in_channels, t, 32, 32], 1.0)?;
-    let context = randn(&[1, TEXT_CONTEXT_LEN + t * IMAGE_TOKENS_PER_FRAME, cfg.unet.context_dim], 1.0)?;
-    time("unet-256 forward (16×32×32, ctx 333)", runs, || {
-        unet.forward(&UnetInput { x: &x, timesteps: &[637.0], context: &context, fs: Some(&[3.0]) })?;
+    let x = Tensor::randn(0f32, 1.0, &[1, cfg.unet.in_channels, t, 32, 32], &Device::Cpu)?;
+    let context = Tensor::randn(0f32, 1.0, &[1, TEXT_CONTEXT_LEN + t * IMAGE_TOKENS_PER_FRAME, cfg.unet.context_dim], &Device::Cpu)?;
+    Ok((x, context))
+}
+
+fn unet_forward(unet: &Unet, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+    Ok(unet.forward(&UnetInput { x, timesteps: &[637.0], context, fs: Some(&[3.0]) })?)
+}
+
+fn unet_256(runs: usize, quantized: bool) -> Result<Timing> {
+    let cfg = ModelConfig::dc_256();
+    let unet = Unet::new(&cfg.unet, weights(quantized))?;
+    let (x, context) = unet_256_input(&cfg)?;
+    let name = if quantized { "unet-256 forward q8_0 (16×32×32, ctx 333)" } else { "unet-256 forward (16×32×32, ctx 333)" };
+    time(name, runs, || {
+        unet_forward(&unet, &x, &context)?;
         Ok(())
     })
+}
+
+/// The 256 UNet in fp32 and with q8_0 linear layers, from the same seeded weights and input:
+/// relative error of the output, and each forward's time. Also the file size `convert
+/// --quantize q8_0` writes for each preset, from its key list.
+fn quant_256(runs: usize) -> Result<Vec<Timing>> {
+    use dynamicrafter_engine::quant;
+    for preset in ModelConfig::PRESETS {
+        let keys = Pipeline::checkpoint_keys(&ModelConfig::preset(preset)?)?;
+        // Bytes of the float checkpoint, and of `convert --quantize q8_0` with the float
+        // remainder in f32 (default) or f16 (`--dtype f16`).
+        let (mut f32_bytes, mut q8_bytes, mut rest) = (0usize, 0usize, 0usize);
+        for (name, shape) in &keys {
+            let n: usize = shape.iter().product();
+            f32_bytes += 4 * n;
+            match quant::stored_shape(shape).filter(|_| quant::stores_quantized(name, shape)) {
+                Some([rows, bytes]) => q8_bytes += rows * bytes,
+                None => rest += n,
+            }
+        }
+        let gb = |b: usize| b as f64 / 1e9;
+        println!(
+            "quant-256: {preset:<10} checkpoint f32 {:.2} GB; q8_0 {:.2} GB ({:.3}×); q8_0 + f16 rest {:.2} GB ({:.3}×)",
+            gb(f32_bytes),
+            gb(q8_bytes + 4 * rest),
+            (q8_bytes + 4 * rest) as f64 / f32_bytes as f64,
+            gb(q8_bytes + 2 * rest),
+            (q8_bytes + 2 * rest) as f64 / f32_bytes as f64
+        );
+    }
+    let cfg = ModelConfig::dc_256();
+    let (x, context) = unet_256_input(&cfg)?;
+    let reference = {
+        let unet = Unet::new(&cfg.unet, weights(false))?;
+        unet_forward(&unet, &x, &context)?
+    };
+    let unet = Unet::new(&cfg.unet, weights(true))?;
+    let out = unet_forward(&unet, &x, &context)?;
+    let norm = |t: &Tensor| -> Result<f64> { Ok(t.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64) };
+    let rel = norm(&(&out - &reference)?)? / norm(&reference)?;
+    println!("quant-256: UNet output relative error q8_0 vs fp32: {rel:.4} ({:.1} dB SNR)", -20.0 * rel.log10());
+    Ok(vec![time("unet-256 forward q8_0 (16×32×32, ctx 333)", runs, || {
+        unet_forward(&unet, &x, &context)?;
+        Ok(())
+    })?])
 }
 
 fn vae_decode_256(runs: usize) -> Result<Timing> {
@@ -98,9 +167,9 @@ fn vae_decode_256(runs: usize) -> Result<Timing> {
     })
 }
 
-fn clip_image(runs: usize) -> Result<Timing> {
+fn clip_image(runs: usize, quantized: bool) -> Result<Timing> {
     let cfg = ModelConfig::dc_256();
-    let enc = ClipVisionEncoder::new(&cfg.vision, RandomWeights::var_builder(DType::F32, &Device::Cpu))?;
+    let enc = ClipVisionEncoder::new(&cfg.vision, weights(quantized))?;
     let x = randn(&[1, 3, 224, 224], 1.0)?;
     time("clip-image (ViT-H/14, one image)", runs, || {
         enc.forward(&x)?;
@@ -108,9 +177,9 @@ fn clip_image(runs: usize) -> Result<Timing> {
     })
 }
 
-fn clip_text(runs: usize) -> Result<Timing> {
+fn clip_text(runs: usize, quantized: bool) -> Result<Timing> {
     let cfg = ModelConfig::dc_256();
-    let enc = ClipTextEncoder::new(&cfg.text, RandomWeights::var_builder(DType::F32, &Device::Cpu))?;
+    let enc = ClipTextEncoder::new(&cfg.text, weights(quantized))?;
     let ids = Tensor::from_vec((0..77u32).map(|i| (i * 97) % 49408).collect::<Vec<_>>(), (1, 77), &Device::Cpu)?;
     time("clip-text (77 tokens)", runs, || {
         enc.forward(&ids)?;
@@ -154,6 +223,20 @@ fn ops(runs: usize) -> Result<Vec<Timing>> {
     let a = randn(&[4096, 1280], 1.0)?;
     let b = randn(&[1280, 1280], 1.0)?;
     out.push(time("matmul f32 4096x1280@1280x1280", runs, || { a.matmul(&b)?; Ok(()) })?);
+    // int8 weights (q8_0) at the UNet's projection shapes: ours (VNNI) and candle's QMatMul.
+    for (m, k, n) in [(4096, 1280, 1280), (16384, 320, 320), (16384, 320, 2560)] {
+        let x = randn(&[m, k], 1.0)?;
+        let w = randn(&[n, k], 0.05)?;
+        let q = candle_core::quantized::QTensor::quantize(&w, candle_core::quantized::GgmlDType::Q8_0)?;
+        if kernels::q8_available() {
+            let ours = kernels::Q8Matrix::new(&q)?;
+            out.push(time(&format!("matmul q8_0 {m}x{k}@{k}x{n} (ours)"), runs, || { ours.forward(&x)?; Ok(()) })?);
+        }
+        let qm = candle_core::quantized::QMatMul::from_qtensor(q)?;
+        out.push(time(&format!("matmul q8_0 {m}x{k}@{k}x{n} (candle)"), runs, || { candle_core::Module::forward(&qm, &x)?; Ok(()) })?);
+        let wt = w.t()?.contiguous()?;
+        out.push(time(&format!("matmul f32 {m}x{k}@{k}x{n}"), runs, || { x.matmul(&wt)?; Ok(()) })?);
+    }
     let (ab, bb) = (a.to_dtype(DType::BF16)?, b.to_dtype(DType::BF16)?);
     out.push(time("matmul bf16 4096x1280@1280x1280", runs, || { ab.matmul(&bb)?; Ok(()) })?);
     let (wb, xb) = (w.to_dtype(DType::BF16)?, randn(&[16, 320, 32, 32], 1.0)?.to_dtype(DType::BF16)?);
@@ -274,7 +357,8 @@ fn candle_nn_softmax(x: &Tensor) -> Result<Tensor> {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    let precision = PrecisionPolicy::new(args.precision.parse::<Precision>()?, &Device::Cpu)?;
+    let precision = crate::run::precision_policy(&args.precision, args.quantize.as_deref(), &Device::Cpu)?;
+    let quantized = precision.quantization.is_some();
     let cases: Vec<String> = if args.cases.is_empty() { CASES.iter().map(|s| s.to_string()).collect() } else { args.cases.clone() };
     if let Some(bad) = cases.iter().find(|c| !CASES.contains(&c.as_str())) {
         bail!("unknown bench case '{bad}' (known: {})", CASES.join(", "));
@@ -283,10 +367,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut results = Vec::new();
     for case in &cases {
         match case.as_str() {
-            "unet-256" => results.push(unet_256(args.runs)?),
+            "unet-256" => results.push(unet_256(args.runs, quantized)?),
+            "quant-256" => results.extend(quant_256(args.runs)?),
             "vae-decode-256" => results.push(vae_decode_256(args.runs)?),
-            "clip-image" => results.push(clip_image(args.runs)?),
-            "clip-text" => results.push(clip_text(args.runs)?),
+            "clip-image" => results.push(clip_image(args.runs, quantized)?),
+            "clip-text" => results.push(clip_text(args.runs, quantized)?),
             "tiny-pipeline" => results.push(tiny_pipeline(args.runs)?),
             "serve-vs-cli" => results.extend(serve_vs_cli(args.runs)?),
             _ => results.extend(ops(args.runs)?),

@@ -1,8 +1,9 @@
 //! `dynamicrafter convert`: a `model.ckpt` (or safetensors) to safetensors, optionally in a
-//! smaller dtype, so later loads are memory-mapped.
+//! smaller dtype or with int8 (`q8_0`) weights, so later loads are memory-mapped.
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use dynamicrafter_engine::quant::{self, Quantization};
 use dynamicrafter_engine::weights::Checkpoint;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -16,6 +17,9 @@ pub struct ConvertArgs {
     /// Floating-point dtype of the output: f32, bf16 or f16 (integer buffers are kept).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Store weights as int8: q8_0 (blocks of 32 with an f16 scale; see README for what stays float).
+    #[arg(long)]
+    pub quantize: Option<String>,
 }
 
 pub fn run(args: ConvertArgs) -> Result<()> {
@@ -28,17 +32,29 @@ pub fn run(args: ConvertArgs) -> Result<()> {
     if args.output.extension().and_then(|e| e.to_str()) != Some("safetensors") {
         bail!("output {} must end in .safetensors", args.output.display());
     }
+    let quantization = args.quantize.as_deref().map(str::parse::<Quantization>).transpose()?;
     let ck = Checkpoint::open(&args.input)?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    let mut quantized = 0;
     for (file_key, model_key) in ck.file_keys() {
         let t = ck.load(model_key, &Device::Cpu)?;
-        let t = if t.dtype().is_float() { t.to_dtype(dtype)? } else { t };
         // Keep the file's own key names (the loader renames the 256 model's on every load).
+        if quantization.is_some() && t.dtype().is_float() && quant::stores_quantized(model_key, t.dims()) {
+            tensors.insert(format!("{file_key}{}", quant::SUFFIX), quant::quantize(&t)?);
+            quantized += 1;
+            continue;
+        }
+        let t = if t.dtype().is_float() { t.to_dtype(dtype)? } else { t };
         tensors.insert(file_key.to_string(), t);
     }
+    let metadata = quantization.map(|q| HashMap::from([(quant::METADATA_KEY.to_string(), q.name().to_string())]));
     let tmp = args.output.with_extension("safetensors.partial");
-    candle_core::safetensors::save(&tensors, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    safetensors::serialize_to_file(tensors.iter(), metadata, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &args.output).with_context(|| format!("writing {}", args.output.display()))?;
-    println!("wrote {} tensors to {} ({})", tensors.len(), args.output.display(), args.dtype);
+    let how = match quantization {
+        Some(q) => format!("{}, {quantized} weights {}", args.dtype, q.name()),
+        None => args.dtype.clone(),
+    };
+    println!("wrote {} tensors to {} ({how})", tensors.len(), args.output.display());
     Ok(())
 }

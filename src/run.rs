@@ -6,6 +6,7 @@ use candle_core::Device;
 use dynamicrafter_engine::config::TimestepSpacing;
 use dynamicrafter_engine::report::peak_rss_bytes;
 use dynamicrafter_engine::pipeline::default_seed;
+use dynamicrafter_engine::quant::Quantization;
 use dynamicrafter_engine::{Mode, ModelConfig, Pipeline, Precision, PrecisionPolicy, Progress, Report, Request, RgbImage, SeededNoise, Stage};
 use dynamicrafter_video::{Format, Frames};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -58,6 +59,10 @@ pub struct SamplingArgs {
     /// Numeric precision: auto, fp32, bf16 or f16 (auto picks the fastest that keeps quality).
     #[arg(long, default_value = "auto")]
     pub precision: String,
+    /// Quantize the linear layers to int8 as the model loads: q8_0 (a `convert --quantize`
+    /// file is already quantized).
+    #[arg(long)]
+    pub quantize: Option<String>,
 }
 
 /// How results are written and shown.
@@ -91,7 +96,7 @@ pub struct Settings {
 impl Settings {
     pub fn new(sampling: SamplingArgs, output: &OutputArgs) -> Result<Self> {
         let device = Device::Cpu;
-        let precision = PrecisionPolicy::new(sampling.precision.parse::<Precision>()?, &device)?;
+        let precision = precision_policy(&sampling.precision, sampling.quantize.as_deref(), &device)?;
         let spacing = sampling.spacing.as_deref().map(str::parse).transpose()?;
         if sampling.n_samples == 0 {
             anyhow::bail!("--n-samples must be at least 1");
@@ -160,6 +165,12 @@ impl Settings {
         let ext = out.extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default();
         (0..n).map(|i| out.with_file_name(format!("{stem}_sample{i}{ext}"))).collect()
     }
+}
+
+/// The precision policy of `--precision` and `--quantize` on `device`, for every front end.
+pub fn precision_policy(precision: &str, quantize: Option<&str>, device: &Device) -> Result<PrecisionPolicy> {
+    let quantization = quantize.map(str::parse::<Quantization>).transpose()?;
+    Ok(PrecisionPolicy::new(precision.parse::<Precision>()?, device)?.with_quantization(quantization))
 }
 
 pub fn read_image(path: &Path) -> Result<RgbImage> {

@@ -15,7 +15,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
 use axum::Router;
 use candle_core::Device;
-use dynamicrafter_engine::{Pipeline, Precision, PrecisionPolicy, Progress, Stage};
+use dynamicrafter_engine::{Pipeline, Progress, Stage};
 use dynamicrafter_video::Format;
 use jobs::{CancelOutcome, JobSpec, JobStore, State as JobState};
 use queue::{JobQueue, MemoryQueue, PushError};
@@ -61,6 +61,9 @@ pub struct ServeArgs {
     /// Numeric precision: auto, fp32, bf16 or f16 (the same policy as `generate`).
     #[arg(long, default_value = "auto")]
     pub precision: String,
+    /// Quantize the linear layers to int8 as the model loads: q8_0.
+    #[arg(long)]
+    pub quantize: Option<String>,
 }
 
 pub struct Limits {
@@ -278,7 +281,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         anyhow::bail!("--fps must be a positive number, got {}", args.fps);
     }
     let device = Device::Cpu;
-    let precision = PrecisionPolicy::new(args.precision.parse::<Precision>()?, &device)?;
+    let precision = crate::run::precision_policy(&args.precision, args.quantize.as_deref(), &device)?;
     let (results_dir, temporary) = match &args.results_dir {
         Some(dir) => (dir.clone(), false),
         None => (std::env::temp_dir().join(format!("dynamicrafter-serve-{}", std::process::id())), true),

@@ -12,6 +12,7 @@ pub mod noise;
 pub mod pipeline;
 pub mod precision;
 pub mod preprocess;
+pub mod quant;
 pub mod report;
 pub mod tokenizer;
 pub mod weights;

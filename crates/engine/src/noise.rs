@@ -16,13 +16,13 @@ pub trait NoiseSource {
 
 /// SplitMix64 feeding Box–Muller: small, fast and reproducible on every platform.
 #[derive(Debug, Clone)]
-struct Normal {
+pub(crate) struct Normal {
     state: u64,
     spare: Option<f32>,
 }
 
 impl Normal {
-    fn new(seed: u64) -> Self {
+    pub(crate) fn new(seed: u64) -> Self {
         Self { state: seed, spare: None }
     }
 
@@ -50,7 +50,7 @@ impl Normal {
         (r * theta.cos()) as f32
     }
 
-    fn tensor(&mut self, shape: &[usize], dev: &Device) -> Result<Tensor> {
+    pub(crate) fn tensor(&mut self, shape: &[usize], dev: &Device) -> Result<Tensor> {
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n).map(|_| self.sample()).collect();
         Ok(Tensor::from_vec(v, shape, dev)?)

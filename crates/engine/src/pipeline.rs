@@ -258,7 +258,12 @@ impl Pipeline {
     pub fn load_with(cfg: ModelConfig, path: &Path, device: &Device, precision: PrecisionPolicy) -> Result<Self> {
         let ck = Checkpoint::open(path)?;
         ck.verify(&Self::checkpoint_keys(&cfg)?)?;
-        let vb = ck.var_builder(DType::F32, device);
+        // A quantized file is read as stored; a float one is quantized as it loads if asked.
+        let (vb, precision) = match ck.quantization() {
+            Some(q) => (ck.var_builder(DType::F32, device), precision.with_quantization(Some(q))),
+            None if precision.quantization.is_some() => (ck.var_builder_quantized(DType::F32, device), precision),
+            None => (ck.var_builder(DType::F32, device), precision),
+        };
         // The schedule buffers in the file overwrite the computed ones, as in the reference.
         let mut schedule = NoiseSchedule::new(&cfg.diffusion);
         let n = schedule.num_timesteps();

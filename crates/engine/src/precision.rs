@@ -6,6 +6,7 @@
 //! timestep/fs sinusoids, the DDIM schedule and guidance arithmetic, and the latent between steps.
 
 use crate::config::Precision;
+use crate::quant::Quantization;
 use crate::Result;
 use candle_core::{DType, Device};
 use serde::Serialize;
@@ -35,6 +36,9 @@ pub struct PrecisionPolicy {
     /// What `auto` (or the user's choice) resolved to on this device.
     pub resolved: Precision,
     parts: [PartPrecision; 5],
+    /// Linear layers of the UNet, the CLIP encoders and the Resampler in int8 (`--quantize`);
+    /// see [`crate::quant::keeps_float`] for what stays in float.
+    pub quantization: Option<Quantization>,
 }
 
 fn dtype(p: Precision) -> DType {
@@ -57,27 +61,34 @@ impl PrecisionPolicy {
         if resolved == Precision::F16 {
             parts[1] = PartPrecision { weights: DType::F32, compute: DType::F32 };
         }
-        Ok(Self { resolved, parts })
+        Ok(Self { resolved, parts, quantization: None })
     }
 
     /// fp32 everywhere, on any device (reference runs and tests).
     pub fn f32() -> Self {
         let all = PartPrecision { weights: DType::F32, compute: DType::F32 };
-        Self { resolved: Precision::F32, parts: [all; 5] }
+        Self { resolved: Precision::F32, parts: [all; 5], quantization: None }
+    }
+
+    pub fn with_quantization(mut self, quantization: Option<Quantization>) -> Self {
+        self.quantization = quantization;
+        self
     }
 
     pub fn part(&self, part: Part) -> PartPrecision {
         self.parts[Part::ALL.iter().position(|&p| p == part).unwrap_or(0)]
     }
 
-    /// How the run report names it, e.g. `fp32` or `f16 (VAE fp32)`.
+    /// How the run report names it, e.g. `fp32`, `f16 (VAE fp32)` or `fp32 + q8_0`.
     pub fn name(&self) -> String {
-        let base = self.resolved.name();
+        let mut name = self.resolved.name().to_string();
         if self.part(Part::Vae).compute != dtype(self.resolved) {
-            format!("{base} (VAE fp32)")
-        } else {
-            base.to_string()
+            name.push_str(" (VAE fp32)");
         }
+        if let Some(q) = self.quantization {
+            name = format!("{name} + {}", q.name());
+        }
+        name
     }
 }
 

@@ -2,6 +2,7 @@
 //! parsed as data: no pickle code is ever executed), exposed to the networks as a candle
 //! `VarBuilder` that records every key the networks ask for, so the load can be checked strictly.
 
+use crate::quant::{self, Quantization};
 use crate::{Error, Result};
 use candle_core::{safetensors::MmapedSafetensors, DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
@@ -91,8 +92,14 @@ impl Checkpoint {
         &self.path
     }
 
+    /// Whether the checkpoint holds `key`, in float or (then read dequantized) quantized.
     pub fn contains(&self, key: &str) -> bool {
-        self.keys.contains_key(key)
+        self.keys.contains_key(key) || self.keys.contains_key(&format!("{key}{}", quant::SUFFIX))
+    }
+
+    /// The quantization of a `convert --quantize` file; `None` for float checkpoints.
+    pub fn quantization(&self) -> Option<Quantization> {
+        self.keys.keys().any(|k| k.ends_with(quant::SUFFIX)).then_some(Quantization::Q8_0)
     }
 
     /// Names and shapes of every tensor, under the model's key names.
@@ -128,20 +135,29 @@ impl Checkpoint {
         VarBuilder::from_backend(Box::new(Reader(self)), dtype, dev.clone())
     }
 
+    /// Like [`var_builder`](Self::var_builder), with linear layers quantized as they load.
+    pub fn var_builder_quantized(&self, dtype: DType, dev: &Device) -> VarBuilder<'_> {
+        VarBuilder::from_backend(Box::new(quant::QuantizeOnLoad::new(Box::new(Reader(self)))), dtype, dev.clone())
+    }
+
     /// Strict check against the key set a model expects (see `Pipeline::checkpoint_keys`):
     /// lists every missing, unexpected and mis-shaped tensor at once.
     pub fn verify(&self, expected: &BTreeMap<String, Vec<usize>>) -> Result<()> {
         let mut missing = Vec::new();
         let mut mismatched = Vec::new();
         for (k, shape) in expected {
-            match self.keys.get(k) {
-                None => missing.push(k.clone()),
-                Some((_, s)) if s != shape => mismatched.push(format!("{k}: checkpoint {s:?}, model {shape:?}")),
+            let stored = format!("{k}{}", quant::SUFFIX);
+            match (self.keys.get(k), self.keys.get(&stored)) {
+                (None, None) => missing.push(k.clone()),
+                (Some((_, s)), _) if s != shape => mismatched.push(format!("{k}: checkpoint {s:?}, model {shape:?}")),
+                (None, Some((_, s))) if quant::stored_shape(shape).is_none_or(|q| s[..] != q[..]) => {
+                    mismatched.push(format!("{stored}: checkpoint {s:?}, model {shape:?} quantized"))
+                }
                 _ => {}
             }
         }
-        let mut unexpected: Vec<String> =
-            self.keys.keys().filter(|k| !expected.contains_key(*k)).cloned().collect();
+        let known = |k: &String| expected.contains_key(k.strip_suffix(quant::SUFFIX).unwrap_or(k));
+        let mut unexpected: Vec<String> = self.keys.keys().filter(|k| !known(k)).cloned().collect();
         if missing.is_empty() && mismatched.is_empty() && unexpected.is_empty() {
             return Ok(());
         }
@@ -174,6 +190,13 @@ impl SimpleBackend for Reader<'_> {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
+        let stored = format!("{name}{}", quant::SUFFIX);
+        if !self.0.keys.contains_key(name) && self.0.keys.contains_key(&stored) {
+            // A quantized weight read by a float layer (a convolution): dequantize it.
+            let raw = self.get_unchecked(&stored, DType::U8, &Device::Cpu)?;
+            let t = quant::dequantize(&raw, s.dims(), dev).map_err(|e| candle_core::Error::Msg(format!("{name}: {e}")))?;
+            return t.to_dtype(dtype);
+        }
         let t = self.get_unchecked(name, dtype, dev)?;
         if t.dims() != s.dims() {
             candle_core::bail!("{name}: checkpoint shape {:?}, model {:?}", t.dims(), s.dims())
@@ -226,18 +249,25 @@ impl SimpleBackend for Recording<'_> {
         candle_core::bail!("key recorder needs a shape for {name}")
     }
 
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
+    /// Every float key; the checkpoint keys are those of a float model.
+    fn contains_tensor(&self, name: &str) -> bool {
+        !name.ends_with(quant::SUFFIX)
     }
 }
 
 /// Random weights for benchmarks and shape checks of the real networks without a checkpoint:
-/// matrices N(0, 1/fan_in), 1-D `weight`s (norms) one, everything else small noise.
+/// matrices N(0, 1/fan_in), 1-D `weight`s (norms) one, everything else small noise. Seeded by
+/// the tensor's name, so every build of a network gets the same weights.
 pub struct RandomWeights;
 
 impl RandomWeights {
     pub fn var_builder(dtype: DType, dev: &Device) -> VarBuilder<'static> {
         VarBuilder::from_backend(Box::new(RandomWeights), dtype, dev.clone())
+    }
+
+    /// Random weights with linear layers quantized to `q8_0`.
+    pub fn var_builder_quantized(dtype: DType, dev: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(quant::QuantizeOnLoad::new(Box::new(RandomWeights))), dtype, dev.clone())
     }
 }
 
@@ -250,14 +280,20 @@ impl SimpleBackend for RandomWeights {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
+        // FNV-1a of the name.
+        let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
         let dims = s.dims();
+        let normal = |std: f64| -> candle_core::Result<Tensor> {
+            let t = crate::noise::Normal::new(seed).tensor(dims, dev).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            t.affine(std, 0.0)
+        };
         let t = if dims.len() >= 2 {
             let fan_in: usize = dims[1..].iter().product();
-            Tensor::randn(0f32, (1.0 / (fan_in as f64).sqrt()) as f32, s, dev)?
+            normal(1.0 / (fan_in as f64).sqrt())?
         } else if name.ends_with("weight") {
             Tensor::ones(s, DType::F32, dev)?
         } else {
-            Tensor::randn(0f32, 0.02, s, dev)?
+            normal(0.02)?
         };
         t.to_dtype(dtype)
     }
@@ -266,7 +302,8 @@ impl SimpleBackend for RandomWeights {
         candle_core::bail!("random weights need a shape for {name}")
     }
 
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
+    /// Float weights only; wrap in [`quant::QuantizeOnLoad`] for quantized ones.
+    fn contains_tensor(&self, name: &str) -> bool {
+        !name.ends_with(quant::SUFFIX)
     }
 }

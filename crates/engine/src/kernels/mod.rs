@@ -44,11 +44,14 @@ mod attention;
 mod conv;
 mod geglu;
 mod norm;
+mod q8;
 
 pub use attention::{attention, attention_reference, softmax_last_dim};
 pub use conv::{conv3x3, conv3x3_reference, temporal_conv, temporal_conv_reference};
 pub use geglu::{geglu, geglu_reference};
 pub use norm::{group_norm, group_norm_reference};
+pub use q8::Q8Matrix;
+pub use q8::available as q8_available;
 
 /// `e^x`, branch-free so it vectorises: `x = n·ln2 + r` (Cody–Waite split of ln 2, so large
 /// |x| loses no precision), `e^r` by a degree-6 polynomial on |r| ≤ ln2/2, `2^n` through the

@@ -1,21 +1,64 @@
 //! Building blocks shared by the networks: norms with the reference's eps, convs, attention.
 
-use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder};
+use crate::quant::{self, Int8Matmul};
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, VarBuilder};
+
+/// A linear layer `y = x·Wᵀ + b` with a float weight, or an int8 one (`q8_0` blocks) when the
+/// weights provide `<name>.q8_0` (see [`crate::quant`]).
+#[derive(Debug, Clone)]
+pub enum Linear {
+    Float(candle_nn::Linear),
+    Quantized { weight: Int8Matmul, bias: Option<Tensor> },
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self::Float(candle_nn::Linear::new(weight, bias))
+    }
+
+    /// Reads weight `name` of an `[out, in]` layer (stored as `shape`), quantized if the weights
+    /// offer it.
+    fn load(vb: &VarBuilder, name: &str, out_dim: usize, in_dim: usize, shape: &[usize], bias: Option<Tensor>) -> Result<Self> {
+        let qname = format!("{name}{}", quant::SUFFIX);
+        if let Some(stored) = quant::stored_shape(&[out_dim, in_dim]).filter(|_| vb.contains_tensor(&qname)) {
+            let raw = vb.get_with_hints_dtype(stored.to_vec(), &qname, candle_nn::Init::Const(0.), DType::U8)?;
+            let weight = Int8Matmul::new(&raw, out_dim, in_dim, vb.device()).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            return Ok(Self::Quantized { weight, bias });
+        }
+        let w = vb.get(shape.to_vec(), name)?.reshape((out_dim, in_dim))?;
+        Ok(Self::new(w, bias))
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Float(l) => l.forward(xs),
+            Self::Quantized { weight, bias } => {
+                let y = weight.forward(xs)?;
+                match bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
+        }
+    }
+}
 
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    candle_nn::linear(in_dim, out_dim, vb)
+    let bias = vb.get(out_dim, "bias")?;
+    Linear::load(&vb, "weight", out_dim, in_dim, &[out_dim, in_dim], Some(bias))
 }
 
 pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    candle_nn::linear_no_bias(in_dim, out_dim, vb)
+    Linear::load(&vb, "weight", out_dim, in_dim, &[out_dim, in_dim], None)
 }
 
 /// A `Conv1d(k=1)` stored as `[out, in, 1]`, applied as the linear layer it is.
 pub fn conv1x1_as_linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
-    let w = vb.get((out_dim, in_dim, 1), "weight")?.reshape((out_dim, in_dim))?;
-    let b = vb.get(out_dim, "bias")?;
-    Ok(Linear::new(w, Some(b)))
+    let bias = vb.get(out_dim, "bias")?;
+    Linear::load(&vb, "weight", out_dim, in_dim, &[out_dim, in_dim, 1], Some(bias))
 }
 
 pub fn conv2d(
@@ -188,12 +231,11 @@ pub struct ClipBlock {
 impl ClipBlock {
     pub fn new(width: usize, heads: usize, mlp_ratio: f64, vb: VarBuilder) -> Result<Self> {
         let attn = vb.pp("attn");
-        let in_w = attn.get((3 * width, width), "in_proj_weight")?;
         let in_b = attn.get(3 * width, "in_proj_bias")?;
         let hidden = (width as f64 * mlp_ratio) as usize;
         Ok(Self {
             ln_1: layer_norm(width, 1e-5, vb.pp("ln_1"))?,
-            in_proj: Linear::new(in_w, Some(in_b)),
+            in_proj: Linear::load(&attn, "in_proj_weight", 3 * width, width, &[3 * width, width], Some(in_b))?,
             out_proj: linear(width, width, attn.pp("out_proj"))?,
             ln_2: layer_norm(width, 1e-5, vb.pp("ln_2"))?,
             c_fc: linear(width, hidden, vb.pp("mlp.c_fc"))?,

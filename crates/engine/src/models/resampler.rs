@@ -1,10 +1,10 @@
 //! Perceiver `Resampler` (`image_proj_model.`): CLIP image tokens → `num_queries` context tokens
 //! per frame.
 
-use super::layers::{layer_norm, linear, linear_no_bias, multi_head_attention};
+use super::layers::{layer_norm, linear, linear_no_bias, multi_head_attention, Linear};
 use crate::config::ResamplerConfig;
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
 
 #[derive(Debug, Clone)]
 struct PerceiverAttention {
