@@ -212,6 +212,10 @@ fn ops(runs: usize) -> Result<Vec<Timing>> {
         let x = randn(&[16, 320, hw, hw], 1.0)?;
         out.push(time(&format!("conv2d f32 16x320x{hw}x{hw} k3 (ours)"), runs, || { kernels::conv3x3(&x, &w, &bias)?; Ok(()) })?);
         out.push(time(&format!("conv2d f32 16x320x{hw}x{hw} k3 (candle)"), runs, || { x.conv2d(&w, 1, 1, 1, 1)?; Ok(()) })?);
+        if kernels::q8_available() {
+            let q = kernels::Q8Conv::spatial_3x3(&w, &bias)?;
+            out.push(time(&format!("conv2d q8_0 16x320x{hw}x{hw} k3 (ours)"), runs, || { q.forward(&x)?; Ok(()) })?);
+        }
     }
     let w1 = randn(&[320, 320, 3], 0.05)?;
     let x1 = randn(&[1024, 320, 16], 1.0)?;
@@ -220,6 +224,10 @@ fn ops(runs: usize) -> Result<Vec<Timing>> {
     let xt = randn(&[1, 320, 16, 1024], 1.0)?;
     let wt = randn(&[320, 320, 3, 1, 1], 0.05)?;
     out.push(time("conv1d f32 1024x320x16 k3 (ours, temporal)", runs, || { kernels::temporal_conv(&xt, &wt, &bias)?; Ok(()) })?);
+    if kernels::q8_available() {
+        let q = kernels::Q8Conv::temporal(&wt, &bias)?;
+        out.push(time("conv1d q8_0 1024x320x16 k3 (ours, temporal)", runs, || { q.forward(&xt)?; Ok(()) })?);
+    }
     let a = randn(&[4096, 1280], 1.0)?;
     let b = randn(&[1280, 1280], 1.0)?;
     out.push(time("matmul f32 4096x1280@1280x1280", runs, || { a.matmul(&b)?; Ok(()) })?);

@@ -63,6 +63,9 @@ pub struct SamplingArgs {
     /// file is already quantized).
     #[arg(long)]
     pub quantize: Option<String>,
+    /// Device: auto (CUDA when built with it and a GPU is present, else CPU), cpu, cuda, cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
 }
 
 /// How results are written and shown.
@@ -95,7 +98,7 @@ pub struct Settings {
 
 impl Settings {
     pub fn new(sampling: SamplingArgs, output: &OutputArgs) -> Result<Self> {
-        let device = Device::Cpu;
+        let device = parse_device(&sampling.device)?;
         let precision = precision_policy(&sampling.precision, sampling.quantize.as_deref(), &device)?;
         let spacing = sampling.spacing.as_deref().map(str::parse).transpose()?;
         if sampling.n_samples == 0 {
@@ -165,6 +168,23 @@ impl Settings {
         let ext = out.extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default();
         (0..n).map(|i| out.with_file_name(format!("{stem}_sample{i}{ext}"))).collect()
     }
+}
+
+/// `--device`: auto, cpu, cuda or cuda:N.
+pub fn parse_device(name: &str) -> Result<Device> {
+    let ordinal = match name {
+        "auto" => return Ok(Device::cuda_if_available(0)?),
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        _ => name
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("--device '{name}' (expected auto, cpu, cuda or cuda:N)"))?,
+    };
+    if !candle_core::utils::cuda_is_available() {
+        anyhow::bail!("--device {name}: this build has no CUDA support (build with `--features cuda`)");
+    }
+    Device::new_cuda(ordinal).with_context(|| format!("--device {name}"))
 }
 
 /// The precision policy of `--precision` and `--quantize` on `device`, for every front end.

@@ -179,6 +179,9 @@ fn bad_input_is_one_line_exit_2_and_nothing_written() {
         (with(&["--height", "100"]), "multiples of 64"),
         (with(&["--precision", "fp64"]), "precision"),
         (with(&["--format", "avi"]), "format"),
+        (with(&["--device", "tpu"]), "--device 'tpu'"),
+        (with(&["--device", "cuda:x"]), "--device 'cuda:x'"),
+        (with(&["--quantize", "q2"]), "quantization 'q2'"),
         (vec!["generate", "--model", "fixtures/tiny-v", "--image", CARD, "--out", "/no/such/dir/o.mp4"], "does not exist"),
         (vec!["convert", "fixtures/tiny-v/config.json", "x.safetensors"], "checkpoint"),
     ];

@@ -14,7 +14,6 @@ use anyhow::{Context, Result};
 use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
 use axum::Router;
-use candle_core::Device;
 use dynamicrafter_engine::{Pipeline, Progress, Stage};
 use dynamicrafter_video::Format;
 use jobs::{CancelOutcome, JobSpec, JobStore, State as JobState};
@@ -64,6 +63,9 @@ pub struct ServeArgs {
     /// Quantize the linear layers to int8 as the model loads: q8_0.
     #[arg(long)]
     pub quantize: Option<String>,
+    /// Device: auto (CUDA when built with it and a GPU is present, else CPU), cpu, cuda, cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
 }
 
 pub struct Limits {
@@ -218,7 +220,7 @@ fn worker(state: Arc<AppState>) {
             Err(None) => JobState::Cancelled,
         };
         if let Err(Some(e)) = &outcome {
-            eprintln!("dynamicrafter serve: job {id} failed: {e}");
+            tracing::warn!(job = %id, "generation failed: {e}");
         }
         if state.jobs.finish(&id, outcome) {
             metrics::job_finished(final_state.name());
@@ -271,6 +273,9 @@ async fn shutdown_signal() {
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
+    // Request logs on stderr: `RUST_LOG=tower_http=debug` shows every request.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
     if args.workers == 0 {
         anyhow::bail!("--workers must be at least 1");
     }
@@ -280,7 +285,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if !(args.fps.is_finite() && args.fps > 0.0) {
         anyhow::bail!("--fps must be a positive number, got {}", args.fps);
     }
-    let device = Device::Cpu;
+    let device = crate::run::parse_device(&args.device)?;
     let precision = crate::run::precision_policy(&args.precision, args.quantize.as_deref(), &device)?;
     let (results_dir, temporary) = match &args.results_dir {
         Some(dir) => (dir.clone(), false),
@@ -297,7 +302,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind((args.host.as_str(), args.port)))
         .with_context(|| format!("listening on {}:{}", args.host, args.port))?;
-    eprintln!("loading {}", source.weights.display());
+    tracing::info!("loading {}", source.weights.display());
     let start = Instant::now();
     let pipeline = Pipeline::load_with(source.config.clone(), &source.weights, &device, precision)?;
     let load_time = start.elapsed();
@@ -330,7 +335,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let addr = listener.local_addr()?;
     // Tests and scripts read this line to find the port.
     println!("listening on http://{addr}");
-    eprintln!("model {} loaded in {:.1} s; {} worker(s), queue of {}", source.name, load_time.as_secs_f64(), args.workers, args.max_queue);
+    tracing::info!("model {} loaded in {:.1} s; {} worker(s), queue of {}", source.name, load_time.as_secs_f64(), args.workers, args.max_queue);
     runtime.block_on(async {
         let janitor = {
             let state = state.clone();
@@ -349,7 +354,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             let state = state.clone();
             async move {
                 shutdown_signal().await;
-                eprintln!("shutting down: cancelling waiting and running jobs");
+                tracing::info!("shutting down: cancelling waiting and running jobs");
                 state.shut_down();
             }
         };
@@ -363,6 +368,6 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if temporary {
         let _ = std::fs::remove_dir_all(&results_dir);
     }
-    eprintln!("stopped");
+    tracing::info!("stopped");
     Ok(())
 }

@@ -36,8 +36,9 @@ pub struct PrecisionPolicy {
     /// What `auto` (or the user's choice) resolved to on this device.
     pub resolved: Precision,
     parts: [PartPrecision; 5],
-    /// Linear layers of the UNet, the CLIP encoders and the Resampler in int8 (`--quantize`);
-    /// see [`crate::quant::keeps_float`] for what stays in float.
+    /// int8 weights (`--quantize`): linear layers of the UNet, the CLIP encoders and the
+    /// Resampler, and the UNet's 3×3 convolutions; [`crate::quant::keeps_float`] lists what stays
+    /// in float.
     pub quantization: Option<Quantization>,
 }
 

@@ -159,16 +159,37 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// The reference composition (candle ops): what every other device and dtype uses.
 pub fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
-    candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v.contiguous()?)
+    // The precision policy keeps softmax in f32 whatever the compute dtype.
+    let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+    probs.matmul(&v.contiguous()?)
+}
+
+/// Scores a device-generic attention may hold at once (elements): 2²⁸, 512 MiB in bf16. A
+/// 576×1024 spatial attention (80 × 9216 × 9216 scores) would otherwise need 13.6 GB.
+pub const MAX_SCORES: usize = 1 << 28;
+
+/// [`attention_reference`] over blocks of queries, so at most `max_scores` scores exist at once.
+pub fn attention_chunked(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, max_scores: usize) -> Result<Tensor> {
+    let (b, m, _) = q.dims3()?;
+    let n = k.dim(1)?;
+    let rows = (max_scores / (b * n).max(1)).clamp(1, m.max(1));
+    if rows >= m {
+        return attention_reference(q, k, v, scale);
+    }
+    let blocks = (0..m)
+        .step_by(rows)
+        .map(|start| attention_reference(&q.narrow(1, start, rows.min(m - start))?, k, v, scale))
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&blocks, 1)
 }
 
 /// `softmax(q·kᵀ·scale)·v` for `(batch, len, dim)` tensors, never materialising more than a
-/// block of scores per thread on CPU.
+/// block of scores per thread on CPU (f32), nor more than [`MAX_SCORES`] elsewhere.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     if q.device().is_cpu() && q.dtype() == DType::F32 && k.dtype() == DType::F32 && v.dtype() == DType::F32 {
         q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &Attention { scale: scale as f32 })
     } else {
-        attention_reference(q, k, v, scale)
+        attention_chunked(q, k, v, scale, MAX_SCORES)
     }
 }
 
@@ -177,6 +198,29 @@ mod tests {
     use super::*;
     use crate::kernels::testing::{assert_f32_level, f64};
     use candle_core::Device;
+
+    /// The path other devices take: chunked over queries, equal to the whole-matrix reference.
+    #[test]
+    fn chunked_attention_equals_unchunked() {
+        let dev = Device::Cpu;
+        for &(b, m, n, d, max_scores) in &[(2, 37, 20, 8, 40), (1, 100, 64, 16, 64 * 7), (3, 9, 9, 4, 1), (1, 5, 5, 4, 1 << 20)] {
+            let q = Tensor::randn(0f32, 2.0, (b, m, d), &dev).unwrap();
+            let k = Tensor::randn(0f32, 2.0, (b, n, d), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (b, n, d), &dev).unwrap();
+            let whole = attention_reference(&q, &k, &v, 0.3).unwrap();
+            let chunked = attention_chunked(&q, &k, &v, 0.3, max_scores).unwrap();
+            assert_eq!(chunked.dims(), whole.dims());
+            let err = crate::kernels::testing::max_rel(&chunked, &whole);
+            assert!(err < 1e-6, "{:?}: {err:e}", (b, m, n, d, max_scores));
+        }
+        // bf16 inputs: softmax runs in f32, the result comes back in bf16.
+        let q = Tensor::randn(0f32, 1.0, (2, 33, 8), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+        let out = attention(&q, &q, &q, 0.35).unwrap();
+        assert_eq!(out.dtype(), DType::BF16);
+        let f32_out = attention(&q.to_dtype(DType::F32).unwrap(), &q.to_dtype(DType::F32).unwrap(), &q.to_dtype(DType::F32).unwrap(), 0.35).unwrap();
+        let err = crate::kernels::testing::max_rel(&out, &f32_out);
+        assert!(err < 2e-2, "bf16 attention off by {err:e}");
+    }
 
     #[test]
     fn attention_matches_reference_on_many_shapes() {

@@ -46,11 +46,11 @@ mod geglu;
 mod norm;
 mod q8;
 
-pub use attention::{attention, attention_reference, softmax_last_dim};
+pub use attention::{attention, attention_chunked, attention_reference, softmax_last_dim, MAX_SCORES};
 pub use conv::{conv3x3, conv3x3_reference, temporal_conv, temporal_conv_reference};
 pub use geglu::{geglu, geglu_reference};
 pub use norm::{group_norm, group_norm_reference};
-pub use q8::Q8Matrix;
+pub use q8::{Q8Conv, Q8Matrix};
 pub use q8::available as q8_available;
 
 /// `e^x`, branch-free so it vectorises: `x = n·ln2 + r` (Cody–Waite split of ln 2, so large

@@ -74,21 +74,39 @@ pub fn conv2d(
 }
 
 /// 3×3 convolution, stride 1, padding 1, with bias (every such conv of the UNet and VAE), on
-/// our shifted-GEMM kernel.
+/// our shifted-GEMM kernel, or in int8 when the weights are quantized and the CPU has VNNI.
 #[derive(Debug, Clone)]
-pub struct Conv3x3 {
-    weight: Tensor,
-    bias: Tensor,
+pub enum Conv3x3 {
+    Float { weight: Tensor, bias: Tensor },
+    Int8(std::sync::Arc<crate::kernels::Q8Conv>),
 }
 
 impl Module for Conv3x3 {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        crate::kernels::conv3x3(xs, &self.weight, &self.bias)
+        match self {
+            Self::Float { weight, bias } => crate::kernels::conv3x3(xs, weight, bias),
+            Self::Int8(conv) => conv.forward(&xs.to_dtype(DType::F32)?)?.to_dtype(xs.dtype()),
+        }
     }
 }
 
+/// Whether a convolution over `in_c` channels runs in int8: its weights are quantized (stored
+/// or on load), the input channels split into blocks and the CPU has the int8 kernel.
+pub fn int8_conv(in_c: usize, vb: &VarBuilder) -> bool {
+    vb.device().is_cpu()
+        && crate::kernels::q8_available()
+        && quant::stored_shape(&[1, in_c]).is_some()
+        && vb.contains_tensor(&format!("weight{}", quant::SUFFIX))
+}
+
 pub fn conv3x3(in_c: usize, out_c: usize, vb: VarBuilder) -> Result<Conv3x3> {
-    Ok(Conv3x3 { weight: vb.get((out_c, in_c, 3, 3), "weight")?, bias: vb.get(out_c, "bias")? })
+    let weight = vb.get((out_c, in_c, 3, 3), "weight")?;
+    let bias = vb.get(out_c, "bias")?;
+    if int8_conv(in_c, &vb) {
+        // Quantized in (tap, channel) blocks, the order the int8 kernel reads.
+        return Ok(Conv3x3::Int8(std::sync::Arc::new(crate::kernels::Q8Conv::spatial_3x3(&weight, &bias)?)));
+    }
+    Ok(Conv3x3::Float { weight, bias })
 }
 
 pub fn conv2d_no_bias(
@@ -153,8 +171,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: Option<&T
     match mask {
         None => crate::kernels::attention(q, k, v, scale),
         Some(m) => {
-            let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(m)?;
-            crate::kernels::softmax_last_dim(&scores)?.matmul(&v.contiguous()?)
+            // Softmax in f32 whatever the compute dtype (the precision policy).
+            let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?.to_dtype(DType::F32)?;
+            let probs = crate::kernels::softmax_last_dim(&scores.broadcast_add(&m.to_dtype(DType::F32)?)?)?;
+            probs.to_dtype(v.dtype())?.matmul(&v.contiguous()?)
         }
     }
 }
