@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-const CASES: [&str; 8] = ["unet-256", "vae-decode-256", "clip-image", "clip-text", "tiny-pipeline", "ops", "serve-vs-cli", "quant-256"];
+const CASES: [&str; 9] = ["unet-256", "vae-decode-256", "clip-image", "clip-text", "tiny-pipeline", "ops", "serve-vs-cli", "quant-256", "load"];
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -24,7 +24,9 @@ pub struct BenchArgs {
     /// 333×1024), vae-decode-256 (16 frames at 256×256), clip-image, clip-text, tiny-pipeline
     /// (a full run of fixtures/tiny-v), ops (the primitives of torch_ops.py), serve-vs-cli (the
     /// same tiny-v request through `generate` and through `serve`), quant-256 (the 256 UNet in
-    /// fp32 and q8_0 from the same seeded weights: output error, times, file sizes). Default: all.
+    /// fp32 and q8_0 from the same seeded weights: output error, times, file sizes), load (file
+    /// size, load time and resident memory of fp32 and q8_0 checkpoints: the tiny fixtures and a
+    /// real-256 one of random weights written to the temp folder, 14 GB of disk). Default: all.
     cases: Vec<String>,
     /// Timed runs per case, after one warm-up run.
     #[arg(long, default_value_t = 3)]
@@ -360,6 +362,89 @@ fn serve_vs_cli(runs: usize) -> Result<Vec<Timing>> {
     Ok(vec![cli, cli_generation, served])
 }
 
+/// Resident memory now (`VmRSS`).
+fn rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Writes a checkpoint of every key of `cfg` with seeded random f32 values, one tensor at a time.
+fn write_random_checkpoint(cfg: &ModelConfig, path: &std::path::Path) -> Result<()> {
+    use candle_nn::var_builder::SimpleBackend;
+    use std::io::Write;
+    let keys = Pipeline::checkpoint_keys(cfg)?;
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, shape) in &keys {
+        let bytes = 4 * shape.iter().product::<usize>();
+        header.insert(name.clone(), json!({ "dtype": "F32", "shape": shape, "data_offsets": [offset, offset + bytes] }));
+        offset += bytes;
+    }
+    let mut text = serde_json::to_vec(&header)?;
+    text.resize(text.len().next_multiple_of(8), b' ');
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
+    file.write_all(&(text.len() as u64).to_le_bytes())?;
+    file.write_all(&text)?;
+    for (name, shape) in &keys {
+        let t = RandomWeights.get(shape.as_slice().into(), name, candle_nn::Init::Const(0.0), DType::F32, &Device::Cpu)?;
+        for v in t.flatten_all()?.to_vec1::<f32>()? {
+            file.write_all(&v.to_le_bytes())?;
+        }
+    }
+    file.flush()?;
+    Ok(())
+}
+
+/// File size, load time and resident memory after loading, fp32 vs q8_0 (float remainder f32).
+fn load_times(runs: usize) -> Result<Vec<Timing>> {
+    use dynamicrafter_engine::quant::Quantization;
+    let dir = std::env::temp_dir().join(format!("dynamicrafter-bench-load-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = (|| -> Result<Vec<Timing>> {
+        let mut models: Vec<(String, ModelConfig, PathBuf)> = Vec::new();
+        for name in ["tiny-v", "tiny-eps"] {
+            let fixture = std::path::Path::new("fixtures").join(name);
+            if fixture.is_dir() {
+                models.push((name.into(), ModelConfig::from_json_file(&fixture.join("config.json"))?, fixture.join("model.safetensors")));
+            }
+        }
+        let real = dir.join("real-256.safetensors");
+        let t = Instant::now();
+        write_random_checkpoint(&ModelConfig::dc_256(), &real)?;
+        println!("load: wrote a random real-256 checkpoint in {:.1} s", t.elapsed().as_secs_f64());
+        models.push(("real-256".into(), ModelConfig::dc_256(), real));
+        let mut out = Vec::new();
+        for (name, cfg, f32_file) in models {
+            let q8_file = dir.join(format!("{name}-q8_0.safetensors"));
+            crate::convert::convert(&f32_file, &q8_file, DType::F32, Some(Quantization::Q8_0))?;
+            let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len() as f64 / 1e9).unwrap_or(0.0);
+            for (label, file) in [("fp32", &f32_file), ("q8_0", &q8_file)] {
+                let mut rss = None;
+                let timing = time(&format!("load {name} {label}"), runs, || {
+                    let p = Pipeline::load(cfg.clone(), file, &Device::Cpu)?;
+                    rss = rss_bytes();
+                    drop(p);
+                    Ok(())
+                })?;
+                println!(
+                    "load: {name} {label}: file {:.3} GB, resident after load {:.2} GB",
+                    size(file),
+                    rss.unwrap_or(0) as f64 / 1e9
+                );
+                out.push(timing);
+            }
+            if name == "real-256" {
+                // The 10 GB file goes as soon as it is measured.
+                let _ = std::fs::remove_file(&f32_file);
+            }
+        }
+        Ok(out)
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
 fn candle_nn_softmax(x: &Tensor) -> Result<Tensor> {
     Ok(candle_nn::ops::softmax_last_dim(x)?)
 }
@@ -377,6 +462,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         match case.as_str() {
             "unet-256" => results.push(unet_256(args.runs, quantized)?),
             "quant-256" => results.extend(quant_256(args.runs)?),
+            "load" => results.extend(load_times(args.runs)?),
             "vae-decode-256" => results.push(vae_decode_256(args.runs)?),
             "clip-image" => results.push(clip_image(args.runs, quantized)?),
             "clip-text" => results.push(clip_text(args.runs, quantized)?),

@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use dynamicrafter_engine::quant::{self, Quantization};
 use dynamicrafter_engine::weights::Checkpoint;
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug)]
 pub struct ConvertArgs {
@@ -33,7 +33,19 @@ pub fn run(args: ConvertArgs) -> Result<()> {
         bail!("output {} must end in .safetensors", args.output.display());
     }
     let quantization = args.quantize.as_deref().map(str::parse::<Quantization>).transpose()?;
-    let ck = Checkpoint::open(&args.input)?;
+    let (tensors, quantized) = convert(&args.input, &args.output, dtype, quantization)?;
+    let how = match quantization {
+        Some(q) => format!("{}, {quantized} weights {}", args.dtype, q.name()),
+        None => args.dtype.clone(),
+    };
+    println!("wrote {tensors} tensors to {} ({how})", args.output.display());
+    Ok(())
+}
+
+/// Writes `input` as safetensors to `output` with float tensors in `dtype`, weights quantized
+/// where asked (see `quant::stores_quantized`); returns the tensor count and how many are int8.
+pub fn convert(input: &Path, output: &Path, dtype: DType, quantization: Option<Quantization>) -> Result<(usize, usize)> {
+    let ck = Checkpoint::open(input)?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let mut quantized = 0;
     for (file_key, model_key) in ck.file_keys() {
@@ -48,13 +60,8 @@ pub fn run(args: ConvertArgs) -> Result<()> {
         tensors.insert(file_key.to_string(), t);
     }
     let metadata = quantization.map(|q| HashMap::from([(quant::METADATA_KEY.to_string(), q.name().to_string())]));
-    let tmp = args.output.with_extension("safetensors.partial");
+    let tmp = output.with_extension("safetensors.partial");
     safetensors::serialize_to_file(tensors.iter(), metadata, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &args.output).with_context(|| format!("writing {}", args.output.display()))?;
-    let how = match quantization {
-        Some(q) => format!("{}, {quantized} weights {}", args.dtype, q.name()),
-        None => args.dtype.clone(),
-    };
-    println!("wrote {} tensors to {} ({how})", tensors.len(), args.output.display());
-    Ok(())
+    std::fs::rename(&tmp, output).with_context(|| format!("writing {}", output.display()))?;
+    Ok((tensors.len(), quantized))
 }

@@ -245,3 +245,20 @@ fn sigterm_cancels_work_and_exits_cleanly() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
     let _ = std::fs::remove_dir_all(&results);
 }
+
+#[test]
+fn finished_jobs_and_their_videos_expire() {
+    let results = std::env::temp_dir().join(format!("dynamicrafter-serve-expire-{}", std::process::id()));
+    let server = Server::start(&["--keep-seconds", "1", "--results-dir", results.to_str().unwrap()]);
+    let id = server.submit(&[file("image", SUNSET), text("steps", 1)]);
+    assert_eq!(server.wait(&id)["state"], "done");
+    assert!(results.join(format!("{id}.mp4")).is_file());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while server.get(&format!("/api/v1/jobs/{id}")).status != 404 {
+        assert!(std::time::Instant::now() < deadline, "job {id} was never removed");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(!results.join(format!("{id}.mp4")).exists(), "its video was left behind");
+    assert_eq!(server.get(&format!("/api/v1/jobs/{id}/video")).status, 404);
+    let _ = std::fs::remove_dir_all(&results);
+}
