@@ -56,13 +56,20 @@ impl PrecisionPolicy {
     /// requested dtype (`auto` = bf16) for weights and compute of every network, except the VAE,
     /// which stays in f32 under f16 (its activations overflow f16's range).
     pub fn new(requested: Precision, device: &Device) -> Result<Self> {
-        let resolved = requested.resolve(device)?;
+        Ok(Self::unchecked(requested.resolve(device)?))
+    }
+
+    /// The dtypes `requested` stands for (`auto`: bf16), without asking whether the device offers
+    /// them: [`new`](Self::new) resolves first; tests use this to run the bf16/f16 code paths
+    /// of GPUs on the CPU (slowly).
+    pub fn unchecked(requested: Precision) -> Self {
+        let resolved = if requested == Precision::Auto { Precision::Bf16 } else { requested };
         let all = PartPrecision { weights: dtype(resolved), compute: dtype(resolved) };
         let mut parts = [all; 5];
         if resolved == Precision::F16 {
             parts[1] = PartPrecision { weights: DType::F32, compute: DType::F32 };
         }
-        Ok(Self { resolved, parts, quantization: None })
+        Self { resolved, parts, quantization: None }
     }
 
     /// fp32 everywhere, on any device (reference runs and tests).

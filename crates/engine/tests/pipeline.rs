@@ -80,3 +80,27 @@ fn invalid_requests_name_the_problem() {
         }
     }
 }
+
+/// The reduced-precision path GPUs take (weights and compute in bf16 or f16, norms and softmax in
+/// f32, chunked attention), run on the CPU: decoded frames within 35 dB of fp32.
+#[test]
+fn reduced_precision_pipelines_stay_within_35_db_of_fp32() {
+    use dynamicrafter_engine::{Precision, PrecisionPolicy};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny-v");
+    let cfg = ModelConfig::from_json_file(&dir.join("config.json")).unwrap();
+    let mut req = Request::new(&cfg, image(96, 64), "waves at sunset");
+    req.steps = 4;
+    let never = AtomicBool::new(false);
+    let frames = |policy: PrecisionPolicy| {
+        let p = Pipeline::load_with(cfg.clone(), &dir.join("model.safetensors"), &Device::Cpu, policy).unwrap();
+        p.generate(&req, &mut SeededNoise::new(3, &Device::Cpu), &mut |_| {}, &never).unwrap().frames_u8
+    };
+    let reference = frames(PrecisionPolicy::f32());
+    for precision in [Precision::Bf16, Precision::F16] {
+        let got = frames(PrecisionPolicy::unchecked(precision));
+        let mse = got.iter().zip(&reference).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum::<f64>() / got.len() as f64;
+        let db = 10.0 * (255.0f64 * 255.0 / mse.max(1e-12)).log10();
+        eprintln!("{}: {db:.1} dB vs fp32", precision.name());
+        assert!(db >= 35.0, "{}: {db:.1} dB", precision.name());
+    }
+}

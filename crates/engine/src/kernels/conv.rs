@@ -71,6 +71,10 @@ pub fn temporal_conv_reference(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<
 pub fn temporal_conv(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 && bias.dtype() == DType::F32 {
         x.contiguous()?.apply_op3_no_bwd(&w.contiguous()?, &bias.contiguous()?, &TemporalConv)
+    } else if x.device().is_cpu() {
+        // candle has no bf16/f16 CPU convolution: compute in f32 (as GPUs accumulate), round back.
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        temporal_conv(&f32(x)?, &f32(w)?, &f32(bias)?)?.to_dtype(x.dtype())
     } else {
         temporal_conv_reference(x, w, bias)
     }
@@ -161,6 +165,10 @@ impl CustomOp3 for Conv3x3 {
 pub fn conv3x3(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 && bias.dtype() == DType::F32 {
         x.contiguous()?.apply_op3_no_bwd(&w.contiguous()?, &bias.contiguous()?, &Conv3x3)
+    } else if x.device().is_cpu() {
+        // candle has no bf16/f16 CPU convolution: compute in f32 (as GPUs accumulate), round back.
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        conv3x3(&f32(x)?, &f32(w)?, &f32(bias)?)?.to_dtype(x.dtype())
     } else {
         conv3x3_reference(x, w, bias)
     }

@@ -1,10 +1,10 @@
 //! OpenCLIP vision tower as DynamiCrafter's `FrozenOpenCLIPImageEmbedderV2` uses it
 //! (`embedder.model.`): every token of the last block, without `ln_post`/`proj`.
 
-use super::layers::{conv2d_no_bias, layer_norm, ClipBlock};
+use super::layers::{conv2d_no_bias, layer_norm, ClipBlock, Conv2d};
 use crate::config::{ClipTextConfig, ClipVisionConfig};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, LayerNorm, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
 
 #[derive(Debug, Clone)]
 pub struct ClipVisionEncoder {

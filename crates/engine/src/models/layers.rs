@@ -2,7 +2,7 @@
 
 use crate::quant::{self, Int8Matmul};
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, LayerNorm, VarBuilder};
 
 /// A linear layer `y = x·Wᵀ + b` with a float weight, or an int8 one (`q8_0` blocks) when the
 /// weights provide `<name>.q8_0` (see [`crate::quant`]).
@@ -61,6 +61,22 @@ pub fn conv1x1_as_linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Resul
     Linear::load(&vb, "weight", out_dim, in_dim, &[out_dim, in_dim, 1], Some(bias))
 }
 
+/// candle's `Conv2d`, which on the CPU also takes bf16/f16 inputs (candle has no such CPU
+/// convolution): they are computed in f32, as GPUs accumulate, and rounded back.
+#[derive(Debug, Clone)]
+pub struct Conv2d(candle_nn::Conv2d);
+
+impl Module for Conv2d {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if xs.device().is_cpu() && xs.dtype() != DType::F32 {
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+            let conv = candle_nn::Conv2d::new(f32(self.0.weight())?, self.0.bias().map(f32).transpose()?, *self.0.config());
+            return conv.forward(&f32(xs)?)?.to_dtype(xs.dtype());
+        }
+        self.0.forward(xs)
+    }
+}
+
 pub fn conv2d(
     in_c: usize,
     out_c: usize,
@@ -70,7 +86,7 @@ pub fn conv2d(
     vb: VarBuilder,
 ) -> Result<Conv2d> {
     let cfg = Conv2dConfig { padding, stride, ..Default::default() };
-    candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)
+    candle_nn::conv2d(in_c, out_c, kernel, cfg, vb).map(Conv2d)
 }
 
 /// 3×3 convolution, stride 1, padding 1, with bias (every such conv of the UNet and VAE), on
@@ -118,7 +134,7 @@ pub fn conv2d_no_bias(
     vb: VarBuilder,
 ) -> Result<Conv2d> {
     let cfg = Conv2dConfig { padding, stride, ..Default::default() };
-    candle_nn::conv2d_no_bias(in_c, out_c, kernel, cfg, vb)
+    candle_nn::conv2d_no_bias(in_c, out_c, kernel, cfg, vb).map(Conv2d)
 }
 
 /// GroupNorm with 32 groups (every norm of this model), on our fused kernel.

@@ -5,11 +5,11 @@
 
 use super::layers::{
     conv1x1_as_linear, conv2d, conv3x3, frames_to_video, geglu, group_norm, Conv3x3, GroupNorm, layer_norm, linear, linear_no_bias,
-    multi_head_attention, silu, timestep_embedding, video_to_frames, Linear,
+    multi_head_attention, silu, timestep_embedding, video_to_frames, Conv2d, Linear,
 };
 use crate::config::UnetConfig;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, LayerNorm, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
 
 /// Length of the text part of the context; hard-coded in the reference.
 pub const TEXT_CONTEXT_LEN: usize = 77;

@@ -1,10 +1,10 @@
 //! SD-style KL autoencoder (`first_stage_model.`): encoder → posterior moments, decoder.
 //! Frames are independent (a 2-D VAE); callers fold frames into the batch.
 
-use super::layers::{attention, conv2d, conv3x3, group_norm, Conv3x3, GroupNorm};
+use super::layers::{attention, conv2d, conv3x3, group_norm, Conv2d, Conv3x3, GroupNorm};
 use crate::config::VaeConfig;
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_nn::VarBuilder;
 
 const EPS: f64 = 1e-6;
 
