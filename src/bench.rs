@@ -34,7 +34,7 @@ pub struct BenchArgs {
     /// Numeric precision (see `generate --help`).
     #[arg(long, default_value = "auto")]
     precision: String,
-    /// Quantize linear layers (q8_0) in unet-256, clip-image and clip-text.
+    /// Quantize (q8_0) in unet-256, clip-image, clip-text and tiny-pipeline.
     #[arg(long)]
     quantize: Option<String>,
     /// Also write the results as JSON to this file.
@@ -189,17 +189,20 @@ fn clip_text(runs: usize, quantized: bool) -> Result<Timing> {
     })
 }
 
-fn tiny_pipeline(runs: usize) -> Result<Timing> {
+fn tiny_pipeline(runs: usize, quantized: bool) -> Result<Timing> {
     let dir = std::path::Path::new("fixtures/tiny-v");
     if !dir.is_dir() {
         bail!("tiny-pipeline needs fixtures/tiny-v: run from the repository root");
     }
     let cfg = ModelConfig::from_json_file(&dir.join("config.json"))?;
-    let p = Pipeline::load(cfg.clone(), &dir.join("model.safetensors"), &Device::Cpu)?;
+    let quantization = quantized.then_some(dynamicrafter_engine::quant::Quantization::Q8_0);
+    let policy = dynamicrafter_engine::PrecisionPolicy::f32().with_quantization(quantization);
+    let p = Pipeline::load_with(cfg.clone(), &dir.join("model.safetensors"), &Device::Cpu, policy)?;
     let image = RgbImage::new(220, 96, (0..220 * 96 * 3).map(|i| (i % 251) as u8).collect())?;
     let req = Request::new(&cfg, image, "a red fox running through fresh snow");
     let cancel = AtomicBool::new(false);
-    time("tiny-pipeline (tiny-v, 5 steps, CFG)", runs, || {
+    let name = if quantized { "tiny-pipeline q8_0 (tiny-v, 5 steps, CFG)" } else { "tiny-pipeline (tiny-v, 5 steps, CFG)" };
+    time(name, runs, || {
         p.generate(&req, &mut SeededNoise::new(1, &Device::Cpu), &mut |_| {}, &cancel)?;
         Ok(())
     })
@@ -466,7 +469,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "vae-decode-256" => results.push(vae_decode_256(args.runs)?),
             "clip-image" => results.push(clip_image(args.runs, quantized)?),
             "clip-text" => results.push(clip_text(args.runs, quantized)?),
-            "tiny-pipeline" => results.push(tiny_pipeline(args.runs)?),
+            "tiny-pipeline" => results.push(tiny_pipeline(args.runs, quantized)?),
             "serve-vs-cli" => results.extend(serve_vs_cli(args.runs)?),
             _ => results.extend(ops(args.runs)?),
         }

@@ -135,7 +135,8 @@ impl Checkpoint {
         VarBuilder::from_backend(Box::new(Reader(self)), dtype, dev.clone())
     }
 
-    /// Like [`var_builder`](Self::var_builder), with linear layers quantized as they load.
+    /// Like [`var_builder`](Self::var_builder), serving int8 (`q8_0`) weights to the layers that
+    /// run in int8, quantized as they load.
     pub fn var_builder_quantized(&self, dtype: DType, dev: &Device) -> VarBuilder<'_> {
         VarBuilder::from_backend(Box::new(quant::QuantizeOnLoad::new(Box::new(Reader(self)))), dtype, dev.clone())
     }
