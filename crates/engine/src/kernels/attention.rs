@@ -135,9 +135,11 @@ impl candle_core::CustomOp1 for Softmax {
     fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(self.name(), x, l)?;
         let width = *l.dims().last().unwrap_or(&1);
-        let mut y = x.to_vec();
+        // Zeroed by the OS on first touch; each task copies its rows while they are in cache.
+        let mut y = vec![0f32; x.len()];
         const ROWS: usize = 16;
-        y.par_chunks_mut(ROWS * width).for_each(|rows| {
+        y.par_chunks_mut(ROWS * width).zip(x.par_chunks(ROWS * width)).for_each(|(rows, src)| {
+            rows.copy_from_slice(src);
             let mut sums = [0f32; ROWS];
             let n = rows.len() / width;
             softmax_rows(rows, width, 1.0, &mut sums[..n]);
