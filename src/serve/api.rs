@@ -444,7 +444,6 @@ pub async fn model_info(State(state): State<Arc<AppState>>) -> Json<Value> {
     let cfg = state.pipeline.config();
     let fs = fs_control(cfg);
     let mode_defaults = |mode: Mode| json!({ "seed": default_seed(cfg, &mode), "fs": cfg.defaults.fs });
-    let end = RgbImage::new(1, 1, vec![0; 3]).expect("1×1 image");
     Json(json!({
         "model": state.model_name,
         "interpolation_model": cfg.name == "512_interp",
@@ -462,7 +461,8 @@ pub async fn model_info(State(state): State<Arc<AppState>>) -> Json<Value> {
         },
         "modes": {
             "i2v": mode_defaults(Mode::ImageToVideo),
-            "interpolate": mode_defaults(Mode::Interpolate { end }),
+            // Only looping has a seed of its own; interpolation takes image-to-video's.
+            "interpolate": mode_defaults(Mode::ImageToVideo),
             "loop": mode_defaults(Mode::Loop),
         },
         "limits": {

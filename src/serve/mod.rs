@@ -275,7 +275,8 @@ async fn shutdown_signal() {
 pub fn run(args: ServeArgs) -> Result<()> {
     // Request logs on stderr: `RUST_LOG=tower_http=debug` shows every request.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).try_init();
     if args.workers == 0 {
         anyhow::bail!("--workers must be at least 1");
     }
