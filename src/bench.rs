@@ -2,6 +2,7 @@
 //! the primitive ops of `shared/bench/torch_ops.py` at the same shapes.
 
 use anyhow::{bail, Result};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use dynamicrafter_engine::kernels;
 use dynamicrafter_engine::models::clip_text::ClipTextEncoder;
@@ -79,6 +80,31 @@ fn randn(shape: &[usize], std: f32) -> Result<Tensor> {
     Ok(Tensor::randn(0f32, std, shape, &Device::Cpu)?)
 }
 
+/// Seeded random weights with every weight the int8 formats would store rounded through
+/// `GgmlDType` and back to f32 (rows whose length the format's blocks do not divide stay exact).
+struct RoundedWeights(GgmlDType);
+
+impl candle_nn::var_builder::SimpleBackend for RoundedWeights {
+    fn get(&self, s: candle_core::Shape, name: &str, h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let w = RandomWeights.get(s.clone(), name, h, DType::F32, dev)?;
+        let dims = s.dims();
+        let cols: usize = dims.iter().skip(1).product();
+        if !dynamicrafter_engine::quant::stores_quantized(name, dims) || cols % self.0.block_size() != 0 {
+            return w.to_dtype(dtype);
+        }
+        let q = candle_core::quantized::QTensor::quantize(&w.reshape((dims[0], cols))?, self.0)?;
+        q.dequantize(dev)?.reshape(dims)?.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("rounded weights need a shape for {name}")
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        !name.ends_with(dynamicrafter_engine::quant::SUFFIX)
+    }
+}
+
 /// Seeded random weights of the presets' networks, float or with linear layers in q8_0.
 fn weights(quantized: bool) -> candle_nn::VarBuilder<'static> {
     if quantized {
@@ -145,9 +171,17 @@ fn quant_256(runs: usize) -> Result<Vec<Timing>> {
         let unet = Unet::new(&cfg.unet, weights(false))?;
         unet_forward(&unet, &x, &context)?
     };
+    let norm = |t: &Tensor| -> Result<f64> { Ok(t.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64) };
+    // Weight rounding alone, q8_0 against q4k (what `--quantize q4k` would store): the same
+    // f32 UNet with its quantizable weights rounded through each format and back.
+    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K] {
+        let vb = candle_nn::VarBuilder::from_backend(Box::new(RoundedWeights(dtype)), DType::F32, Device::Cpu);
+        let out = unet_forward(&Unet::new(&cfg.unet, vb)?, &x, &context)?;
+        let rel = norm(&(&out - &reference)?)? / norm(&reference)?;
+        println!("quant-256: UNet output relative error, weights rounded to {dtype:?} only: {rel:.4} ({:.1} dB)", -20.0 * rel.log10());
+    }
     let unet = Unet::new(&cfg.unet, weights(true))?;
     let out = unet_forward(&unet, &x, &context)?;
-    let norm = |t: &Tensor| -> Result<f64> { Ok(t.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64) };
     let rel = norm(&(&out - &reference)?)? / norm(&reference)?;
     println!("quant-256: UNet output relative error q8_0 vs fp32: {rel:.4} ({:.1} dB SNR)", -20.0 * rel.log10());
     Ok(vec![time("unet-256 forward q8_0 (16×32×32, ctx 333)", runs, || {
