@@ -9,7 +9,7 @@ use dynamicrafter_engine::models::clip_text::ClipTextEncoder;
 use dynamicrafter_engine::models::clip_vision::ClipVisionEncoder;
 use dynamicrafter_engine::models::unet::{Unet, UnetInput, IMAGE_TOKENS_PER_FRAME, TEXT_CONTEXT_LEN};
 use dynamicrafter_engine::models::vae::AutoencoderKL;
-use dynamicrafter_engine::report::peak_rss_bytes;
+use dynamicrafter_engine::report::{peak_rss_bytes, rss_bytes};
 use dynamicrafter_engine::weights::RandomWeights;
 use dynamicrafter_engine::{ModelConfig, Pipeline, Request, RgbImage, SeededNoise};
 use serde_json::json;
@@ -89,7 +89,7 @@ impl candle_nn::var_builder::SimpleBackend for RoundedWeights {
         let w = RandomWeights.get(s.clone(), name, h, DType::F32, dev)?;
         let dims = s.dims();
         let cols: usize = dims.iter().skip(1).product();
-        if !dynamicrafter_engine::quant::stores_quantized(name, dims) || cols % self.0.block_size() != 0 {
+        if !dynamicrafter_engine::quant::stores_quantized(name, dims) || !cols.is_multiple_of(self.0.block_size()) {
             return w.to_dtype(dtype);
         }
         let q = candle_core::quantized::QTensor::quantize(&w.reshape((dims[0], cols))?, self.0)?;
@@ -397,13 +397,6 @@ fn serve_vs_cli(runs: usize) -> Result<Vec<Timing>> {
         served.median() / cli.median()
     );
     Ok(vec![cli, cli_generation, served])
-}
-
-/// Resident memory now (`VmRSS`).
-fn rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: u64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }
 
 /// Writes a checkpoint of every key of `cfg` with seeded random f32 values, one tensor at a time.

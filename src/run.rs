@@ -56,16 +56,31 @@ pub struct SamplingArgs {
     /// Videos per input, each a full sampling run with new noise.
     #[arg(long, default_value_t = 1)]
     pub n_samples: usize,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+/// Where and in which precision the model runs: the same flags for `generate`, `batch` and
+/// `serve`, resolved by one function.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ComputeArgs {
     /// Numeric precision: auto, fp32, bf16 or f16 (auto picks the fastest that keeps quality).
     #[arg(long, default_value = "auto")]
     pub precision: String,
-    /// Quantize the linear layers to int8 as the model loads: q8_0 (a `convert --quantize`
-    /// file is already quantized).
+    /// Quantize to int8 as the model loads: q8_0 (a `convert --quantize` file already is).
     #[arg(long)]
     pub quantize: Option<String>,
     /// Device: auto (CUDA when built with it and a GPU is present, else CPU), cpu, cuda, cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
+}
+
+impl ComputeArgs {
+    pub fn resolve(&self) -> Result<(Device, PrecisionPolicy)> {
+        let device = parse_device(&self.device)?;
+        let precision = precision_policy(&self.precision, self.quantize.as_deref(), &device)?;
+        Ok((device, precision))
+    }
 }
 
 /// How results are written and shown.
@@ -98,8 +113,7 @@ pub struct Settings {
 
 impl Settings {
     pub fn new(sampling: SamplingArgs, output: &OutputArgs) -> Result<Self> {
-        let device = parse_device(&sampling.device)?;
-        let precision = precision_policy(&sampling.precision, sampling.quantize.as_deref(), &device)?;
+        let (device, precision) = sampling.compute.resolve()?;
         let spacing = sampling.spacing.as_deref().map(str::parse).transpose()?;
         if sampling.n_samples == 0 {
             anyhow::bail!("--n-samples must be at least 1");
@@ -171,7 +185,7 @@ impl Settings {
 }
 
 /// `--device`: auto, cpu, cuda or cuda:N.
-pub fn parse_device(name: &str) -> Result<Device> {
+fn parse_device(name: &str) -> Result<Device> {
     let ordinal = match name {
         "auto" => return Ok(Device::cuda_if_available(0)?),
         "cpu" => return Ok(Device::Cpu),

@@ -57,15 +57,8 @@ pub struct ServeArgs {
     /// Frames per second of the written videos (upstream writes 8).
     #[arg(long, default_value_t = 8.0)]
     pub fps: f64,
-    /// Numeric precision: auto, fp32, bf16 or f16 (the same policy as `generate`).
-    #[arg(long, default_value = "auto")]
-    pub precision: String,
-    /// Quantize the linear layers to int8 as the model loads: q8_0.
-    #[arg(long)]
-    pub quantize: Option<String>,
-    /// Device: auto (CUDA when built with it and a GPU is present, else CPU), cpu, cuda, cuda:N.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    #[command(flatten)]
+    pub compute: crate::run::ComputeArgs,
 }
 
 pub struct Limits {
@@ -286,8 +279,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if !(args.fps.is_finite() && args.fps > 0.0) {
         anyhow::bail!("--fps must be a positive number, got {}", args.fps);
     }
-    let device = crate::run::parse_device(&args.device)?;
-    let precision = crate::run::precision_policy(&args.precision, args.quantize.as_deref(), &device)?;
+    let (device, precision) = args.compute.resolve()?;
     let (results_dir, temporary) = match &args.results_dir {
         Some(dir) => (dir.clone(), false),
         None => (std::env::temp_dir().join(format!("dynamicrafter-serve-{}", std::process::id())), true),

@@ -117,12 +117,22 @@ impl Report {
     }
 }
 
-/// Peak resident set size of this process in bytes (Linux `VmHWM`); `None` elsewhere.
-pub fn peak_rss_bytes() -> Option<u64> {
+/// A `kB` field of `/proc/self/status`, in bytes; `None` off Linux.
+fn proc_status_bytes(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// Peak resident set size of this process in bytes (Linux `VmHWM`); `None` elsewhere.
+pub fn peak_rss_bytes() -> Option<u64> {
+    proc_status_bytes("VmHWM")
+}
+
+/// Resident set size of this process now, in bytes (Linux `VmRSS`); `None` elsewhere.
+pub fn rss_bytes() -> Option<u64> {
+    proc_status_bytes("VmRSS")
 }
 
 #[cfg(test)]
