@@ -11,13 +11,17 @@ use dynamicrafter_engine::models::unet::{Unet, UnetInput, IMAGE_TOKENS_PER_FRAME
 use dynamicrafter_engine::models::vae::AutoencoderKL;
 use dynamicrafter_engine::report::{peak_rss_bytes, rss_bytes};
 use dynamicrafter_engine::weights::RandomWeights;
-use dynamicrafter_engine::{ModelConfig, Pipeline, Request, RgbImage, SeededNoise};
+use dynamicrafter_engine::precision::Part;
+use dynamicrafter_engine::{ModelConfig, Pipeline, PrecisionPolicy, Request, RgbImage, SeededNoise};
 use serde_json::json;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-const CASES: [&str; 9] = ["unet-256", "vae-decode-256", "clip-image", "clip-text", "tiny-pipeline", "ops", "serve-vs-cli", "quant-256", "load"];
+/// What `bench` runs when no case is named: everything that fits a small CPU machine.
+const DEFAULT_CASES: [&str; 9] = ["unet-256", "vae-decode-256", "clip-image", "clip-text", "tiny-pipeline", "ops", "serve-vs-cli", "quant-256", "load"];
+/// Named only: GPU-sized work (hours on a CPU).
+const GPU_CASES: [&str; 6] = ["unet-512", "unet-1024", "pipeline-256", "pipeline-512", "pipeline-1024", "ops-1024"];
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -27,17 +31,20 @@ pub struct BenchArgs {
     /// same tiny-v request through `generate` and through `serve`), quant-256 (the 256 UNet in
     /// fp32 and q8_0 from the same seeded weights: output error, times, file sizes), load (file
     /// size, load time and resident memory of fp32 and q8_0 checkpoints: the tiny fixtures and a
-    /// real-256 one of random weights written to the temp folder, 14 GB of disk). Default: all.
+    /// real-256 one of random weights written to the temp folder, 14 GB of disk). Default: all
+    /// of these. Named only (GPU-sized): unet-512, unet-1024 (one forward at 40×64 / 72×128
+    /// latents) and pipeline-256, pipeline-512, pipeline-1024 (a whole run of the preset with
+    /// random weights: 16 frames, 50 steps, CFG 7.5, with per-stage times and peak GPU memory),
+    /// ops-1024 (the UNet's ops at the 576×1024 model's first-level shapes, on the device and in
+    /// the precision of the run: where a GPU forward spends its time).
     cases: Vec<String>,
     /// Timed runs per case, after one warm-up run.
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Numeric precision (see `generate --help`).
-    #[arg(long, default_value = "auto")]
-    precision: String,
-    /// Quantize (q8_0) in unet-256, clip-image, clip-text and tiny-pipeline.
-    #[arg(long)]
-    quantize: Option<String>,
+    /// Precision, quantization and device of the network and pipeline cases (ops, quant-256,
+    /// load and serve-vs-cli measure the CPU).
+    #[command(flatten)]
+    compute: crate::run::ComputeArgs,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -114,11 +121,57 @@ fn weights(quantized: bool) -> candle_nn::VarBuilder<'static> {
     }
 }
 
+/// Where the network and pipeline cases run, and in which dtypes.
+struct Target {
+    device: Device,
+    precision: PrecisionPolicy,
+}
+
+impl Target {
+    /// Random weights for `part`, in its weight dtype (linear layers in q8_0 if asked).
+    fn weights(&self, part: Part) -> candle_nn::VarBuilder<'static> {
+        let vb = match self.precision.quantization {
+            Some(_) => RandomWeights::var_builder_quantized(DType::F32, &self.device),
+            None => RandomWeights::var_builder(DType::F32, &self.device),
+        };
+        vb.set_dtype(self.precision.part(part).weights)
+    }
+
+    /// Standard-normal input for `part`, in its compute dtype.
+    fn randn(&self, shape: &[usize], part: Part) -> Result<Tensor> {
+        Ok(Tensor::randn(0f32, 1.0, shape, &self.device)?.to_dtype(self.precision.part(part).compute)?)
+    }
+
+    /// Times `f` with the device's queued work finished at the end of every run.
+    fn time(&self, name: &str, runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
+        time(name, runs, || {
+            f()?;
+            Ok(self.device.synchronize()?)
+        })
+    }
+
+    /// ` q8_0` / ` bf16` after a case's name when it does not run in fp32 on the CPU.
+    fn suffix(&self) -> String {
+        let mut s = String::new();
+        if !self.device.is_cpu() {
+            s += &format!(" {} {}", dynamicrafter_engine::device::name(&self.device), self.precision.name());
+        } else if self.precision.quantization.is_some() {
+            s += " q8_0";
+        }
+        s
+    }
+}
+
 /// The UNet input of `unet-256`: 16 frames of 32×32 latents, context 77 + 16·16 tokens.
 fn unet_256_input(cfg: &ModelConfig) -> Result<(Tensor, Tensor)> {
+    unet_input(cfg, 32, 32, &Device::Cpu)
+}
+
+/// A UNet input of `h×w` latents for every frame, context 77 + 16·frames tokens, in f32.
+fn unet_input(cfg: &ModelConfig, h: usize, w: usize, device: &Device) -> Result<(Tensor, Tensor)> {
     let t = cfg.unet.temporal_length;
-    let x = Tensor::randn(0f32, 1.0, &[1, cfg.unet.in_channels, t, 32, 32], &Device::Cpu)?;
-    let context = Tensor::randn(0f32, 1.0, &[1, TEXT_CONTEXT_LEN + t * IMAGE_TOKENS_PER_FRAME, cfg.unet.context_dim], &Device::Cpu)?;
+    let x = Tensor::randn(0f32, 1.0, &[1, cfg.unet.in_channels, t, h, w], device)?;
+    let context = Tensor::randn(0f32, 1.0, &[1, TEXT_CONTEXT_LEN + t * IMAGE_TOKENS_PER_FRAME, cfg.unet.context_dim], device)?;
     Ok((x, context))
 }
 
@@ -126,15 +179,112 @@ fn unet_forward(unet: &Unet, x: &Tensor, context: &Tensor) -> Result<Tensor> {
     Ok(unet.forward(&UnetInput { x, timesteps: &[637.0], context, fs: Some(&[3.0]) })?)
 }
 
-fn unet_256(runs: usize, quantized: bool) -> Result<Timing> {
-    let cfg = ModelConfig::dc_256();
-    let unet = Unet::new(&cfg.unet, weights(quantized))?;
-    let (x, context) = unet_256_input(&cfg)?;
-    let name = if quantized { "unet-256 forward q8_0 (16×32×32, ctx 333)" } else { "unet-256 forward (16×32×32, ctx 333)" };
-    time(name, runs, || {
+/// One forward of a preset's UNet at its own latent size (16 frames, context 333 tokens).
+fn unet_case(preset: &str, runs: usize, target: &Target) -> Result<Timing> {
+    let cfg = ModelConfig::preset(preset)?;
+    dynamicrafter_engine::device::reset_peak_memory(&target.device);
+    let unet = Unet::new(&cfg.unet, target.weights(Part::Unet))?;
+    let f = cfg.vae.downsample_factor();
+    let (h, w) = (cfg.defaults.height / f, cfg.defaults.width / f);
+    let dt = target.precision.part(Part::Unet).compute;
+    let (x, context) = unet_input(&cfg, h, w, &target.device)?;
+    let (x, context) = (x.to_dtype(dt)?, context.to_dtype(dt)?);
+    let name = format!("unet-{} forward{} ({}×{h}×{w}, ctx 333)", cfg.defaults.width.max(cfg.defaults.height), target.suffix(), cfg.unet.temporal_length);
+    let t = target.time(&name, runs, || {
         unet_forward(&unet, &x, &context)?;
         Ok(())
-    })
+    })?;
+    print_gpu_peak(&name, &target.device);
+    Ok(t)
+}
+
+fn print_gpu_peak(name: &str, device: &Device) {
+    if let Some(b) = dynamicrafter_engine::device::peak_memory_bytes(device) {
+        println!("{name}: peak GPU memory {:.2} GB", b as f64 / 1e9);
+    }
+}
+
+/// The UNet's operations at the first level of the 576×1024 model (16 frames of 72×128 latents,
+/// 320 channels, 5 heads of 64), on the target device and dtype: what dominates a forward there.
+fn ops_1024(runs: usize, target: &Target) -> Result<Vec<Timing>> {
+    let (t, c, h, w) = (16, 320, 72, 128);
+    let hw = h * w;
+    let dt = target.precision.part(Part::Unet).compute;
+    let r = |shape: &[usize], std: f64| -> Result<Tensor> { Ok((target.randn(shape, Part::Unet)? * std)?) };
+    let suffix = target.suffix();
+    let mut out = Vec::new();
+    let mut op = |name: &str, f: &mut dyn FnMut() -> Result<Tensor>| -> Result<()> {
+        out.push(target.time(&format!("{name}{suffix}"), runs, || f().map(|_| ()))?);
+        Ok(())
+    };
+    let x = r(&[t, c, h, w], 1.0)?;
+    let (ones, zeros) = (Tensor::ones(c, dt, &target.device)?, Tensor::zeros(c, dt, &target.device)?);
+    let w3 = r(&[c, c, 3, 3], 0.02)?;
+    op("conv3x3 16x320x72x128", &mut || Ok(kernels::conv3x3(&x, &w3, &zeros)?))?;
+    let xt = r(&[1, c, t, hw], 1.0)?;
+    let wt = r(&[c, c, 3, 1, 1], 0.02)?;
+    op("temporal conv 1x320x16x9216 k3", &mut || Ok(kernels::temporal_conv(&xt, &wt, &zeros)?))?;
+    op("group_norm+silu 16x320x72x128 g32", &mut || Ok(kernels::group_norm(&x, &ones, &zeros, 32, 1e-5, true)?))?;
+    let xv = r(&[1, c, t, h, w], 1.0)?;
+    op("group_norm 1x320x16x72x128 g32 (video)", &mut || Ok(kernels::group_norm(&xv, &ones, &zeros, 32, 1e-6, false)?))?;
+    let tokens = r(&[t, hw, c], 1.0)?;
+    for (n, k) in [(c, c), (8 * c, c), (c, 4 * c)] {
+        let input = if k == c { tokens.clone() } else { r(&[t, hw, k], 1.0)? };
+        let lin = candle_nn::Linear::new(r(&[n, k], 0.02)?, Some(Tensor::zeros(n, dt, &target.device)?));
+        op(&format!("linear {}x{k}->{n}", t * hw), &mut || Ok(candle_core::Module::forward(&lin, &input)?))?;
+    }
+    let ln = candle_nn::LayerNorm::new(ones.clone(), zeros.clone(), 1e-5);
+    op("layer_norm 147456x320", &mut || Ok(candle_core::Module::forward(&ln, &tokens)?))?;
+    let ff = r(&[t, hw, 8 * c], 1.0)?;
+    op("geglu 147456x2560", &mut || Ok(kernels::geglu(&ff)?))?;
+    let heads = c / 64;
+    let qkv = |b: usize, l: usize| r(&[b, l, 64], 1.0);
+    let (q, k, v) = (qkv(t * heads, hw)?, qkv(t * heads, hw)?, qkv(t * heads, hw)?);
+    op("attention self 80x9216x64", &mut || Ok(kernels::attention(&q, &k, &v, 0.125)?))?;
+    let (kc, vc) = (qkv(t * heads, 77)?, qkv(t * heads, 77)?);
+    op("attention cross 80x9216 vs 77", &mut || Ok(kernels::attention(&q, &kc, &vc, 0.125)?))?;
+    let (qt, kt, vt) = (qkv(hw * heads, t)?, qkv(hw * heads, t)?, qkv(hw * heads, t)?);
+    op("attention temporal 46080x16x64", &mut || Ok(kernels::attention(&qt, &kt, &vt, 0.125)?))?;
+    op("permute video->tokens 1x320x16x72x128", &mut || Ok(xv.permute((0, 3, 4, 2, 1))?.contiguous()?))?;
+    op("split heads 16x9216x320", &mut || Ok(dynamicrafter_engine::models::layers::split_heads(&tokens, heads)?.contiguous()?))?;
+    op("cat skip 2x16x320x72x128", &mut || Ok(Tensor::cat(&[&x, &x], 1)?))?;
+    op("silu 16x320x72x128", &mut || Ok(x.silu()?))?;
+    let bias = r(&[1, c, 1, 1], 1.0)?;
+    op("broadcast add 16x320x72x128 + 320", &mut || Ok(x.broadcast_add(&bias)?))?;
+    op("add 16x320x72x128", &mut || Ok((&x + &x)?))?;
+    Ok(out)
+}
+
+/// A whole run of a preset with random weights: its default request (16 frames, 50 steps, CFG
+/// 7.5), a warm-up of one step first. Prints the stages of the median run and peak GPU memory.
+fn pipeline_case(preset: &str, runs: usize, target: &Target) -> Result<Timing> {
+    let cfg = ModelConfig::preset(preset)?;
+    dynamicrafter_engine::device::reset_peak_memory(&target.device);
+    let start = Instant::now();
+    let p = Pipeline::random_with(cfg.clone(), &target.device, target.precision.clone())?;
+    target.device.synchronize()?;
+    let build = start.elapsed();
+    let (h, w) = (cfg.defaults.height, cfg.defaults.width);
+    let image = RgbImage::new(w, h, (0..w * h * 3).map(|i| ((i * 7) % 251) as u8).collect())?;
+    let req = Request::new(&cfg, image, "a red fox running through fresh snow");
+    let cancel = AtomicBool::new(false);
+    let name = format!("pipeline-{} ({} frames {h}×{w}, {} steps, CFG {}){}", w.max(h), req.frames, req.steps, req.cfg_scale, target.suffix());
+    let warm = Request { steps: 1, ..req.clone() };
+    p.generate(&warm, &mut SeededNoise::new(1, &target.device), &mut |_| {}, &cancel)?;
+    let mut runs_done = Vec::new();
+    let t = time(&name, runs, || {
+        let v = p.generate(&req, &mut SeededNoise::new(1, &target.device), &mut |_| {}, &cancel)?;
+        runs_done.push(v.timings);
+        Ok(())
+    })?;
+    let mut report = dynamicrafter_engine::Report::new(preset, dynamicrafter_engine::device::name(&target.device), target.precision.name());
+    if let Some(timings) = runs_done.get(runs_done.len() / 2) {
+        report.add_timings(timings);
+    }
+    let stages: Vec<String> = report.stages.iter().map(|s| format!("{} {:.2} s", s.stage, s.seconds)).collect();
+    println!("{name}: networks built in {:.1} s; stages: {}; mean step {:.3} s", build.as_secs_f64(), stages.join(", "), report.denoise_steps.mean_seconds);
+    print_gpu_peak(&name, &target.device);
+    Ok(t)
 }
 
 /// The 256 UNet in fp32 and with q8_0 linear layers, from the same seeded weights and input:
@@ -190,12 +340,12 @@ fn quant_256(runs: usize) -> Result<Vec<Timing>> {
     })?])
 }
 
-fn vae_decode_256(runs: usize) -> Result<Timing> {
+fn vae_decode_256(runs: usize, target: &Target) -> Result<Timing> {
     let cfg = ModelConfig::dc_256();
-    let vae = AutoencoderKL::new(&cfg.vae, RandomWeights::var_builder(DType::F32, &Device::Cpu).pp("first_stage_model"))?;
-    let z = randn(&[1, 4, 32, 32], 1.0)?;
+    let vae = AutoencoderKL::new(&cfg.vae, target.weights(Part::Vae).pp("first_stage_model"))?;
+    let z = target.randn(&[1, 4, 32, 32], Part::Vae)?;
     // 16 frames one at a time, as the decode runs.
-    time("vae-decode-256 (16 frames 256×256)", runs, || {
+    target.time(&format!("vae-decode-256 (16 frames 256×256){}", target.suffix()), runs, || {
         for _ in 0..16 {
             vae.decode(&z)?;
         }
@@ -203,41 +353,38 @@ fn vae_decode_256(runs: usize) -> Result<Timing> {
     })
 }
 
-fn clip_image(runs: usize, quantized: bool) -> Result<Timing> {
+fn clip_image(runs: usize, target: &Target) -> Result<Timing> {
     let cfg = ModelConfig::dc_256();
-    let enc = ClipVisionEncoder::new(&cfg.vision, weights(quantized))?;
-    let x = randn(&[1, 3, 224, 224], 1.0)?;
-    time("clip-image (ViT-H/14, one image)", runs, || {
+    let enc = ClipVisionEncoder::new(&cfg.vision, target.weights(Part::ImageEncoder))?;
+    let x = target.randn(&[1, 3, 224, 224], Part::ImageEncoder)?;
+    target.time(&format!("clip-image (ViT-H/14, one image){}", target.suffix()), runs, || {
         enc.forward(&x)?;
         Ok(())
     })
 }
 
-fn clip_text(runs: usize, quantized: bool) -> Result<Timing> {
+fn clip_text(runs: usize, target: &Target) -> Result<Timing> {
     let cfg = ModelConfig::dc_256();
-    let enc = ClipTextEncoder::new(&cfg.text, weights(quantized))?;
-    let ids = Tensor::from_vec((0..77u32).map(|i| (i * 97) % 49408).collect::<Vec<_>>(), (1, 77), &Device::Cpu)?;
-    time("clip-text (77 tokens)", runs, || {
+    let enc = ClipTextEncoder::new(&cfg.text, target.weights(Part::TextEncoder))?;
+    let ids = Tensor::from_vec((0..77u32).map(|i| (i * 97) % 49408).collect::<Vec<_>>(), (1, 77), &target.device)?;
+    target.time(&format!("clip-text (77 tokens){}", target.suffix()), runs, || {
         enc.forward(&ids)?;
         Ok(())
     })
 }
 
-fn tiny_pipeline(runs: usize, quantized: bool) -> Result<Timing> {
+fn tiny_pipeline(runs: usize, target: &Target) -> Result<Timing> {
     let dir = std::path::Path::new("fixtures/tiny-v");
     if !dir.is_dir() {
         bail!("tiny-pipeline needs fixtures/tiny-v: run from the repository root");
     }
     let cfg = ModelConfig::from_json_file(&dir.join("config.json"))?;
-    let quantization = quantized.then_some(dynamicrafter_engine::quant::Quantization::Q8_0);
-    let policy = dynamicrafter_engine::PrecisionPolicy::f32().with_quantization(quantization);
-    let p = Pipeline::load_with(cfg.clone(), &dir.join("model.safetensors"), &Device::Cpu, policy)?;
+    let p = Pipeline::load_with(cfg.clone(), &dir.join("model.safetensors"), &target.device, target.precision.clone())?;
     let image = RgbImage::new(220, 96, (0..220 * 96 * 3).map(|i| (i % 251) as u8).collect())?;
     let req = Request::new(&cfg, image, "a red fox running through fresh snow");
     let cancel = AtomicBool::new(false);
-    let name = if quantized { "tiny-pipeline q8_0 (tiny-v, 5 steps, CFG)" } else { "tiny-pipeline (tiny-v, 5 steps, CFG)" };
-    time(name, runs, || {
-        p.generate(&req, &mut SeededNoise::new(1, &Device::Cpu), &mut |_| {}, &cancel)?;
+    target.time(&format!("tiny-pipeline (tiny-v, 5 steps, CFG){}", target.suffix()), runs, || {
+        p.generate(&req, &mut SeededNoise::new(1, &target.device), &mut |_| {}, &cancel)?;
         Ok(())
     })
 }
@@ -302,6 +449,10 @@ fn ops(runs: usize) -> Result<Vec<Timing>> {
     let (g, bb) = (Tensor::ones(320, DType::F32, &Device::Cpu)?, Tensor::zeros(320, DType::F32, &Device::Cpu)?);
     out.push(time("group_norm f32 16x320x32x32 g32 (ours)", runs, || { kernels::group_norm(&x, &g, &bb, 32, 1e-5, false)?; Ok(()) })?);
     out.push(time("group_norm f32 16x320x32x32 g32 (candle)", runs, || { kernels::group_norm_reference(&x, &g, &bb, 32, 1e-5, false)?; Ok(()) })?);
+    // The temporal transformer's layout change at the first level (b, c, t, h, w) → (b, h, w, t, c).
+    let video = randn(&[1, 320, 16, 32, 32], 1.0)?;
+    out.push(time("permute f32 1x320x16x32x32 to tokens (ours)", runs, || { kernels::permute(&video, &[0, 3, 4, 2, 1])?; Ok(()) })?);
+    out.push(time("permute f32 1x320x16x32x32 to tokens (candle)", runs, || { kernels::permute_reference(&video, &[0, 3, 4, 2, 1])?; Ok(()) })?);
     let s = randn(&[80, 1024, 1024], 1.0)?;
     out.push(time("softmax f32 80x1024x1024 (ours)", runs, || { kernels::softmax_last_dim(&s)?; Ok(()) })?);
     out.push(time("softmax f32 80x1024x1024 (candle)", runs, || { candle_nn_softmax(&s)?; Ok(()) })?);
@@ -480,23 +631,39 @@ fn candle_nn_softmax(x: &Tensor) -> Result<Tensor> {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    let precision = crate::run::precision_policy(&args.precision, args.quantize.as_deref(), &Device::Cpu)?;
-    let quantized = precision.quantization.is_some();
-    let cases: Vec<String> = if args.cases.is_empty() { CASES.iter().map(|s| s.to_string()).collect() } else { args.cases.clone() };
-    if let Some(bad) = cases.iter().find(|c| !CASES.contains(&c.as_str())) {
-        bail!("unknown bench case '{bad}' (known: {})", CASES.join(", "));
+    let (device, precision) = args.compute.resolve()?;
+    let cases: Vec<String> = if args.cases.is_empty() { DEFAULT_CASES.iter().map(|s| s.to_string()).collect() } else { args.cases.clone() };
+    let known = || DEFAULT_CASES.iter().chain(&GPU_CASES).copied().collect::<Vec<_>>().join(", ");
+    if let Some(bad) = cases.iter().find(|c| !DEFAULT_CASES.contains(&c.as_str()) && !GPU_CASES.contains(&c.as_str())) {
+        bail!("unknown bench case '{bad}' (known: {})", known());
     }
-    println!("precision {} | threads {} | {} runs after a warm-up", precision.name(), rayon_threads(), args.runs);
+    println!(
+        "device {} | precision {} | CPU threads {} | {} runs after a warm-up",
+        dynamicrafter_engine::device::name(&device),
+        precision.name(),
+        rayon_threads(),
+        args.runs
+    );
+    if !device.is_cpu() {
+        device.set_seed(1)?;
+    }
+    let target = Target { device, precision: precision.clone() };
     let mut results = Vec::new();
     for case in &cases {
         match case.as_str() {
-            "unet-256" => results.push(unet_256(args.runs, quantized)?),
+            "unet-256" => results.push(unet_case("256", args.runs, &target)?),
+            "unet-512" => results.push(unet_case("512", args.runs, &target)?),
+            "unet-1024" => results.push(unet_case("1024", args.runs, &target)?),
+            "pipeline-256" => results.push(pipeline_case("256", args.runs, &target)?),
+            "pipeline-512" => results.push(pipeline_case("512", args.runs, &target)?),
+            "pipeline-1024" => results.push(pipeline_case("1024", args.runs, &target)?),
+            "ops-1024" => results.extend(ops_1024(args.runs, &target)?),
             "quant-256" => results.extend(quant_256(args.runs)?),
             "load" => results.extend(load_times(args.runs)?),
-            "vae-decode-256" => results.push(vae_decode_256(args.runs)?),
-            "clip-image" => results.push(clip_image(args.runs, quantized)?),
-            "clip-text" => results.push(clip_text(args.runs, quantized)?),
-            "tiny-pipeline" => results.push(tiny_pipeline(args.runs, quantized)?),
+            "vae-decode-256" => results.push(vae_decode_256(args.runs, &target)?),
+            "clip-image" => results.push(clip_image(args.runs, &target)?),
+            "clip-text" => results.push(clip_text(args.runs, &target)?),
+            "tiny-pipeline" => results.push(tiny_pipeline(args.runs, &target)?),
             "serve-vs-cli" => results.extend(serve_vs_cli(args.runs)?),
             _ => results.extend(ops(args.runs)?),
         }
@@ -505,6 +672,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if let Some(path) = &args.json {
         let j = json!({
             "precision": precision.name(),
+            "device": dynamicrafter_engine::device::name(&target.device),
             "peak_rss_bytes": rss,
             "results": results.iter().map(|t| json!({"name": t.name, "median_ms": t.median(), "min_ms": t.ms[0], "max_ms": t.ms[t.ms.len()-1], "runs": t.ms.len()})).collect::<Vec<_>>(),
         });

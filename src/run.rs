@@ -184,21 +184,12 @@ impl Settings {
     }
 }
 
-/// `--device`: auto, cpu, cuda or cuda:N.
+/// `--device`: auto, cpu, cuda or cuda:N (the engine's names, with the flag's name in errors).
 fn parse_device(name: &str) -> Result<Device> {
-    let ordinal = match name {
-        "auto" => return Ok(Device::cuda_if_available(0)?),
-        "cpu" => return Ok(Device::Cpu),
-        "cuda" => 0,
-        _ => name
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse().ok())
-            .with_context(|| format!("--device '{name}' (expected auto, cpu, cuda or cuda:N)"))?,
-    };
-    if !candle_core::utils::cuda_is_available() {
-        anyhow::bail!("--device {name}: this build has no CUDA support (build with `--features cuda`)");
-    }
-    Device::new_cuda(ordinal).with_context(|| format!("--device {name}"))
+    dynamicrafter_engine::device::parse(name).map_err(|e| match e {
+        dynamicrafter_engine::Error::InvalidInput(m) => anyhow::anyhow!("--{m}"),
+        e => e.into(),
+    })
 }
 
 /// The precision policy of `--precision` and `--quantize` on `device`, for every front end.
@@ -300,7 +291,7 @@ pub fn generate_videos(
     cancel: &AtomicBool,
 ) -> Result<Report> {
     let start = Instant::now();
-    let device = if pipeline.device().is_cpu() { "cpu" } else { "cuda" };
+    let device = dynamicrafter_engine::device::name(pipeline.device());
     let mut report = Report::new(model_name, device, pipeline.precision().name());
     if let Some(d) = load_time {
         report.add("model load", d);
@@ -320,6 +311,7 @@ pub fn generate_videos(
     report.height = req.height;
     report.total_seconds = start.elapsed().as_secs_f64() + load_time.map_or(0.0, |d| d.as_secs_f64());
     report.peak_rss_bytes = peak_rss_bytes();
+    report.peak_gpu_bytes = dynamicrafter_engine::device::peak_memory_bytes(pipeline.device());
     Ok(report)
 }
 

@@ -13,6 +13,7 @@ pub const STAGE_SECONDS: &str = "dynamicrafter_stage_duration_seconds";
 pub const STEP_SECONDS: &str = "dynamicrafter_denoise_step_duration_seconds";
 pub const LOAD_SECONDS: &str = "dynamicrafter_model_load_seconds";
 pub const PEAK_RSS: &str = "dynamicrafter_peak_rss_bytes";
+pub const PEAK_GPU: &str = "dynamicrafter_peak_gpu_bytes";
 
 /// Installs the process-wide recorder once and returns its handle.
 pub fn handle() -> &'static PrometheusHandle {
@@ -41,6 +42,7 @@ pub fn describe(load: Duration) {
     metrics::describe_histogram!(STEP_SECONDS, metrics::Unit::Seconds, "Wall time of one denoising step.");
     metrics::describe_gauge!(LOAD_SECONDS, metrics::Unit::Seconds, "Time the model took to load.");
     metrics::describe_gauge!(PEAK_RSS, metrics::Unit::Bytes, "Peak resident memory of the process.");
+    metrics::describe_gauge!(PEAK_GPU, metrics::Unit::Bytes, "Peak GPU memory allocated by the process (GPU runs only).");
     gauge!(LOAD_SECONDS).set(load.as_secs_f64());
     gauge!(QUEUE_DEPTH).set(0.0);
     gauge!(RUNNING).set(0.0);
@@ -74,9 +76,13 @@ pub fn step(seconds: f64) {
     histogram!(STEP_SECONDS).record(seconds);
 }
 
-pub fn peak_rss(bytes: Option<u64>) {
-    if let Some(b) = bytes {
+/// Peak resident memory and, on a GPU, peak device memory, from a run's report.
+pub fn peak_memory(rss: Option<u64>, gpu: Option<u64>) {
+    if let Some(b) = rss {
         gauge!(PEAK_RSS).set(b as f64);
+    }
+    if let Some(b) = gpu {
+        gauge!(PEAK_GPU).set(b as f64);
     }
 }
 

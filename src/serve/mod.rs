@@ -192,7 +192,7 @@ fn worker(state: Arc<AppState>) {
                 for s in &report.stages {
                     metrics::stage(&s.stage, s.seconds);
                 }
-                metrics::peak_rss(report.peak_rss_bytes);
+                metrics::peak_memory(report.peak_rss_bytes, report.peak_gpu_bytes);
                 let secs = started.elapsed().as_secs_f64();
                 let old = f64::from_bits(state.mean_job_seconds.load(Ordering::Relaxed));
                 let mean = if old == 0.0 { secs } else { 0.8 * old + 0.2 * secs };

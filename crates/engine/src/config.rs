@@ -201,7 +201,8 @@ pub struct DiffusionConfig {
     pub base_scale: f64,
     pub turning_step: usize,
     pub scale_factor: f64,
-    /// Encode/decode one frame at a time (memory only; same math).
+    /// The reference encodes/decodes one frame at a time when set (memory only; same math). The
+    /// pipeline always decodes per frame.
     pub perframe_ae: bool,
     pub fs_kind: FsKind,
 }

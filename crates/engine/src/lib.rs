@@ -4,6 +4,7 @@
 //! [`Request`] into a [`Video`]. The networks live in [`models`], one file per checkpoint prefix.
 
 pub mod config;
+pub mod device;
 pub mod diffusion;
 mod error;
 pub mod kernels;

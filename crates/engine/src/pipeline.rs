@@ -281,8 +281,17 @@ impl Pipeline {
 
     /// Builds the networks of `cfg` with random weights (benchmarks, shape checks).
     pub fn random(cfg: ModelConfig, device: &Device) -> Result<Self> {
+        Self::random_with(cfg, device, PrecisionPolicy::f32())
+    }
+
+    /// [`Pipeline::random`] with the dtypes (and quantization) of `precision`.
+    pub fn random_with(cfg: ModelConfig, device: &Device, precision: PrecisionPolicy) -> Result<Self> {
         let schedule = NoiseSchedule::new(&cfg.diffusion);
-        Self::build(cfg, RandomWeights::var_builder(DType::F32, device), schedule, PrecisionPolicy::f32(), device)
+        let vb = match precision.quantization {
+            Some(_) => RandomWeights::var_builder_quantized(DType::F32, device),
+            None => RandomWeights::var_builder(DType::F32, device),
+        };
+        Self::build(cfg, vb, schedule, precision, device)
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -361,20 +370,17 @@ impl Pipeline {
         Ok(z.broadcast_mul(&Tensor::new(self.cfg.diffusion.scale_factor as f32, &self.device)?)?)
     }
 
-    /// Decodes scaled latents `(b, c, t, h, w)` to `(b, 3, t, H, W)`, one frame at a time when
-    /// the config says so (same math, less memory).
+    /// Decodes scaled latents `(b, c, t, h, w)` to `(b, 3, t, H, W)` one frame at a time, whatever
+    /// the config's `perframe_ae`: the decoder is per-image, so this is the same math, and 16
+    /// frames at once would hold 16× the activations (12 GB on a GPU at 256×256).
     pub fn vae_decode(&self, latents: &Tensor) -> Result<Tensor> {
         let (b, _, _, _, _) = latents.dims5()?;
         let inv = Tensor::new((1.0 / self.cfg.diffusion.scale_factor) as f32, &self.device)?;
         let z = crate::models::layers::video_to_frames(&latents.broadcast_mul(&inv)?)?.to_dtype(self.compute(Part::Vae))?;
-        let out = if self.cfg.diffusion.perframe_ae {
-            let n = z.dim(0)?;
-            let frames = (0..n).map(|i| self.vae.decode(&z.narrow(0, i, 1)?)).collect::<candle_core::Result<Vec<_>>>()?;
-            Tensor::cat(&frames, 0)?
-        } else {
-            self.vae.decode(&z)?
-        };
-        Ok(crate::models::layers::frames_to_video(&out.to_dtype(DType::F32)?, b)?)
+        let frames = (0..z.dim(0)?)
+            .map(|i| self.vae.decode(&z.narrow(0, i, 1)?)?.to_dtype(DType::F32))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(crate::models::layers::frames_to_video(&Tensor::cat(&frames, 0)?, b)?)
     }
 
     /// One UNet call on the noisy latent `x` with the concat latent and context.
@@ -435,10 +441,17 @@ impl Pipeline {
             let step = ddim_step(&self.schedule, &ddim, self.cfg.diffusion.parameterization, &x, &out, index, &step_noise)?;
             observe(i, &x, &step);
             x = step.x_prev;
-            timings.push((Stage::Denoise, start.elapsed()));
+            timings.push((Stage::Denoise, self.elapsed(start)?));
             progress(Progress { stage: Stage::Denoise, step: i + 1, total });
         }
         Ok(x)
+    }
+
+    /// Wall time since `start` once the device has run the queued work: GPU kernels run
+    /// asynchronously, and without the wait a stage's time would land in the next one.
+    fn elapsed(&self, start: Instant) -> Result<Duration> {
+        self.device.synchronize()?;
+        Ok(start.elapsed())
     }
 
     pub fn parameterization(&self) -> Parameterization {
@@ -485,13 +498,13 @@ impl Pipeline {
         let start = Instant::now();
         let prompts: Vec<&str> = if guided { vec![&req.prompt, ""] } else { vec![&req.prompt] };
         let text = self.encode_text(&prompts)?;
-        timings.push((Stage::TextEncode, start.elapsed()));
+        timings.push((Stage::TextEncode, self.elapsed(start)?));
 
         progress(Progress { stage: Stage::ImageEncode, step: 0, total: 1 });
         let start = Instant::now();
         let images = if guided { Tensor::cat(&[&frame, &frame.zeros_like()?], 0)? } else { frame.clone() };
         let img = self.encode_image(&images)?;
-        timings.push((Stage::ImageEncode, start.elapsed()));
+        timings.push((Stage::ImageEncode, self.elapsed(start)?));
 
         let ctx = |t: usize, i: usize| -> Result<Tensor> {
             Ok(Tensor::cat(&[&text.narrow(0, t, 1)?, &img.narrow(0, i, 1)?], 1)?)
@@ -522,7 +535,7 @@ impl Pipeline {
                 Tensor::cat(&[&z0, &mid, &z1], 2)?
             }
         };
-        timings.push((Stage::VaeEncode, start.elapsed()));
+        timings.push((Stage::VaeEncode, self.elapsed(start)?));
 
         Ok(Conditioning {
             context: ctx(0, 0)?,
@@ -575,7 +588,7 @@ impl Pipeline {
             let saved = if req.mode == Mode::Loop { tensor.narrow(2, 0, req.frames - 1)? } else { tensor.clone() };
             let frames = saved.dim(2)?;
             let frames_u8 = video_to_u8(&saved)?;
-            timings.push((Stage::VaeDecode, start.elapsed()));
+            timings.push((Stage::VaeDecode, self.elapsed(start)?));
             videos.push(Video {
                 tensor,
                 frames_u8,

@@ -257,8 +257,9 @@ impl SimpleBackend for Recording<'_> {
 }
 
 /// Random weights for benchmarks and shape checks of the real networks without a checkpoint:
-/// matrices N(0, 1/fan_in), 1-D `weight`s (norms) one, everything else small noise. Seeded by
-/// the tensor's name, so every build of a network gets the same weights.
+/// matrices N(0, 1/fan_in), 1-D `weight`s (norms) one, everything else small noise. On the CPU
+/// seeded by the tensor's name, so every build of a network gets the same weights; on a GPU
+/// drawn by the device's own generator (billions of host draws would dominate a GPU benchmark).
 pub struct RandomWeights;
 
 impl RandomWeights {
@@ -285,6 +286,9 @@ impl SimpleBackend for RandomWeights {
         let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
         let dims = s.dims();
         let normal = |std: f64| -> candle_core::Result<Tensor> {
+            if !dev.is_cpu() {
+                return Tensor::randn(0f32, std as f32, dims, dev);
+            }
             let t = crate::noise::Normal::new(seed).tensor(dims, dev).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
             t.affine(std, 0.0)
         };

@@ -6,8 +6,12 @@
 //! Tolerances (stated once, never loosened): per stage max|a−b| ≤ 1e-4·max(1, max|ref|); full
 //! sampling runs ≤ 1e-3·max(1, max|ref|); tokens and timesteps exact; u8 images ±1.
 //!
+//! Runs on `DYNAMICRAFTER_TEST_DEVICE` (default cpu; `cuda` in a CUDA build), same tolerances.
+//!
 //! Set `DYNAMICRAFTER_PARITY_MD=$PWD/docs/PARITY.md` (an absolute path) to write the table of
 //! measured errors.
+
+mod common;
 
 use candle_core::{DType, Device, Tensor};
 use dynamicrafter_engine::config::TimestepSpacing;
@@ -118,7 +122,7 @@ impl Fixture {
     fn load(dir: &Path) -> Self {
         let cfg = ModelConfig::from_json_file(&dir.join("config.json")).expect("config.json");
         let json: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-        let stages = candle_core::safetensors::load(dir.join("stages.safetensors"), &Device::Cpu).expect("stages");
+        let stages = candle_core::safetensors::load(dir.join("stages.safetensors"), &common::device()).expect("stages");
         let prompts = json["stage_prompts"]
             .as_array()
             .expect("stage_prompts")
@@ -514,7 +518,7 @@ fn check_modes(fx: &Fixture, p: &Pipeline, r: &mut Report) {
     let bytes = std::fs::read(&path).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let params: Value = serde_json::from_str(&meta.metadata().as_ref().unwrap()["params"]).unwrap();
-    let tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let tensors = candle_core::safetensors::load(&path, &common::device()).unwrap();
     let t = |n: &str| tensors.get(n).unwrap_or_else(|| panic!("no tensor {n}"));
     for mode in ["interp", "loop"] {
         let s = &params[mode];
@@ -595,7 +599,7 @@ fn parity_with_reference_fixtures() {
         assert!(!weights.is_empty(), "{}: no weights", dir.display());
         for (wi, w) in weights.iter().enumerate() {
             let mut r = Report { fixture: name.clone(), weights: w.to_string(), rows: vec![] };
-            let p = match Pipeline::load(fx.cfg.clone(), &dir.join(w), &Device::Cpu) {
+            let p = match Pipeline::load(fx.cfg.clone(), &dir.join(w), &common::device()) {
                 Ok(p) => p,
                 Err(e) => {
                     r.fail("load", e.to_string());

@@ -1,6 +1,8 @@
 //! `Pipeline::generate` as front ends use it: progress, cancel, modes, input validation.
 
-use candle_core::Device;
+mod common;
+
+use common::device;
 use dynamicrafter_engine::{Error, Mode, ModelConfig, Pipeline, Progress, Request, RgbImage, SeededNoise, Stage};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 fn tiny_v() -> (ModelConfig, Pipeline) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny-v");
     let cfg = ModelConfig::from_json_file(&dir.join("config.json")).unwrap();
-    let p = Pipeline::load(cfg.clone(), &dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let p = Pipeline::load(cfg.clone(), &dir.join("model.safetensors"), &device()).unwrap();
     (cfg, p)
 }
 
@@ -23,7 +25,7 @@ fn progress_reports_every_stage_and_step_and_cancel_stops_between_steps() {
     req.steps = 3;
     let cancel = AtomicBool::new(false);
     let mut seen: Vec<Progress> = Vec::new();
-    let video = p.generate(&req, &mut SeededNoise::new(1, &Device::Cpu), &mut |pr| seen.push(pr), &cancel).unwrap();
+    let video = p.generate(&req, &mut SeededNoise::new(1, &device()), &mut |pr| seen.push(pr), &cancel).unwrap();
     let stages: Vec<Stage> = seen.iter().filter(|p| p.step == 0).map(|p| p.stage).collect();
     assert_eq!(stages, [Stage::TextEncode, Stage::ImageEncode, Stage::VaeEncode, Stage::Denoise, Stage::VaeDecode]);
     let steps: Vec<usize> = seen.iter().filter(|p| p.stage == Stage::Denoise).map(|p| p.step).collect();
@@ -32,7 +34,7 @@ fn progress_reports_every_stage_and_step_and_cancel_stops_between_steps() {
     assert_eq!(video.frames_u8.len(), req.frames * req.height * req.width * 3);
 
     let mut after = 0;
-    let r = p.generate(&req, &mut SeededNoise::new(1, &Device::Cpu), &mut |pr| {
+    let r = p.generate(&req, &mut SeededNoise::new(1, &device()), &mut |pr| {
         if pr.stage == Stage::Denoise && pr.step == 1 {
             cancel.store(true, Ordering::Relaxed);
         }
@@ -50,7 +52,7 @@ fn same_seed_same_video_and_loop_drops_the_last_frame() {
     let mut req = Request::new(&cfg, image(64, 64), "waves");
     req.steps = 2;
     let never = AtomicBool::new(false);
-    let run = |req: &Request, seed| p.generate(req, &mut SeededNoise::new(seed, &Device::Cpu), &mut |_| {}, &never).unwrap();
+    let run = |req: &Request, seed| p.generate(req, &mut SeededNoise::new(seed, &device()), &mut |_| {}, &never).unwrap();
     let a = run(&req, 5);
     assert_eq!(a.frames_u8, run(&req, 5).frames_u8);
     assert_ne!(a.frames_u8, run(&req, 6).frames_u8);
@@ -74,7 +76,7 @@ fn invalid_requests_name_the_problem() {
         (Request { mode: Mode::Loop, frames: 1, ..base.clone() }, "frames"),
     ];
     for (req, needle) in cases {
-        match p.generate(&req, &mut SeededNoise::new(1, &Device::Cpu), &mut |_| {}, &never) {
+        match p.generate(&req, &mut SeededNoise::new(1, &device()), &mut |_| {}, &never) {
             Err(Error::InvalidInput(m)) => assert!(m.contains(needle), "{m}"),
             other => panic!("expected invalid input naming {needle}, got {other:?}"),
         }
@@ -82,7 +84,8 @@ fn invalid_requests_name_the_problem() {
 }
 
 /// The reduced-precision path GPUs take (weights and compute in bf16 or f16, norms and softmax in
-/// f32, chunked attention), run on the CPU: decoded frames within 35 dB of fp32.
+/// f32, chunked attention), on the test device (the CPU unless `DYNAMICRAFTER_TEST_DEVICE` says
+/// otherwise): decoded frames within 35 dB of fp32.
 #[test]
 fn reduced_precision_pipelines_stay_within_35_db_of_fp32() {
     use dynamicrafter_engine::{Precision, PrecisionPolicy};
@@ -92,8 +95,8 @@ fn reduced_precision_pipelines_stay_within_35_db_of_fp32() {
     req.steps = 4;
     let never = AtomicBool::new(false);
     let frames = |policy: PrecisionPolicy| {
-        let p = Pipeline::load_with(cfg.clone(), &dir.join("model.safetensors"), &Device::Cpu, policy).unwrap();
-        p.generate(&req, &mut SeededNoise::new(3, &Device::Cpu), &mut |_| {}, &never).unwrap().frames_u8
+        let p = Pipeline::load_with(cfg.clone(), &dir.join("model.safetensors"), &device(), policy).unwrap();
+        p.generate(&req, &mut SeededNoise::new(3, &device()), &mut |_| {}, &never).unwrap().frames_u8
     };
     let reference = frames(PrecisionPolicy::f32());
     for precision in [Precision::Bf16, Precision::F16] {

@@ -186,10 +186,13 @@ pub fn attention_chunked(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, max_sco
 }
 
 /// `softmax(q·kᵀ·scale)·v` for `(batch, len, dim)` tensors, never materialising more than a
-/// block of scores per thread on CPU (f32), nor more than [`MAX_SCORES`] elsewhere.
+/// block of scores per thread on CPU (f32), no scores at all on CUDA in f16/bf16 (the fused
+/// kernel), nor more than [`MAX_SCORES`] elsewhere.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     if q.device().is_cpu() && q.dtype() == DType::F32 && k.dtype() == DType::F32 && v.dtype() == DType::F32 {
         q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &Attention { scale: scale as f32 })
+    } else if super::flash_attention::supported(q, k, v) {
+        super::flash_attention::flash_attention(q, k, v, scale)
     } else {
         attention_chunked(q, k, v, scale, MAX_SCORES)
     }

@@ -75,6 +75,8 @@ pub fn temporal_conv(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
         // candle has no bf16/f16 CPU convolution: compute in f32 (as GPUs accumulate), round back.
         let f32 = |t: &Tensor| t.to_dtype(DType::F32);
         temporal_conv(&f32(x)?, &f32(w)?, &f32(bias)?)?.to_dtype(x.dtype())
+    } else if super::cuda::usable(x) && w.dtype() == x.dtype() {
+        super::cuda::temporal_conv(x, &super::cuda::taps_first(w)?, bias)
     } else {
         temporal_conv_reference(x, w, bias)
     }
@@ -169,6 +171,8 @@ pub fn conv3x3(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
         // candle has no bf16/f16 CPU convolution: compute in f32 (as GPUs accumulate), round back.
         let f32 = |t: &Tensor| t.to_dtype(DType::F32);
         conv3x3(&f32(x)?, &f32(w)?, &f32(bias)?)?.to_dtype(x.dtype())
+    } else if super::cuda::usable(x) && w.dtype() == x.dtype() {
+        super::cuda::conv3x3(x, &super::cuda::taps_first(w)?, bias)
     } else {
         conv3x3_reference(x, w, bias)
     }

@@ -4,7 +4,8 @@
 //! * [`group_norm`]: one pass for the statistics and one fused normalise + affine (+ SiLU) pass
 //!   per (sample, group), groups spread over threads.
 //! * [`attention`]: `softmax(q·kᵀ·scale)·v` over blocks of queries — scores for one block at a
-//!   time (never the whole matrix), the softmax fused in between two GEMMs.
+//!   time (never the whole matrix), the softmax fused in between two GEMMs. On CUDA in f16/bf16,
+//!   [`flash_attention`]: our fused kernel (`flash_attention.cu`).
 //! * [`conv3x3`], [`temporal_conv`]: convolutions as GEMMs over shifted views of the input (no
 //!   im2col matrix); [`geglu`]: the feed-forward gate with a vectorised erf.
 //!
@@ -42,13 +43,18 @@ macro_rules! dispatch {
 
 mod attention;
 mod conv;
+pub mod cuda;
+mod flash_attention;
 mod geglu;
 mod norm;
+mod permute;
 mod q8;
 
 pub use attention::{attention, attention_chunked, attention_reference, softmax_last_dim, MAX_SCORES};
+pub use flash_attention::flash_attention;
 pub use conv::{conv3x3, conv3x3_reference, temporal_conv, temporal_conv_reference};
 pub use geglu::{geglu, geglu_reference};
+pub use permute::{permute, permute_reference};
 pub use norm::{group_norm, group_norm_reference};
 pub use q8::{Q8Conv, Q8Matrix};
 pub use q8::available as q8_available;

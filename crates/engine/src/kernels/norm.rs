@@ -81,6 +81,8 @@ pub fn group_norm(x: &Tensor, w: &Tensor, b: &Tensor, groups: usize, eps: f64, s
     }
     if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 && b.dtype() == DType::F32 {
         x.contiguous()?.apply_op3_no_bwd(w, b, &GroupNorm { groups, eps: eps as f32, silu })
+    } else if super::cuda::usable(x) && w.dtype() == x.dtype() && b.dtype() == x.dtype() {
+        super::cuda::group_norm(x, w, b, groups, eps, silu)
     } else {
         group_norm_reference(x, w, b, groups, eps, silu)
     }

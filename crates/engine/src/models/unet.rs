@@ -8,6 +8,7 @@ use super::layers::{
     multi_head_attention, silu, timestep_embedding, video_to_frames, Conv2d, Linear,
 };
 use crate::config::UnetConfig;
+use crate::kernels::permute;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 
@@ -247,12 +248,12 @@ impl SpatialTransformer {
     /// `xs`: `(b·t, c, h, w)`; `context`: `(b·t, l, context_dim)`.
     fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
         let (n, c, h, w) = xs.dims4()?;
-        let hs = self.norm.forward(xs)?.flatten_from(2)?.transpose(1, 2)?.contiguous()?;
+        let hs = permute(&self.norm.forward(xs)?.flatten_from(2)?, &[0, 2, 1])?;
         let mut hs = self.proj_in.forward(&hs)?;
         for block in &self.blocks {
             hs = block.forward(&hs, Some(context))?;
         }
-        let hs = self.proj_out.forward(&hs)?.transpose(1, 2)?.reshape((n, c, h, w))?;
+        let hs = permute(&self.proj_out.forward(&hs)?, &[0, 2, 1])?.reshape((n, c, h, w))?;
         hs + xs
     }
 }
@@ -289,14 +290,14 @@ impl TemporalTransformer {
         let video = frames_to_video(xs, b)?;
         let hs = self.norm.forward(&video)?;
         // (b, c, t, h, w) → (b·h·w, t, c)
-        let hs = hs.permute((0, 3, 4, 2, 1))?.contiguous()?.reshape((b * h * w, t, c))?;
+        let hs = permute(&hs, &[0, 3, 4, 2, 1])?.reshape((b * h * w, t, c))?;
         let mut hs = self.proj_in.forward(&hs)?;
         for block in &self.blocks {
             hs = block.forward(&hs, None)?;
         }
         let hs = self.proj_out.forward(&hs)?;
         // (b·h·w, t, c) → (b·t, c, h, w)
-        let hs = hs.reshape((b, h, w, t, c))?.permute((0, 3, 4, 1, 2))?.contiguous()?.reshape((bt, c, h, w))?;
+        let hs = permute(&hs.reshape((b, h, w, t, c))?, &[0, 3, 4, 1, 2])?.reshape((bt, c, h, w))?;
         hs + xs
     }
 }
