@@ -433,6 +433,15 @@ fn ops(runs: usize) -> Result<Vec<Timing>> {
     }
     let (ab, bb) = (a.to_dtype(DType::BF16)?, b.to_dtype(DType::BF16)?);
     out.push(time("matmul bf16 4096x1280@1280x1280", runs, || { ab.matmul(&bb)?; Ok(()) })?);
+    if kernels::amx::available() {
+        // f32 in and out, bf16 products on AMX (the weight packed once, as a layer would).
+        let w = kernels::amx::Bf16Matrix::new(&b.t()?.contiguous()?)?;
+        out.push(time("matmul bf16 4096x1280@1280x1280 (ours, AMX)", runs, || { w.forward(&a)?; Ok(()) })?);
+        for (m, k, n) in [(16384, 320, 320), (16384, 320, 2560)] {
+            let (x, w) = (randn(&[m, k], 1.0)?, kernels::amx::Bf16Matrix::new(&randn(&[n, k], 0.05)?)?);
+            out.push(time(&format!("matmul bf16 {m}x{k}@{k}x{n} (ours, AMX)"), runs, || { w.forward(&x)?; Ok(()) })?);
+        }
+    }
     let (wb, xb) = (w.to_dtype(DType::BF16)?, randn(&[16, 320, 32, 32], 1.0)?.to_dtype(DType::BF16)?);
     match xb.conv2d(&wb, 1, 1, 1, 1) {
         Ok(_) => out.push(time("conv2d bf16 16x320x32x32 k3", runs, || { xb.conv2d(&wb, 1, 1, 1, 1)?; Ok(()) })?),

@@ -41,6 +41,7 @@ macro_rules! dispatch {
     };
 }
 
+pub mod amx;
 mod attention;
 mod conv;
 pub mod cuda;
