@@ -20,8 +20,7 @@ pub fn available() -> bool {
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         {
             // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE.
-            // SAFETY: CPUID is present on every x86-64 CPU.
-            let edx = unsafe { std::arch::x86_64::__cpuid_count(7, 0) }.edx;
+            let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
             edx & (1 << 22) != 0 && edx & (1 << 24) != 0 && request_tile_state()
         }
         #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
