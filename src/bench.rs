@@ -132,6 +132,7 @@ impl Target {
     fn weights(&self, part: Part) -> candle_nn::VarBuilder<'static> {
         let vb = match self.precision.quantization {
             Some(_) => RandomWeights::var_builder_quantized(DType::F32, &self.device),
+            None if self.precision.bf16_matmuls => RandomWeights::var_builder_bf16(DType::F32, &self.device),
             None => RandomWeights::var_builder(DType::F32, &self.device),
         };
         vb.set_dtype(self.precision.part(part).weights)
@@ -157,6 +158,8 @@ impl Target {
             s += &format!(" {} {}", dynamicrafter_engine::device::name(&self.device), self.precision.name());
         } else if self.precision.quantization.is_some() {
             s += " q8_0";
+        } else if self.precision.bf16_matmuls {
+            s += " bf16 (AMX)";
         }
         s
     }
@@ -436,10 +439,10 @@ fn ops(runs: usize) -> Result<Vec<Timing>> {
     if kernels::amx::available() {
         // f32 in and out, bf16 products on AMX (the weight packed once, as a layer would).
         let w = kernels::amx::Bf16Matrix::new(&b.t()?.contiguous()?)?;
-        out.push(time("matmul bf16 4096x1280@1280x1280 (ours, AMX)", runs, || { w.forward(&a)?; Ok(()) })?);
+        out.push(time("matmul bf16 4096x1280@1280x1280 (ours, AMX)", runs, || { w.forward(&a, None)?; Ok(()) })?);
         for (m, k, n) in [(16384, 320, 320), (16384, 320, 2560)] {
             let (x, w) = (randn(&[m, k], 1.0)?, kernels::amx::Bf16Matrix::new(&randn(&[n, k], 0.05)?)?);
-            out.push(time(&format!("matmul bf16 {m}x{k}@{k}x{n} (ours, AMX)"), runs, || { w.forward(&x)?; Ok(()) })?);
+            out.push(time(&format!("matmul bf16 {m}x{k}@{k}x{n} (ours, AMX)"), runs, || { w.forward(&x, None)?; Ok(()) })?);
         }
     }
     let (wb, xb) = (w.to_dtype(DType::BF16)?, randn(&[16, 320, 32, 32], 1.0)?.to_dtype(DType::BF16)?);

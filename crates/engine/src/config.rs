@@ -165,14 +165,16 @@ impl std::str::FromStr for Precision {
 }
 
 impl Precision {
-    /// The precision a run actually uses on `device`. On CPU only fp32 exists today: `auto`
-    /// picks it, and reduced precision is refused rather than silently ignored.
+    /// The precision a run actually uses on `device`. On CPU `auto` is fp32, and bf16 exists
+    /// where the CPU has AMX (bf16 products, the rest in f32); what the CPU lacks is refused
+    /// rather than silently ignored.
     pub fn resolve(self, device: &candle_core::Device) -> Result<Self> {
         match (self, device.is_cpu()) {
             (Self::Auto, true) | (Self::F32, _) => Ok(Self::F32),
             (Self::Auto, false) => Ok(Self::Bf16),
+            (Self::Bf16, true) if crate::kernels::amx::available() => Ok(Self::Bf16),
             (p, true) => Err(Error::InvalidInput(format!(
-                "precision {} is not available on CPU yet; use fp32 or auto",
+                "precision {} is not available on this CPU (bf16 needs AMX); use fp32 or auto",
                 p.name()
             ))),
             (p, false) => Ok(p),

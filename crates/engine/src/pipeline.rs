@@ -262,6 +262,7 @@ impl Pipeline {
         let (vb, precision) = match ck.quantization() {
             Some(q) => (ck.var_builder(DType::F32, device), precision.with_quantization(Some(q))),
             None if precision.quantization.is_some() => (ck.var_builder_quantized(DType::F32, device), precision),
+            None if precision.bf16_matmuls => (ck.var_builder_bf16(DType::F32, device), precision),
             None => (ck.var_builder(DType::F32, device), precision),
         };
         // The schedule buffers in the file overwrite the computed ones, as in the reference.
@@ -289,6 +290,7 @@ impl Pipeline {
         let schedule = NoiseSchedule::new(&cfg.diffusion);
         let vb = match precision.quantization {
             Some(_) => RandomWeights::var_builder_quantized(DType::F32, device),
+            None if precision.bf16_matmuls => RandomWeights::var_builder_bf16(DType::F32, device),
             None => RandomWeights::var_builder(DType::F32, device),
         };
         Self::build(cfg, vb, schedule, precision, device)

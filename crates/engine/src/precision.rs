@@ -40,6 +40,9 @@ pub struct PrecisionPolicy {
     /// Resampler, and the UNet's 3×3 convolutions; [`crate::quant::keeps_float`] lists what stays
     /// in float.
     pub quantization: Option<Quantization>,
+    /// CPU bf16: weights and activations stay f32, the linear layers' products run in bf16 on
+    /// the AMX tiles (like PyTorch's CPU autocast).
+    pub bf16_matmuls: bool,
 }
 
 fn dtype(p: Precision) -> DType {
@@ -56,7 +59,11 @@ impl PrecisionPolicy {
     /// requested dtype (`auto` = bf16) for weights and compute of every network, except the VAE,
     /// which stays in f32 under f16 (its activations overflow f16's range).
     pub fn new(requested: Precision, device: &Device) -> Result<Self> {
-        Ok(Self::unchecked(requested.resolve(device)?))
+        let resolved = requested.resolve(device)?;
+        if device.is_cpu() && resolved == Precision::Bf16 {
+            return Ok(Self { resolved, bf16_matmuls: true, ..Self::f32() });
+        }
+        Ok(Self::unchecked(resolved))
     }
 
     /// The dtypes `requested` stands for (`auto`: bf16), without asking whether the device offers
@@ -69,13 +76,13 @@ impl PrecisionPolicy {
         if resolved == Precision::F16 {
             parts[1] = PartPrecision { weights: DType::F32, compute: DType::F32 };
         }
-        Self { resolved, parts, quantization: None }
+        Self { resolved, parts, quantization: None, bf16_matmuls: false }
     }
 
     /// fp32 everywhere, on any device (reference runs and tests).
     pub fn f32() -> Self {
         let all = PartPrecision { weights: DType::F32, compute: DType::F32 };
-        Self { resolved: Precision::F32, parts: [all; 5], quantization: None }
+        Self { resolved: Precision::F32, parts: [all; 5], quantization: None, bf16_matmuls: false }
     }
 
     pub fn with_quantization(mut self, quantization: Option<Quantization>) -> Self {
@@ -90,7 +97,9 @@ impl PrecisionPolicy {
     /// How the run report names it, e.g. `fp32`, `f16 (VAE fp32)` or `fp32 + q8_0`.
     pub fn name(&self) -> String {
         let mut name = self.resolved.name().to_string();
-        if self.part(Part::Vae).compute != dtype(self.resolved) {
+        if self.bf16_matmuls {
+            name.push_str(" (AMX products, fp32 rest)");
+        } else if self.part(Part::Vae).compute != dtype(self.resolved) {
             name.push_str(" (VAE fp32)");
         }
         if let Some(q) = self.quantization {
@@ -112,7 +121,13 @@ mod tests {
             assert_eq!(p.part(part), PartPrecision { weights: DType::F32, compute: DType::F32 });
         }
         assert_eq!(p.name(), "fp32");
-        assert!(PrecisionPolicy::new(Precision::Bf16, &Device::Cpu).is_err());
+        match PrecisionPolicy::new(Precision::Bf16, &Device::Cpu) {
+            Ok(bf16) => {
+                assert!(crate::kernels::amx::available() && bf16.bf16_matmuls);
+                assert_eq!(bf16.part(Part::Unet), PartPrecision { weights: DType::F32, compute: DType::F32 });
+            }
+            Err(_) => assert!(!crate::kernels::amx::available()),
+        }
         assert!(PrecisionPolicy::new(Precision::F16, &Device::Cpu).is_err());
         assert_eq!(PrecisionPolicy::f32(), p);
     }

@@ -190,6 +190,40 @@ impl SimpleBackend for QuantizeOnLoad<'_> {
     }
 }
 
+/// Suffix under which [`Bf16OnLoad`] serves a weight for the CPU's bf16 (AMX) products.
+pub const BF16_SUFFIX: &str = ".bf16";
+
+/// A backend that also answers `X.bf16` for every weight `X` that would be quantized, with `X`
+/// in f32: the layers that find it pack it for [`crate::kernels::amx::Bf16Matrix`] (the CPU's
+/// `--precision bf16`), everything else reads `X` as stored.
+pub struct Bf16OnLoad<'a> {
+    inner: Box<dyn SimpleBackend + 'a>,
+}
+
+impl<'a> Bf16OnLoad<'a> {
+    pub fn new(inner: Box<dyn SimpleBackend + 'a>) -> Self {
+        Self { inner }
+    }
+}
+
+impl SimpleBackend for Bf16OnLoad<'_> {
+    fn get(&self, s: Shape, name: &str, h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let base = name.strip_suffix(BF16_SUFFIX).unwrap_or(name);
+        self.inner.get(s, base, h, dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.inner.get_unchecked(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        match name.strip_suffix(BF16_SUFFIX) {
+            Some(base) => !keeps_float(base) && self.inner.contains_tensor(base),
+            None => self.inner.contains_tensor(name),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -141,6 +141,12 @@ impl Checkpoint {
         VarBuilder::from_backend(Box::new(quant::QuantizeOnLoad::new(Box::new(Reader(self)))), dtype, dev.clone())
     }
 
+    /// Like [`var_builder`](Self::var_builder), serving the weights of the layers that run bf16
+    /// products on the CPU (`--precision bf16` with AMX) for packing.
+    pub fn var_builder_bf16(&self, dtype: DType, dev: &Device) -> VarBuilder<'_> {
+        VarBuilder::from_backend(Box::new(quant::Bf16OnLoad::new(Box::new(Reader(self)))), dtype, dev.clone())
+    }
+
     /// Strict check against the key set a model expects (see `Pipeline::checkpoint_keys`):
     /// lists every missing, unexpected and mis-shaped tensor at once.
     pub fn verify(&self, expected: &BTreeMap<String, Vec<usize>>) -> Result<()> {
@@ -252,7 +258,7 @@ impl SimpleBackend for Recording<'_> {
 
     /// Every float key; the checkpoint keys are those of a float model.
     fn contains_tensor(&self, name: &str) -> bool {
-        !name.ends_with(quant::SUFFIX)
+        !name.ends_with(quant::SUFFIX) && !name.ends_with(quant::BF16_SUFFIX)
     }
 }
 
@@ -270,6 +276,11 @@ impl RandomWeights {
     /// Random weights with linear layers quantized to `q8_0`.
     pub fn var_builder_quantized(dtype: DType, dev: &Device) -> VarBuilder<'static> {
         VarBuilder::from_backend(Box::new(quant::QuantizeOnLoad::new(Box::new(RandomWeights))), dtype, dev.clone())
+    }
+
+    /// Random weights with linear layers packed for the CPU's bf16 products.
+    pub fn var_builder_bf16(dtype: DType, dev: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(quant::Bf16OnLoad::new(Box::new(RandomWeights))), dtype, dev.clone())
     }
 }
 
@@ -309,6 +320,6 @@ impl SimpleBackend for RandomWeights {
 
     /// Float weights only; wrap in [`quant::QuantizeOnLoad`] for quantized ones.
     fn contains_tensor(&self, name: &str) -> bool {
-        !name.ends_with(quant::SUFFIX)
+        !name.ends_with(quant::SUFFIX) && !name.ends_with(quant::BF16_SUFFIX)
     }
 }

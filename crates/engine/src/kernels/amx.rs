@@ -65,7 +65,7 @@ impl Bf16Matrix {
     /// Packs `w [n, k]`; n and k must be multiples of 32.
     pub fn new(w: &Tensor) -> Result<Self> {
         let (n, k) = w.dims2()?;
-        if n % BLOCK != 0 || k % BLOCK != 0 {
+        if !n.is_multiple_of(BLOCK) || !k.is_multiple_of(BLOCK) {
             candle_core::bail!("bf16 AMX matrix: [{n}, {k}] is not a multiple of {BLOCK} on both sides");
         }
         let w = w.to_dtype(DType::BF16)?.to_vec2::<half::bf16>()?;
@@ -78,35 +78,50 @@ impl Bf16Matrix {
         Ok(Self { packed, n, k })
     }
 
-    /// `x · wᵀ` for f32 `x (…, k)` on the CPU: `(…, n)` in f32.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `x · wᵀ (+ bias)` for f32 `x (…, k)` on the CPU: `(…, n)` in f32. Each task rounds its
+    /// own rows of `x` to bf16 (zero rows pad the last block), multiplies, and adds the bias
+    /// while the rows are in cache.
+    pub fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         if !available() {
             candle_core::bail!("bf16 AMX matrix: this CPU or OS offers no AMX");
         }
         let dims = x.dims().to_vec();
         let k = *dims.last().unwrap_or(&0);
-        if k != self.k || !x.device().is_cpu() {
-            candle_core::bail!("bf16 AMX matrix: input {dims:?} on {:?}, expected (…, {}) on the CPU", x.device(), self.k);
+        if k != self.k || !x.device().is_cpu() || x.dtype() != DType::F32 {
+            candle_core::bail!("bf16 AMX matrix: input {dims:?} {:?} on {:?}, expected f32 (…, {}) on the CPU", x.dtype(), x.device(), self.k);
         }
+        let bias = bias.map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>()).transpose()?;
+        if bias.as_ref().is_some_and(|b| b.len() != self.n) {
+            candle_core::bail!("bf16 AMX matrix: bias of the wrong length");
+        }
+        let x = x.contiguous()?;
+        let (storage, layout) = x.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else { candle_core::bail!("bf16 AMX matrix: input not on the CPU") };
+        let start = layout.start_offset();
         let m = x.elem_count() / k;
-        let rows = m.div_ceil(BLOCK) * BLOCK;
-        // Activations in bf16, padded with zero rows to whole blocks.
-        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let mut a = vec![0u16; rows * k];
-        use rayon::prelude::*;
-        a.par_chunks_mut(k * 64).zip(xs.par_chunks(k * 64)).for_each(|(dst, src)| {
-            for (d, s) in dst.iter_mut().zip(src) {
-                *d = half::bf16::from_f32(*s).to_bits();
-            }
-        });
-        let n = self.n;
+        let src = &cpu.as_slice::<f32>()?[start..start + m * k];
+        let (n, rows) = (self.n, m.div_ceil(BLOCK) * BLOCK);
         let mut out = vec![0f32; rows * n];
+        use rayon::prelude::*;
         out.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(task, c)| {
             let task_rows = c.len() / n;
-            // SAFETY: `a` holds `rows` rows of k, `packed` k/2 rows of n pairs, `c` `task_rows`
-            // rows of n; every dimension is a multiple of 32 (checked in `new` and by padding).
-            unsafe { gemm(a.as_ptr().add(task * ROWS_PER_TASK * k), self.packed.as_ptr(), c.as_mut_ptr(), task_rows, n, k) };
+            let first = task * ROWS_PER_TASK;
+            let mut a = vec![0u16; task_rows * k];
+            let have = m.saturating_sub(first).min(task_rows) * k;
+            for (d, s) in a[..have].iter_mut().zip(&src[first * k..first * k + have]) {
+                *d = half::bf16::from_f32(*s).to_bits();
+            }
+            // SAFETY: `a` holds `task_rows` rows of k, `packed` k/2 rows of n pairs, `c`
+            // `task_rows` rows of n; every dimension is a multiple of 32 (checked in `new`,
+            // rows padded to whole blocks).
+            unsafe { gemm(a.as_ptr(), self.packed.as_ptr(), c.as_mut_ptr(), task_rows, n, k) };
+            if let Some(b) = &bias {
+                for row in c.chunks_mut(n) {
+                    row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+                }
+            }
         });
+        drop(storage);
         out.truncate(m * n);
         let mut shape = dims;
         *shape.last_mut().expect("rank ≥ 1") = n;
@@ -200,9 +215,10 @@ mod tests {
         for (m, k, n) in [(1, 32, 32), (37, 64, 96), (100, 320, 320), (513, 96, 64), (2, 1280, 32)] {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
             let w = Tensor::randn(0f32, 0.1, (n, k), &dev).unwrap();
-            let got = Bf16Matrix::new(&w).unwrap().forward(&x).unwrap();
+            let b = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
+            let got = Bf16Matrix::new(&w).unwrap().forward(&x, Some(&b)).unwrap();
             let round = |t: &Tensor| t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F64).unwrap();
-            let want = round(&x).matmul(&round(&w).t().unwrap()).unwrap();
+            let want = round(&x).matmul(&round(&w).t().unwrap()).unwrap().broadcast_add(&b.to_dtype(DType::F64).unwrap()).unwrap();
             let diff = (got.to_dtype(DType::F64).unwrap() - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
             let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
             assert!(diff <= 1e-5 * scale.max(1.0), "{m}x{k}x{n}: max error {diff:.2e} (scale {scale:.2e})");
@@ -210,7 +226,7 @@ mod tests {
         // A 3-D input keeps its leading dimensions.
         let x = Tensor::randn(0f32, 1.0, (2, 3, 64), &dev).unwrap();
         let w = Tensor::randn(0f32, 0.1, (32, 64), &dev).unwrap();
-        assert_eq!(Bf16Matrix::new(&w).unwrap().forward(&x).unwrap().dims(), &[2, 3, 32]);
+        assert_eq!(Bf16Matrix::new(&w).unwrap().forward(&x, None).unwrap().dims(), &[2, 3, 32]);
         assert!(Bf16Matrix::new(&Tensor::zeros((30, 64), DType::F32, &dev).unwrap()).is_err());
     }
 }

@@ -10,6 +10,8 @@ use candle_nn::{Conv2dConfig, LayerNorm, VarBuilder};
 pub enum Linear {
     Float(candle_nn::Linear),
     Quantized { weight: Int8Matmul, bias: Option<Tensor> },
+    /// bf16 products on the CPU's AMX tiles, f32 in and out (`--precision bf16` on a CPU).
+    Bf16 { weight: std::sync::Arc<crate::kernels::amx::Bf16Matrix>, bias: Option<Tensor> },
 }
 
 impl Linear {
@@ -25,6 +27,12 @@ impl Linear {
             let raw = vb.get_with_hints_dtype(stored.to_vec(), &qname, candle_nn::Init::Const(0.), DType::U8)?;
             let weight = Int8Matmul::new(&raw, out_dim, in_dim, vb.device()).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
             return Ok(Self::Quantized { weight, bias });
+        }
+        let bname = format!("{name}{}", quant::BF16_SUFFIX);
+        if out_dim.is_multiple_of(32) && in_dim.is_multiple_of(32) && vb.contains_tensor(&bname) && crate::kernels::amx::available() {
+            let w = vb.get_with_hints_dtype(shape.to_vec(), &bname, candle_nn::Init::Const(0.), DType::F32)?.reshape((out_dim, in_dim))?;
+            let weight = std::sync::Arc::new(crate::kernels::amx::Bf16Matrix::new(&w)?);
+            return Ok(Self::Bf16 { weight, bias });
         }
         let w = vb.get(shape.to_vec(), name)?.reshape((out_dim, in_dim))?;
         Ok(Self::new(w, bias))
@@ -42,6 +50,7 @@ impl Module for Linear {
                     None => Ok(y),
                 }
             }
+            Self::Bf16 { weight, bias } => weight.forward(xs, bias.as_ref()),
         }
     }
 }
