@@ -33,7 +33,23 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
+/// glibc returns every block over 128 KB–32 MB to the OS when freed, and takes fresh zeroed pages
+/// for the next: a UNet forward allocates and frees gigabytes of same-sized activations, so the
+/// kernel spent ~10 % of a CPU run clearing pages. Serve blocks up to 32 MB (the most glibc
+/// allows) from the heap and keep freed memory there: `unet-256` 30.8–33.5 s instead of
+/// 35.0–36.8 s in two back-to-back pairs (docs/PERFORMANCE.md), peak RSS +3 %.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator thresholds; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+    }
+}
+
 fn main() -> ExitCode {
+    keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args).map(|()| true),
