@@ -114,11 +114,8 @@ impl candle_nn::var_builder::SimpleBackend for RoundedWeights {
 
 /// Seeded random weights of the presets' networks, float or with linear layers in q8_0.
 fn weights(quantized: bool) -> candle_nn::VarBuilder<'static> {
-    if quantized {
-        RandomWeights::var_builder_quantized(DType::F32, &Device::Cpu)
-    } else {
-        RandomWeights::var_builder(DType::F32, &Device::Cpu)
-    }
+    let quantization = quantized.then_some(dynamicrafter_engine::quant::Quantization::Q8_0);
+    RandomWeights::var_builder_for(&PrecisionPolicy::f32().with_quantization(quantization), DType::F32, &Device::Cpu)
 }
 
 /// Where the network and pipeline cases run, and in which dtypes.
@@ -130,12 +127,7 @@ struct Target {
 impl Target {
     /// Random weights for `part`, in its weight dtype (linear layers in q8_0 if asked).
     fn weights(&self, part: Part) -> candle_nn::VarBuilder<'static> {
-        let vb = match self.precision.quantization {
-            Some(_) => RandomWeights::var_builder_quantized(DType::F32, &self.device),
-            None if self.precision.bf16_matmuls => RandomWeights::var_builder_bf16(DType::F32, &self.device),
-            None => RandomWeights::var_builder(DType::F32, &self.device),
-        };
-        vb.set_dtype(self.precision.part(part).weights)
+        RandomWeights::var_builder_for(&self.precision, DType::F32, &self.device).set_dtype(self.precision.part(part).weights)
     }
 
     /// Standard-normal input for `part`, in its compute dtype.
@@ -438,11 +430,11 @@ fn ops(runs: usize) -> Result<Vec<Timing>> {
     out.push(time("matmul bf16 4096x1280@1280x1280", runs, || { ab.matmul(&bb)?; Ok(()) })?);
     if kernels::amx::available() {
         // f32 in and out, bf16 products on AMX (the weight packed once, as a layer would).
-        let w = kernels::amx::Bf16Matrix::new(&b.t()?.contiguous()?)?;
-        out.push(time("matmul bf16 4096x1280@1280x1280 (ours, AMX)", runs, || { w.forward(&a, None)?; Ok(()) })?);
+        let w = kernels::amx::Bf16Matrix::new(&b.t()?.contiguous()?, None)?;
+        out.push(time("matmul bf16 4096x1280@1280x1280 (ours, AMX)", runs, || { w.forward(&a)?; Ok(()) })?);
         for (m, k, n) in [(16384, 320, 320), (16384, 320, 2560)] {
-            let (x, w) = (randn(&[m, k], 1.0)?, kernels::amx::Bf16Matrix::new(&randn(&[n, k], 0.05)?)?);
-            out.push(time(&format!("matmul bf16 {m}x{k}@{k}x{n} (ours, AMX)"), runs, || { w.forward(&x, None)?; Ok(()) })?);
+            let (x, w) = (randn(&[m, k], 1.0)?, kernels::amx::Bf16Matrix::new(&randn(&[n, k], 0.05)?, None)?);
+            out.push(time(&format!("matmul bf16 {m}x{k}@{k}x{n} (ours, AMX)"), runs, || { w.forward(&x)?; Ok(()) })?);
         }
     }
     let (wb, xb) = (w.to_dtype(DType::BF16)?, randn(&[16, 320, 32, 32], 1.0)?.to_dtype(DType::BF16)?);

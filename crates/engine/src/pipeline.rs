@@ -261,9 +261,7 @@ impl Pipeline {
         // A quantized file is read as stored; a float one is quantized as it loads if asked.
         let (vb, precision) = match ck.quantization() {
             Some(q) => (ck.var_builder(DType::F32, device), precision.with_quantization(Some(q))),
-            None if precision.quantization.is_some() => (ck.var_builder_quantized(DType::F32, device), precision),
-            None if precision.bf16_matmuls => (ck.var_builder_bf16(DType::F32, device), precision),
-            None => (ck.var_builder(DType::F32, device), precision),
+            None => (ck.var_builder_for(&precision, DType::F32, device), precision),
         };
         // The schedule buffers in the file overwrite the computed ones, as in the reference.
         let mut schedule = NoiseSchedule::new(&cfg.diffusion);
@@ -288,11 +286,7 @@ impl Pipeline {
     /// [`Pipeline::random`] with the dtypes (and quantization) of `precision`.
     pub fn random_with(cfg: ModelConfig, device: &Device, precision: PrecisionPolicy) -> Result<Self> {
         let schedule = NoiseSchedule::new(&cfg.diffusion);
-        let vb = match precision.quantization {
-            Some(_) => RandomWeights::var_builder_quantized(DType::F32, device),
-            None if precision.bf16_matmuls => RandomWeights::var_builder_bf16(DType::F32, device),
-            None => RandomWeights::var_builder(DType::F32, device),
-        };
+        let vb = RandomWeights::var_builder_for(&precision, DType::F32, device);
         Self::build(cfg, vb, schedule, precision, device)
     }
 

@@ -183,10 +183,17 @@ impl SimpleBackend for QuantizeOnLoad<'_> {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        match name.strip_suffix(SUFFIX) {
-            Some(base) => !keeps_float(base) && self.inner.contains_tensor(base),
-            None => self.inner.contains_tensor(name),
-        }
+        serves(self.inner.as_ref(), name, SUFFIX)
+    }
+}
+
+/// Whether a backend that serves `X<suffix>` for the weights it would store differently has
+/// `name`: the suffixed name of a weight `inner` holds and that does not stay float, or any name
+/// `inner` holds.
+fn serves(inner: &dyn SimpleBackend, name: &str, suffix: &str) -> bool {
+    match name.strip_suffix(suffix) {
+        Some(base) => !keeps_float(base) && inner.contains_tensor(base),
+        None => inner.contains_tensor(name),
     }
 }
 
@@ -217,10 +224,7 @@ impl SimpleBackend for Bf16OnLoad<'_> {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        match name.strip_suffix(BF16_SUFFIX) {
-            Some(base) => !keeps_float(base) && self.inner.contains_tensor(base),
-            None => self.inner.contains_tensor(name),
-        }
+        serves(self.inner.as_ref(), name, BF16_SUFFIX)
     }
 }
 

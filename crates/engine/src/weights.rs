@@ -2,6 +2,7 @@
 //! parsed as data: no pickle code is ever executed), exposed to the networks as a candle
 //! `VarBuilder` that records every key the networks ask for, so the load can be checked strictly.
 
+use crate::precision::PrecisionPolicy;
 use crate::quant::{self, Quantization};
 use crate::{Error, Result};
 use candle_core::{safetensors::MmapedSafetensors, DType, Device, Shape, Tensor};
@@ -135,16 +136,10 @@ impl Checkpoint {
         VarBuilder::from_backend(Box::new(Reader(self)), dtype, dev.clone())
     }
 
-    /// Like [`var_builder`](Self::var_builder), serving int8 (`q8_0`) weights to the layers that
-    /// run in int8, quantized as they load.
-    pub fn var_builder_quantized(&self, dtype: DType, dev: &Device) -> VarBuilder<'_> {
-        VarBuilder::from_backend(Box::new(quant::QuantizeOnLoad::new(Box::new(Reader(self)))), dtype, dev.clone())
-    }
-
-    /// Like [`var_builder`](Self::var_builder), serving the weights of the layers that run bf16
-    /// products on the CPU (`--precision bf16` with AMX) for packing.
-    pub fn var_builder_bf16(&self, dtype: DType, dev: &Device) -> VarBuilder<'_> {
-        VarBuilder::from_backend(Box::new(quant::Bf16OnLoad::new(Box::new(Reader(self)))), dtype, dev.clone())
+    /// Like [`var_builder`](Self::var_builder), serving the layers what `precision` asks of them
+    /// (see [`for_policy`]).
+    pub fn var_builder_for(&self, precision: &PrecisionPolicy, dtype: DType, dev: &Device) -> VarBuilder<'_> {
+        VarBuilder::from_backend(for_policy(Box::new(Reader(self)), precision), dtype, dev.clone())
     }
 
     /// Strict check against the key set a model expects (see `Pipeline::checkpoint_keys`):
@@ -262,6 +257,16 @@ impl SimpleBackend for Recording<'_> {
     }
 }
 
+/// `inner` as the layers of a `precision` run read it: int8 (`q8_0`) weights quantized as they
+/// load, or the weights of the CPU's bf16 (AMX) layers served for packing; else as it is.
+fn for_policy<'a>(inner: Box<dyn SimpleBackend + 'a>, precision: &PrecisionPolicy) -> Box<dyn SimpleBackend + 'a> {
+    match precision.quantization {
+        Some(_) => Box::new(quant::QuantizeOnLoad::new(inner)),
+        None if precision.bf16_matmuls => Box::new(quant::Bf16OnLoad::new(inner)),
+        None => inner,
+    }
+}
+
 /// Random weights for benchmarks and shape checks of the real networks without a checkpoint:
 /// matrices N(0, 1/fan_in), 1-D `weight`s (norms) one, everything else small noise. On the CPU
 /// seeded by the tensor's name, so every build of a network gets the same weights; on a GPU
@@ -273,14 +278,9 @@ impl RandomWeights {
         VarBuilder::from_backend(Box::new(RandomWeights), dtype, dev.clone())
     }
 
-    /// Random weights with linear layers quantized to `q8_0`.
-    pub fn var_builder_quantized(dtype: DType, dev: &Device) -> VarBuilder<'static> {
-        VarBuilder::from_backend(Box::new(quant::QuantizeOnLoad::new(Box::new(RandomWeights))), dtype, dev.clone())
-    }
-
-    /// Random weights with linear layers packed for the CPU's bf16 products.
-    pub fn var_builder_bf16(dtype: DType, dev: &Device) -> VarBuilder<'static> {
-        VarBuilder::from_backend(Box::new(quant::Bf16OnLoad::new(Box::new(RandomWeights))), dtype, dev.clone())
+    /// Random weights as the layers of a `precision` run read them (see [`for_policy`]).
+    pub fn var_builder_for(precision: &PrecisionPolicy, dtype: DType, dev: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(for_policy(Box::new(RandomWeights), precision), dtype, dev.clone())
     }
 }
 

@@ -53,20 +53,25 @@ fn request_tile_state() -> bool {
 }
 
 /// A weight `[n, k]` (a linear layer's `[out, in]`) packed for `tdpbf16ps`: k/2 rows of n bf16
-/// pairs (`packed[k/2][j][k%2] = w[j][k]`).
+/// pairs (`packed[k/2][j][k%2] = w[j][k]`), and the layer's bias in f32.
 #[derive(Debug, Clone)]
 pub struct Bf16Matrix {
     packed: Vec<u16>,
+    bias: Option<Vec<f32>>,
     n: usize,
     k: usize,
 }
 
 impl Bf16Matrix {
-    /// Packs `w [n, k]`; n and k must be multiples of 32.
-    pub fn new(w: &Tensor) -> Result<Self> {
+    /// Packs `w [n, k]` (n and k multiples of 32) and keeps `bias [n]` in f32.
+    pub fn new(w: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
         let (n, k) = w.dims2()?;
         if !n.is_multiple_of(BLOCK) || !k.is_multiple_of(BLOCK) {
             candle_core::bail!("bf16 AMX matrix: [{n}, {k}] is not a multiple of {BLOCK} on both sides");
+        }
+        let bias = bias.map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>()).transpose()?;
+        if bias.as_ref().is_some_and(|b| b.len() != n) {
+            candle_core::bail!("bf16 AMX matrix: bias of the wrong length for {n} outputs");
         }
         let w = w.to_dtype(DType::BF16)?.to_vec2::<half::bf16>()?;
         let mut packed = vec![0u16; n * k];
@@ -75,13 +80,13 @@ impl Bf16Matrix {
                 packed[(kk / 2) * n * 2 + j * 2 + kk % 2] = v.to_bits();
             }
         }
-        Ok(Self { packed, n, k })
+        Ok(Self { packed, bias, n, k })
     }
 
     /// `x · wᵀ (+ bias)` for f32 `x (…, k)` on the CPU: `(…, n)` in f32. Each task rounds its
     /// own rows of `x` to bf16 (zero rows pad the last block), multiplies, and adds the bias
     /// while the rows are in cache.
-    pub fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if !available() {
             candle_core::bail!("bf16 AMX matrix: this CPU or OS offers no AMX");
         }
@@ -89,10 +94,6 @@ impl Bf16Matrix {
         let k = *dims.last().unwrap_or(&0);
         if k != self.k || !x.device().is_cpu() || x.dtype() != DType::F32 {
             candle_core::bail!("bf16 AMX matrix: input {dims:?} {:?} on {:?}, expected f32 (…, {}) on the CPU", x.dtype(), x.device(), self.k);
-        }
-        let bias = bias.map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>()).transpose()?;
-        if bias.as_ref().is_some_and(|b| b.len() != self.n) {
-            candle_core::bail!("bf16 AMX matrix: bias of the wrong length");
         }
         let x = x.contiguous()?;
         let (storage, layout) = x.storage_and_layout();
@@ -115,7 +116,7 @@ impl Bf16Matrix {
             // `task_rows` rows of n; every dimension is a multiple of 32 (checked in `new`,
             // rows padded to whole blocks).
             unsafe { gemm(a.as_ptr(), self.packed.as_ptr(), c.as_mut_ptr(), task_rows, n, k) };
-            if let Some(b) = &bias {
+            if let Some(b) = &self.bias {
                 for row in c.chunks_mut(n) {
                     row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
                 }
@@ -216,7 +217,7 @@ mod tests {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
             let w = Tensor::randn(0f32, 0.1, (n, k), &dev).unwrap();
             let b = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
-            let got = Bf16Matrix::new(&w).unwrap().forward(&x, Some(&b)).unwrap();
+            let got = Bf16Matrix::new(&w, Some(&b)).unwrap().forward(&x).unwrap();
             let round = |t: &Tensor| t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F64).unwrap();
             let want = round(&x).matmul(&round(&w).t().unwrap()).unwrap().broadcast_add(&b.to_dtype(DType::F64).unwrap()).unwrap();
             let diff = (got.to_dtype(DType::F64).unwrap() - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
@@ -226,7 +227,7 @@ mod tests {
         // A 3-D input keeps its leading dimensions.
         let x = Tensor::randn(0f32, 1.0, (2, 3, 64), &dev).unwrap();
         let w = Tensor::randn(0f32, 0.1, (32, 64), &dev).unwrap();
-        assert_eq!(Bf16Matrix::new(&w).unwrap().forward(&x, None).unwrap().dims(), &[2, 3, 32]);
-        assert!(Bf16Matrix::new(&Tensor::zeros((30, 64), DType::F32, &dev).unwrap()).is_err());
+        assert_eq!(Bf16Matrix::new(&w, None).unwrap().forward(&x).unwrap().dims(), &[2, 3, 32]);
+        assert!(Bf16Matrix::new(&Tensor::zeros((30, 64), DType::F32, &dev).unwrap(), None).is_err());
     }
 }

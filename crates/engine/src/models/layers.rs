@@ -10,8 +10,9 @@ use candle_nn::{Conv2dConfig, LayerNorm, VarBuilder};
 pub enum Linear {
     Float(candle_nn::Linear),
     Quantized { weight: Int8Matmul, bias: Option<Tensor> },
-    /// bf16 products on the CPU's AMX tiles, f32 in and out (`--precision bf16` on a CPU).
-    Bf16 { weight: std::sync::Arc<crate::kernels::amx::Bf16Matrix>, bias: Option<Tensor> },
+    /// bf16 products on the CPU's AMX tiles, f32 in and out, bias included (`--precision bf16`
+    /// on a CPU).
+    Bf16(std::sync::Arc<crate::kernels::amx::Bf16Matrix>),
 }
 
 impl Linear {
@@ -31,8 +32,7 @@ impl Linear {
         let bname = format!("{name}{}", quant::BF16_SUFFIX);
         if out_dim.is_multiple_of(32) && in_dim.is_multiple_of(32) && vb.contains_tensor(&bname) && crate::kernels::amx::available() {
             let w = vb.get_with_hints_dtype(shape.to_vec(), &bname, candle_nn::Init::Const(0.), DType::F32)?.reshape((out_dim, in_dim))?;
-            let weight = std::sync::Arc::new(crate::kernels::amx::Bf16Matrix::new(&w)?);
-            return Ok(Self::Bf16 { weight, bias });
+            return Ok(Self::Bf16(std::sync::Arc::new(crate::kernels::amx::Bf16Matrix::new(&w, bias.as_ref())?)));
         }
         let w = vb.get(shape.to_vec(), name)?.reshape((out_dim, in_dim))?;
         Ok(Self::new(w, bias))
@@ -50,7 +50,7 @@ impl Module for Linear {
                     None => Ok(y),
                 }
             }
-            Self::Bf16 { weight, bias } => weight.forward(xs, bias.as_ref()),
+            Self::Bf16(matrix) => matrix.forward(xs),
         }
     }
 }
