@@ -397,6 +397,10 @@ fn ops(runs: usize) -> Result<Vec<Timing>> {
             let q = kernels::Q8Conv::spatial_3x3(&w, &bias)?;
             out.push(time(&format!("conv2d q8_0 16x320x{hw}x{hw} k3 (ours)"), runs, || { q.forward(&x)?; Ok(()) })?);
         }
+        if kernels::amx::available() {
+            let a = kernels::amx::Bf16Conv::spatial_3x3(&w, &bias)?;
+            out.push(time(&format!("conv2d bf16 16x320x{hw}x{hw} k3 (ours, AMX)"), runs, || { a.forward(&x)?; Ok(()) })?);
+        }
     }
     let w1 = randn(&[320, 320, 3], 0.05)?;
     let x1 = randn(&[1024, 320, 16], 1.0)?;
@@ -408,6 +412,10 @@ fn ops(runs: usize) -> Result<Vec<Timing>> {
     if kernels::q8_available() {
         let q = kernels::Q8Conv::temporal(&wt, &bias)?;
         out.push(time("conv1d q8_0 1024x320x16 k3 (ours, temporal)", runs, || { q.forward(&xt)?; Ok(()) })?);
+    }
+    if kernels::amx::available() {
+        let a = kernels::amx::Bf16Conv::temporal(&wt, &bias)?;
+        out.push(time("conv1d bf16 1024x320x16 k3 (ours, AMX, temporal)", runs, || { a.forward(&xt)?; Ok(()) })?);
     }
     let a = randn(&[4096, 1280], 1.0)?;
     let b = randn(&[1280, 1280], 1.0)?;

@@ -5,7 +5,9 @@
 //! Rust has no stable AMX intrinsics, so the tile instructions are inline assembly. Linux hands
 //! out the AMX register state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), made once.
 
+use super::SendPtr;
 use candle_core::{DType, Result, Tensor};
+use rayon::prelude::*;
 
 /// Rows and columns of the output blocks (2×2 tiles of 16×16 f32) and the k step of one tile.
 const BLOCK: usize = 32;
@@ -130,6 +132,255 @@ impl Bf16Matrix {
     }
 }
 
+/// f32 → bf16 bits, rounded to nearest even (as `half::bf16::from_f32` for finite values), in
+/// a form LLVM vectorises.
+#[inline(always)]
+fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// 64 bytes, 64-byte aligned: buffers of these keep every tile row on one cache line.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u16; 32]);
+
+/// A zeroed, 64-byte aligned buffer of at least `len` bf16 values.
+fn lines(len: usize) -> Vec<Line> {
+    vec![Line([0; 32]); len.div_ceil(32)]
+}
+
+/// A convolution whose taps are shifts along a padded image's rows: the UNet's 3×3 convolution
+/// (stride 1, padding 1) and its temporal (3,1,1) one, bf16 products on AMX, f32 in and out.
+///
+/// The input goes channels-last and zero-padded into bf16 (`[position][channel]`, positions on
+/// the padded width), so that tap `(dy, dx)` of output position `q` is input row
+/// `q + dy·wp + dx`: every tap is one shifted GEMM over the same buffer, no im2col matrix. The
+/// output is computed on the padded width too; its extra columns are dropped.
+#[derive(Debug, Clone)]
+pub struct Bf16Conv {
+    /// Per 32 output channels, tap and 32 input channels: two 16×16 pair tiles (1 KB each).
+    packed: Vec<Line>,
+    bias: Vec<f32>,
+    co: usize,
+    c: usize,
+    /// Taps along the image's rows and along its columns: (3, 3), or (3, 1) over time.
+    kh: usize,
+    kw: usize,
+}
+
+impl std::fmt::Debug for Line {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Line")
+    }
+}
+
+impl Bf16Conv {
+    /// `w [co, c, 3, 3]`, `bias [co]`: the 3×3 convolution of `(n, c, h, w)` images.
+    pub fn spatial_3x3(w: &Tensor, bias: &Tensor) -> Result<Self> {
+        Self::new(w, bias, 3, 3)
+    }
+
+    /// `w [co, c, 3, 1, 1]`, `bias [co]`: Conv3d (3,1,1) with padding (1,0,0) over `(b, c, t, h·w)`.
+    pub fn temporal(w: &Tensor, bias: &Tensor) -> Result<Self> {
+        Self::new(w, bias, 3, 1)
+    }
+
+    fn new(w: &Tensor, bias: &Tensor, kh: usize, kw: usize) -> Result<Self> {
+        let (co, c) = (w.dim(0)?, w.dim(1)?);
+        let taps = kh * kw;
+        if w.elem_count() != co * c * taps || bias.dims() != [co] {
+            candle_core::bail!("bf16 AMX conv: weight {:?} / bias {:?} are not a {kh}×{kw} conv", w.dims(), bias.dims());
+        }
+        if !co.is_multiple_of(BLOCK) || !c.is_multiple_of(BLOCK) {
+            candle_core::bail!("bf16 AMX conv: {c} → {co} channels is not a multiple of {BLOCK} on both sides");
+        }
+        let w = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let kblocks = c / BLOCK;
+        let mut packed = lines(co * c * taps);
+        let flat = as_u16_mut(&mut packed);
+        for o in 0..co {
+            for ci in 0..c {
+                for tap in 0..taps {
+                    let tile = ((o / 32 * taps + tap) * kblocks + ci / 32) * 2 + (o % 32) / 16;
+                    flat[tile * 512 + (ci % 32) / 2 * 32 + (o % 16) * 2 + ci % 2] = bf16_bits(w[(o * c + ci) * taps + tap]);
+                }
+            }
+        }
+        Ok(Self { packed, bias: bias.to_dtype(DType::F32)?.to_vec1::<f32>()?, co, c, kh, kw })
+    }
+
+    /// `x (n, c, h, w)` f32 on the CPU (for the temporal conv: `(b, c, t, h·w)`) → `(n, co, h, w)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if !available() {
+            candle_core::bail!("bf16 AMX conv: this CPU or OS offers no AMX");
+        }
+        let (n, c, h, w) = x.dims4()?;
+        if c != self.c || !x.device().is_cpu() || x.dtype() != DType::F32 {
+            candle_core::bail!("bf16 AMX conv: input {:?} {:?} on {:?}, expected f32 with {} channels on the CPU", x.dims(), x.dtype(), x.device(), self.c);
+        }
+        let x = x.contiguous()?;
+        let (storage, layout) = x.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else { candle_core::bail!("bf16 AMX conv: input not on the CPU") };
+        let src = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + n * c * h * w];
+        let (co, px) = (self.co, self.kw / 2);
+        let wp = w + 2 * px;
+        // Output positions on the padded width, in whole 32-row blocks; the input rows they read.
+        let grid = (h * wp).next_multiple_of(BLOCK);
+        let len = grid + (self.kh - 1) * wp + self.kw - 1;
+        let offsets: Vec<usize> = (0..self.kh).flat_map(|dy| (0..self.kw).map(move |dx| dy * wp + dx)).collect();
+
+        let mut padded = lines(n * len * c);
+        let padded_ptr = SendPtr(as_u16_mut(&mut padded).as_mut_ptr());
+        (0..n * h).into_par_iter().for_each(|task| {
+            let (ni, y) = (task / h, task % h);
+            // SAFETY: image row y of sample ni owns padded rows (y+1)·wp + px .. + w, disjoint per task.
+            let dst = unsafe { std::slice::from_raw_parts_mut(padded_ptr.get().add((ni * len + (y + 1) * wp + px) * c), w * c) };
+            to_channels_last(&src[ni * c * h * w + y * w..], h * w, dst, c, w);
+        });
+
+        let mut out = vec![0f32; n * co * h * w];
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        // Positions per task: the task's f32 accumulator (rows × co) stays within half of L2.
+        let chunk = (256 * 1024 / 4 / co / BLOCK * BLOCK).clamp(BLOCK, 512);
+        let chunks = grid.div_ceil(chunk);
+        let padded = as_u16(&padded);
+        (0..n * chunks).into_par_iter().for_each_init(
+            || vec![0f32; chunk * co],
+            |acc, task| {
+                let (ni, q0) = (task / chunks, task % chunks * chunk);
+                let rows = chunk.min(grid - q0);
+                // SAFETY: the padded sample has `len` ≥ q0 + rows + max offset rows of c; `packed`
+                // holds co/32 × taps × c/32 tile pairs; `acc` rows × co.
+                unsafe { conv_tiles(padded[(ni * len + q0) * c..].as_ptr(), c, &offsets, as_u16(&self.packed).as_ptr(), co, rows, acc.as_mut_ptr()) };
+                // SAFETY: output positions q0..q0+rows of sample ni belong to this task alone.
+                let out_n = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(ni * co * h * w), co * h * w) };
+                from_channels_last(acc, rows, q0, out_n, &self.bias, h, w, wp);
+            },
+        );
+        drop(storage);
+        Tensor::from_vec(out, (n, co, h, w), x.device())
+    }
+}
+
+fn as_u16(l: &[Line]) -> &[u16] {
+    // SAFETY: `Line` is 32 u16 without padding.
+    unsafe { std::slice::from_raw_parts(l.as_ptr().cast::<u16>(), l.len() * 32) }
+}
+
+fn as_u16_mut(l: &mut [Line]) -> &mut [u16] {
+    // SAFETY: as above.
+    unsafe { std::slice::from_raw_parts_mut(l.as_mut_ptr().cast::<u16>(), l.len() * 32) }
+}
+
+dispatch!(to_channels_last, fn(src: &[f32], plane: usize, dst: &mut [u16], c: usize, w: usize) {
+    // One image row: `src[ci·plane + x]` → `dst[x·c + ci]` in bf16, 16 columns at a time.
+    for x0 in (0..w).step_by(16) {
+        let xs = 16.min(w - x0);
+        for ci in 0..c {
+            let row = &src[ci * plane + x0..ci * plane + x0 + xs];
+            for (x, &v) in row.iter().enumerate() {
+                dst[(x0 + x) * c + ci] = bf16_bits(v);
+            }
+        }
+    }
+});
+
+dispatch!(from_channels_last, fn(acc: &[f32], rows: usize, q0: usize, out: &mut [f32], bias: &[f32], h: usize, w: usize, wp: usize) {
+    // Accumulator rows are output positions q0.. on the padded width; keep the x < w ones.
+    let co = bias.len();
+    for (o, &b) in bias.iter().enumerate() {
+        let plane = &mut out[o * h * w..(o + 1) * h * w];
+        for q in q0..(q0 + rows).min(h * wp) {
+            let (y, x) = (q / wp, q % wp);
+            if x < w {
+                plane[y * w + x] = acc[(q - q0) * co + o] + b;
+            }
+        }
+    }
+});
+
+/// `acc (rows × co f32) = Σ_tap a[offset_tap ..] (rows × c) · w_tap`, channels-last bf16 rows
+/// of `a` (`c` per row), `packed` as in [`Bf16Conv`]; rows a multiple of 32.
+///
+/// # Safety
+/// AMX must be [`available`]; `a` must hold rows + max(offsets) rows of `c`, 64-byte aligned
+/// with `c` a multiple of 32; `packed` co·c·taps values; `acc` rows × co.
+#[cfg(target_arch = "x86_64")]
+unsafe fn conv_tiles(a: *const u16, c: usize, offsets: &[usize], packed: *const u16, co: usize, rows: usize, acc: *mut f32) {
+    use std::arch::asm;
+    configure_tiles();
+    let (taps, kblocks) = (offsets.len(), c / BLOCK);
+    let (stride_a, stride_b, stride_c) = (c * 2, 64usize, co * 4);
+    for nb in 0..co / BLOCK {
+        let b_block = packed.add(nb * taps * kblocks * 1024);
+        for m0 in (0..rows).step_by(BLOCK) {
+            asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack));
+            for kb in 0..kblocks {
+                // The taps of one channel block read overlapping rows: they stay in L1.
+                for (tap, &off) in offsets.iter().enumerate() {
+                    let a0 = a.add((m0 + off) * c + kb * BLOCK);
+                    let b0 = b_block.add((tap * kblocks + kb) * 1024);
+                    asm!(
+                        "tileloadd tmm4, [{a0} + {sa}*1]",
+                        "tileloadd tmm5, [{a1} + {sa}*1]",
+                        "tileloadd tmm6, [{b0} + {sb}*1]",
+                        "tileloadd tmm7, [{b1} + {sb}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        a0 = in(reg) a0,
+                        a1 = in(reg) a0.add(16 * c),
+                        b0 = in(reg) b0,
+                        b1 = in(reg) b0.add(512),
+                        sa = in(reg) stride_a,
+                        sb = in(reg) stride_b,
+                        options(nostack)
+                    );
+                }
+            }
+            store_block(acc.add(m0 * co + nb * BLOCK), co, stride_c);
+        }
+    }
+    asm!("tilerelease", options(nostack));
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn conv_tiles(_: *const u16, _: usize, _: &[usize], _: *const u16, _: usize, _: usize, _: *mut f32) {
+    unreachable!("available() is false off x86-64")
+}
+
+/// Stores the 2×2 output tiles tmm0–3 at `c` (row length `n` f32, stride in bytes).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn store_block(c: *mut f32, n: usize, stride: usize) {
+    std::arch::asm!(
+        "tilestored [{c00} + {sc}*1], tmm0",
+        "tilestored [{c01} + {sc}*1], tmm1",
+        "tilestored [{c10} + {sc}*1], tmm2",
+        "tilestored [{c11} + {sc}*1], tmm3",
+        c00 = in(reg) c,
+        c01 = in(reg) c.add(16),
+        c10 = in(reg) c.add(16 * n),
+        c11 = in(reg) c.add(16 * n + 16),
+        sc = in(reg) stride,
+        options(nostack)
+    );
+}
+
+/// Palette 1, tiles 0–7 of 16 rows × 64 bytes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn configure_tiles() {
+    let mut config = TileConfig { palette: 1, start_row: 0, reserved: [0; 14], bytes_per_row: [0; 16], rows: [0; 16] };
+    for t in 0..8 {
+        config.bytes_per_row[t] = 64;
+        config.rows[t] = 16;
+    }
+    std::arch::asm!("ldtilecfg [{}]", in(reg) &config as *const TileConfig, options(nostack));
+}
+
 /// Tile configuration: palette 1, tiles 0–7 of 16 rows × 64 bytes.
 #[repr(C, align(64))]
 struct TileConfig {
@@ -229,5 +480,40 @@ mod tests {
         let w = Tensor::randn(0f32, 0.1, (32, 64), &dev).unwrap();
         assert_eq!(Bf16Matrix::new(&w, None).unwrap().forward(&x).unwrap().dims(), &[2, 3, 32]);
         assert!(Bf16Matrix::new(&Tensor::zeros((30, 64), DType::F32, &dev).unwrap(), None).is_err());
+    }
+
+    /// Both convolutions against candle's f64 convolution of the same bf16-rounded operands.
+    #[test]
+    fn amx_convs_match_f64_on_rounded_inputs() {
+        if !available() {
+            eprintln!("no AMX on this machine: nothing to check");
+            return;
+        }
+        let dev = Device::Cpu;
+        let round = |t: &Tensor| t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F64).unwrap();
+        let check = |got: &Tensor, want: &Tensor, what: String| {
+            assert_eq!(got.dims(), want.dims(), "{what}");
+            let diff = (got.to_dtype(DType::F64).unwrap() - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            assert!(diff <= 1e-5 * scale.max(1.0), "{what}: max error {diff:.2e} (scale {scale:.2e})");
+        };
+        for (n, c, co, h, w) in [(1, 32, 32, 1, 1), (2, 64, 96, 5, 7), (3, 32, 64, 9, 16), (1, 96, 32, 16, 16), (2, 32, 32, 4, 40)] {
+            let x = Tensor::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 0.1, (co, c, 3, 3), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, co, &dev).unwrap();
+            let got = Bf16Conv::spatial_3x3(&wt, &b).unwrap().forward(&x).unwrap();
+            let want = crate::kernels::conv3x3_reference(&round(&x), &round(&wt), &b.to_dtype(DType::F64).unwrap()).unwrap();
+            check(&got, &want, format!("3x3 {:?}", (n, c, co, h, w)));
+        }
+        for (b, c, co, t, s) in [(1, 32, 32, 1, 3), (2, 64, 32, 4, 6), (1, 32, 64, 16, 33)] {
+            let x = Tensor::randn(0f32, 1.0, (b, c, t, s), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 0.1, (co, c, 3, 1, 1), &dev).unwrap();
+            let bias = Tensor::randn(0f32, 1.0, co, &dev).unwrap();
+            let got = Bf16Conv::temporal(&wt, &bias).unwrap().forward(&x).unwrap();
+            let want = crate::kernels::temporal_conv_reference(&round(&x), &round(&wt), &bias.to_dtype(DType::F64).unwrap()).unwrap();
+            check(&got, &want, format!("temporal {:?}", (b, c, co, t, s)));
+        }
+        let w = Tensor::zeros((32, 16, 3, 3), DType::F32, &dev).unwrap();
+        assert!(Bf16Conv::spatial_3x3(&w, &Tensor::zeros(32, DType::F32, &dev).unwrap()).is_err());
     }
 }

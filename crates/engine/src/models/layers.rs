@@ -1,5 +1,6 @@
 //! Building blocks shared by the networks: norms with the reference's eps, convs, attention.
 
+use crate::kernels::amx::Bf16Conv;
 use crate::quant::{self, Int8Matmul};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Conv2dConfig, LayerNorm, VarBuilder};
@@ -29,8 +30,8 @@ impl Linear {
             let weight = Int8Matmul::new(&raw, out_dim, in_dim, vb.device()).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
             return Ok(Self::Quantized { weight, bias });
         }
-        let bname = format!("{name}{}", quant::BF16_SUFFIX);
-        if out_dim.is_multiple_of(32) && in_dim.is_multiple_of(32) && vb.contains_tensor(&bname) && crate::kernels::amx::available() {
+        if amx_weights(vb, name, in_dim, out_dim) {
+            let bname = format!("{name}{}", quant::BF16_SUFFIX);
             let w = vb.get_with_hints_dtype(shape.to_vec(), &bname, candle_nn::Init::Const(0.), DType::F32)?.reshape((out_dim, in_dim))?;
             return Ok(Self::Bf16(std::sync::Arc::new(crate::kernels::amx::Bf16Matrix::new(&w, bias.as_ref())?)));
         }
@@ -70,6 +71,17 @@ pub fn conv1x1_as_linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Resul
     Linear::load(&vb, "weight", out_dim, in_dim, &[out_dim, in_dim, 1], Some(bias))
 }
 
+/// Whether weight `name` of a layer from `in_c` to `out_c` channels runs its products in bf16 on
+/// the CPU's AMX tiles: the weights offer it (`--precision bf16` on a CPU, see
+/// [`quant::Bf16OnLoad`]), the channels come in whole blocks and the CPU has AMX.
+fn amx_weights(vb: &VarBuilder, name: &str, in_c: usize, out_c: usize) -> bool {
+    vb.device().is_cpu()
+        && in_c.is_multiple_of(32)
+        && out_c.is_multiple_of(32)
+        && vb.contains_tensor(&format!("{name}{}", quant::BF16_SUFFIX))
+        && crate::kernels::amx::available()
+}
+
 /// candle's `Conv2d`, which on the CPU also takes bf16/f16 inputs (candle has no such CPU
 /// convolution): they are computed in f32, as GPUs accumulate, and rounded back.
 #[derive(Debug, Clone)]
@@ -99,11 +111,13 @@ pub fn conv2d(
 }
 
 /// 3×3 convolution, stride 1, padding 1, with bias (every such conv of the UNet and VAE), on
-/// our shifted-GEMM kernel, or in int8 when the weights are quantized and the CPU has VNNI.
+/// our shifted-GEMM kernel, in int8 when the weights are quantized and the CPU has VNNI, or
+/// with bf16 products on AMX.
 #[derive(Debug, Clone)]
 pub enum Conv3x3 {
     Float { weight: Tensor, bias: Tensor },
     Int8(std::sync::Arc<crate::kernels::Q8Conv>),
+    Bf16(std::sync::Arc<Bf16Conv>),
 }
 
 impl Module for Conv3x3 {
@@ -111,8 +125,36 @@ impl Module for Conv3x3 {
         match self {
             Self::Float { weight, bias } => crate::kernels::conv3x3(xs, weight, bias),
             Self::Int8(conv) => conv.forward(&xs.to_dtype(DType::F32)?)?.to_dtype(xs.dtype()),
+            Self::Bf16(conv) => conv.forward(xs),
         }
     }
+}
+
+/// The temporal Conv3d, kernel (3,1,1), padding (1,0,0), over `(b, c, t, h·w)`: our
+/// shifted-GEMM kernel, or bf16 products on AMX.
+#[derive(Debug, Clone)]
+pub enum TemporalConv {
+    Float { weight: Tensor, bias: Tensor },
+    Bf16(std::sync::Arc<Bf16Conv>),
+}
+
+impl Module for TemporalConv {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Float { weight, bias } => crate::kernels::temporal_conv(xs, weight, bias),
+            Self::Bf16(conv) => conv.forward(xs),
+        }
+    }
+}
+
+/// A temporal conv from `c` to `c` channels, stored `[c, c, 3, 1, 1]`.
+pub fn temporal_conv(c: usize, vb: VarBuilder) -> Result<TemporalConv> {
+    let weight = vb.get((c, c, 3, 1, 1), "weight")?;
+    let bias = vb.get(c, "bias")?;
+    if amx_weights(&vb, "weight", c, c) {
+        return Ok(TemporalConv::Bf16(std::sync::Arc::new(Bf16Conv::temporal(&weight, &bias)?)));
+    }
+    Ok(TemporalConv::Float { weight, bias })
 }
 
 /// Whether a convolution over `in_c` channels runs in int8: its weights are quantized (stored
@@ -130,6 +172,9 @@ pub fn conv3x3(in_c: usize, out_c: usize, vb: VarBuilder) -> Result<Conv3x3> {
     if int8_conv(in_c, &vb) {
         // Quantized in (tap, channel) blocks, the order the int8 kernel reads.
         return Ok(Conv3x3::Int8(std::sync::Arc::new(crate::kernels::Q8Conv::spatial_3x3(&weight, &bias)?)));
+    }
+    if amx_weights(&vb, "weight", in_c, out_c) {
+        return Ok(Conv3x3::Bf16(std::sync::Arc::new(Bf16Conv::spatial_3x3(&weight, &bias)?)));
     }
     Ok(Conv3x3::Float { weight, bias })
 }

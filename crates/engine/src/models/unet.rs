@@ -4,7 +4,7 @@
 //! `(b, c, t, h, w)` only inside temporal convs and temporal transformers.
 
 use super::layers::{
-    conv1x1_as_linear, conv2d, conv3x3, frames_to_video, geglu, group_norm, Conv3x3, GroupNorm, layer_norm, linear, linear_no_bias,
+    conv1x1_as_linear, conv2d, conv3x3, frames_to_video, temporal_conv, TemporalConv, geglu, group_norm, Conv3x3, GroupNorm, layer_norm, linear, linear_no_bias,
     multi_head_attention, silu, timestep_embedding, video_to_frames, Conv2d, Linear,
 };
 use crate::config::UnetConfig;
@@ -20,7 +20,7 @@ pub const IMAGE_TOKENS_PER_FRAME: usize = 16;
 /// ModelScope temporal conv block: four GN → SiLU → conv(3,1,1) stages over time, plus residual.
 #[derive(Debug, Clone)]
 struct TemporalConvBlock {
-    stages: Vec<(GroupNorm, Tensor, Tensor)>,
+    stages: Vec<(GroupNorm, TemporalConv)>,
 }
 
 impl TemporalConvBlock {
@@ -30,10 +30,7 @@ impl TemporalConvBlock {
                 let s = vb.pp(format!("conv{i}"));
                 let conv_idx = if i == 1 { "2" } else { "3" }; // conv1 has no dropout slot
                 let conv = s.pp(conv_idx);
-                // Conv3d kernel (3,1,1) stored [c, c, 3, 1, 1]: a 3-tap conv over time.
-                let w = conv.get((c, c, 3, 1, 1), "weight")?;
-                let b = conv.get(c, "bias")?;
-                Ok((group_norm(c, 1e-5, s.pp("0"))?, w, b))
+                Ok((group_norm(c, 1e-5, s.pp("0"))?, temporal_conv(c, conv)?))
             })
             .collect::<Result<_>>()?;
         Ok(Self { stages })
@@ -43,9 +40,9 @@ impl TemporalConvBlock {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, c, t, h, w) = xs.dims5()?;
         let mut hs = xs.clone();
-        for (norm, weight, bias) in &self.stages {
+        for (norm, conv) in &self.stages {
             let a = norm.forward_silu(&hs)?.reshape((b, c, t, h * w))?;
-            hs = crate::kernels::temporal_conv(&a, weight, bias)?.reshape((b, c, t, h, w))?;
+            hs = conv.forward(&a)?.reshape((b, c, t, h, w))?;
         }
         xs + hs
     }
