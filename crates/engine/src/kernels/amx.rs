@@ -54,14 +54,25 @@ fn request_tile_state() -> bool {
     ret == 0
 }
 
-/// A weight `[n, k]` (a linear layer's `[out, in]`) packed for `tdpbf16ps`: k/2 rows of n bf16
-/// pairs (`packed[k/2][j][k%2] = w[j][k]`), and the layer's bias in f32.
+/// A weight `[n, k]` (a linear layer's `[out, in]`) packed for `tdpbf16ps`, and the layer's
+/// bias in f32. Packed as whole tiles: per 16 outputs and 32 inputs, one 1 KB tile of 16 input
+/// pairs × 16 outputs × 2 (`tile[k%32/2][j%16][k%2] = w[j][k]`), so every tile load reads
+/// contiguous memory.
 #[derive(Debug, Clone)]
 pub struct Bf16Matrix {
-    packed: Vec<u16>,
+    packed: Vec<Line>,
     bias: Option<Vec<f32>>,
     n: usize,
     k: usize,
+}
+
+/// What a product does with each 32×32 block of its result while the block is in L1.
+#[derive(Clone, Copy, PartialEq)]
+enum Epilogue {
+    /// `y = x·wᵀ + bias`.
+    Bias,
+    /// `[a, g] = x·wᵀ + bias` split in halves; `y = a · GELU_erf(g)` (n/2 columns).
+    Geglu,
 }
 
 impl Bf16Matrix {
@@ -75,20 +86,37 @@ impl Bf16Matrix {
         if bias.as_ref().is_some_and(|b| b.len() != n) {
             candle_core::bail!("bf16 AMX matrix: bias of the wrong length for {n} outputs");
         }
-        let w = w.to_dtype(DType::BF16)?.to_vec2::<half::bf16>()?;
-        let mut packed = vec![0u16; n * k];
-        for (j, row) in w.iter().enumerate() {
-            for (kk, v) in row.iter().enumerate() {
-                packed[(kk / 2) * n * 2 + j * 2 + kk % 2] = v.to_bits();
+        let w = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let kblocks = k / BLOCK;
+        let mut packed = lines(n * k);
+        let flat = as_u16_mut(&mut packed);
+        for j in 0..n {
+            for kk in 0..k {
+                let tile = (j / 16) * kblocks + kk / 32;
+                flat[tile * 512 + (kk % 32) / 2 * 32 + (j % 16) * 2 + kk % 2] = bf16_bits(w[j * k + kk]);
             }
         }
         Ok(Self { packed, bias, n, k })
     }
 
-    /// `x · wᵀ (+ bias)` for f32 `x (…, k)` on the CPU: `(…, n)` in f32. Each task rounds its
-    /// own rows of `x` to bf16 (zero rows pad the last block), multiplies, and adds the bias
-    /// while the rows are in cache.
+    /// `x · wᵀ (+ bias)` for f32 `x (…, k)` on the CPU: `(…, n)` in f32.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.product(x, Epilogue::Bias)
+    }
+
+    /// The GEGLU gate of a feed-forward, fused into its input projection: with
+    /// `[a, g] = x · wᵀ + bias` (halves of n), `a · GELU_erf(g)`, `(…, n/2)` in f32. The n-wide
+    /// product never goes to memory.
+    pub fn forward_geglu(&self, x: &Tensor) -> Result<Tensor> {
+        if !(self.n / 2).is_multiple_of(BLOCK) {
+            return crate::kernels::geglu(&self.forward(x)?);
+        }
+        self.product(x, Epilogue::Geglu)
+    }
+
+    /// Each task rounds its own rows of `x` to bf16 into tile order (zero rows pad the last
+    /// block), multiplies, and finishes each 32×32 result block (bias, gate) in cache.
+    fn product(&self, x: &Tensor, epilogue: Epilogue) -> Result<Tensor> {
         if !available() {
             candle_core::bail!("bf16 AMX matrix: this CPU or OS offers no AMX");
         }
@@ -103,33 +131,140 @@ impl Bf16Matrix {
         let start = layout.start_offset();
         let m = x.elem_count() / k;
         let src = &cpu.as_slice::<f32>()?[start..start + m * k];
-        let (n, rows) = (self.n, m.div_ceil(BLOCK) * BLOCK);
-        let mut out = vec![0f32; rows * n];
-        use rayon::prelude::*;
-        out.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(task, c)| {
-            let task_rows = c.len() / n;
-            let first = task * ROWS_PER_TASK;
-            let mut a = vec![0u16; task_rows * k];
-            let have = m.saturating_sub(first).min(task_rows) * k;
-            for (d, s) in a[..have].iter_mut().zip(&src[first * k..first * k + have]) {
-                *d = half::bf16::from_f32(*s).to_bits();
-            }
-            // SAFETY: `a` holds `task_rows` rows of k, `packed` k/2 rows of n pairs, `c`
-            // `task_rows` rows of n; every dimension is a multiple of 32 (checked in `new`,
-            // rows padded to whole blocks).
-            unsafe { gemm(a.as_ptr(), self.packed.as_ptr(), c.as_mut_ptr(), task_rows, n, k) };
-            if let Some(b) = &self.bias {
-                for row in c.chunks_mut(n) {
-                    row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+        let n = self.n;
+        let n_out = if epilogue == Epilogue::Geglu { n / 2 } else { n };
+        // Every element is written exactly once below (rows ≥ m of the last block are dropped).
+        let mut out: Vec<f32> = Vec::with_capacity(m * n_out);
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        let tasks = m.div_ceil(ROWS_PER_TASK);
+        let kblocks = k / BLOCK;
+        let zeros = vec![0f32; n];
+        let bias = self.bias.as_deref().unwrap_or(&zeros);
+        (0..tasks).into_par_iter().for_each_init(
+            || (lines(ROWS_PER_TASK * k), vec![0f32; 2 * BLOCK * BLOCK]),
+            |(a, scratch), task| {
+                let first = task * ROWS_PER_TASK;
+                let rows = ROWS_PER_TASK.min(m - first);
+                let padded_rows = rows.next_multiple_of(BLOCK);
+                let a = as_u16_mut(a);
+                to_tiles(&src[first * k..(first + rows) * k], &mut a[..padded_rows * k], k);
+                let b = as_u16(&self.packed);
+                let (block_a, block_g) = scratch.split_at_mut(BLOCK * BLOCK);
+                // SAFETY: AMX is available (checked above).
+                unsafe { configure_tiles() };
+                for nb in 0..n_out / BLOCK {
+                    for m0 in (0..padded_rows).step_by(BLOCK) {
+                        let valid = BLOCK.min(rows - m0);
+                        // SAFETY: `a` holds padded_rows × k in tile order, `packed` n × k; the
+                        // column blocks asked for are below n; each scratch block is 32×32.
+                        // Output rows first+m0.. (below m) belong to this task alone.
+                        unsafe {
+                            product_block(a.as_ptr(), b.as_ptr(), kblocks, m0 / 16, nb * 2, block_a.as_mut_ptr());
+                            let dst = std::slice::from_raw_parts_mut(out_ptr.get().add((first + m0) * n_out), valid * n_out);
+                            let c0 = nb * BLOCK;
+                            match epilogue {
+                                Epilogue::Bias => finish_bias(block_a, &bias[c0..c0 + BLOCK], dst, n_out, c0),
+                                Epilogue::Geglu => {
+                                    let half = n / 2;
+                                    product_block(a.as_ptr(), b.as_ptr(), kblocks, m0 / 16, (half + c0) / 16, block_g.as_mut_ptr());
+                                    let (ba, bg) = (&bias[c0..c0 + BLOCK], &bias[half + c0..half + c0 + BLOCK]);
+                                    finish_geglu(block_a, block_g, ba, bg, dst, n_out, c0);
+                                }
+                            }
+                        }
+                    }
                 }
-            }
-        });
+            },
+        );
         drop(storage);
-        out.truncate(m * n);
+        // SAFETY: every task wrote its rows × n_out outputs (all m rows are covered).
+        unsafe { out.set_len(m * n_out) };
         let mut shape = dims;
-        *shape.last_mut().expect("rank ≥ 1") = n;
+        *shape.last_mut().expect("rank ≥ 1") = n_out;
         Tensor::from_vec(out, shape, x.device())
     }
+}
+
+dispatch!(to_tiles, fn(src: &[f32], dst: &mut [u16], k: usize) {
+    // Rows of k f32 → bf16 tiles of 16 rows × 32 values (`dst[(r/16·k/32 + kb)·512 + r%16·32 + k%32]`);
+    // rows past the source are zero.
+    let rows = dst.len() / k;
+    let kblocks = k / 32;
+    for r in 0..rows {
+        let base = (r / 16) * kblocks * 512 + (r % 16) * 32;
+        if r * k < src.len() {
+            let row = &src[r * k..(r + 1) * k];
+            for kb in 0..kblocks {
+                for (d, &v) in dst[base + kb * 512..base + kb * 512 + 32].iter_mut().zip(&row[kb * 32..kb * 32 + 32]) {
+                    *d = bf16_bits(v);
+                }
+            }
+        } else {
+            for kb in 0..kblocks {
+                dst[base + kb * 512..base + kb * 512 + 32].fill(0);
+            }
+        }
+    }
+});
+
+dispatch!(finish_bias, fn(block: &[f32], bias: &[f32], dst: &mut [f32], row_len: usize, col: usize) {
+    for (r, row) in dst.chunks_mut(row_len).enumerate() {
+        for ((d, &v), &b) in row[col..col + 32].iter_mut().zip(&block[r * 32..r * 32 + 32]).zip(bias) {
+            *d = v + b;
+        }
+    }
+});
+
+dispatch!(finish_geglu, fn(a: &[f32], g: &[f32], bias_a: &[f32], bias_g: &[f32], dst: &mut [f32], row_len: usize, col: usize) {
+    for (r, row) in dst.chunks_mut(row_len).enumerate() {
+        let (a, g) = (&a[r * 32..r * 32 + 32], &g[r * 32..r * 32 + 32]);
+        for (j, d) in row[col..col + 32].iter_mut().enumerate() {
+            *d = (a[j] + bias_a[j]) * crate::kernels::gelu_erf(g[j] + bias_g[j]);
+        }
+    }
+});
+
+/// One 32×32 block of `a · b` into `c` (32 rows of 32 f32): rows from tile row `m16` of `a`
+/// (tile order, `kblocks` tiles per 16 rows), columns from tile column `j16` of `packed`.
+///
+/// # Safety
+/// The tiles must be configured ([`configure_tiles`]) on this thread; `a` must hold tile rows
+/// m16, m16+1 and `packed` tile columns j16, j16+1 of `kblocks` tiles each.
+#[cfg(target_arch = "x86_64")]
+unsafe fn product_block(a: *const u16, packed: *const u16, kblocks: usize, m16: usize, j16: usize, c: *mut f32) {
+    use std::arch::asm;
+    asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack));
+    let (a0, a1) = (a.add(m16 * kblocks * 512), a.add((m16 + 1) * kblocks * 512));
+    let (b0, b1) = (packed.add(j16 * kblocks * 512), packed.add((j16 + 1) * kblocks * 512));
+    for kb in 0..kblocks {
+        asm!(
+            "tileloadd tmm4, [{a0} + {s}*1]",
+            "tileloadd tmm5, [{a1} + {s}*1]",
+            "tileloadd tmm6, [{b0} + {s}*1]",
+            "tileloadd tmm7, [{b1} + {s}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            a0 = in(reg) a0.add(kb * 512),
+            a1 = in(reg) a1.add(kb * 512),
+            b0 = in(reg) b0.add(kb * 512),
+            b1 = in(reg) b1.add(kb * 512),
+            s = in(reg) 64usize,
+            options(nostack)
+        );
+    }
+    store_block(c, BLOCK, BLOCK * 4);
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn configure_tiles() {
+    unreachable!("available() is false off x86-64")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn product_block(_: *const u16, _: *const u16, _: usize, _: usize, _: usize, _: *mut f32) {
+    unreachable!("available() is false off x86-64")
 }
 
 /// f32 → bf16 bits, rounded to nearest even (as `half::bf16::from_f32` for finite values), in
@@ -369,7 +504,10 @@ unsafe fn store_block(c: *mut f32, n: usize, stride: usize) {
     );
 }
 
-/// Palette 1, tiles 0–7 of 16 rows × 64 bytes.
+/// Palette 1, tiles 0–7 of 16 rows × 64 bytes, for this thread.
+///
+/// # Safety
+/// AMX must be [`available`].
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 unsafe fn configure_tiles() {
@@ -381,7 +519,7 @@ unsafe fn configure_tiles() {
     std::arch::asm!("ldtilecfg [{}]", in(reg) &config as *const TileConfig, options(nostack));
 }
 
-/// Tile configuration: palette 1, tiles 0–7 of 16 rows × 64 bytes.
+/// The operand of `ldtilecfg`.
 #[repr(C, align(64))]
 struct TileConfig {
     palette: u8,
@@ -389,66 +527,6 @@ struct TileConfig {
     reserved: [u8; 14],
     bytes_per_row: [u16; 16],
     rows: [u8; 16],
-}
-
-/// `c (rows × n f32) = a (rows × k bf16) · b (packed)`, all dimensions multiples of 32. Tiles:
-/// tmm0–3 the 2×2 output block, tmm4–5 two 16-row slices of `a`, tmm6–7 two 16-column slices of
-/// `b`. Column blocks outermost, so a 32-column slice of `b` stays in L1 across the rows.
-///
-/// # Safety
-/// AMX must be [`available`]; the pointers must cover the sizes above.
-#[cfg(target_arch = "x86_64")]
-unsafe fn gemm(a: *const u16, b: *const u16, c: *mut f32, rows: usize, n: usize, k: usize) {
-    use std::arch::asm;
-    let mut config = TileConfig { palette: 1, start_row: 0, reserved: [0; 14], bytes_per_row: [0; 16], rows: [0; 16] };
-    for t in 0..8 {
-        config.bytes_per_row[t] = 64;
-        config.rows[t] = 16;
-    }
-    asm!("ldtilecfg [{}]", in(reg) &config as *const TileConfig, options(nostack));
-    let (stride_a, stride_b, stride_c) = (k * 2, n * 4, n * 4);
-    for n0 in (0..n).step_by(BLOCK) {
-        for m0 in (0..rows).step_by(BLOCK) {
-            asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack));
-            for k0 in (0..k).step_by(BLOCK) {
-                asm!(
-                    "tileloadd tmm4, [{a0} + {sa}*1]",
-                    "tileloadd tmm5, [{a1} + {sa}*1]",
-                    "tileloadd tmm6, [{b0} + {sb}*1]",
-                    "tileloadd tmm7, [{b1} + {sb}*1]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    "tdpbf16ps tmm3, tmm5, tmm7",
-                    a0 = in(reg) a.add(m0 * k + k0),
-                    a1 = in(reg) a.add((m0 + 16) * k + k0),
-                    b0 = in(reg) b.add(k0 * n + n0 * 2),
-                    b1 = in(reg) b.add(k0 * n + (n0 + 16) * 2),
-                    sa = in(reg) stride_a,
-                    sb = in(reg) stride_b,
-                    options(nostack)
-                );
-            }
-            asm!(
-                "tilestored [{c00} + {sc}*1], tmm0",
-                "tilestored [{c01} + {sc}*1], tmm1",
-                "tilestored [{c10} + {sc}*1], tmm2",
-                "tilestored [{c11} + {sc}*1], tmm3",
-                c00 = in(reg) c.add(m0 * n + n0),
-                c01 = in(reg) c.add(m0 * n + n0 + 16),
-                c10 = in(reg) c.add((m0 + 16) * n + n0),
-                c11 = in(reg) c.add((m0 + 16) * n + n0 + 16),
-                sc = in(reg) stride_c,
-                options(nostack)
-            );
-        }
-    }
-    asm!("tilerelease", options(nostack));
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn gemm(_: *const u16, _: *const u16, _: *mut f32, _: usize, _: usize, _: usize) {
-    unreachable!("available() is false off x86-64")
 }
 
 #[cfg(test)]
@@ -474,6 +552,18 @@ mod tests {
             let diff = (got.to_dtype(DType::F64).unwrap() - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
             let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
             assert!(diff <= 1e-5 * scale.max(1.0), "{m}x{k}x{n}: max error {diff:.2e} (scale {scale:.2e})");
+        }
+        // The fused gate equals the gate of the product (both halves' biases included).
+        for (m, k, n) in [(5, 64, 64), (600, 96, 128)] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+            let w = Tensor::randn(0f32, 0.1, (n, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
+            let matrix = Bf16Matrix::new(&w, Some(&b)).unwrap();
+            let got = matrix.forward_geglu(&x).unwrap();
+            let want = crate::kernels::geglu_reference(&matrix.forward(&x).unwrap().to_dtype(DType::F64).unwrap()).unwrap();
+            let diff = (got.to_dtype(DType::F64).unwrap() - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            assert!(diff <= 1e-5, "geglu {m}x{k}x{n}: max error {diff:.2e}");
+            assert_eq!(got.dims(), &[m, n / 2]);
         }
         // A 3-D input keeps its leading dimensions.
         let x = Tensor::randn(0f32, 1.0, (2, 3, 64), &dev).unwrap();

@@ -55,6 +55,7 @@ pub use attention::{attention, attention_chunked, attention_reference, softmax_l
 pub use flash_attention::flash_attention;
 pub use conv::{conv3x3, conv3x3_reference, temporal_conv, temporal_conv_reference};
 pub use geglu::{geglu, geglu_reference};
+pub(crate) use geglu::gelu_erf;
 pub use permute::{permute, permute_reference};
 pub use norm::{group_norm, group_norm_reference};
 pub use q8::{Q8Conv, Q8Matrix};

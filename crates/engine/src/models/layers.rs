@@ -303,6 +303,10 @@ pub fn silu(xs: &Tensor) -> Result<Tensor> {
 
 /// GEGLU feed-forward input half: `a · GELU(g)` where `[a, g] = proj(x)`.
 pub fn geglu(proj: &Linear, xs: &Tensor) -> Result<Tensor> {
+    if let Linear::Bf16(matrix) = proj {
+        // The gate runs on each block of the product while it is in cache.
+        return matrix.forward_geglu(xs);
+    }
     crate::kernels::geglu(&proj.forward(xs)?)
 }
 
