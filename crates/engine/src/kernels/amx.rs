@@ -10,7 +10,7 @@ use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
 /// Rows and columns of the output blocks (2×2 tiles of 16×16 f32) and the k step of one tile.
-const BLOCK: usize = 32;
+pub(crate) const BLOCK: usize = 32;
 /// Output rows per task.
 const ROWS_PER_TASK: usize = 512;
 
@@ -231,7 +231,7 @@ dispatch!(finish_geglu, fn(a: &[f32], g: &[f32], bias_a: &[f32], bias_g: &[f32],
 /// The tiles must be configured ([`configure_tiles`]) on this thread; `a` must hold tile rows
 /// m16, m16+1 and `packed` tile columns j16, j16+1 of `kblocks` tiles each.
 #[cfg(target_arch = "x86_64")]
-unsafe fn product_block(a: *const u16, packed: *const u16, kblocks: usize, m16: usize, j16: usize, c: *mut f32) {
+pub(crate) unsafe fn product_block(a: *const u16, packed: *const u16, kblocks: usize, m16: usize, j16: usize, c: *mut f32) {
     use std::arch::asm;
     asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack));
     let (a0, a1) = (a.add(m16 * kblocks * 512), a.add((m16 + 1) * kblocks * 512));
@@ -258,19 +258,19 @@ unsafe fn product_block(a: *const u16, packed: *const u16, kblocks: usize, m16: 
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn configure_tiles() {
+pub(crate) unsafe fn configure_tiles() {
     unreachable!("available() is false off x86-64")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn product_block(_: *const u16, _: *const u16, _: usize, _: usize, _: usize, _: *mut f32) {
+pub(crate) unsafe fn product_block(_: *const u16, _: *const u16, _: usize, _: usize, _: usize, _: *mut f32) {
     unreachable!("available() is false off x86-64")
 }
 
 /// f32 → bf16 bits, rounded to nearest even (as `half::bf16::from_f32` for finite values), in
 /// a form LLVM vectorises.
 #[inline(always)]
-fn bf16_bits(x: f32) -> u16 {
+pub(crate) fn bf16_bits(x: f32) -> u16 {
     let b = x.to_bits();
     (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
 }
@@ -278,10 +278,10 @@ fn bf16_bits(x: f32) -> u16 {
 /// 64 bytes, 64-byte aligned: buffers of these keep every tile row on one cache line.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-struct Line([u16; 32]);
+pub(crate) struct Line([u16; 32]);
 
 /// A zeroed, 64-byte aligned buffer of at least `len` bf16 values.
-fn lines(len: usize) -> Vec<Line> {
+pub(crate) fn lines(len: usize) -> Vec<Line> {
     vec![Line([0; 32]); len.div_ceil(32)]
 }
 
@@ -398,12 +398,12 @@ impl Bf16Conv {
     }
 }
 
-fn as_u16(l: &[Line]) -> &[u16] {
+pub(crate) fn as_u16(l: &[Line]) -> &[u16] {
     // SAFETY: `Line` is 32 u16 without padding.
     unsafe { std::slice::from_raw_parts(l.as_ptr().cast::<u16>(), l.len() * 32) }
 }
 
-fn as_u16_mut(l: &mut [Line]) -> &mut [u16] {
+pub(crate) fn as_u16_mut(l: &mut [Line]) -> &mut [u16] {
     // SAFETY: as above.
     unsafe { std::slice::from_raw_parts_mut(l.as_mut_ptr().cast::<u16>(), l.len() * 32) }
 }
@@ -510,7 +510,7 @@ unsafe fn store_block(c: *mut f32, n: usize, stride: usize) {
 /// AMX must be [`available`].
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn configure_tiles() {
+pub(crate) unsafe fn configure_tiles() {
     let mut config = TileConfig { palette: 1, start_row: 0, reserved: [0; 14], bytes_per_row: [0; 16], rows: [0; 16] };
     for t in 0..8 {
         config.bytes_per_row[t] = 64;

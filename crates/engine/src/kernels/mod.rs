@@ -42,6 +42,7 @@ macro_rules! dispatch {
 }
 
 pub mod amx;
+pub mod amx_attention;
 mod attention;
 mod conv;
 pub mod cuda;

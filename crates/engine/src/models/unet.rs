@@ -8,7 +8,7 @@ use super::layers::{
     multi_head_attention, silu, timestep_embedding, video_to_frames, Conv2d, Linear,
 };
 use crate::config::UnetConfig;
-use crate::kernels::permute;
+use crate::kernels::{amx_attention, permute};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 
@@ -98,6 +98,8 @@ struct Attention {
     to_out: Linear,
     heads: usize,
     scale: f64,
+    /// The products of the attention itself in bf16 on AMX, as those of its projections.
+    bf16_core: bool,
 }
 
 impl Attention {
@@ -119,8 +121,10 @@ impl Attention {
         } else {
             None
         };
+        let to_q = linear_no_bias(dim, inner, vb.pp("to_q"))?;
         Ok(Self {
-            to_q: linear_no_bias(dim, inner, vb.pp("to_q"))?,
+            bf16_core: matches!(to_q, Linear::Bf16(_)),
+            to_q,
             to_k: linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
             to_v: linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
             image,
@@ -129,6 +133,14 @@ impl Attention {
             heads,
             scale: (dim_head as f64).powf(-0.5),
         })
+    }
+
+    /// `softmax(q·kᵀ·scale)·v` per head on projected `(n, l, heads·d)` tensors.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        if self.bf16_core && amx_attention::supports(q, k, v, self.heads) {
+            return amx_attention::attention(q, k, v, self.heads, self.scale);
+        }
+        multi_head_attention(q, k, v, self.heads, self.scale, None)
     }
 
     fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
@@ -140,10 +152,10 @@ impl Attention {
                 let img = ctx.narrow(1, TEXT_CONTEXT_LEN, len - TEXT_CONTEXT_LEN)?;
                 let k = self.to_k.forward(&text)?;
                 let v = self.to_v.forward(&text)?;
-                let out_txt = multi_head_attention(&q, &k, &v, self.heads, self.scale, None)?;
+                let out_txt = self.attend(&q, &k, &v)?;
                 let k = to_k_ip.forward(&img)?;
                 let v = to_v_ip.forward(&img)?;
-                let out_img = multi_head_attention(&q, &k, &v, self.heads, self.scale, None)?;
+                let out_img = self.attend(&q, &k, &v)?;
                 let out_img = match &self.alpha {
                     Some(a) => out_img.broadcast_mul(&(a.tanh()? + 1.0)?)?,
                     None => out_img,
@@ -154,7 +166,7 @@ impl Attention {
                 let ctx = ctx.unwrap_or(xs);
                 let k = self.to_k.forward(ctx)?;
                 let v = self.to_v.forward(ctx)?;
-                multi_head_attention(&q, &k, &v, self.heads, self.scale, None)?
+                self.attend(&q, &k, &v)?
             }
         };
         self.to_out.forward(&out)
