@@ -19,7 +19,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 /// What `bench` runs when no case is named: everything that fits a small CPU machine.
-const DEFAULT_CASES: [&str; 9] = ["unet-256", "vae-decode-256", "clip-image", "clip-text", "tiny-pipeline", "ops", "serve-vs-cli", "quant-256", "load"];
+const DEFAULT_CASES: [&str; 10] = ["unet-256", "vae-decode-256", "clip-image", "clip-text", "tiny-pipeline", "ops", "serve-vs-cli", "quant-256", "bf16-256", "load"];
 /// Named only: GPU-sized work (hours on a CPU).
 const GPU_CASES: [&str; 6] = ["unet-512", "unet-1024", "pipeline-256", "pipeline-512", "pipeline-1024", "ops-1024"];
 
@@ -29,7 +29,8 @@ pub struct BenchArgs {
     /// 333×1024), vae-decode-256 (16 frames at 256×256), clip-image, clip-text, tiny-pipeline
     /// (a full run of fixtures/tiny-v), ops (the primitives of torch_ops.py), serve-vs-cli (the
     /// same tiny-v request through `generate` and through `serve`), quant-256 (the 256 UNet in
-    /// fp32 and q8_0 from the same seeded weights: output error, times, file sizes), load (file
+    /// fp32 and q8_0 from the same seeded weights: output error, times, file sizes), bf16-256
+    /// (the same with the CPU's bf16 products on AMX, where the CPU has them), load (file
     /// size, load time and resident memory of fp32 and q8_0 checkpoints: the tiny fixtures and a
     /// real-256 one of random weights written to the temp folder, 14 GB of disk). Default: all
     /// of these. Named only (GPU-sized): unet-512, unet-1024 (one forward at 40×64 / 72×128
@@ -280,6 +281,29 @@ fn pipeline_case(preset: &str, runs: usize, target: &Target) -> Result<Timing> {
     println!("{name}: networks built in {:.1} s; stages: {}; mean step {:.3} s", build.as_secs_f64(), stages.join(", "), report.denoise_steps.mean_seconds);
     print_gpu_peak(&name, &target.device);
     Ok(t)
+}
+
+/// The 256 UNet in fp32 and in the CPU's bf16 mode (products on AMX), from the same seeded
+/// weights and input: the output's error against fp32 (the quality bar is 35 dB), and
+/// the bf16 forward's time.
+fn bf16_256(runs: usize) -> Result<Vec<Timing>> {
+    if !kernels::amx::available() {
+        println!("bf16-256: this CPU has no AMX: nothing to measure");
+        return Ok(Vec::new());
+    }
+    let cfg = ModelConfig::dc_256();
+    let (x, context) = unet_256_input(&cfg)?;
+    let reference = unet_forward(&Unet::new(&cfg.unet, weights(false))?, &x, &context)?;
+    let policy = PrecisionPolicy::new(dynamicrafter_engine::Precision::Bf16, &Device::Cpu)?;
+    let unet = Unet::new(&cfg.unet, RandomWeights::var_builder_for(&policy, DType::F32, &Device::Cpu))?;
+    let out = unet_forward(&unet, &x, &context)?;
+    let norm = |t: &Tensor| -> Result<f64> { Ok(t.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64) };
+    let rel = norm(&(&out - &reference)?)? / norm(&reference)?;
+    println!("bf16-256: UNet output relative error bf16 (AMX) vs fp32: {rel:.4} ({:.1} dB SNR)", -20.0 * rel.log10());
+    Ok(vec![time("unet-256 forward bf16 (AMX), same weights", runs, || {
+        unet_forward(&unet, &x, &context)?;
+        Ok(())
+    })?])
 }
 
 /// The 256 UNet in fp32 and with q8_0 linear layers, from the same seeded weights and input:
@@ -671,6 +695,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "pipeline-1024" => results.push(pipeline_case("1024", args.runs, &target)?),
             "ops-1024" => results.extend(ops_1024(args.runs, &target)?),
             "quant-256" => results.extend(quant_256(args.runs)?),
+            "bf16-256" => results.extend(bf16_256(args.runs)?),
             "load" => results.extend(load_times(args.runs)?),
             "vae-decode-256" => results.push(vae_decode_256(args.runs, &target)?),
             "clip-image" => results.push(clip_image(args.runs, &target)?),
