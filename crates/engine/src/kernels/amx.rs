@@ -231,6 +231,7 @@ dispatch!(finish_geglu, fn(a: &[f32], g: &[f32], bias_a: &[f32], bias_g: &[f32],
 /// The tiles must be configured ([`configure_tiles`]) on this thread; `a` must hold tile rows
 /// m16, m16+1 and `packed` tile columns j16, j16+1 of `kblocks` tiles each.
 #[cfg(target_arch = "x86_64")]
+#[inline(never)]
 pub(crate) unsafe fn product_block(a: *const u16, packed: *const u16, kblocks: usize, m16: usize, j16: usize, c: *mut f32) {
     use std::arch::asm;
     asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack));
@@ -409,13 +410,20 @@ pub(crate) fn as_u16_mut(l: &mut [Line]) -> &mut [u16] {
 }
 
 dispatch!(to_channels_last, fn(src: &[f32], plane: usize, dst: &mut [u16], c: usize, w: usize) {
-    // One image row: `src[ci·plane + x]` → `dst[x·c + ci]` in bf16, 16 columns at a time.
+    // One image row: `src[ci·plane + x]` → `dst[x·c + ci]` in bf16, through blocks of 32
+    // channels × 16 columns so that both sides move whole lines.
+    let mut block = [[0u16; 32]; 16];
     for x0 in (0..w).step_by(16) {
         let xs = 16.min(w - x0);
-        for ci in 0..c {
-            let row = &src[ci * plane + x0..ci * plane + x0 + xs];
-            for (x, &v) in row.iter().enumerate() {
-                dst[(x0 + x) * c + ci] = bf16_bits(v);
+        for ci0 in (0..c).step_by(32) {
+            for ci in 0..32 {
+                let row = &src[(ci0 + ci) * plane + x0..(ci0 + ci) * plane + x0 + xs];
+                for (x, &v) in row.iter().enumerate() {
+                    block[x][ci] = bf16_bits(v);
+                }
+            }
+            for (x, b) in block.iter().enumerate().take(xs) {
+                dst[(x0 + x) * c + ci0..(x0 + x) * c + ci0 + 32].copy_from_slice(b);
             }
         }
     }
@@ -423,13 +431,29 @@ dispatch!(to_channels_last, fn(src: &[f32], plane: usize, dst: &mut [u16], c: us
 
 dispatch!(from_channels_last, fn(acc: &[f32], rows: usize, q0: usize, out: &mut [f32], bias: &[f32], h: usize, w: usize, wp: usize) {
     // Accumulator rows are output positions q0.. on the padded width; keep the x < w ones.
+    // Transposed through 16×16 blocks so both sides are read and written in whole lines.
     let co = bias.len();
-    for (o, &b) in bias.iter().enumerate() {
-        let plane = &mut out[o * h * w..(o + 1) * h * w];
-        for q in q0..(q0 + rows).min(h * wp) {
-            let (y, x) = (q / wp, q % wp);
-            if x < w {
-                plane[y * w + x] = acc[(q - q0) * co + o] + b;
+    let q1 = (q0 + rows).min(h * wp);
+    let mut block = [[0f32; 16]; 16];
+    for o0 in (0..co).step_by(16) {
+        for qb in (q0..q1).step_by(16) {
+            let qn = 16.min(q1 - qb);
+            for (i, row) in block.iter_mut().enumerate().take(qn) {
+                row.copy_from_slice(&acc[(qb - q0 + i) * co + o0..(qb - q0 + i) * co + o0 + 16]);
+            }
+            // Where each position lands in an output plane (None: a padding column).
+            let mut at = [None; 16];
+            for (i, a) in at.iter_mut().enumerate().take(qn) {
+                let (y, x) = ((qb + i) / wp, (qb + i) % wp);
+                *a = (x < w).then_some(y * w + x);
+            }
+            for j in 0..16 {
+                let (plane, b) = (&mut out[(o0 + j) * h * w..(o0 + j + 1) * h * w], bias[o0 + j]);
+                for (row, a) in block.iter().zip(&at).take(qn) {
+                    if let Some(p) = *a {
+                        plane[p] = row[j] + b;
+                    }
+                }
             }
         }
     }
@@ -442,6 +466,7 @@ dispatch!(from_channels_last, fn(acc: &[f32], rows: usize, q0: usize, out: &mut 
 /// AMX must be [`available`]; `a` must hold rows + max(offsets) rows of `c`, 64-byte aligned
 /// with `c` a multiple of 32; `packed` co·c·taps values; `acc` rows × co.
 #[cfg(target_arch = "x86_64")]
+#[inline(never)]
 unsafe fn conv_tiles(a: *const u16, c: usize, offsets: &[usize], packed: *const u16, co: usize, rows: usize, acc: *mut f32) {
     use std::arch::asm;
     configure_tiles();

@@ -81,7 +81,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
                 for r in 0..rows {
                     softmax_numerators(&mut s.scores[r * n_pad..r * n_pad + n], n, scale, &mut s.sums[r..r + 1]);
                 }
-                probability_tiles(&s.scores, n_pad, n, rows, as_u16_mut(&mut s.probs));
+                probability_tiles(&mut s.scores, n_pad, n, rows, as_u16_mut(&mut s.probs));
                 for jb in 0..dv / BLOCK {
                     // SAFETY: the probability tiles hold 2 tile rows of n_pad/32 tiles, the
                     // values dv/16 tile columns of n_pad/32 tiles.
@@ -158,20 +158,31 @@ dispatch!(query_tiles, fn(q: &[f32], stride: usize, rows: usize, d: usize, dst: 
     // A tiles of 32 query rows (rows past `rows` zero): [row/16][d/32][16][32].
     let dblocks = d / 32;
     for r in 0..32 {
-        for kk in 0..d {
-            let v = if r < rows { bf16_bits(q[r * stride + kk]) } else { 0 };
-            dst[((r / 16) * dblocks + kk / 32) * 512 + (r % 16) * 32 + kk % 32] = v;
+        for kb in 0..dblocks {
+            let at = ((r / 16) * dblocks + kb) * 512 + (r % 16) * 32;
+            let d32 = &mut dst[at..at + 32];
+            if r < rows {
+                for (o, &v) in d32.iter_mut().zip(&q[r * stride + kb * 32..r * stride + kb * 32 + 32]) {
+                    *o = bf16_bits(v);
+                }
+            } else {
+                d32.fill(0);
+            }
         }
     }
 });
 
-dispatch!(probability_tiles, fn(scores: &[f32], n_pad: usize, n: usize, rows: usize, dst: &mut [u16]) {
+dispatch!(probability_tiles, fn(scores: &mut [f32], n_pad: usize, n: usize, rows: usize, dst: &mut [u16]) {
     // A tiles of the numerators: [row/16][key/32][16][32]; padded keys and rows zero.
     let kblocks = n_pad / 32;
     for r in 0..32 {
-        for key in 0..n_pad {
-            let v = if r < rows && key < n { bf16_bits(scores[r * n_pad + key]) } else { 0 };
-            dst[((r / 16) * kblocks + key / 32) * 512 + (r % 16) * 32 + key % 32] = v;
+        let row = &mut scores[r * n_pad..(r + 1) * n_pad];
+        row[if r < rows { n } else { 0 }..].fill(0.0);
+        for kb in 0..kblocks {
+            let at = ((r / 16) * kblocks + kb) * 512 + (r % 16) * 32;
+            for (o, &v) in dst[at..at + 32].iter_mut().zip(&row[kb * 32..kb * 32 + 32]) {
+                *o = bf16_bits(v);
+            }
         }
     }
 });
