@@ -1,7 +1,7 @@
 //! End-to-end checks of the `dynamicrafter` binary on the repository's tiny fixture models.
 
 use candle_core::Device;
-use dynamicrafter_engine::{ModelConfig, Pipeline, Request, SeededNoise};
+use dynamicrafter_engine::{ModelConfig, Pipeline, Precision, PrecisionPolicy, Request, SeededNoise};
 use dynamicrafter_video::{chroma_420, decode_mp4, luma, psnr, Frames};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -28,11 +28,16 @@ fn ok(o: &Output) {
 
 const CARD: &str = "examples/images/test_card.png";
 
-/// The frames the engine itself produces for the same request and seed.
+/// The precision policy `--precision auto` (the default) resolves to on this machine's CPU.
+fn auto() -> PrecisionPolicy {
+    PrecisionPolicy::new(Precision::Auto, &Device::Cpu).unwrap()
+}
+
+/// The frames the engine itself produces for the same request and seed, in the default precision.
 fn engine_frames(model: &str, weights: &str, prompt: &str, steps: usize, seed: u64) -> (Vec<u8>, usize, usize, usize) {
     let dir = repo().join("fixtures").join(model);
     let cfg = ModelConfig::from_json_file(&dir.join("config.json")).unwrap();
-    let p = Pipeline::load(cfg.clone(), &dir.join(weights), &Device::Cpu).unwrap();
+    let p = Pipeline::load_with(cfg.clone(), &dir.join(weights), &Device::Cpu, auto()).unwrap();
     let img = image::open(repo().join(CARD)).unwrap().to_rgb8();
     let (w, h) = img.dimensions();
     let image = dynamicrafter_engine::RgbImage::new(w as usize, h as usize, img.into_raw()).unwrap();
@@ -54,12 +59,12 @@ fn generate_writes_a_browser_playable_mp4_of_the_pipeline_frames() {
     ok(&o);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(stderr.contains("seed 7"), "the seed is printed: {stderr}");
-    for stage in ["model load", "text encode", "image encode", "VAE encode", "denoise", "per step", "VAE decode", "video write", "total", "peak RSS", "fp32"] {
+    for stage in ["model load", "text encode", "image encode", "VAE encode", "denoise", "per step", "VAE decode", "video write", "total", "peak RSS", &auto().name()] {
         assert!(stderr.contains(stage), "report names {stage}: {stderr}");
     }
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     assert_eq!(json["denoise_steps"]["count"], 2);
-    assert_eq!(json["precision"], "fp32");
+    assert_eq!(json["precision"], auto().name());
 
     let video = decode_mp4(&std::fs::read(&out).unwrap()).unwrap();
     let (want, n, w, h) = engine_frames("tiny-v", "model.safetensors", "a red fox", 2, 7);

@@ -99,7 +99,8 @@ fn generate_with_quantize_reports_it() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
-    assert_eq!(json["precision"], "fp32 + q8_0");
+    let auto = PrecisionPolicy::new(dynamicrafter_engine::Precision::Auto, &Device::Cpu).unwrap();
+    assert_eq!(json["precision"], auto.with_quantization(Some(Quantization::Q8_0)).name());
 
     let bad = Command::new(env!("CARGO_BIN_EXE_dynamicrafter"))
         .current_dir(repo())

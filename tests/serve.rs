@@ -32,7 +32,8 @@ fn a_job_streams_its_events_in_order_and_equals_the_cli_run() {
     assert_eq!(status["state"], "done");
     assert_eq!(status["seed"], 7);
     let report = &status["report"];
-    assert_eq!(report["precision"], "fp32");
+    let auto = dynamicrafter_engine::PrecisionPolicy::new(dynamicrafter_engine::Precision::Auto, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(report["precision"], auto.name());
     assert_eq!(report["denoise_steps"]["count"], 3);
     assert_eq!(&events.last().unwrap().1["report"], report);
 

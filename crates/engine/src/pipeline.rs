@@ -260,7 +260,8 @@ impl Pipeline {
         ck.verify(&Self::checkpoint_keys(&cfg)?)?;
         // A quantized file is read as stored; a float one is quantized as it loads if asked.
         let (vb, precision) = match ck.quantization() {
-            Some(q) => (ck.var_builder(DType::F32, device), precision.with_quantization(Some(q))),
+            // Stored int8 is read as it is; the policy's bf16 products still serve the rest.
+            Some(q) => (ck.var_builder_for(&precision.clone().with_quantization(None), DType::F32, device), precision.with_quantization(Some(q))),
             None => (ck.var_builder_for(&precision, DType::F32, device), precision),
         };
         // The schedule buffers in the file overwrite the computed ones, as in the reference.

@@ -54,8 +54,9 @@ fn dtype(p: Precision) -> DType {
 }
 
 impl PrecisionPolicy {
-    /// CPU: fp32 everywhere (`auto` too: no CPU reduced-precision path is both faster and within
-    /// 35 dB of fp32 yet); bf16/f16 are refused there rather than ignored. Other devices: the
+    /// CPU: fp32 everywhere, or with AMX (`bf16`, and `auto` there) the products of linear
+    /// layers, convolutions and attention in bf16 with everything else in f32; f16 is refused
+    /// there rather than ignored, as bf16 is without AMX. Other devices: the
     /// requested dtype (`auto` = bf16) for weights and compute of every network, except the VAE,
     /// which stays in f32 under f16 (its activations overflow f16's range).
     pub fn new(requested: Precision, device: &Device) -> Result<Self> {
@@ -114,13 +115,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cpu_is_fp32_and_refuses_reduced_precision() {
+    fn cpu_is_fp32_or_amx_bf16_and_refuses_the_rest() {
         let p = PrecisionPolicy::new(Precision::Auto, &Device::Cpu).unwrap();
-        assert_eq!(p.resolved, Precision::F32);
+        // Weights and activations stay f32 either way; with AMX the products run in bf16.
         for part in Part::ALL {
             assert_eq!(p.part(part), PartPrecision { weights: DType::F32, compute: DType::F32 });
         }
-        assert_eq!(p.name(), "fp32");
+        if crate::kernels::amx::available() {
+            assert_eq!((p.resolved, p.bf16_matmuls), (Precision::Bf16, true));
+            assert_eq!(p.name(), "bf16 (AMX products, fp32 rest)");
+        } else {
+            assert_eq!((p.resolved, p.bf16_matmuls), (Precision::F32, false));
+            assert_eq!(p.name(), "fp32");
+            assert_eq!(PrecisionPolicy::f32(), p);
+        }
+        let fp32 = PrecisionPolicy::new(Precision::F32, &Device::Cpu).unwrap();
+        assert_eq!(fp32.name(), "fp32");
         match PrecisionPolicy::new(Precision::Bf16, &Device::Cpu) {
             Ok(bf16) => {
                 assert!(crate::kernels::amx::available() && bf16.bf16_matmuls);
@@ -129,6 +139,6 @@ mod tests {
             Err(_) => assert!(!crate::kernels::amx::available()),
         }
         assert!(PrecisionPolicy::new(Precision::F16, &Device::Cpu).is_err());
-        assert_eq!(PrecisionPolicy::f32(), p);
+        assert_eq!(PrecisionPolicy::f32(), fp32);
     }
 }

@@ -257,12 +257,13 @@ impl SimpleBackend for Recording<'_> {
     }
 }
 
-/// `inner` as the layers of a `precision` run read it: int8 (`q8_0`) weights quantized as they
-/// load, or the weights of the CPU's bf16 (AMX) layers served for packing; else as it is.
+/// `inner` as the layers of a `precision` run read it: the weights of the CPU's bf16 (AMX)
+/// layers served for packing, and/or int8 (`q8_0`) weights quantized as they load (the layers
+/// take int8 first where both are offered).
 fn for_policy<'a>(inner: Box<dyn SimpleBackend + 'a>, precision: &PrecisionPolicy) -> Box<dyn SimpleBackend + 'a> {
+    let inner: Box<dyn SimpleBackend + 'a> = if precision.bf16_matmuls { Box::new(quant::Bf16OnLoad::new(inner)) } else { inner };
     match precision.quantization {
         Some(_) => Box::new(quant::QuantizeOnLoad::new(inner)),
-        None if precision.bf16_matmuls => Box::new(quant::Bf16OnLoad::new(inner)),
         None => inner,
     }
 }

@@ -20,6 +20,7 @@ use dynamicrafter_engine::models::unet::{UnetInput, UnetTrace};
 use dynamicrafter_engine::pipeline::{Conditioning, SamplerOptions};
 use dynamicrafter_engine::preprocess::{clip_preprocess, resize_and_crop, to_tensor, video_to_u8};
 use dynamicrafter_engine::{GivenNoise, Mode, ModelConfig, Pipeline, Request, RgbImage};
+use common::{fixture_dirs, fixtures_root};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -90,24 +91,6 @@ impl Report {
         };
         self.push(stage, err, bound, format!("max|ref| {max_ref:.3}"));
     }
-}
-
-fn fixtures_root() -> PathBuf {
-    std::env::var_os("DYNAMICRAFTER_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"))
-}
-
-fn fixture_dirs() -> Vec<PathBuf> {
-    let root = fixtures_root();
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
-        .unwrap_or_else(|e| panic!("fixtures folder {}: {e}", root.display()))
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("config.json").is_file() && p.join("stages.safetensors").is_file())
-        .collect();
-    dirs.sort();
-    assert!(!dirs.is_empty(), "no fixture directories under {}", root.display());
-    dirs
 }
 
 struct Fixture {

@@ -108,8 +108,9 @@ fn reduced_precision_pipelines_stay_within_35_db_of_fp32() {
     }
 }
 
-/// `--precision bf16` on a CPU with AMX: the linear layers' products in bf16, the rest in f32;
-/// decoded frames within 35 dB of fp32 (the precision policy's bar for a CPU mode).
+/// `--precision bf16` on a CPU with AMX (also what `auto` picks there): the products of linear
+/// layers, convolutions and attention in bf16, the rest in f32; decoded frames within 35 dB of
+/// fp32 (the precision policy's bar for a CPU mode), for every fixture model.
 #[test]
 fn cpu_bf16_products_stay_within_35_db_of_fp32() {
     use dynamicrafter_engine::{Precision, PrecisionPolicy};
@@ -117,21 +118,23 @@ fn cpu_bf16_products_stay_within_35_db_of_fp32() {
         eprintln!("no AMX on this CPU: --precision bf16 is refused here, nothing to compare");
         return;
     };
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny-v");
-    let cfg = ModelConfig::from_json_file(&dir.join("config.json")).unwrap();
-    let mut req = Request::new(&cfg, image(96, 64), "waves at sunset");
-    req.steps = 4;
-    let never = AtomicBool::new(false);
-    let cpu = candle_core::Device::Cpu;
-    let frames = |policy: PrecisionPolicy| {
-        let p = Pipeline::load_with(cfg.clone(), &dir.join("model.safetensors"), &cpu, policy).unwrap();
-        p.generate(&req, &mut SeededNoise::new(3, &cpu), &mut |_| {}, &never).unwrap().frames_u8
-    };
-    let reference = frames(PrecisionPolicy::f32());
-    let got = frames(policy);
-    assert_ne!(got, reference, "the bf16 products must change something");
-    let mse = got.iter().zip(&reference).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum::<f64>() / got.len() as f64;
-    let db = 10.0 * (255.0f64 * 255.0 / mse.max(1e-12)).log10();
-    eprintln!("cpu bf16 (AMX products): {db:.1} dB vs fp32");
-    assert!(db >= 35.0, "cpu bf16: {db:.1} dB");
+    assert_eq!(PrecisionPolicy::new(Precision::Auto, &candle_core::Device::Cpu).unwrap(), policy);
+    for dir in common::fixture_dirs() {
+        let cfg = ModelConfig::from_json_file(&dir.join("config.json")).unwrap();
+        let mut req = Request::new(&cfg, image(96, 64), "waves at sunset");
+        req.steps = 4;
+        let never = AtomicBool::new(false);
+        let cpu = candle_core::Device::Cpu;
+        let frames = |policy: PrecisionPolicy| {
+            let p = Pipeline::load_with(cfg.clone(), &dir.join("model.safetensors"), &cpu, policy).unwrap();
+            p.generate(&req, &mut SeededNoise::new(3, &cpu), &mut |_| {}, &never).unwrap().frames_u8
+        };
+        let reference = frames(PrecisionPolicy::f32());
+        let got = frames(policy.clone());
+        assert_ne!(got, reference, "the bf16 products must change something");
+        let mse = got.iter().zip(&reference).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum::<f64>() / got.len() as f64;
+        let db = 10.0 * (255.0f64 * 255.0 / mse.max(1e-12)).log10();
+        eprintln!("{}: cpu bf16 (AMX products) {db:.1} dB vs fp32", dir.display());
+        assert!(db >= 35.0, "{}: cpu bf16 {db:.1} dB", dir.display());
+    }
 }
