@@ -478,6 +478,12 @@ fn ops(runs: usize) -> Result<Vec<Timing>> {
     let [q, k, v] = qkv(16 * 5, 1024)?;
     out.push(time("sdpa f32 spatial 16x5x1024x64 (ours)", runs, || { kernels::attention(&q, &k, &v, 0.125)?; Ok(()) })?);
     out.push(time("attn naive f32 spatial (candle)", runs, || { kernels::attention_reference(&q, &k, &v, 0.125)?; Ok(()) })?);
+    if kernels::amx_attention::supports(&q, &k, &v, 1) {
+        // The same attention in the UNet's bf16 mode: heads merged in the last dimension.
+        let merged = |t: &Tensor| -> Result<Tensor> { Ok(t.reshape((16, 5, 1024, 64))?.transpose(1, 2)?.reshape((16, 1024, 320))?) };
+        let (qm, km, vm) = (merged(&q)?, merged(&k)?, merged(&v)?);
+        out.push(time("sdpa bf16 spatial 16x5x1024x64 (ours, AMX)", runs, || { kernels::amx_attention::attention(&qm, &km, &vm, 5, 0.125)?; Ok(()) })?);
+    }
     let [q, k, v] = qkv(1024 * 5, 16)?;
     out.push(time("sdpa f32 temporal 1024x5x16x64 (ours)", runs, || { kernels::attention(&q, &k, &v, 0.125)?; Ok(()) })?);
     out.push(time("attn naive f32 temporal (candle)", runs, || { kernels::attention_reference(&q, &k, &v, 0.125)?; Ok(()) })?);

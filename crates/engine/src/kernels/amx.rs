@@ -372,7 +372,11 @@ impl Bf16Conv {
             let (ni, y) = (task / h, task % h);
             // SAFETY: image row y of sample ni owns padded rows (y+1)·wp + px .. + w, disjoint per task.
             let dst = unsafe { std::slice::from_raw_parts_mut(padded_ptr.get().add((ni * len + (y + 1) * wp + px) * c), w * c) };
-            to_channels_last(&src[ni * c * h * w + y * w..], h * w, dst, c, w);
+            let row = &src[ni * c * h * w + y * w..];
+            let done = to_channels_last_x16(row, h * w, dst, c, w);
+            if done < w {
+                to_channels_last(&row[done..], h * w, &mut dst[done * c..], c, w - done);
+            }
         });
 
         let mut out = vec![0f32; n * co * h * w];
@@ -428,6 +432,87 @@ dispatch!(to_channels_last, fn(src: &[f32], plane: usize, dst: &mut [u16], c: us
         }
     }
 });
+
+/// [`to_channels_last`] for the whole 16-column blocks of a row with AVX-512: each channel
+/// pair rounded into the halves of u32 lanes, then a 16×16 transpose in registers. Returns the
+/// columns done (0 without AVX-512).
+fn to_channels_last_x16(src: &[f32], plane: usize, dst: &mut [u16], c: usize, w: usize) -> usize {
+    let blocks = w / 16;
+    #[cfg(target_arch = "x86_64")]
+    if blocks > 0 && std::is_x86_feature_detected!("avx512f") {
+        assert!(src.len() >= (c - 1) * plane + blocks * 16 && dst.len() >= blocks * 16 * c && c.is_multiple_of(32));
+        // SAFETY: AVX-512F detected; the extents were just checked.
+        unsafe { simd::channels_last_blocks(src.as_ptr(), plane, dst.as_mut_ptr(), c, blocks) };
+        return blocks * 16;
+    }
+    0
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    /// f32 lanes → bf16 bits (round to nearest even) in the low half of each u32 lane.
+    #[target_feature(enable = "avx512f")]
+    fn round_bf16(v: __m512) -> __m512i {
+        let b = _mm512_castps_si512(v);
+        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+        _mm512_srli_epi32::<16>(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))))
+    }
+
+    /// `out[j]` lane i = `r[i]` lane j, for 16×16 u32.
+    #[target_feature(enable = "avx512f")]
+    fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
+        let mut t = [_mm512_setzero_si512(); 16];
+        for k in 0..8 {
+            t[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
+            t[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
+        }
+        // u[4g + c], 128-bit lane L: column 4L + c of rows 4g..4g+3.
+        let mut u = [_mm512_setzero_si512(); 16];
+        for g in 0..4 {
+            u[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+            u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+            u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+            u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+        }
+        let mut out = [_mm512_setzero_si512(); 16];
+        for c in 0..4 {
+            let v_lo = _mm512_shuffle_i32x4::<0x88>(u[c], u[4 + c]);
+            let v_hi = _mm512_shuffle_i32x4::<0xdd>(u[c], u[4 + c]);
+            let w_lo = _mm512_shuffle_i32x4::<0x88>(u[8 + c], u[12 + c]);
+            let w_hi = _mm512_shuffle_i32x4::<0xdd>(u[8 + c], u[12 + c]);
+            out[c] = _mm512_shuffle_i32x4::<0x88>(v_lo, w_lo);
+            out[8 + c] = _mm512_shuffle_i32x4::<0xdd>(v_lo, w_lo);
+            out[4 + c] = _mm512_shuffle_i32x4::<0x88>(v_hi, w_hi);
+            out[12 + c] = _mm512_shuffle_i32x4::<0xdd>(v_hi, w_hi);
+        }
+        out
+    }
+
+    /// `blocks` × 16 columns of one image row to channels-last bf16 (see `to_channels_last`).
+    ///
+    /// # Safety
+    /// AVX-512F present; `src` covers `c` rows of `plane` from each block's column, `dst` the
+    /// block columns × `c`, `c` a multiple of 32.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn channels_last_blocks(src: *const f32, plane: usize, dst: *mut u16, c: usize, blocks: usize) {
+        for xb in 0..blocks {
+            let x0 = xb * 16;
+            for ci0 in (0..c).step_by(32) {
+                let mut r = [_mm512_setzero_si512(); 16];
+                for (p, rp) in r.iter_mut().enumerate() {
+                    let lo = round_bf16(_mm512_loadu_ps(src.add((ci0 + 2 * p) * plane + x0)));
+                    let hi = round_bf16(_mm512_loadu_ps(src.add((ci0 + 2 * p + 1) * plane + x0)));
+                    *rp = _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi));
+                }
+                for (x, v) in transpose16(r).into_iter().enumerate() {
+                    _mm512_storeu_si512(dst.add((x0 + x) * c + ci0).cast(), v);
+                }
+            }
+        }
+    }
+}
 
 dispatch!(from_channels_last, fn(acc: &[f32], rows: usize, q0: usize, out: &mut [f32], bias: &[f32], h: usize, w: usize, wp: usize) {
     // Accumulator rows are output positions q0.. on the padded width; keep the x < w ones.

@@ -4,11 +4,29 @@ use super::{contiguous_f32, fast_exp};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+/// Lanes of the f64 accumulators: four AVX-512 registers of independent sums.
+const LANES: usize = 32;
+
+/// `Σ f(x)` in f64 over LANES interleaved partial sums.
+#[inline(always)]
+fn lane_sum(x: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    let mut acc = [0f64; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f(v);
+        }
+    }
+    chunks.remainder().iter().map(|&v| f(v)).sum::<f64>() + acc.iter().sum::<f64>()
+}
+
 dispatch!(norm_group, fn(x: &[f32], y: &mut [f32], spatial: usize, w: &[f32], b: &[f32], eps: f32, silu: bool) {
-    // Statistics in f64: two passes over the group (mean, then squared deviations).
+    // Statistics in f64: two passes over the group (mean, then squared deviations), each
+    // summed in LANES independent lanes so that LLVM vectorises it (f64 adds are not
+    // reassociated otherwise: one add per element, each waiting for the last).
     let n = x.len() as f64;
-    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = x.iter().map(|&v| { let d = v as f64 - mean; d * d }).sum::<f64>() / n;
+    let mean = lane_sum(x, |v| v as f64) / n;
+    let var = lane_sum(x, |v| { let d = v as f64 - mean; d * d }) / n;
     let rstd = 1.0 / (var + eps as f64).sqrt();
     for (c, (xc, yc)) in x.chunks_exact(spatial).zip(y.chunks_exact_mut(spatial)).enumerate() {
         let scale = (w[c] as f64 * rstd) as f32;
