@@ -3,8 +3,7 @@
 //! them back merged: no split/merge copies, and no score matrix beyond 32 query rows.
 
 use super::amx::{as_u16, as_u16_mut, available, bf16_bits, configure_tiles, lines, product_block, Line, BLOCK};
-use super::attention::softmax_numerators;
-use super::SendPtr;
+use super::{fast_exp, SendPtr};
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
@@ -69,19 +68,16 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
             for r0 in (blk * QUERY_ROWS..m.min((blk + 1) * QUERY_ROWS)).step_by(BLOCK) {
                 let rows = BLOCK.min(m - r0);
                 query_tiles(&qx[(bi * m + r0) * qw + h * d..], qw, rows, d, as_u16_mut(&mut s.query));
-                // Scores of 32 query rows against every key.
+                // Scores of 32 query rows against every key, and each row's maximum (in lanes).
+                s.maxes.fill(f32::NEG_INFINITY);
                 for jb in 0..n_pad / BLOCK {
                     // SAFETY: the query tiles hold 2 tile rows of d/32 tiles, the keys n_pad/16
                     // tile columns of d/32 tiles; the block is 32×32.
                     unsafe { product_block(as_u16(&s.query).as_ptr(), kt.as_ptr(), d / BLOCK, 0, jb * 2, s.block.as_mut_ptr()) };
-                    for r in 0..BLOCK {
-                        s.scores[r * n_pad + jb * BLOCK..][..BLOCK].copy_from_slice(&s.block[r * BLOCK..(r + 1) * BLOCK]);
-                    }
+                    collect_scores(&s.block, jb * BLOCK, n, n_pad, &mut s.scores, &mut s.maxes);
                 }
-                for r in 0..rows {
-                    softmax_numerators(&mut s.scores[r * n_pad..r * n_pad + n], n, scale, &mut s.sums[r..r + 1]);
-                }
-                probability_tiles(&mut s.scores, n_pad, n, rows, as_u16_mut(&mut s.probs));
+                // The numerators straight into bf16 tiles, their sums in f32.
+                probability_tiles(&s.scores, n_pad, n, rows, scale, &s.maxes, &mut s.sums, as_u16_mut(&mut s.probs));
                 for jb in 0..dv / BLOCK {
                     // SAFETY: the probability tiles hold 2 tile rows of n_pad/32 tiles, the
                     // values dv/16 tile columns of n_pad/32 tiles.
@@ -115,6 +111,7 @@ fn cpu_slice<'a>(s: &'a candle_core::Storage, l: &candle_core::Layout, len: usiz
 struct Scratch {
     query: Vec<Line>,
     scores: Vec<f32>,
+    maxes: Vec<f32>,
     sums: Vec<f32>,
     probs: Vec<Line>,
     block: Vec<f32>,
@@ -125,6 +122,7 @@ impl Scratch {
         Self {
             query: lines(BLOCK * d),
             scores: vec![0.0; BLOCK * n_pad],
+            maxes: vec![0.0; BLOCK * BLOCK],
             sums: vec![1.0; BLOCK],
             probs: lines(BLOCK * n_pad),
             block: vec![0.0; BLOCK * BLOCK],
@@ -172,18 +170,48 @@ dispatch!(query_tiles, fn(q: &[f32], stride: usize, rows: usize, d: usize, dst: 
     }
 });
 
-dispatch!(probability_tiles, fn(scores: &mut [f32], n_pad: usize, n: usize, rows: usize, dst: &mut [u16]) {
-    // A tiles of the numerators: [row/16][key/32][16][32]; padded keys and rows zero.
+dispatch!(collect_scores, fn(block: &[f32], key0: usize, n: usize, n_pad: usize, scores: &mut [f32], maxes: &mut [f32]) {
+    // A 32×32 block of scores (keys key0..) into the rows of `scores`, and the running maxima
+    // of each row over real keys in 32 lanes (an element-wise max vectorises; a fold does not).
+    for r in 0..32 {
+        let src = &block[r * 32..r * 32 + 32];
+        scores[r * n_pad + key0..r * n_pad + key0 + 32].copy_from_slice(src);
+        for (j, (m, &v)) in maxes[r * 32..r * 32 + 32].iter_mut().zip(src).enumerate() {
+            let v = if key0 + j < n { v } else { f32::NEG_INFINITY };
+            *m = if v > *m { v } else { *m };
+        }
+    }
+});
+
+dispatch!(probability_tiles, fn(scores: &[f32], n_pad: usize, n: usize, rows: usize, scale: f32, maxes: &[f32], sums: &mut [f32], dst: &mut [u16]) {
+    // softmax numerators exp(scale·(s − max)) as A tiles [row/16][key/32][16][32] in bf16, and
+    // their f32 sums; padded keys and rows are zero.
     let kblocks = n_pad / 32;
     for r in 0..32 {
-        let row = &mut scores[r * n_pad..(r + 1) * n_pad];
-        row[if r < rows { n } else { 0 }..].fill(0.0);
+        let tile_row = |kb: usize| ((r / 16) * kblocks + kb) * 512 + (r % 16) * 32;
+        if r >= rows {
+            for kb in 0..kblocks {
+                dst[tile_row(kb)..tile_row(kb) + 32].fill(0);
+            }
+            continue;
+        }
+        let shift = maxes[r * 32..r * 32 + 32].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) * scale;
+        let mut acc = [0f32; 32];
         for kb in 0..kblocks {
-            let at = ((r / 16) * kblocks + kb) * 512 + (r % 16) * 32;
-            for (o, &v) in dst[at..at + 32].iter_mut().zip(&row[kb * 32..kb * 32 + 32]) {
-                *o = bf16_bits(v);
+            let src = &scores[r * n_pad + kb * 32..r * n_pad + kb * 32 + 32];
+            let mut p = [0f32; 32];
+            for (p, &v) in p.iter_mut().zip(src) {
+                *p = fast_exp(v * scale - shift);
+            }
+            if (kb + 1) * 32 > n {
+                p[n.saturating_sub(kb * 32)..].fill(0.0);
+            }
+            for ((o, &p), a) in dst[tile_row(kb)..tile_row(kb) + 32].iter_mut().zip(&p).zip(acc.iter_mut()) {
+                *a += p;
+                *o = bf16_bits(p);
             }
         }
+        sums[r] = acc.iter().sum::<f32>();
     }
 });
 

@@ -42,12 +42,6 @@ dispatch!(softmax_rows, fn(rows: &mut [f32], width: usize, scale: f32, sums: &mu
     }
 });
 
-/// The softmax numerators of each `width`-long row of `rows`, in place (logits times `scale`),
-/// and their sums.
-pub(crate) fn softmax_numerators(rows: &mut [f32], width: usize, scale: f32, sums: &mut [f32]) {
-    softmax_rows(rows, width, scale, sums)
-}
-
 dispatch!(scale_rows, fn(rows: &mut [f32], width: usize, sums: &[f32]) {
     for (row, &s) in rows.chunks_exact_mut(width).zip(sums) {
         let inv = 1.0 / s;

@@ -72,10 +72,13 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
     let xc = x.clamp(-87.3, 88.0);
     // Round to nearest by the 1.5·2^23 trick: a plain add/sub pair, which vectorises everywhere.
     const MAGIC: f32 = 12_582_912.0;
-    let n = (xc * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
+    let t = xc * std::f32::consts::LOG2_E + MAGIC;
+    let n = t - MAGIC;
     let r = (xc - n * LN2_HI) - n * LN2_LO;
     let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let e = p * f32::from_bits(((n as i32 + 127).max(1) as u32) << 23);
+    // 2^n from t's own bits (its low mantissa holds n, in [-126, 127] after the clamp): integer
+    // lane arithmetic, where a float → int `as` cast would make LLVM go one element at a time.
+    let e = p * f32::from_bits(t.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127) << 23);
     if x < -87.3 {
         0.0
     } else {
