@@ -28,28 +28,35 @@ impl CustomOp3 for TemporalConv {
         let co = lw.dims()[0];
         let ts = t * s;
         let mut y = vec![0f32; b * co * ts];
-        // Work items: (sample, block of output channels), so both threads stay busy at b = 1.
-        const CO_BLOCK: usize = 64;
-        let blocks = co.div_ceil(CO_BLOCK);
+        // Work items: (sample, run of frames) with every output channel, so each GEMM's packed
+        // input serves all co rows; enough runs that both threads stay busy at b = 1.
+        let threads = rayon::current_num_threads().max(1);
+        let runs = (2 * threads).div_ceil(b).clamp(1, t);
+        let frames = t.div_ceil(runs);
+        let runs = t.div_ceil(frames);
         let y_ptr = SendPtr(y.as_mut_ptr());
-        (0..b * blocks).into_par_iter().for_each(|task| {
-            let (bi, blk) = (task / blocks, task % blocks);
-            let o0 = blk * CO_BLOCK;
-            let rows = CO_BLOCK.min(co - o0);
+        (0..b * runs).into_par_iter().for_each(|task| {
+            let (bi, run) = (task / runs, task % runs);
+            let (t0, t1) = (run * frames, ((run + 1) * frames).min(t));
             let xb = x[bi * c * ts..].as_ptr();
-            // SAFETY: disjoint output rows per task; all extents within the buffers.
+            // SAFETY: each task writes the columns of its own frames; all extents within the buffers.
             unsafe {
-                let yb = y_ptr.get().add((bi * co + o0) * ts);
-                let wk = |k: usize| w.as_ptr().add(o0 * c * 3 + k);
-                // Centre tap over every frame, then the previous / next frame taps.
-                gemm_f32(rows, ts, c, yb, ts, false, wk(1), c * 3, 3, xb, ts);
-                if t > 1 {
-                    gemm_f32(rows, (t - 1) * s, c, yb.add(s), ts, true, wk(0), c * 3, 3, xb, ts);
-                    gemm_f32(rows, (t - 1) * s, c, yb, ts, true, wk(2), c * 3, 3, xb.add(s), ts);
+                let yb = y_ptr.get().add(bi * co * ts);
+                let wk = |k: usize| w.as_ptr().add(k);
+                // Centre tap over the run's frames, then the previous / next frame taps where
+                // those frames exist (zero padding in time).
+                gemm_f32(co, (t1 - t0) * s, c, yb.add(t0 * s), ts, false, wk(1), c * 3, 3, xb.add(t0 * s), ts);
+                let first = t0.max(1);
+                if t1 > first {
+                    gemm_f32(co, (t1 - first) * s, c, yb.add(first * s), ts, true, wk(0), c * 3, 3, xb.add((first - 1) * s), ts);
                 }
-                for r in 0..rows {
-                    let bv = bias[o0 + r];
-                    for v in std::slice::from_raw_parts_mut(yb.add(r * ts), ts) {
+                let last = t1.min(t - 1);
+                if last > t0 {
+                    gemm_f32(co, (last - t0) * s, c, yb.add(t0 * s), ts, true, wk(2), c * 3, 3, xb.add((t0 + 1) * s), ts);
+                }
+                for r in 0..co {
+                    let bv = bias[r];
+                    for v in std::slice::from_raw_parts_mut(yb.add(r * ts + t0 * s), (t1 - t0) * s) {
                         *v += bv;
                     }
                 }
@@ -111,7 +118,7 @@ impl CustomOp3 for Conv3x3 {
         // Output-channel blocks: up to 128 rows (GEMM efficiency), but small enough that a
         // single image (the per-frame VAE) still gives every thread work; at least 64 rows.
         let threads = rayon::current_num_threads().max(1);
-        let co_block = (co * n).div_ceil(2 * threads).next_multiple_of(16).clamp(64, 128);
+        let co_block = (co * n).div_ceil(2 * threads).next_multiple_of(16).clamp(64, 512);
         let blocks = co.div_ceil(co_block);
         let y_ptr = SendPtr(y.as_mut_ptr());
         (0..n * blocks).into_par_iter().for_each_init(
