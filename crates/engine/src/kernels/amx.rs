@@ -7,6 +7,7 @@
 
 use super::SendPtr;
 use candle_core::{DType, Result, Tensor};
+use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 /// Rows and columns of the output blocks (2×2 tiles of 16×16 f32) and the k step of one tile.
@@ -135,7 +136,7 @@ impl Bf16Matrix {
         let n_out = if epilogue == Epilogue::Geglu { n / 2 } else { n };
         // Every element is written exactly once below (rows ≥ m of the last block are dropped).
         let mut out: Vec<f32> = Vec::with_capacity(m * n_out);
-        let out_ptr = SendPtr(out.as_mut_ptr());
+        let out_ptr = SendPtr(out.spare_capacity_mut().as_mut_ptr());
         let tasks = m.div_ceil(ROWS_PER_TASK);
         let kblocks = k / BLOCK;
         let zeros = vec![0f32; n];
@@ -177,7 +178,7 @@ impl Bf16Matrix {
             },
         );
         drop(storage);
-        // SAFETY: every task wrote its rows × n_out outputs (all m rows are covered).
+        // SAFETY: the tasks initialised all m rows × n_out outputs.
         unsafe { out.set_len(m * n_out) };
         let mut shape = dims;
         *shape.last_mut().expect("rank ≥ 1") = n_out;
@@ -207,19 +208,19 @@ dispatch!(to_tiles, fn(src: &[f32], dst: &mut [u16], k: usize) {
     }
 });
 
-dispatch!(finish_bias, fn(block: &[f32], bias: &[f32], dst: &mut [f32], row_len: usize, col: usize) {
+dispatch!(finish_bias, fn(block: &[f32], bias: &[f32], dst: &mut [MaybeUninit<f32>], row_len: usize, col: usize) {
     for (r, row) in dst.chunks_mut(row_len).enumerate() {
         for ((d, &v), &b) in row[col..col + 32].iter_mut().zip(&block[r * 32..r * 32 + 32]).zip(bias) {
-            *d = v + b;
+            d.write(v + b);
         }
     }
 });
 
-dispatch!(finish_geglu, fn(a: &[f32], g: &[f32], bias_a: &[f32], bias_g: &[f32], dst: &mut [f32], row_len: usize, col: usize) {
+dispatch!(finish_geglu, fn(a: &[f32], g: &[f32], bias_a: &[f32], bias_g: &[f32], dst: &mut [MaybeUninit<f32>], row_len: usize, col: usize) {
     for (r, row) in dst.chunks_mut(row_len).enumerate() {
         let (a, g) = (&a[r * 32..r * 32 + 32], &g[r * 32..r * 32 + 32]);
         for (j, d) in row[col..col + 32].iter_mut().enumerate() {
-            *d = (a[j] + bias_a[j]) * crate::kernels::gelu_erf(g[j] + bias_g[j]);
+            d.write((a[j] + bias_a[j]) * crate::kernels::gelu_erf(g[j] + bias_g[j]));
         }
     }
 });

@@ -53,7 +53,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
     });
 
     let mut out: Vec<f32> = Vec::with_capacity(b * m * vw);
-    let out_ptr = SendPtr(out.as_mut_ptr());
+    let out_ptr = SendPtr(out.spare_capacity_mut().as_mut_ptr());
     let blocks = m.div_ceil(QUERY_ROWS);
     let (keys, values) = (as_u16(&keys), as_u16(&values));
     let scale = scale as f32;
@@ -87,7 +87,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
                         // SAFETY: row r0+r, columns of head h: written by this task only.
                         let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add((bi * m + r0 + r) * vw + h * dv + jb * BLOCK), BLOCK) };
                         for (o, &x) in dst.iter_mut().zip(&s.block[r * BLOCK..(r + 1) * BLOCK]) {
-                            *o = x * inv;
+                            o.write(x * inv);
                         }
                     }
                 }
@@ -95,7 +95,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
         },
     );
     drop((qs, ks, vs));
-    // SAFETY: every (row, head, column block) was written above.
+    // SAFETY: the tasks initialised every (row, head, column block).
     unsafe { out.set_len(b * m * vw) };
     Tensor::from_vec(out, (b, m, vw), q.device())
 }
