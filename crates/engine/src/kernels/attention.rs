@@ -54,8 +54,10 @@ dispatch!(scale_rows, fn(rows: &mut [f32], width: usize, sums: &[f32]) {
 /// Query rows per block: scores of one block stay in cache.
 const QUERY_BLOCK: usize = 256;
 
+/// `heads` attentions side by side in the last dimension of each input (1: plain attention).
 struct Attention {
     scale: f32,
+    heads: usize,
 }
 
 impl CustomOp3 for Attention {
@@ -75,53 +77,60 @@ impl CustomOp3 for Attention {
         let name = self.name();
         let (q, k, v) = (contiguous_f32(name, q, lq)?, contiguous_f32(name, k, lk)?, contiguous_f32(name, v, lv)?);
         if [lq, lk, lv].iter().any(|l| l.dims().len() != 3) {
-            candle_core::bail!("{name}: (batch, len, dim) inputs only")
+            candle_core::bail!("{name}: (batch, len, heads·dim) inputs only")
         }
         let (dq, dk, dv) = (lq.dims(), lk.dims(), lv.dims());
-        let (b, m, d) = (dq[0], dq[1], dq[2]);
-        let (n, dvw) = (dk[1], dv[2]);
-        let mut out = vec![0f32; b * m * dvw];
-        let blocks_per_batch = m.div_ceil(QUERY_BLOCK);
+        let heads = self.heads;
+        // Row widths (all heads) and one head's width.
+        let (b, m, qw) = (dq[0], dq[1], dq[2]);
+        let (n, vw) = (dk[1], dv[2]);
+        let (d, dvw) = (qw / heads, vw / heads);
+        let mut out = vec![0f32; b * m * vw];
+        let blocks_per_head = m.div_ceil(QUERY_BLOCK);
         let scale = self.scale;
-        // Blocks never straddle batch elements: iterate per (batch, block).
-        let tasks: Vec<(usize, usize)> = (0..b).flat_map(|bi| (0..blocks_per_batch).map(move |blk| (bi, blk))).collect();
+        // Blocks never straddle batch elements or heads: iterate per (batch, head, block).
+        let tasks: Vec<(usize, usize, usize)> =
+            (0..b * heads).flat_map(|bh| (0..blocks_per_head).map(move |blk| (bh / heads, bh % heads, blk))).collect();
         let out_ptr = SendPtr(out.as_mut_ptr());
         tasks.par_iter().for_each_init(
             || (vec![0f32; QUERY_BLOCK * n], vec![0f32; QUERY_BLOCK]),
-            |(scores, sums), &(bi, blk)| {
+            |(scores, sums), &(bi, h, blk)| {
                 let r0 = blk * QUERY_BLOCK;
                 let rows = QUERY_BLOCK.min(m - r0);
-                let qb = &q[(bi * m + r0) * d..];
-                let kb = &k[bi * n * d..];
-                let vb = &v[bi * n * dvw..];
+                let qb = &q[(bi * m + r0) * qw + h * d..];
+                let kb = &k[bi * n * qw + h * d..];
+                let vb = &v[bi * n * vw + h * dvw..];
                 let s = &mut scores[..rows * n];
-                // SAFETY: the pointers cover rows×d, n×d, n×dvw and rows×n elements with the
-                // given strides; gemm only reads lhs/rhs and writes dst.
+                // SAFETY: the pointers cover rows×d, n×d, n×dvw (rows strided by the width of
+                // all heads) and rows×n elements; gemm only reads lhs/rhs and writes dst.
                 unsafe {
                     gemm::gemm(
                         rows, n, d,
                         s.as_mut_ptr(), 1, n as isize, false,
-                        qb.as_ptr(), 1, d as isize,
-                        kb.as_ptr(), d as isize, 1,
+                        qb.as_ptr(), 1, qw as isize,
+                        kb.as_ptr(), qw as isize, 1,
                         0.0, 1.0, false, false, false, gemm::Parallelism::None,
                     );
                 }
                 softmax_rows(s, n, scale, &mut sums[..rows]);
-                // SAFETY: each task writes its own disjoint rows of `out`.
-                let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add((bi * m + r0) * dvw), rows * dvw) };
+                // SAFETY: each task writes its own rows × dvw block of `out` (row stride vw),
+                // which no other task touches.
                 unsafe {
+                    let dst = out_ptr.get().add((bi * m + r0) * vw + h * dvw);
                     gemm::gemm(
                         rows, dvw, n,
-                        dst.as_mut_ptr(), 1, dvw as isize, false,
+                        dst, 1, vw as isize, false,
                         s.as_ptr(), 1, n as isize,
-                        vb.as_ptr(), 1, dvw as isize,
+                        vb.as_ptr(), 1, vw as isize,
                         0.0, 1.0, false, false, false, gemm::Parallelism::None,
                     );
+                    for r in 0..rows {
+                        scale_rows(std::slice::from_raw_parts_mut(dst.add(r * vw), dvw), dvw, &sums[r..r + 1]);
+                    }
                 }
-                scale_rows(dst, dvw, &sums[..rows]);
             },
         );
-        Ok((CpuStorage::F32(out), Shape::from((b, m, dvw))))
+        Ok((CpuStorage::F32(out), Shape::from((b, m, vw))))
     }
 }
 
@@ -189,13 +198,32 @@ pub fn attention_chunked(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, max_sco
 /// block of scores per thread on CPU (f32), no scores at all on CUDA in f16/bf16 (the fused
 /// kernel), nor more than [`MAX_SCORES`] elsewhere.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    if q.device().is_cpu() && q.dtype() == DType::F32 && k.dtype() == DType::F32 && v.dtype() == DType::F32 {
-        q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &Attention { scale: scale as f32 })
+    if cpu_f32(&[q, k, v]) {
+        q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &Attention { scale: scale as f32, heads: 1 })
     } else if super::flash_attention::supported(q, k, v) {
         super::flash_attention::flash_attention(q, k, v, scale)
     } else {
         attention_chunked(q, k, v, scale, MAX_SCORES)
     }
+}
+
+fn cpu_f32(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
+/// Whether [`attention_heads`] takes these inputs: CPU f32 `(batch, len, heads·dim)` tensors.
+pub fn heads_in_place(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> bool {
+    cpu_f32(&[q, k, v]) && [q, k, v].iter().all(|t| t.rank() == 3 && t.dims()[2].is_multiple_of(heads))
+}
+
+/// [`attention`] per head for `(batch, len, heads·dim)` tensors, heads side by side in the last
+/// dimension, read and written in place (no split or merge copies). CPU f32 only: check
+/// [`heads_in_place`].
+pub fn attention_heads(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    if !heads_in_place(q, k, v, heads) {
+        candle_core::bail!("attention_heads: CPU f32 (batch, len, heads·dim) inputs only");
+    }
+    q.contiguous()?.apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &Attention { scale: scale as f32, heads })
 }
 
 #[cfg(test)]
@@ -242,6 +270,26 @@ mod tests {
             let candle = attention_reference(&q, &k, &v, scale).unwrap();
             assert_f32_level(&got, &candle, &want, &format!("{:?}", (b, m, n, d, dv)));
         }
+    }
+
+    /// Heads read and written in place equal splitting them out, attending and merging back.
+    #[test]
+    fn attention_heads_equals_split_attention_merge() {
+        let dev = Device::Cpu;
+        for &(b, m, n, heads, d) in &[(1, 5, 7, 1, 8), (2, 300, 77, 5, 16), (1, 33, 260, 3, 64)] {
+            let q = Tensor::randn(0f32, 1.0, (b, m, heads * d), &dev).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (b, n, heads * d), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (b, n, heads * d), &dev).unwrap();
+            let scale = (d as f64).powf(-0.5);
+            let got = attention_heads(&q, &k, &v, heads, scale).unwrap();
+            let split = |t: &Tensor| crate::models::layers::split_heads(t, heads).unwrap();
+            let merge = |t: &Tensor| crate::models::layers::merge_heads(t, heads).unwrap();
+            let want = merge(&attention_reference(&split(&f64(&q)), &split(&f64(&k)), &split(&f64(&v)), scale).unwrap());
+            let candle = merge(&attention_reference(&split(&q), &split(&k), &split(&v), scale).unwrap());
+            assert_f32_level(&got, &candle, &want, &format!("{:?}", (b, m, n, heads, d)));
+        }
+        let bf16 = Tensor::zeros((1, 4, 8), DType::BF16, &dev).unwrap();
+        assert!(!heads_in_place(&bf16, &bf16, &bf16, 2));
     }
 
     #[test]

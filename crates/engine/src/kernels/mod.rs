@@ -52,7 +52,7 @@ mod norm;
 mod permute;
 mod q8;
 
-pub use attention::{attention, attention_chunked, attention_reference, softmax_last_dim, MAX_SCORES};
+pub use attention::{attention, attention_chunked, attention_heads, attention_reference, heads_in_place, softmax_last_dim, MAX_SCORES};
 pub use flash_attention::flash_attention;
 pub use conv::{conv3x3, conv3x3_reference, temporal_conv, temporal_conv_reference};
 pub use geglu::{geglu, geglu_reference};

@@ -258,6 +258,9 @@ pub fn multi_head_attention(
     scale: f64,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
+    if mask.is_none() && crate::kernels::heads_in_place(q, k, v, heads) {
+        return crate::kernels::attention_heads(q, k, v, heads, scale);
+    }
     let out = attention(
         &split_heads(q, heads)?,
         &split_heads(k, heads)?,
