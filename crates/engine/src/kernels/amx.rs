@@ -1,14 +1,16 @@
-//! bf16 matrix products on Intel AMX (`tdpbf16ps`): f32 activations rounded to bf16, weights
-//! stored as bf16 pairs, f32 accumulation. 2–5× our f32 GEMM on this project's CPU; the
-//! building block of a CPU bf16 mode (issue #4), not yet wired into the networks.
+//! bf16 products on Intel AMX (`tdpbf16ps`) for the CPU's bf16 mode: f32 activations rounded to
+//! bf16, weights packed at load as whole bf16 tiles, f32 accumulation and f32 results.
+//! [`Bf16Matrix`] serves the linear layers (the feed-forward's GEGLU gate fused in),
+//! [`Bf16Conv`] the UNet's 3×3 and temporal convolutions; `amx_attention` builds on the same
+//! tile helpers.
 //!
 //! Rust has no stable AMX intrinsics, so the tile instructions are inline assembly. Linux hands
 //! out the AMX register state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), made once.
 
 use super::SendPtr;
 use candle_core::{DType, Result, Tensor};
-use std::mem::MaybeUninit;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// Rows and columns of the output blocks (2×2 tiles of 16×16 f32) and the k step of one tile.
 pub(crate) const BLOCK: usize = 32;

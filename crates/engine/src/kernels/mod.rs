@@ -8,6 +8,8 @@
 //!   [`flash_attention`]: our fused kernel (`flash_attention.cu`).
 //! * [`conv3x3`], [`temporal_conv`]: convolutions as GEMMs over shifted views of the input (no
 //!   im2col matrix); [`geglu`]: the feed-forward gate with a vectorised erf.
+//! * [`amx`], [`amx_attention`]: the CPU bf16 mode's products on AMX tiles (linear layers,
+//!   convolutions, attention); `q8`: int8 products on AVX-512 VNNI.
 //!
 //! Loops are written so LLVM vectorises them; they are compiled a second time with AVX-512 /
 //! AVX2+FMA enabled and picked at run time. Every kernel has a test against the reference path
