@@ -143,7 +143,7 @@ dispatch!(pack_keys, fn(k: &[f32], stride: usize, n: usize, d: usize, dst: &mut 
 
 dispatch!(pack_values, fn(v: &[f32], stride: usize, n: usize, dv: usize, dst: &mut [u16]) {
     // B tiles of v: per 16 columns and 32 keys, [key pair][column][2]; keys ≥ n are zero.
-    let kblocks = n.next_multiple_of(32) / 32;
+    let kblocks = n.div_ceil(32);
     for key in 0..n.next_multiple_of(32) {
         for col in 0..dv {
             let x = if key < n { bf16_bits(v[key * stride + col]) } else { 0 };

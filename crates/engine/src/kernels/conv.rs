@@ -54,8 +54,7 @@ impl CustomOp3 for TemporalConv {
                 if last > t0 {
                     gemm_f32(co, (last - t0) * s, c, yb.add(t0 * s), ts, true, wk(2), c * 3, 3, xb.add((t0 + 1) * s), ts);
                 }
-                for r in 0..co {
-                    let bv = bias[r];
+                for (r, &bv) in bias.iter().enumerate().take(co) {
                     for v in std::slice::from_raw_parts_mut(yb.add(r * ts + t0 * s), (t1 - t0) * s) {
                         *v += bv;
                     }

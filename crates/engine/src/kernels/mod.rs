@@ -20,14 +20,18 @@ use candle_core::{CpuStorage, Layout, Result};
 /// Runs `f` compiled for the best instruction set this CPU has.
 macro_rules! dispatch {
     ($name:ident, fn($($arg:ident: $ty:ty),*) $body:block) => {
+        #[allow(clippy::too_many_arguments)] // a kernel's extents, each named
         fn $name($($arg: $ty),*) {
             #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
             fn generic($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
                 unsafe fn avx512($($arg: $ty),*) { generic($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
                 unsafe fn avx2($($arg: $ty),*) { generic($($arg),*) }
                 if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") && std::is_x86_feature_detected!("avx512vl") {
                     // SAFETY: the features were just detected.
