@@ -382,26 +382,43 @@ impl Bf16Conv {
             }
         });
 
-        let mut out = vec![0f32; n * co * h * w];
-        let out_ptr = SendPtr(out.as_mut_ptr());
+        // Every element is written exactly once below (each output position by one task).
+        let mut out: Vec<f32> = Vec::with_capacity(n * co * h * w);
+        let out_ptr = SendPtr(out.spare_capacity_mut().as_mut_ptr());
         // Positions per task: the task's f32 accumulator (rows × co) stays within half of L2.
         let chunk = (256 * 1024 / 4 / co / BLOCK * BLOCK).clamp(BLOCK, 512);
         let chunks = grid.div_ceil(chunk);
         let padded = as_u16(&padded);
         (0..n * chunks).into_par_iter().for_each_init(
-            || vec![0f32; chunk * co],
-            |acc, task| {
+            || (vec![0f32; chunk * co], vec![0f32; chunk * co]),
+            |(acc, planes), task| {
                 let (ni, q0) = (task / chunks, task % chunks * chunk);
                 let rows = chunk.min(grid - q0);
                 // SAFETY: the padded sample has `len` ≥ q0 + rows + max offset rows of c; `packed`
                 // holds co/32 × taps × c/32 tile pairs; `acc` rows × co.
                 unsafe { conv_tiles(padded[(ni * len + q0) * c..].as_ptr(), c, &offsets, as_u16(&self.packed).as_ptr(), co, rows, acc.as_mut_ptr()) };
-                // SAFETY: output positions q0..q0+rows of sample ni belong to this task alone.
-                let out_n = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(ni * co * h * w), co * h * w) };
-                from_channels_last(acc, rows, q0, out_n, &self.bias, h, w, wp);
+                // Channel-major in the task's own buffer, then each image row's run of valid
+                // positions to the output planes (+ bias).
+                to_channel_major(acc, rows, co, planes);
+                for y in q0 / wp..((q0 + rows).div_ceil(wp)).min(h) {
+                    let (qa, qb) = (q0.max(y * wp), (q0 + rows).min(y * wp + w));
+                    if qa >= qb {
+                        continue;
+                    }
+                    for (o, &b) in self.bias.iter().enumerate() {
+                        // SAFETY: output row y, columns qa−y·wp.. of channel o come from positions
+                        // qa..qb, which only this task computes.
+                        let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(((ni * co + o) * h + y) * w + qa - y * wp), qb - qa) };
+                        for (d, &v) in dst.iter_mut().zip(&planes[o * rows + qa - q0..o * rows + qb - q0]) {
+                            d.write(v + b);
+                        }
+                    }
+                }
             },
         );
         drop(storage);
+        // SAFETY: the tasks initialised every output position (x < w) of every channel.
+        unsafe { out.set_len(n * co * h * w) };
         Tensor::from_vec(out, (n, co, h, w), x.device())
     }
 }
@@ -517,30 +534,14 @@ mod simd {
     }
 }
 
-dispatch!(from_channels_last, fn(acc: &[f32], rows: usize, q0: usize, out: &mut [f32], bias: &[f32], h: usize, w: usize, wp: usize) {
-    // Accumulator rows are output positions q0.. on the padded width; keep the x < w ones.
-    // Transposed through 16×16 blocks so both sides are read and written in whole lines.
-    let co = bias.len();
-    let q1 = (q0 + rows).min(h * wp);
-    let mut block = [[0f32; 16]; 16];
+dispatch!(to_channel_major, fn(acc: &[f32], rows: usize, co: usize, planes: &mut [f32]) {
+    // `acc[q][o]` (rows × co) → `planes[o][q]`, through 16×16 blocks so that both sides move
+    // whole lines.
     for o0 in (0..co).step_by(16) {
-        for qb in (q0..q1).step_by(16) {
-            let qn = 16.min(q1 - qb);
-            for (i, row) in block.iter_mut().enumerate().take(qn) {
-                row.copy_from_slice(&acc[(qb - q0 + i) * co + o0..(qb - q0 + i) * co + o0 + 16]);
-            }
-            // Where each position lands in an output plane (None: a padding column).
-            let mut at = [None; 16];
-            for (i, a) in at.iter_mut().enumerate().take(qn) {
-                let (y, x) = ((qb + i) / wp, (qb + i) % wp);
-                *a = (x < w).then_some(y * w + x);
-            }
-            for j in 0..16 {
-                let (plane, b) = (&mut out[(o0 + j) * h * w..(o0 + j + 1) * h * w], bias[o0 + j]);
-                for (row, a) in block.iter().zip(&at).take(qn) {
-                    if let Some(p) = *a {
-                        plane[p] = row[j] + b;
-                    }
+        for q0 in (0..rows).step_by(16) {
+            for q in q0..(q0 + 16).min(rows) {
+                for o in o0..(o0 + 16).min(co) {
+                    planes[o * rows + q] = acc[q * co + o];
                 }
             }
         }
