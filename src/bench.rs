@@ -283,6 +283,12 @@ fn pipeline_case(preset: &str, runs: usize, target: &Target) -> Result<Timing> {
     Ok(t)
 }
 
+/// ‖out − reference‖ / ‖reference‖ (L2 over all elements).
+fn relative_error(out: &Tensor, reference: &Tensor) -> Result<f64> {
+    let norm = |t: &Tensor| -> Result<f64> { Ok(t.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64) };
+    Ok(norm(&(out - reference)?)? / norm(reference)?)
+}
+
 /// The 256 UNet in fp32 and in the CPU's bf16 mode (products on AMX), from the same seeded
 /// weights and input: the output's error against fp32 (the quality bar is 35 dB), and
 /// the bf16 forward's time.
@@ -296,9 +302,7 @@ fn bf16_256(runs: usize) -> Result<Vec<Timing>> {
     let reference = unet_forward(&Unet::new(&cfg.unet, weights(false))?, &x, &context)?;
     let policy = PrecisionPolicy::new(dynamicrafter_engine::Precision::Bf16, &Device::Cpu)?;
     let unet = Unet::new(&cfg.unet, RandomWeights::var_builder_for(&policy, DType::F32, &Device::Cpu))?;
-    let out = unet_forward(&unet, &x, &context)?;
-    let norm = |t: &Tensor| -> Result<f64> { Ok(t.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64) };
-    let rel = norm(&(&out - &reference)?)? / norm(&reference)?;
+    let rel = relative_error(&unet_forward(&unet, &x, &context)?, &reference)?;
     println!("bf16-256: UNet output relative error bf16 (AMX) vs fp32: {rel:.4} ({:.1} dB SNR)", -20.0 * rel.log10());
     Ok(vec![time("unet-256 forward bf16 (AMX), same weights", runs, || {
         unet_forward(&unet, &x, &context)?;
@@ -340,18 +344,16 @@ fn quant_256(runs: usize) -> Result<Vec<Timing>> {
         let unet = Unet::new(&cfg.unet, weights(false))?;
         unet_forward(&unet, &x, &context)?
     };
-    let norm = |t: &Tensor| -> Result<f64> { Ok(t.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64) };
     // Weight rounding alone, q8_0 against q4k (what `--quantize q4k` would store): the same
     // f32 UNet with its quantizable weights rounded through each format and back.
     for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K] {
         let vb = candle_nn::VarBuilder::from_backend(Box::new(RoundedWeights(dtype)), DType::F32, Device::Cpu);
         let out = unet_forward(&Unet::new(&cfg.unet, vb)?, &x, &context)?;
-        let rel = norm(&(&out - &reference)?)? / norm(&reference)?;
+        let rel = relative_error(&out, &reference)?;
         println!("quant-256: UNet output relative error, weights rounded to {dtype:?} only: {rel:.4} ({:.1} dB)", -20.0 * rel.log10());
     }
     let unet = Unet::new(&cfg.unet, weights(true))?;
-    let out = unet_forward(&unet, &x, &context)?;
-    let rel = norm(&(&out - &reference)?)? / norm(&reference)?;
+    let rel = relative_error(&unet_forward(&unet, &x, &context)?, &reference)?;
     println!("quant-256: UNet output relative error q8_0 vs fp32: {rel:.4} ({:.1} dB SNR)", -20.0 * rel.log10());
     Ok(vec![time("unet-256 forward q8_0 (16×32×32, ctx 333)", runs, || {
         unet_forward(&unet, &x, &context)?;
