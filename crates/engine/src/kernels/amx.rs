@@ -64,7 +64,8 @@ fn request_tile_state() -> bool {
 #[derive(Debug, Clone)]
 pub struct Bf16Matrix {
     packed: Vec<Line>,
-    bias: Option<Vec<f32>>,
+    /// The bias, zeros for a layer without one.
+    bias: Vec<f32>,
     n: usize,
     k: usize,
 }
@@ -85,20 +86,16 @@ impl Bf16Matrix {
         if !n.is_multiple_of(BLOCK) || !k.is_multiple_of(BLOCK) {
             candle_core::bail!("bf16 AMX matrix: [{n}, {k}] is not a multiple of {BLOCK} on both sides");
         }
-        let bias = bias.map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>()).transpose()?;
-        if bias.as_ref().is_some_and(|b| b.len() != n) {
+        let bias = match bias {
+            Some(b) => b.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+            None => vec![0.0; n],
+        };
+        if bias.len() != n {
             candle_core::bail!("bf16 AMX matrix: bias of the wrong length for {n} outputs");
         }
         let w = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let kblocks = k / BLOCK;
         let mut packed = lines(n * k);
-        let flat = as_u16_mut(&mut packed);
-        for j in 0..n {
-            for kk in 0..k {
-                let tile = (j / 16) * kblocks + kk / 32;
-                flat[tile * 512 + (kk % 32) / 2 * 32 + (j % 16) * 2 + kk % 2] = bf16_bits(w[j * k + kk]);
-            }
-        }
+        b_tiles(&w, k, n, k, as_u16_mut(&mut packed));
         Ok(Self { packed, bias, n, k })
     }
 
@@ -141,8 +138,7 @@ impl Bf16Matrix {
         let out_ptr = SendPtr(out.spare_capacity_mut().as_mut_ptr());
         let tasks = m.div_ceil(ROWS_PER_TASK);
         let kblocks = k / BLOCK;
-        let zeros = vec![0f32; n];
-        let bias = self.bias.as_deref().unwrap_or(&zeros);
+        let bias = &self.bias;
         (0..tasks).into_par_iter().for_each_init(
             || (lines(ROWS_PER_TASK * k), vec![0f32; 2 * BLOCK * BLOCK]),
             |(a, scratch), task| {
@@ -150,7 +146,7 @@ impl Bf16Matrix {
                 let rows = ROWS_PER_TASK.min(m - first);
                 let padded_rows = rows.next_multiple_of(BLOCK);
                 let a = as_u16_mut(a);
-                to_tiles(&src[first * k..(first + rows) * k], &mut a[..padded_rows * k], k);
+                a_tiles(&src[first * k..], k, rows, k, &mut a[..padded_rows * k]);
                 let b = as_u16(&self.packed);
                 let (block_a, block_g) = scratch.split_at_mut(BLOCK * BLOCK);
                 // SAFETY: AMX is available (checked above).
@@ -188,24 +184,33 @@ impl Bf16Matrix {
     }
 }
 
-dispatch!(to_tiles, fn(src: &[f32], dst: &mut [u16], k: usize) {
-    // Rows of k f32 → bf16 tiles of 16 rows × 32 values (`dst[(r/16·k/32 + kb)·512 + r%16·32 + k%32]`);
-    // rows past the source are zero.
-    let rows = dst.len() / k;
+dispatch!(pub(crate) a_tiles, fn(src: &[f32], stride: usize, rows: usize, k: usize, dst: &mut [u16]) {
+    // The A operand: `rows` rows of k f32 (`stride` apart) → bf16 tiles of 16 rows × 32 values,
+    // `dst[(r/16·k/32 + kb)·512 + r%16·32 + k%32]`; the rows of `dst` past `rows` are zero.
     let kblocks = k / 32;
-    for r in 0..rows {
-        let base = (r / 16) * kblocks * 512 + (r % 16) * 32;
-        if r * k < src.len() {
-            let row = &src[r * k..(r + 1) * k];
-            for kb in 0..kblocks {
-                for (d, &v) in dst[base + kb * 512..base + kb * 512 + 32].iter_mut().zip(&row[kb * 32..kb * 32 + 32]) {
-                    *d = bf16_bits(v);
+    for r in 0..dst.len() / k {
+        for kb in 0..kblocks {
+            let at = ((r / 16) * kblocks + kb) * 512 + (r % 16) * 32;
+            let d32 = &mut dst[at..at + 32];
+            if r < rows {
+                for (o, &v) in d32.iter_mut().zip(&src[r * stride + kb * 32..r * stride + kb * 32 + 32]) {
+                    *o = bf16_bits(v);
                 }
+            } else {
+                d32.fill(0);
             }
-        } else {
-            for kb in 0..kblocks {
-                dst[base + kb * 512..base + kb * 512 + 32].fill(0);
-            }
+        }
+    }
+});
+
+dispatch!(pub(crate) b_tiles, fn(w: &[f32], stride: usize, n: usize, k: usize, dst: &mut [u16]) {
+    // The B operand of `x · wᵀ`: rows j < n of w (k f32, `stride` apart) → per 16 rows and 32 of
+    // k one tile `[k pair][j][2]`; rows from n up to the next multiple of 32 are zero.
+    let kblocks = k / 32;
+    for j in 0..n.next_multiple_of(32) {
+        for kk in 0..k {
+            let v = if j < n { bf16_bits(w[j * stride + kk]) } else { 0 };
+            dst[((j / 16) * kblocks + kk / 32) * 512 + (kk % 32) / 2 * 32 + (j % 16) * 2 + kk % 2] = v;
         }
     }
 });

@@ -2,7 +2,7 @@
 //! `--precision bf16`), reading the heads straight out of `(batch, len, heads·d)` and writing
 //! them back merged: no split/merge copies, and no score matrix beyond 32 query rows.
 
-use super::amx::{as_u16, as_u16_mut, available, bf16_bits, configure_tiles, lines, product_block, Line, BLOCK};
+use super::amx::{a_tiles, as_u16, as_u16_mut, available, b_tiles, bf16_bits, configure_tiles, lines, product_block, Line, BLOCK};
 use super::{fast_exp, SendPtr};
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
@@ -48,7 +48,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
         let (bi, h) = (bh / heads, bh % heads);
         // SAFETY: each (batch, head) packs its own k_len / v_len values.
         let (kd, vd) = unsafe { (std::slice::from_raw_parts_mut(kp.get().add(bh * k_len), k_len), std::slice::from_raw_parts_mut(vp.get().add(bh * v_len), v_len)) };
-        pack_keys(&kx[bi * n * qw + h * d..], qw, n, d, kd);
+        b_tiles(&kx[bi * n * qw + h * d..], qw, n, d, kd);
         pack_values(&vx[bi * n * vw + h * dv..], vw, n, dv, vd);
     });
 
@@ -67,7 +67,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
             unsafe { configure_tiles() };
             for r0 in (blk * QUERY_ROWS..m.min((blk + 1) * QUERY_ROWS)).step_by(BLOCK) {
                 let rows = BLOCK.min(m - r0);
-                query_tiles(&qx[(bi * m + r0) * qw + h * d..], qw, rows, d, as_u16_mut(&mut s.query));
+                a_tiles(&qx[(bi * m + r0) * qw + h * d..], qw, rows, d, as_u16_mut(&mut s.query));
                 // Scores of 32 query rows against every key, and each row's maximum (in lanes).
                 s.maxes.fill(f32::NEG_INFINITY);
                 for jb in 0..n_pad / BLOCK {
@@ -130,17 +130,6 @@ impl Scratch {
     }
 }
 
-dispatch!(pack_keys, fn(k: &[f32], stride: usize, n: usize, d: usize, dst: &mut [u16]) {
-    // B tiles of kᵀ: per 16 keys and 32 of d, [d pair][key][2]; keys ≥ n are zero.
-    let dblocks = d / 32;
-    for j in 0..n.next_multiple_of(32) {
-        for kk in 0..d {
-            let v = if j < n { bf16_bits(k[j * stride + kk]) } else { 0 };
-            dst[((j / 16) * dblocks + kk / 32) * 512 + (kk % 32) / 2 * 32 + (j % 16) * 2 + kk % 2] = v;
-        }
-    }
-});
-
 dispatch!(pack_values, fn(v: &[f32], stride: usize, n: usize, dv: usize, dst: &mut [u16]) {
     // B tiles of v: per 16 columns and 32 keys, [key pair][column][2]; keys ≥ n are zero.
     let kblocks = n.div_ceil(32);
@@ -148,24 +137,6 @@ dispatch!(pack_values, fn(v: &[f32], stride: usize, n: usize, dv: usize, dst: &m
         for col in 0..dv {
             let x = if key < n { bf16_bits(v[key * stride + col]) } else { 0 };
             dst[((col / 16) * kblocks + key / 32) * 512 + (key % 32) / 2 * 32 + (col % 16) * 2 + key % 2] = x;
-        }
-    }
-});
-
-dispatch!(query_tiles, fn(q: &[f32], stride: usize, rows: usize, d: usize, dst: &mut [u16]) {
-    // A tiles of 32 query rows (rows past `rows` zero): [row/16][d/32][16][32].
-    let dblocks = d / 32;
-    for r in 0..32 {
-        for kb in 0..dblocks {
-            let at = ((r / 16) * dblocks + kb) * 512 + (r % 16) * 32;
-            let d32 = &mut dst[at..at + 32];
-            if r < rows {
-                for (o, &v) in d32.iter_mut().zip(&q[r * stride + kb * 32..r * stride + kb * 32 + 32]) {
-                    *o = bf16_bits(v);
-                }
-            } else {
-                d32.fill(0);
-            }
         }
     }
 });

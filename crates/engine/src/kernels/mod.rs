@@ -19,9 +19,9 @@ use candle_core::{CpuStorage, Layout, Result};
 
 /// Runs `f` compiled for the best instruction set this CPU has.
 macro_rules! dispatch {
-    ($name:ident, fn($($arg:ident: $ty:ty),*) $body:block) => {
+    ($vis:vis $name:ident, fn($($arg:ident: $ty:ty),*) $body:block) => {
         #[allow(clippy::too_many_arguments)] // a kernel's extents, each named
-        fn $name($($arg: $ty),*) {
+        $vis fn $name($($arg: $ty),*) {
             #[inline(always)]
             #[allow(clippy::too_many_arguments)]
             fn generic($($arg: $ty),*) $body
