@@ -82,7 +82,7 @@ pub fn temporal_conv(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
         let f32 = |t: &Tensor| t.to_dtype(DType::F32);
         temporal_conv(&f32(x)?, &f32(w)?, &f32(bias)?)?.to_dtype(x.dtype())
     } else if super::cuda::usable(x) && w.dtype() == x.dtype() {
-        super::cuda::temporal_conv(x, &super::cuda::taps_first(w)?, bias)
+        super::cuda::temporal_conv(x, &taps_first(w)?, bias)
     } else {
         temporal_conv_reference(x, w, bias)
     }
@@ -95,7 +95,7 @@ impl CustomOp3 for Conv3x3 {
         "dc-conv3x3"
     }
 
-    /// x `(n, c, h, w)`, w `(co, c, 3, 3)`, bias `(co)`, stride 1, padding 1.
+    /// x `(n, c, h, w)`, w `(9, co, c)` (taps first), bias `(co)`, stride 1, padding 1.
     fn cpu_fwd(
         &self,
         x: &CpuStorage,
@@ -108,80 +108,154 @@ impl CustomOp3 for Conv3x3 {
         let name = self.name();
         let (x, w, bias) = (contiguous_f32(name, x, lx)?, contiguous_f32(name, w, lw)?, contiguous_f32(name, bias, lb)?);
         let (n, c, h, wd) = lx.shape().dims4()?;
-        let co = lw.dims()[0];
-        // Output computed on the padded width (w+2): every tap is then one shifted view of the
-        // padded input, and the two extra columns per row are dropped at the end.
-        let (hp, wp) = (h + 2, wd + 2);
-        let cols = h * wp;
-        let mut y = vec![0f32; n * co * h * wd];
-        // Output-channel blocks: up to 128 rows (GEMM efficiency), but small enough that a
-        // single image (the per-frame VAE) still gives every thread work; at least 64 rows.
+        let co = lw.dims()[1];
+        let grid = PaddedGrid { n, h, w: wd };
+        let len = grid.len();
+        // Every frame of every channel in one zero-padded row, so a tap is one shifted view
+        // across all frames: GEMMs as wide as the whole batch even where frames are 4×4.
+        let mut padded = Vec::<f32>::with_capacity(c * len);
+        padded.spare_capacity_mut().par_chunks_mut(len).enumerate().for_each(|(ci, row)| {
+            grid.fill(&x[ci * h * wd..], c * h * wd, row);
+        });
+        // SAFETY: `fill` wrote every element of every row.
+        unsafe { padded.set_len(c * len) };
+
+        let cols = grid.outputs();
+        let row = wd + 1;
         let threads = rayon::current_num_threads().max(1);
-        let co_block = (co * n).div_ceil(2 * threads).next_multiple_of(16).clamp(64, 512);
-        let blocks = co.div_ceil(co_block);
+        // Column chunks of whole grid rows, 256–1024 wide; output channels split only when the
+        // chunks alone would leave a thread idle (the small levels of the UNet).
+        let chunk = cols.div_ceil(4 * threads).clamp(256, 1024).div_ceil(row).max(1) * row;
+        let chunks = cols.div_ceil(chunk);
+        let co_blocks = (2 * threads).div_ceil(chunks).min(co.div_ceil(64)).max(1);
+        let co_block = co.div_ceil(co_blocks).next_multiple_of(16).min(co);
+        let co_blocks = co.div_ceil(co_block);
+
+        let mut y = Vec::<f32>::with_capacity(n * co * h * wd);
         let y_ptr = SendPtr(y.as_mut_ptr());
-        (0..n * blocks).into_par_iter().for_each_init(
-            || (vec![0f32; c * hp * wp + 2], vec![0f32; co_block * cols], usize::MAX),
-            |(padded, acc, padded_for), task| {
-                let (ni, blk) = (task / blocks, task % blocks);
-                if *padded_for != ni {
-                    // Zero-padded copy of this sample (plus slack: the last tap reads 2 past the end).
-                    padded.fill(0.0);
-                    let xs = &x[ni * c * h * wd..(ni + 1) * c * h * wd];
-                    for ci in 0..c {
-                        for yy in 0..h {
-                            let src = &xs[(ci * h + yy) * wd..(ci * h + yy + 1) * wd];
-                            let dst = (ci * hp + yy + 1) * wp + 1;
-                            padded[dst..dst + wd].copy_from_slice(src);
-                        }
-                    }
-                    *padded_for = ni;
-                }
-                let o0 = blk * co_block;
-                let rows = co_block.min(co - o0);
-                // SAFETY: extents checked by construction; disjoint output rows per task.
+        (0..chunks * co_blocks).into_par_iter().for_each_init(
+            || vec![0f32; co_block * chunk],
+            |acc, task| {
+                let (q0, o0) = ((task / co_blocks) * chunk, (task % co_blocks) * co_block);
+                let (width, rows) = (chunk.min(cols - q0), co_block.min(co - o0));
+                // SAFETY: every read within `padded` (the grid keeps the slack the last taps
+                // read) and `w`; each task writes the output pixels of its own grid rows and
+                // channels, which no other task writes.
                 unsafe {
                     for tap in 0..9 {
-                        let (dy, dx) = (tap / 3, tap % 3);
                         gemm_f32(
-                            rows, cols, c,
-                            acc.as_mut_ptr(), cols, tap > 0,
-                            w.as_ptr().add(o0 * c * 9 + tap), c * 9, 9,
-                            padded.as_ptr().add(dy * wp + dx), hp * wp,
+                            rows, width, c,
+                            acc.as_mut_ptr(), width, tap > 0,
+                            w.as_ptr().add((tap * co + o0) * c), c, 1,
+                            padded.as_ptr().add(q0 + grid.shift(tap)), len,
                         );
                     }
-                    let yb = y_ptr.get().add((ni * co + o0) * h * wd);
-                    for r in 0..rows {
-                        let bv = bias[o0 + r];
-                        for yy in 0..h {
-                            let src = &acc[r * cols + yy * wp..r * cols + yy * wp + wd];
-                            let dst = std::slice::from_raw_parts_mut(yb.add((r * h + yy) * wd), wd);
-                            for (d, &s) in dst.iter_mut().zip(src) {
-                                *d = s + bv;
+                    for r in (q0 / row)..(q0 + width) / row {
+                        let (f, yy) = (r / (h + 1), r % (h + 1));
+                        if yy == h {
+                            continue;
+                        }
+                        for o in 0..rows {
+                            let src = &acc[o * width + r * row - q0..][..wd];
+                            let dst = y_ptr.get().add(((f * co + o0 + o) * h + yy) * wd);
+                            let bv = bias[o0 + o];
+                            for (x, &s) in src.iter().enumerate() {
+                                dst.add(x).write(s + bv);
                             }
                         }
                     }
                 }
             },
         );
+        // SAFETY: the tasks together wrote every output pixel (every valid grid position).
+        unsafe { y.set_len(n * co * h * wd) };
         Ok((CpuStorage::F32(y), Shape::from((n, co, h, wd))))
     }
 }
 
-/// 3×3 convolution, stride 1, padding 1, with bias: nine GEMMs over shifted views of the padded
-/// input on CPU f32 (no im2col matrix), candle's conv elsewhere.
-pub fn conv3x3(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 && bias.dtype() == DType::F32 {
-        x.contiguous()?.apply_op3_no_bwd(&w.contiguous()?, &bias.contiguous()?, &Conv3x3)
+/// The zero-padded input of a 3×3 conv for all `n` frames of one channel as one row: grid rows
+/// of `w + 1` (the one zero column between two image rows pads both), and one zero row after
+/// each frame (padding the frame above and the one below). Output pixel `(f, y, x)` sits at grid
+/// position `(f·(h+1) + y)·(w+1) + x`, and tap `(dy, dx)` reads the row at that position plus
+/// `dy·(w+1) + dx`; positions with `x = w` or `y = h` are computed and dropped.
+#[derive(Clone, Copy)]
+struct PaddedGrid {
+    n: usize,
+    h: usize,
+    w: usize,
+}
+
+impl PaddedGrid {
+    /// Zeros before the first pixel: a zero grid row and one zero column.
+    fn lead(&self) -> usize {
+        self.w + 2
+    }
+
+    /// Grid positions computed: every frame's rows and its zero row, except the last zero row.
+    fn outputs(&self) -> usize {
+        (self.n * (self.h + 1) - 1) * (self.w + 1)
+    }
+
+    /// Row length: the last output position plus the furthest tap (2·(w+1) + 2) stays inside.
+    fn len(&self) -> usize {
+        self.outputs() + 2 * (self.w + 1) + 2
+    }
+
+    fn shift(&self, tap: usize) -> usize {
+        (tap / 3) * (self.w + 1) + tap % 3
+    }
+
+    /// Writes one channel's row: `x` holds frame f's pixels at `f·frame_stride`.
+    fn fill(&self, x: &[f32], frame_stride: usize, row: &mut [std::mem::MaybeUninit<f32>]) {
+        let (h, w) = (self.h, self.w);
+        let zero = std::mem::MaybeUninit::new(0f32);
+        row[..self.lead()].fill(zero);
+        let mut at = self.lead();
+        for f in 0..self.n {
+            for yy in 0..h {
+                let src = &x[f * frame_stride + yy * w..][..w];
+                for (d, &s) in row[at..at + w].iter_mut().zip(src) {
+                    d.write(s);
+                }
+                row[at + w] = zero;
+                at += w + 1;
+            }
+            let end = (at + w + 1).min(row.len());
+            row[at..end].fill(zero);
+            at = end;
+        }
+        row[at..].fill(zero);
+    }
+}
+
+/// 3×3 convolution, stride 1, padding 1, with bias, its weight `(9, co, c)` taps first (see
+/// [`taps_first`]): nine GEMMs over shifted views of the padded input on CPU f32 (no im2col
+/// matrix), candle's conv elsewhere.
+pub fn conv3x3_taps(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && w_taps.dtype() == DType::F32 && bias.dtype() == DType::F32 {
+        x.contiguous()?.apply_op3_no_bwd(&w_taps.contiguous()?, &bias.contiguous()?, &Conv3x3)
     } else if x.device().is_cpu() {
         // candle has no bf16/f16 CPU convolution: compute in f32 (as GPUs accumulate), round back.
         let f32 = |t: &Tensor| t.to_dtype(DType::F32);
-        conv3x3(&f32(x)?, &f32(w)?, &f32(bias)?)?.to_dtype(x.dtype())
-    } else if super::cuda::usable(x) && w.dtype() == x.dtype() {
-        super::cuda::conv3x3(x, &super::cuda::taps_first(w)?, bias)
+        conv3x3_taps(&f32(x)?, &f32(w_taps)?, &f32(bias)?)?.to_dtype(x.dtype())
+    } else if super::cuda::usable(x) && w_taps.dtype() == x.dtype() {
+        super::cuda::conv3x3(x, w_taps, bias)
     } else {
-        conv3x3_reference(x, w, bias)
+        let (co, c) = (w_taps.dim(1)?, w_taps.dim(2)?);
+        conv3x3_reference(x, &w_taps.permute((1, 2, 0))?.reshape((co, c, 3, 3))?, bias)
     }
+}
+
+/// [`conv3x3_taps`] from a weight in its stored layout `(co, c, 3, 3)`.
+pub fn conv3x3(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    conv3x3_taps(x, &taps_first(w)?, bias)
+}
+
+/// A conv weight `(co, ci, k…)` as `(taps, co, ci)`, taps in row-major kernel order: each tap's
+/// matrix contiguous, as the shifted GEMMs read it.
+pub fn taps_first(w: &Tensor) -> Result<Tensor> {
+    let (co, ci) = (w.dim(0)?, w.dim(1)?);
+    w.reshape((co, ci, ()))?.permute((2, 0, 1))?.contiguous()
 }
 
 pub fn conv3x3_reference(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {

@@ -46,12 +46,6 @@ pub fn temporal_conv(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Tenso
     y.reshape((b, co, t, s))?.broadcast_add(&bias.to_dtype(DType::F32)?.reshape((1, co, 1, 1))?)?.to_dtype(x.dtype())
 }
 
-/// A conv weight `(co, ci, k…)` as `(taps, co, ci)`, taps in row-major kernel order.
-pub fn taps_first(w: &Tensor) -> Result<Tensor> {
-    let (co, ci) = (w.dim(0)?, w.dim(1)?);
-    w.reshape((co, ci, ()))?.permute((2, 0, 1))?.contiguous()
-}
-
 struct GroupNorm {
     groups: usize,
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -297,6 +291,7 @@ mod imp {
 #[cfg(all(test, feature = "cuda"))]
 mod tests {
     use super::*;
+    use crate::kernels::taps_first;
     use candle_core::Device;
 
     fn rel(got: &Tensor, want: &Tensor) -> f32 {

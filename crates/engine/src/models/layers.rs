@@ -1,6 +1,7 @@
 //! Building blocks shared by the networks: norms with the reference's eps, convs, attention.
 
 use crate::kernels::amx::Bf16Conv;
+use crate::kernels::f32_matrix::F32Matrix;
 use crate::quant::{self, Int8Matmul};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Conv2dConfig, LayerNorm, VarBuilder};
@@ -14,6 +15,8 @@ pub enum Linear {
     /// bf16 products on the CPU's AMX tiles, f32 in and out, bias included (`--precision bf16`
     /// on a CPU).
     Bf16(std::sync::Arc<crate::kernels::amx::Bf16Matrix>),
+    /// f32 on the CPU with AVX-512: the weight packed at load, the bias added in the product.
+    F32(std::sync::Arc<F32Matrix>),
 }
 
 impl Linear {
@@ -36,6 +39,9 @@ impl Linear {
             return Ok(Self::Bf16(std::sync::Arc::new(crate::kernels::amx::Bf16Matrix::new(&w, bias.as_ref())?)));
         }
         let w = vb.get(shape.to_vec(), name)?.reshape((out_dim, in_dim))?;
+        if vb.device().is_cpu() && vb.dtype() == DType::F32 && F32Matrix::supports(out_dim, in_dim) {
+            return Ok(Self::F32(std::sync::Arc::new(F32Matrix::new(&w, bias.as_ref())?)));
+        }
         Ok(Self::new(w, bias))
     }
 }
@@ -52,6 +58,7 @@ impl Module for Linear {
                 }
             }
             Self::Bf16(matrix) => matrix.forward(xs),
+            Self::F32(matrix) => matrix.forward(xs),
         }
     }
 }
@@ -115,7 +122,8 @@ pub fn conv2d(
 /// with bf16 products on AMX.
 #[derive(Debug, Clone)]
 pub enum Conv3x3 {
-    Float { weight: Tensor, bias: Tensor },
+    /// The weight taps first, `(9, co, ci)`, as the shifted GEMMs read it (rearranged once, at load).
+    Float { taps: Tensor, bias: Tensor },
     Int8(std::sync::Arc<crate::kernels::Q8Conv>),
     Bf16(std::sync::Arc<Bf16Conv>),
 }
@@ -123,7 +131,7 @@ pub enum Conv3x3 {
 impl Module for Conv3x3 {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Float { weight, bias } => crate::kernels::conv3x3(xs, weight, bias),
+            Self::Float { taps, bias } => crate::kernels::conv3x3_taps(xs, taps, bias),
             Self::Int8(conv) => conv.forward(&xs.to_dtype(DType::F32)?)?.to_dtype(xs.dtype()),
             Self::Bf16(conv) => conv.forward(xs),
         }
@@ -176,7 +184,7 @@ pub fn conv3x3(in_c: usize, out_c: usize, vb: VarBuilder) -> Result<Conv3x3> {
     if amx_weights(&vb, "weight", in_c, out_c) {
         return Ok(Conv3x3::Bf16(std::sync::Arc::new(Bf16Conv::spatial_3x3(&weight, &bias)?)));
     }
-    Ok(Conv3x3::Float { weight, bias })
+    Ok(Conv3x3::Float { taps: crate::kernels::taps_first(&weight)?, bias })
 }
 
 pub fn conv2d_no_bias(
@@ -306,9 +314,11 @@ pub fn silu(xs: &Tensor) -> Result<Tensor> {
 
 /// GEGLU feed-forward input half: `a · GELU(g)` where `[a, g] = proj(x)`.
 pub fn geglu(proj: &Linear, xs: &Tensor) -> Result<Tensor> {
-    if let Linear::Bf16(matrix) = proj {
-        // The gate runs on each block of the product while it is in cache.
-        return matrix.forward_geglu(xs);
+    // The gate runs on each block of the product while it is in cache.
+    match proj {
+        Linear::Bf16(matrix) => return matrix.forward_geglu(xs),
+        Linear::F32(matrix) => return matrix.forward_geglu(xs),
+        _ => {}
     }
     crate::kernels::geglu(&proj.forward(xs)?)
 }
