@@ -417,7 +417,12 @@ fn ops(runs: usize) -> Result<Vec<Timing>> {
     let bias = Tensor::zeros(320, DType::F32, &Device::Cpu)?;
     for hw in [32, 64] {
         let x = randn(&[16, 320, hw, hw], 1.0)?;
-        out.push(time(&format!("conv2d f32 16x320x{hw}x{hw} k3 (ours)"), runs, || { kernels::conv3x3(&x, &w, &bias)?; Ok(()) })?);
+        if kernels::F32Conv::supports(320) {
+            // The weight packed once, as a layer does at load.
+            let conv = kernels::F32Conv::spatial_3x3(&w, &bias)?;
+            out.push(time(&format!("conv2d f32 16x320x{hw}x{hw} k3 (ours, AVX-512)"), runs, || { conv.forward(&x)?; Ok(()) })?);
+        }
+        out.push(time(&format!("conv2d f32 16x320x{hw}x{hw} k3 (ours, gemm crate)"), runs, || { kernels::conv3x3(&x, &w, &bias)?; Ok(()) })?);
         out.push(time(&format!("conv2d f32 16x320x{hw}x{hw} k3 (candle)"), runs, || { x.conv2d(&w, 1, 1, 1, 1)?; Ok(()) })?);
         if kernels::q8_available() {
             let q = kernels::Q8Conv::spatial_3x3(&w, &bias)?;
@@ -446,6 +451,11 @@ fn ops(runs: usize) -> Result<Vec<Timing>> {
     let a = randn(&[4096, 1280], 1.0)?;
     let b = randn(&[1280, 1280], 1.0)?;
     out.push(time("matmul f32 4096x1280@1280x1280", runs, || { a.matmul(&b)?; Ok(()) })?);
+    let packed_f32 = |w: &Tensor| kernels::f32_matrix::F32Matrix::new(&w.t()?.contiguous()?, None);
+    if kernels::f32_matrix::available() {
+        let w = packed_f32(&b)?;
+        out.push(time("matmul f32 4096x1280@1280x1280 (ours, AVX-512)", runs, || { w.forward(&a)?; Ok(()) })?);
+    }
     // int8 weights (q8_0) at the UNet's projection shapes: ours (VNNI) and candle's QMatMul.
     for (m, k, n) in [(4096, 1280, 1280), (16384, 320, 320), (16384, 320, 2560)] {
         let x = randn(&[m, k], 1.0)?;
@@ -459,6 +469,10 @@ fn ops(runs: usize) -> Result<Vec<Timing>> {
         out.push(time(&format!("matmul q8_0 {m}x{k}@{k}x{n} (candle)"), runs, || { candle_core::Module::forward(&qm, &x)?; Ok(()) })?);
         let wt = w.t()?.contiguous()?;
         out.push(time(&format!("matmul f32 {m}x{k}@{k}x{n}"), runs, || { x.matmul(&wt)?; Ok(()) })?);
+        if kernels::f32_matrix::available() {
+            let ours = packed_f32(&wt)?;
+            out.push(time(&format!("matmul f32 {m}x{k}@{k}x{n} (ours, AVX-512)"), runs, || { ours.forward(&x)?; Ok(()) })?);
+        }
     }
     let (ab, bb) = (a.to_dtype(DType::BF16)?, b.to_dtype(DType::BF16)?);
     out.push(time("matmul bf16 4096x1280@1280x1280", runs, || { ab.matmul(&bb)?; Ok(()) })?);

@@ -228,6 +228,215 @@ impl PaddedGrid {
     }
 }
 
+/// A 3×3 convolution (stride 1, padding 1) in f32 on AVX-512, the weight packed at load in
+/// panels of 64 output channels, `[panel][tap][ci][64]`. The input goes into the
+/// [`PaddedGrid`] (all frames of a channel in one row); a microkernel multiplies 6 grid
+/// positions (broadcast from the grid rows at each tap's shift) by 64 output channels (4
+/// aligned vectors of the panel) over all nine taps and a slice of [`F32Conv::KC`] input
+/// channels, so the 24 accumulators stay in registers through 9·KC steps.
+#[derive(Clone)]
+pub struct F32Conv {
+    packed: Vec<Lanes>,
+    bias: Vec<f32>,
+    co: usize,
+    c: usize,
+}
+
+impl std::fmt::Debug for F32Conv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "F32Conv[{}, {}, 3, 3]", self.co, self.c)
+    }
+}
+
+/// 16 f32, 64-byte aligned (the packed weight: each panel row one aligned vector per 16).
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Lanes([f32; 16]);
+
+impl F32Conv {
+    /// Output channels per panel (4 vectors).
+    const PANEL: usize = 64;
+    /// Grid positions per microkernel call.
+    const POS: usize = 6;
+    /// Input channels per pass: a panel's weights for them (9 taps × KC × 64 f32 = 36 KB)
+    /// stay in L1 while the microkernel walks the task's positions.
+    const KC: usize = 16;
+    /// Results a task accumulates through all passes (kept in L2), in f32 values.
+    const TASK_RESULTS: usize = 256 << 10;
+
+    /// Whether this CPU runs it (AVX-512F) and the layer has whole panels of outputs.
+    pub fn supports(co: usize) -> bool {
+        super::f32_matrix::available() && co.is_multiple_of(Self::PANEL)
+    }
+
+    /// Packs `w (co, c, 3, 3)`; `bias (co)`.
+    pub fn spatial_3x3(w: &Tensor, bias: &Tensor) -> Result<Self> {
+        let (co, c, kh, kw) = w.dims4()?;
+        if (kh, kw) != (3, 3) || bias.dims1()? != co || !Self::supports(co) {
+            candle_core::bail!("f32 conv: weight {:?} / bias {:?}: needs a 3×3 conv with a multiple of 64 outputs on an AVX-512 CPU", w.dims(), bias.dims());
+        }
+        let w = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut packed = vec![Lanes([0.0; 16]); co * c * 9 / 16];
+        packed.par_chunks_mut(9 * c * Self::PANEL / 16).enumerate().for_each(|(p, panel)| {
+            for (tc, lanes) in panel.chunks_exact_mut(Self::PANEL / 16).enumerate() {
+                let (tap, ci) = (tc / c, tc % c);
+                for (j, v) in lanes.iter_mut().flat_map(|l| l.0.iter_mut()).enumerate() {
+                    *v = w[((p * Self::PANEL + j) * c + ci) * 9 + tap];
+                }
+            }
+        });
+        Ok(Self { packed, bias: bias.to_dtype(DType::F32)?.to_vec1()?, co, c })
+    }
+
+    /// `x (n, c, h, w)` f32 on the CPU → `(n, co, h, w)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, c, h, wd) = x.dims4()?;
+        if c != self.c || x.dtype() != DType::F32 || !x.device().is_cpu() {
+            candle_core::bail!("f32 conv: input {:?} {:?} on {:?}, expected f32 (n, {}, h, w) on the CPU", x.dims(), x.dtype(), x.device(), self.c);
+        }
+        let x = x.contiguous()?;
+        let (storage, layout) = x.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else { candle_core::bail!("f32 conv: input not on the CPU") };
+        let start = layout.start_offset();
+        let x = &cpu.as_slice::<f32>()?[start..start + n * c * h * wd];
+        let grid = PaddedGrid { n, h, w: wd };
+        let len = grid.len();
+        let mut padded = Vec::<f32>::with_capacity(c * len);
+        padded.spare_capacity_mut().par_chunks_mut(len).enumerate().for_each(|(ci, row)| {
+            grid.fill(&x[ci * h * wd..], c * h * wd, row);
+        });
+        drop(storage);
+        // SAFETY: `fill` wrote every element of every row.
+        unsafe { padded.set_len(c * len) };
+
+        // Tasks: (run of output pixels, block of panels), as many as keep both threads busy and
+        // each task's results within TASK_RESULTS.
+        let co = self.co;
+        let panels = co / Self::PANEL;
+        let (hw, pixels) = (h * wd, n * h * wd);
+        let threads = rayon::current_num_threads().max(1);
+        let chunk = pixels.div_ceil(2 * threads).clamp(Self::POS, 1024).next_multiple_of(Self::POS);
+        let chunks = pixels.div_ceil(chunk);
+        let panels_per_task = (Self::TASK_RESULTS / (chunk * Self::PANEL)).clamp(1, panels.div_ceil((2 * threads).div_ceil(chunks)));
+        let blocks = panels.div_ceil(panels_per_task);
+        let shifts: [usize; 9] = std::array::from_fn(|tap| grid.shift(tap));
+        // Output pixel v = (f·h + y)·w + x sits at grid position (f·(h+1) + y)·(w+1) + x.
+        let position = |v: usize| ((v / hw) * (h + 1) + v % hw / wd) * (wd + 1) + v % wd;
+
+        let mut y = Vec::<f32>::with_capacity(n * co * hw);
+        let y_ptr = SendPtr(y.as_mut_ptr());
+        (0..chunks * blocks).into_par_iter().for_each_init(
+            || vec![0f32; chunk * panels_per_task * Self::PANEL],
+            |acc, task| {
+                let (v0, p0) = ((task / blocks) * chunk, (task % blocks) * panels_per_task);
+                let count = chunk.min(pixels - v0);
+                let p1 = (p0 + panels_per_task).min(panels);
+                // Results as [pixel][channel of the block].
+                let acc_rs = (p1 - p0) * Self::PANEL;
+                // SAFETY: reads stay within `padded` (every tap of every pixel reads inside its
+                // grid row) and `packed`; AVX-512F is available (`supports`). The task writes the
+                // outputs of its own pixels and channels, which no other task writes.
+                unsafe {
+                    for c0 in (0..c).step_by(Self::KC) {
+                        let depth = Self::KC.min(c - c0);
+                        for p in p0..p1 {
+                            let w = (self.packed.as_ptr() as *const f32).add((p * 9 * c + c0) * Self::PANEL);
+                            let out = acc.as_mut_ptr().add((p - p0) * Self::PANEL);
+                            for t in (0..count).step_by(Self::POS) {
+                                let rows = Self::POS.min(count - t);
+                                let first = position(v0 + t);
+                                let offsets: [usize; Self::POS] = std::array::from_fn(|r| position(v0 + t + r.min(rows - 1)) - first);
+                                let a = padded.as_ptr().add(c0 * len + first);
+                                conv_tile(rows, a, &offsets, len, &shifts, w, c * Self::PANEL, depth, out.add(t * acc_rs), acc_rs, c0 == 0);
+                            }
+                        }
+                    }
+                    // To the output, channel-major, plus the bias: 16 channels at a time (one
+                    // cache line of the results per pixel).
+                    let o0 = p0 * Self::PANEL;
+                    for ob in (0..acc_rs).step_by(16) {
+                        let bias = &self.bias[o0 + ob..o0 + ob + 16];
+                        for v in v0..v0 + count {
+                            let dst = y_ptr.get().add(((v / hw) * co + o0 + ob) * hw + v % hw);
+                            let src = &acc[(v - v0) * acc_rs + ob..][..16];
+                            for (i, (&r, &b)) in src.iter().zip(bias).enumerate() {
+                                dst.add(i * hw).write(r + b);
+                            }
+                        }
+                    }
+                }
+            },
+        );
+        // SAFETY: the tasks together wrote every output (every pixel, every channel).
+        unsafe { y.set_len(n * co * hw) };
+        Tensor::from_vec(y, (n, co, h, wd), &candle_core::Device::Cpu)
+    }
+}
+
+/// `c[r][0..64] (+)= Σ_tap Σ_kk a[kk·a_ks + shift[tap] + offsets[r]] · w[tap·w_tap + kk·64..][0..64]`
+/// for `rows` ≤ 6 pixels r at grid offsets `offsets[r]`.
+///
+/// # Safety
+/// AVX-512F must be available; every address read or written must be inside its buffer, `w`
+/// 64-byte aligned with `w_tap` a multiple of 16.
+#[allow(clippy::too_many_arguments)]
+unsafe fn conv_tile(rows: usize, a: *const f32, offsets: &[usize; F32Conv::POS], a_ks: usize, shifts: &[usize; 9], w: *const f32, w_tap: usize, depth: usize, c: *mut f32, c_rs: usize, first: bool) {
+    match rows {
+        6 => conv_tile_n::<6>(a, offsets, a_ks, shifts, w, w_tap, depth, c, c_rs, first),
+        5 => conv_tile_n::<5>(a, offsets, a_ks, shifts, w, w_tap, depth, c, c_rs, first),
+        4 => conv_tile_n::<4>(a, offsets, a_ks, shifts, w, w_tap, depth, c, c_rs, first),
+        3 => conv_tile_n::<3>(a, offsets, a_ks, shifts, w, w_tap, depth, c, c_rs, first),
+        2 => conv_tile_n::<2>(a, offsets, a_ks, shifts, w, w_tap, depth, c, c_rs, first),
+        _ => conv_tile_n::<1>(a, offsets, a_ks, shifts, w, w_tap, depth, c, c_rs, first),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn conv_tile_n<const R: usize>(a: *const f32, offsets: &[usize; F32Conv::POS], a_ks: usize, shifts: &[usize; 9], w: *const f32, w_tap: usize, depth: usize, c: *mut f32, c_rs: usize, first: bool) {
+    use std::arch::x86_64::*;
+    /// One input channel of one tap: 64 weights times the R pixels at `x + offsets[r]`.
+    #[inline(always)]
+    unsafe fn step<const R: usize>(acc: &mut [[__m512; 4]; R], w: *const f32, x: *const f32, offsets: &[usize; F32Conv::POS]) {
+        let v = [_mm512_load_ps(w), _mm512_load_ps(w.add(16)), _mm512_load_ps(w.add(32)), _mm512_load_ps(w.add(48))];
+        for (r, row) in acc.iter_mut().enumerate() {
+            let b = _mm512_set1_ps(*x.add(offsets[r]));
+            for (acc, &v) in row.iter_mut().zip(&v) {
+                *acc = _mm512_fmadd_ps(v, b, *acc);
+            }
+        }
+    }
+    let mut acc = [[_mm512_setzero_ps(); 4]; R];
+    if !first {
+        for (r, row) in acc.iter_mut().enumerate() {
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(c.add(r * c_rs + 16 * j));
+            }
+        }
+    }
+    let offsets = *offsets;
+    for (tap, &shift) in shifts.iter().enumerate() {
+        let (mut x, mut w) = (a.add(shift), w.add(tap * w_tap));
+        // Not unrolled: the six pixel offsets and the two moving pointers fill the registers.
+        for _ in 0..depth {
+            step(&mut acc, w, x, &offsets);
+            (x, w) = (x.add(a_ks), w.add(64));
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        for (j, v) in row.iter().enumerate() {
+            _mm512_storeu_ps(c.add(r * c_rs + 16 * j), *v);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn conv_tile_n<const R: usize>(_: *const f32, _: &[usize; F32Conv::POS], _: usize, _: &[usize; 9], _: *const f32, _: usize, _: usize, _: *mut f32, _: usize, _: bool) {
+    unreachable!("F32Conv::supports() is false off x86-64")
+}
+
 /// 3×3 convolution, stride 1, padding 1, with bias, its weight `(9, co, c)` taps first (see
 /// [`taps_first`]): nine GEMMs over shifted views of the padded input on CPU f32 (no im2col
 /// matrix), candle's conv elsewhere.
@@ -286,7 +495,7 @@ mod tests {
     #[test]
     fn conv3x3_matches_reference() {
         let dev = Device::Cpu;
-        for &(n, c, co, h, w) in &[(1, 1, 1, 1, 1), (2, 3, 5, 4, 7), (3, 16, 140, 9, 5), (1, 64, 32, 16, 16), (1, 8, 200, 6, 6)] {
+        for &(n, c, co, h, w) in &[(1, 1, 1, 1, 1), (2, 3, 5, 4, 7), (3, 16, 140, 9, 5), (1, 64, 32, 16, 16), (1, 8, 200, 6, 6), (16, 40, 256, 4, 4), (2, 70, 64, 33, 31), (3, 20, 128, 9, 5)] {
             let x = Tensor::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap();
             let wt = Tensor::randn(0f32, 0.2, (co, c, 3, 3), &dev).unwrap();
             let bias = Tensor::randn(0f32, 0.2, co, &dev).unwrap();
@@ -295,6 +504,10 @@ mod tests {
             let want = conv3x3_reference(&f(&x), &f(&wt), &f(&bias)).unwrap();
             let candle = conv3x3_reference(&x, &wt, &bias).unwrap();
             assert_f32_level(&got, &candle, &want, &format!("{:?}", (n, c, co, h, w)));
+            if F32Conv::supports(co) {
+                let got = F32Conv::spatial_3x3(&wt, &bias).unwrap().forward(&x).unwrap();
+                assert_f32_level(&got, &candle, &want, &format!("AVX-512 {:?}", (n, c, co, h, w)));
+            }
         }
     }
 }

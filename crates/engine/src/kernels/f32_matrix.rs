@@ -152,18 +152,19 @@ impl F32Matrix {
         let scratch_rs = 2 * PANEL * per_pass;
         let scratch_len = if epilogue == Epilogue::Geglu { rows_per_task * scratch_rs } else { 0 };
         (0..row_tasks * groups).into_par_iter().for_each_init(
-            || vec![0f32; scratch_len],
-            |scratch, task| {
+            || (vec![0f32; rows_per_task * k], vec![0f32; scratch_len]),
+            |(xp, scratch), task| {
                 let (rt, group) = (task / groups, task % groups);
                 let r0 = rt * rows_per_task;
                 let rows = rows_per_task.min(m - r0);
+                pack_rows(&src[r0 * k..(r0 + rows) * k], k, xp);
                 let (u0, u1) = (group * per_group, ((group + 1) * per_group).min(units));
                 // SAFETY: rows r0..r0+rows and the group's output columns belong to this task
                 // alone; all pointers stay within `src`, `packed`, `bias`, `out` and `scratch`.
                 unsafe {
-                    let x = src.as_ptr().add(r0 * k);
+                    let x = xp.as_ptr();
                     let out = out_ptr.get().add(r0 * n_out) as *mut f32;
-                    let geglu = (epilogue == Epilogue::Geglu).then(|| Geglu { scratch: scratch.as_mut_ptr(), scratch_rs });
+                    let geglu = (epilogue == Epilogue::Geglu).then_some(Geglu { scratch: scratch.as_mut_ptr(), scratch_rs });
                     self.block(x, rows, u0..u1, per_pass, out, n_out, geglu);
                 }
             },
@@ -176,13 +177,14 @@ impl F32Matrix {
         Tensor::from_vec(out, shape, x.device())
     }
 
-    /// `rows` rows of `x` (row stride k) times the panels of `units`, `per_pass` units per pass
+    /// `rows` rows of `x` (packed by [`pack_rows`]) times the panels of `units`, `per_pass` units per pass
     /// over the depth, into `out` (row stride `out_rs`, the columns of unit u at u·64); with
     /// `geglu`, a unit is the pair of panels (a = u, g = n/2/64 + u), made in the scratch (room
     /// for `per_pass` pairs) and gated into `out`.
     ///
     /// # Safety
-    /// `x` must hold rows × k values, `out` rows × out_rs; the units must be panels (pairs).
+    /// `x` must hold rows (rounded up to 6) × k values, `out` rows × out_rs; the units must be
+    /// panels (pairs).
     #[allow(clippy::too_many_arguments)]
     unsafe fn block(&self, x: *const f32, rows: usize, units: std::ops::Range<usize>, per_pass: usize, out: *mut f32, out_rs: usize, geglu: Option<Geglu>) {
         let k = self.k;
@@ -207,7 +209,7 @@ impl F32Matrix {
                         };
                         let start = if k0 == 0 { Start::Init(bias) } else { Start::Load };
                         for t0 in (0..rows).step_by(MR) {
-                            tile(MR.min(rows - t0), a, x.add(t0 * k + k0), k, depth, c.add(t0 * c_rs), c_rs, start);
+                            tile(MR.min(rows - t0), a, x.add(t0 * k + k0 * MR), depth, c.add(t0 * c_rs), c_rs, start);
                         }
                     }
                 }
@@ -240,6 +242,19 @@ dispatch!(gate_row, fn(a: &[f32], g: &[f32], dst: &mut [f32]) {
     }
 });
 
+dispatch!(pack_rows, fn(x: &[f32], k: usize, dst: &mut [f32]) {
+    // Rows of x in tiles of 6, each tile `[kk][6]` (a short last tile fills only its rows), so
+    // the microkernel's broadcasts read one contiguous stream.
+    for (t, rows) in x.chunks(MR * k).enumerate() {
+        let tile = &mut dst[t * MR * k..][..MR * k];
+        for (i, row) in rows.chunks_exact(k).enumerate() {
+            for (kk, &v) in row.iter().enumerate() {
+                tile[kk * MR + i] = v;
+            }
+        }
+    }
+});
+
 /// Where a tile's accumulators start.
 #[derive(Clone, Copy)]
 enum Start {
@@ -255,20 +270,20 @@ enum Start {
 /// AVX-512F must be available; `a` must hold depth × 64 values, `b` rows rows of depth values
 /// `b_rs` apart, `c` rows rows of 64 values `c_rs` apart.
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile(rows: usize, a: *const f32, b: *const f32, b_rs: usize, depth: usize, c: *mut f32, c_rs: usize, start: Start) {
+unsafe fn tile(rows: usize, a: *const f32, b: *const f32, depth: usize, c: *mut f32, c_rs: usize, start: Start) {
     match rows {
-        6 => tile_n::<6>(a, b, b_rs, depth, c, c_rs, start),
-        5 => tile_n::<5>(a, b, b_rs, depth, c, c_rs, start),
-        4 => tile_n::<4>(a, b, b_rs, depth, c, c_rs, start),
-        3 => tile_n::<3>(a, b, b_rs, depth, c, c_rs, start),
-        2 => tile_n::<2>(a, b, b_rs, depth, c, c_rs, start),
-        _ => tile_n::<1>(a, b, b_rs, depth, c, c_rs, start),
+        6 => tile_n::<6>(a, b, depth, c, c_rs, start),
+        5 => tile_n::<5>(a, b, depth, c, c_rs, start),
+        4 => tile_n::<4>(a, b, depth, c, c_rs, start),
+        3 => tile_n::<3>(a, b, depth, c, c_rs, start),
+        2 => tile_n::<2>(a, b, depth, c, c_rs, start),
+        _ => tile_n::<1>(a, b, depth, c, c_rs, start),
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn tile_n<const R: usize>(a: *const f32, b: *const f32, b_rs: usize, depth: usize, c: *mut f32, c_rs: usize, start: Start) {
+unsafe fn tile_n<const R: usize>(a: *const f32, b: *const f32, depth: usize, c: *mut f32, c_rs: usize, start: Start) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); 4]; R];
     for (r, row) in acc.iter_mut().enumerate() {
@@ -279,15 +294,28 @@ unsafe fn tile_n<const R: usize>(a: *const f32, b: *const f32, b_rs: usize, dept
             };
         }
     }
-    for kk in 0..depth {
-        let w = a.add(kk * PANEL);
-        let w = [_mm512_load_ps(w), _mm512_load_ps(w.add(16)), _mm512_load_ps(w.add(32)), _mm512_load_ps(w.add(48))];
+    /// One step of the depth: 64 weights times R rows. (Unrolled by 4 below: the loop's own
+    /// instructions would otherwise take issue slots from the FMAs.)
+    #[inline(always)]
+    unsafe fn step<const R: usize>(acc: &mut [[__m512; 4]; R], a: *const f32, b: *const f32) {
+        let w = [_mm512_load_ps(a), _mm512_load_ps(a.add(16)), _mm512_load_ps(a.add(32)), _mm512_load_ps(a.add(48))];
         for (r, row) in acc.iter_mut().enumerate() {
-            let x = _mm512_set1_ps(*b.add(r * b_rs + kk));
+            let x = _mm512_set1_ps(*b.add(r));
             for (v, &w) in row.iter_mut().zip(&w) {
                 *v = _mm512_fmadd_ps(w, x, *v);
             }
         }
+    }
+    let mut kk = 0;
+    while kk + 4 <= depth {
+        for u in 0..4 {
+            step(&mut acc, a.add((kk + u) * PANEL), b.add((kk + u) * MR));
+        }
+        kk += 4;
+    }
+    while kk < depth {
+        step(&mut acc, a.add(kk * PANEL), b.add(kk * MR));
+        kk += 1;
     }
     for (r, row) in acc.iter().enumerate() {
         for (j, v) in row.iter().enumerate() {
@@ -297,7 +325,7 @@ unsafe fn tile_n<const R: usize>(a: *const f32, b: *const f32, b_rs: usize, dept
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn tile_n<const R: usize>(_: *const f32, _: *const f32, _: usize, _: usize, _: *mut f32, _: usize, _: Start) {
+unsafe fn tile_n<const R: usize>(_: *const f32, _: *const f32, _: usize, _: *mut f32, _: usize, _: Start) {
     unreachable!("available() is false off x86-64")
 }
 

@@ -61,7 +61,7 @@ mod q8;
 
 pub use attention::{attention, attention_chunked, attention_heads, attention_reference, heads_in_place, softmax_last_dim, MAX_SCORES};
 pub use flash_attention::flash_attention;
-pub use conv::{conv3x3, conv3x3_reference, conv3x3_taps, taps_first, temporal_conv, temporal_conv_reference};
+pub use conv::{conv3x3, conv3x3_reference, conv3x3_taps, taps_first, temporal_conv, temporal_conv_reference, F32Conv};
 pub use geglu::{geglu, geglu_reference};
 pub(crate) use geglu::gelu_erf;
 pub use permute::{permute, permute_reference};

@@ -126,6 +126,8 @@ pub enum Conv3x3 {
     Float { taps: Tensor, bias: Tensor },
     Int8(std::sync::Arc<crate::kernels::Q8Conv>),
     Bf16(std::sync::Arc<Bf16Conv>),
+    /// f32 on the CPU with AVX-512, the weight packed at load.
+    F32(std::sync::Arc<crate::kernels::F32Conv>),
 }
 
 impl Module for Conv3x3 {
@@ -134,6 +136,7 @@ impl Module for Conv3x3 {
             Self::Float { taps, bias } => crate::kernels::conv3x3_taps(xs, taps, bias),
             Self::Int8(conv) => conv.forward(&xs.to_dtype(DType::F32)?)?.to_dtype(xs.dtype()),
             Self::Bf16(conv) => conv.forward(xs),
+            Self::F32(conv) => conv.forward(xs),
         }
     }
 }
@@ -183,6 +186,9 @@ pub fn conv3x3(in_c: usize, out_c: usize, vb: VarBuilder) -> Result<Conv3x3> {
     }
     if amx_weights(&vb, "weight", in_c, out_c) {
         return Ok(Conv3x3::Bf16(std::sync::Arc::new(Bf16Conv::spatial_3x3(&weight, &bias)?)));
+    }
+    if vb.device().is_cpu() && vb.dtype() == DType::F32 && crate::kernels::F32Conv::supports(out_c) {
+        return Ok(Conv3x3::F32(std::sync::Arc::new(crate::kernels::F32Conv::spatial_3x3(&weight, &bias)?)));
     }
     Ok(Conv3x3::Float { taps: crate::kernels::taps_first(&weight)?, bias })
 }
