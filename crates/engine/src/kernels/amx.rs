@@ -7,6 +7,7 @@
 //! Rust has no stable AMX intrinsics, so the tile instructions are inline assembly. Linux hands
 //! out the AMX register state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), made once.
 
+use super::conv::PaddedGrid;
 use super::SendPtr;
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
@@ -297,19 +298,21 @@ pub(crate) fn lines(len: usize) -> Vec<Line> {
 /// A convolution whose taps are shifts along a padded image's rows: the UNet's 3×3 convolution
 /// (stride 1, padding 1) and its temporal (3,1,1) one, bf16 products on AMX, f32 in and out.
 ///
-/// The input goes channels-last and zero-padded into bf16 (`[position][channel]`, positions on
-/// the padded width), so that tap `(dy, dx)` of output position `q` is input row
-/// `q + dy·wp + dx`: every tap is one shifted GEMM over the same buffer, no im2col matrix. The
-/// output is computed on the padded width too; its extra columns are dropped.
+/// The input goes into the [`PaddedGrid`](super::conv::PaddedGrid) (all frames of a channel in
+/// one zero-padded row) in bf16, two channels interleaved per row (`[c/2][position][2]`, the
+/// pairs `tdpbf16ps` multiplies), so a tile of 16 channel pairs × 16 positions is 16 runs of 64
+/// bytes, and tap `(dy, dx)` is the same tile shifted along the row. The weights are the other
+/// operand (16 output channels × 32 input channels per tile), so the products come out channel
+/// major, as the output is laid out: no transposes on either side.
 #[derive(Debug, Clone)]
 pub struct Bf16Conv {
-    /// Per 32 output channels, tap and 32 input channels: two 16×16 pair tiles (1 KB each).
+    /// Per 32 output channels, tap and 32 input channels: two tiles of 16 output channels × 32
+    /// input channels (1 KB each).
     packed: Vec<Line>,
     bias: Vec<f32>,
     co: usize,
     c: usize,
-    /// Taps along the image's rows and along its columns: (3, 3), or (3, 1) over time.
-    kh: usize,
+    /// Taps along the image's columns: 3, or 1 for the temporal conv (three along rows in both).
     kw: usize,
 }
 
@@ -347,11 +350,11 @@ impl Bf16Conv {
             for ci in 0..c {
                 for tap in 0..taps {
                     let tile = ((o / 32 * taps + tap) * kblocks + ci / 32) * 2 + (o % 32) / 16;
-                    flat[tile * 512 + (ci % 32) / 2 * 32 + (o % 16) * 2 + ci % 2] = bf16_bits(w[(o * c + ci) * taps + tap]);
+                    flat[tile * 512 + (o % 16) * 32 + ci % 32] = bf16_bits(w[(o * c + ci) * taps + tap]);
                 }
             }
         }
-        Ok(Self { packed, bias: bias.to_dtype(DType::F32)?.to_vec1::<f32>()?, co, c, kh, kw })
+        Ok(Self { packed, bias: bias.to_dtype(DType::F32)?.to_vec1::<f32>()?, co, c, kw })
     }
 
     /// `x (n, c, h, w)` f32 on the CPU (for the temporal conv: `(b, c, t, h·w)`) → `(n, co, h, w)`.
@@ -367,62 +370,54 @@ impl Bf16Conv {
         let (storage, layout) = x.storage_and_layout();
         let candle_core::Storage::Cpu(cpu) = &*storage else { candle_core::bail!("bf16 AMX conv: input not on the CPU") };
         let src = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + n * c * h * w];
-        let (co, px) = (self.co, self.kw / 2);
-        let wp = w + 2 * px;
-        // Output positions on the padded width, in whole 32-row blocks; the input rows they read.
-        let grid = (h * wp).next_multiple_of(BLOCK);
-        let len = grid + (self.kh - 1) * wp + self.kw - 1;
-        let offsets: Vec<usize> = (0..self.kh).flat_map(|dy| (0..self.kw).map(move |dx| dy * wp + dx)).collect();
-
-        let mut padded = lines(n * len * c);
-        let padded_ptr = SendPtr(as_u16_mut(&mut padded).as_mut_ptr());
-        (0..n * h).into_par_iter().for_each(|task| {
-            let (ni, y) = (task / h, task % h);
-            // SAFETY: image row y of sample ni owns padded rows (y+1)·wp + px .. + w, disjoint per task.
-            let dst = unsafe { std::slice::from_raw_parts_mut(padded_ptr.get().add((ni * len + (y + 1) * wp + px) * c), w * c) };
-            let row = &src[ni * c * h * w + y * w..];
-            let done = to_channels_last_x16(row, h * w, dst, c, w);
-            if done < w {
-                to_channels_last(&row[done..], h * w, &mut dst[done * c..], c, w - done);
-            }
+        let co = self.co;
+        let grid = PaddedGrid { n, h, w, pad_x: self.kw == 3 };
+        // Output positions in whole 32-position blocks; each pair plane covers the taps of the
+        // last block and is a whole number of cache lines.
+        let cols = grid.outputs().next_multiple_of(BLOCK);
+        let shifts: Vec<usize> = (0..grid.taps()).map(|tap| grid.shift(tap)).collect();
+        let plane = (cols + shifts[shifts.len() - 1]).next_multiple_of(16);
+        let mut pairs = lines(c / 2 * plane * 2);
+        as_u16_mut(&mut pairs).par_chunks_mut(2 * plane).enumerate().for_each(|(p, row)| {
+            grid.fill_pairs(&src[2 * p * h * w..], &src[(2 * p + 1) * h * w..], c * h * w, row);
         });
+        drop(storage);
 
-        // Every element is written exactly once below (each output position by one task).
         let mut out: Vec<f32> = Vec::with_capacity(n * co * h * w);
         let out_ptr = SendPtr(out.spare_capacity_mut().as_mut_ptr());
-        // Positions per task: the task's f32 accumulator (rows × co) stays within half of L2.
-        let chunk = (256 * 1024 / 4 / co / BLOCK * BLOCK).clamp(BLOCK, 512);
-        let chunks = grid.div_ceil(chunk);
-        let padded = as_u16(&padded);
-        (0..n * chunks).into_par_iter().for_each_init(
-            || (vec![0f32; chunk * co], vec![0f32; chunk * co]),
-            |(acc, planes), task| {
-                let (ni, q0) = (task / chunks, task % chunks * chunk);
-                let rows = chunk.min(grid - q0);
-                // SAFETY: the padded sample has `len` ≥ q0 + rows + max offset rows of c; `packed`
-                // holds co/32 × taps × c/32 tile pairs; `acc` rows × co.
-                unsafe { conv_tiles(padded[(ni * len + q0) * c..].as_ptr(), c, &offsets, as_u16(&self.packed).as_ptr(), co, rows, acc.as_mut_ptr()) };
-                // Channel-major in the task's own buffer, then each image row's run of valid
-                // positions to the output planes (+ bias).
-                to_channel_major(acc, rows, co, planes);
-                for y in q0 / wp..((q0 + rows).div_ceil(wp)).min(h) {
-                    let (qa, qb) = (q0.max(y * wp), (q0 + rows).min(y * wp + w));
-                    if qa >= qb {
+        // Positions per task: its f32 results (co × positions) stay within a quarter of L2.
+        let chunk = (512 * 1024 / 4 / co / BLOCK * BLOCK).clamp(BLOCK, 512);
+        let chunks = cols.div_ceil(chunk);
+        let pairs = as_u16(&pairs);
+        let (pitch, outputs) = (grid.pitch(), grid.outputs());
+        (0..chunks).into_par_iter().for_each_init(
+            || vec![0f32; chunk * co],
+            |acc, task| {
+                let q0 = task * chunk;
+                let rows = chunk.min(cols - q0);
+                // SAFETY: every pair plane holds `plane` ≥ q0 + rows + the last shift positions;
+                // `packed` holds co/32 × taps × c/32 tile pairs; `acc` co × rows.
+                unsafe { conv_tiles(pairs.as_ptr().add(2 * q0), plane, c, &shifts, as_u16(&self.packed).as_ptr(), co, rows, acc.as_mut_ptr()) };
+                // Each image row's run of valid positions to the output planes (+ bias).
+                let last = (q0 + rows).min(outputs);
+                for r in q0 / pitch..last.div_ceil(pitch) {
+                    let (f, y) = (r / (h + 1), r % (h + 1));
+                    let (qa, qb) = ((r * pitch).max(q0), (r * pitch + w).min(last));
+                    if y == h || qa >= qb {
                         continue;
                     }
                     for (o, &b) in self.bias.iter().enumerate() {
-                        // SAFETY: output row y, columns qa−y·wp.. of channel o come from positions
-                        // qa..qb, which only this task computes.
-                        let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(((ni * co + o) * h + y) * w + qa - y * wp), qb - qa) };
-                        for (d, &v) in dst.iter_mut().zip(&planes[o * rows + qa - q0..o * rows + qb - q0]) {
+                        // SAFETY: output row y of frame f, columns qa−r·pitch.. of channel o come
+                        // from positions qa..qb, which only this task computes.
+                        let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(((f * co + o) * h + y) * w + qa - r * pitch), qb - qa) };
+                        for (d, &v) in dst.iter_mut().zip(&acc[o * rows + qa - q0..o * rows + qb - q0]) {
                             d.write(v + b);
                         }
                     }
                 }
             },
         );
-        drop(storage);
-        // SAFETY: the tasks initialised every output position (x < w) of every channel.
+        // SAFETY: the tasks initialised every output pixel of every channel.
         unsafe { out.set_len(n * co * h * w) };
         Tensor::from_vec(out, (n, co, h, w), x.device())
     }
@@ -438,170 +433,61 @@ pub(crate) fn as_u16_mut(l: &mut [Line]) -> &mut [u16] {
     unsafe { std::slice::from_raw_parts_mut(l.as_mut_ptr().cast::<u16>(), l.len() * 32) }
 }
 
-dispatch!(to_channels_last, fn(src: &[f32], plane: usize, dst: &mut [u16], c: usize, w: usize) {
-    // One image row: `src[ci·plane + x]` → `dst[x·c + ci]` in bf16, through blocks of 32
-    // channels × 16 columns so that both sides move whole lines.
-    let mut block = [[0u16; 32]; 16];
-    for x0 in (0..w).step_by(16) {
-        let xs = 16.min(w - x0);
-        for ci0 in (0..c).step_by(32) {
-            for ci in 0..32 {
-                let row = &src[(ci0 + ci) * plane + x0..(ci0 + ci) * plane + x0 + xs];
-                for (x, &v) in row.iter().enumerate() {
-                    block[x][ci] = bf16_bits(v);
-                }
-            }
-            for (x, b) in block.iter().enumerate().take(xs) {
-                dst[(x0 + x) * c + ci0..(x0 + x) * c + ci0 + 32].copy_from_slice(b);
-            }
-        }
-    }
-});
-
-/// [`to_channels_last`] for the whole 16-column blocks of a row with AVX-512: each channel
-/// pair rounded into the halves of u32 lanes, then a 16×16 transpose in registers. Returns the
-/// columns done (0 without AVX-512).
-fn to_channels_last_x16(src: &[f32], plane: usize, dst: &mut [u16], c: usize, w: usize) -> usize {
-    let blocks = w / 16;
-    #[cfg(target_arch = "x86_64")]
-    if blocks > 0 && std::is_x86_feature_detected!("avx512f") {
-        assert!(src.len() >= (c - 1) * plane + blocks * 16 && dst.len() >= blocks * 16 * c && c.is_multiple_of(32));
-        // SAFETY: AVX-512F detected; the extents were just checked.
-        unsafe { simd::channels_last_blocks(src.as_ptr(), plane, dst.as_mut_ptr(), c, blocks) };
-        return blocks * 16;
-    }
-    0
-}
-
-#[cfg(target_arch = "x86_64")]
-mod simd {
-    use std::arch::x86_64::*;
-
-    /// f32 lanes → bf16 bits (round to nearest even) in the low half of each u32 lane.
-    #[target_feature(enable = "avx512f")]
-    fn round_bf16(v: __m512) -> __m512i {
-        let b = _mm512_castps_si512(v);
-        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
-        _mm512_srli_epi32::<16>(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))))
-    }
-
-    /// `out[j]` lane i = `r[i]` lane j, for 16×16 u32.
-    #[target_feature(enable = "avx512f")]
-    fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
-        let mut t = [_mm512_setzero_si512(); 16];
-        for k in 0..8 {
-            t[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
-            t[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
-        }
-        // u[4g + c], 128-bit lane L: column 4L + c of rows 4g..4g+3.
-        let mut u = [_mm512_setzero_si512(); 16];
-        for g in 0..4 {
-            u[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
-            u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
-            u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
-            u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
-        }
-        let mut out = [_mm512_setzero_si512(); 16];
-        for c in 0..4 {
-            let v_lo = _mm512_shuffle_i32x4::<0x88>(u[c], u[4 + c]);
-            let v_hi = _mm512_shuffle_i32x4::<0xdd>(u[c], u[4 + c]);
-            let w_lo = _mm512_shuffle_i32x4::<0x88>(u[8 + c], u[12 + c]);
-            let w_hi = _mm512_shuffle_i32x4::<0xdd>(u[8 + c], u[12 + c]);
-            out[c] = _mm512_shuffle_i32x4::<0x88>(v_lo, w_lo);
-            out[8 + c] = _mm512_shuffle_i32x4::<0xdd>(v_lo, w_lo);
-            out[4 + c] = _mm512_shuffle_i32x4::<0x88>(v_hi, w_hi);
-            out[12 + c] = _mm512_shuffle_i32x4::<0xdd>(v_hi, w_hi);
-        }
-        out
-    }
-
-    /// `blocks` × 16 columns of one image row to channels-last bf16 (see `to_channels_last`).
-    ///
-    /// # Safety
-    /// AVX-512F present; `src` covers `c` rows of `plane` from each block's column, `dst` the
-    /// block columns × `c`, `c` a multiple of 32.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn channels_last_blocks(src: *const f32, plane: usize, dst: *mut u16, c: usize, blocks: usize) {
-        for xb in 0..blocks {
-            let x0 = xb * 16;
-            for ci0 in (0..c).step_by(32) {
-                let mut r = [_mm512_setzero_si512(); 16];
-                for (p, rp) in r.iter_mut().enumerate() {
-                    let lo = round_bf16(_mm512_loadu_ps(src.add((ci0 + 2 * p) * plane + x0)));
-                    let hi = round_bf16(_mm512_loadu_ps(src.add((ci0 + 2 * p + 1) * plane + x0)));
-                    *rp = _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi));
-                }
-                for (x, v) in transpose16(r).into_iter().enumerate() {
-                    _mm512_storeu_si512(dst.add((x0 + x) * c + ci0).cast(), v);
-                }
-            }
-        }
-    }
-}
-
-dispatch!(to_channel_major, fn(acc: &[f32], rows: usize, co: usize, planes: &mut [f32]) {
-    // `acc[q][o]` (rows × co) → `planes[o][q]`, through 16×16 blocks so that both sides move
-    // whole lines.
-    for o0 in (0..co).step_by(16) {
-        for q0 in (0..rows).step_by(16) {
-            for q in q0..(q0 + 16).min(rows) {
-                for o in o0..(o0 + 16).min(co) {
-                    planes[o * rows + q] = acc[q * co + o];
-                }
-            }
-        }
-    }
-});
-
-/// `acc (rows × co f32) = Σ_tap a[offset_tap ..] (rows × c) · w_tap`, channels-last bf16 rows
-/// of `a` (`c` per row), `packed` as in [`Bf16Conv`]; rows a multiple of 32.
+/// `acc[o][q] (co × rows f32) = Σ_tap Σ_ci w_tap[o][ci] · x[ci][q + shift_tap]` for the
+/// pair planes `x` (`[c/2][plane][2]` bf16, from the task's first position) and `packed` as in
+/// [`Bf16Conv`]; rows a multiple of 32.
 ///
 /// # Safety
-/// AMX must be [`available`]; `a` must hold rows + max(offsets) rows of `c`, 64-byte aligned
-/// with `c` a multiple of 32; `packed` co·c·taps values; `acc` rows × co.
+/// AMX must be [`available`]; every plane must hold rows + the last shift positions from `x`;
+/// `packed` co·c·taps values; `acc` co × rows.
 #[cfg(target_arch = "x86_64")]
 #[inline(never)]
-unsafe fn conv_tiles(a: *const u16, c: usize, offsets: &[usize], packed: *const u16, co: usize, rows: usize, acc: *mut f32) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn conv_tiles(x: *const u16, plane: usize, c: usize, shifts: &[usize], packed: *const u16, co: usize, rows: usize, acc: *mut f32) {
     use std::arch::asm;
     configure_tiles();
-    let (taps, kblocks) = (offsets.len(), c / BLOCK);
-    let (stride_a, stride_b, stride_c) = (c * 2, 64usize, co * 4);
-    for nb in 0..co / BLOCK {
-        let b_block = packed.add(nb * taps * kblocks * 1024);
+    let (taps, kblocks) = (shifts.len(), c / BLOCK);
+    // Bytes between tile rows: packed weights 64, pair planes one plane, results one row.
+    let (stride_w, stride_x, stride_c) = (64usize, plane * 4, rows * 4);
+    for ob in 0..co / BLOCK {
+        let w_block = packed.add(ob * taps * kblocks * 1024);
         for m0 in (0..rows).step_by(BLOCK) {
             asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack));
             for kb in 0..kblocks {
-                // The taps of one channel block read overlapping rows: they stay in L1.
-                for (tap, &off) in offsets.iter().enumerate() {
-                    let a0 = a.add((m0 + off) * c + kb * BLOCK);
-                    let b0 = b_block.add((tap * kblocks + kb) * 1024);
+                // The taps of one channel block read overlapping runs: they stay in L1.
+                let xk = x.add(kb * 16 * plane * 2 + m0 * 2);
+                for (tap, &shift) in shifts.iter().enumerate() {
+                    let w0 = w_block.add((tap * kblocks + kb) * 1024);
+                    let x0 = xk.add(shift * 2);
                     asm!(
-                        "tileloadd tmm4, [{a0} + {sa}*1]",
-                        "tileloadd tmm5, [{a1} + {sa}*1]",
-                        "tileloadd tmm6, [{b0} + {sb}*1]",
-                        "tileloadd tmm7, [{b1} + {sb}*1]",
+                        "tileloadd tmm4, [{w0} + {sw}*1]",
+                        "tileloadd tmm5, [{w1} + {sw}*1]",
+                        "tileloadd tmm6, [{x0} + {sx}*1]",
+                        "tileloadd tmm7, [{x1} + {sx}*1]",
                         "tdpbf16ps tmm0, tmm4, tmm6",
                         "tdpbf16ps tmm1, tmm4, tmm7",
                         "tdpbf16ps tmm2, tmm5, tmm6",
                         "tdpbf16ps tmm3, tmm5, tmm7",
-                        a0 = in(reg) a0,
-                        a1 = in(reg) a0.add(16 * c),
-                        b0 = in(reg) b0,
-                        b1 = in(reg) b0.add(512),
-                        sa = in(reg) stride_a,
-                        sb = in(reg) stride_b,
+                        w0 = in(reg) w0,
+                        w1 = in(reg) w0.add(512),
+                        x0 = in(reg) x0,
+                        x1 = in(reg) x0.add(32),
+                        sw = in(reg) stride_w,
+                        sx = in(reg) stride_x,
                         options(nostack)
                     );
                 }
             }
-            store_block(acc.add(m0 * co + nb * BLOCK), co, stride_c);
+            // Rows of the result block are output channels, columns positions.
+            store_block(acc.add(ob * BLOCK * rows + m0), rows, stride_c);
         }
     }
     asm!("tilerelease", options(nostack));
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn conv_tiles(_: *const u16, _: usize, _: &[usize], _: *const u16, _: usize, _: usize, _: *mut f32) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn conv_tiles(_: *const u16, _: usize, _: usize, _: &[usize], _: *const u16, _: usize, _: usize, _: *mut f32) {
     unreachable!("available() is false off x86-64")
 }
 

@@ -109,7 +109,7 @@ impl CustomOp3 for Conv3x3 {
         let (x, w, bias) = (contiguous_f32(name, x, lx)?, contiguous_f32(name, w, lw)?, contiguous_f32(name, bias, lb)?);
         let (n, c, h, wd) = lx.shape().dims4()?;
         let co = lw.dims()[1];
-        let grid = PaddedGrid { n, h, w: wd };
+        let grid = PaddedGrid { n, h, w: wd, pad_x: true };
         let len = grid.len();
         // Every frame of every channel in one zero-padded row, so a tap is one shifted view
         // across all frames: GEMMs as wide as the whole batch even where frames are 4×4.
@@ -173,60 +173,93 @@ impl CustomOp3 for Conv3x3 {
     }
 }
 
-/// The zero-padded input of a 3×3 conv for all `n` frames of one channel as one row: grid rows
-/// of `w + 1` (the one zero column between two image rows pads both), and one zero row after
-/// each frame (padding the frame above and the one below). Output pixel `(f, y, x)` sits at grid
-/// position `(f·(h+1) + y)·(w+1) + x`, and tap `(dy, dx)` reads the row at that position plus
-/// `dy·(w+1) + dx`; positions with `x = w` or `y = h` are computed and dropped.
+/// The zero-padded input of a convolution with three taps along its rows (and three or one
+/// along its columns) for all `n` frames of one channel as one row: grid rows of `w + 1`
+/// (`pad_x`: the one zero column between two image rows pads both) or `w`, and one zero row
+/// after each frame (padding the frame above and the one below). Output pixel `(f, y, x)` sits
+/// at grid position `(f·(h+1) + y)·pitch + x`, and tap `(dy, dx)` reads the row at that
+/// position plus `dy·pitch + dx`; positions with `x = w` or `y = h` are junk. The temporal conv
+/// is the case `pad_x = false` with frames = samples, rows = time steps, columns = pixels.
 #[derive(Clone, Copy)]
-struct PaddedGrid {
-    n: usize,
-    h: usize,
-    w: usize,
+pub(crate) struct PaddedGrid {
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub pad_x: bool,
 }
 
 impl PaddedGrid {
-    /// Zeros before the first pixel: a zero grid row and one zero column.
+    pub fn pitch(&self) -> usize {
+        self.w + self.pad_x as usize
+    }
+
+    /// Zeros before the first pixel: a zero grid row (and one zero column).
     fn lead(&self) -> usize {
-        self.w + 2
+        self.pitch() + self.pad_x as usize
     }
 
-    /// Grid positions computed: every frame's rows and its zero row, except the last zero row.
-    fn outputs(&self) -> usize {
-        (self.n * (self.h + 1) - 1) * (self.w + 1)
+    /// Grid positions of the outputs: every frame's rows and its zero row, except the last
+    /// zero row.
+    pub fn outputs(&self) -> usize {
+        (self.n * (self.h + 1) - 1) * self.pitch()
     }
 
-    /// Row length: the last output position plus the furthest tap (2·(w+1) + 2) stays inside.
-    fn len(&self) -> usize {
-        self.outputs() + 2 * (self.w + 1) + 2
+    /// Row length: the last output position plus the furthest tap stays inside.
+    pub fn len(&self) -> usize {
+        self.outputs() + self.shift(self.taps() - 1)
     }
 
-    fn shift(&self, tap: usize) -> usize {
-        (tap / 3) * (self.w + 1) + tap % 3
-    }
-
-    /// Writes one channel's row: `x` holds frame f's pixels at `f·frame_stride`.
-    fn fill(&self, x: &[f32], frame_stride: usize, row: &mut [std::mem::MaybeUninit<f32>]) {
-        let (h, w) = (self.h, self.w);
-        let zero = std::mem::MaybeUninit::new(0f32);
-        row[..self.lead()].fill(zero);
-        let mut at = self.lead();
-        for f in 0..self.n {
-            for yy in 0..h {
-                let src = &x[f * frame_stride + yy * w..][..w];
-                for (d, &s) in row[at..at + w].iter_mut().zip(src) {
-                    d.write(s);
-                }
-                row[at + w] = zero;
-                at += w + 1;
-            }
-            let end = (at + w + 1).min(row.len());
-            row[at..end].fill(zero);
-            at = end;
+    pub fn taps(&self) -> usize {
+        if self.pad_x {
+            9
+        } else {
+            3
         }
-        row[at..].fill(zero);
+    }
+
+    pub fn shift(&self, tap: usize) -> usize {
+        let kw = if self.pad_x { 3 } else { 1 };
+        (tap / kw) * self.pitch() + tap % kw
+    }
+
+    /// The grid position of output pixel `v = (f·h + y)·w + x`.
+    pub fn position(&self, v: usize) -> usize {
+        let hw = self.h * self.w;
+        ((v / hw) * (self.h + 1) + v % hw / self.w) * self.pitch() + v % self.w
+    }
+
+    /// The image rows: `(grid position, frame, offset in the frame)` of each run of `w` pixels.
+    fn runs(&self) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+        (0..self.n).flat_map(move |f| (0..self.h).map(move |y| (self.lead() + (f * (self.h + 1) + y) * self.pitch(), f, y * self.w)))
+    }
+
+    /// Writes one channel's row (`len` values): `x` holds frame f's pixels at `f·frame_stride`.
+    fn fill(&self, x: &[f32], frame_stride: usize, row: &mut [std::mem::MaybeUninit<f32>]) {
+        row.fill(std::mem::MaybeUninit::new(0.0));
+        for (at, f, off) in self.runs() {
+            for (d, &s) in row[at..at + self.w].iter_mut().zip(&x[f * frame_stride + off..]) {
+                d.write(s);
+            }
+        }
+    }
+
+    /// Writes the rows of channels 2p and 2p+1 (`a`, `b`, frames `frame_stride` apart) as bf16
+    /// pairs, `row[2q + i]` = channel 2p+i at grid position q (`2·len` values).
+    pub fn fill_pairs(&self, a: &[f32], b: &[f32], frame_stride: usize, row: &mut [u16]) {
+        row.fill(0);
+        for (at, f, off) in self.runs() {
+            let (a, b) = (&a[f * frame_stride + off..][..self.w], &b[f * frame_stride + off..][..self.w]);
+            interleave_bf16(a, b, &mut row[2 * at..2 * (at + self.w)]);
+        }
     }
 }
+
+dispatch!(interleave_bf16, fn(a: &[f32], b: &[f32], dst: &mut [u16]) {
+    for ((d, &a), &b) in dst.chunks_exact_mut(2).zip(a).zip(b) {
+        d[0] = super::amx::bf16_bits(a);
+        d[1] = super::amx::bf16_bits(b);
+    }
+});
 
 /// A 3×3 convolution (stride 1, padding 1) in f32 on AVX-512, the weight packed at load in
 /// panels of 64 output channels, `[panel][tap][ci][64]`. The input goes into the
@@ -299,7 +332,7 @@ impl F32Conv {
         let candle_core::Storage::Cpu(cpu) = &*storage else { candle_core::bail!("f32 conv: input not on the CPU") };
         let start = layout.start_offset();
         let x = &cpu.as_slice::<f32>()?[start..start + n * c * h * wd];
-        let grid = PaddedGrid { n, h, w: wd };
+        let grid = PaddedGrid { n, h, w: wd, pad_x: true };
         let len = grid.len();
         let mut padded = Vec::<f32>::with_capacity(c * len);
         padded.spare_capacity_mut().par_chunks_mut(len).enumerate().for_each(|(ci, row)| {
@@ -320,8 +353,6 @@ impl F32Conv {
         let panels_per_task = (Self::TASK_RESULTS / (chunk * Self::PANEL)).clamp(1, panels.div_ceil((2 * threads).div_ceil(chunks)));
         let blocks = panels.div_ceil(panels_per_task);
         let shifts: [usize; 9] = std::array::from_fn(|tap| grid.shift(tap));
-        // Output pixel v = (f·h + y)·w + x sits at grid position (f·(h+1) + y)·(w+1) + x.
-        let position = |v: usize| ((v / hw) * (h + 1) + v % hw / wd) * (wd + 1) + v % wd;
 
         let mut y = Vec::<f32>::with_capacity(n * co * hw);
         let y_ptr = SendPtr(y.as_mut_ptr());
@@ -344,8 +375,8 @@ impl F32Conv {
                             let out = acc.as_mut_ptr().add((p - p0) * Self::PANEL);
                             for t in (0..count).step_by(Self::POS) {
                                 let rows = Self::POS.min(count - t);
-                                let first = position(v0 + t);
-                                let offsets: [usize; Self::POS] = std::array::from_fn(|r| position(v0 + t + r.min(rows - 1)) - first);
+                                let first = grid.position(v0 + t);
+                                let offsets: [usize; Self::POS] = std::array::from_fn(|r| grid.position(v0 + t + r.min(rows - 1)) - first);
                                 let a = padded.as_ptr().add(c0 * len + first);
                                 conv_tile(rows, a, &offsets, len, &shifts, w, c * Self::PANEL, depth, out.add(t * acc_rs), acc_rs, c0 == 0);
                             }
