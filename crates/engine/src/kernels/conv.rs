@@ -1,6 +1,7 @@
 //! Convolutions as GEMMs over shifted views of the input: the temporal (3,1,1) conv and the
 //! 3×3 stride-1 conv.
 
+use super::f32_matrix::Lanes;
 use super::{contiguous_f32, gemm_f32, SendPtr};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -121,7 +122,7 @@ impl CustomOp3 for Conv3x3 {
         unsafe { padded.set_len(c * len) };
 
         let cols = grid.outputs();
-        let row = wd + 1;
+        let row = grid.pitch();
         let threads = rayon::current_num_threads().max(1);
         // Column chunks of whole grid rows, 256–1024 wide; output channels split only when the
         // chunks alone would leave a thread idle (the small levels of the UNet).
@@ -263,10 +264,11 @@ dispatch!(interleave_bf16, fn(a: &[f32], b: &[f32], dst: &mut [u16]) {
 
 /// A 3×3 convolution (stride 1, padding 1) in f32 on AVX-512, the weight packed at load in
 /// panels of 64 output channels, `[panel][tap][ci][64]`. The input goes into the
-/// [`PaddedGrid`] (all frames of a channel in one row); a microkernel multiplies 6 grid
-/// positions (broadcast from the grid rows at each tap's shift) by 64 output channels (4
-/// aligned vectors of the panel) over all nine taps and a slice of [`F32Conv::KC`] input
-/// channels, so the 24 accumulators stay in registers through 9·KC steps.
+/// [`PaddedGrid`] (all frames of a channel in one row); a microkernel multiplies 6 output
+/// pixels (broadcast from the grid row at each tap's shift; any 6, so only valid pixels are
+/// computed) by 64 output channels (4 aligned vectors of the panel) over all nine taps and a
+/// slice of [`F32Conv::KC`] input channels, so the 24 accumulators stay in registers through
+/// 9·KC steps.
 #[derive(Clone)]
 pub struct F32Conv {
     packed: Vec<Lanes>,
@@ -280,11 +282,6 @@ impl std::fmt::Debug for F32Conv {
         write!(f, "F32Conv[{}, {}, 3, 3]", self.co, self.c)
     }
 }
-
-/// 16 f32, 64-byte aligned (the packed weight: each panel row one aligned vector per 16).
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Lanes([f32; 16]);
 
 impl F32Conv {
     /// Output channels per panel (4 vectors).

@@ -6,10 +6,11 @@
 //! gate) is applied while a block of the result is in registers or L1, and every output element
 //! is written once.
 //!
-//! Blocking: a task owns a block of up to [`ROWS`] rows of `x`; it walks the depth in slices of
-//! [`KC`] (the task's rows × KC stay in L2 for all panels), and within a slice each panel's
-//! KC × 64 weights (32 KB) stay in L1 while the microkernel runs over the rows, [`MR`] at a time:
-//! 6 rows × 4 vectors = 24 accumulators, each weight vector loaded once per 6 FMAs.
+//! Blocking: a task owns a block of up to [`ROWS`] rows of `x`, packed in tiles of [`MR`] rows
+//! (`[k][6]`, so the microkernel's broadcasts read one stream). It makes its outputs a pass of
+//! panels at a time (the pass's results, ≤ [`C_BLOCK`] bytes, stay in L2) and walks the depth in
+//! slices of [`KC`]: each panel's KC × 64 weights (32 KB) stay in L1 while the microkernel runs
+//! over the rows, 6 rows × 4 vectors = 24 accumulators, each weight vector loaded once per 6 FMAs.
 
 use super::SendPtr;
 use candle_core::{DType, Result, Tensor};
@@ -38,11 +39,11 @@ pub fn available() -> bool {
     }
 }
 
-/// 16 f32, 64-byte aligned: the packed weight is a vector of these so every panel row is one
+/// 16 f32, 64-byte aligned: packed weights are vectors of these so every panel row is one
 /// aligned cache line per vector.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-struct Lanes([f32; 16]);
+pub(crate) struct Lanes(pub(crate) [f32; 16]);
 
 /// A weight `[n, k]` (a linear layer's `[out, in]`, n a multiple of 64) packed in panels of 64
 /// outputs, `packed[(panel·k + kk)·64 + j] = w[panel·64 + j][kk]`, and the bias in f32.
