@@ -71,9 +71,10 @@ pub struct Bf16Matrix {
     k: usize,
 }
 
-/// What a product does with each 32×32 block of its result while the block is in L1.
+/// What a product does with each block of its result while the block is in cache (here and in
+/// [`super::f32_matrix`]).
 #[derive(Clone, Copy, PartialEq)]
-enum Epilogue {
+pub(crate) enum Epilogue {
     /// `y = x·wᵀ + bias`.
     Bias,
     /// `[a, g] = x·wᵀ + bias` split in halves; `y = a · GELU_erf(g)` (n/2 columns).

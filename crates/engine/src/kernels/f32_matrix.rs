@@ -12,6 +12,7 @@
 //! slices of [`KC`]: each panel's KC × 64 weights (32 KB) stay in L1 while the microkernel runs
 //! over the rows, 6 rows × 4 vectors = 24 accumulators, each weight vector loaded once per 6 FMAs.
 
+use super::amx::Epilogue;
 use super::SendPtr;
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
@@ -60,15 +61,6 @@ impl std::fmt::Debug for F32Matrix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "F32Matrix[{}, {}]", self.n, self.k)
     }
-}
-
-/// What the product does with its result.
-#[derive(Clone, Copy, PartialEq)]
-enum Epilogue {
-    /// `y = x·wᵀ + bias`.
-    Bias,
-    /// `[a, g] = x·wᵀ + bias` split in halves; `y = a · GELU_erf(g)` (n/2 columns).
-    Geglu,
 }
 
 impl F32Matrix {
