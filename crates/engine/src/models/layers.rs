@@ -117,9 +117,9 @@ pub fn conv2d(
     candle_nn::conv2d(in_c, out_c, kernel, cfg, vb).map(Conv2d)
 }
 
-/// 3×3 convolution, stride 1, padding 1, with bias (every such conv of the UNet and VAE), on
-/// our shifted-GEMM kernel, in int8 when the weights are quantized and the CPU has VNNI, or
-/// with bf16 products on AMX.
+/// 3×3 convolution, stride 1, padding 1, with bias (every such conv of the UNet and VAE): in
+/// f32 on our AVX-512 kernel, in int8 when the weights are quantized and the CPU has VNNI, with
+/// bf16 products on AMX, or on the shifted-GEMM kernel (other CPUs, CUDA).
 #[derive(Debug, Clone)]
 pub enum Conv3x3 {
     /// The weight taps first, `(9, co, ci)`, as the shifted GEMMs read it (rearranged once, at load).
