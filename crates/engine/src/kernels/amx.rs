@@ -88,13 +88,7 @@ impl Bf16Matrix {
         if !n.is_multiple_of(BLOCK) || !k.is_multiple_of(BLOCK) {
             candle_core::bail!("bf16 AMX matrix: [{n}, {k}] is not a multiple of {BLOCK} on both sides");
         }
-        let bias = match bias {
-            Some(b) => b.to_dtype(DType::F32)?.to_vec1::<f32>()?,
-            None => vec![0.0; n],
-        };
-        if bias.len() != n {
-            candle_core::bail!("bf16 AMX matrix: bias of the wrong length for {n} outputs");
-        }
+        let bias = super::bias_f32(bias, n, "bf16 AMX matrix")?;
         let w = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let mut packed = lines(n * k);
         b_tiles(&w, k, n, k, as_u16_mut(&mut packed));

@@ -361,6 +361,15 @@ impl F32Conv {
                 let p1 = (p0 + panels_per_task).min(panels);
                 // Results as [pixel][channel of the block].
                 let acc_rs = (p1 - p0) * Self::PANEL;
+                // Each tile's pixels: grid position of the first, offsets of all (the last one
+                // repeated in a short tile), found once for every pass below.
+                let tiles: Vec<(usize, usize, [usize; Self::POS])> = (0..count)
+                    .step_by(Self::POS)
+                    .map(|t| {
+                        let (rows, first) = (Self::POS.min(count - t), grid.position(v0 + t));
+                        (rows, first, std::array::from_fn(|r| grid.position(v0 + t + r.min(rows - 1)) - first))
+                    })
+                    .collect();
                 // SAFETY: reads stay within `padded` (every tap of every pixel reads inside its
                 // grid row) and `packed`; AVX-512F is available (`supports`). The task writes the
                 // outputs of its own pixels and channels, which no other task writes.
@@ -370,12 +379,9 @@ impl F32Conv {
                         for p in p0..p1 {
                             let w = (self.packed.as_ptr() as *const f32).add((p * 9 * c + c0) * Self::PANEL);
                             let out = acc.as_mut_ptr().add((p - p0) * Self::PANEL);
-                            for t in (0..count).step_by(Self::POS) {
-                                let rows = Self::POS.min(count - t);
-                                let first = grid.position(v0 + t);
-                                let offsets: [usize; Self::POS] = std::array::from_fn(|r| grid.position(v0 + t + r.min(rows - 1)) - first);
+                            for (i, (rows, first, offsets)) in tiles.iter().enumerate() {
                                 let a = padded.as_ptr().add(c0 * len + first);
-                                conv_tile(rows, a, &offsets, len, &shifts, w, c * Self::PANEL, depth, out.add(t * acc_rs), acc_rs, c0 == 0);
+                                conv_tile(*rows, a, offsets, len, &shifts, w, c * Self::PANEL, depth, out.add(i * Self::POS * acc_rs), acc_rs, c0 == 0);
                             }
                         }
                     }

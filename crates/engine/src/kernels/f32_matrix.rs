@@ -75,13 +75,7 @@ impl F32Matrix {
         if !Self::supports(n, k) {
             candle_core::bail!("f32 matrix: [{n}, {k}] needs AVX-512 and a multiple of {PANEL} outputs");
         }
-        let bias = match bias {
-            Some(b) => b.to_dtype(DType::F32)?.to_vec1::<f32>()?,
-            None => vec![0.0; n],
-        };
-        if bias.len() != n {
-            candle_core::bail!("f32 matrix: bias of the wrong length for {n} outputs");
-        }
+        let bias = super::bias_f32(bias, n, "f32 matrix")?;
         let w = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let mut packed = vec![Lanes([0.0; 16]); n * k / 16];
         packed.par_chunks_mut(k * PANEL / 16).enumerate().for_each(|(p, panel)| {
@@ -211,10 +205,10 @@ impl F32Matrix {
                 for u in pass {
                     let col = 2 * (u - u0) * PANEL;
                     for t in 0..rows {
-                        let a = std::slice::from_raw_parts(g.scratch.add(t * g.scratch_rs + col), PANEL);
-                        let gate = std::slice::from_raw_parts(g.scratch.add(t * g.scratch_rs + col + PANEL), PANEL);
+                        // The pair (a, g) side by side is one row of the projection, 64 wide.
+                        let pair = std::slice::from_raw_parts(g.scratch.add(t * g.scratch_rs + col), 2 * PANEL);
                         let dst = std::slice::from_raw_parts_mut(out.add(t * out_rs + u * PANEL), PANEL);
-                        gate_row(a, gate, dst);
+                        crate::kernels::geglu_rows(pair, dst, PANEL);
                     }
                 }
             }
@@ -228,12 +222,6 @@ struct Geglu {
     scratch: *mut f32,
     scratch_rs: usize,
 }
-
-dispatch!(gate_row, fn(a: &[f32], g: &[f32], dst: &mut [f32]) {
-    for ((d, &a), &g) in dst.iter_mut().zip(a).zip(g) {
-        *d = a * crate::kernels::gelu_erf(g);
-    }
-});
 
 dispatch!(pack_rows, fn(x: &[f32], k: usize, dst: &mut [f32]) {
     // Rows of x in tiles of 6, each tile `[kk][6]` (a short last tile fills only its rows), so
@@ -257,12 +245,12 @@ enum Start {
     Load,
 }
 
-/// `c[r][0..64] = start + Σ_kk a[kk][0..64] · b[r][kk]` for `rows` ≤ 6 rows.
+/// `c[r][0..64] = start + Σ_kk a[kk][0..64] · b[kk][r]` for `rows` ≤ 6 rows, `b` a tile
+/// packed by [`pack_rows`] (6 values per step of the depth).
 ///
 /// # Safety
-/// AVX-512F must be available; `a` must hold depth × 64 values, `b` rows rows of depth values
-/// `b_rs` apart, `c` rows rows of 64 values `c_rs` apart.
-#[allow(clippy::too_many_arguments)]
+/// AVX-512F must be available; `a` must hold depth × 64 values, `b` depth × 6, `c` rows rows of
+/// 64 values `c_rs` apart.
 unsafe fn tile(rows: usize, a: *const f32, b: *const f32, depth: usize, c: *mut f32, c_rs: usize, start: Start) {
     match rows {
         6 => tile_n::<6>(a, b, depth, c, c_rs, start),

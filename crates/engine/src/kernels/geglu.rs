@@ -20,7 +20,7 @@ pub(crate) fn gelu_erf(g: f32) -> f32 {
     0.5 * g * (1.0 + fast_erf(g * std::f32::consts::FRAC_1_SQRT_2))
 }
 
-dispatch!(geglu_rows, fn(p: &[f32], out: &mut [f32], hidden: usize) {
+dispatch!(pub(crate) geglu_rows, fn(p: &[f32], out: &mut [f32], hidden: usize) {
     for (row, o) in p.chunks_exact(2 * hidden).zip(out.chunks_exact_mut(hidden)) {
         let (a, g) = row.split_at(hidden);
         for ((o, &a), &g) in o.iter_mut().zip(a).zip(g) {

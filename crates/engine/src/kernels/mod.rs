@@ -65,7 +65,7 @@ pub use attention::{attention, attention_chunked, attention_heads, attention_ref
 pub use flash_attention::flash_attention;
 pub use conv::{conv3x3, conv3x3_reference, conv3x3_taps, taps_first, temporal_conv, temporal_conv_reference, F32Conv};
 pub use geglu::{geglu, geglu_reference};
-pub(crate) use geglu::gelu_erf;
+pub(crate) use geglu::{gelu_erf, geglu_rows};
 pub use permute::{permute, permute_reference};
 pub use norm::{group_norm, group_norm_reference};
 pub use q8::{Q8Conv, Q8Matrix};
@@ -93,6 +93,19 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
     } else {
         e
     }
+}
+
+/// A layer's bias as f32 values for `n` outputs, zeros for a layer without one (`what` names the
+/// kernel in the error).
+pub(crate) fn bias_f32(bias: Option<&candle_core::Tensor>, n: usize, what: &str) -> Result<Vec<f32>> {
+    let bias = match bias {
+        Some(b) => b.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?,
+        None => vec![0.0; n],
+    };
+    if bias.len() != n {
+        candle_core::bail!("{what}: bias of the wrong length for {n} outputs");
+    }
+    Ok(bias)
 }
 
 /// The f32 data of a contiguous CPU input, from its start offset to its end.
