@@ -11,6 +11,7 @@
 # --no-run` lists them); the tests find the tiny-v fixture where they were built, so run this
 # from a checkout at the same path or point FIXTURES_DIR (default: fixtures) at the folders to
 # check. Logs go to $OUT (default /tmp/gpu-check); the last lines printed are the summary.
+# STEPS="name …" runs only the steps named (a short lease's budget); the default runs them all.
 set -u
 BIN=${1:?usage: gpu_check.sh BIN_DIR [FIXTURES_DIR]}
 FIX=${2:-fixtures}
@@ -21,6 +22,7 @@ summary=()
 step() { # name timeout command...
     local name=$1 limit=$2
     shift 2
+    if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then return; fi
     local t0=$SECONDS
     timeout "$limit" "$@" >"$LOGS/$name.log" 2>&1
     local rc=$?
