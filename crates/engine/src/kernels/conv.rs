@@ -385,16 +385,24 @@ impl F32Conv {
                             }
                         }
                     }
-                    // To the output, channel-major, plus the bias: 16 channels at a time (one
-                    // cache line of the results per pixel).
+                    // To the output, channel-major, plus the bias: 16 channels at a time,
+                    // transposed in registers 16 pixels of a frame at a time, so every store
+                    // fills a cache line of one channel.
                     let o0 = p0 * Self::PANEL;
                     for ob in (0..acc_rs).step_by(16) {
                         let bias = &self.bias[o0 + ob..o0 + ob + 16];
-                        for v in v0..v0 + count {
+                        let mut v = v0;
+                        while v < v0 + count {
                             let dst = y_ptr.get().add(((v / hw) * co + o0 + ob) * hw + v % hw);
-                            let src = &acc[(v - v0) * acc_rs + ob..][..16];
-                            for (i, (&r, &b)) in src.iter().zip(bias).enumerate() {
-                                dst.add(i * hw).write(r + b);
+                            let src = acc.as_ptr().add((v - v0) * acc_rs + ob);
+                            if v % hw + 16 <= hw && v + 16 <= v0 + count {
+                                store_transposed(src, acc_rs, bias, dst, hw);
+                                v += 16;
+                            } else {
+                                for (i, &b) in bias.iter().enumerate() {
+                                    dst.add(i * hw).write(*src.add(i) + b);
+                                }
+                                v += 1;
                             }
                         }
                     }
@@ -463,6 +471,48 @@ unsafe fn conv_tile_n<const R: usize>(a: *const f32, offsets: &[usize; F32Conv::
             _mm512_storeu_ps(c.add(r * c_rs + 16 * j), *v);
         }
     }
+}
+
+/// `dst[i·plane + j] = src[j·src_rs + i] + bias[i]` for 16 pixels j × 16 channels i: a 16×16
+/// transpose in registers (unpack pairs, then pairs of pairs, then 128-bit lanes).
+///
+/// # Safety
+/// AVX-512F must be available; `src` must hold 16 rows of 16 values `src_rs` apart, `dst` 16
+/// runs of 16 values `plane` apart.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_transposed(src: *const f32, src_rs: usize, bias: &[f32], dst: *mut f32, plane: usize) {
+    use std::arch::x86_64::*;
+    let r: [__m512; 16] = std::array::from_fn(|j| _mm512_loadu_ps(src.add(j * src_rs)));
+    // t[2i], t[2i+1]: rows 2i and 2i+1 interleaved (elements 0,1 / 2,3 of each 128-bit lane).
+    let t: [__m512; 16] = std::array::from_fn(|k| {
+        let (a, b) = (r[k & !1], r[k | 1]);
+        if k % 2 == 0 { _mm512_unpacklo_ps(a, b) } else { _mm512_unpackhi_ps(a, b) }
+    });
+    // u[4i+k], lane L: column 4L+k of rows 4i..4i+4.
+    let u: [__m512; 16] = std::array::from_fn(|n| {
+        let (i, k) = (n / 4, n % 4);
+        let (a, b) = (t[4 * i + k / 2], t[4 * i + 2 + k / 2]);
+        if k % 2 == 0 { _mm512_shuffle_ps::<0x44>(a, b) } else { _mm512_shuffle_ps::<0xEE>(a, b) }
+    });
+    for k in 0..4 {
+        let (even_lo, odd_lo) = (_mm512_shuffle_f32x4::<0x88>(u[k], u[4 + k]), _mm512_shuffle_f32x4::<0xDD>(u[k], u[4 + k]));
+        let (even_hi, odd_hi) = (_mm512_shuffle_f32x4::<0x88>(u[8 + k], u[12 + k]), _mm512_shuffle_f32x4::<0xDD>(u[8 + k], u[12 + k]));
+        let columns = [
+            (k, _mm512_shuffle_f32x4::<0x88>(even_lo, even_hi)),
+            (4 + k, _mm512_shuffle_f32x4::<0x88>(odd_lo, odd_hi)),
+            (8 + k, _mm512_shuffle_f32x4::<0xDD>(even_lo, even_hi)),
+            (12 + k, _mm512_shuffle_f32x4::<0xDD>(odd_lo, odd_hi)),
+        ];
+        for (i, column) in columns {
+            _mm512_storeu_ps(dst.add(i * plane), _mm512_add_ps(column, _mm512_set1_ps(bias[i])));
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn store_transposed(_: *const f32, _: usize, _: &[f32], _: *mut f32, _: usize) {
+    unreachable!("F32Conv::supports() is false off x86-64")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
