@@ -285,9 +285,15 @@ pub(crate) fn bf16_bits(x: f32) -> u16 {
 #[repr(C, align(64))]
 pub(crate) struct Line([u16; 32]);
 
-/// A zeroed, 64-byte aligned buffer of at least `len` bf16 values.
+/// A zeroed, 64-byte aligned buffer of at least `len` bf16 values, zeroed by all threads: one
+/// thread first-touching every page of a many-megabyte buffer (the AMX convolution's input grid
+/// was one) cost a quarter of that op's time.
 pub(crate) fn lines(len: usize) -> Vec<Line> {
-    vec![Line([0; 32]); len.div_ceil(32)]
+    let mut buffer = Vec::with_capacity(len.div_ceil(32));
+    buffer.spare_capacity_mut().par_chunks_mut(1024).for_each(|part| part.fill(std::mem::MaybeUninit::new(Line([0; 32]))));
+    // SAFETY: every element was just written.
+    unsafe { buffer.set_len(buffer.capacity()) };
+    buffer
 }
 
 /// A convolution whose taps are shifts along a padded image's rows: the UNet's 3×3 convolution
@@ -372,10 +378,17 @@ impl Bf16Conv {
         let cols = grid.outputs().next_multiple_of(BLOCK);
         let shifts: Vec<usize> = (0..grid.taps()).map(|tap| grid.shift(tap)).collect();
         let plane = (cols + shifts[shifts.len() - 1]).next_multiple_of(16);
-        let mut pairs = lines(c / 2 * plane * 2);
-        as_u16_mut(&mut pairs).par_chunks_mut(2 * plane).enumerate().for_each(|(p, row)| {
+        // Not zeroed first: `fill_pairs` writes every value, the threads a plane each.
+        let mut pairs = Vec::<Line>::with_capacity(c / 2 * plane * 2 / 32);
+        let spare = pairs.spare_capacity_mut();
+        // SAFETY: `Line` is 32 u16 without padding, so its uninitialised slots are as many u16's.
+        let values = unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<std::mem::MaybeUninit<u16>>(), spare.len() * 32) };
+        values.par_chunks_mut(2 * plane).enumerate().for_each(|(p, row)| {
             grid.fill_pairs(&src[2 * p * h * w..], &src[(2 * p + 1) * h * w..], c * h * w, row);
         });
+        // SAFETY: `plane` is a multiple of 16, so the planes cover the buffer exactly, and
+        // `fill_pairs` wrote all of each.
+        unsafe { pairs.set_len(pairs.capacity()) };
         drop(storage);
 
         let mut out: Vec<f32> = Vec::with_capacity(n * co * h * w);

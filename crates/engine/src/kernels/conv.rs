@@ -245,9 +245,12 @@ impl PaddedGrid {
     }
 
     /// Writes the rows of channels 2p and 2p+1 (`a`, `b`, frames `frame_stride` apart) as bf16
-    /// pairs, `row[2q + i]` = channel 2p+i at grid position q (`2·len` values).
-    pub fn fill_pairs(&self, a: &[f32], b: &[f32], frame_stride: usize, row: &mut [u16]) {
-        row.fill(0);
+    /// pairs, `row[2q + i]` = channel 2p+i at grid position q (every value of `row`, at least
+    /// `2·len`).
+    pub fn fill_pairs(&self, a: &[f32], b: &[f32], frame_stride: usize, row: &mut [std::mem::MaybeUninit<u16>]) {
+        row.fill(std::mem::MaybeUninit::new(0));
+        // SAFETY: every value was just written.
+        let row = unsafe { &mut *(row as *mut [std::mem::MaybeUninit<u16>] as *mut [u16]) };
         for (at, f, off) in self.runs() {
             let (a, b) = (&a[f * frame_stride + off..][..self.w], &b[f * frame_stride + off..][..self.w]);
             interleave_bf16(a, b, &mut row[2 * at..2 * (at + self.w)]);
