@@ -130,7 +130,7 @@ impl Bf16Matrix {
         let n = self.n;
         let n_out = if epilogue == Epilogue::Geglu { n / 2 } else { n };
         // Every element is written exactly once below (rows ≥ m of the last block are dropped).
-        let mut out: Vec<f32> = Vec::with_capacity(m * n_out);
+        let mut out: Vec<f32> = super::output_buffer(m * n_out);
         let out_ptr = SendPtr(out.spare_capacity_mut().as_mut_ptr());
         let tasks = m.div_ceil(ROWS_PER_TASK);
         let kblocks = k / BLOCK;
@@ -379,7 +379,7 @@ impl Bf16Conv {
         let shifts: Vec<usize> = (0..grid.taps()).map(|tap| grid.shift(tap)).collect();
         let plane = (cols + shifts[shifts.len() - 1]).next_multiple_of(16);
         // Not zeroed first: `fill_pairs` writes every value, the threads a plane each.
-        let mut pairs = Vec::<Line>::with_capacity(c / 2 * plane * 2 / 32);
+        let mut pairs = super::output_buffer::<Line>(c / 2 * plane * 2 / 32);
         let spare = pairs.spare_capacity_mut();
         // SAFETY: `Line` is 32 u16 without padding, so its uninitialised slots are as many u16's.
         let values = unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<std::mem::MaybeUninit<u16>>(), spare.len() * 32) };
@@ -391,7 +391,7 @@ impl Bf16Conv {
         unsafe { pairs.set_len(pairs.capacity()) };
         drop(storage);
 
-        let mut out: Vec<f32> = Vec::with_capacity(n * co * h * w);
+        let mut out: Vec<f32> = super::output_buffer(n * co * h * w);
         let out_ptr = SendPtr(out.spare_capacity_mut().as_mut_ptr());
         // Positions per task: its f32 results (co × positions) stay within a quarter of L2.
         let chunk = (512 * 1024 / 4 / co / BLOCK * BLOCK).clamp(BLOCK, 512);

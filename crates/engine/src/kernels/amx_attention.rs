@@ -52,7 +52,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
         pack_values(&vx[bi * n * vw + h * dv..], vw, n, dv, vd);
     });
 
-    let mut out: Vec<f32> = Vec::with_capacity(b * m * vw);
+    let mut out: Vec<f32> = super::output_buffer(b * m * vw);
     let out_ptr = SendPtr(out.spare_capacity_mut().as_mut_ptr());
     let blocks = m.div_ceil(QUERY_ROWS);
     let (keys, values) = (as_u16(&keys), as_u16(&values));

@@ -114,7 +114,7 @@ impl CustomOp3 for Conv3x3 {
         let len = grid.len();
         // Every frame of every channel in one zero-padded row, so a tap is one shifted view
         // across all frames: GEMMs as wide as the whole batch even where frames are 4×4.
-        let mut padded = Vec::<f32>::with_capacity(c * len);
+        let mut padded = super::output_buffer::<f32>(c * len);
         padded.spare_capacity_mut().par_chunks_mut(len).enumerate().for_each(|(ci, row)| {
             grid.fill(&x[ci * h * wd..], c * h * wd, row);
         });
@@ -132,7 +132,7 @@ impl CustomOp3 for Conv3x3 {
         let co_block = co.div_ceil(co_blocks).next_multiple_of(16).min(co);
         let co_blocks = co.div_ceil(co_block);
 
-        let mut y = Vec::<f32>::with_capacity(n * co * h * wd);
+        let mut y = super::output_buffer::<f32>(n * co * h * wd);
         let y_ptr = SendPtr(y.as_mut_ptr());
         (0..chunks * co_blocks).into_par_iter().for_each_init(
             || vec![0f32; co_block * chunk],
@@ -334,7 +334,7 @@ impl F32Conv {
         let x = &cpu.as_slice::<f32>()?[start..start + n * c * h * wd];
         let grid = PaddedGrid { n, h, w: wd, pad_x: true };
         let len = grid.len();
-        let mut padded = Vec::<f32>::with_capacity(c * len);
+        let mut padded = super::output_buffer::<f32>(c * len);
         padded.spare_capacity_mut().par_chunks_mut(len).enumerate().for_each(|(ci, row)| {
             grid.fill(&x[ci * h * wd..], c * h * wd, row);
         });
@@ -354,7 +354,7 @@ impl F32Conv {
         let blocks = panels.div_ceil(panels_per_task);
         let shifts: [usize; 9] = std::array::from_fn(|tap| grid.shift(tap));
 
-        let mut y = Vec::<f32>::with_capacity(n * co * hw);
+        let mut y = super::output_buffer::<f32>(n * co * hw);
         let y_ptr = SendPtr(y.as_mut_ptr());
         (0..chunks * blocks).into_par_iter().for_each_init(
             || vec![0f32; chunk * panels_per_task * Self::PANEL],

@@ -130,7 +130,7 @@ impl F32Matrix {
         let per_group = units.div_ceil(groups);
         let groups = units.div_ceil(per_group);
 
-        let mut out: Vec<f32> = Vec::with_capacity(m * n_out);
+        let mut out: Vec<f32> = super::output_buffer(m * n_out);
         let out_ptr = SendPtr(out.spare_capacity_mut().as_mut_ptr());
         // Units per pass over the depth: the block of results they make (rows × their columns)
         // stays in L2 while each slice of the depth adds to it.
