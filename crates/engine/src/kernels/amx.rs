@@ -180,9 +180,51 @@ impl Bf16Matrix {
     }
 }
 
-dispatch!(pub(crate) a_tiles, fn(src: &[f32], stride: usize, rows: usize, k: usize, dst: &mut [u16]) {
-    // The A operand: `rows` rows of k f32 (`stride` apart) → bf16 tiles of 16 rows × 32 values,
-    // `dst[(r/16·k/32 + kb)·512 + r%16·32 + k%32]`; the rows of `dst` past `rows` are zero.
+/// The A operand: `rows` rows of k f32 (`stride` apart) → bf16 tiles of 16 rows × 32 values,
+/// `dst[(r/16·k/32 + kb)·512 + r%16·32 + k%32]`; the rows of `dst` past `rows` are zero.
+pub(crate) fn a_tiles(src: &[f32], stride: usize, rows: usize, k: usize, dst: &mut [u16]) {
+    #[cfg(target_arch = "x86_64")]
+    if bf16_conversion() {
+        // SAFETY: the features were just detected.
+        return unsafe { a_tiles_bf16(src, stride, rows, k, dst) };
+    }
+    a_tiles_rounded(src, stride, rows, k, dst)
+}
+
+/// Whether this CPU converts f32 to bf16 in one instruction (AVX512-BF16, with the AVX-512
+/// subsets its users need). Every CPU with AMX has it.
+pub(crate) fn bf16_conversion() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") && std::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// [`a_tiles`] with AVX512-BF16's conversion (round to nearest even, as [`bf16_bits`]): 32 values
+/// per instruction. LLVM vectorised the plain loop across rows instead, into gathers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn a_tiles_bf16(src: &[f32], stride: usize, rows: usize, k: usize, dst: &mut [u16]) {
+    use std::arch::x86_64::*;
+    let kblocks = k / 32;
+    for r in 0..dst.len() / k {
+        for kb in 0..kblocks {
+            let at = ((r / 16) * kblocks + kb) * 512 + (r % 16) * 32;
+            let d32 = &mut dst[at..at + 32];
+            if r < rows {
+                let s = &src[r * stride + kb * 32..r * stride + kb * 32 + 32];
+                let v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(s.as_ptr().add(16)), _mm512_loadu_ps(s.as_ptr()));
+                _mm512_storeu_si512(d32.as_mut_ptr().cast(), std::mem::transmute::<__m512bh, __m512i>(v));
+            } else {
+                d32.fill(0);
+            }
+        }
+    }
+}
+
+dispatch!(a_tiles_rounded, fn(src: &[f32], stride: usize, rows: usize, k: usize, dst: &mut [u16]) {
     let kblocks = k / 32;
     for r in 0..dst.len() / k {
         for kb in 0..kblocks {
