@@ -347,16 +347,17 @@ pub(crate) fn lines(len: usize) -> Vec<Line> {
 /// A convolution whose taps are shifts along a padded image's rows: the UNet's 3×3 convolution
 /// (stride 1, padding 1) and its temporal (3,1,1) one, bf16 products on AMX, f32 in and out.
 ///
-/// The input goes into the [`PaddedGrid`](super::conv::PaddedGrid) (all frames of a channel in
-/// one zero-padded row) in bf16, two channels interleaved per row (`[c/2][position][2]`, the
-/// pairs `tdpbf16ps` multiplies), so a tile of 16 channel pairs × 16 positions is 16 runs of 64
-/// bytes, and tap `(dy, dx)` is the same tile shifted along the row. The weights are the other
-/// operand (16 output channels × 32 input channels per tile), so the products come out channel
-/// major, as the output is laid out: no transposes on either side.
+/// The input goes into the [`PaddedGrid`](super::conv::PaddedGrid) (all frames in one
+/// zero-padded run of positions) channels last in blocks of 32 channels (`[c/32][position][32]`
+/// bf16), so a tile of 16 positions × 32 channels is 1 KB of contiguous, aligned memory, and tap
+/// `(dy, dx)` is the same tile shifted by whole 64-byte rows. (Channel-major planes made every
+/// shifted tile row straddle two cache lines in 16 different pages: a quarter of the op's time.)
+/// The weights are the other operand (32 input × 16 output channels per tile); each 32 × 32
+/// result block is transposed in registers to the channel-major output, plus the bias.
 #[derive(Debug, Clone)]
 pub struct Bf16Conv {
-    /// Per 32 output channels, tap and 32 input channels: two tiles of 16 output channels × 32
-    /// input channels (1 KB each).
+    /// Per 16 output channels, tap and 32 input channels: one tile of 16 input pairs × 16
+    /// output channels × 2 (1 KB).
     packed: Vec<Line>,
     bias: Vec<f32>,
     co: usize,
@@ -398,8 +399,8 @@ impl Bf16Conv {
         for o in 0..co {
             for ci in 0..c {
                 for tap in 0..taps {
-                    let tile = ((o / 32 * taps + tap) * kblocks + ci / 32) * 2 + (o % 32) / 16;
-                    flat[tile * 512 + (o % 16) * 32 + ci % 32] = bf16_bits(w[(o * c + ci) * taps + tap]);
+                    let tile = ((o / 16) * taps + tap) * kblocks + ci / 32;
+                    flat[tile * 512 + (ci % 32) / 2 * 32 + (o % 16) * 2 + ci % 2] = bf16_bits(w[(o * c + ci) * taps + tap]);
                 }
             }
         }
@@ -408,8 +409,8 @@ impl Bf16Conv {
 
     /// `x (n, c, h, w)` f32 on the CPU (for the temporal conv: `(b, c, t, h·w)`) → `(n, co, h, w)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if !available() {
-            candle_core::bail!("bf16 AMX conv: this CPU or OS offers no AMX");
+        if !available() || !bf16_conversion() {
+            candle_core::bail!("bf16 AMX conv: this CPU or OS offers no AMX (or no AVX512-BF16)");
         }
         let (n, c, h, w) = x.dims4()?;
         if c != self.c || !x.device().is_cpu() || x.dtype() != DType::F32 {
@@ -421,62 +422,139 @@ impl Bf16Conv {
         let src = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + n * c * h * w];
         let co = self.co;
         let grid = PaddedGrid { n, h, w, pad_x: self.kw == 3 };
-        // Output positions in whole 32-position blocks; each pair plane covers the taps of the
-        // last block and is a whole number of cache lines.
+        // Output positions in whole 32-position blocks; each channel block's plane covers the
+        // taps of the last block.
         let cols = grid.outputs().next_multiple_of(BLOCK);
         let shifts: Vec<usize> = (0..grid.taps()).map(|tap| grid.shift(tap)).collect();
-        let plane = (cols + shifts[shifts.len() - 1]).next_multiple_of(16);
-        // Not zeroed first: `fill_pairs` writes every value, the threads a plane each.
-        let mut pairs = super::output_buffer::<Line>(c / 2 * plane * 2 / 32);
-        let spare = pairs.spare_capacity_mut();
-        // SAFETY: `Line` is 32 u16 without padding, so its uninitialised slots are as many u16's.
-        let values = unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<std::mem::MaybeUninit<u16>>(), spare.len() * 32) };
-        values.par_chunks_mut(2 * plane).enumerate().for_each(|(p, row)| {
-            grid.fill_pairs(&src[2 * p * h * w..], &src[(2 * p + 1) * h * w..], c * h * w, row);
+        let plane = cols + shifts[shifts.len() - 1];
+        let kblocks = c / BLOCK;
+        // One line (32 bf16 channels) per position; `fill_channels_last` writes every line.
+        let mut grid_lines = super::output_buffer::<Line>(kblocks * plane);
+        grid_lines.spare_capacity_mut().par_chunks_mut(plane).enumerate().for_each(|(kb, lines)| {
+            // SAFETY: AVX-512F, BW and BF16 are available (checked above).
+            unsafe { fill_channels_last(&grid, &src[kb * BLOCK * h * w..], h * w, c * h * w, lines) };
         });
-        // SAFETY: `plane` is a multiple of 16, so the planes cover the buffer exactly, and
-        // `fill_pairs` wrote all of each.
-        unsafe { pairs.set_len(pairs.capacity()) };
+        // SAFETY: every plane was written in full above.
+        unsafe { grid_lines.set_len(kblocks * plane) };
         drop(storage);
 
         let mut out: Vec<f32> = super::output_buffer(n * co * h * w);
         let out_ptr = SendPtr(out.spare_capacity_mut().as_mut_ptr());
-        // Positions per task: its f32 results (co × positions) stay within a quarter of L2.
+        // Positions per task: the span of positions whose weight reads one pass serves.
         let chunk = (512 * 1024 / 4 / co / BLOCK * BLOCK).clamp(BLOCK, 512);
         let chunks = cols.div_ceil(chunk);
-        let pairs = as_u16(&pairs);
-        let (pitch, outputs) = (grid.pitch(), grid.outputs());
-        (0..chunks).into_par_iter().for_each_init(
-            || vec![0f32; chunk * co],
-            |acc, task| {
-                let q0 = task * chunk;
-                let rows = chunk.min(cols - q0);
-                // SAFETY: every pair plane holds `plane` ≥ q0 + rows + the last shift positions;
-                // `packed` holds co/32 × taps × c/32 tile pairs; `acc` co × rows.
-                unsafe { conv_tiles(pairs.as_ptr().add(2 * q0), plane, c, &shifts, as_u16(&self.packed).as_ptr(), co, rows, acc.as_mut_ptr()) };
-                // Each image row's run of valid positions to the output planes (+ bias).
-                let last = (q0 + rows).min(outputs);
-                for r in q0 / pitch..last.div_ceil(pitch) {
-                    let (f, y) = (r / (h + 1), r % (h + 1));
-                    let (qa, qb) = ((r * pitch).max(q0), (r * pitch + w).min(last));
-                    if y == h || qa >= qb {
-                        continue;
-                    }
-                    for (o, &b) in self.bias.iter().enumerate() {
-                        // SAFETY: output row y of frame f, columns qa−r·pitch.. of channel o come
-                        // from positions qa..qb, which only this task computes.
-                        let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(((f * co + o) * h + y) * w + qa - r * pitch), qb - qa) };
-                        for (d, &v) in dst.iter_mut().zip(&acc[o * rows + qa - q0..o * rows + qb - q0]) {
-                            d.write(v + b);
-                        }
-                    }
-                }
-            },
-        );
+        let grid_bf16 = as_u16(&grid_lines);
+        (0..chunks).into_par_iter().for_each(|task| {
+            let q0 = task * chunk;
+            let rows = chunk.min(cols - q0);
+            let finish = |ob: usize, m0: usize, block: &[f32]| {
+                // SAFETY: AVX-512F is available (checked above); the block's valid positions
+                // are output pixels of this task alone.
+                unsafe { store_block_channel_major(&grid, q0 + m0, block, &self.bias[ob * BLOCK..(ob + 1) * BLOCK], out_ptr.get().add(ob * BLOCK * h * w), co) };
+            };
+            // SAFETY: every plane holds `plane` ≥ q0 + rows + the last shift positions;
+            // `packed` holds co/16 × taps × c/32 tiles.
+            unsafe { conv_tiles(grid_bf16.as_ptr().add(q0 * 32), plane, kblocks, &shifts, as_u16(&self.packed).as_ptr(), co, rows, finish) };
+        });
         // SAFETY: the tasks initialised every output pixel of every channel.
         unsafe { out.set_len(n * co * h * w) };
         Tensor::from_vec(out, (n, co, h, w), x.device())
     }
+}
+
+/// Writes one plane of the channels-last grid: `lines[g]` = the 32 channels of `x` (channel
+/// `i` at `x[i·channel_stride ..]`, frame f at `f·frame_stride`) at grid position `g` as bf16,
+/// zero lines for the padding.
+///
+/// # Safety
+/// AVX-512F and AVX512-BF16 must be available; `x` must hold 32 channels of every frame.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn fill_channels_last(grid: &PaddedGrid, x: &[f32], channel_stride: usize, frame_stride: usize, lines: &mut [MaybeUninit<Line>]) {
+    use std::arch::x86_64::*;
+    let zero = |lines: &mut [MaybeUninit<Line>]| lines.fill(MaybeUninit::new(Line([0; 32])));
+    let mut at = 0;
+    for (start, f, off) in grid.runs() {
+        zero(&mut lines[at..start]);
+        let base = x.as_ptr().add(f * frame_stride + off);
+        for x0 in (0..grid.w).step_by(16) {
+            let count = 16.min(grid.w - x0);
+            let mask: __mmask16 = (1u32 << count).wrapping_sub(1) as u16;
+            let load = |ch: usize| _mm512_maskz_loadu_ps(mask, base.add(ch * channel_stride + x0));
+            let low = super::conv::transpose16(&std::array::from_fn(load));
+            let high = super::conv::transpose16(&std::array::from_fn(|ch| load(16 + ch)));
+            for p in 0..count {
+                let line = _mm512_cvtne2ps_pbh(high[p], low[p]);
+                _mm512_storeu_si512(lines[start + x0 + p].as_mut_ptr().cast(), std::mem::transmute::<__m512bh, __m512i>(line));
+            }
+        }
+        at = start + grid.w;
+    }
+    zero(&mut lines[at..]);
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn fill_channels_last(_: &PaddedGrid, _: &[f32], _: usize, _: usize, _: &mut [MaybeUninit<Line>]) {
+    unreachable!("available() is false off x86-64")
+}
+
+/// Writes a result block (`block[q·32 + o]`: 32 positions from grid position `first` × 32
+/// output channels) to the channel-major output `out` (channel o at `out + o·h·w`, frames
+/// `co·h·w` apart) plus `bias`, 16 × 16 at a time through a transpose in registers; each image
+/// row's run of valid positions is one masked store per channel.
+///
+/// # Safety
+/// AVX-512F must be available; `out` must hold the 32 channels of every frame.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_block_channel_major(grid: &PaddedGrid, first: usize, block: &[f32], bias: &[f32], out: *mut MaybeUninit<f32>, co: usize) {
+    use std::arch::x86_64::*;
+    let (pitch, hw, outputs) = (grid.pitch(), grid.h * grid.w, grid.outputs());
+    for half in 0..2 {
+        let q0 = first + 16 * half;
+        // Runs of valid positions among these 16: (first index, mask, output offset of index 0).
+        let mut runs = [(0usize, 0u16, 0usize); 16];
+        let mut count = 0;
+        let mut i = 0;
+        while i < 16 && q0 + i < outputs {
+            let q = q0 + i;
+            let (r, x) = (q / pitch, q % pitch);
+            let (f, y) = (r / (grid.h + 1), r % (grid.h + 1));
+            if y == grid.h || x >= grid.w {
+                i += 1;
+                continue;
+            }
+            let len = (grid.w - x).min(16 - i).min(outputs - q);
+            let mask = (((1u32 << len) - 1) << i) as u16;
+            // Index i lands on pixel (f, y, x): index 0 sits i floats before it.
+            runs[count] = (i, mask, f * co * hw + y * grid.w + x);
+            count += 1;
+            i += len;
+        }
+        if count == 0 {
+            continue;
+        }
+        for part in 0..2 {
+            let rows = transpose16(&std::array::from_fn(|p| _mm512_loadu_ps(block.as_ptr().add((16 * half + p) * BLOCK + 16 * part))));
+            for (j, row) in rows.into_iter().enumerate() {
+                let o = 16 * part + j;
+                let v = _mm512_add_ps(row, _mm512_set1_ps(bias[o]));
+                for &(i, mask, offset) in &runs[..count] {
+                    // Masked: only lanes i.. of the run are written, each to its own pixel.
+                    let base = out.add(o * hw + offset).cast::<f32>().wrapping_sub(i);
+                    _mm512_mask_storeu_ps(base, mask, v);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+use super::conv::transpose16;
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn store_block_channel_major(_: &PaddedGrid, _: usize, _: &[f32], _: &[f32], _: *mut MaybeUninit<f32>, _: usize) {
+    unreachable!("available() is false off x86-64")
 }
 
 pub(crate) fn as_u16(l: &[Line]) -> &[u16] {
@@ -489,53 +567,55 @@ pub(crate) fn as_u16_mut(l: &mut [Line]) -> &mut [u16] {
     unsafe { std::slice::from_raw_parts_mut(l.as_mut_ptr().cast::<u16>(), l.len() * 32) }
 }
 
-/// `acc[o][q] (co × rows f32) = Σ_tap Σ_ci w_tap[o][ci] · x[ci][q + shift_tap]` for the
-/// pair planes `x` (`[c/2][plane][2]` bf16, from the task's first position) and `packed` as in
-/// [`Bf16Conv`]; rows a multiple of 32.
+/// The products of [`Bf16Conv`] for `rows` output positions (a multiple of 32) from `x`, the
+/// channels-last grid at the task's first position (`kblocks` planes of `plane` lines): each
+/// block of 32 output channels (`ob`) × 32 positions (from `m0`) goes to `finish(ob, m0,
+/// block)` as `block[q % 32 · 32 + o % 32]` while it is in L1.
 ///
 /// # Safety
 /// AMX must be [`available`]; every plane must hold rows + the last shift positions from `x`;
-/// `packed` co·c·taps values; `acc` co × rows.
+/// `packed` co/16 × taps × kblocks tiles.
 #[cfg(target_arch = "x86_64")]
 #[inline(never)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn conv_tiles(x: *const u16, plane: usize, c: usize, shifts: &[usize], packed: *const u16, co: usize, rows: usize, acc: *mut f32) {
+unsafe fn conv_tiles(x: *const u16, plane: usize, kblocks: usize, shifts: &[usize], packed: *const u16, co: usize, rows: usize, mut finish: impl FnMut(usize, usize, &[f32])) {
     use std::arch::asm;
     configure_tiles();
-    let (taps, kblocks) = (shifts.len(), c / BLOCK);
-    // Bytes between tile rows: packed weights 64, pair planes one plane, results one row.
-    let (stride_w, stride_x, stride_c) = (64usize, plane * 4, rows * 4);
+    let taps = shifts.len();
+    #[repr(C, align(64))]
+    struct Block([f32; BLOCK * BLOCK]);
+    let mut block = Block([0.0; BLOCK * BLOCK]);
     for ob in 0..co / BLOCK {
-        let w_block = packed.add(ob * taps * kblocks * 1024);
+        let (w0, w1) = (packed.add(2 * ob * taps * kblocks * 512), packed.add((2 * ob + 1) * taps * kblocks * 512));
         for m0 in (0..rows).step_by(BLOCK) {
             asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack));
             for kb in 0..kblocks {
                 // The taps of one channel block read overlapping runs: they stay in L1.
-                let xk = x.add(kb * 16 * plane * 2 + m0 * 2);
+                let xk = x.add((kb * plane + m0) * 32);
                 for (tap, &shift) in shifts.iter().enumerate() {
-                    let w0 = w_block.add((tap * kblocks + kb) * 1024);
-                    let x0 = xk.add(shift * 2);
+                    let wt = (tap * kblocks + kb) * 512;
+                    let a0 = xk.add(shift * 32);
                     asm!(
-                        "tileloadd tmm4, [{w0} + {sw}*1]",
-                        "tileloadd tmm5, [{w1} + {sw}*1]",
-                        "tileloadd tmm6, [{x0} + {sx}*1]",
-                        "tileloadd tmm7, [{x1} + {sx}*1]",
+                        "tileloadd tmm4, [{a0} + {s}*1]",
+                        "tileloadd tmm5, [{a1} + {s}*1]",
+                        "tileloadd tmm6, [{b0} + {s}*1]",
+                        "tileloadd tmm7, [{b1} + {s}*1]",
                         "tdpbf16ps tmm0, tmm4, tmm6",
                         "tdpbf16ps tmm1, tmm4, tmm7",
                         "tdpbf16ps tmm2, tmm5, tmm6",
                         "tdpbf16ps tmm3, tmm5, tmm7",
-                        w0 = in(reg) w0,
-                        w1 = in(reg) w0.add(512),
-                        x0 = in(reg) x0,
-                        x1 = in(reg) x0.add(32),
-                        sw = in(reg) stride_w,
-                        sx = in(reg) stride_x,
+                        a0 = in(reg) a0,
+                        a1 = in(reg) a0.add(16 * 32),
+                        b0 = in(reg) w0.add(wt),
+                        b1 = in(reg) w1.add(wt),
+                        s = in(reg) 64usize,
                         options(nostack)
                     );
                 }
             }
-            // Rows of the result block are output channels, columns positions.
-            store_block(acc.add(ob * BLOCK * rows + m0), rows, stride_c);
+            // Rows of the result block are positions, columns output channels.
+            store_block(block.0.as_mut_ptr(), BLOCK, BLOCK * 4);
+            finish(ob, m0, &block.0);
         }
     }
     asm!("tilerelease", options(nostack));
@@ -543,7 +623,7 @@ unsafe fn conv_tiles(x: *const u16, plane: usize, c: usize, shifts: &[usize], pa
 
 #[cfg(not(target_arch = "x86_64"))]
 #[allow(clippy::too_many_arguments)]
-unsafe fn conv_tiles(_: *const u16, _: usize, _: usize, _: &[usize], _: *const u16, _: usize, _: usize, _: *mut f32) {
+unsafe fn conv_tiles(_: *const u16, _: usize, _: usize, _: &[usize], _: *const u16, _: usize, _: usize, _: impl FnMut(usize, usize, &[f32])) {
     unreachable!("available() is false off x86-64")
 }
 

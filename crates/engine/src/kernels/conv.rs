@@ -181,6 +181,7 @@ impl CustomOp3 for Conv3x3 {
 /// at grid position `(f·(h+1) + y)·pitch + x`, and tap `(dy, dx)` reads the row at that
 /// position plus `dy·pitch + dx`; positions with `x = w` or `y = h` are junk. The temporal conv
 /// is the case `pad_x = false` with frames = samples, rows = time steps, columns = pixels.
+/// (`amx::Bf16Conv` lays the same positions out channels last, 32 channels per position.)
 #[derive(Clone, Copy)]
 pub(crate) struct PaddedGrid {
     pub n: usize,
@@ -230,7 +231,7 @@ impl PaddedGrid {
     }
 
     /// The image rows: `(grid position, frame, offset in the frame)` of each run of `w` pixels.
-    fn runs(&self) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+    pub(crate) fn runs(&self) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
         (0..self.n).flat_map(move |f| (0..self.h).map(move |y| (self.lead() + (f * (self.h + 1) + y) * self.pitch(), f, y * self.w)))
     }
 
@@ -243,27 +244,7 @@ impl PaddedGrid {
             }
         }
     }
-
-    /// Writes the rows of channels 2p and 2p+1 (`a`, `b`, frames `frame_stride` apart) as bf16
-    /// pairs, `row[2q + i]` = channel 2p+i at grid position q (every value of `row`, at least
-    /// `2·len`).
-    pub fn fill_pairs(&self, a: &[f32], b: &[f32], frame_stride: usize, row: &mut [std::mem::MaybeUninit<u16>]) {
-        row.fill(std::mem::MaybeUninit::new(0));
-        // SAFETY: every value was just written.
-        let row = unsafe { &mut *(row as *mut [std::mem::MaybeUninit<u16>] as *mut [u16]) };
-        for (at, f, off) in self.runs() {
-            let (a, b) = (&a[f * frame_stride + off..][..self.w], &b[f * frame_stride + off..][..self.w]);
-            interleave_bf16(a, b, &mut row[2 * at..2 * (at + self.w)]);
-        }
-    }
 }
-
-dispatch!(interleave_bf16, fn(a: &[f32], b: &[f32], dst: &mut [u16]) {
-    for ((d, &a), &b) in dst.chunks_exact_mut(2).zip(a).zip(b) {
-        d[0] = super::amx::bf16_bits(a);
-        d[1] = super::amx::bf16_bits(b);
-    }
-});
 
 /// A 3×3 convolution (stride 1, padding 1) in f32 on AVX-512, the weight packed at load in
 /// panels of 64 output channels, `[panel][tap][ci][64]`. The input goes into the
@@ -476,8 +457,8 @@ unsafe fn conv_tile_n<const R: usize>(a: *const f32, offsets: &[usize; F32Conv::
     }
 }
 
-/// `dst[i·plane + j] = src[j·src_rs + i] + bias[i]` for 16 pixels j × 16 channels i: a 16×16
-/// transpose in registers (unpack pairs, then pairs of pairs, then 128-bit lanes).
+/// `dst[i·plane + j] = src[j·src_rs + i] + bias[i]` for 16 pixels j × 16 channels i, through
+/// [`transpose16`].
 ///
 /// # Safety
 /// AVX-512F must be available; `src` must hold 16 rows of 16 values `src_rs` apart, `dst` 16
@@ -486,7 +467,19 @@ unsafe fn conv_tile_n<const R: usize>(a: *const f32, offsets: &[usize; F32Conv::
 #[target_feature(enable = "avx512f")]
 unsafe fn store_transposed(src: *const f32, src_rs: usize, bias: &[f32], dst: *mut f32, plane: usize) {
     use std::arch::x86_64::*;
-    let r: [__m512; 16] = std::array::from_fn(|j| _mm512_loadu_ps(src.add(j * src_rs)));
+    let columns = transpose16(&std::array::from_fn(|j| _mm512_loadu_ps(src.add(j * src_rs))));
+    for (i, column) in columns.into_iter().enumerate() {
+        _mm512_storeu_ps(dst.add(i * plane), _mm512_add_ps(column, _mm512_set1_ps(bias[i])));
+    }
+}
+
+/// The 16×16 transpose of 16 vectors (element i of result j = element j of row i), in registers:
+/// unpack pairs, then pairs of pairs, then 128-bit lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) fn transpose16(r: &[std::arch::x86_64::__m512; 16]) -> [std::arch::x86_64::__m512; 16] {
+    use std::arch::x86_64::*;
     // t[2i], t[2i+1]: rows 2i and 2i+1 interleaved (elements 0,1 / 2,3 of each 128-bit lane).
     let t: [__m512; 16] = std::array::from_fn(|k| {
         let (a, b) = (r[k & !1], r[k | 1]);
@@ -498,19 +491,16 @@ unsafe fn store_transposed(src: *const f32, src_rs: usize, bias: &[f32], dst: *m
         let (a, b) = (t[4 * i + k / 2], t[4 * i + 2 + k / 2]);
         if k % 2 == 0 { _mm512_shuffle_ps::<0x44>(a, b) } else { _mm512_shuffle_ps::<0xEE>(a, b) }
     });
+    let mut columns = [_mm512_setzero_ps(); 16];
     for k in 0..4 {
         let (even_lo, odd_lo) = (_mm512_shuffle_f32x4::<0x88>(u[k], u[4 + k]), _mm512_shuffle_f32x4::<0xDD>(u[k], u[4 + k]));
         let (even_hi, odd_hi) = (_mm512_shuffle_f32x4::<0x88>(u[8 + k], u[12 + k]), _mm512_shuffle_f32x4::<0xDD>(u[8 + k], u[12 + k]));
-        let columns = [
-            (k, _mm512_shuffle_f32x4::<0x88>(even_lo, even_hi)),
-            (4 + k, _mm512_shuffle_f32x4::<0x88>(odd_lo, odd_hi)),
-            (8 + k, _mm512_shuffle_f32x4::<0xDD>(even_lo, even_hi)),
-            (12 + k, _mm512_shuffle_f32x4::<0xDD>(odd_lo, odd_hi)),
-        ];
-        for (i, column) in columns {
-            _mm512_storeu_ps(dst.add(i * plane), _mm512_add_ps(column, _mm512_set1_ps(bias[i])));
-        }
+        columns[k] = _mm512_shuffle_f32x4::<0x88>(even_lo, even_hi);
+        columns[4 + k] = _mm512_shuffle_f32x4::<0x88>(odd_lo, odd_hi);
+        columns[8 + k] = _mm512_shuffle_f32x4::<0xDD>(even_lo, even_hi);
+        columns[12 + k] = _mm512_shuffle_f32x4::<0xDD>(odd_lo, odd_hi);
     }
+    columns
 }
 
 #[cfg(not(target_arch = "x86_64"))]
