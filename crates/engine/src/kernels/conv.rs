@@ -290,12 +290,14 @@ impl F32Conv {
             candle_core::bail!("f32 conv: weight {:?} / bias {:?}: needs a 3×3 conv with a multiple of 64 outputs on an AVX-512 CPU", w.dims(), bias.dims());
         }
         let w = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let mut packed = vec![Lanes([0.0; 16]); co * c * 9 / 16];
-        packed.par_chunks_mut(9 * c * Self::PANEL / 16).enumerate().for_each(|(p, panel)| {
+        // Input channels padded to whole blocks of KC (zero weights), as the input grid is.
+        let c_pad = c.next_multiple_of(Self::KC);
+        let mut packed = vec![Lanes([0.0; 16]); co * c_pad * 9 / 16];
+        packed.par_chunks_mut(9 * c_pad * Self::PANEL / 16).enumerate().for_each(|(p, panel)| {
             for (tc, lanes) in panel.chunks_exact_mut(Self::PANEL / 16).enumerate() {
-                let (tap, ci) = (tc / c, tc % c);
+                let (tap, ci) = (tc / c_pad, tc % c_pad);
                 for (j, v) in lanes.iter_mut().flat_map(|l| l.0.iter_mut()).enumerate() {
-                    *v = w[((p * Self::PANEL + j) * c + ci) * 9 + tap];
+                    *v = if ci < c { w[((p * Self::PANEL + j) * c + ci) * 9 + tap] } else { 0.0 };
                 }
             }
         });
@@ -315,13 +317,17 @@ impl F32Conv {
         let x = &cpu.as_slice::<f32>()?[start..start + n * c * h * wd];
         let grid = PaddedGrid { n, h, w: wd, pad_x: true };
         let len = grid.len();
-        let mut padded = super::output_buffer::<f32>(c * len);
-        padded.spare_capacity_mut().par_chunks_mut(len).enumerate().for_each(|(ci, row)| {
-            grid.fill(&x[ci * h * wd..], c * h * wd, row);
+        // The grid channels last in blocks of KC: `[c/KC][position][KC]`, so a pixel's KC
+        // values of one pass share a cache line (channel-major rows spread them over KC pages).
+        let c_pad = c.next_multiple_of(Self::KC);
+        let mut padded = super::output_buffer::<f32>(c_pad * len);
+        padded.spare_capacity_mut().par_chunks_mut(Self::KC * len).enumerate().for_each(|(b, block)| {
+            // SAFETY: AVX-512F is available (`supports`); channels from b·KC exist below c.
+            unsafe { fill_channels_last(&grid, &x[b * Self::KC * h * wd..], (c - b * Self::KC).min(Self::KC), h * wd, c * h * wd, block) };
         });
         drop(storage);
-        // SAFETY: `fill` wrote every element of every row.
-        unsafe { padded.set_len(c * len) };
+        // SAFETY: `fill_channels_last` wrote every element of every block.
+        unsafe { padded.set_len(c_pad * len) };
 
         // Tasks: (run of output pixels, block of panels), as many as keep both threads busy and
         // each task's results within TASK_RESULTS.
@@ -333,7 +339,8 @@ impl F32Conv {
         let chunks = pixels.div_ceil(chunk);
         let panels_per_task = (Self::TASK_RESULTS / (chunk * Self::PANEL)).clamp(1, panels.div_ceil((2 * threads).div_ceil(chunks)));
         let blocks = panels.div_ceil(panels_per_task);
-        let shifts: [usize; 9] = std::array::from_fn(|tap| grid.shift(tap));
+        // In floats of the channels-last grid.
+        let shifts: [usize; 9] = std::array::from_fn(|tap| grid.shift(tap) * Self::KC);
 
         let mut y = super::output_buffer::<f32>(n * co * hw);
         let y_ptr = SendPtr(y.as_mut_ptr());
@@ -351,21 +358,21 @@ impl F32Conv {
                     .step_by(Self::POS)
                     .map(|t| {
                         let (rows, first) = (Self::POS.min(count - t), grid.position(v0 + t));
-                        (rows, first, std::array::from_fn(|r| grid.position(v0 + t + r.min(rows - 1)) - first))
+                        (rows, first, std::array::from_fn(|r| (grid.position(v0 + t + r.min(rows - 1)) - first) * Self::KC))
                     })
                     .collect();
                 // SAFETY: reads stay within `padded` (every tap of every pixel reads inside its
                 // grid row) and `packed`; AVX-512F is available (`supports`). The task writes the
                 // outputs of its own pixels and channels, which no other task writes.
                 unsafe {
-                    for c0 in (0..c).step_by(Self::KC) {
-                        let depth = Self::KC.min(c - c0);
+                    for c0 in (0..c_pad).step_by(Self::KC) {
                         for p in p0..p1 {
-                            let w = (self.packed.as_ptr() as *const f32).add((p * 9 * c + c0) * Self::PANEL);
+                            let w = (self.packed.as_ptr() as *const f32).add((p * 9 * c_pad + c0) * Self::PANEL);
                             let out = acc.as_mut_ptr().add((p - p0) * Self::PANEL);
                             for (i, (rows, first, offsets)) in tiles.iter().enumerate() {
-                                let a = padded.as_ptr().add(c0 * len + first);
-                                conv_tile(*rows, a, offsets, len, &shifts, w, c * Self::PANEL, depth, out.add(i * Self::POS * acc_rs), acc_rs, c0 == 0);
+                                // Consecutive input channels are consecutive floats.
+                                let a = padded.as_ptr().add(c0 * len + first * Self::KC);
+                                conv_tile(*rows, a, offsets, 1, &shifts, w, c_pad * Self::PANEL, Self::KC, out.add(i * Self::POS * acc_rs), acc_rs, c0 == 0);
                             }
                         }
                     }
@@ -397,6 +404,39 @@ impl F32Conv {
         unsafe { y.set_len(n * co * hw) };
         Tensor::from_vec(y, (n, co, h, wd), &candle_core::Device::Cpu)
     }
+}
+
+/// Writes one block of the f32 grid channels last: `block[g·16 + i]` = channel i of `x`
+/// (`channels` ≤ 16 of them, `channel_stride` apart, frame f at `f·frame_stride`) at grid
+/// position g, zeros for the padding and for channels from `channels` on.
+///
+/// # Safety
+/// AVX-512F must be available; `x` must hold `channels` channels of every frame.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fill_channels_last(grid: &PaddedGrid, x: &[f32], channels: usize, channel_stride: usize, frame_stride: usize, block: &mut [std::mem::MaybeUninit<f32>]) {
+    use std::arch::x86_64::*;
+    let zero = |part: &mut [std::mem::MaybeUninit<f32>]| part.fill(std::mem::MaybeUninit::new(0.0));
+    let mut at = 0;
+    for (start, f, off) in grid.runs() {
+        zero(&mut block[16 * at..16 * start]);
+        let base = x.as_ptr().add(f * frame_stride + off);
+        for x0 in (0..grid.w).step_by(16) {
+            let count = 16.min(grid.w - x0);
+            let mask: __mmask16 = ((1u32 << count) - 1) as u16;
+            let rows = transpose16(&std::array::from_fn(|ch| if ch < channels { _mm512_maskz_loadu_ps(mask, base.add(ch * channel_stride + x0)) } else { _mm512_setzero_ps() }));
+            for (p, row) in rows.iter().take(count).enumerate() {
+                _mm512_storeu_ps(block.as_mut_ptr().add(16 * (start + x0 + p)).cast(), *row);
+            }
+        }
+        at = start + grid.w;
+    }
+    zero(&mut block[16 * at..]);
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn fill_channels_last(_: &PaddedGrid, _: &[f32], _: usize, _: usize, _: usize, _: &mut [std::mem::MaybeUninit<f32>]) {
+    unreachable!("F32Conv::supports() is false off x86-64")
 }
 
 /// `c[r][0..64] (+)= Σ_tap Σ_kk a[kk·a_ks + shift[tap] + offsets[r]] · w[tap·w_tap + kk·64..][0..64]`
