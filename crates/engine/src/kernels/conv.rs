@@ -248,11 +248,11 @@ impl PaddedGrid {
 
 /// A 3×3 convolution (stride 1, padding 1) in f32 on AVX-512, the weight packed at load in
 /// panels of 64 output channels, `[panel][tap][ci][64]`. The input goes into the
-/// [`PaddedGrid`] (all frames of a channel in one row); a microkernel multiplies 6 output
-/// pixels (broadcast from the grid row at each tap's shift; any 6, so only valid pixels are
-/// computed) by 64 output channels (4 aligned vectors of the panel) over all nine taps and a
-/// slice of [`F32Conv::KC`] input channels, so the 24 accumulators stay in registers through
-/// 9·KC steps.
+/// [`PaddedGrid`]'s positions (all frames in one zero-padded run) channels last in blocks of
+/// [`F32Conv::KC`] channels; a microkernel multiplies 6 output pixels (broadcast from the grid
+/// at each tap's shift; any 6, so only valid pixels are computed) by 64 output channels (4
+/// aligned vectors of the panel) over all nine taps and one block of input channels, so the 24
+/// accumulators stay in registers through 9·KC steps.
 #[derive(Clone)]
 pub struct F32Conv {
     packed: Vec<Lanes>,
@@ -272,8 +272,9 @@ impl F32Conv {
     const PANEL: usize = 64;
     /// Grid positions per microkernel call.
     const POS: usize = 6;
-    /// Input channels per pass: a panel's weights for them (9 taps × KC × 64 f32 = 36 KB)
-    /// stay in L1 while the microkernel walks the task's positions.
+    /// Input channels per pass and per block of the channels-last grid (one cache line per
+    /// position): a panel's weights for them (9 taps × KC × 64 f32 = 36 KB) stay in L1 while
+    /// the microkernel walks the task's positions.
     const KC: usize = 16;
     /// Results a task accumulates through all passes (kept in L2), in f32 values.
     const TASK_RESULTS: usize = 256 << 10;
