@@ -214,38 +214,36 @@ pub(crate) fn bf16_conversion() -> bool {
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn a_tiles_bf16(src: &[f32], stride: usize, rows: usize, k: usize, dst: &mut [u16]) {
     use std::arch::x86_64::*;
+    a_tiles_with(src, stride, rows, k, dst, |s, d| {
+        let v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(s.as_ptr().add(16)), _mm512_loadu_ps(s.as_ptr()));
+        _mm512_storeu_si512(d.as_mut_ptr().cast(), std::mem::transmute::<__m512bh, __m512i>(v));
+    })
+}
+
+dispatch!(a_tiles_rounded, fn(src: &[f32], stride: usize, rows: usize, k: usize, dst: &mut [u16]) {
+    a_tiles_with(src, stride, rows, k, dst, |s, d| {
+        for (o, &v) in d.iter_mut().zip(s) {
+            *o = bf16_bits(v);
+        }
+    })
+});
+
+/// The loop of [`a_tiles`], each run of 32 values rounded by `convert(src32, dst32)`.
+#[inline(always)]
+fn a_tiles_with(src: &[f32], stride: usize, rows: usize, k: usize, dst: &mut [u16], convert: impl Fn(&[f32], &mut [u16])) {
     let kblocks = k / 32;
     for r in 0..dst.len() / k {
         for kb in 0..kblocks {
             let at = ((r / 16) * kblocks + kb) * 512 + (r % 16) * 32;
             let d32 = &mut dst[at..at + 32];
             if r < rows {
-                let s = &src[r * stride + kb * 32..r * stride + kb * 32 + 32];
-                let v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(s.as_ptr().add(16)), _mm512_loadu_ps(s.as_ptr()));
-                _mm512_storeu_si512(d32.as_mut_ptr().cast(), std::mem::transmute::<__m512bh, __m512i>(v));
+                convert(&src[r * stride + kb * 32..r * stride + kb * 32 + 32], d32);
             } else {
                 d32.fill(0);
             }
         }
     }
 }
-
-dispatch!(a_tiles_rounded, fn(src: &[f32], stride: usize, rows: usize, k: usize, dst: &mut [u16]) {
-    let kblocks = k / 32;
-    for r in 0..dst.len() / k {
-        for kb in 0..kblocks {
-            let at = ((r / 16) * kblocks + kb) * 512 + (r % 16) * 32;
-            let d32 = &mut dst[at..at + 32];
-            if r < rows {
-                for (o, &v) in d32.iter_mut().zip(&src[r * stride + kb * 32..r * stride + kb * 32 + 32]) {
-                    *o = bf16_bits(v);
-                }
-            } else {
-                d32.fill(0);
-            }
-        }
-    }
-});
 
 dispatch!(pub(crate) b_tiles, fn(w: &[f32], stride: usize, n: usize, k: usize, dst: &mut [u16]) {
     // The B operand of `x · wᵀ`: rows j < n of w (k f32, `stride` apart) → per 16 rows and 32 of
