@@ -7,6 +7,8 @@
 //! Rust has no stable AMX intrinsics, so the tile instructions are inline assembly. Linux hands
 //! out the AMX register state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), made once.
 
+#[cfg(target_arch = "x86_64")]
+use super::conv::transpose16;
 use super::conv::PaddedGrid;
 use super::SendPtr;
 use candle_core::{DType, Result, Tensor};
@@ -479,8 +481,8 @@ unsafe fn fill_channels_last(grid: &PaddedGrid, x: &[f32], channel_stride: usize
             let count = 16.min(grid.w - x0);
             let mask: __mmask16 = (1u32 << count).wrapping_sub(1) as u16;
             let load = |ch: usize| _mm512_maskz_loadu_ps(mask, base.add(ch * channel_stride + x0));
-            let low = super::conv::transpose16(&std::array::from_fn(load));
-            let high = super::conv::transpose16(&std::array::from_fn(|ch| load(16 + ch)));
+            let low = transpose16(&std::array::from_fn(load));
+            let high = transpose16(&std::array::from_fn(|ch| load(16 + ch)));
             for p in 0..count {
                 let line = _mm512_cvtne2ps_pbh(high[p], low[p]);
                 _mm512_storeu_si512(lines[start + x0 + p].as_mut_ptr().cast(), std::mem::transmute::<__m512bh, __m512i>(line));
@@ -546,9 +548,6 @@ unsafe fn store_block_channel_major(grid: &PaddedGrid, first: usize, block: &[f3
         }
     }
 }
-
-#[cfg(target_arch = "x86_64")]
-use super::conv::transpose16;
 
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn store_block_channel_major(_: &PaddedGrid, _: usize, _: &[f32], _: &[f32], _: *mut MaybeUninit<f32>, _: usize) {
