@@ -8,7 +8,7 @@
 //! out the AMX register state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), made once.
 
 #[cfg(target_arch = "x86_64")]
-use super::conv::transpose16;
+use super::conv::{pixels_channels_last, transpose16};
 use super::conv::PaddedGrid;
 use super::SendPtr;
 use candle_core::{DType, Result, Tensor};
@@ -472,25 +472,21 @@ impl Bf16Conv {
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn fill_channels_last(grid: &PaddedGrid, x: &[f32], channel_stride: usize, frame_stride: usize, lines: &mut [MaybeUninit<Line>]) {
     use std::arch::x86_64::*;
-    let zero = |lines: &mut [MaybeUninit<Line>]| lines.fill(MaybeUninit::new(Line([0; 32])));
-    let mut at = 0;
-    for (start, f, off) in grid.runs() {
-        zero(&mut lines[at..start]);
-        let base = x.as_ptr().add(f * frame_stride + off);
-        for x0 in (0..grid.w).step_by(16) {
-            let count = 16.min(grid.w - x0);
-            let mask: __mmask16 = (1u32 << count).wrapping_sub(1) as u16;
-            let load = |ch: usize| _mm512_maskz_loadu_ps(mask, base.add(ch * channel_stride + x0));
-            let low = transpose16(&std::array::from_fn(load));
-            let high = transpose16(&std::array::from_fn(|ch| load(16 + ch)));
-            for p in 0..count {
-                let line = _mm512_cvtne2ps_pbh(high[p], low[p]);
-                _mm512_storeu_si512(lines[start + x0 + p].as_mut_ptr().cast(), std::mem::transmute::<__m512bh, __m512i>(line));
+    grid.segments(lines.len(), |range, image| match image {
+        None => lines[range].fill(MaybeUninit::new(Line([0; 32]))),
+        Some((f, offset)) => {
+            for x0 in (0..grid.w).step_by(16) {
+                let count = 16.min(grid.w - x0);
+                let base = x.as_ptr().add(f * frame_stride + offset + x0);
+                let low = pixels_channels_last(base, channel_stride, count, 16);
+                let high = pixels_channels_last(base.add(16 * channel_stride), channel_stride, count, 16);
+                for p in 0..count {
+                    let line = _mm512_cvtne2ps_pbh(high[p], low[p]);
+                    _mm512_storeu_si512(lines[range.start + x0 + p].as_mut_ptr().cast(), std::mem::transmute::<__m512bh, __m512i>(line));
+                }
             }
         }
-        at = start + grid.w;
-    }
-    zero(&mut lines[at..]);
+    });
 }
 
 #[cfg(not(target_arch = "x86_64"))]

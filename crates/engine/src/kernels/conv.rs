@@ -230,19 +230,32 @@ impl PaddedGrid {
         ((v / hw) * (self.h + 1) + v % hw / self.w) * self.pitch() + v % self.w
     }
 
-    /// The image rows: `(grid position, frame, offset in the frame)` of each run of `w` pixels.
-    pub(crate) fn runs(&self) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
-        (0..self.n).flat_map(move |f| (0..self.h).map(move |y| (self.lead() + (f * (self.h + 1) + y) * self.pitch(), f, y * self.w)))
+    /// Visits the first `len` positions once each, in order, a segment at a time: `(range,
+    /// None)` for padding, `(range, Some((frame, offset)))` for an image row of `w` pixels
+    /// (`offset`: its first pixel's in the frame).
+    pub(crate) fn segments(&self, len: usize, mut visit: impl FnMut(std::ops::Range<usize>, Option<(usize, usize)>)) {
+        let mut at = 0;
+        for f in 0..self.n {
+            for y in 0..self.h {
+                let start = self.lead() + (f * (self.h + 1) + y) * self.pitch();
+                visit(at..start, None);
+                visit(start..start + self.w, Some((f, y * self.w)));
+                at = start + self.w;
+            }
+        }
+        visit(at..len, None);
     }
 
     /// Writes one channel's row (`len` values): `x` holds frame f's pixels at `f·frame_stride`.
     fn fill(&self, x: &[f32], frame_stride: usize, row: &mut [std::mem::MaybeUninit<f32>]) {
-        row.fill(std::mem::MaybeUninit::new(0.0));
-        for (at, f, off) in self.runs() {
-            for (d, &s) in row[at..at + self.w].iter_mut().zip(&x[f * frame_stride + off..]) {
-                d.write(s);
+        self.segments(row.len(), |range, image| match image {
+            None => row[range].fill(std::mem::MaybeUninit::new(0.0)),
+            Some((f, offset)) => {
+                for (d, &s) in row[range].iter_mut().zip(&x[f * frame_stride + offset..]) {
+                    d.write(s);
+                }
             }
-        }
+        });
     }
 }
 
@@ -417,22 +430,33 @@ impl F32Conv {
 #[target_feature(enable = "avx512f")]
 unsafe fn fill_channels_last(grid: &PaddedGrid, x: &[f32], channels: usize, channel_stride: usize, frame_stride: usize, block: &mut [std::mem::MaybeUninit<f32>]) {
     use std::arch::x86_64::*;
-    let zero = |part: &mut [std::mem::MaybeUninit<f32>]| part.fill(std::mem::MaybeUninit::new(0.0));
-    let mut at = 0;
-    for (start, f, off) in grid.runs() {
-        zero(&mut block[16 * at..16 * start]);
-        let base = x.as_ptr().add(f * frame_stride + off);
-        for x0 in (0..grid.w).step_by(16) {
-            let count = 16.min(grid.w - x0);
-            let mask: __mmask16 = ((1u32 << count) - 1) as u16;
-            let rows = transpose16(&std::array::from_fn(|ch| if ch < channels { _mm512_maskz_loadu_ps(mask, base.add(ch * channel_stride + x0)) } else { _mm512_setzero_ps() }));
-            for (p, row) in rows.iter().take(count).enumerate() {
-                _mm512_storeu_ps(block.as_mut_ptr().add(16 * (start + x0 + p)).cast(), *row);
+    grid.segments(block.len() / 16, |range, image| match image {
+        None => block[16 * range.start..16 * range.end].fill(std::mem::MaybeUninit::new(0.0)),
+        Some((f, offset)) => {
+            for x0 in (0..grid.w).step_by(16) {
+                let count = 16.min(grid.w - x0);
+                let pixels = pixels_channels_last(x.as_ptr().add(f * frame_stride + offset + x0), channel_stride, count, channels);
+                for (p, pixel) in pixels.iter().take(count).enumerate() {
+                    _mm512_storeu_ps(block.as_mut_ptr().add(16 * (range.start + x0 + p)).cast(), *pixel);
+                }
             }
         }
-        at = start + grid.w;
-    }
-    zero(&mut block[16 * at..]);
+    });
+}
+
+/// `count` ≤ 16 consecutive pixels of `channels` ≤ 16 channels (channel i at
+/// `x + i·channel_stride`), transposed: result p holds pixel p's channels, zeros past
+/// `channels` (and past `count`).
+///
+/// # Safety
+/// AVX-512F must be available; `x` must hold `count` values of each of the channels.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) unsafe fn pixels_channels_last(x: *const f32, channel_stride: usize, count: usize, channels: usize) -> [std::arch::x86_64::__m512; 16] {
+    use std::arch::x86_64::*;
+    let mask: __mmask16 = ((1u32 << count) - 1) as u16;
+    transpose16(&std::array::from_fn(|ch| if ch < channels { _mm512_maskz_loadu_ps(mask, x.add(ch * channel_stride)) } else { _mm512_setzero_ps() }))
 }
 
 #[cfg(not(target_arch = "x86_64"))]
