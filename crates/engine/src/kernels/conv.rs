@@ -6,6 +6,8 @@ use super::{contiguous_f32, gemm_f32, SendPtr};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+mod winograd;
+
 struct TemporalConv;
 
 impl CustomOp3 for TemporalConv {
@@ -266,6 +268,9 @@ impl PaddedGrid {
 /// at each tap's shift; any 6, so only valid pixels are computed) by 64 output channels (4
 /// aligned vectors of the panel) over all nine taps and one block of input channels, so the 24
 /// accumulators stay in registers through 9·KC steps.
+///
+/// From a few thousand output pixels, the same microkernel runs the Winograd F(2×2, 3×3) form
+/// instead (`winograd.rs`): 2.25× fewer multiply-adds, for weights transformed on each call.
 #[derive(Clone)]
 pub struct F32Conv {
     packed: Vec<Lanes>,
@@ -329,6 +334,14 @@ impl F32Conv {
         let candle_core::Storage::Cpu(cpu) = &*storage else { candle_core::bail!("f32 conv: input not on the CPU") };
         let start = layout.start_offset();
         let x = &cpu.as_slice::<f32>()?[start..start + n * c * h * wd];
+        let y = if Self::winograd_pays(n * h * wd) { self.forward_winograd(x, n, h, wd) } else { self.forward_direct(x, n, h, wd) };
+        drop(storage);
+        Tensor::from_vec(y, (n, self.co, h, wd), &candle_core::Device::Cpu)
+    }
+
+    /// The direct form: `x` holds `(n, c, h, w)` f32; returns `(n, co, h, w)`.
+    fn forward_direct(&self, x: &[f32], n: usize, h: usize, wd: usize) -> Vec<f32> {
+        let c = self.c;
         let grid = PaddedGrid { n, h, w: wd, pad_x: true };
         let len = grid.len();
         // The grid channels last in blocks of KC: `[c/KC][position][KC]`, so a pixel's KC
@@ -339,7 +352,6 @@ impl F32Conv {
             // SAFETY: AVX-512F is available (`supports`); channels from b·KC exist below c.
             unsafe { fill_channels_last(&grid, &x[b * Self::KC * h * wd..], (c - b * Self::KC).min(Self::KC), h * wd, c * h * wd, block) };
         });
-        drop(storage);
         // SAFETY: `fill_channels_last` wrote every element of every block.
         unsafe { padded.set_len(c_pad * len) };
 
@@ -416,7 +428,7 @@ impl F32Conv {
         );
         // SAFETY: the tasks together wrote every output (every pixel, every channel).
         unsafe { y.set_len(n * co * hw) };
-        Tensor::from_vec(y, (n, co, h, wd), &candle_core::Device::Cpu)
+        y
     }
 }
 
@@ -471,7 +483,7 @@ unsafe fn fill_channels_last(_: &PaddedGrid, _: &[f32], _: usize, _: usize, _: u
 /// AVX-512F must be available; every address read or written must be inside its buffer, `w`
 /// 64-byte aligned with `w_tap` a multiple of 16.
 #[allow(clippy::too_many_arguments)]
-unsafe fn conv_tile(rows: usize, a: *const f32, offsets: &[usize; F32Conv::POS], a_ks: usize, shifts: &[usize; 9], w: *const f32, w_tap: usize, depth: usize, c: *mut f32, c_rs: usize, first: bool) {
+unsafe fn conv_tile(rows: usize, a: *const f32, offsets: &[usize; F32Conv::POS], a_ks: usize, shifts: &[usize], w: *const f32, w_tap: usize, depth: usize, c: *mut f32, c_rs: usize, first: bool) {
     match rows {
         6 => conv_tile_n::<6>(a, offsets, a_ks, shifts, w, w_tap, depth, c, c_rs, first),
         5 => conv_tile_n::<5>(a, offsets, a_ks, shifts, w, w_tap, depth, c, c_rs, first),
@@ -485,7 +497,7 @@ unsafe fn conv_tile(rows: usize, a: *const f32, offsets: &[usize; F32Conv::POS],
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn conv_tile_n<const R: usize>(a: *const f32, offsets: &[usize; F32Conv::POS], a_ks: usize, shifts: &[usize; 9], w: *const f32, w_tap: usize, depth: usize, c: *mut f32, c_rs: usize, first: bool) {
+unsafe fn conv_tile_n<const R: usize>(a: *const f32, offsets: &[usize; F32Conv::POS], a_ks: usize, shifts: &[usize], w: *const f32, w_tap: usize, depth: usize, c: *mut f32, c_rs: usize, first: bool) {
     use std::arch::x86_64::*;
     /// One input channel of one tap: 64 weights times the R pixels at `x + offsets[r]`.
     #[inline(always)]
@@ -498,14 +510,10 @@ unsafe fn conv_tile_n<const R: usize>(a: *const f32, offsets: &[usize; F32Conv::
             }
         }
     }
+    // Summed from zero and added to `c` at the end rather than continued from `c`: each output
+    // is then a sum of per-call partial sums, whose rounding error grows with the call's depth
+    // rather than with all 9·c terms.
     let mut acc = [[_mm512_setzero_ps(); 4]; R];
-    if !first {
-        for (r, row) in acc.iter_mut().enumerate() {
-            for (j, v) in row.iter_mut().enumerate() {
-                *v = _mm512_loadu_ps(c.add(r * c_rs + 16 * j));
-            }
-        }
-    }
     let offsets = *offsets;
     for (tap, &shift) in shifts.iter().enumerate() {
         let (mut x, mut w) = (a.add(shift), w.add(tap * w_tap));
@@ -517,7 +525,8 @@ unsafe fn conv_tile_n<const R: usize>(a: *const f32, offsets: &[usize; F32Conv::
     }
     for (r, row) in acc.iter().enumerate() {
         for (j, v) in row.iter().enumerate() {
-            _mm512_storeu_ps(c.add(r * c_rs + 16 * j), *v);
+            let out = c.add(r * c_rs + 16 * j);
+            _mm512_storeu_ps(out, if first { *v } else { _mm512_add_ps(_mm512_loadu_ps(out), *v) });
         }
     }
 }
@@ -575,7 +584,7 @@ unsafe fn store_transposed(_: *const f32, _: usize, _: &[f32], _: *mut f32, _: u
 
 #[cfg(not(target_arch = "x86_64"))]
 #[allow(clippy::too_many_arguments)]
-unsafe fn conv_tile_n<const R: usize>(_: *const f32, _: &[usize; F32Conv::POS], _: usize, _: &[usize; 9], _: *const f32, _: usize, _: usize, _: *mut f32, _: usize, _: bool) {
+unsafe fn conv_tile_n<const R: usize>(_: *const f32, _: &[usize; F32Conv::POS], _: usize, _: &[usize], _: *const f32, _: usize, _: usize, _: *mut f32, _: usize, _: bool) {
     unreachable!("F32Conv::supports() is false off x86-64")
 }
 
@@ -637,7 +646,7 @@ mod tests {
     #[test]
     fn conv3x3_matches_reference() {
         let dev = Device::Cpu;
-        for &(n, c, co, h, w) in &[(1, 1, 1, 1, 1), (2, 3, 5, 4, 7), (3, 16, 140, 9, 5), (1, 64, 32, 16, 16), (1, 8, 200, 6, 6), (16, 40, 256, 4, 4), (2, 70, 64, 33, 31), (3, 20, 128, 9, 5)] {
+        for &(n, c, co, h, w) in &[(1, 1, 1, 1, 1), (2, 3, 5, 4, 7), (3, 16, 140, 9, 5), (1, 64, 32, 16, 16), (1, 8, 200, 6, 6), (16, 40, 256, 4, 4), (2, 70, 64, 33, 31), (3, 20, 128, 9, 5), (2, 300, 128, 20, 18), (1, 16, 64, 64, 48), (1, 1000, 64, 12, 10), (2, 2560, 64, 8, 8)] {
             let x = Tensor::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap();
             let wt = Tensor::randn(0f32, 0.2, (co, c, 3, 3), &dev).unwrap();
             let bias = Tensor::randn(0f32, 0.2, co, &dev).unwrap();
@@ -647,8 +656,14 @@ mod tests {
             let candle = conv3x3_reference(&x, &wt, &bias).unwrap();
             assert_f32_level(&got, &candle, &want, &format!("{:?}", (n, c, co, h, w)));
             if F32Conv::supports(co) {
-                let got = F32Conv::spatial_3x3(&wt, &bias).unwrap().forward(&x).unwrap();
+                let conv = F32Conv::spatial_3x3(&wt, &bias).unwrap();
+                let got = conv.forward(&x).unwrap();
                 assert_f32_level(&got, &candle, &want, &format!("AVX-512 {:?}", (n, c, co, h, w)));
+                let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                for (form, y) in [("direct", conv.forward_direct(&xs, n, h, w)), ("Winograd", conv.forward_winograd(&xs, n, h, w))] {
+                    let got = Tensor::from_vec(y, (n, co, h, w), &dev).unwrap();
+                    assert_f32_level(&got, &candle, &want, &format!("{form} {:?}", (n, c, co, h, w)));
+                }
             }
         }
     }

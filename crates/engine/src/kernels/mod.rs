@@ -9,7 +9,8 @@
 //! * [`conv3x3`], [`temporal_conv`]: convolutions as GEMMs over shifted views of the input (no
 //!   im2col matrix); [`geglu`]: the feed-forward gate with a vectorised erf.
 //! * [`f32_matrix`], [`F32Conv`]: the f32 linear layers and 3×3 convolutions on our own AVX-512
-//!   microkernels, weights packed at load (bias and GEGLU gate applied in the product).
+//!   microkernels, weights packed at load (bias and GEGLU gate applied in the product); on
+//!   large images the conv runs as Winograd F(2×2, 3×3), 2.25× fewer multiply-adds.
 //! * [`amx`], [`amx_attention`]: the CPU bf16 mode's products on AMX tiles (linear layers,
 //!   convolutions, attention); `q8`: int8 products on AVX-512 VNNI.
 //!
