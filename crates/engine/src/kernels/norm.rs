@@ -1,44 +1,61 @@
-//! GroupNorm (+ SiLU) in one pass per (sample, group).
+//! GroupNorm (+ SiLU): per (sample, group), one pass for the statistics and one to normalise.
 
 use super::{contiguous_f32, fast_exp};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// Lanes of the f64 accumulators: four AVX-512 registers of independent sums.
-const LANES: usize = 32;
+/// Values per block of the statistics pass: summed in f32 lanes (BLOCK/16 terms each), then
+/// added to f64 totals, so the rounding error does not grow with the group's size.
+const BLOCK: usize = 512;
 
-/// `Σ f(x)` in f64 over LANES interleaved partial sums.
+/// Mean and variance of `x`, in one pass: sums of `x − k` and `(x − k)²` for `k = x[0]`, so the
+/// variance `E[(x−k)²] − E[x−k]²` does not cancel when the mean is far from zero.
 #[inline(always)]
-fn lane_sum(x: &[f32], f: impl Fn(f32) -> f64) -> f64 {
-    let mut acc = [0f64; LANES];
-    let mut chunks = x.chunks_exact(LANES);
-    for c in &mut chunks {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            *a += f(v);
+fn moments(x: &[f32]) -> (f64, f64) {
+    let Some(&k) = x.first() else { return (0.0, 0.0) };
+    let (mut s1, mut s2) = (0f64, 0f64);
+    for block in x.chunks(BLOCK) {
+        // Two loops over the block (in L1) rather than one: LLVM vectorises these.
+        let (mut a1, mut a2) = ([0f32; 16], [0f32; 16]);
+        let lanes = block.chunks_exact(16);
+        for c in lanes.clone() {
+            for (a, &v) in a1.iter_mut().zip(c) {
+                *a += v - k;
+            }
         }
+        for c in lanes.clone() {
+            for (a, &v) in a2.iter_mut().zip(c) {
+                *a += (v - k) * (v - k);
+            }
+        }
+        for &v in lanes.remainder() {
+            let d = (v - k) as f64;
+            (s1, s2) = (s1 + d, s2 + d * d);
+        }
+        s1 += a1.iter().map(|&v| v as f64).sum::<f64>();
+        s2 += a2.iter().map(|&v| v as f64).sum::<f64>();
     }
-    chunks.remainder().iter().map(|&v| f(v)).sum::<f64>() + acc.iter().sum::<f64>()
+    let n = x.len() as f64;
+    let shifted_mean = s1 / n;
+    (k as f64 + shifted_mean, (s2 / n - shifted_mean * shifted_mean).max(0.0))
 }
 
-dispatch!(norm_group, fn(x: &[f32], y: &mut [f32], spatial: usize, w: &[f32], b: &[f32], eps: f32, silu: bool) {
-    // Statistics in f64: two passes over the group (mean, then squared deviations), each
-    // summed in LANES independent lanes so that LLVM vectorises it (f64 adds are not
-    // reassociated otherwise: one add per element, each waiting for the last).
-    let n = x.len() as f64;
-    let mean = lane_sum(x, |v| v as f64) / n;
-    let var = lane_sum(x, |v| { let d = v as f64 - mean; d * d }) / n;
+dispatch!(norm_group, fn(x: &[f32], y: &mut [std::mem::MaybeUninit<f32>], spatial: usize, w: &[f32], b: &[f32], eps: f32, silu: bool) {
+    let (mean, var) = moments(x);
     let rstd = 1.0 / (var + eps as f64).sqrt();
+    // `(x − mean)·scale + b`, not `x·scale + shift`: with a mean far from zero the latter's two
+    // large terms cancel in f32.
+    let mean = mean as f32;
     for (c, (xc, yc)) in x.chunks_exact(spatial).zip(y.chunks_exact_mut(spatial)).enumerate() {
-        let scale = (w[c] as f64 * rstd) as f32;
-        let shift = (b[c] as f64 - mean * w[c] as f64 * rstd) as f32;
+        let (scale, shift) = ((w[c] as f64 * rstd) as f32, b[c]);
         if silu {
             for (o, &i) in yc.iter_mut().zip(xc) {
-                let t = i * scale + shift;
-                *o = t / (1.0 + fast_exp(-t));
+                let t = (i - mean) * scale + shift;
+                o.write(t / (1.0 + fast_exp(-t)));
             }
         } else {
             for (o, &i) in yc.iter_mut().zip(xc) {
-                *o = i * scale + shift;
+                o.write((i - mean) * scale + shift);
             }
         }
     }
@@ -70,11 +87,13 @@ impl CustomOp3 for GroupNorm {
         let (c, spatial) = (dims[1], dims[2..].iter().product::<usize>());
         let cg = c / self.groups;
         let group_len = cg * spatial;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(group_len).zip(x.par_chunks(group_len)).enumerate().for_each(|(i, (yg, xg))| {
+        let mut y = super::output_buffer::<f32>(x.len());
+        y.spare_capacity_mut().par_chunks_mut(group_len).zip(x.par_chunks(group_len)).enumerate().for_each(|(i, (yg, xg))| {
             let g = i % self.groups;
             norm_group(xg, yg, spatial, &w[g * cg..(g + 1) * cg], &b[g * cg..(g + 1) * cg], self.eps, self.silu);
         });
+        // SAFETY: every group wrote all its outputs.
+        unsafe { y.set_len(x.len()) };
         Ok((CpuStorage::F32(y), lx.shape().clone()))
     }
 }
@@ -116,15 +135,18 @@ mod tests {
     fn group_norm_matches_reference_on_many_shapes() {
         let dev = Device::Cpu;
         for &(shape, groups) in &[(&[2usize, 32, 4, 4][..], 32), (&[1, 64, 3, 5, 7][..], 32), (&[3, 96, 1][..], 32), (&[2, 320, 16, 16][..], 32), (&[1, 8, 9][..], 4)] {
-            let x = (Tensor::randn(0f32, 3.0, shape, &dev).unwrap() + 1.5).unwrap();
             let c = shape[1];
             let w = Tensor::randn(1f32, 0.2, c, &dev).unwrap();
             let b = Tensor::randn(0f32, 0.2, c, &dev).unwrap();
-            for silu in [false, true] {
-                let got = group_norm(&x, &w, &b, groups, 1e-5, silu).unwrap();
-                let want = group_norm_reference(&f64(&x), &f64(&w), &f64(&b), groups, 1e-5, silu).unwrap();
-                let candle = group_norm_reference(&x, &w, &b, groups, 1e-5, silu).unwrap();
-                assert_f32_level(&got, &candle, &want, &format!("{shape:?} silu {silu}"));
+            // A mean far from zero too: the variance must not cancel.
+            for offset in [1.5, 100.0] {
+                let x = (Tensor::randn(0f32, 3.0, shape, &dev).unwrap() + offset).unwrap();
+                for silu in [false, true] {
+                    let got = group_norm(&x, &w, &b, groups, 1e-5, silu).unwrap();
+                    let want = group_norm_reference(&f64(&x), &f64(&w), &f64(&b), groups, 1e-5, silu).unwrap();
+                    let candle = group_norm_reference(&x, &w, &b, groups, 1e-5, silu).unwrap();
+                    assert_f32_level(&got, &candle, &want, &format!("{shape:?} offset {offset} silu {silu}"));
+                }
             }
         }
     }
