@@ -36,11 +36,56 @@ fn softmax_row(row: &mut [f32], scale: f32) -> f32 {
     sum + acc.iter().sum::<f32>()
 }
 
-dispatch!(softmax_rows, fn(rows: &mut [f32], width: usize, scale: f32, sums: &mut [f32]) {
+dispatch!(softmax_rows_portable, fn(rows: &mut [f32], width: usize, scale: f32, sums: &mut [f32]) {
     for (row, s) in rows.chunks_exact_mut(width).zip(sums.iter_mut()) {
         *s = softmax_row(row, scale);
     }
 });
+
+/// Each row (`width` values) replaced by its softmax numerators, with `scale` applied to the
+/// logits; their sums into `sums`.
+fn softmax_rows(rows: &mut [f32], width: usize, scale: f32, sums: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::f32_matrix::available() {
+        for (row, s) in rows.chunks_exact_mut(width).zip(sums.iter_mut()) {
+            // SAFETY: AVX-512F was just detected.
+            *s = unsafe { softmax_row_avx512(row, scale) };
+        }
+        return;
+    }
+    softmax_rows_portable(rows, width, scale, sums)
+}
+
+/// [`softmax_row`] with AVX-512's masked loads for the row's tail and fused multiply-adds in the
+/// exponential ([`super::fast_exp16`]), where the portable loop needs separate multiplies and adds.
+///
+/// # Safety
+/// AVX-512F must be available.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_row_avx512(row: &mut [f32], scale: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let (p, full, rest) = (row.as_mut_ptr(), row.len() / 16 * 16, row.len() % 16);
+    let tail: __mmask16 = ((1u32 << rest) - 1) as u16;
+    let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+    for i in (0..full).step_by(16) {
+        m = _mm512_max_ps(m, _mm512_loadu_ps(p.add(i)));
+    }
+    m = _mm512_mask_max_ps(m, tail, m, _mm512_maskz_loadu_ps(tail, p.add(full)));
+    let (scale, max) = (_mm512_set1_ps(scale), _mm512_set1_ps(_mm512_reduce_max_ps(m) * scale));
+    let mut sum = _mm512_setzero_ps();
+    for i in (0..full).step_by(16) {
+        let e = super::fast_exp16(_mm512_fmsub_ps(_mm512_loadu_ps(p.add(i)), scale, max));
+        _mm512_storeu_ps(p.add(i), e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    if rest > 0 {
+        let e = super::fast_exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(tail, p.add(full)), scale, max));
+        _mm512_mask_storeu_ps(p.add(full), tail, e);
+        sum = _mm512_mask_add_ps(sum, tail, sum, e);
+    }
+    _mm512_reduce_add_ps(sum)
+}
 
 dispatch!(scale_rows, fn(rows: &mut [f32], width: usize, sums: &[f32]) {
     for (row, &s) in rows.chunks_exact_mut(width).zip(sums) {
