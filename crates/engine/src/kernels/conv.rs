@@ -344,16 +344,8 @@ impl F32Conv {
         let c = self.c;
         let grid = PaddedGrid { n, h, w: wd, pad_x: true };
         let len = grid.len();
-        // The grid channels last in blocks of KC: `[c/KC][position][KC]`, so a pixel's KC
-        // values of one pass share a cache line (channel-major rows spread them over KC pages).
         let c_pad = c.next_multiple_of(Self::KC);
-        let mut padded = super::output_buffer::<f32>(c_pad * len);
-        padded.spare_capacity_mut().par_chunks_mut(Self::KC * len).enumerate().for_each(|(b, block)| {
-            // SAFETY: AVX-512F is available (`supports`); channels from b·KC exist below c.
-            unsafe { fill_channels_last(&grid, &x[b * Self::KC * h * wd..], (c - b * Self::KC).min(Self::KC), h * wd, c * h * wd, block) };
-        });
-        // SAFETY: `fill_channels_last` wrote every element of every block.
-        unsafe { padded.set_len(c_pad * len) };
+        let padded = self.channels_last(x, &grid, len);
 
         // Tasks: (run of output pixels, block of panels), as many as keep both threads busy and
         // each task's results within TASK_RESULTS.
@@ -429,6 +421,25 @@ impl F32Conv {
         // SAFETY: the tasks together wrote every output (every pixel, every channel).
         unsafe { y.set_len(n * co * hw) };
         y
+    }
+}
+
+impl F32Conv {
+    /// `x (n, c, h, w)` in the first `len` positions of `grid`, channels last in blocks of KC
+    /// (`[c_pad/KC][position][KC]`, zeros for the padding and the channels from c on), so a
+    /// pixel's KC values of one pass share a cache line (channel-major rows spread them over KC
+    /// pages).
+    fn channels_last(&self, x: &[f32], grid: &PaddedGrid, len: usize) -> Vec<f32> {
+        let (c, hw) = (self.c, grid.h * grid.w);
+        let c_pad = c.next_multiple_of(Self::KC);
+        let mut padded = super::output_buffer::<f32>(c_pad * len);
+        padded.spare_capacity_mut().par_chunks_mut(Self::KC * len).enumerate().for_each(|(b, block)| {
+            // SAFETY: AVX-512F is available (`supports`); channels from b·KC exist below c.
+            unsafe { fill_channels_last(grid, &x[b * Self::KC * hw..], (c - b * Self::KC).min(Self::KC), hw, c * hw, block) };
+        });
+        // SAFETY: `fill_channels_last` wrote every element of every block.
+        unsafe { padded.set_len(c_pad * len) };
+        padded
     }
 }
 

@@ -9,7 +9,7 @@
 //! The sum over input channels is, for each of the 16 transform points `e`, a GEMM
 //! `M[e] = V[e] · U[e]` (tiles × c by c × co), run by the direct kernel's microkernel.
 
-use super::{conv_tile, pixels_channels_last, transpose16, F32Conv};
+use super::{conv_tile, transpose16, F32Conv, PaddedGrid};
 use crate::kernels::f32_matrix::Lanes;
 use crate::kernels::{output_buffer, SendPtr};
 use rayon::prelude::*;
@@ -18,6 +18,8 @@ use rayon::prelude::*;
 /// many tiles, and each point's weights (c·64 values per panel, in L2) this many tiles in
 /// groups of 6 (microkernel rows). A multiple of 6 and of 8 (tiles per transposed store).
 const TILES: usize = 192;
+// The grid's channel blocks are what `input_tile` transforms: one 16-lane vector per position.
+const _: () = assert!(F32Conv::KC == 16);
 /// Input channels per microkernel call, summed in registers: longer sums round worse (the
 /// tests hold each form to f32 rounding level against f64 up to 2560 channels); all 320 in one
 /// call measured 1–4 % faster.
@@ -36,21 +38,14 @@ impl F32Conv {
         let (c, co) = (self.c, self.co);
         let c_pad = c.next_multiple_of(F32Conv::KC);
         let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
-        let grid = Grid { h, w, rows: 2 * th + 2, pitch: 2 * tw + 2 };
-        let frame = grid.rows * grid.pitch;
-        let blocks = c_pad / 16;
-
-        // The input zero-padded (one row and column before, enough after for whole tiles),
-        // channels last in blocks of 16: `[c/16][frame][row][column][16]`.
-        let mut padded = output_buffer::<f32>(c_pad * n * frame);
-        padded.spare_capacity_mut().par_chunks_mut(16 * frame).enumerate().for_each(|(bf, plane)| {
-            let (b, f) = (bf / n, bf % n);
-            // SAFETY: AVX-512F is available (`F32Conv::supports`); channels from b·16 exist below c.
-            unsafe { grid.fill(&x[(f * c + b * 16) * h * w..], (c - b * 16).min(16), h * w, plane) };
-        });
-        // SAFETY: every plane was written whole.
-        unsafe { padded.set_len(c_pad * n * frame) };
-
+        // The direct form's zero-padded grid, channels last: tile (f, ty, tx)'s 4×4 patch starts
+        // at the position of output pixel (f, 2ty, 2tx), its rows a pitch apart. With an odd
+        // height, the last tile row's patch reaches one grid row past the last zero row (for
+        // junk outputs): one more row of zeros.
+        let grid = PaddedGrid { n, h, w, pad_x: true };
+        let len = grid.len() + grid.pitch();
+        let padded = self.channels_last(x, &grid, len);
+        let tile = |t: usize| (t / (th * tw), t % (th * tw) / tw, t % tw);
         let panels = co / F32Conv::PANEL;
         let u = self.winograd_weights(c_pad);
 
@@ -70,16 +65,17 @@ impl F32Conv {
                 let (v, m) = (v.as_mut_ptr() as *mut f32, m.as_mut_ptr() as *mut f32);
                 let t0 = task * chunk;
                 let count = chunk.min(tiles - t0);
-                // SAFETY: reads stay inside `padded` (a tile's patch lies in its frame), `u`,
+                // SAFETY: reads stay inside `padded` (a tile's patch lies within `len`), `u`,
                 // `v` and `m`; AVX-512F is available. The task writes the outputs of its own
                 // tiles, which no other task writes.
                 unsafe {
                     // V[e][tile][channel].
                     for t in 0..count {
-                        let (f, ty, tx) = ((t0 + t) / (th * tw), (t0 + t) % (th * tw) / tw, (t0 + t) % tw);
-                        let at = f * frame + 2 * ty * grid.pitch + 2 * tx;
-                        for b in 0..blocks {
-                            input_tile(padded.as_ptr().add((b * n * frame + at) * 16), grid.pitch * 16, v.add(t * c_pad + b * 16), v_stride);
+                        let (f, ty, tx) = tile(t0 + t);
+                        let at = grid.position((f * h + 2 * ty) * w + 2 * tx);
+                        debug_assert!(at + 3 * grid.pitch() + 4 <= len, "tile {:?}: patch past the grid", (f, ty, tx));
+                        for b in 0..c_pad / 16 {
+                            input_tile(padded.as_ptr().add((b * len + at) * 16), grid.pitch() * 16, v.add(t * c_pad + b * 16), v_stride);
                         }
                     }
                     for p in 0..panels {
@@ -99,7 +95,7 @@ impl F32Conv {
                         let o0 = p * F32Conv::PANEL;
                         let mut t = 0;
                         while t < count {
-                            let (f, ty, tx) = ((t0 + t) / (th * tw), (t0 + t) % (th * tw) / tw, (t0 + t) % tw);
+                            let (f, ty, tx) = tile(t0 + t);
                             let dst = y_ptr.get().add((f * co + o0) * h * w + 2 * ty * w + 2 * tx);
                             let src = m.add(t * F32Conv::PANEL);
                             let bias = &self.bias[o0..o0 + F32Conv::PANEL];
@@ -156,50 +152,6 @@ fn kernel_points([t0, t1, t2]: [&[f32; 16]; 3]) -> [[f32; 16]; 4] {
         points[3][i] = t2[i];
     }
     points
-}
-
-/// The padded input's geometry: each frame `rows × pitch` positions, pixel (y, x) at row y + 1,
-/// column x + 1, zeros elsewhere.
-#[derive(Clone, Copy)]
-struct Grid {
-    h: usize,
-    w: usize,
-    rows: usize,
-    pitch: usize,
-}
-
-impl Grid {
-    /// Writes one frame of one block of 16 channels: `channels` ≤ 16 of them in `x`,
-    /// `channel_stride` apart; zeros for the padding and the missing channels.
-    ///
-    /// # Safety
-    /// AVX-512F must be available; `x` must hold `channels` channels of `h·w` pixels.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn fill(&self, x: &[f32], channels: usize, channel_stride: usize, plane: &mut [std::mem::MaybeUninit<f32>]) {
-        use std::arch::x86_64::*;
-        let zero = std::mem::MaybeUninit::new(0.0);
-        for (r, row) in plane.chunks_exact_mut(16 * self.pitch).enumerate() {
-            if r == 0 || r > self.h {
-                row.fill(zero);
-                continue;
-            }
-            row[..16].fill(zero);
-            row[16 * (self.w + 1)..].fill(zero);
-            for x0 in (0..self.w).step_by(16) {
-                let count = 16.min(self.w - x0);
-                let pixels = pixels_channels_last(x.as_ptr().add((r - 1) * self.w + x0), channel_stride, count, channels);
-                for (i, pixel) in pixels.iter().take(count).enumerate() {
-                    _mm512_storeu_ps(row.as_mut_ptr().add(16 * (1 + x0 + i)).cast(), *pixel);
-                }
-            }
-        }
-    }
-
-    #[cfg(not(target_arch = "x86_64"))]
-    unsafe fn fill(&self, _: &[f32], _: usize, _: usize, _: &mut [std::mem::MaybeUninit<f32>]) {
-        unreachable!("F32Conv::supports() is false off x86-64")
-    }
 }
 
 /// `V = Bᵀ d B` of one 4×4 patch for 16 channels: `patch` at its first position (16 values
