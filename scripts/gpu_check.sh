@@ -6,12 +6,14 @@
 #
 #   scripts/gpu_check.sh BIN_DIR [FIXTURES_DIR]
 #
-# BIN_DIR holds `dynamicrafter` and the engine's test binaries `lib`, `parity`, `pipeline` of a
-# `--features cuda` build (`cargo test --release --features cuda -p dynamicrafter-engine
-# --no-run` lists them); the tests find the tiny-v fixture where they were built, so run this
+# BIN_DIR holds `dynamicrafter-bench` (`cargo build --release --features cuda -p
+# dynamicrafter-bench`), the kernels' test binary as `kernels` and the engine's `parity` and
+# `pipeline` of a `--features cuda` build (`cargo test --release --features cuda -p
+# dynamicrafter-kernels -p dynamicrafter-engine --no-run` lists them); the tests find the
+# tiny-v fixture where they were built, so run this
 # from a checkout at the same path or point FIXTURES_DIR (default: fixtures) at the folders to
 # check. Logs go to $OUT (default /tmp/gpu-check); the last lines printed are the summary.
-# STEPS="name …" runs only the steps named (a short lease's budget); the default runs them all.
+# STEPS="name …" runs only the steps named (to fit a time budget); the default runs them all.
 set -u
 BIN=${1:?usage: gpu_check.sh BIN_DIR [FIXTURES_DIR]}
 FIX=${2:-fixtures}
@@ -34,15 +36,15 @@ step() { # name timeout command...
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 export DYNAMICRAFTER_TEST_DEVICE=cuda DYNAMICRAFTER_FIXTURES=$FIX RUST_BACKTRACE=1
 
-step kernel-tests 60 "$BIN/lib" --nocapture --test-threads 1 flash_attention kernels_match_candle_on_gpu
-step ops-1024 60 "$BIN/dynamicrafter" bench --device cuda ops-1024 --runs 3
-step bench-unet-bf16 90 "$BIN/dynamicrafter" bench --device cuda unet-256 unet-512 unet-1024 --runs 3
+step kernel-tests 60 "$BIN/kernels" --nocapture --test-threads 1 flash_attention kernels_match_candle_on_gpu
+step ops-1024 60 "$BIN/dynamicrafter-bench" --device cuda ops-1024 --runs 3
+step bench-unet-bf16 90 "$BIN/dynamicrafter-bench" --device cuda unet-256 unet-512 unet-1024 --runs 3
 step parity-cuda 60 "$BIN/parity" --nocapture --test-threads 1
 step pipeline-tests-cuda 60 "$BIN/pipeline" --nocapture --test-threads 1
-step bench-pipeline-1024 200 "$BIN/dynamicrafter" bench --device cuda pipeline-1024 --runs 1
-step bench-pipeline-512-256 150 "$BIN/dynamicrafter" bench --device cuda pipeline-512 pipeline-256 --runs 1
-step bench-unet-chunked 60 env DYNAMICRAFTER_FLASH_ATTENTION=0 "$BIN/dynamicrafter" bench --device cuda unet-1024 --runs 2
-step bench-unet-fp16-fp32 90 bash -c "'$BIN/dynamicrafter' bench --device cuda --precision f16 unet-1024 --runs 2; '$BIN/dynamicrafter' bench --device cuda --precision fp32 unet-1024 unet-256 --runs 2"
+step bench-pipeline-1024 200 "$BIN/dynamicrafter-bench" --device cuda pipeline-1024 --runs 1
+step bench-pipeline-512-256 150 "$BIN/dynamicrafter-bench" --device cuda pipeline-512 pipeline-256 --runs 1
+step bench-unet-chunked 60 env DYNAMICRAFTER_FLASH_ATTENTION=0 "$BIN/dynamicrafter-bench" --device cuda unet-1024 --runs 2
+step bench-unet-fp16-fp32 90 bash -c "'$BIN/dynamicrafter-bench' --device cuda --precision f16 unet-1024 --runs 2; '$BIN/dynamicrafter-bench' --device cuda --precision fp32 unet-1024 unet-256 --runs 2"
 if [ -z "${SKIP_TORCH:-}" ] && python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
     step torch-unet 200 python3 scripts/torch_unet.py 256 512 1024 --runs 5
 fi

@@ -42,7 +42,7 @@ fn engine_frames(model: &str, weights: &str, prompt: &str, steps: usize, seed: u
     let (w, h) = img.dimensions();
     let image = dynamicrafter_engine::RgbImage::new(w as usize, h as usize, img.into_raw()).unwrap();
     let mut req = Request::new(&cfg, image, prompt);
-    req.steps = steps;
+    req.sampling.steps = steps;
     let v = p.generate(&req, &mut SeededNoise::new(seed, &Device::Cpu), &mut |_| {}, &AtomicBool::new(false)).unwrap();
     (v.frames_u8, v.frames, v.width, v.height)
 }
@@ -216,4 +216,30 @@ fn offline_preset_says_what_is_missing_and_where() {
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("model.ckpt of Doubiiu/DynamiCrafter is not in the Hugging Face cache"), "{err}");
     assert!(err.contains(home.to_str().unwrap()), "names the cache folder: {err}");
+}
+
+/// Hardening (#22): every knob has a stated range, checked before any work: huge sizes, frame
+/// counts and guidance scales are one line and exit 2, not an abort or a black video.
+#[test]
+fn out_of_range_knobs_are_refused_up_front() {
+    let dir = tmp("ranges");
+    let out = dir.join("o.mp4");
+    let base = ["generate", "--model", "fixtures/tiny-v", "--image", CARD, "--out", out.to_str().unwrap()];
+    for (extra, needle) in [
+        (&["--frames", "10000"][..], "frames"),
+        (&["--width", "64000", "--height", "64000"][..], "height"),
+        (&["--cfg", "1e308"][..], "cfg"),
+        (&["--eta", "1e308"][..], "eta"),
+        (&["--cfg-img", "1e308"][..], "cfg_img"),
+        (&["--fs", "100000"][..], "fs"),
+    ] {
+        let args: Vec<&str> = base.iter().copied().chain(extra.iter().copied()).collect();
+        let r = run(&args);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert_eq!(r.status.code(), Some(2), "{extra:?}: {err}");
+        let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("dynamicrafter: ")).collect();
+        assert_eq!(lines.len(), 1, "{extra:?}: {err}");
+        assert!(lines[0].contains(needle) && lines[0].contains("between"), "{extra:?}: {err}");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "{extra:?} wrote something");
+    }
 }

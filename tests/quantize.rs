@@ -2,7 +2,7 @@
 //! every fixture model.
 
 use candle_core::Device;
-use dynamicrafter_engine::quant::Quantization;
+use dynamicrafter_engine::Quantization;
 use dynamicrafter_engine::{ModelConfig, Pipeline, PrecisionPolicy, Request, RgbImage, SeededNoise};
 use dynamicrafter_video::psnr;
 use std::path::{Path, PathBuf};
@@ -33,7 +33,7 @@ fn frames(pipeline: &Pipeline, cfg: &ModelConfig) -> Vec<u8> {
     let (w, h) = img.dimensions();
     let image = RgbImage::new(w as usize, h as usize, img.into_raw()).unwrap();
     let mut req = Request::new(cfg, image, "waves rolling onto the shore at sunset");
-    req.steps = 4;
+    req.sampling.steps = 4;
     let video = pipeline.generate(&req, &mut SeededNoise::new(5, &Device::Cpu), &mut |_| {}, &AtomicBool::new(false)).unwrap();
     video.frames_u8
 }

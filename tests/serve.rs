@@ -263,3 +263,32 @@ fn finished_jobs_and_their_videos_expire() {
     assert_eq!(server.get(&format!("/api/v1/jobs/{id}/video")).status, 404);
     let _ = std::fs::remove_dir_all(&results);
 }
+
+/// Hardening (#22): a small PNG of extreme aspect ratio, whose resize would take gigabytes, is
+/// refused before anything is allocated, and the server keeps serving.
+#[test]
+fn an_elongated_image_is_refused_not_fatal() {
+    let server = Server::start(&[]);
+    for (w, h) in [(1, 60_000), (60_000, 1)] {
+        let r = server.post_form(&[Part::File("image", png(w, h)), text("steps", 1)]);
+        assert_eq!(r.status, 422, "{w}×{h}: {}", r.text());
+        assert_eq!(r.json()["field"], "image");
+        assert!(r.json()["error"].as_str().unwrap().contains("too elongated"), "{}", r.text());
+    }
+    let id = server.submit(&[file("image", SUNSET), text("steps", 1)]);
+    assert_eq!(server.wait(&id)["state"], "done");
+}
+
+/// Hardening (#22): a JSON body over the upload limit is refused with 413 JSON from its declared
+/// length, not buffered first (a 2 GB declaration costs nothing); one within the limit is read.
+#[test]
+fn json_bodies_are_bounded() {
+    let server = Server::start(&["--max-image-bytes", "40000"]);
+    let (status, body) = server.post_declaring("application/json", 2 << 30, b"{\"image\": \"AAAA");
+    assert_eq!(status, 413, "{body}");
+    assert!(body["error"].as_str().is_some(), "{body}");
+    let small = br#"{"prompt": "waves"}"#;
+    let (status, body) = server.post_declaring("application/json", small.len() as u64, small);
+    assert_eq!(status, 400, "a small body is read and checked: {body}");
+    assert_eq!(body["field"], "image", "{body}");
+}

@@ -1,7 +1,7 @@
 //! Every job the server knows: its request, state, progress, the ordered list of events it has
 //! produced (replayed to each event-stream subscriber), and its result.
 
-use dynamicrafter_engine::{Report, Request};
+use dynamicrafter_engine::{ModeKind, Report, Request};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum State {
     Queued,
@@ -67,7 +67,7 @@ impl Event {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ProgressInfo {
     pub stage: String,
     pub step: usize,
@@ -75,16 +75,8 @@ pub struct ProgressInfo {
     pub eta_seconds: Option<f64>,
 }
 
-/// What a worker needs to run a job.
-#[derive(Debug, Clone)]
-pub struct JobSpec {
-    pub request: Request,
-    pub seed: u64,
-    pub mode: &'static str,
-}
-
 pub struct Job {
-    pub spec: JobSpec,
+    pub spec: Request,
     pub state: State,
     pub position: Option<usize>,
     pub progress: Option<ProgressInfo>,
@@ -100,14 +92,18 @@ pub struct Job {
 }
 
 /// The JSON of `GET /jobs/{id}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct JobView {
     pub id: String,
     pub state: State,
-    pub mode: &'static str,
+    #[schema(value_type = String, example = "i2v")]
+    pub mode: ModeKind,
     pub seed: u64,
+    /// 1 is next; while queued.
     pub position: Option<usize>,
     pub progress: Option<ProgressInfo>,
+    /// Stage timings, steps, precision, kernels, peak memory (the CLI's report), once done.
+    #[schema(value_type = Option<Object>)]
     pub report: Option<Report>,
     pub error: Option<String>,
     pub video_url: Option<String>,
@@ -136,7 +132,7 @@ impl JobStore {
         self.jobs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn insert(&self, id: &str, spec: JobSpec) {
+    pub fn insert(&self, id: &str, spec: Request) {
         let created_unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
         let job = Job {
             spec,
@@ -170,8 +166,8 @@ impl JobStore {
         Some(JobView {
             id: id.to_string(),
             state: job.state,
-            mode: job.spec.mode,
-            seed: job.spec.seed,
+            mode: job.spec.mode.kind(),
+            seed: job.spec.sampling.seed,
             position: job.position,
             progress: job.progress.clone(),
             report: job.report.clone(),
@@ -218,7 +214,7 @@ impl JobStore {
     }
 
     /// Marks a job taken by a worker as running; `None` when it was cancelled meanwhile.
-    pub fn start(&self, id: &str) -> Option<(JobSpec, Arc<AtomicBool>)> {
+    pub fn start(&self, id: &str) -> Option<(Request, Arc<AtomicBool>)> {
         let mut jobs = self.lock();
         let job = jobs.get_mut(id)?;
         if job.state != State::Queued {

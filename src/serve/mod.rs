@@ -1,25 +1,40 @@
 //! `dynamicrafter serve`: the web page and the HTTP API. The model is loaded once; worker
 //! threads take jobs from a bounded queue and run them through the same
-//! [`generate_videos`](crate::run::generate_videos) call as the command line.
+//! [`generate_videos`](crate::generation::generate_videos) call as the command line.
+//!
+//! | file | job |
+//! |---|---|
+//! | `mod.rs` | flags, startup, routes, shutdown |
+//! | `state.rs` | what handlers and workers share |
+//! | `handlers.rs` | the HTTP handlers |
+//! | `form.rs` | a submitted job: parsing and checks |
+//! | `error.rs` | the error response |
+//! | `openapi.rs` | `GET /openapi.json` |
+//! | `worker.rs` | the worker threads |
+//! | `jobs.rs`, `queue.rs` | the job store and the queue (the seams for a shared backend) |
+//! | `metrics.rs` | Prometheus metrics |
 
-mod api;
+mod error;
+mod form;
+mod handlers;
 mod jobs;
 mod metrics;
 mod openapi;
 mod queue;
+mod state;
+mod worker;
 
-use crate::model;
-use crate::run::{generate_videos, VideoOutput};
+use crate::model_source;
 use anyhow::{Context, Result};
 use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
 use axum::Router;
-use dynamicrafter_engine::{Pipeline, Progress, Stage};
-use dynamicrafter_video::Format;
-use jobs::{CancelOutcome, JobSpec, JobStore, State as JobState};
-use queue::{JobQueue, MemoryQueue, PushError};
+use dynamicrafter_engine::Pipeline;
+use jobs::JobStore;
+use queue::MemoryQueue;
+use state::{AppState, Limits};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -58,188 +73,26 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 8.0)]
     pub fps: f64,
     #[command(flatten)]
-    pub compute: crate::run::ComputeArgs,
-}
-
-pub struct Limits {
-    pub max_image_bytes: usize,
-    pub max_image_pixels: u64,
-    pub max_prompt_tokens: usize,
-}
-
-/// Everything the handlers and workers share.
-pub struct AppState {
-    pipeline: Pipeline,
-    model_name: String,
-    jobs: JobStore,
-    queue: Box<dyn JobQueue>,
-    max_queue: usize,
-    limits: Limits,
-    results_dir: PathBuf,
-    fps: f64,
-    closing: AtomicBool,
-    /// Mean wall time of recent jobs (f64 bits), for `Retry-After`.
-    mean_job_seconds: AtomicU64,
-    workers: usize,
-    positions_lock: std::sync::Mutex<()>,
-}
-
-impl AppState {
-    fn is_closing(&self) -> bool {
-        self.closing.load(Ordering::Relaxed)
-    }
-
-    /// Creates a job and queues it; returns its position.
-    fn enqueue(&self, id: &str, spec: JobSpec) -> Result<usize, PushError> {
-        self.jobs.insert(id, spec);
-        match self.queue.push(id) {
-            Ok(position) => {
-                self.positions_changed();
-                Ok(position)
-            }
-            Err(e) => {
-                self.jobs.discard(id);
-                Err(e)
-            }
-        }
-    }
-
-    fn positions_changed(&self) {
-        // Serialised so an older snapshot of the queue never overwrites a newer one.
-        let _order = self.positions_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let waiting = self.queue.waiting();
-        metrics::queue_depth(waiting.len());
-        self.jobs.set_positions(&waiting);
-    }
-
-    fn cancel(&self, id: &str) -> Option<CancelOutcome> {
-        let was_waiting = self.queue.remove(id);
-        let outcome = self.jobs.cancel(id, was_waiting)?;
-        if outcome == CancelOutcome::Dequeued {
-            metrics::job_finished(JobState::Cancelled.name());
-            self.positions_changed();
-        }
-        Some(outcome)
-    }
-
-    fn retry_after_seconds(&self) -> u64 {
-        let mean = f64::from_bits(self.mean_job_seconds.load(Ordering::Relaxed));
-        let waiting = self.queue.waiting().len() as f64;
-        ((mean * waiting / self.workers as f64).ceil() as u64).max(1)
-    }
-
-    /// Stops taking jobs: the waiting ones are cancelled, running ones stop at their next step.
-    fn shut_down(&self) {
-        self.closing.store(true, Ordering::Relaxed);
-        for id in self.queue.close() {
-            if self.jobs.finish(&id, Err(None)) {
-                metrics::job_finished(JobState::Cancelled.name());
-            }
-        }
-        metrics::queue_depth(0);
-        self.jobs.cancel_running();
-    }
-
-    fn video_path(&self, id: &str) -> PathBuf {
-        self.results_dir.join(format!("{id}.mp4"))
-    }
-}
-
-/// One worker: takes jobs until the queue closes.
-fn worker(state: Arc<AppState>) {
-    while let Some(id) = state.queue.pop() {
-        state.positions_changed();
-        let Some((spec, cancel)) = state.jobs.start(&id) else { continue };
-        metrics::running(state.jobs.count_running());
-        let path = state.video_path(&id);
-        let started = Instant::now();
-        let mut denoise_start = Instant::now();
-        let mut last_step = Instant::now();
-        let mut on_progress = |p: Progress| {
-            if p.stage != Stage::Denoise {
-                if p.step == 0 {
-                    state.jobs.stage(&id, p.stage.name());
-                }
-                return;
-            }
-            if p.step == 0 {
-                state.jobs.stage(&id, p.stage.name());
-                denoise_start = Instant::now();
-            } else {
-                metrics::step(last_step.elapsed().as_secs_f64());
-                let per_step = denoise_start.elapsed().as_secs_f64() / p.step as f64;
-                state.jobs.step(&id, p.step, p.total, Some(per_step * (p.total - p.step) as f64));
-            }
-            last_step = Instant::now();
-        };
-        let output = VideoOutput { format: Format::Mp4, fps: state.fps };
-        // A panic in one job must not take the worker with it.
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            generate_videos(
-                &state.pipeline,
-                &state.model_name,
-                &spec.request,
-                spec.seed,
-                output,
-                std::slice::from_ref(&path),
-                None,
-                &mut on_progress,
-                &cancel,
-            )
-        }));
-        let outcome = match result {
-            Ok(Ok(report)) => {
-                for s in &report.stages {
-                    metrics::stage(&s.stage, s.seconds);
-                }
-                metrics::peak_memory(report.peak_rss_bytes, report.peak_gpu_bytes);
-                let secs = started.elapsed().as_secs_f64();
-                let old = f64::from_bits(state.mean_job_seconds.load(Ordering::Relaxed));
-                let mean = if old == 0.0 { secs } else { 0.8 * old + 0.2 * secs };
-                state.mean_job_seconds.store(mean.to_bits(), Ordering::Relaxed);
-                Ok((report, path.clone()))
-            }
-            Ok(Err(_)) if cancel.load(Ordering::Relaxed) => Err(None),
-            Ok(Err(e)) => Err(Some(format!("{e:#}"))),
-            Err(_) => Err(Some("internal error while generating (see the server log)".to_string())),
-        };
-        if outcome.is_err() {
-            // Nothing half-written is left behind; the writer renames only complete files.
-            let _ = std::fs::remove_file(&path);
-        }
-        let final_state = match &outcome {
-            Ok(_) => JobState::Done,
-            Err(Some(_)) => JobState::Failed,
-            Err(None) => JobState::Cancelled,
-        };
-        if let Err(Some(e)) = &outcome {
-            tracing::warn!(job = %id, "generation failed: {e}");
-        }
-        if state.jobs.finish(&id, outcome) {
-            metrics::job_finished(final_state.name());
-        }
-        metrics::running(state.jobs.count_running());
-    }
+    pub compute: crate::cli::ComputeArgs,
 }
 
 fn router(state: Arc<AppState>) -> Router {
-    // Two images, base64 in JSON (4/3), plus the other fields.
-    let body_limit = state.limits.max_image_bytes * 8 / 3 + (1 << 20);
+    let body_limit = state.limits.max_body_bytes();
     let api = Router::new()
-        .route("/jobs", axum::routing::post(api::submit).layer(DefaultBodyLimit::max(body_limit)))
-        .route("/jobs/{id}", get(api::status).delete(api::cancel))
-        .route("/jobs/{id}/events", get(api::events))
-        .route("/jobs/{id}/video", get(api::video))
-        .route("/model", get(api::model_info))
-        .route("/examples", get(api::examples));
+        .route("/jobs", axum::routing::post(handlers::submit).layer(DefaultBodyLimit::max(body_limit)))
+        .route("/jobs/{id}", get(handlers::status).delete(handlers::cancel))
+        .route("/jobs/{id}/events", get(handlers::events))
+        .route("/jobs/{id}/video", get(handlers::video))
+        .route("/model", get(handlers::model_info))
+        .route("/examples", get(handlers::examples));
     Router::new()
-        .route("/", get(api::page))
-        .route("/examples/{name}", get(api::example_image))
-        .route("/healthz", get(api::health))
-        .route("/metrics", get(api::metrics_text))
+        .route("/", get(handlers::page))
+        .route("/examples/{name}", get(handlers::example_image))
+        .route("/healthz", get(handlers::health))
+        .route("/metrics", get(handlers::metrics_text))
         .route("/openapi.json", get(openapi::document))
         .nest("/api/v1", api)
-        .fallback(api::not_found)
+        .fallback(handlers::not_found)
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }
@@ -285,7 +138,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         None => (std::env::temp_dir().join(format!("dynamicrafter-serve-{}", std::process::id())), true),
     };
     std::fs::create_dir_all(&results_dir).with_context(|| format!("results folder {}", results_dir.display()))?;
-    let source = model::resolve(&args.model, args.config.as_deref())?;
+    let source = model_source::resolve(&args.model, args.config.as_deref())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -319,7 +172,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let workers: Vec<_> = (0..args.workers)
         .map(|i| {
             let s = state.clone();
-            std::thread::Builder::new().name(format!("worker-{i}")).spawn(move || worker(s))
+            std::thread::Builder::new().name(format!("worker-{i}")).spawn(move || worker::run(s))
         })
         .collect::<std::io::Result<_>>()
         .context("starting worker threads")?;

@@ -1,94 +1,103 @@
-//! `GET /openapi.json`: the API described for clients and code generators.
+//! `GET /openapi.json`: the API described for clients and code generators, generated from the
+//! handlers' and response types' annotations, and the job form from the knobs ([`KNOBS`]) with
+//! the loaded model's ranges.
 
-use super::api::{CFG_SCALE, ETA, SEED, STEPS};
+use super::form::{IMAGE, IMAGE2, MODE, PROMPT};
+use super::state::AppState;
+use axum::extract::State;
 use axum::Json;
-use serde_json::{json, Value};
+use dynamicrafter_engine::config::{Range, KNOBS};
+use dynamicrafter_engine::{ModeKind, ModelConfig};
+use std::sync::Arc;
+use utoipa::openapi::schema::{Object, ObjectBuilder, Schema, Type};
+use utoipa::openapi::RefOr;
+use utoipa::{OpenApi, PartialSchema, ToSchema};
 
-fn job_fields() -> Value {
-    json!({
-        "mode": { "type": "string", "enum": ["i2v", "interpolate", "loop"],
-                  "description": "i2v animates image; interpolate fills the frames between image and image2; loop makes a looping video. Default: interpolate when image2 is given, else i2v." },
-        "prompt": { "type": "string", "description": "Text guiding the motion; at most 75 CLIP tokens." },
-        "steps": { "type": "integer", "minimum": STEPS.min, "maximum": STEPS.max, "description": "DDIM steps (model default 50)." },
-        "cfg_scale": { "type": "number", "minimum": CFG_SCALE.min, "maximum": CFG_SCALE.max, "description": "Classifier-free guidance scale." },
-        "eta": { "type": "number", "minimum": ETA.min, "maximum": ETA.max, "description": "DDIM eta." },
-        "fs": { "type": "integer", "description": "Motion control: FPS (512/1024 models) or frame stride (256); range in GET /api/v1/model." },
-        "seed": { "type": "integer", "minimum": SEED.min, "maximum": SEED.max, "description": "Random seed (default: the model's launch-script seed)." }
-    })
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "DynamiCrafter", description = "Image-to-video generation. Submit a job, follow its events, fetch the MP4."),
+    paths(
+        super::handlers::submit,
+        super::handlers::status,
+        super::handlers::cancel,
+        super::handlers::events,
+        super::handlers::video,
+        super::handlers::model_info,
+        super::handlers::examples,
+        super::handlers::health,
+        super::handlers::metrics_text,
+    )
+)]
+struct ApiDoc;
+
+/// The JSON form of a job: images as base64 (a `data:` URL is accepted).
+pub struct JobJson;
+/// The multipart form of a job: images as files.
+pub struct JobMultipart;
+
+impl PartialSchema for JobJson {
+    fn schema() -> RefOr<Schema> {
+        job_schema(false, None)
+    }
+}
+impl ToSchema for JobJson {}
+
+impl PartialSchema for JobMultipart {
+    fn schema() -> RefOr<Schema> {
+        job_schema(true, None)
+    }
+}
+impl ToSchema for JobMultipart {}
+
+/// A job's fields: the images, mode and prompt, and every knob the API takes with its range on
+/// `cfg` (without a model: the ranges that do not depend on one).
+fn job_schema(multipart: bool, cfg: Option<&ModelConfig>) -> RefOr<Schema> {
+    let image = |what: &str| {
+        let s = ObjectBuilder::new().schema_type(Type::String).description(Some(what.to_string()));
+        if multipart { s.format(Some(utoipa::openapi::SchemaFormat::Custom("binary".into()))) } else { s.content_encoding("base64") }
+    };
+    let modes: Vec<&str> = ModeKind::ALL.iter().map(|m| m.name()).collect();
+    let mut form = ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .property(IMAGE, image("The image to animate (the first keyframe for interpolate)."))
+        .required(IMAGE)
+        .property(IMAGE2, image("The last keyframe: only and always with mode interpolate."))
+        .property(
+            MODE,
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some(modes))
+                .description(Some("i2v animates image; interpolate fills the frames between image and image2; loop makes a looping video. Default: interpolate when image2 is given, else i2v.")),
+        )
+        .property(PROMPT, ObjectBuilder::new().schema_type(Type::String).description(Some("Text guiding the motion; at most 75 CLIP tokens.")));
+    for knob in KNOBS.iter().filter(|k| k.ui.is_some()) {
+        let range: Option<Range> = match cfg {
+            Some(cfg) => knob.ui_range(cfg),
+            None => match knob.ui {
+                Some(dynamicrafter_engine::config::Ui::Fixed(r)) => Some(r),
+                _ => None,
+            },
+        };
+        let mut p = ObjectBuilder::new()
+            .schema_type(if knob.integer { Type::Integer } else { Type::Number })
+            .description(Some(knob.help.trim().to_string()));
+        if let Some(r) = range {
+            p = p.minimum(Some(r.min)).maximum(Some(r.max));
+        } else {
+            p = p.description(Some(format!("{} The model's range: GET /api/v1/model.", knob.help.trim())));
+        }
+        form = form.property(knob.name, p);
+    }
+    RefOr::T(Schema::Object(Object::from(form)))
 }
 
-pub async fn document() -> Json<Value> {
-    let error = json!({ "$ref": "#/components/schemas/Error" });
-    let id_param = json!([{ "name": "id", "in": "path", "required": true, "schema": { "type": "string" } }]);
-    let err = |description: &str| json!({ "description": description, "content": { "application/json": { "schema": error } } });
-    let mut multipart_props = job_fields();
-    multipart_props["image"] = json!({ "type": "string", "format": "binary" });
-    multipart_props["image2"] = json!({ "type": "string", "format": "binary" });
-    let mut json_props = job_fields();
-    json_props["image"] = json!({ "type": "string", "format": "byte", "description": "Base64 (a data: URL is accepted)." });
-    json_props["image2"] = json!({ "type": "string", "format": "byte" });
-    Json(json!({
-        "openapi": "3.0.3",
-        "info": {
-            "title": "DynamiCrafter",
-            "version": env!("CARGO_PKG_VERSION"),
-            "description": "Image-to-video generation. Submit a job, follow its events, fetch the MP4."
-        },
-        "paths": {
-            "/api/v1/jobs": { "post": {
-                "summary": "Queue a generation job",
-                "requestBody": { "required": true, "content": {
-                    "multipart/form-data": { "schema": { "type": "object", "required": ["image"], "properties": multipart_props } },
-                    "application/json": { "schema": { "type": "object", "required": ["image"], "properties": json_props } }
-                }},
-                "responses": {
-                    "202": { "description": "Queued", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Accepted" } } } },
-                    "400": err("Malformed request or unknown field"),
-                    "413": err("Image too large (bytes or pixels)"),
-                    "415": err("Not an image, or an unsupported body type"),
-                    "422": err("A parameter is out of range or the prompt is too long"),
-                    "429": err("Queue full; see the Retry-After header"),
-                    "503": err("Shutting down")
-                }
-            }},
-            "/api/v1/jobs/{id}": {
-                "parameters": id_param,
-                "get": { "summary": "Job state, queue position, progress, report or error",
-                         "responses": { "200": { "description": "The job", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Job" } } } },
-                                        "404": err("Unknown job") } },
-                "delete": { "summary": "Cancel: a queued job at once, a running one between denoising steps",
-                            "responses": { "200": { "description": "Cancelled" }, "202": { "description": "Cancelling" },
-                                           "404": err("Unknown job"), "409": err("Already ended") } }
-            },
-            "/api/v1/jobs/{id}/events": { "parameters": id_param, "get": {
-                "summary": "Server-sent events: queued, position, stage, step, done, error, cancelled (replayed from the start)",
-                "responses": { "200": { "description": "text/event-stream" }, "404": err("Unknown job") }
-            }},
-            "/api/v1/jobs/{id}/video": { "parameters": id_param, "get": {
-                "summary": "The H.264 MP4 of a finished job",
-                "responses": { "200": { "description": "video/mp4" }, "404": err("Unknown job"), "409": err("Not done") }
-            }},
-            "/api/v1/model": { "get": { "summary": "The loaded model, its controls and limits", "responses": { "200": { "description": "Model info" } } } },
-            "/api/v1/examples": { "get": { "summary": "Example inputs", "responses": { "200": { "description": "List of examples" } } } },
-            "/healthz": { "get": { "summary": "Liveness", "responses": { "200": { "description": "ok" }, "503": { "description": "Shutting down" } } } },
-            "/metrics": { "get": { "summary": "Prometheus metrics", "responses": { "200": { "description": "text/plain" } } } }
-        },
-        "components": { "schemas": {
-            "Error": { "type": "object", "required": ["error"], "properties": {
-                "error": { "type": "string" }, "field": { "type": "string", "nullable": true } } },
-            "Accepted": { "type": "object", "properties": {
-                "id": { "type": "string" }, "state": { "type": "string" }, "position": { "type": "integer" },
-                "status_url": { "type": "string" }, "events_url": { "type": "string" }, "video_url": { "type": "string" } } },
-            "Job": { "type": "object", "properties": {
-                "id": { "type": "string" },
-                "state": { "type": "string", "enum": ["queued", "running", "done", "failed", "cancelled"] },
-                "mode": { "type": "string" }, "seed": { "type": "integer" },
-                "position": { "type": "integer", "nullable": true },
-                "progress": { "type": "object", "nullable": true },
-                "report": { "type": "object", "nullable": true, "description": "Stage timings, steps, precision, peak memory (the CLI's report)" },
-                "error": { "type": "string", "nullable": true },
-                "video_url": { "type": "string", "nullable": true },
-                "created_unix": { "type": "number" } } }
-        }}
-    }))
+pub async fn document(State(state): State<Arc<AppState>>) -> Json<utoipa::openapi::OpenApi> {
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+    let cfg = state.pipeline.config();
+    if let Some(components) = doc.components.as_mut() {
+        components.schemas.insert(JobJson::name().into_owned(), job_schema(false, Some(cfg)));
+        components.schemas.insert(JobMultipart::name().into_owned(), job_schema(true, Some(cfg)));
+    }
+    Json(doc)
 }

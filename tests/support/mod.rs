@@ -65,6 +65,40 @@ impl Server {
         reply(ureq::post(&format!("{}/api/v1/jobs", self.url)).set("Content-Type", content_type).send_bytes(body))
     }
 
+    /// A POST to the jobs route that declares `declared_length` bytes of body but sends only
+    /// `body`, then reads the reply: the server must answer from the header alone (and a reply
+    /// before the body is read cannot be lost to a broken pipe, as with a large real body).
+    pub fn post_declaring(&self, content_type: &str, declared_length: u64, body: &[u8]) -> (u16, Value) {
+        use std::io::Write;
+        let addr = self.url.strip_prefix("http://").expect("an http:// url");
+        let mut stream = std::net::TcpStream::connect(addr).expect("connecting");
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let head = format!("POST /api/v1/jobs HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {content_type}\r\nContent-Length: {declared_length}\r\n\r\n");
+        stream.write_all(head.as_bytes()).unwrap();
+        stream.write_all(body).unwrap();
+        let mut reader = BufReader::new(stream);
+        let mut status_line = String::new();
+        reader.read_line(&mut status_line).unwrap();
+        let status: u16 = status_line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("status line {status_line:?}"));
+        let mut length = None;
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    length = v.trim().parse::<usize>().ok();
+                }
+            }
+        }
+        let mut reply = vec![0; length.expect("a content-length on the reply")];
+        reader.read_exact(&mut reply).unwrap();
+        (status, serde_json::from_slice(&reply).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&reply))))
+    }
+
     pub fn post_form(&self, parts: &[Part]) -> Reply {
         let (content_type, body) = multipart(parts);
         self.post_raw(&content_type, &body)

@@ -1,5 +1,5 @@
 //! Noise schedule, DDIM timesteps and coefficients, the DDIM update for eps and v models, and
-//! classifier-free guidance (`spec/sampling.md` §3–5). Scalar coefficients are computed in f64
+//! classifier-free guidance (`docs/spec/sampling.md` §3–5). Scalar coefficients are computed in f64
 //! and used as f32, tensor arithmetic is f32, in the reference's order of operations.
 
 use crate::config::{DiffusionConfig, Parameterization, TimestepSpacing};
@@ -275,7 +275,6 @@ impl Guidance<'_> {
 #[allow(clippy::excessive_precision)] // spec table values, as printed
 mod tests {
     use super::*;
-    use crate::config::ModelConfig;
 
     #[test]
     fn timesteps_match_the_spec() {
@@ -290,7 +289,7 @@ mod tests {
 
     #[test]
     fn zero_snr_schedule_values() {
-        let s = NoiseSchedule::new(&ModelConfig::dc_1024().diffusion);
+        let s = NoiseSchedule::new(&crate::config::presets::Preset::Dc1024.config().diffusion);
         assert_eq!(s.alphas_cumprod[999], 0.0);
         assert!((s.betas[999] - 1.0).abs() < 1e-12);
         assert!((s.alphas_cumprod[0] - 0.99915).abs() < 1e-6);
@@ -305,7 +304,7 @@ mod tests {
 
     #[test]
     fn linear_schedule_values() {
-        let s = NoiseSchedule::new(&ModelConfig::dc_256().diffusion);
+        let s = NoiseSchedule::new(&crate::config::presets::Preset::Dc256.config().diffusion);
         assert!((s.alphas_cumprod_f64[999] - 0.0046600985).abs() < 1e-9);
         let d = DdimSchedule::new(&s, TimestepSpacing::Uniform, 50, 1.0).unwrap();
         assert!((d.sigmas[49] - 0.454463273).abs() < 1e-8);

@@ -1,4 +1,4 @@
-//! Image preprocessing exactly as the reference CLI does it (`spec/sampling.md` §1.1): PIL
+//! Image preprocessing exactly as the reference CLI does it (`docs/spec/sampling.md` §1.1): PIL
 //! bilinear shorter-side resize, centre crop with black padding, `[-1, 1]` tensor; and the CLIP
 //! embedder's kornia resize to 224 (Gaussian antialias + bicubic `align_corners=True`).
 
@@ -114,16 +114,41 @@ pub fn resize_bilinear_pil(img: &RgbImage, width: usize, height: usize) -> RgbIm
     RgbImage { width, height, data: out }
 }
 
-/// `torchvision.transforms.Resize(min(h, w))` then `CenterCrop((h, w))` on a PIL image; an
-/// undersized side is padded with black first, as torchvision does.
-pub fn resize_and_crop(img: &RgbImage, height: usize, width: usize) -> RgbImage {
+/// The size `Resize(min(height, width))` gives `img`: its shorter side scaled to that.
+fn resized_size(img: &RgbImage, height: usize, width: usize) -> (usize, usize) {
     let size = height.min(width);
     let (w, h) = (img.width, img.height);
-    let (new_w, new_h) = if w <= h {
+    if w <= h {
         (size, (size as f64 * h as f64 / w as f64) as usize)
     } else {
         ((size as f64 * w as f64 / h as f64) as usize, size)
-    };
+    }
+}
+
+/// The most pixels the resize of [`resize_and_crop`] may pass through (its horizontal pass or
+/// its result): 2²⁷, 384 MB of RGB. An image of extreme aspect ratio needs far more than itself
+/// (a 1 × 2 000 000 one, 24 GB for a 64-pixel video), so such images are refused up front.
+pub const MAX_RESIZE_PIXELS: usize = 1 << 27;
+
+/// Refuses an image whose resize to a `height × width` video would pass [`MAX_RESIZE_PIXELS`];
+/// `what` names it in the error.
+pub fn check_resizable(img: &RgbImage, height: usize, width: usize, what: &str) -> Result<()> {
+    let (new_w, new_h) = resized_size(img, height, width);
+    let pixels = new_w.saturating_mul(new_h.max(img.height));
+    if pixels > MAX_RESIZE_PIXELS {
+        return Err(Error::InvalidInput(format!(
+            "{what} is {}×{}: too elongated for a {width}×{height} video (its resize would take {pixels} pixels; the limit is {MAX_RESIZE_PIXELS})",
+            img.width, img.height
+        )));
+    }
+    Ok(())
+}
+
+/// `torchvision.transforms.Resize(min(h, w))` then `CenterCrop((h, w))` on a PIL image; an
+/// undersized side is padded with black first, as torchvision does. Check the image with
+/// [`check_resizable`] first: an extreme aspect ratio makes the resize huge.
+pub fn resize_and_crop(img: &RgbImage, height: usize, width: usize) -> RgbImage {
+    let (new_w, new_h) = resized_size(img, height, width);
     let resized = resize_bilinear_pil(img, new_w, new_h);
     // Pad (left = (W−w)//2, right = (W−w+1)//2) where the image is smaller than the crop.
     let pad_w = width.saturating_sub(resized.width);
@@ -308,6 +333,18 @@ pub fn clip_preprocess(images: &Tensor, size: usize) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn elongated_images_are_refused_before_the_resize() {
+        let thin = |w, h| RgbImage::new(w, h, vec![9; w * h * 3]).unwrap();
+        let e = check_resizable(&thin(1, 2_000_000), 64, 128, "image").unwrap_err();
+        assert!(e.to_string().contains("image is 1×2000000"), "{e}");
+        assert!(check_resizable(&thin(2_000_000, 1), 64, 128, "image").is_err());
+        assert!(check_resizable(&thin(1, 60_000), 64, 64, "image").is_err());
+        for (w, h) in [(6000, 6000), (1, 1), (4000, 300), (300, 4000)] {
+            assert!(check_resizable(&thin(w, h), 576, 1024, "image").is_ok(), "{w}×{h}");
+        }
+    }
 
     #[test]
     fn crop_pads_undersized_images_with_black() {

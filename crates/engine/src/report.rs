@@ -3,6 +3,7 @@
 
 use crate::pipeline::Stage;
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -25,6 +26,9 @@ pub struct Report {
     pub model: String,
     pub device: String,
     pub precision: String,
+    /// The kernel of each layer kind, and the CPU's instruction set in use (see
+    /// [`crate::Backend::summary`]).
+    pub kernels: BTreeMap<String, String>,
     pub seed: Option<u64>,
     pub frames: usize,
     pub width: usize,
@@ -45,6 +49,7 @@ impl Report {
             model: model.into(),
             device: device.into(),
             precision: precision.into(),
+            kernels: BTreeMap::new(),
             seed: None,
             frames: 0,
             width: 0,
@@ -96,6 +101,10 @@ impl Report {
             self.height,
             self.seed.map(|s| format!(", seed {s}")).unwrap_or_default()
         );
+        if !self.kernels.is_empty() {
+            let kernels: Vec<String> = self.kernels.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            out.push_str(&format!("  {:<14} {}\n", "kernels", kernels.join(" · ")));
+        }
         for s in &self.stages {
             out.push_str(&format!("  {:<14} {:>9.3} s\n", s.stage, s.seconds));
         }

@@ -1,5 +1,5 @@
 //! The real networks, built from the presets without allocating their weights, must ask for
-//! exactly the keys of an official checkpoint (`spec/checkpoint_keys_1024.tsv`, 2520 entries).
+//! exactly the keys of an official checkpoint (`tests/data/checkpoint_keys_1024.tsv`, from `docs/spec/checkpoint.md`; 2520 entries).
 
 use dynamicrafter_engine::{ModelConfig, Pipeline};
 use std::collections::BTreeMap;

@@ -17,7 +17,8 @@ use candle_core::{DType, Device, Tensor};
 use dynamicrafter_engine::config::TimestepSpacing;
 use dynamicrafter_engine::diffusion::{ddim_step, DdimSchedule, Guidance, NoiseSchedule};
 use dynamicrafter_engine::models::unet::{UnetInput, UnetTrace};
-use dynamicrafter_engine::pipeline::{Conditioning, SamplerOptions};
+use dynamicrafter_engine::pipeline::Conditioning;
+use dynamicrafter_engine::Sampling;
 use dynamicrafter_engine::preprocess::{clip_preprocess, resize_and_crop, to_tensor, video_to_u8};
 use dynamicrafter_engine::{GivenNoise, Mode, ModelConfig, Pipeline, Request, RgbImage};
 use common::{fixture_dirs, fixtures_root};
@@ -291,26 +292,28 @@ fn check_steps(fx: &Fixture, p: &Pipeline, r: &mut Report) {
         c_concat: fx.t("cond.c_concat").clone(),
         fs: scalar_i64(fx.t("unet.fs")),
     };
-    let run_opts = SamplerOptions {
+    let run_opts = Sampling {
         steps: inf["ddim_steps"].as_u64().unwrap() as usize,
         eta: inf["ddim_eta"].as_f64().unwrap(),
         cfg_scale: inf["unconditional_guidance_scale"].as_f64().unwrap(),
         cfg_img: None,
         spacing: spacing(&inf["timestep_spacing"]),
         guidance_rescale: inf["guidance_rescale"].as_f64().unwrap(),
+        ..fx.cfg.defaults.clone()
     };
-    let mc_opts = SamplerOptions {
+    let mc_opts = Sampling {
         steps: mc["ddim_steps"].as_u64().unwrap() as usize,
         eta: mc["ddim_eta"].as_f64().unwrap(),
         cfg_scale: mc["unconditional_guidance_scale"].as_f64().unwrap(),
         cfg_img: cfg_img(&mc["cfg_img"]),
         spacing: spacing(&mc["timestep_spacing"]),
         guidance_rescale: mc["guidance_rescale"].as_f64().unwrap(),
+        ..fx.cfg.defaults.clone()
     };
     let cases = [
         ("cfg_first", run_opts.clone()),
         ("cfg_mid", run_opts.clone()),
-        ("nocfg", SamplerOptions { cfg_scale: 1.0, eta: 0.0, ..run_opts.clone() }),
+        ("nocfg", Sampling { cfg_scale: 1.0, eta: 0.0, ..run_opts.clone() }),
         // The reference's single-step cases all condition on the run's fs (`unet.fs`).
         ("mcfg", mc_opts),
     ];
@@ -389,7 +392,7 @@ fn check_run(p: &Pipeline, run: Run, r: &mut Report) {
         r.compare(uc, cond.uncond_context.as_ref().unwrap(), t(uc), Tol::Rel(STAGE_TOL));
         r.compare(cc, &cond.c_concat, t(cc), Tol::Rel(STAGE_TOL));
     }
-    let opts = run.req.sampler_options();
+    let opts = &run.req.sampling;
     let ddim = DdimSchedule::new(p.schedule(), opts.spacing, opts.steps, opts.eta).unwrap();
     let ts: Vec<i64> = ddim.timesteps.iter().rev().map(|&t| t as i64).collect();
     r.compare(run.steps_t, &Tensor::new(ts.as_slice(), &Device::Cpu).unwrap(), t(run.steps_t), Tol::Exact);
@@ -397,7 +400,7 @@ fn check_run(p: &Pipeline, run: Run, r: &mut Report) {
     let mut x0s = Vec::new();
     let cancel = AtomicBool::new(false);
     let latent = p
-        .sample(&cond, &opts, &mut noise, &mut |_| {}, &cancel, &mut |_, x, step| {
+        .sample(&cond, opts, &mut noise, &mut |_| {}, &cancel, &mut |_, x, step| {
             xs.push(x.clone());
             x0s.push(step.pred_x0.clone());
         }, &mut timings)
@@ -418,7 +421,7 @@ fn check_run(p: &Pipeline, run: Run, r: &mut Report) {
         r.compare(name, &video, t(name), Tol::Rel(RUN_TOL));
     }
     if let Some(name) = run.video_u8 {
-        let saved = if run.req.mode == Mode::Loop { video.narrow(2, 0, run.req.frames - 1).unwrap() } else { video };
+        let saved = if run.req.mode == Mode::Loop { video.narrow(2, 0, run.req.sampling.frames - 1).unwrap() } else { video };
         let u8s = video_to_u8(&saved).unwrap();
         let got = Tensor::from_vec(u8s, t(name).dims(), &Device::Cpu).unwrap();
         r.compare(name, &got, t(name), Tol::Units(1.0));
@@ -428,16 +431,17 @@ fn check_run(p: &Pipeline, run: Run, r: &mut Report) {
 fn request_from(fx: &Fixture, image: RgbImage, prompt: &str, s: &Value, base: &Value) -> Request {
     let get = |k: &str| if s.get(k).is_some_and(|v| !v.is_null()) { &s[k] } else { &base[k] };
     let mut req = Request::new(&fx.cfg, image, prompt);
-    req.height = base["height"].as_u64().unwrap() as usize;
-    req.width = base["width"].as_u64().unwrap() as usize;
-    req.frames = base["video_length"].as_u64().unwrap() as usize;
-    req.steps = get("ddim_steps").as_u64().unwrap() as usize;
-    req.eta = get("ddim_eta").as_f64().unwrap();
-    req.cfg_scale = get("unconditional_guidance_scale").as_f64().unwrap();
-    req.cfg_img = cfg_img(&s["cfg_img"]);
-    req.fs = get("frame_stride").as_i64().unwrap();
-    req.spacing = spacing(get("timestep_spacing"));
-    req.guidance_rescale = get("guidance_rescale").as_f64().unwrap();
+    let k = &mut req.sampling;
+    k.height = base["height"].as_u64().unwrap() as usize;
+    k.width = base["width"].as_u64().unwrap() as usize;
+    k.frames = base["video_length"].as_u64().unwrap() as usize;
+    k.steps = get("ddim_steps").as_u64().unwrap() as usize;
+    k.eta = get("ddim_eta").as_f64().unwrap();
+    k.cfg_scale = get("unconditional_guidance_scale").as_f64().unwrap();
+    k.cfg_img = cfg_img(&s["cfg_img"]);
+    k.fs = get("frame_stride").as_i64().unwrap();
+    k.spacing = spacing(get("timestep_spacing"));
+    k.guidance_rescale = get("guidance_rescale").as_f64().unwrap();
     req
 }
 
@@ -512,8 +516,9 @@ fn check_modes(fx: &Fixture, p: &Pipeline, r: &mut Report) {
         } else {
             Mode::Loop
         };
-        let resized = resize_and_crop(&image, req.height, req.width);
-        let rt = Tensor::from_vec(resized.data.clone(), (req.height, req.width, 3), &Device::Cpu).unwrap();
+        let (h, w) = (req.sampling.height, req.sampling.width);
+        let resized = resize_and_crop(&image, h, w);
+        let rt = Tensor::from_vec(resized.data.clone(), (h, w, 3), &Device::Cpu).unwrap();
         r.compare(&format!("{mode}.image_resized_u8"), &rt, t(&format!("{mode}.image_resized_u8")), Tol::Units(1.0));
         let noise = GivenNoise {
             vae: t(&format!("{mode}.vae_noise")).clone(),

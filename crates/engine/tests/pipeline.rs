@@ -22,7 +22,7 @@ fn image(w: usize, h: usize) -> RgbImage {
 fn progress_reports_every_stage_and_step_and_cancel_stops_between_steps() {
     let (cfg, p) = tiny_v();
     let mut req = Request::new(&cfg, image(90, 50), "a cat");
-    req.steps = 3;
+    req.sampling.steps = 3;
     let cancel = AtomicBool::new(false);
     let mut seen: Vec<Progress> = Vec::new();
     let video = p.generate(&req, &mut SeededNoise::new(1, &device()), &mut |pr| seen.push(pr), &cancel).unwrap();
@@ -30,8 +30,9 @@ fn progress_reports_every_stage_and_step_and_cancel_stops_between_steps() {
     assert_eq!(stages, [Stage::TextEncode, Stage::ImageEncode, Stage::VaeEncode, Stage::Denoise, Stage::VaeDecode]);
     let steps: Vec<usize> = seen.iter().filter(|p| p.stage == Stage::Denoise).map(|p| p.step).collect();
     assert_eq!(steps, [0, 1, 2, 3]);
-    assert_eq!(video.frames, req.frames);
-    assert_eq!(video.frames_u8.len(), req.frames * req.height * req.width * 3);
+    let s = &req.sampling;
+    assert_eq!(video.frames, s.frames);
+    assert_eq!(video.frames_u8.len(), s.frames * s.height * s.width * 3);
 
     let mut after = 0;
     let r = p.generate(&req, &mut SeededNoise::new(1, &device()), &mut |pr| {
@@ -50,16 +51,16 @@ fn progress_reports_every_stage_and_step_and_cancel_stops_between_steps() {
 fn same_seed_same_video_and_loop_drops_the_last_frame() {
     let (cfg, p) = tiny_v();
     let mut req = Request::new(&cfg, image(64, 64), "waves");
-    req.steps = 2;
+    req.sampling.steps = 2;
     let never = AtomicBool::new(false);
     let run = |req: &Request, seed| p.generate(req, &mut SeededNoise::new(seed, &device()), &mut |_| {}, &never).unwrap();
     let a = run(&req, 5);
     assert_eq!(a.frames_u8, run(&req, 5).frames_u8);
     assert_ne!(a.frames_u8, run(&req, 6).frames_u8);
     req.mode = Mode::Loop;
-    assert_eq!(run(&req, 5).frames, req.frames - 1);
+    assert_eq!(run(&req, 5).frames, req.sampling.frames - 1);
     req.mode = Mode::Interpolate { end: image(80, 40) };
-    assert_eq!(run(&req, 5).frames, req.frames);
+    assert_eq!(run(&req, 5).frames, req.sampling.frames);
 }
 
 #[test]
@@ -67,13 +68,18 @@ fn invalid_requests_name_the_problem() {
     let (cfg, p) = tiny_v();
     let never = AtomicBool::new(false);
     let base = Request::new(&cfg, image(64, 64), "x");
+    let with = |change: &dyn Fn(&mut Request)| {
+        let mut req = base.clone();
+        change(&mut req);
+        req
+    };
     let cases: Vec<(Request, &str)> = vec![
-        (Request { steps: 0, ..base.clone() }, "steps"),
-        (Request { frames: 0, ..base.clone() }, "frames"),
-        (Request { height: 65, ..base.clone() }, "multiples of 64"),
-        (Request { cfg_scale: f64::NAN, ..base.clone() }, "cfg"),
-        (Request { eta: -1.0, ..base.clone() }, "eta"),
-        (Request { mode: Mode::Loop, frames: 1, ..base.clone() }, "frames"),
+        (with(&|r| r.sampling.steps = 0), "steps"),
+        (with(&|r| r.sampling.frames = 0), "frames"),
+        (with(&|r| r.sampling.height = 65), "multiples of 64"),
+        (with(&|r| r.sampling.cfg_scale = f64::NAN), "cfg"),
+        (with(&|r| r.sampling.eta = -1.0), "eta"),
+        (with(&|r| (r.mode, r.sampling.frames) = (Mode::Loop, 1)), "frames"),
     ];
     for (req, needle) in cases {
         match p.generate(&req, &mut SeededNoise::new(1, &device()), &mut |_| {}, &never) {
@@ -92,7 +98,7 @@ fn reduced_precision_pipelines_stay_within_35_db_of_fp32() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny-v");
     let cfg = ModelConfig::from_json_file(&dir.join("config.json")).unwrap();
     let mut req = Request::new(&cfg, image(96, 64), "waves at sunset");
-    req.steps = 4;
+    req.sampling.steps = 4;
     let never = AtomicBool::new(false);
     let frames = |policy: PrecisionPolicy| {
         let p = Pipeline::load_with(cfg.clone(), &dir.join("model.safetensors"), &device(), policy).unwrap();
@@ -122,7 +128,7 @@ fn cpu_bf16_products_stay_within_35_db_of_fp32() {
     for dir in common::fixture_dirs() {
         let cfg = ModelConfig::from_json_file(&dir.join("config.json")).unwrap();
         let mut req = Request::new(&cfg, image(96, 64), "waves at sunset");
-        req.steps = 4;
+        req.sampling.steps = 4;
         let never = AtomicBool::new(false);
         let cpu = candle_core::Device::Cpu;
         let frames = |policy: PrecisionPolicy| {
@@ -136,5 +142,19 @@ fn cpu_bf16_products_stay_within_35_db_of_fp32() {
         let db = 10.0 * (255.0f64 * 255.0 / mse.max(1e-12)).log10();
         eprintln!("{}: cpu bf16 (AMX products) {db:.1} dB vs fp32", dir.display());
         assert!(db >= 35.0, "{}: cpu bf16 {db:.1} dB", dir.display());
+    }
+}
+
+/// Hardening (#22): an image whose resize would take gigabytes (a 1 × 2 000 000 strip) is refused
+/// with an error naming it, before the pipeline allocates anything for it.
+#[test]
+fn an_elongated_image_is_refused_before_any_work() {
+    let (cfg, p) = tiny_v();
+    let never = AtomicBool::new(false);
+    for req in [Request::new(&cfg, image(1, 2_000_000), "x"), Request::new(&cfg, image(2_000_000, 1), "x")] {
+        match p.generate(&req, &mut SeededNoise::new(1, &device()), &mut |_| {}, &never) {
+            Err(Error::InvalidInput(m)) => assert!(m.contains("image is") && m.contains("too elongated"), "{m}"),
+            other => panic!("expected the image refused, got {other:?}"),
+        }
     }
 }

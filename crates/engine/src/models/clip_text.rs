@@ -2,6 +2,7 @@
 //! embedding, all blocks but the last under a causal mask, then `ln_final`.
 
 use super::layers::{layer_norm, ClipBlock};
+use crate::compute::Backend;
 use crate::config::ClipTextConfig;
 use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, VarBuilder};
@@ -16,12 +17,12 @@ pub struct ClipTextEncoder {
 }
 
 impl ClipTextEncoder {
-    pub fn new(cfg: &ClipTextConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &ClipTextConfig, vb: VarBuilder, backend: &Backend) -> Result<Self> {
         let token_embedding = candle_nn::embedding(cfg.vocab_size, cfg.width, vb.pp("token_embedding"))?;
         let positional_embedding = vb.get((cfg.context_length, cfg.width), "positional_embedding")?;
         let blocks = (0..cfg.layers_used())
             .map(|i| {
-                ClipBlock::new(cfg.width, cfg.heads, cfg.mlp_ratio, vb.pp(format!("transformer.resblocks.{i}")))
+                ClipBlock::new(cfg.width, cfg.heads, cfg.mlp_ratio, vb.pp(format!("transformer.resblocks.{i}")), backend)
             })
             .collect::<Result<_>>()?;
         Ok(Self {

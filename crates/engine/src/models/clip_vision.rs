@@ -2,6 +2,7 @@
 //! (`embedder.model.`): every token of the last block, without `ln_post`/`proj`.
 
 use super::layers::{conv2d_no_bias, layer_norm, ClipBlock, Conv2d};
+use crate::compute::Backend;
 use crate::config::{ClipTextConfig, ClipVisionConfig};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
@@ -16,10 +17,10 @@ pub struct ClipVisionEncoder {
 }
 
 impl ClipVisionEncoder {
-    pub fn new(cfg: &ClipVisionConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &ClipVisionConfig, vb: VarBuilder, backend: &Backend) -> Result<Self> {
         let v = vb.pp("visual");
         let blocks = (0..cfg.layers)
-            .map(|i| ClipBlock::new(cfg.width, cfg.heads, cfg.mlp_ratio, v.pp(format!("transformer.resblocks.{i}"))))
+            .map(|i| ClipBlock::new(cfg.width, cfg.heads, cfg.mlp_ratio, v.pp(format!("transformer.resblocks.{i}")), backend))
             .collect::<Result<_>>()?;
         Ok(Self {
             conv1: conv2d_no_bias(3, cfg.width, cfg.patch_size, 0, cfg.patch_size, v.pp("conv1"))?,

@@ -2,6 +2,7 @@
 //! per frame.
 
 use super::layers::{layer_norm, linear, linear_no_bias, multi_head_attention, Linear};
+use crate::compute::Backend;
 use crate::config::ResamplerConfig;
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{LayerNorm, VarBuilder};
@@ -18,14 +19,14 @@ struct PerceiverAttention {
 }
 
 impl PerceiverAttention {
-    fn new(cfg: &ResamplerConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &ResamplerConfig, vb: VarBuilder, backend: &Backend) -> Result<Self> {
         let inner = cfg.heads * cfg.dim_head;
         Ok(Self {
             norm1: layer_norm(cfg.dim, 1e-5, vb.pp("norm1"))?,
             norm2: layer_norm(cfg.dim, 1e-5, vb.pp("norm2"))?,
-            to_q: linear_no_bias(cfg.dim, inner, vb.pp("to_q"))?,
-            to_kv: linear_no_bias(cfg.dim, 2 * inner, vb.pp("to_kv"))?,
-            to_out: linear_no_bias(inner, cfg.dim, vb.pp("to_out"))?,
+            to_q: linear_no_bias(cfg.dim, inner, vb.pp("to_q"), backend)?,
+            to_kv: linear_no_bias(cfg.dim, 2 * inner, vb.pp("to_kv"), backend)?,
+            to_out: linear_no_bias(inner, cfg.dim, vb.pp("to_out"), backend)?,
             heads: cfg.heads,
             dim_head: cfg.dim_head,
         })
@@ -56,12 +57,12 @@ struct FeedForward {
 }
 
 impl FeedForward {
-    fn new(cfg: &ResamplerConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &ResamplerConfig, vb: VarBuilder, backend: &Backend) -> Result<Self> {
         let hidden = cfg.dim * cfg.ff_mult;
         Ok(Self {
             norm: layer_norm(cfg.dim, 1e-5, vb.pp("0"))?,
-            fc1: linear_no_bias(cfg.dim, hidden, vb.pp("1"))?,
-            fc2: linear_no_bias(hidden, cfg.dim, vb.pp("3"))?,
+            fc1: linear_no_bias(cfg.dim, hidden, vb.pp("1"), backend)?,
+            fc2: linear_no_bias(hidden, cfg.dim, vb.pp("3"), backend)?,
         })
     }
 
@@ -80,18 +81,18 @@ pub struct Resampler {
 }
 
 impl Resampler {
-    pub fn new(cfg: &ResamplerConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &ResamplerConfig, vb: VarBuilder, backend: &Backend) -> Result<Self> {
         let layers = (0..cfg.depth)
             .map(|i| {
                 let l = vb.pp(format!("layers.{i}"));
-                Ok((PerceiverAttention::new(cfg, l.pp("0"))?, FeedForward::new(cfg, l.pp("1"))?))
+                Ok((PerceiverAttention::new(cfg, l.pp("0"), backend)?, FeedForward::new(cfg, l.pp("1"), backend)?))
             })
             .collect::<Result<_>>()?;
         Ok(Self {
             latents: vb.get((1, cfg.num_queries * cfg.video_length, cfg.dim), "latents")?,
-            proj_in: linear(cfg.embedding_dim, cfg.dim, vb.pp("proj_in"))?,
+            proj_in: linear(cfg.embedding_dim, cfg.dim, vb.pp("proj_in"), backend)?,
             layers,
-            proj_out: linear(cfg.dim, cfg.output_dim, vb.pp("proj_out"))?,
+            proj_out: linear(cfg.dim, cfg.output_dim, vb.pp("proj_out"), backend)?,
             norm_out: layer_norm(cfg.output_dim, 1e-5, vb.pp("norm_out"))?,
         })
     }

@@ -4,11 +4,12 @@
 //! `(b, c, t, h, w)` only inside temporal convs and temporal transformers.
 
 use super::layers::{
-    conv1x1_as_linear, conv2d, conv3x3, frames_to_video, temporal_conv, TemporalConv, geglu, group_norm, Conv3x3, GroupNorm, layer_norm, linear, linear_no_bias,
-    multi_head_attention, silu, timestep_embedding, video_to_frames, Conv2d, Linear,
+    attend, conv1x1_as_linear, conv2d, conv3x3, frames_to_video, group_norm, layer_norm, linear, linear_no_bias, silu, temporal_conv, timestep_embedding,
+    video_to_frames, Conv2d, Conv3x3, GroupNorm, Linear, TemporalConv,
 };
+use crate::compute::{Backend, Kernel};
 use crate::config::UnetConfig;
-use crate::kernels::{amx_attention, permute};
+use dynamicrafter_kernels::permute;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 
@@ -24,13 +25,13 @@ struct TemporalConvBlock {
 }
 
 impl TemporalConvBlock {
-    fn new(c: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(c: usize, vb: VarBuilder, backend: &Backend) -> Result<Self> {
         let stages = (1..=4)
             .map(|i| {
                 let s = vb.pp(format!("conv{i}"));
                 let conv_idx = if i == 1 { "2" } else { "3" }; // conv1 has no dropout slot
                 let conv = s.pp(conv_idx);
-                Ok((group_norm(c, 1e-5, s.pp("0"))?, temporal_conv(c, conv)?))
+                Ok((group_norm(c, 1e-5, s.pp("0"))?, temporal_conv(c, conv, backend)?))
             })
             .collect::<Result<_>>()?;
         Ok(Self { stages })
@@ -60,15 +61,15 @@ struct ResBlock {
 }
 
 impl ResBlock {
-    fn new(ci: usize, co: usize, emb_dim: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(ci: usize, co: usize, emb_dim: usize, vb: VarBuilder, backend: &Backend) -> Result<Self> {
         Ok(Self {
             in_norm: group_norm(ci, 1e-5, vb.pp("in_layers.0"))?,
-            in_conv: conv3x3(ci, co, vb.pp("in_layers.2"))?,
-            emb_proj: linear(emb_dim, co, vb.pp("emb_layers.1"))?,
+            in_conv: conv3x3(ci, co, vb.pp("in_layers.2"), backend)?,
+            emb_proj: linear(emb_dim, co, vb.pp("emb_layers.1"), backend)?,
             out_norm: group_norm(co, 1e-5, vb.pp("out_layers.0"))?,
-            out_conv: conv3x3(co, co, vb.pp("out_layers.3"))?,
+            out_conv: conv3x3(co, co, vb.pp("out_layers.3"), backend)?,
             skip: if ci != co { Some(conv2d(ci, co, 1, 0, 1, vb.pp("skip_connection"))?) } else { None },
-            temporal_conv: TemporalConvBlock::new(co, vb.pp("temopral_conv"))?, // sic
+            temporal_conv: TemporalConvBlock::new(co, vb.pp("temopral_conv"), backend)?, // sic
         })
     }
 
@@ -98,8 +99,8 @@ struct Attention {
     to_out: Linear,
     heads: usize,
     scale: f64,
-    /// The products of the attention itself in bf16 on AMX, as those of its projections.
-    bf16_core: bool,
+    /// The kernel of the attention's own products (the backend's choice).
+    kernel: Kernel,
 }
 
 impl Attention {
@@ -111,25 +112,26 @@ impl Attention {
         image_cross_attention: bool,
         learnable_scale: bool,
         vb: VarBuilder,
+        backend: &Backend,
     ) -> Result<Self> {
         let inner = heads * dim_head;
         let image = if image_cross_attention {
             Some((
-                linear_no_bias(context_dim, inner, vb.pp("to_k_ip"))?,
-                linear_no_bias(context_dim, inner, vb.pp("to_v_ip"))?,
+                linear_no_bias(context_dim, inner, vb.pp("to_k_ip"), backend)?,
+                linear_no_bias(context_dim, inner, vb.pp("to_v_ip"), backend)?,
             ))
         } else {
             None
         };
-        let to_q = linear_no_bias(dim, inner, vb.pp("to_q"))?;
+        let to_q = linear_no_bias(dim, inner, vb.pp("to_q"), backend)?;
         Ok(Self {
-            bf16_core: matches!(to_q, Linear::Bf16(_)),
+            kernel: backend.attention(&vb, to_q.kernel()),
             to_q,
-            to_k: linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
-            to_v: linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
+            to_k: linear_no_bias(context_dim, inner, vb.pp("to_k"), backend)?,
+            to_v: linear_no_bias(context_dim, inner, vb.pp("to_v"), backend)?,
             image,
             alpha: if learnable_scale { Some(vb.get((), "alpha")?) } else { None },
-            to_out: linear(inner, dim, vb.pp("to_out.0"))?,
+            to_out: linear(inner, dim, vb.pp("to_out.0"), backend)?,
             heads,
             scale: (dim_head as f64).powf(-0.5),
         })
@@ -137,10 +139,7 @@ impl Attention {
 
     /// `softmax(q·kᵀ·scale)·v` per head on projected `(n, l, heads·d)` tensors.
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        if self.bf16_core && amx_attention::supports(q, k, v, self.heads) {
-            return amx_attention::attention(q, k, v, self.heads, self.scale);
-        }
-        multi_head_attention(q, k, v, self.heads, self.scale, None)
+        attend(self.kernel, q, k, v, self.heads, self.scale)
     }
 
     fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
@@ -193,10 +192,11 @@ impl BasicTransformerBlock {
         context_dim: Option<usize>,
         learnable_scale: bool,
         vb: VarBuilder,
+        backend: &Backend,
     ) -> Result<Self> {
         let inner = heads * dim_head;
         Ok(Self {
-            attn1: Attention::new(dim, dim, heads, dim_head, false, false, vb.pp("attn1"))?,
+            attn1: Attention::new(dim, dim, heads, dim_head, false, false, vb.pp("attn1"), backend)?,
             attn2: Attention::new(
                 dim,
                 context_dim.unwrap_or(dim),
@@ -205,9 +205,10 @@ impl BasicTransformerBlock {
                 context_dim.is_some(),
                 learnable_scale && context_dim.is_some(),
                 vb.pp("attn2"),
+                backend,
             )?,
-            ff_proj: linear(dim, inner * 8, vb.pp("ff.net.0.proj"))?,
-            ff_out: linear(inner * 4, dim, vb.pp("ff.net.2"))?,
+            ff_proj: linear(dim, inner * 8, vb.pp("ff.net.0.proj"), backend)?,
+            ff_out: linear(inner * 4, dim, vb.pp("ff.net.2"), backend)?,
             norm1: layer_norm(dim, 1e-5, vb.pp("norm1"))?,
             norm2: layer_norm(dim, 1e-5, vb.pp("norm2"))?,
             norm3: layer_norm(dim, 1e-5, vb.pp("norm3"))?,
@@ -217,7 +218,7 @@ impl BasicTransformerBlock {
     fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
         let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, context)? + &xs)?;
-        let h = geglu(&self.ff_proj, &self.norm3.forward(&xs)?)?;
+        let h = self.ff_proj.forward_geglu(&self.norm3.forward(&xs)?)?;
         self.ff_out.forward(&h)? + xs
     }
 }
@@ -232,7 +233,7 @@ struct SpatialTransformer {
 }
 
 impl SpatialTransformer {
-    fn new(c: usize, heads: usize, dim_head: usize, cfg: &UnetConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(c: usize, heads: usize, dim_head: usize, cfg: &UnetConfig, vb: VarBuilder, backend: &Backend) -> Result<Self> {
         let inner = heads * dim_head;
         let blocks = (0..cfg.transformer_depth)
             .map(|i| {
@@ -243,14 +244,15 @@ impl SpatialTransformer {
                     Some(cfg.context_dim),
                     cfg.image_cross_attention_scale_learnable,
                     vb.pp(format!("transformer_blocks.{i}")),
+                    backend,
                 )
             })
             .collect::<Result<_>>()?;
         Ok(Self {
             norm: group_norm(c, 1e-6, vb.pp("norm"))?,
-            proj_in: linear(c, inner, vb.pp("proj_in"))?,
+            proj_in: linear(c, inner, vb.pp("proj_in"), backend)?,
             blocks,
-            proj_out: linear(inner, c, vb.pp("proj_out"))?,
+            proj_out: linear(inner, c, vb.pp("proj_out"), backend)?,
         })
     }
 
@@ -278,15 +280,15 @@ struct TemporalTransformer {
 
 impl TemporalTransformer {
     /// `conv_proj`: `proj_in/out` are stored as Conv1d(k=1) (only `init_attn`).
-    fn new(c: usize, heads: usize, dim_head: usize, depth: usize, conv_proj: bool, vb: VarBuilder) -> Result<Self> {
+    fn new(c: usize, heads: usize, dim_head: usize, depth: usize, conv_proj: bool, vb: VarBuilder, backend: &Backend) -> Result<Self> {
         let inner = heads * dim_head;
         let (proj_in, proj_out) = if conv_proj {
-            (conv1x1_as_linear(c, inner, vb.pp("proj_in"))?, conv1x1_as_linear(inner, c, vb.pp("proj_out"))?)
+            (conv1x1_as_linear(c, inner, vb.pp("proj_in"), backend)?, conv1x1_as_linear(inner, c, vb.pp("proj_out"), backend)?)
         } else {
-            (linear(c, inner, vb.pp("proj_in"))?, linear(inner, c, vb.pp("proj_out"))?)
+            (linear(c, inner, vb.pp("proj_in"), backend)?, linear(inner, c, vb.pp("proj_out"), backend)?)
         };
         let blocks = (0..depth)
-            .map(|i| BasicTransformerBlock::new(inner, heads, dim_head, None, false, vb.pp(format!("transformer_blocks.{i}"))))
+            .map(|i| BasicTransformerBlock::new(inner, heads, dim_head, None, false, vb.pp(format!("transformer_blocks.{i}")), backend))
             .collect::<Result<_>>()?;
         Ok(Self { norm: group_norm(c, 1e-6, vb.pp("norm"))?, proj_in, blocks, proj_out })
     }
@@ -374,18 +376,18 @@ pub struct Unet {
     cfg: UnetConfig,
 }
 
-fn mlp(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<(Linear, Linear)> {
-    Ok((linear(in_dim, out_dim, vb.pp("0"))?, linear(out_dim, out_dim, vb.pp("2"))?))
+fn mlp(in_dim: usize, out_dim: usize, vb: VarBuilder, backend: &Backend) -> Result<(Linear, Linear)> {
+    Ok((linear(in_dim, out_dim, vb.pp("0"), backend)?, linear(out_dim, out_dim, vb.pp("2"), backend)?))
 }
 
 impl Unet {
-    pub fn new(cfg: &UnetConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &UnetConfig, vb: VarBuilder, backend: &Backend) -> Result<Self> {
         let mc = cfg.model_channels;
         let emb_dim = cfg.time_embed_dim();
         let heads_for = |ch: usize| ch / cfg.num_head_channels;
         let attn_layers = |ch: usize, vb: &VarBuilder, first: usize| -> Result<Vec<Layer>> {
             Ok(vec![
-                Layer::Spatial(SpatialTransformer::new(ch, heads_for(ch), cfg.num_head_channels, cfg, vb.pp(first.to_string()))?),
+                Layer::Spatial(SpatialTransformer::new(ch, heads_for(ch), cfg.num_head_channels, cfg, vb.pp(first.to_string()), backend)?),
                 Layer::Temporal(TemporalTransformer::new(
                     ch,
                     heads_for(ch),
@@ -393,19 +395,20 @@ impl Unet {
                     cfg.transformer_depth,
                     false,
                     vb.pp((first + 1).to_string()),
+                    backend,
                 )?),
             ])
         };
 
         let ib = vb.pp("input_blocks");
-        let mut input_blocks = vec![vec![Layer::Conv(conv3x3(cfg.in_channels, mc, ib.pp("0.0"))?)]];
+        let mut input_blocks = vec![vec![Layer::Conv(conv3x3(cfg.in_channels, mc, ib.pp("0.0"), backend)?)]];
         let mut skip_channels = vec![mc];
         let mut ch = mc;
         let mut ds = 1;
         for (level, &mult) in cfg.channel_mult.iter().enumerate() {
             for _ in 0..cfg.num_res_blocks {
                 let b = ib.pp(input_blocks.len().to_string());
-                let mut layers = vec![Layer::Res(ResBlock::new(ch, mult * mc, emb_dim, b.pp("0"))?)];
+                let mut layers = vec![Layer::Res(ResBlock::new(ch, mult * mc, emb_dim, b.pp("0"), backend)?)];
                 ch = mult * mc;
                 if cfg.attention_resolutions.contains(&ds) {
                     layers.extend(attn_layers(ch, &b, 1)?);
@@ -422,15 +425,15 @@ impl Unet {
         }
 
         let init_attn = if cfg.addition_attention {
-            Some(TemporalTransformer::new(mc, 8, cfg.num_head_channels, cfg.transformer_depth, true, vb.pp("init_attn.0"))?)
+            Some(TemporalTransformer::new(mc, 8, cfg.num_head_channels, cfg.transformer_depth, true, vb.pp("init_attn.0"), backend)?)
         } else {
             None
         };
 
         let mb = vb.pp("middle_block");
-        let mut middle_block = vec![Layer::Res(ResBlock::new(ch, ch, emb_dim, mb.pp("0"))?)];
+        let mut middle_block = vec![Layer::Res(ResBlock::new(ch, ch, emb_dim, mb.pp("0"), backend)?)];
         middle_block.extend(attn_layers(ch, &mb, 1)?);
-        middle_block.push(Layer::Res(ResBlock::new(ch, ch, emb_dim, mb.pp("3"))?));
+        middle_block.push(Layer::Res(ResBlock::new(ch, ch, emb_dim, mb.pp("3"), backend)?));
 
         let ob = vb.pp("output_blocks");
         let mut output_blocks = Vec::new();
@@ -438,14 +441,14 @@ impl Unet {
             for i in 0..=cfg.num_res_blocks {
                 let b = ob.pp(output_blocks.len().to_string());
                 let skip = skip_channels.pop().ok_or_else(|| candle_core::Error::Msg("skip stack underflow".into()))?;
-                let mut layers = vec![Layer::Res(ResBlock::new(ch + skip, mult * mc, emb_dim, b.pp("0"))?)];
+                let mut layers = vec![Layer::Res(ResBlock::new(ch + skip, mult * mc, emb_dim, b.pp("0"), backend)?)];
                 ch = mult * mc;
                 if cfg.attention_resolutions.contains(&ds) {
                     layers.extend(attn_layers(ch, &b, 1)?);
                 }
                 if level != 0 && i == cfg.num_res_blocks {
                     let idx = layers.len();
-                    layers.push(Layer::Up(conv3x3(ch, ch, b.pp(format!("{idx}.conv")))?));
+                    layers.push(Layer::Up(conv3x3(ch, ch, b.pp(format!("{idx}.conv")), backend)?));
                     ds /= 2;
                 }
                 output_blocks.push(layers);
@@ -453,14 +456,14 @@ impl Unet {
         }
 
         Ok(Self {
-            time_embed: mlp(mc, emb_dim, vb.pp("time_embed"))?,
-            fps_embedding: mlp(mc, emb_dim, vb.pp("fps_embedding"))?,
+            time_embed: mlp(mc, emb_dim, vb.pp("time_embed"), backend)?,
+            fps_embedding: mlp(mc, emb_dim, vb.pp("fps_embedding"), backend)?,
             input_blocks,
             init_attn,
             middle_block,
             output_blocks,
             out_norm: group_norm(mc, 1e-5, vb.pp("out.0"))?,
-            out_conv: conv3x3(mc, cfg.out_channels, vb.pp("out.2"))?,
+            out_conv: conv3x3(mc, cfg.out_channels, vb.pp("out.2"), backend)?,
             cfg: cfg.clone(),
         })
     }

@@ -2,6 +2,7 @@
 //! Frames are independent (a 2-D VAE); callers fold frames into the batch.
 
 use super::layers::{attention, conv2d, conv3x3, group_norm, Conv2d, Conv3x3, GroupNorm};
+use crate::compute::Backend;
 use crate::config::VaeConfig;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -18,12 +19,12 @@ struct ResnetBlock {
 }
 
 impl ResnetBlock {
-    fn new(ci: usize, co: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(ci: usize, co: usize, vb: VarBuilder, backend: &Backend) -> Result<Self> {
         Ok(Self {
             norm1: group_norm(ci, EPS, vb.pp("norm1"))?,
-            conv1: conv3x3(ci, co, vb.pp("conv1"))?,
+            conv1: conv3x3(ci, co, vb.pp("conv1"), backend)?,
             norm2: group_norm(co, EPS, vb.pp("norm2"))?,
-            conv2: conv3x3(co, co, vb.pp("conv2"))?,
+            conv2: conv3x3(co, co, vb.pp("conv2"), backend)?,
             nin_shortcut: if ci != co { Some(conv2d(ci, co, 1, 0, 1, vb.pp("nin_shortcut"))?) } else { None },
         })
     }
@@ -80,11 +81,11 @@ struct Mid {
 }
 
 impl Mid {
-    fn new(c: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(c: usize, vb: VarBuilder, backend: &Backend) -> Result<Self> {
         Ok(Self {
-            block_1: ResnetBlock::new(c, c, vb.pp("block_1"))?,
+            block_1: ResnetBlock::new(c, c, vb.pp("block_1"), backend)?,
             attn_1: AttnBlock::new(c, vb.pp("attn_1"))?,
-            block_2: ResnetBlock::new(c, c, vb.pp("block_2"))?,
+            block_2: ResnetBlock::new(c, c, vb.pp("block_2"), backend)?,
         })
     }
 
@@ -109,7 +110,7 @@ pub struct Encoder {
 }
 
 impl Encoder {
-    fn new(cfg: &VaeConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &VaeConfig, vb: VarBuilder, backend: &Backend) -> Result<Self> {
         let mut down = Vec::new();
         let mut block_in = cfg.ch;
         for (i, &mult) in cfg.ch_mult.iter().enumerate() {
@@ -117,7 +118,7 @@ impl Encoder {
             let block_out = cfg.ch * mult;
             let mut blocks = Vec::new();
             for b in 0..cfg.num_res_blocks {
-                blocks.push(ResnetBlock::new(block_in, block_out, l.pp(format!("block.{b}")))?);
+                blocks.push(ResnetBlock::new(block_in, block_out, l.pp(format!("block.{b}")), backend)?);
                 block_in = block_out;
             }
             let resample = if i + 1 != cfg.ch_mult.len() {
@@ -129,11 +130,11 @@ impl Encoder {
         }
         let z = if cfg.double_z { 2 * cfg.z_channels } else { cfg.z_channels };
         Ok(Self {
-            conv_in: conv3x3(cfg.in_channels, cfg.ch, vb.pp("conv_in"))?,
+            conv_in: conv3x3(cfg.in_channels, cfg.ch, vb.pp("conv_in"), backend)?,
             down,
-            mid: Mid::new(block_in, vb.pp("mid"))?,
+            mid: Mid::new(block_in, vb.pp("mid"), backend)?,
             norm_out: group_norm(block_in, EPS, vb.pp("norm_out"))?,
-            conv_out: conv3x3(block_in, z, vb.pp("conv_out"))?,
+            conv_out: conv3x3(block_in, z, vb.pp("conv_out"), backend)?,
         })
     }
 
@@ -164,21 +165,21 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    fn new(cfg: &VaeConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(cfg: &VaeConfig, vb: VarBuilder, backend: &Backend) -> Result<Self> {
         let levels = cfg.ch_mult.len();
         let mut block_in = cfg.ch * cfg.ch_mult[levels - 1];
-        let conv_in = conv3x3(cfg.z_channels, block_in, vb.pp("conv_in"))?;
-        let mid = Mid::new(block_in, vb.pp("mid"))?;
+        let conv_in = conv3x3(cfg.z_channels, block_in, vb.pp("conv_in"), backend)?;
+        let mid = Mid::new(block_in, vb.pp("mid"), backend)?;
         let mut up = Vec::with_capacity(levels);
         for i in (0..levels).rev() {
             let l = vb.pp(format!("up.{i}"));
             let block_out = cfg.ch * cfg.ch_mult[i];
             let mut blocks = Vec::new();
             for b in 0..=cfg.num_res_blocks {
-                blocks.push(ResnetBlock::new(block_in, block_out, l.pp(format!("block.{b}")))?);
+                blocks.push(ResnetBlock::new(block_in, block_out, l.pp(format!("block.{b}")), backend)?);
                 block_in = block_out;
             }
-            let resample = if i != 0 { Some(conv3x3(block_in, block_in, l.pp("upsample.conv"))?) } else { None };
+            let resample = if i != 0 { Some(conv3x3(block_in, block_in, l.pp("upsample.conv"), backend)?) } else { None };
             up.push(Level { blocks, resample });
         }
         up.reverse();
@@ -187,7 +188,7 @@ impl Decoder {
             mid,
             up,
             norm_out: group_norm(block_in, EPS, vb.pp("norm_out"))?,
-            conv_out: conv3x3(block_in, cfg.out_ch, vb.pp("conv_out"))?,
+            conv_out: conv3x3(block_in, cfg.out_ch, vb.pp("conv_out"), backend)?,
         })
     }
 
@@ -237,11 +238,11 @@ pub struct AutoencoderKL {
 }
 
 impl AutoencoderKL {
-    pub fn new(cfg: &VaeConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cfg: &VaeConfig, vb: VarBuilder, backend: &Backend) -> Result<Self> {
         let z2 = if cfg.double_z { 2 * cfg.z_channels } else { cfg.z_channels };
         Ok(Self {
-            encoder: Encoder::new(cfg, vb.pp("encoder"))?,
-            decoder: Decoder::new(cfg, vb.pp("decoder"))?,
+            encoder: Encoder::new(cfg, vb.pp("encoder"), backend)?,
+            decoder: Decoder::new(cfg, vb.pp("decoder"), backend)?,
             quant_conv: conv2d(z2, 2 * cfg.embed_dim, 1, 0, 1, vb.pp("quant_conv"))?,
             post_quant_conv: conv2d(cfg.embed_dim, cfg.z_channels, 1, 0, 1, vb.pp("post_quant_conv"))?,
             embed_dim: cfg.embed_dim,

@@ -1,0 +1,229 @@
+//! The backend: which kernel each layer runs, decided once per pipeline from the device, the
+//! precision policy, the weights' format and the CPU's instruction sets. Every layer
+//! constructor takes it and asks it; nothing else chooses a kernel. It also counts what it
+//! chose, for the run report.
+
+use super::precision::PrecisionPolicy;
+use crate::models::keeps_float;
+use crate::weights::q8;
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use dynamicrafter_kernels::cpu::{self, CpuFeatures};
+use dynamicrafter_kernels::{F32Conv, F32Matrix};
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+/// The kinds of layer whose kernel is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum LayerKind {
+    Linear,
+    Conv3x3,
+    TemporalConv,
+    Attention,
+}
+
+impl LayerKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            LayerKind::Linear => "linear",
+            LayerKind::Conv3x3 => "conv3x3",
+            LayerKind::TemporalConv => "temporal conv",
+            LayerKind::Attention => "attention",
+        }
+    }
+}
+
+/// The kernel one layer runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kernel {
+    /// candle's own op on the layer's device and dtype (the `gemm` crate on the CPU, cuBLAS on a
+    /// GPU), or the reference composition of ours.
+    Candle,
+    /// Our plain-Rust CPU kernels in f32: shifted-GEMM convolutions, blocked attention.
+    PortableF32,
+    /// Our CUDA kernels: shifted-GEMM convolutions on cuBLAS, fused attention.
+    Cuda,
+    /// f32 microkernels with the weight packed at load.
+    Avx512F32,
+    /// bf16 tile products, f32 in and out.
+    AmxBf16,
+    /// int8 (`q8_0`) products on AVX-512 VNNI.
+    VnniQ8,
+    /// candle's quantized matmul (`q8_0`), on any device.
+    CandleQ8,
+}
+
+impl Kernel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Candle => "candle",
+            Kernel::PortableF32 => "portable-f32",
+            Kernel::Cuda => "cuda",
+            Kernel::Avx512F32 => "avx512-f32",
+            Kernel::AmxBf16 => "amx-bf16",
+            Kernel::VnniQ8 => "vnni-q8_0",
+            Kernel::CandleQ8 => "candle-q8_0",
+        }
+    }
+}
+
+/// Where int8 weights come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Int8 {
+    None,
+    /// A `convert --quantize` file: the weights stored as `X.q8_0` are int8.
+    Stored,
+    /// `--quantize` with a float file: every weight that does not [`keeps_float`] is quantized
+    /// as it loads.
+    OnLoad,
+}
+
+#[derive(Debug)]
+pub struct Backend {
+    device: Device,
+    cpu: CpuFeatures,
+    int8: Int8,
+    bf16_products: bool,
+    chosen: Mutex<BTreeMap<LayerKind, BTreeMap<Kernel, usize>>>,
+}
+
+impl Backend {
+    /// The backend of `precision` on `device`; `stored_int8` when the checkpoint holds `q8_0`
+    /// weights (which then run as int8 whatever the policy says).
+    pub fn new(device: &Device, precision: &PrecisionPolicy, stored_int8: bool) -> Self {
+        let int8 = match (stored_int8, precision.quantization) {
+            (true, _) => Int8::Stored,
+            (false, Some(_)) => Int8::OnLoad,
+            (false, None) => Int8::None,
+        };
+        let cpu = if device.is_cpu() { cpu::features() } else { CpuFeatures::default() };
+        Self { device: device.clone(), cpu, int8, bf16_products: precision.bf16_matmuls, chosen: Mutex::default() }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Whether weight `name` of the layer at `vb` is int8: stored so in the file, or quantized
+    /// as it loads.
+    pub fn int8_weight(&self, vb: &VarBuilder, name: &str) -> bool {
+        match self.int8 {
+            Int8::None => false,
+            Int8::Stored => vb.contains_tensor(&format!("{name}{}", q8::SUFFIX)),
+            Int8::OnLoad => !keeps_float(&full_name(vb, name)),
+        }
+    }
+
+    /// A linear layer `[out, inp]` with weight `name` at `vb`.
+    pub fn linear(&self, vb: &VarBuilder, name: &str, out: usize, inp: usize) -> Kernel {
+        let kernel = if q8::stored_shape(&[out, inp]).is_some() && self.int8_weight(vb, name) {
+            if self.cpu.avx512_vnni {
+                Kernel::VnniQ8
+            } else {
+                Kernel::CandleQ8
+            }
+        } else if self.bf16_tiles(vb, name, inp, out) {
+            Kernel::AmxBf16
+        } else if self.device.is_cpu() && vb.dtype() == DType::F32 && self.cpu.avx512 && F32Matrix::supports(out, inp) {
+            Kernel::Avx512F32
+        } else {
+            Kernel::Candle
+        };
+        self.record(LayerKind::Linear, kernel)
+    }
+
+    /// A 3×3 convolution (stride 1, padding 1) from `in_c` to `out_c` channels at `vb`.
+    pub fn conv3x3(&self, vb: &VarBuilder, in_c: usize, out_c: usize) -> Kernel {
+        let kernel = if self.device.is_cpu() && self.cpu.avx512_vnni && q8::stored_shape(&[1, in_c]).is_some() && self.int8_weight(vb, "weight") {
+            // Quantized again in (tap, channel) blocks, the order the int8 kernel reads.
+            Kernel::VnniQ8
+        } else if self.bf16_tiles(vb, "weight", in_c, out_c) {
+            Kernel::AmxBf16
+        } else if self.device.is_cpu() && vb.dtype() == DType::F32 && self.cpu.avx512 && F32Conv::supports(out_c) {
+            Kernel::Avx512F32
+        } else {
+            self.op_api(vb.dtype())
+        };
+        self.record(LayerKind::Conv3x3, kernel)
+    }
+
+    /// The temporal (3,1,1) convolution over `c` channels at `vb`.
+    pub fn temporal_conv(&self, vb: &VarBuilder, c: usize) -> Kernel {
+        let kernel = if self.bf16_tiles(vb, "weight", c, c) { Kernel::AmxBf16 } else { self.op_api(vb.dtype()) };
+        self.record(LayerKind::TemporalConv, kernel)
+    }
+
+    /// The products of an attention whose query projection runs `q_projection`: on AMX with it
+    /// (its activations are bf16-rounded anyway), else our op API for the device.
+    pub fn attention(&self, vb: &VarBuilder, q_projection: Kernel) -> Kernel {
+        let kernel = match q_projection {
+            Kernel::AmxBf16 => Kernel::AmxBf16,
+            _ if self.device.is_cpu() && vb.dtype() == DType::F32 => Kernel::PortableF32,
+            _ if cfg!(feature = "cuda") && self.device.is_cuda() && matches!(vb.dtype(), DType::BF16 | DType::F16) => Kernel::Cuda,
+            _ => Kernel::Candle,
+        };
+        self.record(LayerKind::Attention, kernel)
+    }
+
+    /// What the op API runs for weights of `dtype` on this device.
+    fn op_api(&self, dtype: DType) -> Kernel {
+        if self.device.is_cpu() {
+            // Other dtypes are computed in f32 there (candle has no bf16 CPU convolution).
+            Kernel::PortableF32
+        } else if cfg!(feature = "cuda") && self.device.is_cuda() && matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            Kernel::Cuda
+        } else {
+            Kernel::Candle
+        }
+    }
+
+    /// Whether weight `name` of a layer from `in_c` to `out_c` channels runs its products in
+    /// bf16 on AMX: the CPU's bf16 mode, a weight the policy does not keep in float, channels in
+    /// whole 32-blocks, and AMX.
+    fn bf16_tiles(&self, vb: &VarBuilder, name: &str, in_c: usize, out_c: usize) -> bool {
+        self.bf16_products
+            && self.device.is_cpu()
+            && self.cpu.amx
+            && in_c.is_multiple_of(32)
+            && out_c.is_multiple_of(32)
+            && !keeps_float(&full_name(vb, name))
+    }
+
+    fn record(&self, kind: LayerKind, kernel: Kernel) -> Kernel {
+        let mut chosen = self.chosen.lock().unwrap_or_else(|e| e.into_inner());
+        *chosen.entry(kind).or_default().entry(kernel).or_default() += 1;
+        kernel
+    }
+
+    /// The kernels chosen so far, per layer kind, e.g. `linear` → `amx-bf16 ×312, candle ×4`;
+    /// on the CPU also `cpu` → the instruction set in use (`avx2`).
+    pub fn summary(&self) -> BTreeMap<String, String> {
+        let chosen = self.chosen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: BTreeMap<String, String> = chosen
+            .iter()
+            .map(|(kind, kernels)| {
+                let list: Vec<String> = kernels.iter().map(|(k, n)| format!("{} ×{n}", k.name())).collect();
+                (kind.name().to_string(), list.join(", "))
+            })
+            .collect();
+        if self.device.is_cpu() {
+            out.insert("cpu".into(), self.cpu.best().name().into());
+        }
+        out
+    }
+
+    /// [`summary`](Self::summary) on one line: `cpu: avx2; linear: candle ×12; …`.
+    pub fn describe(&self) -> String {
+        self.summary().iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join("; ")
+    }
+}
+
+/// The checkpoint key of `name` at `vb`.
+fn full_name(vb: &VarBuilder, name: &str) -> String {
+    let prefix = vb.prefix();
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}

@@ -1,0 +1,230 @@
+//! The precision policy: the one place that decides, per network, the dtype its weights are
+//! stored in and the dtype it computes in, from the device and the user's `--precision` and
+//! `--quantize`. The pipeline takes dtypes from here only, so every front end runs the same
+//! arithmetic.
+//!
+//! Whatever the compute dtype, these stay in f32: group/layer norm statistics, softmax, the
+//! timestep/fs sinusoids, the DDIM schedule and guidance arithmetic, and the latent between steps.
+
+use crate::{Error, Result};
+use candle_core::{DType, Device};
+use serde::Serialize;
+
+/// What the user asks for with `--precision`. The policy decides per device what that means
+/// (one policy for every front end).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+    F16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "fp32" | "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            "fp16" | "f16" => Ok(Self::F16),
+            _ => Err(Error::InvalidInput(format!("precision '{s}' (expected auto, fp32, bf16 or f16)"))),
+        }
+    }
+}
+
+impl Precision {
+    /// The precision a run actually uses on `device`. On CPU, bf16 exists where the CPU has AMX
+    /// (bf16 products, the rest in f32), and `auto` takes it there: it is faster and keeps
+    /// quality (≥ 35 dB of decoded frames against fp32, tested); elsewhere `auto` is fp32. What
+    /// the CPU lacks is refused rather than silently ignored.
+    pub fn resolve(self, device: &Device) -> Result<Self> {
+        let amx = dynamicrafter_kernels::cpu::features().amx;
+        match (self, device.is_cpu()) {
+            (Self::Auto, true) if amx => Ok(Self::Bf16),
+            (Self::Auto, true) | (Self::F32, _) => Ok(Self::F32),
+            (Self::Auto, false) => Ok(Self::Bf16),
+            (Self::Bf16, true) if amx => Ok(Self::Bf16),
+            (p, true) => Err(Error::InvalidInput(format!(
+                "precision {} is not available on this CPU (bf16 needs AMX); use fp32 or auto",
+                p.name()
+            ))),
+            (p, false) => Ok(p),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::F32 => "fp32",
+            Self::Bf16 => "bf16",
+            Self::F16 => "f16",
+        }
+    }
+}
+
+/// int8 weights (`--quantize`); the on-disk format is [`crate::weights::q8`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quantization {
+    Q8_0,
+}
+
+impl std::str::FromStr for Quantization {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "q8_0" => Ok(Self::Q8_0),
+            _ => Err(Error::InvalidInput(format!("quantization '{s}' (expected q8_0)"))),
+        }
+    }
+}
+
+impl Quantization {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Q8_0 => "q8_0",
+        }
+    }
+}
+
+/// The networks of a DynamiCrafter model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Part {
+    Unet,
+    Vae,
+    TextEncoder,
+    ImageEncoder,
+    Resampler,
+}
+
+impl Part {
+    pub const ALL: [Part; 5] = [Part::Unet, Part::Vae, Part::TextEncoder, Part::ImageEncoder, Part::Resampler];
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartPrecision {
+    pub weights: DType,
+    pub compute: DType,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrecisionPolicy {
+    /// What `auto` (or the user's choice) resolved to on this device.
+    pub resolved: Precision,
+    parts: [PartPrecision; 5],
+    /// int8 weights (`--quantize`): linear layers of the UNet, the CLIP encoders and the
+    /// Resampler, and the UNet's 3×3 convolutions; [`crate::models::keeps_float`] lists what
+    /// stays in float.
+    pub quantization: Option<Quantization>,
+    /// CPU bf16: weights and activations stay f32, the linear layers' products run in bf16 on
+    /// the AMX tiles (like PyTorch's CPU autocast).
+    pub bf16_matmuls: bool,
+}
+
+fn dtype(p: Precision) -> DType {
+    match p {
+        Precision::Bf16 => DType::BF16,
+        Precision::F16 => DType::F16,
+        Precision::Auto | Precision::F32 => DType::F32,
+    }
+}
+
+impl PrecisionPolicy {
+    /// CPU: fp32 everywhere, or with AMX (`bf16`, and `auto` there) the products of linear
+    /// layers, convolutions and attention in bf16 with everything else in f32; f16 is refused
+    /// there rather than ignored, as bf16 is without AMX. Other devices: the
+    /// requested dtype (`auto` = bf16) for weights and compute of every network, except the VAE,
+    /// which stays in f32 under f16 (its activations overflow f16's range).
+    pub fn new(requested: Precision, device: &Device) -> Result<Self> {
+        let resolved = requested.resolve(device)?;
+        if device.is_cpu() && resolved == Precision::Bf16 {
+            return Ok(Self { resolved, bf16_matmuls: true, ..Self::f32() });
+        }
+        Ok(Self::unchecked(resolved))
+    }
+
+    /// The dtypes `requested` stands for (`auto`: bf16), without asking whether the device offers
+    /// them: [`new`](Self::new) resolves first; tests use this to run the bf16/f16 code paths
+    /// of GPUs on the CPU (slowly).
+    pub fn unchecked(requested: Precision) -> Self {
+        let resolved = if requested == Precision::Auto { Precision::Bf16 } else { requested };
+        let all = PartPrecision { weights: dtype(resolved), compute: dtype(resolved) };
+        let mut parts = [all; 5];
+        if resolved == Precision::F16 {
+            parts[1] = PartPrecision { weights: DType::F32, compute: DType::F32 };
+        }
+        Self { resolved, parts, quantization: None, bf16_matmuls: false }
+    }
+
+    /// fp32 everywhere, on any device (reference runs and tests).
+    pub fn f32() -> Self {
+        let all = PartPrecision { weights: DType::F32, compute: DType::F32 };
+        Self { resolved: Precision::F32, parts: [all; 5], quantization: None, bf16_matmuls: false }
+    }
+
+    /// The policy of the `--precision` and `--quantize` flags on `device`: what every front end
+    /// runs. Also refuses a `DYNAMICRAFTER_CPU_ISA` the kernels do not know.
+    pub fn from_flags(precision: &str, quantize: Option<&str>, device: &Device) -> Result<Self> {
+        dynamicrafter_kernels::cpu::cap_from_env().map_err(Error::InvalidInput)?;
+        let quantization = quantize.map(str::parse::<Quantization>).transpose()?;
+        Ok(Self::new(precision.parse()?, device)?.with_quantization(quantization))
+    }
+
+    pub fn with_quantization(mut self, quantization: Option<Quantization>) -> Self {
+        self.quantization = quantization;
+        self
+    }
+
+    pub fn part(&self, part: Part) -> PartPrecision {
+        self.parts[Part::ALL.iter().position(|&p| p == part).unwrap_or(0)]
+    }
+
+    /// How the run report names it, e.g. `fp32`, `f16 (VAE fp32)` or `fp32 + q8_0`.
+    pub fn name(&self) -> String {
+        let mut name = self.resolved.name().to_string();
+        if self.bf16_matmuls {
+            name.push_str(" (AMX products, fp32 rest)");
+        } else if self.part(Part::Vae).compute != dtype(self.resolved) {
+            name.push_str(" (VAE fp32)");
+        }
+        if let Some(q) = self.quantization {
+            name = format!("{name} + {}", q.name());
+        }
+        name
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_is_fp32_or_amx_bf16_and_refuses_the_rest() {
+        let amx = dynamicrafter_kernels::cpu::features().amx;
+        let p = PrecisionPolicy::new(Precision::Auto, &Device::Cpu).unwrap();
+        // Weights and activations stay f32 either way; with AMX the products run in bf16.
+        for part in Part::ALL {
+            assert_eq!(p.part(part), PartPrecision { weights: DType::F32, compute: DType::F32 });
+        }
+        if amx {
+            assert_eq!((p.resolved, p.bf16_matmuls), (Precision::Bf16, true));
+            assert_eq!(p.name(), "bf16 (AMX products, fp32 rest)");
+        } else {
+            assert_eq!((p.resolved, p.bf16_matmuls), (Precision::F32, false));
+            assert_eq!(p.name(), "fp32");
+            assert_eq!(PrecisionPolicy::f32(), p);
+        }
+        let fp32 = PrecisionPolicy::new(Precision::F32, &Device::Cpu).unwrap();
+        assert_eq!(fp32.name(), "fp32");
+        match PrecisionPolicy::new(Precision::Bf16, &Device::Cpu) {
+            Ok(bf16) => {
+                assert!(amx && bf16.bf16_matmuls);
+                assert_eq!(bf16.part(Part::Unet), PartPrecision { weights: DType::F32, compute: DType::F32 });
+            }
+            Err(_) => assert!(!amx),
+        }
+        assert!(PrecisionPolicy::new(Precision::F16, &Device::Cpu).is_err());
+        assert_eq!(PrecisionPolicy::f32(), fp32);
+    }
+}

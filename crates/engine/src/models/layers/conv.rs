@@ -1,0 +1,95 @@
+//! Convolutions: candle's `Conv2d` for the 1×1 and strided ones, and the UNet's and VAE's 3×3
+//! and temporal convolutions on whichever kernel the backend picks.
+
+use crate::compute::{Backend, Kernel};
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::{Conv2dConfig, VarBuilder};
+use dynamicrafter_kernels::{Bf16Conv, F32Conv, Q8Conv};
+use std::sync::Arc;
+
+/// candle's `Conv2d`, which on the CPU also takes bf16/f16 inputs (candle has no such CPU
+/// convolution): they are computed in f32, as GPUs accumulate, and rounded back.
+#[derive(Debug, Clone)]
+pub struct Conv2d(candle_nn::Conv2d);
+
+impl Module for Conv2d {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if xs.device().is_cpu() && xs.dtype() != DType::F32 {
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+            let conv = candle_nn::Conv2d::new(f32(self.0.weight())?, self.0.bias().map(f32).transpose()?, *self.0.config());
+            return conv.forward(&f32(xs)?)?.to_dtype(xs.dtype());
+        }
+        self.0.forward(xs)
+    }
+}
+
+pub fn conv2d(in_c: usize, out_c: usize, kernel: usize, padding: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
+    let cfg = Conv2dConfig { padding, stride, ..Default::default() };
+    candle_nn::conv2d(in_c, out_c, kernel, cfg, vb).map(Conv2d)
+}
+
+pub fn conv2d_no_bias(in_c: usize, out_c: usize, kernel: usize, padding: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
+    let cfg = Conv2dConfig { padding, stride, ..Default::default() };
+    candle_nn::conv2d_no_bias(in_c, out_c, kernel, cfg, vb).map(Conv2d)
+}
+
+/// 3×3 convolution, stride 1, padding 1, with bias (every such conv of the UNet and VAE).
+#[derive(Debug, Clone)]
+pub enum Conv3x3 {
+    /// The op API's shifted GEMMs (the CPU's portable kernel, CUDA, candle elsewhere), the
+    /// weight taps first, `(9, co, ci)` (rearranged once, at load).
+    Shifted { taps: Tensor, bias: Tensor },
+    Int8(Arc<Q8Conv>),
+    Bf16(Arc<Bf16Conv>),
+    F32(Arc<F32Conv>),
+}
+
+impl Module for Conv3x3 {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Shifted { taps, bias } => dynamicrafter_kernels::conv3x3_taps(xs, taps, bias),
+            Self::Int8(conv) => conv.forward(&xs.to_dtype(DType::F32)?)?.to_dtype(xs.dtype()),
+            Self::Bf16(conv) => conv.forward(xs),
+            Self::F32(conv) => conv.forward(xs),
+        }
+    }
+}
+
+pub fn conv3x3(in_c: usize, out_c: usize, vb: VarBuilder, backend: &Backend) -> Result<Conv3x3> {
+    let weight = vb.get((out_c, in_c, 3, 3), "weight")?;
+    let bias = vb.get(out_c, "bias")?;
+    Ok(match backend.conv3x3(&vb, in_c, out_c) {
+        // Quantized in (tap, channel) blocks, the order the int8 kernel reads.
+        Kernel::VnniQ8 => Conv3x3::Int8(Arc::new(Q8Conv::spatial_3x3(&weight, &bias)?)),
+        Kernel::AmxBf16 => Conv3x3::Bf16(Arc::new(Bf16Conv::spatial_3x3(&weight, &bias)?)),
+        Kernel::Avx512F32 => Conv3x3::F32(Arc::new(F32Conv::spatial_3x3(&weight, &bias)?)),
+        _ => Conv3x3::Shifted { taps: dynamicrafter_kernels::taps_first(&weight)?, bias },
+    })
+}
+
+/// The temporal Conv3d, kernel (3,1,1), padding (1,0,0), over `(b, c, t, h·w)`.
+#[derive(Debug, Clone)]
+pub enum TemporalConv {
+    /// The op API's shifted GEMMs.
+    Shifted { weight: Tensor, bias: Tensor },
+    Bf16(Arc<Bf16Conv>),
+}
+
+impl Module for TemporalConv {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Shifted { weight, bias } => dynamicrafter_kernels::temporal_conv(xs, weight, bias),
+            Self::Bf16(conv) => conv.forward(xs),
+        }
+    }
+}
+
+/// A temporal conv from `c` to `c` channels, stored `[c, c, 3, 1, 1]`.
+pub fn temporal_conv(c: usize, vb: VarBuilder, backend: &Backend) -> Result<TemporalConv> {
+    let weight = vb.get((c, c, 3, 1, 1), "weight")?;
+    let bias = vb.get(c, "bias")?;
+    Ok(match backend.temporal_conv(&vb, c) {
+        Kernel::AmxBf16 => TemporalConv::Bf16(Arc::new(Bf16Conv::temporal(&weight, &bias)?)),
+        _ => TemporalConv::Shifted { weight, bias },
+    })
+}

@@ -1,0 +1,33 @@
+//! Norms with the reference's eps.
+
+use candle_core::{Result, Tensor};
+use candle_nn::{LayerNorm, VarBuilder};
+
+/// GroupNorm with 32 groups (every norm of this model), on our fused kernel.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub const GROUPS: usize = 32;
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        dynamicrafter_kernels::group_norm(xs, &self.weight, &self.bias, Self::GROUPS, self.eps, false)
+    }
+
+    /// `SiLU(norm(x))` in one pass.
+    pub fn forward_silu(&self, xs: &Tensor) -> Result<Tensor> {
+        dynamicrafter_kernels::group_norm(xs, &self.weight, &self.bias, Self::GROUPS, self.eps, true)
+    }
+}
+
+pub fn group_norm(channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
+    Ok(GroupNorm { weight: vb.get(channels, "weight")?, bias: vb.get(channels, "bias")?, eps })
+}
+
+pub fn layer_norm(dim: usize, eps: f64, vb: VarBuilder) -> Result<LayerNorm> {
+    candle_nn::layer_norm(dim, candle_nn::LayerNormConfig { eps, ..Default::default() }, vb)
+}

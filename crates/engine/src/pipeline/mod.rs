@@ -1,0 +1,333 @@
+//! The one call every front end uses: image(s) + prompt + options → video.
+//!
+//! Mirrors the reference CLI (`inference.py::image_guided_synthesis`): conditioning from the
+//! text and CLIP image encoders, the VAE latent of the keyframe(s) as `c_concat`, DDIM with
+//! classifier-free guidance, VAE decode, clamp and truncating u8 conversion.
+
+mod conditioning;
+mod request;
+mod sampler;
+
+pub use conditioning::Conditioning;
+pub use request::{Mode, Progress, Request, Stage, Video};
+
+use crate::config::{ModelConfig, Parameterization};
+use crate::diffusion::NoiseSchedule;
+use crate::models::clip_text::ClipTextEncoder;
+use crate::models::clip_vision::ClipVisionEncoder;
+use crate::models::resampler::Resampler;
+use crate::models::unet::Unet;
+use crate::models::vae::AutoencoderKL;
+use crate::models::{RESAMPLER_PREFIX, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, VISION_PREFIX};
+use crate::noise::NoiseSource;
+use crate::preprocess::{check_resizable, clip_preprocess, video_to_u8};
+use crate::tokenizer::Tokenizer;
+use crate::compute::{Backend, Part, PrecisionPolicy};
+use crate::weights::{Checkpoint, KeyRecorder, RandomWeights};
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+
+pub struct Pipeline {
+    cfg: ModelConfig,
+    device: Device,
+    precision: PrecisionPolicy,
+    backend: Backend,
+    tokenizer: Tokenizer,
+    text: ClipTextEncoder,
+    vision: ClipVisionEncoder,
+    resampler: Resampler,
+    vae: AutoencoderKL,
+    unet: Unet,
+    schedule: NoiseSchedule,
+}
+
+/// Schedule buffers inference reads from the checkpoint.
+const SCHEDULE_BUFFERS: [&str; 3] = ["alphas_cumprod", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod"];
+
+/// Schedule buffers of a checkpoint that inference does not read.
+const UNUSED_BUFFERS: [&str; 9] = [
+    "betas",
+    "alphas_cumprod_prev",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+];
+
+fn check_cancel(cancel: &AtomicBool) -> Result<()> {
+    if cancel.load(Ordering::Relaxed) {
+        Err(Error::Cancelled)
+    } else {
+        Ok(())
+    }
+}
+
+impl Pipeline {
+    fn build(cfg: ModelConfig, vb: VarBuilder, schedule: NoiseSchedule, precision: PrecisionPolicy, backend: Backend) -> Result<Self> {
+        let part = |prefix: &str, p: Part| vb.pp(prefix).set_dtype(precision.part(p).weights);
+        let b = &backend;
+        let pipeline = Self {
+            tokenizer: Tokenizer::new()?,
+            text: ClipTextEncoder::new(&cfg.text, part(TEXT_PREFIX, Part::TextEncoder), b)?,
+            vision: ClipVisionEncoder::new(&cfg.vision, part(VISION_PREFIX, Part::ImageEncoder), b)?,
+            resampler: Resampler::new(&cfg.resampler, part(RESAMPLER_PREFIX, Part::Resampler), b)?,
+            vae: AutoencoderKL::new(&cfg.vae, part(VAE_PREFIX, Part::Vae), b)?,
+            unet: Unet::new(&cfg.unet, part(UNET_PREFIX, Part::Unet), b)?,
+            precision,
+            device: backend.device().clone(),
+            backend,
+            schedule,
+            cfg,
+        };
+        tracing::info!(precision = %pipeline.precision.name(), kernels = %pipeline.backend.describe(), "model {} built", pipeline.cfg.name);
+        Ok(pipeline)
+    }
+
+    /// Every tensor a checkpoint for `cfg` holds, with its shape, under the model's key names
+    /// (the 256 checkpoint's `framestride_embed` already renamed): what the networks read, the
+    /// schedule buffers, and the weights the reference keeps but inference never uses.
+    pub fn checkpoint_keys(cfg: &ModelConfig) -> Result<BTreeMap<String, Vec<usize>>> {
+        let recorder = KeyRecorder::default();
+        let schedule = NoiseSchedule::new(&cfg.diffusion);
+        let n = schedule.num_timesteps();
+        let scale_len = schedule.scale_arr.as_ref().map(|s| s.len());
+        let f32 = PrecisionPolicy::f32();
+        Self::build(cfg.clone(), recorder.var_builder(DType::F32), schedule, f32.clone(), Backend::new(&Device::Cpu, &f32, false))?;
+        let mut keys = recorder.into_keys();
+        let buffers = SCHEDULE_BUFFERS.iter().chain(&UNUSED_BUFFERS);
+        keys.extend(buffers.map(|k| (k.to_string(), vec![n])));
+        if let Some(len) = scale_len {
+            keys.insert("scale_arr".into(), vec![len]);
+        }
+        let prefixed = |p: &str, list: Vec<(String, Vec<usize>)>| -> Vec<(String, Vec<usize>)> {
+            list.into_iter().map(|(k, s)| (format!("{p}.{k}"), s)).collect()
+        };
+        keys.extend(prefixed(TEXT_PREFIX, ClipTextEncoder::unused_keys(&cfg.text, cfg.clip_embed_dim)));
+        keys.extend(prefixed(VISION_PREFIX, ClipVisionEncoder::unused_keys(&cfg.vision, &cfg.text, cfg.clip_embed_dim)));
+        Ok(keys)
+    }
+
+    /// Loads a `model.safetensors` or `model.ckpt` strictly against `cfg`, in fp32.
+    pub fn load(cfg: ModelConfig, path: &Path, device: &Device) -> Result<Self> {
+        Self::load_with(cfg, path, device, PrecisionPolicy::f32())
+    }
+
+    /// Loads with the dtypes of `precision` (weights converted as they are read).
+    pub fn load_with(cfg: ModelConfig, path: &Path, device: &Device, precision: PrecisionPolicy) -> Result<Self> {
+        let ck = Checkpoint::open(path)?;
+        ck.verify(&Self::checkpoint_keys(&cfg)?)?;
+        // A quantized file's int8 weights are read as stored (the policy's bf16 products still
+        // serve the rest); a float one is quantized as it loads if asked.
+        let stored = ck.quantization();
+        let precision = match stored {
+            Some(q) => precision.with_quantization(Some(q)),
+            None => precision,
+        };
+        let backend = Backend::new(device, &precision, stored.is_some());
+        let vb = ck.var_builder(DType::F32, device);
+        // The schedule buffers in the file overwrite the computed ones, as in the reference.
+        let mut schedule = NoiseSchedule::new(&cfg.diffusion);
+        let n = schedule.num_timesteps();
+        let buffer = |name: &str, len: usize| -> Result<Vec<f32>> {
+            Ok(vb.get(len, name)?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+        };
+        schedule.alphas_cumprod = buffer("alphas_cumprod", n)?;
+        schedule.sqrt_alphas_cumprod = buffer("sqrt_alphas_cumprod", n)?;
+        schedule.sqrt_one_minus_alphas_cumprod = buffer("sqrt_one_minus_alphas_cumprod", n)?;
+        if let Some(s) = &schedule.scale_arr {
+            schedule.scale_arr = Some(buffer("scale_arr", s.len())?);
+        }
+        Self::build(cfg, vb, schedule, precision, backend)
+    }
+
+    /// Builds the networks of `cfg` with random weights (benchmarks, shape checks).
+    pub fn random(cfg: ModelConfig, device: &Device) -> Result<Self> {
+        Self::random_with(cfg, device, PrecisionPolicy::f32())
+    }
+
+    /// [`Pipeline::random`] with the dtypes (and quantization) of `precision`.
+    pub fn random_with(cfg: ModelConfig, device: &Device, precision: PrecisionPolicy) -> Result<Self> {
+        let schedule = NoiseSchedule::new(&cfg.diffusion);
+        let backend = Backend::new(device, &precision, false);
+        Self::build(cfg, RandomWeights::var_builder(DType::F32, device), schedule, precision, backend)
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn precision(&self) -> &PrecisionPolicy {
+        &self.precision
+    }
+
+    /// The kernels every layer runs (for the run report).
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    fn compute(&self, part: Part) -> DType {
+        self.precision.part(part).compute
+    }
+
+    pub fn schedule(&self) -> &NoiseSchedule {
+        &self.schedule
+    }
+
+    pub fn unet(&self) -> &Unet {
+        &self.unet
+    }
+
+    pub fn vae(&self) -> &AutoencoderKL {
+        &self.vae
+    }
+
+    pub fn text_encoder(&self) -> &ClipTextEncoder {
+        &self.text
+    }
+
+    pub fn vision_encoder(&self) -> &ClipVisionEncoder {
+        &self.vision
+    }
+
+    pub fn resampler(&self) -> &Resampler {
+        &self.resampler
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Token ids `(n, 77)` of the prompts.
+    pub fn token_ids(&self, prompts: &[&str]) -> Result<Tensor> {
+        let len = self.cfg.text.context_length;
+        let ids: Vec<u32> = prompts.iter().flat_map(|p| self.tokenizer.tokenize(p, len)).collect();
+        Ok(Tensor::from_vec(ids, (prompts.len(), len), &self.device)?)
+    }
+
+    /// Text context `(n, 77, d)`.
+    pub fn encode_text(&self, prompts: &[&str]) -> Result<Tensor> {
+        Ok(self.text.forward(&self.token_ids(prompts)?)?.to_dtype(self.compute(Part::Unet))?)
+    }
+
+    /// CLIP image tokens `(n, 257, width)` of images `(n, 3, h, w)` in [-1, 1].
+    pub fn clip_image_tokens(&self, images: &Tensor) -> Result<Tensor> {
+        let pixels = clip_preprocess(images, self.cfg.vision.image_size)?.to_dtype(self.compute(Part::ImageEncoder))?;
+        Ok(self.vision.forward(&pixels)?)
+    }
+
+    /// Image context tokens `(n, 16·frames, d)`: CLIP then the Resampler.
+    pub fn encode_image(&self, images: &Tensor) -> Result<Tensor> {
+        let tokens = self.clip_image_tokens(images)?.to_dtype(self.compute(Part::Resampler))?;
+        Ok(self.resampler.forward(&tokens)?.to_dtype(self.compute(Part::Unet))?)
+    }
+
+    /// Scaled latent `0.18215·(mean + std·noise)` of images `(n, 3, h, w)`.
+    pub fn vae_encode(&self, images: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        let dt = self.compute(Part::Vae);
+        let post = self.vae.encode(&images.to_dtype(dt)?)?;
+        let z = post.sample(&noise.to_dtype(dt)?)?.to_dtype(DType::F32)?;
+        Ok(z.broadcast_mul(&Tensor::new(self.cfg.diffusion.scale_factor as f32, &self.device)?)?)
+    }
+
+    /// Decodes scaled latents `(b, c, t, h, w)` to `(b, 3, t, H, W)` one frame at a time, whatever
+    /// the config's `perframe_ae`: the decoder is per-image, so this is the same math, and 16
+    /// frames at once would hold 16× the activations (most of a GPU run's peak memory).
+    pub fn vae_decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let (b, _, _, _, _) = latents.dims5()?;
+        let inv = Tensor::new((1.0 / self.cfg.diffusion.scale_factor) as f32, &self.device)?;
+        let z = crate::models::layers::video_to_frames(&latents.broadcast_mul(&inv)?)?.to_dtype(self.compute(Part::Vae))?;
+        let frames = (0..z.dim(0)?)
+            .map(|i| self.vae.decode(&z.narrow(0, i, 1)?)?.to_dtype(DType::F32))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(crate::models::layers::frames_to_video(&Tensor::cat(&frames, 0)?, b)?)
+    }
+
+    /// Wall time since `start` once the device has run the queued work: GPU kernels run
+    /// asynchronously, and without the wait a stage's time would land in the next one.
+    fn elapsed(&self, start: Instant) -> Result<Duration> {
+        self.device.synchronize()?;
+        Ok(start.elapsed())
+    }
+
+    pub fn parameterization(&self) -> Parameterization {
+        self.cfg.diffusion.parameterization
+    }
+
+    fn validate(&self, req: &Request) -> Result<()> {
+        let s = &req.sampling;
+        s.validate(&self.cfg, req.mode.kind()).map_err(|e| Error::InvalidInput(e.message))?;
+        check_resizable(&req.image, s.height, s.width, "image")?;
+        if let Mode::Interpolate { end } = &req.mode {
+            check_resizable(end, s.height, s.width, "image2")?;
+        }
+        Ok(())
+    }
+
+    /// Runs a whole request. `progress` is called at each stage start and after every
+    /// denoising step; `cancel` is checked between steps.
+    pub fn generate(
+        &self,
+        req: &Request,
+        noise: &mut dyn NoiseSource,
+        progress: &mut dyn FnMut(Progress),
+        cancel: &AtomicBool,
+    ) -> Result<Video> {
+        let mut videos = self.generate_samples(req, 1, noise, progress, cancel)?;
+        Ok(videos.remove(0))
+    }
+
+    /// `samples` videos of one request: the conditioning is computed once, each sample is a
+    /// full DDIM run with new noise from the continuing stream (upstream's `--n_samples`).
+    pub fn generate_samples(
+        &self,
+        req: &Request,
+        samples: usize,
+        noise: &mut dyn NoiseSource,
+        progress: &mut dyn FnMut(Progress),
+        cancel: &AtomicBool,
+    ) -> Result<Vec<Video>> {
+        self.validate(req)?;
+        if samples == 0 {
+            return Err(Error::InvalidInput("the number of samples must be at least 1".into()));
+        }
+        check_cancel(cancel)?;
+        let mut timings = Vec::new();
+        let cond = self.condition(req, noise, progress, &mut timings)?;
+        let mut videos = Vec::with_capacity(samples);
+        for _ in 0..samples {
+            check_cancel(cancel)?;
+            let latent = self.sample(&cond, &req.sampling, noise, progress, cancel, &mut |_, _, _| {}, &mut timings)?;
+            check_cancel(cancel)?;
+            progress(Progress { stage: Stage::VaeDecode, step: 0, total: 1 });
+            let start = Instant::now();
+            let tensor = self.vae_decode(&latent)?.to_dtype(DType::F32)?;
+            let saved = if req.mode == Mode::Loop { tensor.narrow(2, 0, req.sampling.frames - 1)? } else { tensor.clone() };
+            let frames = saved.dim(2)?;
+            let frames_u8 = video_to_u8(&saved)?;
+            timings.push((Stage::VaeDecode, self.elapsed(start)?));
+            videos.push(Video {
+                tensor,
+                frames_u8,
+                frames,
+                height: req.sampling.height,
+                width: req.sampling.width,
+                latent,
+                timings: std::mem::take(&mut timings),
+            });
+        }
+        Ok(videos)
+    }
+}

@@ -1,0 +1,263 @@
+//! [`F32Conv`] as Winograd F(2×2, 3×3): each 2×2 block of outputs ("tile") from its 4×4 input
+//! patch with 16 products per channel pair instead of 36, so 2.25× fewer multiply-adds than
+//! the direct kernel. Per tile, with `d` the patch and `g` the 3×3 kernel (a correlation):
+//! `Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`, where
+//! `Bᵀ = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]`, `G = [1 0 0; ½ ½ ½; ½ -½ ½; 0 0 1]`,
+//! `Aᵀ = [1 1 1 0; 0 1 -1 -1]`. The transforms add and subtract only (G's halves are exact), so
+//! results stay at f32 rounding level, as the tests check against f64.
+//!
+//! The sum over input channels is, for each of the 16 transform points `e`, a GEMM
+//! `M[e] = V[e] · U[e]` (tiles × c by c × co), run by the direct kernel's microkernel.
+
+use super::{conv_tile, transpose16, F32Conv, Lanes};
+use crate::common::{output_buffer, PaddedGrid, SendPtr};
+use rayon::prelude::*;
+
+/// Tiles per task: the transformed weights (16·c·co values, read once per task) serve this
+/// many tiles, and each point's weights (c·64 values per panel, in L2) this many tiles in
+/// groups of 6 (microkernel rows). A multiple of 6 and of 8 (tiles per transposed store).
+const TILES: usize = 192;
+// The grid's channel blocks are what `input_tile` transforms: one 16-lane vector per position.
+const _: () = assert!(F32Conv::KC == 16);
+/// Input channels per microkernel call, summed in registers: longer sums round worse (the
+/// tests hold each form to f32 rounding level against f64 up to 2560 channels), and one call
+/// over all channels gains little (docs/PERFORMANCE.md).
+const DEPTH: usize = 128;
+
+impl F32Conv {
+    /// Whether the Winograd form pays for transforming the weights on every call (16·c·co
+    /// values, written to memory): it saves 10·c·co multiply-adds per output pixel, which on
+    /// small images with many channels the transform eats (docs/PERFORMANCE.md).
+    pub(super) fn winograd_pays(pixels: usize) -> bool {
+        pixels >= 2048
+    }
+
+    /// `x` holds `(n, c, h, w)` f32; returns `(n, co, h, w)`.
+    pub(super) fn forward_winograd(&self, x: &[f32], n: usize, h: usize, w: usize) -> Vec<f32> {
+        let (c, co) = (self.c, self.co);
+        let c_pad = c.next_multiple_of(F32Conv::KC);
+        let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+        // The direct form's zero-padded grid, channels last: tile (f, ty, tx)'s 4×4 patch starts
+        // at the position of output pixel (f, 2ty, 2tx), its rows a pitch apart. With an odd
+        // height, the last tile row's patch reaches one grid row past the last zero row (for
+        // junk outputs): one more row of zeros.
+        let grid = PaddedGrid { n, h, w, pad_x: true };
+        let len = grid.len() + grid.pitch();
+        let padded = self.channels_last(x, &grid, len);
+        let tile = |t: usize| (t / (th * tw), t % (th * tw) / tw, t % tw);
+        let panels = co / F32Conv::PANEL;
+        let u = self.winograd_weights(c_pad);
+
+        let tiles = n * th * tw;
+        let threads = rayon::current_num_threads().max(1);
+        let chunk = tiles.div_ceil(2 * threads).clamp(24, TILES).next_multiple_of(24);
+        // Each point's rows of V and M, a cache line more than the tiles need: point strides
+        // that are multiples of 4 KB would put a tile's 16 points in one L1 set.
+        let (v_stride, m_stride) = (chunk * c_pad + 16, chunk * F32Conv::PANEL + 16);
+        let mut y = output_buffer::<f32>(n * co * h * w);
+        let y_ptr = SendPtr(y.as_mut_ptr());
+        (0..tiles.div_ceil(chunk)).into_par_iter().for_each_init(
+            // Scratch for V and M, written before it is read (rayon may call this once per
+            // split, so no zeroing); whole cache lines per row of 16 channels.
+            || (Vec::<Lanes>::with_capacity(v_stride), Vec::<Lanes>::with_capacity(m_stride)),
+            |(v, m), task| {
+                let (v, m) = (v.as_mut_ptr() as *mut f32, m.as_mut_ptr() as *mut f32);
+                let t0 = task * chunk;
+                let count = chunk.min(tiles - t0);
+                // SAFETY: reads stay inside `padded` (a tile's patch lies within `len`), `u`,
+                // `v` and `m`; AVX-512F is available. The task writes the outputs of its own
+                // tiles, which no other task writes.
+                unsafe {
+                    // V[e][tile][channel].
+                    for t in 0..count {
+                        let (f, ty, tx) = tile(t0 + t);
+                        let at = grid.position((f * h + 2 * ty) * w + 2 * tx);
+                        debug_assert!(at + 3 * grid.pitch() + 4 <= len, "tile {:?}: patch past the grid", (f, ty, tx));
+                        for b in 0..c_pad / 16 {
+                            input_tile(padded.as_ptr().add((b * len + at) * 16), grid.pitch() * 16, v.add(t * c_pad + b * 16), v_stride);
+                        }
+                    }
+                    for p in 0..panels {
+                        // M[e][tile][64 outputs of the panel], summed over DEPTH input channels
+                        // at a time in registers.
+                        for e in 0..16 {
+                            for k0 in (0..c_pad).step_by(DEPTH) {
+                                let wt = (u.as_ptr() as *const f32).add(((p * 16 + e) * c_pad + k0) * F32Conv::PANEL);
+                                for g in (0..count).step_by(F32Conv::POS) {
+                                    let rows = F32Conv::POS.min(count - g);
+                                    let offsets = std::array::from_fn(|r| r.min(rows - 1) * c_pad);
+                                    let (a, out) = (v.add(e * v_stride + g * c_pad + k0), m.add(e * m_stride + g * F32Conv::PANEL));
+                                    conv_tile(rows, a, &offsets, 1, &[0], wt, 0, DEPTH.min(c_pad - k0), out, F32Conv::PANEL, k0 == 0);
+                                }
+                            }
+                        }
+                        let o0 = p * F32Conv::PANEL;
+                        let mut t = 0;
+                        while t < count {
+                            let (f, ty, tx) = tile(t0 + t);
+                            let dst = y_ptr.get().add((f * co + o0) * h * w + 2 * ty * w + 2 * tx);
+                            let src = m.add(t * F32Conv::PANEL);
+                            let bias = &self.bias[o0..o0 + F32Conv::PANEL];
+                            // Eight tiles side by side: two rows of 16 whole outputs.
+                            if t + 8 <= count && tx + 8 <= tw && 2 * tx + 16 <= w && 2 * ty + 2 <= h {
+                                output_tiles8(src, m_stride, bias, dst, w, h * w);
+                                t += 8;
+                            } else {
+                                output_tile(src, m_stride, bias, dst, w, h * w, (h - 2 * ty).min(2), (w - 2 * tx).min(2));
+                                t += 1;
+                            }
+                        }
+                    }
+                }
+            },
+        );
+        // SAFETY: the tasks together wrote every output (every tile's valid pixels, every channel).
+        unsafe { y.set_len(n * co * h * w) };
+        y
+    }
+
+    /// `U = G g Gᵀ` of every (output, input) channel pair, from the packed kernel:
+    /// `[panel][e][c_pad][64]`, the layout the direct kernel's weights have per tap.
+    fn winograd_weights(&self, c_pad: usize) -> Vec<Lanes> {
+        const LANES: usize = F32Conv::PANEL / 16;
+        let mut u = output_buffer::<Lanes>(self.co * c_pad);
+        u.spare_capacity_mut().par_chunks_mut(16 * c_pad * LANES).enumerate().for_each(|(p, panel)| {
+            for ci in 0..c_pad {
+                for l in 0..LANES {
+                    let g = |tap: usize| &self.packed[((p * 9 + tap) * c_pad + ci) * LANES + l].0;
+                    // G along the kernel's columns (points [dx][a]), then along its rows.
+                    let columns: [[[f32; 16]; 4]; 3] = std::array::from_fn(|dx| kernel_points([g(dx), g(3 + dx), g(6 + dx)]));
+                    for a in 0..4 {
+                        for (b, lanes) in kernel_points([&columns[0][a], &columns[1][a], &columns[2][a]]).into_iter().enumerate() {
+                            panel[((a * 4 + b) * c_pad + ci) * LANES + l].write(Lanes(lanes));
+                        }
+                    }
+                }
+            }
+        });
+        // SAFETY: every panel's every (point, channel, lane group) was written above.
+        unsafe { u.set_len(self.co * c_pad) };
+        u
+    }
+}
+
+/// `G t` for one kernel column or row `t` (16 lanes each): its four points.
+fn kernel_points([t0, t1, t2]: [&[f32; 16]; 3]) -> [[f32; 16]; 4] {
+    let mut points = [[0f32; 16]; 4];
+    for i in 0..16 {
+        points[0][i] = t0[i];
+        points[1][i] = 0.5 * (t0[i] + t1[i] + t2[i]);
+        points[2][i] = 0.5 * (t0[i] - t1[i] + t2[i]);
+        points[3][i] = t2[i];
+    }
+    points
+}
+
+/// `V = Bᵀ d B` of one 4×4 patch for 16 channels: `patch` at its first position (16 values
+/// each, rows `row` floats apart); point e goes to `v + e·e_stride`.
+///
+/// # Safety
+/// AVX-512F must be available; the patch must be inside its buffer and `v` hold the 16 points.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn input_tile(patch: *const f32, row: usize, v: *mut f32, e_stride: usize) {
+    use std::arch::x86_64::*;
+    let d: [[__m512; 4]; 4] = std::array::from_fn(|i| std::array::from_fn(|j| _mm512_loadu_ps(patch.add(i * row + 16 * j))));
+    // Bᵀ along the rows (s[a][j]), then along the columns.
+    let s: [[__m512; 4]; 4] = [
+        std::array::from_fn(|j| _mm512_sub_ps(d[0][j], d[2][j])),
+        std::array::from_fn(|j| _mm512_add_ps(d[1][j], d[2][j])),
+        std::array::from_fn(|j| _mm512_sub_ps(d[2][j], d[1][j])),
+        std::array::from_fn(|j| _mm512_sub_ps(d[1][j], d[3][j])),
+    ];
+    for (a, [s0, s1, s2, s3]) in s.into_iter().enumerate() {
+        let points = [_mm512_sub_ps(s0, s2), _mm512_add_ps(s1, s2), _mm512_sub_ps(s2, s1), _mm512_sub_ps(s1, s3)];
+        for (b, point) in points.into_iter().enumerate() {
+            _mm512_storeu_ps(v.add((a * 4 + b) * e_stride), point);
+        }
+    }
+}
+
+/// Row `r` (0 or 1) of `Aᵀ m A` of one tile for 16 channels (`m + e·e_stride`, point e), plus
+/// the bias: outputs `[y_r0, y_r1]`, channels in lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn output_row(m: *const f32, e_stride: usize, bias: std::arch::x86_64::__m512, r: usize) -> [std::arch::x86_64::__m512; 2] {
+    use std::arch::x86_64::*;
+    let p = |e: usize| _mm512_loadu_ps(m.add(e * e_stride));
+    // Aᵀ's row r over the points' rows, then Aᵀ over the columns.
+    let q: [__m512; 4] = std::array::from_fn(|b| {
+        if r == 0 {
+            _mm512_add_ps(_mm512_add_ps(p(b), p(4 + b)), p(8 + b))
+        } else {
+            _mm512_sub_ps(_mm512_sub_ps(p(4 + b), p(8 + b)), p(12 + b))
+        }
+    });
+    [_mm512_add_ps(_mm512_add_ps(_mm512_add_ps(q[0], q[1]), q[2]), bias), _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(q[1], q[2]), q[3]), bias)]
+}
+
+/// Eight tiles side by side (`m` at the first, points `e_stride` apart, 64 channels), all four
+/// outputs valid, to the channel-major output at `dst` (its first pixel; rows `w` apart,
+/// channels `plane` apart): per 16 channels and output row, 16 pixels transposed in registers.
+///
+/// # Safety
+/// AVX-512F must be available; the eight tiles' points must be in `m`, their outputs in `dst`'s
+/// buffer.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn output_tiles8(m: *const f32, e_stride: usize, bias: &[f32], dst: *mut f32, w: usize, plane: usize) {
+    use std::arch::x86_64::*;
+    for j in 0..F32Conv::PANEL / 16 {
+        let b = _mm512_loadu_ps(bias.as_ptr().add(16 * j));
+        for r in 0..2 {
+            let mut pixels = [_mm512_setzero_ps(); 16];
+            for k in 0..8 {
+                [pixels[2 * k], pixels[2 * k + 1]] = output_row(m.add(k * F32Conv::PANEL + 16 * j), e_stride, b, r);
+            }
+            for (i, channel) in transpose16(&pixels).into_iter().enumerate() {
+                _mm512_storeu_ps(dst.add((16 * j + i) * plane + r * w), channel);
+            }
+        }
+    }
+}
+
+/// One tile's `valid_rows × valid_columns` outputs (the rest fall outside the image), 64
+/// channels, as [`output_tiles8`] writes eight.
+///
+/// # Safety
+/// As [`output_tiles8`], for one tile.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn output_tile(m: *const f32, e_stride: usize, bias: &[f32], dst: *mut f32, w: usize, plane: usize, valid_rows: usize, valid_columns: usize) {
+    use std::arch::x86_64::*;
+    for j in 0..F32Conv::PANEL / 16 {
+        let b = _mm512_loadu_ps(bias.as_ptr().add(16 * j));
+        for r in 0..valid_rows {
+            for (col, point) in output_row(m.add(16 * j), e_stride, b, r).iter().take(valid_columns).enumerate() {
+                let mut lanes = [0f32; 16];
+                _mm512_storeu_ps(lanes.as_mut_ptr(), *point);
+                for (i, value) in lanes.into_iter().enumerate() {
+                    dst.add((16 * j + i) * plane + r * w + col).write(value);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn input_tile(_: *const f32, _: usize, _: *mut f32, _: usize) {
+    unreachable!("F32Conv::supports() is false off x86-64")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn output_tiles8(_: *const f32, _: usize, _: &[f32], _: *mut f32, _: usize, _: usize) {
+    unreachable!("F32Conv::supports() is false off x86-64")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn output_tile(_: *const f32, _: usize, _: &[f32], _: *mut f32, _: usize, _: usize, _: usize, _: usize) {
+    unreachable!("F32Conv::supports() is false off x86-64")
+}

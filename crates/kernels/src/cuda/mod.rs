@@ -1,0 +1,343 @@
+//! Our CUDA kernels (`*.cu` beside this file, compiled to PTX by `build.rs`) and the convolutions
+//! as cuBLAS GEMMs over shifted views, where candle's generic CUDA ops are slow: candle's group
+//! norm makes ~10 passes in f32, its convolutions write a 9× im2col matrix and transpose the
+//! result back. Each entry point says which inputs it takes; callers fall back to candle's
+//! composition otherwise (the CPU, other dtypes).
+
+pub mod flash_attention;
+
+use candle_core::{DType, Result, Tensor};
+
+/// Whether `x` is a float tensor on a GPU this build can run our kernels on.
+pub fn usable(x: &Tensor) -> bool {
+    cfg!(feature = "cuda") && x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16)
+}
+
+/// GroupNorm (+ SiLU) of `x (n, c, …)` with weight and bias `(c)` of `x`'s dtype.
+pub fn group_norm(x: &Tensor, w: &Tensor, b: &Tensor, groups: usize, eps: f64, silu: bool) -> Result<Tensor> {
+    x.contiguous()?.apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &GroupNorm { groups, eps: eps as f32, silu })
+}
+
+/// Σ over taps of `w[tap] · x[:, :, offset[tap] .. offset[tap] + len]` for `x (n, ci, l)` and
+/// `w (taps, co, ci)`: `(n, co, out_len)` in f32 (positions past `len` left unwritten). A
+/// convolution whose every tap reads a shifted window of the padded input.
+pub fn shifted_gemm(x: &Tensor, w: &Tensor, offsets: &[usize], len: usize, out_len: usize) -> Result<Tensor> {
+    x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &ShiftedGemm { offsets: offsets.to_vec(), len, out_len })
+}
+
+/// 3×3 convolution, stride 1, padding 1, of `x (n, ci, h, w)` with `w_taps (9, co, ci)` (the
+/// weight with taps first) and bias `(co)`.
+pub fn conv3x3(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (n, _, h, w) = x.dims4()?;
+    let co = w_taps.dim(1)?;
+    let pitch = w + 2;
+    let padded = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?.flatten_from(2)?;
+    // Output rows keep the padded pitch (two unused columns each) so every tap is one window.
+    let offsets: Vec<usize> = (0..9).map(|t| (t / 3) * pitch + t % 3).collect();
+    let y = shifted_gemm(&padded, w_taps, &offsets, h * pitch - 2, h * pitch)?;
+    let y = y.reshape((n, co, h, pitch))?.narrow(3, 0, w)?;
+    y.broadcast_add(&bias.to_dtype(DType::F32)?.reshape((1, co, 1, 1))?)?.to_dtype(x.dtype())
+}
+
+/// Conv3d with kernel (3,1,1), padding (1,0,0) of `x (b, ci, t, s)` with `w_taps (3, co, ci)`.
+pub fn temporal_conv(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (b, _, t, s) = x.dims4()?;
+    let co = w_taps.dim(1)?;
+    let padded = x.pad_with_zeros(2, 1, 1)?.flatten_from(2)?;
+    let y = shifted_gemm(&padded, w_taps, &[0, s, 2 * s], t * s, t * s)?;
+    y.reshape((b, co, t, s))?.broadcast_add(&bias.to_dtype(DType::F32)?.reshape((1, co, 1, 1))?)?.to_dtype(x.dtype())
+}
+
+struct GroupNorm {
+    groups: usize,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    eps: f32,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    silu: bool,
+}
+
+struct ShiftedGemm {
+    offsets: Vec<usize>,
+    len: usize,
+    out_len: usize,
+}
+
+impl candle_core::CustomOp3 for GroupNorm {
+    fn name(&self) -> &'static str {
+        "dc-group-norm-cuda"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("{} runs on CUDA only ({} groups)", self.name(), self.groups)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &candle_core::Layout,
+        w: &candle_core::CudaStorage,
+        wl: &candle_core::Layout,
+        b: &candle_core::CudaStorage,
+        bl: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        match x.dtype() {
+            DType::F32 => imp::group_norm::<f32>("f32", self, x, xl, w, wl, b, bl),
+            DType::F16 => imp::group_norm::<half::f16>("f16", self, x, xl, w, wl, b, bl),
+            DType::BF16 => imp::group_norm::<half::bf16>("bf16", self, x, xl, w, wl, b, bl),
+            dt => candle_core::bail!("group norm: unsupported dtype {dt:?}"),
+        }
+    }
+}
+
+impl candle_core::CustomOp2 for ShiftedGemm {
+    fn name(&self) -> &'static str {
+        "dc-shifted-gemm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("{} runs on CUDA only ({} taps, {} → {})", self.name(), self.offsets.len(), self.len, self.out_len)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &candle_core::Layout,
+        w: &candle_core::CudaStorage,
+        wl: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        imp::shifted_gemm(self, x, xl, w, wl)
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod imp {
+    use super::{GroupNorm, ShiftedGemm};
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::cublas::sys as cublas;
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaDType, CudaStorage, WrapErr};
+    use candle_core::{DType, Layout, Result, Shape};
+
+    const GROUP_NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/group_norm.ptx"));
+    /// Threads per block and elements per statistics block of `group_norm.cu`.
+    const THREADS: u32 = 256;
+    const CHUNK: usize = 256 * 16;
+
+    fn contiguous(l: &Layout, what: &str) -> Result<(usize, usize)> {
+        l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{what} must be contiguous")))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn group_norm<T: CudaDType + DeviceRepr>(
+        suffix: &str,
+        op: &GroupNorm,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dims = xl.dims();
+        let (n, c) = (dims[0], dims[1]);
+        let s: usize = dims[2..].iter().product();
+        if c % op.groups != 0 || wl.shape().elem_count() != c || bl.shape().elem_count() != c {
+            candle_core::bail!("group norm: {c} channels, {} groups, weight {:?}, bias {:?}", op.groups, wl.shape(), bl.shape());
+        }
+        let ((x0, x1), (w0, w1), (b0, b1)) = (contiguous(xl, "x")?, contiguous(wl, "weight")?, contiguous(bl, "bias")?);
+        let dev = x.device.clone();
+        let xs = x.as_cuda_slice::<T>()?.slice(x0..x1);
+        let ws = w.as_cuda_slice::<T>()?.slice(w0..w1);
+        let bs = b.as_cuda_slice::<T>()?.slice(b0..b1);
+        let cpg = c / op.groups;
+        let group_len = cpg * s;
+        let total = n * c * s;
+        let sums = dev.alloc_zeros::<f64>(2 * n * op.groups)?;
+        let stats = dev.get_or_load_custom_func(&format!("group_stats_{suffix}"), "dynamicrafter_group_norm", GROUP_NORM_PTX)?;
+        let cfg = LaunchConfig { grid_dim: (group_len.div_ceil(CHUNK) as u32, (n * op.groups) as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let gl = group_len as u64;
+        let mut builder = stats.builder();
+        builder.arg(&xs);
+        builder.arg(&sums);
+        builder.arg(&gl);
+        // SAFETY: arguments match `group_stats_*`; the grid covers every element once.
+        unsafe { builder.launch(cfg) }.w()?;
+
+        // SAFETY: `group_apply_*` writes every element.
+        let y = unsafe { dev.alloc::<T>(total)? };
+        let apply = dev.get_or_load_custom_func(&format!("group_apply_{suffix}"), "dynamicrafter_group_norm", GROUP_NORM_PTX)?;
+        let blocks = total.div_ceil(THREADS as usize).min(132 * 32) as u32;
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let (total_u, c_i, s_u, cpg_i, silu) = (total as u64, c as i32, s as u64, cpg as i32, op.silu as i32);
+        let mut builder = apply.builder();
+        builder.arg(&xs);
+        builder.arg(&ws);
+        builder.arg(&bs);
+        builder.arg(&sums);
+        builder.arg(&y);
+        builder.arg(&total_u);
+        builder.arg(&c_i);
+        builder.arg(&s_u);
+        builder.arg(&cpg_i);
+        builder.arg(&op.eps);
+        builder.arg(&silu);
+        // SAFETY: arguments match `group_apply_*`.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), xl.shape().clone()))
+    }
+
+    fn cuda_type(dt: DType) -> Result<cublas::cudaDataType> {
+        Ok(match dt {
+            DType::F32 => cublas::cudaDataType::CUDA_R_32F,
+            DType::F16 => cublas::cudaDataType::CUDA_R_16F,
+            DType::BF16 => cublas::cudaDataType::CUDA_R_16BF,
+            dt => candle_core::bail!("shifted gemm: unsupported dtype {dt:?}"),
+        })
+    }
+
+    pub fn shifted_gemm(op: &ShiftedGemm, x: &CudaStorage, xl: &Layout, w: &CudaStorage, wl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (n, ci, l) = xl.shape().dims3()?;
+        let (taps, co, wci) = wl.shape().dims3()?;
+        if wci != ci || taps != op.offsets.len() || x.dtype() != w.dtype() || op.len > op.out_len {
+            candle_core::bail!("shifted gemm: x {:?}, w {:?}, {} offsets", xl.shape(), wl.shape(), op.offsets.len());
+        }
+        if op.offsets.iter().any(|&o| o + op.len > l) {
+            candle_core::bail!("shifted gemm: a window passes the end of the {l} input positions");
+        }
+        let (x0, _) = contiguous(xl, "x")?;
+        let (w0, _) = contiguous(wl, "weight")?;
+        let dev = x.device.clone();
+        let stream = dev.cuda_stream();
+        let elem = x.dtype().size_in_bytes() as u64;
+        let (x_ptr, _x_guard) = match &x.slice {
+            candle_core::cuda_backend::CudaStorageSlice::F32(s) => s.device_ptr(&stream),
+            candle_core::cuda_backend::CudaStorageSlice::F16(s) => s.device_ptr(&stream),
+            candle_core::cuda_backend::CudaStorageSlice::BF16(s) => s.device_ptr(&stream),
+            _ => candle_core::bail!("shifted gemm: unsupported dtype {:?}", x.dtype()),
+        };
+        let (w_ptr, _w_guard) = match &w.slice {
+            candle_core::cuda_backend::CudaStorageSlice::F32(s) => s.device_ptr(&stream),
+            candle_core::cuda_backend::CudaStorageSlice::F16(s) => s.device_ptr(&stream),
+            candle_core::cuda_backend::CudaStorageSlice::BF16(s) => s.device_ptr(&stream),
+            _ => candle_core::bail!("shifted gemm: unsupported dtype {:?}", w.dtype()),
+        };
+        // SAFETY: written by the first GEMM (beta 0) at every position below `len`; later ones
+        // accumulate. Positions from `len` to `out_len` are documented as unwritten.
+        let mut y = unsafe { dev.alloc::<f32>(n * co * op.out_len)? };
+        {
+            let (y_ptr, _y_guard) = y.device_ptr_mut(&stream);
+            let blas = dev.cublas_handle();
+            let handle = *blas.handle();
+            let t = cuda_type(x.dtype())?;
+            let (one, zero) = (1f32, 0f32);
+            for (tap, &offset) in op.offsets.iter().enumerate() {
+                let a = x_ptr + (x0 as u64 + offset as u64) * elem;
+                let b = w_ptr + (w0 as u64 + (tap * co * ci) as u64) * elem;
+                let beta: *const f32 = if tap == 0 { &zero } else { &one };
+                // Column-major: C (len × co, ldc out_len) = A (len × ci, lda l) · B (ci × co, ldb ci),
+                // i.e. row-major y[o][j] = Σ_i w[tap][o][i] · x[i][offset + j], per sample.
+                // SAFETY: pointers and strides stay inside the buffers checked above.
+                let status = unsafe {
+                    cublas::cublasGemmStridedBatchedEx(
+                        handle,
+                        cublas::cublasOperation_t::CUBLAS_OP_N,
+                        cublas::cublasOperation_t::CUBLAS_OP_N,
+                        op.len as i32,
+                        co as i32,
+                        ci as i32,
+                        &one as *const f32 as *const std::ffi::c_void,
+                        a as *const std::ffi::c_void,
+                        t,
+                        l as i32,
+                        (ci * l) as i64,
+                        b as *const std::ffi::c_void,
+                        t,
+                        ci as i32,
+                        0,
+                        beta as *const std::ffi::c_void,
+                        y_ptr as *mut std::ffi::c_void,
+                        cublas::cudaDataType::CUDA_R_32F,
+                        op.out_len as i32,
+                        (co * op.out_len) as i64,
+                        n as i32,
+                        cublas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        cublas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                    )
+                };
+                if status != cublas::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                    candle_core::bail!("shifted gemm: cuBLAS {status:?}");
+                }
+            }
+        }
+        Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((n, co, op.out_len))))
+    }
+}
+
+#[cfg(all(test, feature = "cuda"))]
+mod tests {
+    use super::*;
+    use crate::taps_first;
+    use candle_core::Device;
+
+    fn rel(got: &Tensor, want: &Tensor) -> f32 {
+        let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let d = (f(got) - f(want)).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+        d / f(want).sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt()
+    }
+
+    /// On a GPU: group norm and both convolutions against candle's composition, in f32 at f32
+    /// rounding level and in bf16 within bf16 rounding, on shapes with odd sizes.
+    #[test]
+    fn kernels_match_candle_on_gpu() {
+        let dev = Device::new_cuda(0).expect("a CUDA build's tests need a GPU");
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
+            let r = |shape: &[usize], std: f32| Tensor::randn(0f32, std, shape, &dev).and_then(|t| t.to_dtype(dtype)).unwrap();
+            for (shape, groups) in [(vec![2usize, 64, 5, 7], 32), (vec![1, 96, 3, 9, 11], 32), (vec![3, 8, 1000], 4)] {
+                let x = (r(&shape, 2.0) + 3.0).unwrap();
+                let (w, b) = (r(&[shape[1]], 1.0), r(&[shape[1]], 1.0));
+                for silu in [false, true] {
+                    let got = group_norm(&x, &w, &b, groups, 1e-5, silu).unwrap();
+                    let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+                    let want = crate::group_norm_reference(&f(&x), &f(&w), &f(&b), groups, 1e-5, silu).unwrap();
+                    let e = rel(&got, &want);
+                    eprintln!("group norm {dtype:?} {shape:?} silu {silu}: {e:.2e}");
+                    assert!(e < tol, "group norm {dtype:?} {shape:?}: {e:.2e}");
+                }
+            }
+            for (n, ci, co, h, w) in [(2, 8, 16, 5, 7), (3, 64, 32, 16, 9), (1, 320, 320, 12, 20)] {
+                let x = r(&[n, ci, h, w], 1.0);
+                let (wt, b) = (r(&[co, ci, 3, 3], 0.1), r(&[co], 1.0));
+                let got = conv3x3(&x, &taps_first(&wt).unwrap(), &b).unwrap();
+                let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+                let want = crate::conv3x3_reference(&f(&x), &f(&wt), &f(&b)).unwrap();
+                let e = rel(&got, &want);
+                eprintln!("conv3x3 {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");
+                assert!(e < tol, "conv3x3 {dtype:?}: {e:.2e}");
+                let xt = r(&[n, ci, h, w], 1.0);
+                let wt = r(&[co, ci, 3, 1, 1], 0.1);
+                let got = temporal_conv(&xt, &taps_first(&wt).unwrap(), &b).unwrap();
+                let want = crate::temporal_conv_reference(&f(&xt), &f(&wt), &f(&b)).unwrap();
+                let e = rel(&got, &want);
+                eprintln!("temporal conv {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");
+                assert!(e < tol, "temporal conv {dtype:?}: {e:.2e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,45 @@
+//! The kernels of dynamicrafter: the ops where candle's generic ones are slow, for the CPU and
+//! for CUDA, each with its reference composition in candle's own ops.
+//!
+//! The op API ([`group_norm`], [`attention`], [`attention_heads`], [`softmax_last_dim`],
+//! [`conv3x3`], [`temporal_conv`], [`geglu`], [`permute`]) takes tensors on any device and
+//! picks the kernel; the layers with weights packed at load ([`F32Matrix`], [`F32Conv`],
+//! [`Bf16Matrix`], [`Bf16Conv`], [`amx_attention`], [`Q8Matrix`], [`Q8Conv`]) are built by the
+//! engine's backend, which decides once which of them a model uses.
+//!
+//! | folder | what | runs where |
+//! |---|---|---|
+//! | `common/` | vectorised-loop dispatch, math, buffers, the padded conv grid | everywhere |
+//! | `portable/` | plain-Rust CPU kernels (f32), compiled for AVX-512 / AVX2 / baseline | every CPU |
+//! | `avx512/` | f32 matrix and 3×3 conv microkernels, register helpers | AVX-512 F/BW/VL |
+//! | `amx/` | bf16 tile products: matrix, convs, attention | AMX |
+//! | `vnni/` | int8 (`q8_0`) products: matrix, convs | AVX-512 VNNI |
+//! | `cuda/` | fused attention, group norm, shifted-GEMM convs (`*.cu` beside them) | NVIDIA GPUs |
+//!
+//! Dependencies point one way: `common` ← `portable`, `cuda` ← `avx512` ← `amx`, `vnni` ←
+//! the op API. [`cpu::features`] is the one place that says which instruction sets run
+//! (`DYNAMICRAFTER_CPU_ISA` caps it). Every kernel has a test against its reference computed
+//! in f64.
+
+#[macro_use]
+mod common;
+pub mod cpu;
+mod ops;
+mod reference;
+
+mod amx;
+mod avx512;
+mod cuda;
+mod portable;
+mod vnni;
+
+pub use amx::attention as amx_attention;
+pub use amx::{Bf16Conv, Bf16Matrix};
+pub use avx512::{F32Conv, F32Matrix};
+pub use cuda::flash_attention::flash_attention;
+pub use ops::{attention, attention_heads, conv3x3, conv3x3_taps, geglu, group_norm, heads_in_place, permute, softmax_last_dim, taps_first, temporal_conv};
+pub use reference::{
+    attention_chunked, attention_reference, conv3x3_reference, geglu_reference, group_norm_reference, permute_reference, softmax_reference,
+    temporal_conv_reference, MAX_SCORES,
+};
+pub use vnni::{Q8Conv, Q8Matrix};

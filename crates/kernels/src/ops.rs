@@ -1,0 +1,297 @@
+//! The op API: each function takes tensors on any device, picks our kernel for their device,
+//! dtype and (on the CPU) instruction set, and falls back to the reference composition
+//! ([`crate::reference`]) where we have none.
+
+use crate::reference::{attention_chunked, conv3x3_reference, group_norm_reference, temporal_conv_reference, MAX_SCORES};
+use crate::{cuda, portable};
+use candle_core::{DType, Result, Tensor};
+
+fn cpu_f32(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
+/// The softmax row kernel of this CPU.
+fn softmax_rows() -> portable::SoftmaxRows {
+    #[cfg(target_arch = "x86_64")]
+    if crate::avx512::available() {
+        // SAFETY: AVX-512 was detected.
+        return |rows, width, scale, sums| unsafe { crate::avx512::softmax_rows(rows, width, scale, sums) };
+    }
+    portable::softmax_rows
+}
+
+/// GroupNorm over `(n, c, …)` with affine weight/bias, optionally followed by SiLU, fused.
+pub fn group_norm(x: &Tensor, w: &Tensor, b: &Tensor, groups: usize, eps: f64, silu: bool) -> Result<Tensor> {
+    let c = x.dim(1)?;
+    if c % groups != 0 {
+        candle_core::bail!("group norm: {c} channels are not divisible into {groups} groups")
+    }
+    if cpu_f32(&[x, w, b]) {
+        portable::group_norm(x, w, b, groups, eps, silu)
+    } else if cuda::usable(x) && w.dtype() == x.dtype() && b.dtype() == x.dtype() {
+        cuda::group_norm(x, w, b, groups, eps, silu)
+    } else {
+        group_norm_reference(x, w, b, groups, eps, silu)
+    }
+}
+
+/// Softmax over the last dimension.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if cpu_f32(&[x]) {
+        portable::softmax_last_dim(x, softmax_rows())
+    } else {
+        candle_nn::ops::softmax_last_dim(x)
+    }
+}
+
+/// `softmax(q·kᵀ·scale)·v` for `(batch, len, dim)` tensors, never materialising more than a
+/// block of scores per thread on CPU (f32), no scores at all on CUDA in f16/bf16 (the fused
+/// kernel), nor more than [`MAX_SCORES`] elsewhere.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    if cpu_f32(&[q, k, v]) {
+        portable::attention(q, k, v, 1, scale, softmax_rows())
+    } else if cuda::flash_attention::supported(q, k, v) {
+        cuda::flash_attention::flash_attention(q, k, v, scale)
+    } else {
+        attention_chunked(q, k, v, scale, MAX_SCORES)
+    }
+}
+
+/// Whether [`attention_heads`] takes these inputs: CPU f32 `(batch, len, heads·dim)` tensors.
+pub fn heads_in_place(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> bool {
+    cpu_f32(&[q, k, v]) && [q, k, v].iter().all(|t| t.rank() == 3 && t.dims()[2].is_multiple_of(heads))
+}
+
+/// [`attention`] per head for `(batch, len, heads·dim)` tensors, heads side by side in the last
+/// dimension, read and written in place (no split or merge copies). CPU f32 only: check
+/// [`heads_in_place`].
+pub fn attention_heads(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    if !heads_in_place(q, k, v, heads) {
+        candle_core::bail!("attention_heads: CPU f32 (batch, len, heads·dim) inputs only");
+    }
+    portable::attention(q, k, v, heads, scale, softmax_rows())
+}
+
+/// GEGLU activation of the UNet feed-forwards, fused (one pass, vectorised erf) on CPU f32.
+pub fn geglu(p: &Tensor) -> Result<Tensor> {
+    if cpu_f32(&[p]) && p.dim(candle_core::D::Minus1)? % 2 == 0 {
+        portable::geglu(p)
+    } else {
+        crate::reference::geglu_reference(p)
+    }
+}
+
+/// `x.permute(dims).contiguous()`, a tiled transpose on CPU f32 where the innermost axis moves.
+pub fn permute(x: &Tensor, dims: &[usize]) -> Result<Tensor> {
+    if cpu_f32(&[x]) && portable::moves_innermost(x.rank(), dims) {
+        portable::permute(x, dims)
+    } else {
+        x.permute(dims)?.contiguous()
+    }
+}
+
+/// Conv3d with kernel (3,1,1), padding (1,0,0) on `x (b, c, t, s)` (s = h·w): three GEMMs over
+/// shifted views of the input, no im2col copy.
+pub fn temporal_conv(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if cpu_f32(&[x, w, bias]) {
+        portable::temporal_conv(x, w, bias)
+    } else if x.device().is_cpu() {
+        // candle has no bf16/f16 CPU convolution: compute in f32 (as GPUs accumulate), round back.
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        temporal_conv(&f32(x)?, &f32(w)?, &f32(bias)?)?.to_dtype(x.dtype())
+    } else if cuda::usable(x) && w.dtype() == x.dtype() {
+        cuda::temporal_conv(x, &taps_first(w)?, bias)
+    } else {
+        temporal_conv_reference(x, w, bias)
+    }
+}
+
+/// 3×3 convolution, stride 1, padding 1, with bias, its weight `(9, co, c)` taps first (see
+/// [`taps_first`]): nine GEMMs over shifted views of the padded input on CPU f32 (no im2col
+/// matrix), candle's conv elsewhere.
+pub fn conv3x3_taps(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if cpu_f32(&[x, w_taps, bias]) {
+        portable::conv3x3_taps(x, w_taps, bias)
+    } else if x.device().is_cpu() {
+        // candle has no bf16/f16 CPU convolution: compute in f32 (as GPUs accumulate), round back.
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        conv3x3_taps(&f32(x)?, &f32(w_taps)?, &f32(bias)?)?.to_dtype(x.dtype())
+    } else if cuda::usable(x) && w_taps.dtype() == x.dtype() {
+        cuda::conv3x3(x, w_taps, bias)
+    } else {
+        let (co, c) = (w_taps.dim(1)?, w_taps.dim(2)?);
+        conv3x3_reference(x, &w_taps.permute((1, 2, 0))?.reshape((co, c, 3, 3))?, bias)
+    }
+}
+
+/// [`conv3x3_taps`] from a weight in its stored layout `(co, c, 3, 3)`.
+pub fn conv3x3(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    conv3x3_taps(x, &taps_first(w)?, bias)
+}
+
+/// A conv weight `(co, ci, k…)` as `(taps, co, ci)`, taps in row-major kernel order: each tap's
+/// matrix contiguous, as the shifted GEMMs read it.
+pub fn taps_first(w: &Tensor) -> Result<Tensor> {
+    let (co, ci) = (w.dim(0)?, w.dim(1)?);
+    w.reshape((co, ci, ()))?.permute((2, 0, 1))?.contiguous()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::common::testing::{assert_f32_level, f64, max_rel, merge_heads, split_heads, CONV3X3_SHAPES};
+    use crate::reference::*;
+    use candle_core::Device;
+
+    #[test]
+    fn group_norm_matches_reference_on_many_shapes() {
+        let dev = Device::Cpu;
+        for &(shape, groups) in &[(&[2usize, 32, 4, 4][..], 32), (&[1, 64, 3, 5, 7][..], 32), (&[3, 96, 1][..], 32), (&[2, 320, 16, 16][..], 32), (&[1, 8, 9][..], 4)] {
+            let c = shape[1];
+            let w = Tensor::randn(1f32, 0.2, c, &dev).unwrap();
+            let b = Tensor::randn(0f32, 0.2, c, &dev).unwrap();
+            // A mean far from zero too: the variance must not cancel.
+            for offset in [1.5, 100.0] {
+                let x = (Tensor::randn(0f32, 3.0, shape, &dev).unwrap() + offset).unwrap();
+                for silu in [false, true] {
+                    let got = group_norm(&x, &w, &b, groups, 1e-5, silu).unwrap();
+                    let want = group_norm_reference(&f64(&x), &f64(&w), &f64(&b), groups, 1e-5, silu).unwrap();
+                    let candle = group_norm_reference(&x, &w, &b, groups, 1e-5, silu).unwrap();
+                    assert_f32_level(&got, &candle, &want, &format!("{shape:?} offset {offset} silu {silu}"));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_attention_equals_unchunked() {
+        let dev = Device::Cpu;
+        for &(b, m, n, d, max_scores) in &[(2, 37, 20, 8, 40), (1, 100, 64, 16, 64 * 7), (3, 9, 9, 4, 1), (1, 5, 5, 4, 1 << 20)] {
+            let q = Tensor::randn(0f32, 2.0, (b, m, d), &dev).unwrap();
+            let k = Tensor::randn(0f32, 2.0, (b, n, d), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (b, n, d), &dev).unwrap();
+            let whole = attention_reference(&q, &k, &v, 0.3).unwrap();
+            let chunked = attention_chunked(&q, &k, &v, 0.3, max_scores).unwrap();
+            assert_eq!(chunked.dims(), whole.dims());
+            let err = max_rel(&chunked, &whole);
+            assert!(err < 1e-6, "{:?}: {err:e}", (b, m, n, d, max_scores));
+        }
+        // bf16 inputs: softmax runs in f32, the result comes back in bf16.
+        let q = Tensor::randn(0f32, 1.0, (2, 33, 8), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+        let out = attention(&q, &q, &q, 0.35).unwrap();
+        assert_eq!(out.dtype(), DType::BF16);
+        let f32_out = attention(&q.to_dtype(DType::F32).unwrap(), &q.to_dtype(DType::F32).unwrap(), &q.to_dtype(DType::F32).unwrap(), 0.35).unwrap();
+        let err = max_rel(&out, &f32_out);
+        assert!(err < 2e-2, "bf16 attention off by {err:e}");
+    }
+
+    #[test]
+    fn attention_matches_reference_on_many_shapes() {
+        let dev = Device::Cpu;
+        for &(b, m, n, d, dv) in &[(1, 1, 1, 1, 1), (2, 5, 7, 3, 4), (3, 64, 64, 16, 16), (2, 130, 77, 64, 64), (10, 16, 16, 64, 64), (1, 257, 513, 8, 8)] {
+            let q = Tensor::randn(0f32, 2.0, (b, m, d), &dev).unwrap();
+            let k = Tensor::randn(0f32, 2.0, (b, n, d), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (b, n, dv), &dev).unwrap();
+            let scale = 1.0 / (d as f64).sqrt();
+            // Against the reference composition computed in f64: our error must stay at f32
+            // rounding level (candle's own f32 composition is shown for scale).
+            let got = attention(&q, &k, &v, scale).unwrap();
+            let want = attention_reference(&f64(&q), &f64(&k), &f64(&v), scale).unwrap();
+            let candle = attention_reference(&q, &k, &v, scale).unwrap();
+            assert_f32_level(&got, &candle, &want, &format!("{:?}", (b, m, n, d, dv)));
+        }
+    }
+
+    /// Heads read and written in place equal splitting them out, attending and merging back.
+    #[test]
+    fn attention_heads_equals_split_attention_merge() {
+        let dev = Device::Cpu;
+        for &(b, m, n, heads, d) in &[(1, 5, 7, 1, 8), (2, 300, 77, 5, 16), (1, 33, 260, 3, 64)] {
+            let q = Tensor::randn(0f32, 1.0, (b, m, heads * d), &dev).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (b, n, heads * d), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (b, n, heads * d), &dev).unwrap();
+            let scale = (d as f64).powf(-0.5);
+            let got = attention_heads(&q, &k, &v, heads, scale).unwrap();
+            let split = |t: &Tensor| split_heads(t, heads);
+            let merge = |t: &Tensor| merge_heads(t, heads);
+            let want = merge(&attention_reference(&split(&f64(&q)), &split(&f64(&k)), &split(&f64(&v)), scale).unwrap());
+            let candle = merge(&attention_reference(&split(&q), &split(&k), &split(&v), scale).unwrap());
+            assert_f32_level(&got, &candle, &want, &format!("{:?}", (b, m, n, heads, d)));
+        }
+        let bf16 = Tensor::zeros((1, 4, 8), DType::BF16, &dev).unwrap();
+        assert!(!heads_in_place(&bf16, &bf16, &bf16, 2));
+    }
+
+    #[test]
+    fn softmax_matches_reference() {
+        let dev = Device::Cpu;
+        // The last one's output is over 32 MB: its pages are populated ahead (`output_buffer`).
+        for shape in [&[1usize, 1][..], &[3, 17][..], &[2, 5, 77][..], &[40, 1024][..], &[9, 1024, 1031][..]] {
+            let x = (Tensor::randn(0f32, 4.0, shape, &dev).unwrap() + 2.0).unwrap();
+            let got = softmax_last_dim(&x).unwrap();
+            let want = candle_nn::ops::softmax_last_dim(&f64(&x)).unwrap();
+            let candle = candle_nn::ops::softmax_last_dim(&x).unwrap();
+            assert_f32_level(&got, &candle, &want, &format!("{shape:?}"));
+        }
+    }
+
+    #[test]
+    fn geglu_matches_reference() {
+        for shape in [&[1usize, 2][..], &[3, 5, 18][..], &[2, 100, 640][..]] {
+            let p = Tensor::randn(0f32, 3.0, shape, &Device::Cpu).unwrap();
+            let got = geglu(&p).unwrap();
+            let want = geglu_reference(&f64(&p)).unwrap();
+            let candle = geglu_reference(&p).unwrap();
+            assert_f32_level(&got, &candle, &want, &format!("{shape:?}"));
+        }
+    }
+
+    #[test]
+    fn permute_matches_candle_on_many_shapes() {
+        let dev = Device::Cpu;
+        let cases: [(&[usize], &[usize]); 6] = [
+            (&[1, 320, 16, 9, 7], &[0, 3, 4, 2, 1]),
+            (&[2, 7, 5, 3, 40], &[0, 3, 4, 1, 2]),
+            (&[3, 33, 65], &[0, 2, 1]),
+            (&[70, 3], &[1, 0]),
+            (&[2, 3, 4, 5], &[3, 2, 1, 0]),
+            (&[4, 1, 37], &[2, 0, 1]),
+        ];
+        for (shape, dims) in cases {
+            let x = Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+            let got = permute(&x, dims).unwrap();
+            let want = permute_reference(&x, dims).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let (g, w) = (got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            assert_eq!(g, w, "{shape:?} permuted by {dims:?}");
+        }
+    }
+
+    #[test]
+    fn temporal_conv_matches_reference() {
+        let dev = Device::Cpu;
+        for &(b, c, co, t, s) in &[(1, 3, 5, 1, 4), (2, 8, 8, 4, 6), (1, 64, 70, 16, 9), (1, 130, 130, 3, 1)] {
+            let x = Tensor::randn(0f32, 1.0, (b, c, t, s), &dev).unwrap();
+            let w = Tensor::randn(0f32, 0.2, (co, c, 3, 1, 1), &dev).unwrap();
+            let bias = Tensor::randn(0f32, 0.2, co, &dev).unwrap();
+            let got = temporal_conv(&x, &w, &bias).unwrap();
+            let want = temporal_conv_reference(&f64(&x), &f64(&w), &f64(&bias)).unwrap();
+            let candle = temporal_conv_reference(&x, &w, &bias).unwrap();
+            assert_f32_level(&got, &candle, &want, &format!("{:?}", (b, c, co, t, s)));
+        }
+    }
+
+    #[test]
+    fn conv3x3_matches_reference() {
+        let dev = Device::Cpu;
+        for &(n, c, co, h, w) in CONV3X3_SHAPES {
+            let x = Tensor::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 0.2, (co, c, 3, 3), &dev).unwrap();
+            let bias = Tensor::randn(0f32, 0.2, co, &dev).unwrap();
+            let got = conv3x3(&x, &wt, &bias).unwrap();
+            let want = conv3x3_reference(&f64(&x), &f64(&wt), &f64(&bias)).unwrap();
+            let candle = conv3x3_reference(&x, &wt, &bias).unwrap();
+            assert_f32_level(&got, &candle, &want, &format!("{:?}", (n, c, co, h, w)));
+        }
+    }
+}

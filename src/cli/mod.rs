@@ -1,0 +1,69 @@
+//! The command-line front ends (`generate`, `batch`, `convert`) and what they share: flags,
+//! progress display, reading images, writing reports. Glue only: the engine does the work.
+
+mod args;
+pub mod batch;
+pub mod convert;
+pub mod generate;
+mod progress;
+
+pub use args::{ComputeArgs, OutputArgs, SamplingArgs, Settings};
+pub use progress::ProgressView;
+
+use crate::generation::{generate_videos, VideoOutput};
+use anyhow::{Context, Result};
+use dynamicrafter_engine::{Pipeline, Report, Request, RgbImage};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+/// Reads and decodes an image file.
+pub fn read_image(path: &Path) -> Result<RgbImage> {
+    let img = image::ImageReader::open(path)
+        .with_context(|| format!("image {}", path.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("image {}", path.display()))?
+        .decode()
+        .with_context(|| format!("image {}: not a readable image", path.display()))?
+        .to_rgb8();
+    let (w, h) = img.dimensions();
+    Ok(RgbImage::new(w as usize, h as usize, img.into_raw())?)
+}
+
+/// Runs one CLI request with a progress display; returns the report.
+pub fn run_request(
+    pipeline: &Pipeline,
+    model_name: &str,
+    settings: &Settings,
+    req: &Request,
+    outputs: &[PathBuf],
+    load_time: Option<Duration>,
+    view: &mut ProgressView,
+) -> Result<Report> {
+    view.line(&format!("seed {}", req.sampling.seed));
+    let output = VideoOutput { format: settings.format, fps: settings.fps };
+    let cancel = AtomicBool::new(false);
+    let report = generate_videos(pipeline, model_name, req, output, outputs, load_time, &mut |p| view.update(p), &cancel);
+    view.finish();
+    for path in outputs {
+        view.line(&format!("wrote {}", path.display()));
+    }
+    report
+}
+
+/// Writes `value` as pretty JSON to a temporary name, then renames it to `path`.
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    let tmp = path.with_extension("json.partial");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(value)?).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Prints the report and writes it as JSON when asked.
+pub fn emit_report(report: &Report, json: Option<&Path>) -> Result<()> {
+    eprint!("{}", report.to_text());
+    match json {
+        Some(path) => write_json(path, report),
+        None => Ok(()),
+    }
+}

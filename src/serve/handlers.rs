@@ -1,0 +1,331 @@
+//! HTTP handlers: the JSON API under `/api/v1`, the page, health and metrics. Handlers only
+//! parse, check and hand jobs to the queue; workers run the pipeline.
+
+use super::error::ApiError;
+use super::form::JobForm;
+use super::jobs::{CancelOutcome, Event, State as JobState};
+use super::queue::PushError;
+use super::state::AppState;
+use super::metrics;
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::Json;
+use dynamicrafter_engine::config::{FsKind, Range, KNOBS};
+use dynamicrafter_engine::{ModeKind, ModelConfig};
+use futures_util::Stream;
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, VecDeque};
+use std::convert::Infallible;
+use std::sync::Arc;
+use tower::ServiceExt;
+
+/// The answer to a queued job.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Accepted {
+    pub id: String,
+    /// Always `queued`.
+    pub state: JobState,
+    /// 1 is next.
+    pub position: usize,
+    pub status_url: String,
+    pub events_url: String,
+    pub video_url: String,
+}
+
+#[utoipa::path(
+    post,
+    path = "/api/v1/jobs",
+    summary = "Queue a generation job",
+    request_body(content(
+        (super::openapi::JobMultipart = "multipart/form-data"),
+        (super::openapi::JobJson = "application/json"),
+    )),
+    responses(
+        (status = 202, description = "Queued; Location names the job", body = Accepted),
+        (status = 400, description = "Malformed request, unknown field or a mode/image2 mismatch", body = super::error::ErrorBody),
+        (status = 413, description = "Image too large (bytes or pixels) or body over the limit", body = super::error::ErrorBody),
+        (status = 415, description = "Not an image, or an unsupported body type", body = super::error::ErrorBody),
+        (status = 422, description = "A knob is out of range or the prompt is too long", body = super::error::ErrorBody),
+        (status = 429, description = "Queue full; see the Retry-After header", body = super::error::ErrorBody),
+        (status = 503, description = "Shutting down", body = super::error::ErrorBody),
+    )
+)]
+pub async fn submit(State(state): State<Arc<AppState>>, form: JobForm) -> Result<Response, ApiError> {
+    if state.is_closing() {
+        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, None, "the server is shutting down"));
+    }
+    // Decoding and resizing images is CPU work: keep it off the async threads.
+    let checker = state.clone();
+    let request = tokio::task::spawn_blocking(move || form.check(&checker))
+        .await
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, None, "checking the request failed"))??;
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let position = state.enqueue(&id, request).map_err(|e| match e {
+        PushError::Full { capacity } => {
+            metrics::rejected();
+            let mut err = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                None,
+                format!("the queue is full ({capacity} jobs waiting); try again later"),
+            );
+            err.retry_after = Some(state.retry_after_seconds());
+            err
+        }
+        PushError::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, None, "the server is shutting down"),
+    })?;
+    let body = Accepted {
+        state: JobState::Queued,
+        position,
+        status_url: format!("/api/v1/jobs/{id}"),
+        events_url: format!("/api/v1/jobs/{id}/events"),
+        video_url: format!("/api/v1/jobs/{id}/video"),
+        id,
+    };
+    let location = body.status_url.clone();
+    let mut resp = (StatusCode::ACCEPTED, Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(resp)
+}
+
+#[utoipa::path(get, path = "/api/v1/jobs/{id}", summary = "Job state, queue position, progress, report or error", params(("id" = String, Path)),
+    responses((status = 200, body = super::jobs::JobView), (status = 404, description = "Unknown job", body = super::error::ErrorBody)))]
+pub async fn status(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let view = state.jobs.view(&id).ok_or_else(|| ApiError::unknown_job(&id))?;
+    Ok(Json(view).into_response())
+}
+
+#[utoipa::path(delete, path = "/api/v1/jobs/{id}", summary = "Cancel: a queued job at once, a running one between denoising steps", params(("id" = String, Path)),
+    responses((status = 200, description = "Cancelled"), (status = 202, description = "Cancelling"), (status = 404, description = "Unknown job", body = super::error::ErrorBody), (status = 409, description = "Already ended", body = super::error::ErrorBody)))]
+pub async fn cancel(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    if !state.jobs.contains(&id) {
+        return Err(ApiError::unknown_job(&id));
+    }
+    match state.cancel(&id).ok_or_else(|| ApiError::unknown_job(&id))? {
+        CancelOutcome::Dequeued => Ok(Json(json!({ "id": id, "state": "cancelled" })).into_response()),
+        CancelOutcome::Stopping => {
+            Ok((StatusCode::ACCEPTED, Json(json!({ "id": id, "state": "cancelling" }))).into_response())
+        }
+        CancelOutcome::AlreadyFinal(s) => Err(ApiError::field(
+            StatusCode::CONFLICT,
+            "id",
+            format!("job '{id}' has already ended ({})", s.name()),
+        )),
+    }
+}
+
+#[utoipa::path(get, path = "/api/v1/jobs/{id}/video", summary = "The H.264 MP4 of a finished job (range requests answered)", params(("id" = String, Path)),
+    responses((status = 200, description = "The video", content_type = "video/mp4"), (status = 404, description = "Unknown job", body = super::error::ErrorBody), (status = 409, description = "Not done", body = super::error::ErrorBody)))]
+pub async fn video(State(state): State<Arc<AppState>>, Path(id): Path<String>, req: Request) -> Result<Response, ApiError> {
+    let (job_state, path) = state.jobs.video(&id).ok_or_else(|| ApiError::unknown_job(&id))?;
+    let Some(path) = path.filter(|_| job_state == JobState::Done) else {
+        return Err(ApiError::field(
+            StatusCode::CONFLICT,
+            "id",
+            format!("job '{id}' has no video ({})", job_state.name()),
+        ));
+    };
+    // ServeFile answers range requests, which browsers use to seek in a <video>.
+    let resp = tower_http::services::ServeFile::new_with_mime(path, &"video/mp4".parse().expect("valid mime"))
+        .oneshot(req)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, None, format!("reading the video: {e}")))?;
+    Ok(resp.map(Body::new))
+}
+
+fn sse_event(e: &Event) -> SseEvent {
+    let data = match serde_json::to_value(e) {
+        Ok(Value::Object(mut m)) => {
+            m.remove("event");
+            Value::Object(m)
+        }
+        _ => Value::Null,
+    };
+    SseEvent::default().event(e.name()).data(data.to_string())
+}
+
+/// Server-sent events of a job: everything so far, then each new event until it ends.
+#[utoipa::path(get, path = "/api/v1/jobs/{id}/events", summary = "Server-sent events: queued, position, stage, step, done, error, cancelled (replayed from the start)", params(("id" = String, Path)),
+    responses((status = 200, description = "The job's events", content_type = "text/event-stream"), (status = 404, description = "Unknown job", body = super::error::ErrorBody)))]
+pub async fn events(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    if !state.jobs.contains(&id) {
+        return Err(ApiError::unknown_job(&id));
+    }
+    struct Cursor {
+        state: Arc<AppState>,
+        id: String,
+        next: usize,
+        pending: VecDeque<Event>,
+        ended: bool,
+    }
+    let start = Cursor { state, id, next: 0, pending: VecDeque::new(), ended: false };
+    let stream = futures_util::stream::unfold(start, |mut c| async move {
+        loop {
+            if let Some(e) = c.pending.pop_front() {
+                return Some((Ok(sse_event(&e)), c));
+            }
+            if c.ended {
+                return None;
+            }
+            // `None`: the job expired while we were streaming.
+            let (events, is_final, mut changed) = c.state.jobs.events_since(&c.id, c.next)?;
+            c.ended = is_final;
+            if events.is_empty() && !is_final {
+                changed.changed().await.ok()?;
+            }
+            c.next += events.len();
+            c.pending.extend(events);
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// A control of the page: the API's range of a knob and the model's default.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Control {
+    #[schema(value_type = Object)]
+    pub range: Range,
+    /// The model's default (for the seed: image-to-video's; see `modes`).
+    pub default: Option<f64>,
+    pub help: String,
+    /// The page's label and hint, where the model gives the knob a meaning of its own.
+    pub label: Option<String>,
+    pub hint: Option<String>,
+}
+
+/// The defaults that depend on the mode.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ModeDefaults {
+    pub seed: u64,
+    pub fs: i64,
+}
+
+/// `GET /api/v1/model`: the loaded model, its controls and limits.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ModelInfo {
+    pub model: String,
+    /// Trained for two keyframes (interpolation, looping).
+    pub interpolation_model: bool,
+    pub width: usize,
+    pub height: usize,
+    pub frames: usize,
+    pub device: String,
+    pub precision: String,
+    /// The kernel of each layer kind (and the CPU's instruction set).
+    pub kernels: BTreeMap<String, String>,
+    /// Every knob the API takes.
+    pub controls: BTreeMap<String, Control>,
+    #[schema(value_type = Object)]
+    pub modes: BTreeMap<&'static str, ModeDefaults>,
+    #[schema(value_type = Object)]
+    pub limits: BTreeMap<&'static str, u64>,
+}
+
+/// The motion control's label and hint as in upstream's demos.
+fn fs_label(cfg: &ModelConfig) -> (&'static str, &'static str) {
+    match cfg.diffusion.fs_kind {
+        FsKind::FrameStride => ("Motion magnitude", "Frame stride of the motion: larger values move more."),
+        FsKind::Fps => ("FPS", "Frame rate the motion is conditioned on: smaller values move more per frame."),
+    }
+}
+
+#[utoipa::path(get, path = "/api/v1/model", summary = "The loaded model, its controls and limits", responses((status = 200, body = ModelInfo)))]
+pub async fn model_info(State(state): State<Arc<AppState>>) -> Json<ModelInfo> {
+    let cfg = state.pipeline.config();
+    let (label, hint) = fs_label(cfg);
+    let controls = KNOBS
+        .iter()
+        .filter_map(|k| {
+            let range = k.ui_range(cfg)?;
+            let fs = k.name == "fs";
+            let control = Control {
+                range,
+                default: cfg.defaults.number(k.name),
+                help: k.help.trim().to_string(),
+                label: fs.then(|| label.to_string()),
+                hint: fs.then(|| hint.to_string()),
+            };
+            Some((k.name.to_string(), control))
+        })
+        .collect();
+    let modes = ModeKind::ALL
+        .into_iter()
+        .map(|m| {
+            let d = cfg.defaults_for(m);
+            (m.name(), ModeDefaults { seed: d.seed, fs: d.fs })
+        })
+        .collect();
+    let limits = BTreeMap::from([
+        ("max_image_bytes", state.limits.max_image_bytes as u64),
+        ("max_image_pixels", state.limits.max_image_pixels),
+        ("max_prompt_tokens", state.limits.max_prompt_tokens as u64),
+        ("max_queue", state.max_queue as u64),
+    ]);
+    Json(ModelInfo {
+        model: state.model_name.clone(),
+        interpolation_model: cfg.interpolation,
+        width: cfg.defaults.width,
+        height: cfg.defaults.height,
+        frames: cfg.defaults.frames,
+        device: if state.pipeline.device().is_cpu() { "cpu" } else { "cuda" }.into(),
+        precision: state.pipeline.precision().name(),
+        kernels: state.pipeline.backend().summary(),
+        controls,
+        modes,
+        limits,
+    })
+}
+
+#[utoipa::path(get, path = "/healthz", summary = "Liveness", responses((status = 200, description = "ok"), (status = 503, description = "Shutting down")))]
+pub async fn health(State(state): State<Arc<AppState>>) -> Response {
+    if state.is_closing() {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "shutting down" }))).into_response()
+    } else {
+        Json(json!({ "status": "ok", "model": state.model_name })).into_response()
+    }
+}
+
+#[utoipa::path(get, path = "/metrics", summary = "Prometheus metrics", responses((status = 200, description = "The metrics", content_type = "text/plain")))]
+pub async fn metrics_text() -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], metrics::render()).into_response()
+}
+
+pub async fn page() -> Html<&'static str> {
+    Html(include_str!("page.html"))
+}
+
+/// Example inputs shipped with the binary (images made for this project, CC0).
+const EXAMPLES: [(&str, &[u8], &str); 3] = [
+    ("sunset.png", include_bytes!("../../examples/images/sunset.png"), "waves rolling onto the shore at sunset"),
+    ("balloon.png", include_bytes!("../../examples/images/balloon.png"), "a hot air balloon drifting across the sky"),
+    ("test_card.png", include_bytes!("../../examples/images/test_card.png"), "the colours shimmer and slowly drift"),
+];
+
+#[utoipa::path(get, path = "/api/v1/examples", summary = "Example inputs", responses((status = 200, description = "List of examples")))]
+pub async fn examples() -> Json<Value> {
+    let list: Vec<Value> = EXAMPLES
+        .iter()
+        .map(|(name, _, prompt)| json!({ "name": name, "image_url": format!("/examples/{name}"), "prompt": prompt }))
+        .collect();
+    Json(Value::Array(list))
+}
+
+pub async fn example_image(Path(name): Path<String>) -> Result<Response, ApiError> {
+    let (_, bytes, _) = EXAMPLES
+        .iter()
+        .find(|(n, _, _)| *n == name)
+        .ok_or_else(|| ApiError::field(StatusCode::NOT_FOUND, "name", format!("no example image '{name}'")))?;
+    Ok(([(header::CONTENT_TYPE, "image/png")], *bytes).into_response())
+}
+
+pub async fn not_found(req: Request) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, None, format!("no route for {} {}", req.method(), req.uri().path()))
+}

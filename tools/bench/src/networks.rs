@@ -1,0 +1,139 @@
+//! The network and pipeline cases: one forward of each network, a whole run.
+
+use crate::{time, Target, Timing};
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+use dynamicrafter_engine::compute::Part;
+use dynamicrafter_engine::models::clip_text::ClipTextEncoder;
+use dynamicrafter_engine::models::clip_vision::ClipVisionEncoder;
+use dynamicrafter_engine::models::unet::{Unet, UnetInput, IMAGE_TOKENS_PER_FRAME, TEXT_CONTEXT_LEN};
+use dynamicrafter_engine::models::vae::AutoencoderKL;
+use dynamicrafter_engine::config::presets::Preset;
+use dynamicrafter_engine::{ModelConfig, Pipeline, Request, RgbImage, SeededNoise};
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+/// The UNet input of `unet-256`: 16 frames of 32×32 latents, context 77 + 16·16 tokens.
+pub(crate) fn unet_256_input(cfg: &ModelConfig) -> Result<(Tensor, Tensor)> {
+    unet_input(cfg, 32, 32, &Device::Cpu)
+}
+
+/// A UNet input of `h×w` latents for every frame, context 77 + 16·frames tokens, in f32.
+pub(crate) fn unet_input(cfg: &ModelConfig, h: usize, w: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    let t = cfg.unet.temporal_length;
+    let x = Tensor::randn(0f32, 1.0, &[1, cfg.unet.in_channels, t, h, w], device)?;
+    let context = Tensor::randn(0f32, 1.0, &[1, TEXT_CONTEXT_LEN + t * IMAGE_TOKENS_PER_FRAME, cfg.unet.context_dim], device)?;
+    Ok((x, context))
+}
+
+pub(crate) fn unet_forward(unet: &Unet, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+    Ok(unet.forward(&UnetInput { x, timesteps: &[637.0], context, fs: Some(&[3.0]) })?)
+}
+
+/// One forward of a preset's UNet at its own latent size (16 frames, context 333 tokens).
+pub(crate) fn unet_case(preset: &str, runs: usize, target: &Target) -> Result<Timing> {
+    let cfg = ModelConfig::preset(preset)?;
+    dynamicrafter_engine::device::reset_peak_memory(&target.device);
+    let unet = Unet::new(&cfg.unet, target.weights(Part::Unet), &target.backend)?;
+    let f = cfg.vae.downsample_factor();
+    let (h, w) = (cfg.defaults.height / f, cfg.defaults.width / f);
+    let dt = target.precision.part(Part::Unet).compute;
+    let (x, context) = unet_input(&cfg, h, w, &target.device)?;
+    let (x, context) = (x.to_dtype(dt)?, context.to_dtype(dt)?);
+    let name = format!("unet-{} forward{} ({}×{h}×{w}, ctx 333)", cfg.defaults.width.max(cfg.defaults.height), target.suffix(), cfg.unet.temporal_length);
+    let t = target.time(&name, runs, || {
+        unet_forward(&unet, &x, &context)?;
+        Ok(())
+    })?;
+    print_gpu_peak(&name, &target.device);
+    Ok(t)
+}
+
+pub(crate) fn print_gpu_peak(name: &str, device: &Device) {
+    if let Some(b) = dynamicrafter_engine::device::peak_memory_bytes(device) {
+        println!("{name}: peak GPU memory {:.2} GB", b as f64 / 1e9);
+    }
+}
+
+/// A whole run of a preset with random weights: its default request (16 frames, 50 steps, CFG
+/// 7.5), a warm-up of one step first. Prints the stages of the median run and peak GPU memory.
+pub(crate) fn pipeline_case(preset: &str, runs: usize, target: &Target) -> Result<Timing> {
+    let cfg = ModelConfig::preset(preset)?;
+    dynamicrafter_engine::device::reset_peak_memory(&target.device);
+    let start = Instant::now();
+    let p = Pipeline::random_with(cfg.clone(), &target.device, target.precision.clone())?;
+    target.device.synchronize()?;
+    let build = start.elapsed();
+    let (h, w) = (cfg.defaults.height, cfg.defaults.width);
+    let image = RgbImage::new(w, h, (0..w * h * 3).map(|i| ((i * 7) % 251) as u8).collect())?;
+    let req = Request::new(&cfg, image, "a red fox running through fresh snow");
+    let cancel = AtomicBool::new(false);
+    let name = format!("pipeline-{} ({} frames {h}×{w}, {} steps, CFG {}){}", w.max(h), req.sampling.frames, req.sampling.steps, req.sampling.cfg_scale, target.suffix());
+    let mut warm = req.clone();
+    warm.sampling.steps = 1;
+    p.generate(&warm, &mut SeededNoise::new(1, &target.device), &mut |_| {}, &cancel)?;
+    let mut runs_done = Vec::new();
+    let t = time(&name, runs, || {
+        let v = p.generate(&req, &mut SeededNoise::new(1, &target.device), &mut |_| {}, &cancel)?;
+        runs_done.push(v.timings);
+        Ok(())
+    })?;
+    let mut report = dynamicrafter_engine::Report::new(preset, dynamicrafter_engine::device::name(&target.device), target.precision.name());
+    if let Some(timings) = runs_done.get(runs_done.len() / 2) {
+        report.add_timings(timings);
+    }
+    let stages: Vec<String> = report.stages.iter().map(|s| format!("{} {:.2} s", s.stage, s.seconds)).collect();
+    println!("{name}: networks built in {:.1} s; stages: {}; mean step {:.3} s", build.as_secs_f64(), stages.join(", "), report.denoise_steps.mean_seconds);
+    print_gpu_peak(&name, &target.device);
+    Ok(t)
+}
+
+pub(crate) fn vae_decode_256(runs: usize, target: &Target) -> Result<Timing> {
+    let cfg = Preset::Dc256.config();
+    let vae = AutoencoderKL::new(&cfg.vae, target.weights(Part::Vae).pp("first_stage_model"), &target.backend)?;
+    let z = target.randn(&[1, 4, 32, 32], Part::Vae)?;
+    // 16 frames one at a time, as the decode runs.
+    target.time(&format!("vae-decode-256 (16 frames 256×256){}", target.suffix()), runs, || {
+        for _ in 0..16 {
+            vae.decode(&z)?;
+        }
+        Ok(())
+    })
+}
+
+pub(crate) fn clip_image(runs: usize, target: &Target) -> Result<Timing> {
+    let cfg = Preset::Dc256.config();
+    let enc = ClipVisionEncoder::new(&cfg.vision, target.weights(Part::ImageEncoder), &target.backend)?;
+    let x = target.randn(&[1, 3, 224, 224], Part::ImageEncoder)?;
+    target.time(&format!("clip-image (ViT-H/14, one image){}", target.suffix()), runs, || {
+        enc.forward(&x)?;
+        Ok(())
+    })
+}
+
+pub(crate) fn clip_text(runs: usize, target: &Target) -> Result<Timing> {
+    let cfg = Preset::Dc256.config();
+    let enc = ClipTextEncoder::new(&cfg.text, target.weights(Part::TextEncoder), &target.backend)?;
+    let ids = Tensor::from_vec((0..77u32).map(|i| (i * 97) % 49408).collect::<Vec<_>>(), (1, 77), &target.device)?;
+    target.time(&format!("clip-text (77 tokens){}", target.suffix()), runs, || {
+        enc.forward(&ids)?;
+        Ok(())
+    })
+}
+
+pub(crate) fn tiny_pipeline(runs: usize, target: &Target) -> Result<Timing> {
+    let dir = std::path::Path::new("fixtures/tiny-v");
+    if !dir.is_dir() {
+        bail!("tiny-pipeline needs fixtures/tiny-v: run from the repository root");
+    }
+    let cfg = ModelConfig::from_json_file(&dir.join("config.json"))?;
+    let p = Pipeline::load_with(cfg.clone(), &dir.join("model.safetensors"), &target.device, target.precision.clone())?;
+    let image = RgbImage::new(220, 96, (0..220 * 96 * 3).map(|i| (i % 251) as u8).collect())?;
+    let req = Request::new(&cfg, image, "a red fox running through fresh snow");
+    let cancel = AtomicBool::new(false);
+    target.time(&format!("tiny-pipeline (tiny-v, 5 steps, CFG){}", target.suffix()), runs, || {
+        p.generate(&req, &mut SeededNoise::new(1, &target.device), &mut |_| {}, &cancel)?;
+        Ok(())
+    })
+}
+
