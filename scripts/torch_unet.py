@@ -5,12 +5,13 @@ Our own compact re-statement of the network (same layers, channels, heads, token
 operation order as crates/engine/src/models/unet.rs), random weights; not upstream's code. What it
 times is the work, not the checkpoint: a forward of 16 frames with context 77 + 16·16 tokens.
 
-    python3 scripts/torch_unet.py [256 512 1024] [--device cuda] [--runs 5] [--modes fp32,fp16,bf16]
+    python3 scripts/torch_unet.py [256 512 1024] [--device cuda] [--runs 5] [--modes fp32,fp16,bf16,bf16-weights]
 
 fp32 runs with PyTorch's defaults (no TF32 matmuls); fp16/bf16 under autocast, as upstream's
-scripts do; attention through F.scaled_dot_product_attention.
+scripts do; bf16-weights is the whole model and its inputs cast to bf16 (no autocast: PyTorch's
+fastest CPU mode without AMX); attention through F.scaled_dot_product_attention.
 """
-import argparse, math, time
+import argparse, copy, math, time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -177,7 +178,7 @@ class Unet(nn.Module):
 
     def forward(self, x, t, ctx, fs):
         b, _, f, hh, ww = x.shape
-        emb = self.temb(self.sinusoid([t] * b, MC, x.device)) + self.femb(self.sinusoid([fs] * b, MC, x.device))
+        emb = self.temb(self.sinusoid([t] * b, MC, x.device).to(x.dtype)) + self.femb(self.sinusoid([fs] * b, MC, x.device).to(x.dtype))
         emb = emb.repeat_interleave(f, 0)
         text = ctx[:, :77].repeat_interleave(f, 0)
         img = ctx[:, 77:].reshape(b * f, 16, ctx.shape[-1])
@@ -219,15 +220,18 @@ def main():
         ctx = torch.randn(1, 77 + 16 * T, CTX, device=dev)
         for mode in a.modes.split(","):
             dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mode)
+            model, xin, cin = net, x, ctx
+            if mode == "bf16-weights":
+                model, xin, cin = copy.deepcopy(net).to(torch.bfloat16), x.bfloat16(), ctx.bfloat16()
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                net(x, 637, ctx, 10)
+                model(xin, 637, cin, 10)
                 sync()
                 ms = []
                 for _ in range(a.runs):
                     t0 = time.perf_counter()
-                    net(x, 637, ctx, 10)
+                    model(xin, 637, cin, 10)
                     sync()
                     ms.append((time.perf_counter() - t0) * 1e3)
             ms.sort()

@@ -138,7 +138,7 @@ impl Target {
         } else if self.precision.quantization.is_some() {
             s += " q8_0";
         } else if self.precision.bf16_matmuls {
-            s += " bf16 (AMX)";
+            s += if cpu().amx { " bf16 (AMX)" } else { " bf16 (AVX512-BF16)" };
         }
         s
     }

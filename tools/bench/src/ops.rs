@@ -80,6 +80,10 @@ pub(crate) fn ops(runs: usize) -> Result<Vec<Timing>> {
             let a = kernels::Bf16Conv::spatial_3x3(&w, &bias)?;
             out.push(time(&format!("conv2d bf16 16x320x{hw}x{hw} k3 (ours, AMX)"), runs, || { a.forward(&x)?; Ok(()) })?);
         }
+        if cpu().avx512_bf16 {
+            let a = kernels::Bf16DotConv::spatial_3x3(&w, &bias)?;
+            out.push(time(&format!("conv2d bf16 16x320x{hw}x{hw} k3 (ours, AVX512-BF16)"), runs, || { a.forward(&x)?; Ok(()) })?);
+        }
     }
     let w1 = randn(&[320, 320, 3], 0.05)?;
     let x1 = randn(&[1024, 320, 16], 1.0)?;
@@ -95,6 +99,10 @@ pub(crate) fn ops(runs: usize) -> Result<Vec<Timing>> {
     if cpu().amx {
         let a = kernels::Bf16Conv::temporal(&wt, &bias)?;
         out.push(time("conv1d bf16 1024x320x16 k3 (ours, AMX, temporal)", runs, || { a.forward(&xt)?; Ok(()) })?);
+    }
+    if cpu().avx512_bf16 {
+        let a = kernels::Bf16DotTemporalConv::new(&wt, &bias)?;
+        out.push(time("conv1d bf16 1024x320x16 k3 (ours, AVX512-BF16, temporal)", runs, || { a.forward(&xt)?; Ok(()) })?);
     }
     let a = randn(&[4096, 1280], 1.0)?;
     let b = randn(&[1280, 1280], 1.0)?;
@@ -131,6 +139,15 @@ pub(crate) fn ops(runs: usize) -> Result<Vec<Timing>> {
         for (m, k, n) in [(16384, 320, 320), (16384, 320, 2560)] {
             let (x, w) = (randn(&[m, k], 1.0)?, kernels::Bf16Matrix::new(&randn(&[n, k], 0.05)?, None)?);
             out.push(time(&format!("matmul bf16 {m}x{k}@{k}x{n} (ours, AMX)"), runs, || { w.forward(&x)?; Ok(()) })?);
+        }
+    }
+    if cpu().avx512_bf16 {
+        // f32 in and out, bf16 pair products (`vdpbf16ps`): the bf16 mode without AMX.
+        let w = kernels::Bf16DotMatrix::new(&b.t()?.contiguous()?, None)?;
+        out.push(time("matmul bf16 4096x1280@1280x1280 (ours, AVX512-BF16)", runs, || { w.forward(&a)?; Ok(()) })?);
+        for (m, k, n) in [(16384, 320, 320), (16384, 320, 2560)] {
+            let (x, w) = (randn(&[m, k], 1.0)?, kernels::Bf16DotMatrix::new(&randn(&[n, k], 0.05)?, None)?);
+            out.push(time(&format!("matmul bf16 {m}x{k}@{k}x{n} (ours, AVX512-BF16)"), runs, || { w.forward(&x)?; Ok(()) })?);
         }
     }
     let (wb, xb) = (w.to_dtype(DType::BF16)?, randn(&[16, 320, 32, 32], 1.0)?.to_dtype(DType::BF16)?);

@@ -54,22 +54,23 @@ fn relative_error(out: &Tensor, reference: &Tensor) -> Result<f64> {
     Ok(norm(&(out - reference)?)? / norm(reference)?)
 }
 
-/// The 256 UNet in fp32 and in the CPU's bf16 mode (products on AMX), from the same seeded
-/// weights and input: the output's error against fp32 (the quality bar is 35 dB), and
+/// The 256 UNet in fp32 and in the CPU's bf16 mode (products on AMX or AVX512-BF16), from the
+/// same seeded weights and input: the output's error against fp32 (the quality bar is 35 dB), and
 /// the bf16 forward's time.
 pub(crate) fn bf16_256(runs: usize) -> Result<Vec<Timing>> {
-    if !cpu().amx {
-        println!("bf16-256: this CPU has no AMX: nothing to measure");
+    if !cpu().amx && !cpu().avx512_bf16 {
+        println!("bf16-256: this CPU has neither AMX nor AVX512-BF16: nothing to measure");
         return Ok(Vec::new());
     }
+    let isa = if cpu().amx { "AMX" } else { "AVX512-BF16" };
     let cfg = Preset::Dc256.config();
     let (x, context) = unet_256_input(&cfg)?;
     let reference = unet_forward(&unet(&cfg, false)?, &x, &context)?;
     let policy = PrecisionPolicy::new(dynamicrafter_engine::Precision::Bf16, &Device::Cpu)?;
     let unet = Unet::new(&cfg.unet, RandomWeights::var_builder(DType::F32, &Device::Cpu), &Backend::new(&Device::Cpu, &policy, false))?;
     let rel = relative_error(&unet_forward(&unet, &x, &context)?, &reference)?;
-    println!("bf16-256: UNet output relative error bf16 (AMX) vs fp32: {rel:.4} ({:.1} dB SNR)", -20.0 * rel.log10());
-    Ok(vec![time("unet-256 forward bf16 (AMX), same weights", runs, || {
+    println!("bf16-256: UNet output relative error bf16 ({isa}) vs fp32: {rel:.4} ({:.1} dB SNR)", -20.0 * rel.log10());
+    Ok(vec![time(&format!("unet-256 forward bf16 ({isa}), same weights"), runs, || {
         unet_forward(&unet, &x, &context)?;
         Ok(())
     })?])

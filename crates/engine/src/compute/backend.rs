@@ -9,7 +9,7 @@ use crate::weights::q8;
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use dynamicrafter_kernels::cpu::{self, CpuFeatures};
-use dynamicrafter_kernels::{F32Conv, F32Matrix};
+use dynamicrafter_kernels::{Bf16DotConv, Bf16DotMatrix, F32Conv, F32Matrix};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
@@ -47,6 +47,9 @@ pub enum Kernel {
     Avx512F32,
     /// bf16 tile products, f32 in and out.
     AmxBf16,
+    /// bf16 pair products (`vdpbf16ps`) on AVX512-BF16, f32 in and out: the bf16 mode of CPUs
+    /// without AMX (linear layers, temporal convolutions, 3×3 convolutions in Winograd form).
+    Avx512Bf16,
     /// int8 (`q8_0`) products on AVX-512 VNNI.
     VnniQ8,
     /// candle's quantized matmul (`q8_0`), on any device.
@@ -61,6 +64,7 @@ impl Kernel {
             Kernel::Cuda => "cuda",
             Kernel::Avx512F32 => "avx512-f32",
             Kernel::AmxBf16 => "amx-bf16",
+            Kernel::Avx512Bf16 => "avx512-bf16",
             Kernel::VnniQ8 => "vnni-q8_0",
             Kernel::CandleQ8 => "candle-q8_0",
         }
@@ -124,6 +128,8 @@ impl Backend {
             }
         } else if self.bf16_tiles(vb, name, inp, out) {
             Kernel::AmxBf16
+        } else if self.bf16_pairs(vb, name) && Bf16DotMatrix::supports(out, inp) {
+            Kernel::Avx512Bf16
         } else if self.device.is_cpu() && vb.dtype() == DType::F32 && self.cpu.avx512 && F32Matrix::supports(out, inp) {
             Kernel::Avx512F32
         } else {
@@ -139,6 +145,8 @@ impl Backend {
             Kernel::VnniQ8
         } else if self.bf16_tiles(vb, "weight", in_c, out_c) {
             Kernel::AmxBf16
+        } else if self.bf16_pairs(vb, "weight") && Bf16DotConv::supports(out_c) {
+            Kernel::Avx512Bf16
         } else if self.device.is_cpu() && vb.dtype() == DType::F32 && self.cpu.avx512 && F32Conv::supports(out_c) {
             Kernel::Avx512F32
         } else {
@@ -149,7 +157,13 @@ impl Backend {
 
     /// The temporal (3,1,1) convolution over `c` channels at `vb`.
     pub fn temporal_conv(&self, vb: &VarBuilder, c: usize) -> Kernel {
-        let kernel = if self.bf16_tiles(vb, "weight", c, c) { Kernel::AmxBf16 } else { self.op_api(vb.dtype()) };
+        let kernel = if self.bf16_tiles(vb, "weight", c, c) {
+            Kernel::AmxBf16
+        } else if self.bf16_pairs(vb, "weight") {
+            Kernel::Avx512Bf16
+        } else {
+            self.op_api(vb.dtype())
+        };
         self.record(LayerKind::TemporalConv, kernel)
     }
 
@@ -187,6 +201,12 @@ impl Backend {
             && in_c.is_multiple_of(32)
             && out_c.is_multiple_of(32)
             && !keeps_float(&full_name(vb, name))
+    }
+
+    /// Whether weight `name` at `vb` runs its products in bf16 pairs on AVX512-BF16: the CPU's
+    /// bf16 mode without AMX, and a weight the policy does not keep in float.
+    fn bf16_pairs(&self, vb: &VarBuilder, name: &str) -> bool {
+        self.bf16_products && self.device.is_cpu() && !self.cpu.amx && self.cpu.avx512_bf16 && !keeps_float(&full_name(vb, name))
     }
 
     fn record(&self, kind: LayerKind, kernel: Kernel) -> Kernel {

@@ -36,18 +36,20 @@ impl std::str::FromStr for Precision {
 
 impl Precision {
     /// The precision a run actually uses on `device`. On CPU, bf16 exists where the CPU has AMX
-    /// (bf16 products, the rest in f32), and `auto` takes it there: it is faster and keeps
-    /// quality (≥ 35 dB of decoded frames against fp32, tested); elsewhere `auto` is fp32. What
-    /// the CPU lacks is refused rather than silently ignored.
+    /// (bf16 products of linear layers, convolutions and attention, the rest in f32) or
+    /// AVX512-BF16 (bf16 pair products of linear layers and convolutions); `auto` takes it
+    /// there: it is faster and keeps quality (≥ 35 dB of decoded frames against fp32, tested;
+    /// docs/PERFORMANCE.md); elsewhere `auto` is fp32. What the CPU lacks is refused rather than
+    /// silently ignored.
     pub fn resolve(self, device: &Device) -> Result<Self> {
-        let amx = dynamicrafter_kernels::cpu::features().amx;
+        let features = dynamicrafter_kernels::cpu::features();
+        let bf16 = features.amx || features.avx512_bf16;
         match (self, device.is_cpu()) {
-            (Self::Auto, true) if amx => Ok(Self::Bf16),
+            (Self::Auto | Self::Bf16, true) if bf16 => Ok(Self::Bf16),
             (Self::Auto, true) | (Self::F32, _) => Ok(Self::F32),
             (Self::Auto, false) => Ok(Self::Bf16),
-            (Self::Bf16, true) if amx => Ok(Self::Bf16),
             (p, true) => Err(Error::InvalidInput(format!(
-                "precision {} is not available on this CPU (bf16 needs AMX); use fp32 or auto",
+                "precision {} is not available on this CPU (bf16 needs AMX or AVX512-BF16); use fp32 or auto",
                 p.name()
             ))),
             (p, false) => Ok(p),
@@ -117,8 +119,9 @@ pub struct PrecisionPolicy {
     /// Resampler, and the UNet's 3×3 convolutions; [`crate::models::keeps_float`] lists what
     /// stays in float.
     pub quantization: Option<Quantization>,
-    /// CPU bf16: weights and activations stay f32, the linear layers' products run in bf16 on
-    /// the AMX tiles (like PyTorch's CPU autocast).
+    /// CPU bf16: weights and activations stay f32, the products run in bf16 on the AMX tiles
+    /// or, without AMX, those of linear layers and convolutions in bf16 pairs on AVX512-BF16
+    /// (like PyTorch's CPU autocast).
     pub bf16_matmuls: bool,
 }
 
@@ -131,9 +134,9 @@ fn dtype(p: Precision) -> DType {
 }
 
 impl PrecisionPolicy {
-    /// CPU: fp32 everywhere, or with AMX (`bf16`, and `auto` there) the products of linear
-    /// layers, convolutions and attention in bf16 with everything else in f32; f16 is refused
-    /// there rather than ignored, as bf16 is without AMX. Other devices: the
+    /// CPU: fp32 everywhere, or (`bf16`, and `auto` with AMX or AVX512-BF16) products in bf16
+    /// with everything else in f32 ([`Precision::resolve`]); f16 is refused there rather than ignored, as bf16 is
+    /// without AMX or AVX512-BF16. Other devices: the
     /// requested dtype (`auto` = bf16) for weights and compute of every network, except the VAE,
     /// which stays in f32 under f16 (its activations overflow f16's range).
     pub fn new(requested: Precision, device: &Device) -> Result<Self> {
@@ -184,7 +187,7 @@ impl PrecisionPolicy {
     pub fn name(&self) -> String {
         let mut name = self.resolved.name().to_string();
         if self.bf16_matmuls {
-            name.push_str(" (AMX products, fp32 rest)");
+            name.push_str(if dynamicrafter_kernels::cpu::features().amx { " (AMX products, fp32 rest)" } else { " (AVX512-BF16 products, fp32 rest)" });
         } else if self.part(Part::Vae).compute != dtype(self.resolved) {
             name.push_str(" (VAE fp32)");
         }
@@ -200,16 +203,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cpu_is_fp32_or_amx_bf16_and_refuses_the_rest() {
-        let amx = dynamicrafter_kernels::cpu::features().amx;
+    fn cpu_is_fp32_or_bf16_products_and_refuses_the_rest() {
+        let features = dynamicrafter_kernels::cpu::features();
+        let amx = features.amx;
         let p = PrecisionPolicy::new(Precision::Auto, &Device::Cpu).unwrap();
-        // Weights and activations stay f32 either way; with AMX the products run in bf16.
+        // Weights and activations stay f32 either way; with AMX or AVX512-BF16 the products run
+        // in bf16.
         for part in Part::ALL {
             assert_eq!(p.part(part), PartPrecision { weights: DType::F32, compute: DType::F32 });
         }
         if amx {
             assert_eq!((p.resolved, p.bf16_matmuls), (Precision::Bf16, true));
             assert_eq!(p.name(), "bf16 (AMX products, fp32 rest)");
+        } else if features.avx512_bf16 {
+            assert_eq!((p.resolved, p.bf16_matmuls), (Precision::Bf16, true));
+            assert_eq!(p.name(), "bf16 (AVX512-BF16 products, fp32 rest)");
         } else {
             assert_eq!((p.resolved, p.bf16_matmuls), (Precision::F32, false));
             assert_eq!(p.name(), "fp32");
@@ -219,10 +227,10 @@ mod tests {
         assert_eq!(fp32.name(), "fp32");
         match PrecisionPolicy::new(Precision::Bf16, &Device::Cpu) {
             Ok(bf16) => {
-                assert!(amx && bf16.bf16_matmuls);
+                assert!((amx || features.avx512_bf16) && bf16.bf16_matmuls);
                 assert_eq!(bf16.part(Part::Unet), PartPrecision { weights: DType::F32, compute: DType::F32 });
             }
-            Err(_) => assert!(!amx),
+            Err(_) => assert!(!amx && !features.avx512_bf16),
         }
         assert!(PrecisionPolicy::new(Precision::F16, &Device::Cpu).is_err());
         assert_eq!(PrecisionPolicy::f32(), fp32);

@@ -14,6 +14,7 @@ mod matrix;
 pub use conv::Bf16Conv;
 pub use matrix::Bf16Matrix;
 
+pub(crate) use crate::common::bf16_bits;
 use rayon::prelude::*;
 
 /// Rows and columns of the output blocks (2×2 tiles of 16×16 f32) and the k step of one tile.
@@ -133,14 +134,6 @@ pub(crate) unsafe fn configure_tiles() {
 #[cfg(not(target_arch = "x86_64"))]
 pub(crate) unsafe fn product_block(_: *const u16, _: *const u16, _: usize, _: usize, _: usize, _: *mut f32) {
     unreachable!("available() is false off x86-64")
-}
-
-/// f32 → bf16 bits, rounded to nearest even (as `half::bf16::from_f32` for finite values), in
-/// a form LLVM vectorises.
-#[inline(always)]
-pub(crate) fn bf16_bits(x: f32) -> u16 {
-    let b = x.to_bits();
-    (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
 }
 
 /// 64 bytes, 64-byte aligned: buffers of these keep every tile row on one cache line.

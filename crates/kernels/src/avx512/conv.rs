@@ -5,7 +5,11 @@ use crate::common::{output_buffer, PaddedGrid, SendPtr};
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
+mod temporal;
 mod winograd;
+
+pub use temporal::Bf16DotTemporalConv;
+pub use winograd::Bf16DotConv;
 
 /// A 3×3 convolution (stride 1, padding 1) in f32 on AVX-512, the weight packed at load in
 /// panels of 64 output channels, `[panel][tap][ci][64]`. The input goes into the
@@ -91,7 +95,7 @@ impl F32Conv {
         let grid = PaddedGrid { n, h, w: wd, pad_x: true };
         let len = grid.len();
         let c_pad = c.next_multiple_of(Self::KC);
-        let padded = self.channels_last(x, &grid, len);
+        let padded = Self::channels_last(x, self.c, &grid, len);
 
         // Tasks: (run of output pixels, block of panels), as many as keep both threads busy and
         // each task's results within TASK_RESULTS.
@@ -175,8 +179,8 @@ impl F32Conv {
     /// (`[c_pad/KC][position][KC]`, zeros for the padding and the channels from c on), so a
     /// pixel's KC values of one pass share a cache line (channel-major rows spread them over KC
     /// pages).
-    fn channels_last(&self, x: &[f32], grid: &PaddedGrid, len: usize) -> Vec<f32> {
-        let (c, hw) = (self.c, grid.h * grid.w);
+    fn channels_last(x: &[f32], c: usize, grid: &PaddedGrid, len: usize) -> Vec<f32> {
+        let hw = grid.h * grid.w;
         let c_pad = c.next_multiple_of(Self::KC);
         let mut padded = output_buffer::<f32>(c_pad * len);
         padded.spare_capacity_mut().par_chunks_mut(Self::KC * len).enumerate().for_each(|(b, block)| {
@@ -331,6 +335,30 @@ mod tests {
                 let got = Tensor::from_vec(y, (n, co, h, w), &dev).unwrap();
                 assert_f32_level(&got, &candle, &want, &format!("{form} {:?}", (n, c, co, h, w)));
             }
+        }
+    }
+
+    /// bf16 pairs (Winograd, weights transformed at load): against the f64 convolution, the
+    /// error of bf16 operands. Relative RMS error per output ≈ the rounding of V and U
+    /// (2^-9 relative each) through sums of random signs: ~3e-3; a wrong index or lane is ~1.
+    #[test]
+    fn bf16_pair_conv_matches_reference_at_bf16_level() {
+        if !Bf16DotConv::supports(64) {
+            eprintln!("no AVX512-BF16 on this machine (or capped): nothing to check");
+            return;
+        }
+        let dev = Device::Cpu;
+        for &(n, c, co, h, w) in CONV3X3_SHAPES.iter().filter(|s| Bf16DotConv::supports(s.2)) {
+            let x = Tensor::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 0.2, (co, c, 3, 3), &dev).unwrap();
+            let bias = Tensor::randn(0f32, 0.2, co, &dev).unwrap();
+            let want = conv3x3_reference(&f64(&x), &f64(&wt), &f64(&bias)).unwrap();
+            let got = Bf16DotConv::spatial_3x3(&wt, &bias).unwrap().forward(&x).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let err = (got.to_dtype(DType::F64).unwrap() - &want).unwrap().sqr().unwrap().mean_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
+            let rms = want.sqr().unwrap().mean_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
+            eprintln!("{:?}: relative RMS error {:.2e}", (n, c, co, h, w), err / rms);
+            assert!(err <= 1e-2 * rms, "{:?}: relative RMS error {:.2e}", (n, c, co, h, w), err / rms);
         }
     }
 }

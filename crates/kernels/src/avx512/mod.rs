@@ -1,12 +1,13 @@
-//! Hand-written AVX-512 kernels (F, BW, VL): the f32 linear layers ([`F32Matrix`]) and 3×3
-//! convolutions ([`F32Conv`]) with weights packed at load, and the register-level helpers the
-//! AMX kernels share (the 16×16 transpose, the channels-last pixel load, the softmax row).
+//! Hand-written AVX-512 kernels (F, BW, VL): the linear layers in f32 ([`F32Matrix`]) and in
+//! bf16 pairs on AVX512-BF16 ([`Bf16DotMatrix`]) and the f32 3×3 convolutions ([`F32Conv`]),
+//! with weights packed at load, and the register-level helpers the AMX kernels share (the 16×16
+//! transpose, the channels-last pixel load, the softmax row).
 
 mod conv;
 mod matrix;
 
-pub use conv::F32Conv;
-pub use matrix::F32Matrix;
+pub use conv::{Bf16DotConv, Bf16DotTemporalConv, F32Conv};
+pub use matrix::{Bf16DotMatrix, F32Matrix};
 
 use crate::common::{EXP_MAX, EXP_MIN, LN2_HI, LN2_LO, MAGIC};
 

@@ -95,3 +95,11 @@ mod tests {
         assert_eq!(fast_exp(f32::NEG_INFINITY), 0.0);
     }
 }
+
+/// f32 → bf16 bits, rounded to nearest even (as `half::bf16::from_f32` for finite values), in
+/// a form LLVM vectorises.
+#[inline(always)]
+pub(crate) fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}

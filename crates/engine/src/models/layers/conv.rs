@@ -4,7 +4,7 @@
 use crate::compute::{Backend, Kernel};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
-use dynamicrafter_kernels::{Bf16Conv, F32Conv, Q8Conv};
+use dynamicrafter_kernels::{Bf16Conv, Bf16DotConv, Bf16DotTemporalConv, F32Conv, Q8Conv};
 use std::sync::Arc;
 
 /// candle's `Conv2d`, which on the CPU also takes bf16/f16 inputs (candle has no such CPU
@@ -41,6 +41,8 @@ pub enum Conv3x3 {
     Shifted { taps: Tensor, bias: Tensor },
     Int8(Arc<Q8Conv>),
     Bf16(Arc<Bf16Conv>),
+    /// bf16 pair products on AVX512-BF16 (Winograd form).
+    Bf16Pairs(Arc<Bf16DotConv>),
     F32(Arc<F32Conv>),
 }
 
@@ -50,6 +52,7 @@ impl Module for Conv3x3 {
             Self::Shifted { taps, bias } => dynamicrafter_kernels::conv3x3_taps(xs, taps, bias),
             Self::Int8(conv) => conv.forward(&xs.to_dtype(DType::F32)?)?.to_dtype(xs.dtype()),
             Self::Bf16(conv) => conv.forward(xs),
+            Self::Bf16Pairs(conv) => conv.forward(xs),
             Self::F32(conv) => conv.forward(xs),
         }
     }
@@ -62,6 +65,7 @@ pub fn conv3x3(in_c: usize, out_c: usize, vb: VarBuilder, backend: &Backend) -> 
         // Quantized in (tap, channel) blocks, the order the int8 kernel reads.
         Kernel::VnniQ8 => Conv3x3::Int8(Arc::new(Q8Conv::spatial_3x3(&weight, &bias)?)),
         Kernel::AmxBf16 => Conv3x3::Bf16(Arc::new(Bf16Conv::spatial_3x3(&weight, &bias)?)),
+        Kernel::Avx512Bf16 => Conv3x3::Bf16Pairs(Arc::new(Bf16DotConv::spatial_3x3(&weight, &bias)?)),
         Kernel::Avx512F32 => Conv3x3::F32(Arc::new(F32Conv::spatial_3x3(&weight, &bias)?)),
         _ => Conv3x3::Shifted { taps: dynamicrafter_kernels::taps_first(&weight)?, bias },
     })
@@ -73,6 +77,8 @@ pub enum TemporalConv {
     /// The op API's shifted GEMMs.
     Shifted { weight: Tensor, bias: Tensor },
     Bf16(Arc<Bf16Conv>),
+    /// bf16 pair products on AVX512-BF16.
+    Bf16Pairs(Arc<Bf16DotTemporalConv>),
 }
 
 impl Module for TemporalConv {
@@ -80,6 +86,7 @@ impl Module for TemporalConv {
         match self {
             Self::Shifted { weight, bias } => dynamicrafter_kernels::temporal_conv(xs, weight, bias),
             Self::Bf16(conv) => conv.forward(xs),
+            Self::Bf16Pairs(conv) => conv.forward(xs),
         }
     }
 }
@@ -90,6 +97,7 @@ pub fn temporal_conv(c: usize, vb: VarBuilder, backend: &Backend) -> Result<Temp
     let bias = vb.get(c, "bias")?;
     Ok(match backend.temporal_conv(&vb, c) {
         Kernel::AmxBf16 => TemporalConv::Bf16(Arc::new(Bf16Conv::temporal(&weight, &bias)?)),
+        Kernel::Avx512Bf16 => TemporalConv::Bf16Pairs(Arc::new(Bf16DotTemporalConv::new(&weight, &bias)?)),
         _ => TemporalConv::Shifted { weight, bias },
     })
 }

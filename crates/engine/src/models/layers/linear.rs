@@ -5,7 +5,7 @@ use crate::weights::q8;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
-use dynamicrafter_kernels::{Bf16Matrix, F32Matrix, Q8Matrix};
+use dynamicrafter_kernels::{Bf16DotMatrix, Bf16Matrix, F32Matrix, Q8Matrix};
 use std::sync::Arc;
 
 /// A linear layer with its weight prepared for its kernel.
@@ -17,6 +17,8 @@ pub enum Linear {
     Int8 { weight: Int8Matmul, bias: Option<Tensor> },
     /// bf16 products on AMX tiles, f32 in and out, bias included.
     Bf16(Arc<Bf16Matrix>),
+    /// bf16 pair products on AVX512-BF16, f32 in and out, bias included.
+    Bf16Pairs(Arc<Bf16DotMatrix>),
     /// f32 on AVX-512, the weight packed at load, the bias added in the product.
     F32(Arc<F32Matrix>),
 }
@@ -46,6 +48,10 @@ impl Linear {
                 let w = matrix(vb.get_with_hints_dtype(shape.to_vec(), name, candle_nn::Init::Const(0.), DType::F32)?)?;
                 Ok(Self::Bf16(Arc::new(Bf16Matrix::new(&w, bias.as_ref())?)))
             }
+            Kernel::Avx512Bf16 => {
+                let w = matrix(vb.get_with_hints_dtype(shape.to_vec(), name, candle_nn::Init::Const(0.), DType::F32)?)?;
+                Ok(Self::Bf16Pairs(Arc::new(Bf16DotMatrix::new(&w, bias.as_ref())?)))
+            }
             Kernel::Avx512F32 => Ok(Self::F32(Arc::new(F32Matrix::new(&matrix(vb.get(shape.to_vec(), name)?)?, bias.as_ref())?))),
             _ => Ok(Self::new(matrix(vb.get(shape.to_vec(), name)?)?, bias)),
         }
@@ -58,6 +64,7 @@ impl Linear {
             Self::Int8 { weight: Int8Matmul::Vnni(_), .. } => Kernel::VnniQ8,
             Self::Int8 { weight: Int8Matmul::Candle(_), .. } => Kernel::CandleQ8,
             Self::Bf16(_) => Kernel::AmxBf16,
+            Self::Bf16Pairs(_) => Kernel::Avx512Bf16,
             Self::F32(_) => Kernel::Avx512F32,
         }
     }
@@ -67,6 +74,7 @@ impl Linear {
     pub fn forward_geglu(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
             Self::Bf16(matrix) => matrix.forward_geglu(xs),
+            Self::Bf16Pairs(matrix) => matrix.forward_geglu(xs),
             Self::F32(matrix) => matrix.forward_geglu(xs),
             _ => dynamicrafter_kernels::geglu(&self.forward(xs)?),
         }
@@ -85,6 +93,7 @@ impl Module for Linear {
                 }
             }
             Self::Bf16(matrix) => matrix.forward(xs),
+            Self::Bf16Pairs(matrix) => matrix.forward(xs),
             Self::F32(matrix) => matrix.forward(xs),
         }
     }

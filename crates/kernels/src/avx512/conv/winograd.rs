@@ -9,8 +9,10 @@
 //! The sum over input channels is, for each of the 16 transform points `e`, a GEMM
 //! `M[e] = V[e] · U[e]` (tiles × c by c × co), run by the direct kernel's microkernel.
 
+use super::super::matrix::{Bf16Pairs, Format, Start};
 use super::{conv_tile, transpose16, F32Conv, Lanes};
-use crate::common::{output_buffer, PaddedGrid, SendPtr};
+use crate::common::{bf16_bits, output_buffer, PaddedGrid, SendPtr};
+use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
 /// Tiles per task: the transformed weights (16·c·co values, read once per task) serve this
@@ -34,86 +36,8 @@ impl F32Conv {
 
     /// `x` holds `(n, c, h, w)` f32; returns `(n, co, h, w)`.
     pub(super) fn forward_winograd(&self, x: &[f32], n: usize, h: usize, w: usize) -> Vec<f32> {
-        let (c, co) = (self.c, self.co);
-        let c_pad = c.next_multiple_of(F32Conv::KC);
-        let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
-        // The direct form's zero-padded grid, channels last: tile (f, ty, tx)'s 4×4 patch starts
-        // at the position of output pixel (f, 2ty, 2tx), its rows a pitch apart. With an odd
-        // height, the last tile row's patch reaches one grid row past the last zero row (for
-        // junk outputs): one more row of zeros.
-        let grid = PaddedGrid { n, h, w, pad_x: true };
-        let len = grid.len() + grid.pitch();
-        let padded = self.channels_last(x, &grid, len);
-        let tile = |t: usize| (t / (th * tw), t % (th * tw) / tw, t % tw);
-        let panels = co / F32Conv::PANEL;
-        let u = self.winograd_weights(c_pad);
-
-        let tiles = n * th * tw;
-        let threads = rayon::current_num_threads().max(1);
-        let chunk = tiles.div_ceil(2 * threads).clamp(24, TILES).next_multiple_of(24);
-        // Each point's rows of V and M, a cache line more than the tiles need: point strides
-        // that are multiples of 4 KB would put a tile's 16 points in one L1 set.
-        let (v_stride, m_stride) = (chunk * c_pad + 16, chunk * F32Conv::PANEL + 16);
-        let mut y = output_buffer::<f32>(n * co * h * w);
-        let y_ptr = SendPtr(y.as_mut_ptr());
-        (0..tiles.div_ceil(chunk)).into_par_iter().for_each_init(
-            // Scratch for V and M, written before it is read (rayon may call this once per
-            // split, so no zeroing); whole cache lines per row of 16 channels.
-            || (Vec::<Lanes>::with_capacity(v_stride), Vec::<Lanes>::with_capacity(m_stride)),
-            |(v, m), task| {
-                let (v, m) = (v.as_mut_ptr() as *mut f32, m.as_mut_ptr() as *mut f32);
-                let t0 = task * chunk;
-                let count = chunk.min(tiles - t0);
-                // SAFETY: reads stay inside `padded` (a tile's patch lies within `len`), `u`,
-                // `v` and `m`; AVX-512F is available. The task writes the outputs of its own
-                // tiles, which no other task writes.
-                unsafe {
-                    // V[e][tile][channel].
-                    for t in 0..count {
-                        let (f, ty, tx) = tile(t0 + t);
-                        let at = grid.position((f * h + 2 * ty) * w + 2 * tx);
-                        debug_assert!(at + 3 * grid.pitch() + 4 <= len, "tile {:?}: patch past the grid", (f, ty, tx));
-                        for b in 0..c_pad / 16 {
-                            input_tile(padded.as_ptr().add((b * len + at) * 16), grid.pitch() * 16, v.add(t * c_pad + b * 16), v_stride);
-                        }
-                    }
-                    for p in 0..panels {
-                        // M[e][tile][64 outputs of the panel], summed over DEPTH input channels
-                        // at a time in registers.
-                        for e in 0..16 {
-                            for k0 in (0..c_pad).step_by(DEPTH) {
-                                let wt = (u.as_ptr() as *const f32).add(((p * 16 + e) * c_pad + k0) * F32Conv::PANEL);
-                                for g in (0..count).step_by(F32Conv::POS) {
-                                    let rows = F32Conv::POS.min(count - g);
-                                    let offsets = std::array::from_fn(|r| r.min(rows - 1) * c_pad);
-                                    let (a, out) = (v.add(e * v_stride + g * c_pad + k0), m.add(e * m_stride + g * F32Conv::PANEL));
-                                    conv_tile(rows, a, &offsets, 1, &[0], wt, 0, DEPTH.min(c_pad - k0), out, F32Conv::PANEL, k0 == 0);
-                                }
-                            }
-                        }
-                        let o0 = p * F32Conv::PANEL;
-                        let mut t = 0;
-                        while t < count {
-                            let (f, ty, tx) = tile(t0 + t);
-                            let dst = y_ptr.get().add((f * co + o0) * h * w + 2 * ty * w + 2 * tx);
-                            let src = m.add(t * F32Conv::PANEL);
-                            let bias = &self.bias[o0..o0 + F32Conv::PANEL];
-                            // Eight tiles side by side: two rows of 16 whole outputs.
-                            if t + 8 <= count && tx + 8 <= tw && 2 * tx + 16 <= w && 2 * ty + 2 <= h {
-                                output_tiles8(src, m_stride, bias, dst, w, h * w);
-                                t += 8;
-                            } else {
-                                output_tile(src, m_stride, bias, dst, w, h * w, (h - 2 * ty).min(2), (w - 2 * tx).min(2));
-                                t += 1;
-                            }
-                        }
-                    }
-                }
-            },
-        );
-        // SAFETY: the tasks together wrote every output (every tile's valid pixels, every channel).
-        unsafe { y.set_len(n * co * h * w) };
-        y
+        let u = self.winograd_weights(self.c.next_multiple_of(F32Conv::KC));
+        winograd(x, Shape { n, c: self.c, co: self.co, h, w }, &self.bias, Points::F32(&u))
     }
 
     /// `U = G g Gᵀ` of every (output, input) channel pair, from the packed kernel:
@@ -139,6 +63,209 @@ impl F32Conv {
         unsafe { u.set_len(self.co * c_pad) };
         u
     }
+}
+
+/// The extents of one Winograd run.
+#[derive(Clone, Copy)]
+struct Shape {
+    n: usize,
+    c: usize,
+    co: usize,
+    h: usize,
+    w: usize,
+}
+
+/// The transformed weights `U` a Winograd run multiplies by, per panel of 64 outputs and point.
+enum Points<'a> {
+    /// f32, `[panel][e][c_pad][64]`: the direct kernel's microkernel.
+    F32(&'a [Lanes]),
+    /// bf16 pairs of input channels, `[panel][e][c_pad/2][64]`: `V` is rounded to pairs too
+    /// and the pair microkernel of the matrices (`vdpbf16ps`) runs.
+    Bf16Pairs(&'a [Lanes]),
+}
+
+/// `x` holds `(n, c, h, w)` f32; returns `(n, co, h, w)`: the 3×3 convolution of `u`'s weights
+/// plus `bias`.
+fn winograd(x: &[f32], Shape { n, c, co, h, w }: Shape, bias: &[f32], points: Points) -> Vec<f32> {
+    let c_pad = c.next_multiple_of(F32Conv::KC);
+    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+    // The direct form's zero-padded grid, channels last: tile (f, ty, tx)'s 4×4 patch starts
+    // at the position of output pixel (f, 2ty, 2tx), its rows a pitch apart. With an odd
+    // height, the last tile row's patch reaches one grid row past the last zero row (for
+    // junk outputs): one more row of zeros.
+    let grid = PaddedGrid { n, h, w, pad_x: true };
+    let len = grid.len() + grid.pitch();
+    let padded = F32Conv::channels_last(x, c, &grid, len);
+    let tile = |t: usize| (t / (th * tw), t % (th * tw) / tw, t % tw);
+    let panels = co / F32Conv::PANEL;
+    // Input channel pairs (steps of the pair microkernel).
+    let steps = c_pad / 2;
+
+    let tiles = n * th * tw;
+    let threads = rayon::current_num_threads().max(1);
+    let chunk = tiles.div_ceil(2 * threads).clamp(24, TILES).next_multiple_of(24);
+    // Each point's rows of V and M, a cache line more than the tiles need: point strides
+    // that are multiples of 4 KB would put a tile's 16 points in one L1 set.
+    let (v_stride, m_stride) = (chunk * c_pad + 16, chunk * F32Conv::PANEL + 16);
+    let pairs_len = if matches!(points, Points::Bf16Pairs(_)) { 16 * chunk * steps } else { 0 };
+    let mut y = output_buffer::<f32>(n * co * h * w);
+    let y_ptr = SendPtr(y.as_mut_ptr());
+    (0..tiles.div_ceil(chunk)).into_par_iter().for_each_init(
+        // Scratch for V and M, written before it is read (rayon may call this once per
+        // split, so no zeroing); whole cache lines per row of 16 channels. V in pairs, for
+        // the pair microkernel, in its tiles of 6 rows.
+        || (Vec::<Lanes>::with_capacity(v_stride), Vec::<Lanes>::with_capacity(m_stride), vec![0u32; pairs_len]),
+        |(v, m, pairs), task| {
+            let (v, m) = (v.as_mut_ptr() as *mut f32, m.as_mut_ptr() as *mut f32);
+            let t0 = task * chunk;
+            let count = chunk.min(tiles - t0);
+            // SAFETY: reads stay inside `padded` (a tile's patch lies within `len`), `u`,
+            // `v`, `m` and `pairs`; AVX-512F is available, and AVX512-BF16 for bf16 pairs
+            // (`Bf16DotConv::supports`). The task writes the outputs of its own tiles, which no
+            // other task writes.
+            unsafe {
+                // V[e][tile][channel].
+                for t in 0..count {
+                    let (f, ty, tx) = tile(t0 + t);
+                    let at = grid.position((f * h + 2 * ty) * w + 2 * tx);
+                    debug_assert!(at + 3 * grid.pitch() + 4 <= len, "tile {:?}: patch past the grid", (f, ty, tx));
+                    for b in 0..c_pad / 16 {
+                        input_tile(padded.as_ptr().add((b * len + at) * 16), grid.pitch() * 16, v.add(t * c_pad + b * 16), v_stride);
+                    }
+                }
+                if let Points::Bf16Pairs(_) = points {
+                    for e in 0..16 {
+                        let rows = std::slice::from_raw_parts(v.add(e * v_stride), count * c_pad);
+                        Bf16Pairs::pack_rows(rows, c_pad, &mut pairs[e * chunk * steps..(e + 1) * chunk * steps]);
+                    }
+                }
+                for p in 0..panels {
+                    // M[e][tile][64 outputs of the panel], summed over DEPTH input channels
+                    // at a time in registers.
+                    for e in 0..16 {
+                        let out = m.add(e * m_stride);
+                        match points {
+                            Points::F32(u) => {
+                                for k0 in (0..c_pad).step_by(DEPTH) {
+                                    let wt = (u.as_ptr() as *const f32).add(((p * 16 + e) * c_pad + k0) * F32Conv::PANEL);
+                                    for g in (0..count).step_by(F32Conv::POS) {
+                                        let rows = F32Conv::POS.min(count - g);
+                                        let offsets = std::array::from_fn(|r| r.min(rows - 1) * c_pad);
+                                        let a = v.add(e * v_stride + g * c_pad + k0);
+                                        conv_tile(rows, a, &offsets, 1, &[0], wt, 0, DEPTH.min(c_pad - k0), out.add(g * F32Conv::PANEL), F32Conv::PANEL, k0 == 0);
+                                    }
+                                }
+                            }
+                            Points::Bf16Pairs(u) => {
+                                let x = pairs.as_ptr().add(e * chunk * steps);
+                                for s0 in (0..steps).step_by(DEPTH / 2) {
+                                    let wt = (u.as_ptr() as *const u32).add(((p * 16 + e) * steps + s0) * F32Conv::PANEL);
+                                    let start = if s0 == 0 { Start::Init(ZEROS.as_ptr()) } else { Start::Load };
+                                    for g in (0..count).step_by(F32Conv::POS) {
+                                        let rows = F32Conv::POS.min(count - g);
+                                        Bf16Pairs::tile(rows, wt, x.add(g * steps + s0 * F32Conv::POS), (DEPTH / 2).min(steps - s0), out.add(g * F32Conv::PANEL), F32Conv::PANEL, start);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    let o0 = p * F32Conv::PANEL;
+                    let mut t = 0;
+                    while t < count {
+                        let (f, ty, tx) = tile(t0 + t);
+                        let dst = y_ptr.get().add((f * co + o0) * h * w + 2 * ty * w + 2 * tx);
+                        let src = m.add(t * F32Conv::PANEL);
+                        let bias = &bias[o0..o0 + F32Conv::PANEL];
+                        // Eight tiles side by side: two rows of 16 whole outputs.
+                        if t + 8 <= count && tx + 8 <= tw && 2 * tx + 16 <= w && 2 * ty + 2 <= h {
+                            output_tiles8(src, m_stride, bias, dst, w, h * w);
+                            t += 8;
+                        } else {
+                            output_tile(src, m_stride, bias, dst, w, h * w, (h - 2 * ty).min(2), (w - 2 * tx).min(2));
+                            t += 1;
+                        }
+                    }
+                }
+            }
+        },
+    );
+    // SAFETY: the tasks together wrote every output (every tile's valid pixels, every channel).
+    unsafe { y.set_len(n * co * h * w) };
+    y
+}
+
+/// The start of a pair product's first slice: zeros, one panel wide.
+static ZEROS: [f32; F32Conv::PANEL] = [0.0; F32Conv::PANEL];
+
+/// A 3×3 convolution (stride 1, padding 1) with bf16 products on AVX512-BF16 (`vdpbf16ps`), f32
+/// in and out: always the Winograd form, its transformed weights `U` computed in f32 and
+/// rounded to bf16 pairs once, at load (16·c·co bf16 values: less memory than the f32 kernel's
+/// 9·c·co f32), so small images gain from it as large ones do. `V` is rounded to bf16 after its
+/// transform, the output transform runs in f32.
+#[derive(Clone)]
+pub struct Bf16DotConv {
+    points: Vec<Lanes>,
+    bias: Vec<f32>,
+    co: usize,
+    c: usize,
+}
+
+impl std::fmt::Debug for Bf16DotConv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Bf16DotConv[{}, {}, 3, 3]", self.co, self.c)
+    }
+}
+
+impl Bf16DotConv {
+    /// Whether this CPU runs it (AVX512-BF16) and the layer has whole panels of outputs.
+    pub fn supports(co: usize) -> bool {
+        Bf16Pairs::available() && F32Conv::supports(co)
+    }
+
+    /// Transforms `w (co, c, 3, 3)` and packs it in bf16 pairs; `bias (co)`.
+    pub fn spatial_3x3(w: &Tensor, bias: &Tensor) -> Result<Self> {
+        if !Self::supports(w.dim(0)?) {
+            candle_core::bail!("bf16 pair conv: weight {:?}: needs a multiple of 64 outputs on a CPU with AVX512-BF16", w.dims());
+        }
+        let f32 = F32Conv::spatial_3x3(w, bias)?;
+        let c_pad = f32.c.next_multiple_of(F32Conv::KC);
+        let u = f32.winograd_weights(c_pad);
+        let u = lane_values(&u);
+        let steps = c_pad / 2;
+        let mut points = vec![Lanes([0.0; 16]); f32.co * steps];
+        // [panel][e][step][64] from [panel][e][c_pad][64]: channels 2s and 2s+1 in one lane.
+        points.par_chunks_mut(steps * F32Conv::PANEL / 16).enumerate().for_each(|(pe, rows)| {
+            for (s, lanes) in rows.chunks_exact_mut(F32Conv::PANEL / 16).enumerate() {
+                for (j, lane) in lanes.iter_mut().flat_map(|l| l.0.iter_mut()).enumerate() {
+                    let at = |ci: usize| bf16_bits(u[(pe * c_pad + ci) * F32Conv::PANEL + j]) as u32;
+                    *lane = f32::from_bits(at(2 * s) | at(2 * s + 1) << 16);
+                }
+            }
+        });
+        Ok(Self { points, bias: f32.bias, co: f32.co, c: f32.c })
+    }
+
+    /// `x (n, c, h, w)` f32 on the CPU → `(n, co, h, w)`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, c, h, w) = x.dims4()?;
+        if c != self.c || x.dtype() != DType::F32 || !x.device().is_cpu() || !Self::supports(self.co) {
+            candle_core::bail!("bf16 pair conv: input {:?} {:?} on {:?}, expected f32 (n, {}, h, w) on a CPU with AVX512-BF16", x.dims(), x.dtype(), x.device(), self.c);
+        }
+        let x = x.contiguous()?;
+        let (storage, layout) = x.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else { candle_core::bail!("bf16 pair conv: input not on the CPU") };
+        let start = layout.start_offset();
+        let xs = &cpu.as_slice::<f32>()?[start..start + n * c * h * w];
+        let y = winograd(xs, Shape { n, c, co: self.co, h, w }, &self.bias, Points::Bf16Pairs(&self.points));
+        drop(storage);
+        Tensor::from_vec(y, (n, self.co, h, w), &candle_core::Device::Cpu)
+    }
+}
+
+/// The values of a buffer of lanes, in order.
+fn lane_values(lanes: &[Lanes]) -> &[f32] {
+    // SAFETY: `Lanes` is `repr(C)` 16 f32 with no padding (64 bytes, align 64).
+    unsafe { std::slice::from_raw_parts(lanes.as_ptr() as *const f32, lanes.len() * 16) }
 }
 
 /// `G t` for one kernel column or row `t` (16 lanes each): its four points.
