@@ -138,6 +138,52 @@ fn batch_follows_run_sh_and_skips_bad_items() {
     assert_eq!(files, ["a_cat_sample0.mp4", "b_dog_sample0.mp4"]);
 }
 
+/// Hardening (#22): images whose upstream stems collide (`cat.png`, `cat.jpg`, `cat.v2.png`)
+/// each get their own output instead of overwriting one another.
+#[test]
+fn batch_gives_images_with_the_same_stem_their_own_outputs() {
+    let dir = tmp("batch-stems");
+    let prompts = dir.join("prompts");
+    std::fs::create_dir_all(&prompts).unwrap();
+    for name in ["cat.png", "cat.v2.png", "dog.png"] {
+        std::fs::copy(repo().join(CARD), prompts.join(name)).unwrap();
+    }
+    std::fs::write(prompts.join("prompts.txt"), "a cat\na cat again\na dog\n").unwrap();
+    let out = dir.join("out");
+    ok(&run(&["batch", "--model", "fixtures/tiny-v", "--prompt-dir", prompts.to_str().unwrap(), "--out-dir", out.to_str().unwrap(), "--steps", "1", "-q"]));
+    let mut files: Vec<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    files.sort();
+    assert_eq!(files, ["cat_png_sample0.mp4", "cat_v2_png_sample0.mp4", "dog_sample0.mp4"]);
+}
+
+/// Hardening (#22): `--format png` never deletes a folder: a non-empty one is refused up front
+/// (its files untouched), an empty one is filled.
+#[test]
+fn png_output_refuses_a_non_empty_folder() {
+    let dir = tmp("png-folder");
+    let full = dir.join("full");
+    std::fs::create_dir_all(full.join("sub")).unwrap();
+    std::fs::write(full.join("keep.txt"), b"mine").unwrap();
+    let args = |out: &Path| -> Vec<String> {
+        ["generate", "--model", "fixtures/tiny-v", "--image", CARD, "--prompt", "x", "--steps", "1", "--format", "png", "-q", "--out"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([out.to_str().unwrap().to_string()])
+            .collect()
+    };
+    let o = run(&args(&full).iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not an empty folder"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read(full.join("keep.txt")).unwrap(), b"mine");
+    assert!(full.join("sub").is_dir());
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    ok(&run(&args(&empty).iter().map(String::as_str).collect::<Vec<_>>()));
+    assert!(empty.join("frame_000.png").is_file());
+    let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains("partial")).collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
 #[test]
 fn convert_round_trips_to_the_same_video() {
     let dir = tmp("convert");

@@ -70,7 +70,7 @@ fn list_inputs(dir: &Path, interp: bool) -> Result<Vec<Item>> {
         bail!("prompt dir {}: no images (jpg, jpeg, png)", dir.display());
     }
     let group = if interp { 2 } else { 1 };
-    Ok(images
+    let mut items: Vec<Item> = images
         .chunks(group)
         .enumerate()
         .map(|(i, imgs)| {
@@ -81,7 +81,27 @@ fn list_inputs(dir: &Path, interp: bool) -> Result<Vec<Item>> {
                 stem: name.split('.').next().unwrap_or_default().to_string(),
             }
         })
-        .collect())
+        .collect();
+    distinct_stems(&mut items)?;
+    Ok(items)
+}
+
+/// Upstream names a result after its image's name up to the first dot, so `cat.png`,
+/// `cat.jpg` and `cat.v2.png` would all write `cat_sample0.mp4`, each over the last. Items
+/// whose stems collide take their whole file name instead (dots as underscores: `cat_png`);
+/// any collision left is refused before work starts.
+fn distinct_stems(items: &mut [Item]) -> Result<()> {
+    let count = |items: &[Item], stem: &str| items.iter().filter(|i| i.stem == stem).count();
+    let colliding: Vec<usize> = (0..items.len()).filter(|&i| count(items, &items[i].stem) > 1).collect();
+    for i in colliding {
+        let name = items[i].images[0].file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        items[i].stem = name.replace('.', "_");
+    }
+    if let Some(item) = items.iter().find(|i| count(items, &i.stem) > 1) {
+        let names: Vec<String> = items.iter().filter(|i| i.stem == item.stem).map(|i| i.images[0].display().to_string()).collect();
+        bail!("images {} would write the same output name '{}'; rename one", names.join(", "), item.stem);
+    }
+    Ok(())
 }
 
 /// Returns whether every item succeeded.

@@ -51,11 +51,21 @@ pub fn run_request(
     report
 }
 
-/// Writes `value` as pretty JSON to a temporary name, then renames it to `path`.
+/// Writes `value` as pretty JSON to a temporary file created exclusively beside `path`
+/// (removed if anything fails), then renames it to `path`.
 pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
-    let tmp = path.with_extension("json.partial");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(value)?).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    use std::io::Write;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut temp = tempfile::Builder::new();
+    temp.prefix(".report.").suffix(".partial");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        temp.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    let mut tmp = temp.tempfile_in(dir).with_context(|| format!("writing {}: its folder", path.display()))?;
+    tmp.write_all(&serde_json::to_vec_pretty(value)?).with_context(|| format!("writing {}", path.display()))?;
+    tmp.persist(path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 

@@ -82,34 +82,57 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io { path: path.to_path_buf(), source }
 }
 
-/// `dir/.name.partial` next to `path`: same filesystem, so the final rename is atomic.
-fn temp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.partial"))
-}
-
-/// Writes `frames` to `path` in `format` at `fps` frames per second.
+/// Writes `frames` to `path` in `format` at `fps` frames per second. The file (or, for png, the
+/// folder) is written under a temporary name created exclusively beside `path` (unpredictable,
+/// so a planted link is never followed), then renamed into place: a failure leaves nothing. A
+/// png folder goes to a new or empty folder; a non-empty one is refused, never deleted.
 pub fn write(frames: Frames, format: Format, fps: f64, path: &Path) -> Result<()> {
     if !(fps.is_finite() && fps > 0.0) {
         return Err(Error::Invalid(format!("fps must be a positive number, got {fps}")));
     }
-    let tmp = temp_path(path);
-    let result = match format {
-        Format::Mp4 => encode_mp4(frames, fps).and_then(|bytes| std::fs::write(&tmp, bytes).map_err(io(&tmp))),
-        Format::Gif => write_gif(frames, fps, &tmp),
-        Format::Png => write_pngs(frames, &tmp),
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
     };
-    let result = result.and_then(|()| {
-        if format == Format::Png && path.is_dir() {
-            std::fs::remove_dir_all(path).map_err(io(path))?;
-        }
-        std::fs::rename(&tmp, path).map_err(io(path))
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-        let _ = std::fs::remove_dir_all(&tmp);
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let prefix = format!(".{name}.");
+    let mut temp = tempfile::Builder::new();
+    temp.prefix(&prefix).suffix(".partial");
+    // As `File::create` / `create_dir` would (the umask applies), not tempfile's private 0600.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        temp.permissions(std::fs::Permissions::from_mode(if format == Format::Png { 0o777 } else { 0o666 }));
     }
-    result
+    match format {
+        Format::Png => {
+            if path.exists() {
+                let empty = path.is_dir() && std::fs::read_dir(path).map_err(io(path))?.next().is_none();
+                if !empty {
+                    return Err(Error::Invalid(format!("{} exists and is not an empty folder; png frames go to a new or empty folder", path.display())));
+                }
+            }
+            let tmp = temp.tempdir_in(dir).map_err(io(dir))?;
+            write_pngs(frames, tmp.path())?;
+            // Renaming onto an empty folder replaces it; the temporary one is removed on failure.
+            std::fs::rename(tmp.path(), path).map_err(io(path))?;
+            let _ = tmp.keep();
+            Ok(())
+        }
+        Format::Mp4 | Format::Gif => {
+            let mut tmp = temp.tempfile_in(dir).map_err(io(dir))?;
+            let tmp_path = tmp.path().to_path_buf();
+            match format {
+                Format::Mp4 => tmp.write_all(&encode_mp4(frames, fps)?).map_err(io(&tmp_path))?,
+                _ => write_gif(frames, fps, tmp.as_file_mut()).map_err(|e| match e {
+                    Error::Io { source, .. } => Error::Io { path: tmp_path.clone(), source },
+                    other => other,
+                })?,
+            }
+            tmp.persist(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e.error })?;
+            Ok(())
+        }
+    }
 }
 
 /// H.264 (constant high quality, one keyframe) in an MP4 with `moov` before `mdat`.
@@ -180,10 +203,9 @@ fn rgb_to_i420(rgb: &[u8], w: usize, h: usize) -> Vec<u8> {
     out
 }
 
-fn write_gif(frames: Frames, fps: f64, path: &Path) -> Result<()> {
+fn write_gif(frames: Frames, fps: f64, file: &mut std::fs::File) -> Result<()> {
     use image::codecs::gif::{GifEncoder, Repeat};
     use image::{Delay, Frame, RgbaImage};
-    let file = std::fs::File::create(path).map_err(io(path))?;
     let mut enc = GifEncoder::new_with_speed(std::io::BufWriter::new(file), 10);
     enc.set_repeat(Repeat::Infinite).map_err(|e| Error::Image(e.to_string()))?;
     let delay = Delay::from_numer_denom_ms(1000, fps.round().max(1.0) as u32);
@@ -197,11 +219,8 @@ fn write_gif(frames: Frames, fps: f64, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The frames as `frame_000.png`, … in `dir` (a new folder of ours).
 fn write_pngs(frames: Frames, dir: &Path) -> Result<()> {
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(io(dir))?;
-    }
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
     for i in 0..frames.count {
         let path = dir.join(format!("frame_{i:03}.png"));
         let mut bytes = Vec::new();

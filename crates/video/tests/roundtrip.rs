@@ -55,3 +55,48 @@ fn gif_and_png_hold_every_frame_and_nothing_partial_is_left() {
     assert!(!dir.join("bad.mp4").exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Hardening (#22): the temporary file is created exclusively under an unpredictable name, so a
+/// link planted at the old predictable one (`.NAME.partial`) is never followed; a png folder is
+/// written only into a new or empty folder, and a non-empty one is refused with its files kept.
+#[test]
+fn writes_follow_no_planted_link_and_delete_no_folder() {
+    let (n, w, h) = (2, 32, 16);
+    let data = test_frames(n, w, h);
+    let frames = Frames::new(&data, n, w, h).unwrap();
+    let dir = std::env::temp_dir().join(format!("dc-video-links-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let victim = dir.join("victim.txt");
+    std::fs::write(&victim, b"precious").unwrap();
+    #[cfg(unix)]
+    for name in ["out.mp4", "out.gif"] {
+        std::os::unix::fs::symlink(&victim, dir.join(format!(".{name}.partial"))).unwrap();
+        let format = if name.ends_with("gif") { Format::Gif } else { Format::Mp4 };
+        write(frames, format, 8.0, &dir.join(name)).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious", "{name}");
+        assert!(std::fs::metadata(dir.join(name)).unwrap().len() > 100);
+    }
+    let full = dir.join("full");
+    std::fs::create_dir_all(&full).unwrap();
+    std::fs::write(full.join("keep.txt"), b"mine").unwrap();
+    let err = write(frames, Format::Png, 8.0, &full).unwrap_err().to_string();
+    assert!(err.contains("not an empty folder"), "{err}");
+    assert_eq!(std::fs::read(full.join("keep.txt")).unwrap(), b"mine");
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    write(frames, Format::Png, 8.0, &empty).unwrap();
+    assert_eq!(std::fs::read_dir(&empty).unwrap().count(), n);
+    // A failure after the temporary file exists (odd sizes cannot be yuv420p) leaves nothing.
+    let odd = Frames::new(&data[..3 * 3 * 5], 1, 3, 5).unwrap();
+    assert!(write(odd, Format::Mp4, 8.0, &dir.join("odd.mp4")).is_err());
+    let partial: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("partial") && n != ".out.mp4.partial" && n != ".out.gif.partial")
+        .collect();
+    assert!(partial.is_empty(), "{partial:?}");
+    assert!(!dir.join("odd.mp4").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
