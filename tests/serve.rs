@@ -279,6 +279,25 @@ fn an_elongated_image_is_refused_not_fatal() {
     assert_eq!(server.wait(&id)["state"], "done");
 }
 
+/// Hardening (#22): a method a route does not take is a 405 with a JSON error, like every other.
+#[test]
+fn wrong_methods_get_json_405() {
+    let server = Server::start(&[]);
+    for (method, path) in [("PUT", "/api/v1/jobs"), ("DELETE", "/api/v1/model"), ("POST", "/healthz")] {
+        let r = reply_of(ureq::request(method, &format!("{}{path}", server.url)).call());
+        assert_eq!(r.0, 405, "{method} {path}");
+        let body: serde_json::Value = serde_json::from_str(&r.1).unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {:?}", r.1));
+        assert!(body["error"].as_str().unwrap().contains(method), "{body}");
+    }
+}
+
+fn reply_of(r: Result<ureq::Response, ureq::Error>) -> (u16, String) {
+    match r {
+        Ok(resp) | Err(ureq::Error::Status(_, resp)) => (resp.status(), resp.into_string().unwrap()),
+        Err(e) => panic!("request failed: {e}"),
+    }
+}
+
 /// Hardening (#22): a JSON body over the upload limit is refused with 413 JSON from its declared
 /// length, not buffered first (a 2 GB declaration costs nothing); one within the limit is read.
 #[test]

@@ -326,6 +326,11 @@ pub async fn example_image(Path(name): Path<String>) -> Result<Response, ApiErro
     Ok(([(header::CONTENT_TYPE, "image/png")], *bytes).into_response())
 }
 
+/// A route that exists, asked with a method it does not take: 405 JSON like every other error.
+pub async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, None, format!("{} {} is not supported (see /openapi.json for the methods)", req.method(), req.uri().path()))
+}
+
 pub async fn not_found(req: Request) -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, None, format!("no route for {} {}", req.method(), req.uri().path()))
 }

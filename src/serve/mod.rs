@@ -84,13 +84,15 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/jobs/{id}/events", get(handlers::events))
         .route("/jobs/{id}/video", get(handlers::video))
         .route("/model", get(handlers::model_info))
-        .route("/examples", get(handlers::examples));
+        .route("/examples", get(handlers::examples))
+        .method_not_allowed_fallback(handlers::method_not_allowed);
     Router::new()
         .route("/", get(handlers::page))
         .route("/examples/{name}", get(handlers::example_image))
         .route("/healthz", get(handlers::health))
         .route("/metrics", get(handlers::metrics_text))
         .route("/openapi.json", get(openapi::document))
+        .method_not_allowed_fallback(handlers::method_not_allowed)
         .nest("/api/v1", api)
         .fallback(handlers::not_found)
         .layer(tower_http::trace::TraceLayer::new_for_http())

@@ -146,6 +146,24 @@ fn cpu_bf16_products_stay_within_35_db_of_fp32() {
     }
 }
 
+/// On a CPU with AMX, the bf16 mode of CPUs without it (bf16 pairs on AVX512-BF16) passes the
+/// same bar: the test above again, in a process capped at `avx512-bf16`.
+#[test]
+fn cpu_bf16_pairs_pass_the_bar_on_amx_machines_too() {
+    use dynamicrafter_kernels::cpu::{features, Isa, CAP_VAR};
+    if features().best() != Isa::Amx {
+        eprintln!("no AMX: the test above already ran this CPU's own bf16 path");
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .env(CAP_VAR, Isa::Avx512Bf16.name())
+        .args(["cpu_bf16_products_stay_within_35_db_of_fp32", "--exact", "--nocapture"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("1 passed"), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// Hardening (#22): an image whose resize would take gigabytes (a 1 × 2 000 000 strip) is refused
 /// with an error naming it, before the pipeline allocates anything for it.
 #[test]

@@ -184,4 +184,29 @@ mod tests {
         let detected = CpuFeatures::detect();
         assert_eq!(features().capped(detected.best()), features());
     }
+
+    /// Every instruction-set path below this machine's best runs the whole kernel suite: this
+    /// test binary again, once per cap (`DYNAMICRAFTER_CPU_ISA`), so a CPU with AVX-512 also
+    /// tests the AVX2 and baseline paths, one with AMX the AVX512-BF16 ones, and so on.
+    #[test]
+    fn every_lower_isa_passes_the_kernel_tests() {
+        const INNER: &str = "DYNAMICRAFTER_ISA_SWEEP";
+        if std::env::var_os(INNER).is_some() {
+            return;
+        }
+        let exe = std::env::current_exe().expect("the test binary");
+        let best = features().best();
+        for cap in Isa::ALL.into_iter().filter(|&isa| isa < best) {
+            let out = std::process::Command::new(&exe)
+                .env(CAP_VAR, cap.name())
+                .env(INNER, "1")
+                .args(["--skip", "every_lower_isa_passes_the_kernel_tests"])
+                .output()
+                .expect("running the kernel tests again");
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "kernel tests capped at {}:\n{stdout}\n{}", cap.name(), String::from_utf8_lossy(&out.stderr));
+            let passed = stdout.lines().find(|l| l.starts_with("test result:")).unwrap_or_default().to_string();
+            eprintln!("capped at {}: {passed}", cap.name());
+        }
+    }
 }
