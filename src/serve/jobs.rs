@@ -76,7 +76,11 @@ pub struct ProgressInfo {
 }
 
 pub struct Job {
-    pub spec: Request,
+    /// The request, with its images, until a worker takes it (or the job ends unstarted): a
+    /// finished job keeps only what its view shows.
+    pub spec: Option<Request>,
+    pub mode: ModeKind,
+    pub seed: u64,
     pub state: State,
     pub position: Option<usize>,
     pub progress: Option<ProgressInfo>,
@@ -121,12 +125,17 @@ pub enum CancelOutcome {
     AlreadyFinal(State),
 }
 
-#[derive(Default)]
 pub struct JobStore {
     jobs: Mutex<HashMap<String, Job>>,
+    /// Finished jobs kept at most (the oldest go first, with their videos).
+    max_finished: usize,
 }
 
 impl JobStore {
+    pub fn new(max_finished: usize) -> Self {
+        Self { jobs: Mutex::default(), max_finished }
+    }
+
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Job>> {
         // Every update below leaves a job consistent before it can panic.
         self.jobs.lock().unwrap_or_else(|e| e.into_inner())
@@ -135,7 +144,9 @@ impl JobStore {
     pub fn insert(&self, id: &str, spec: Request) {
         let created_unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
         let job = Job {
-            spec,
+            mode: spec.mode.kind(),
+            seed: spec.sampling.seed,
+            spec: Some(spec),
             state: State::Queued,
             position: None,
             progress: None,
@@ -166,8 +177,8 @@ impl JobStore {
         Some(JobView {
             id: id.to_string(),
             state: job.state,
-            mode: job.spec.mode.kind(),
-            seed: job.spec.sampling.seed,
+            mode: job.mode,
+            seed: job.seed,
             position: job.position,
             progress: job.progress.clone(),
             report: job.report.clone(),
@@ -220,13 +231,14 @@ impl JobStore {
         if job.state != State::Queued {
             return None;
         }
+        let spec = job.spec.take()?;
         if job.events.is_empty() {
             // Taken before its position was published: it was next in line.
             Self::emit(job, Event::Queued { position: 1 });
         }
         job.state = State::Running;
         job.position = None;
-        Some((job.spec.clone(), job.cancel.clone()))
+        Some((spec, job.cancel.clone()))
     }
 
     pub fn stage(&self, id: &str, stage: &str) {
@@ -251,6 +263,7 @@ impl JobStore {
             return false;
         }
         job.position = None;
+        job.spec = None;
         job.finished = Some(Instant::now());
         let event = match outcome {
             Ok((report, video)) => {
@@ -270,7 +283,22 @@ impl JobStore {
             }
         };
         Self::emit(job, event);
+        Self::evict_beyond(&mut jobs, self.max_finished);
         true
+    }
+
+    /// Removes the oldest finished jobs while more than `max` are kept, and their videos.
+    fn evict_beyond(jobs: &mut HashMap<String, Job>, max: usize) {
+        let mut finished: Vec<(Instant, String)> = jobs.iter().filter_map(|(id, j)| j.finished.map(|t| (t, id.clone()))).collect();
+        if finished.len() <= max {
+            return;
+        }
+        finished.sort();
+        for (_, id) in &finished[..finished.len() - max] {
+            if let Some(video) = jobs.remove(id).and_then(|j| j.video) {
+                let _ = std::fs::remove_file(video);
+            }
+        }
     }
 
     /// Cancels a job: a waiting one ends at once (the caller takes it out of the queue
@@ -311,5 +339,59 @@ impl JobStore {
 
     pub fn count_running(&self) -> usize {
         self.lock().values().filter(|j| j.state == State::Running).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dynamicrafter_engine::config::presets::Preset;
+    use dynamicrafter_engine::RgbImage;
+
+    fn request() -> Request {
+        let image = RgbImage { width: 64, height: 64, data: vec![0; 64 * 64 * 3] };
+        Request::new(&Preset::Dc256.config(), image, "a fox")
+    }
+
+    /// Hardening (#22): a job's images leave the store when a worker takes it, or when it ends
+    /// unstarted (cancelled while queued); the view keeps its mode and seed.
+    #[test]
+    fn inputs_are_dropped_when_a_job_starts_or_ends() {
+        let store = JobStore::new(10);
+        store.insert("a", request());
+        store.insert("b", request());
+        let (spec, _) = store.start("a").unwrap();
+        assert_eq!(spec.prompt, "a fox");
+        assert!(store.lock()["a"].spec.is_none());
+        assert_eq!(store.cancel("b", true), Some(CancelOutcome::Dequeued));
+        assert!(store.lock()["b"].spec.is_none());
+        let view = store.view("b").unwrap();
+        assert_eq!((view.mode, view.seed), (ModeKind::ImageToVideo, request().sampling.seed));
+    }
+
+    /// Hardening (#22): the store keeps at most `max_finished` finished jobs, dropping the oldest
+    /// (and their videos); queued and running ones are never dropped.
+    #[test]
+    fn finished_jobs_are_bounded() {
+        let dir = std::env::temp_dir().join(format!("dynamicrafter-jobs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = JobStore::new(3);
+        store.insert("running", request());
+        store.start("running").unwrap();
+        let videos: Vec<PathBuf> = (0..5).map(|i| dir.join(format!("{i}.mp4"))).collect();
+        for (i, video) in videos.iter().enumerate() {
+            std::fs::write(video, b"mp4").unwrap();
+            let id = i.to_string();
+            store.insert(&id, request());
+            store.start(&id).unwrap();
+            let report = Report::new("tiny", "cpu", "fp32");
+            assert!(store.finish(&id, Ok((report, video.clone()))));
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        assert!(store.contains("running"));
+        let kept: Vec<bool> = (0..5).map(|i| store.contains(&i.to_string())).collect();
+        assert_eq!(kept, [false, false, true, true, true]);
+        assert!(!videos[0].exists() && !videos[1].exists() && videos[4].exists());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

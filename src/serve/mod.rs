@@ -60,6 +60,9 @@ pub struct ServeArgs {
     /// Seconds a finished job and its video are kept.
     #[arg(long, default_value_t = 3600)]
     pub keep_seconds: u64,
+    /// Finished jobs kept at most (with their videos); beyond it the oldest go first.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_finished_jobs: u64,
     /// Largest accepted image upload, in bytes.
     #[arg(long, default_value_t = 20 << 20)]
     pub max_image_bytes: usize,
@@ -160,7 +163,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let state = Arc::new(AppState {
         pipeline,
         model_name: source.name.clone(),
-        jobs: JobStore::default(),
+        jobs: JobStore::new(args.max_finished_jobs as usize),
         queue: Box::new(MemoryQueue::new(args.max_queue)),
         max_queue: args.max_queue,
         limits: Limits { max_image_bytes: args.max_image_bytes, max_image_pixels: args.max_image_pixels, max_prompt_tokens },

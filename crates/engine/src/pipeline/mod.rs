@@ -88,7 +88,6 @@ impl Pipeline {
             schedule,
             cfg,
         };
-        tracing::info!(precision = %pipeline.precision.name(), kernels = %pipeline.backend.describe(), "model {} built", pipeline.cfg.name);
         Ok(pipeline)
     }
 
@@ -146,7 +145,9 @@ impl Pipeline {
         if let Some(s) = &schedule.scale_arr {
             schedule.scale_arr = Some(buffer("scale_arr", s.len())?);
         }
-        Self::build(cfg, vb, schedule, precision, backend)
+        let pipeline = Self::build(cfg, vb, schedule, precision, backend)?;
+        tracing::info!(precision = %pipeline.precision.name(), kernels = %pipeline.backend.describe(), "model {} built", pipeline.cfg.name);
+        Ok(pipeline)
     }
 
     /// Builds the networks of `cfg` with random weights (benchmarks, shape checks).
