@@ -184,6 +184,23 @@ fn png_output_refuses_a_non_empty_folder() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
+/// Hardening (#22): `convert` writes through an exclusive temporary file, so a link planted at
+/// the old predictable name is not followed, and nothing partial is left.
+#[cfg(unix)]
+#[test]
+fn convert_follows_no_planted_link() {
+    let dir = tmp("convert-link");
+    let victim = dir.join("victim.txt");
+    std::fs::write(&victim, b"precious").unwrap();
+    std::os::unix::fs::symlink(&victim, dir.join("model.safetensors.partial")).unwrap();
+    let st = dir.join("model.safetensors");
+    ok(&run(&["convert", "fixtures/tiny-eps/model.ckpt", st.to_str().unwrap()]));
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    assert!(std::fs::metadata(&st).unwrap().len() > 1000);
+    let names: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+}
+
 #[test]
 fn convert_round_trips_to_the_same_video() {
     let dir = tmp("convert");

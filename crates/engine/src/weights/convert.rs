@@ -35,10 +35,20 @@ pub fn convert(input: &Path, output: &Path, dtype: DType, quantization: Option<Q
         tensors.insert(file_key.to_string(), t);
     }
     let metadata = quantization.map(|q| HashMap::from([(q8::METADATA_KEY.to_string(), q.name().to_string())]));
-    let tmp = output.with_extension("safetensors.partial");
     let io = |path: &Path, e: std::io::Error| Error::Io { path: path.to_path_buf(), source: e };
-    safetensors::serialize_to_file(tensors.iter(), metadata, &tmp)
-        .map_err(|e| io(&tmp, std::io::Error::other(e.to_string())))?;
-    std::fs::rename(&tmp, output).map_err(|e| io(output, e))?;
+    // Written under a name created exclusively beside the output (unpredictable: no planted
+    // link is followed; removed if anything fails), then renamed into place.
+    let dir = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut temp = tempfile::Builder::new();
+    temp.prefix(".convert.").suffix(".partial");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        temp.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    let tmp = temp.tempfile_in(dir).map_err(|e| io(dir, e))?;
+    safetensors::serialize_to_file(tensors.iter(), metadata, tmp.path())
+        .map_err(|e| io(tmp.path(), std::io::Error::other(e.to_string())))?;
+    tmp.persist(output).map_err(|e| io(output, e.error))?;
     Ok(Converted { tensors: tensors.len(), quantized })
 }
