@@ -10,8 +10,7 @@
 //! output element is written once. A step of the depth is one input value (f32) or two (a bf16
 //! pair, which `vdpbf16ps` multiplies and adds into one f32 lane).
 //!
-//! Blocking: a task owns a block of up to [`ROWS`] rows of `x`, packed in tiles of [`MR`] rows
-//! (`[step][6]`, so the microkernel's broadcasts read one stream). It makes its outputs a pass of
+//! Blocking: a task owns a block of up to [`ROWS`] rows of `x`, in lanes row after row. It makes its outputs a pass of
 //! panels at a time (the pass's results, ≤ [`C_BLOCK`] bytes, stay in L2) and walks the depth in
 //! slices of [`KC`] steps: each panel's KC × 64 weight lanes (32 KB) stay in L1 while the
 //! microkernel runs over the rows, 6 rows × 4 vectors = 24 accumulators, each weight vector
@@ -44,15 +43,19 @@ pub trait Format: Send + Sync + 'static {
     fn available() -> bool;
     /// The lane of step `s` of `row` (past its end: zeros).
     fn lane(row: &[f32], s: usize) -> u32;
-    /// Rows of `x` (k values each) in tiles of 6, each tile `[step][6]` (a short last tile fills
-    /// only its rows), so the microkernel's broadcasts read one contiguous stream.
+    /// Rows of `x` (k values each) in lanes, row after row (`steps` = k / PER_LANE lanes per
+    /// row: lane s of row r at `r·steps + s`). Contiguous stores; the microkernel's broadcasts
+    /// read six streams. (A `[step][6]` tile layout, one stream, cost a scattered store per
+    /// lane: ≈ 1/5 of the bf16 products' time, docs/PERFORMANCE.md.)
     fn pack_rows(x: &[f32], k: usize, dst: &mut [u32]);
-    /// The microkernel: `c[r][0..64] = start + Σ_s a[s][0..64] ⊙ b[s][r]` for `rows` ≤ 6 rows.
+    /// The microkernel: `c[r][0..64] = start + Σ_s a[s][0..64] ⊙ b[r][s]` for `rows` ≤ 6 rows
+    /// of `steps` lanes (`b` at the first row's first step).
     ///
     /// # Safety
-    /// [`available`](Self::available) must hold; `a` must hold depth × 64 lanes, `b` depth × 6,
-    /// `c` rows rows of 64 values `c_rs` apart.
-    unsafe fn tile(rows: usize, a: *const u32, b: *const u32, depth: usize, c: *mut f32, c_rs: usize, start: Start);
+    /// [`available`](Self::available) must hold; `a` must hold depth × 64 lanes, `b` depth steps
+    /// of each row, `c` rows rows of 64 values `c_rs` apart.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile(rows: usize, a: *const u32, b: *const u32, steps: usize, depth: usize, c: *mut f32, c_rs: usize, start: Start);
 }
 
 /// f32 values, one per lane, multiplied by `vfmadd`.
@@ -235,7 +238,7 @@ impl<F: Format> PackedMatrix<F> {
                         };
                         let start = if s0 == 0 { Start::Init(bias) } else { Start::Load };
                         for t0 in (0..rows).step_by(MR) {
-                            F::tile(MR.min(rows - t0), a, x.add(t0 * steps + s0 * MR), depth, c.add(t0 * c_rs), c_rs, start);
+                            F::tile(MR.min(rows - t0), a, x.add(t0 * steps + s0), steps, depth, c.add(t0 * c_rs), c_rs, start);
                         }
                     }
                 }
@@ -285,32 +288,23 @@ impl Format for F32 {
         row[s].to_bits()
     }
 
-    fn pack_rows(x: &[f32], k: usize, dst: &mut [u32]) {
-        pack_rows_f32(x, k, dst)
+    fn pack_rows(x: &[f32], _: usize, dst: &mut [u32]) {
+        for (d, &v) in dst.iter_mut().zip(x) {
+            *d = v.to_bits();
+        }
     }
 
-    unsafe fn tile(rows: usize, a: *const u32, b: *const u32, depth: usize, c: *mut f32, c_rs: usize, start: Start) {
+    unsafe fn tile(rows: usize, a: *const u32, b: *const u32, steps: usize, depth: usize, c: *mut f32, c_rs: usize, start: Start) {
         match rows {
-            6 => tile_f32::<6>(a, b, depth, c, c_rs, start),
-            5 => tile_f32::<5>(a, b, depth, c, c_rs, start),
-            4 => tile_f32::<4>(a, b, depth, c, c_rs, start),
-            3 => tile_f32::<3>(a, b, depth, c, c_rs, start),
-            2 => tile_f32::<2>(a, b, depth, c, c_rs, start),
-            _ => tile_f32::<1>(a, b, depth, c, c_rs, start),
+            6 => tile_f32::<6>(a, b, steps, depth, c, c_rs, start),
+            5 => tile_f32::<5>(a, b, steps, depth, c, c_rs, start),
+            4 => tile_f32::<4>(a, b, steps, depth, c, c_rs, start),
+            3 => tile_f32::<3>(a, b, steps, depth, c, c_rs, start),
+            2 => tile_f32::<2>(a, b, steps, depth, c, c_rs, start),
+            _ => tile_f32::<1>(a, b, steps, depth, c, c_rs, start),
         }
     }
 }
-
-dispatch!(pack_rows_f32, fn(x: &[f32], k: usize, dst: &mut [u32]) {
-    for (t, rows) in x.chunks(MR * k).enumerate() {
-        let tile = &mut dst[t * MR * k..][..MR * k];
-        for (i, row) in rows.chunks_exact(k).enumerate() {
-            for (kk, &v) in row.iter().enumerate() {
-                tile[kk * MR + i] = v.to_bits();
-            }
-        }
-    }
-});
 
 impl Format for Bf16Pairs {
     const PER_LANE: usize = 2;
@@ -336,42 +330,33 @@ impl Format for Bf16Pairs {
         unreachable!("{x:?} {k} {dst:?}: not available off x86-64")
     }
 
-    unsafe fn tile(rows: usize, a: *const u32, b: *const u32, depth: usize, c: *mut f32, c_rs: usize, start: Start) {
+    unsafe fn tile(rows: usize, a: *const u32, b: *const u32, steps: usize, depth: usize, c: *mut f32, c_rs: usize, start: Start) {
         match rows {
-            6 => tile_bf16::<6>(a, b, depth, c, c_rs, start),
-            5 => tile_bf16::<5>(a, b, depth, c, c_rs, start),
-            4 => tile_bf16::<4>(a, b, depth, c, c_rs, start),
-            3 => tile_bf16::<3>(a, b, depth, c, c_rs, start),
-            2 => tile_bf16::<2>(a, b, depth, c, c_rs, start),
-            _ => tile_bf16::<1>(a, b, depth, c, c_rs, start),
+            6 => tile_bf16::<6>(a, b, steps, depth, c, c_rs, start),
+            5 => tile_bf16::<5>(a, b, steps, depth, c, c_rs, start),
+            4 => tile_bf16::<4>(a, b, steps, depth, c, c_rs, start),
+            3 => tile_bf16::<3>(a, b, steps, depth, c, c_rs, start),
+            2 => tile_bf16::<2>(a, b, steps, depth, c, c_rs, start),
+            _ => tile_bf16::<1>(a, b, steps, depth, c, c_rs, start),
         }
     }
 }
 
 /// [`Format::pack_rows`] for bf16 pairs: each row rounded 32 values per conversion instruction
-/// (round to nearest even, as [`bf16_bits`]) into 16 lanes, which go to their steps of the tile.
+/// (round to nearest even, as [`bf16_bits`]) into 16 lanes, stored in place.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn pack_rows_bf16(x: &[f32], k: usize, dst: &mut [u32]) {
     use std::arch::x86_64::*;
     let steps = k.div_ceil(2);
-    let mut lanes = [0u32; 16];
-    for (t, rows) in x.chunks(MR * k).enumerate() {
-        let tile = &mut dst[t * MR * steps..][..MR * steps];
-        for (i, row) in rows.chunks_exact(k).enumerate() {
-            let mut s0 = 0;
-            for chunk in row.chunks(32) {
-                let mask = |from: usize| -> __mmask16 { (((1u32 << chunk.len().saturating_sub(from).min(16)) - 1) & 0xffff) as u16 };
-                let p = chunk.as_ptr();
-                let lo = _mm512_maskz_loadu_ps(mask(0), p);
-                let hi = _mm512_maskz_loadu_ps(mask(16), p.add(16.min(chunk.len())));
-                let pairs: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
-                _mm512_storeu_si512(lanes.as_mut_ptr().cast(), pairs);
-                for (j, &lane) in lanes[..chunk.len().div_ceil(2)].iter().enumerate() {
-                    tile[(s0 + j) * MR + i] = lane;
-                }
-                s0 += 16;
-            }
+    let mask = |n: usize| -> __mmask16 { ((1u32 << n.min(16)) - 1) as u16 };
+    for (row, out) in x.chunks_exact(k).zip(dst.chunks_exact_mut(steps)) {
+        for (i, chunk) in row.chunks(32).enumerate() {
+            let p = chunk.as_ptr();
+            let lo = _mm512_maskz_loadu_ps(mask(chunk.len()), p);
+            let hi = _mm512_maskz_loadu_ps(mask(chunk.len().saturating_sub(16)), p.add(16.min(chunk.len())));
+            let pairs: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+            _mm512_mask_storeu_epi32(out.as_mut_ptr().add(16 * i).cast(), mask(chunk.len().div_ceil(2)), pairs);
         }
     }
 }
@@ -383,12 +368,11 @@ unsafe fn pack_rows_bf16(x: &[f32], k: usize, dst: &mut [u32]) {
 #[inline(always)]
 unsafe fn tile_body<const R: usize>(
     a: *const u32,
-    b: *const u32,
     depth: usize,
     c: *mut f32,
     c_rs: usize,
     start: Start,
-    step: impl Fn(&mut [[std::arch::x86_64::__m512; 4]; R], *const u32, *const u32),
+    step: impl Fn(&mut [[std::arch::x86_64::__m512; 4]; R], *const u32, usize),
 ) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); 4]; R];
@@ -404,12 +388,12 @@ unsafe fn tile_body<const R: usize>(
     let mut s = 0;
     while s + 4 <= depth {
         for u in 0..4 {
-            step(&mut acc, a.add((s + u) * PANEL), b.add((s + u) * MR));
+            step(&mut acc, a.add((s + u) * PANEL), s + u);
         }
         s += 4;
     }
     while s < depth {
-        step(&mut acc, a.add(s * PANEL), b.add(s * MR));
+        step(&mut acc, a.add(s * PANEL), s);
         s += 1;
     }
     for (r, row) in acc.iter().enumerate() {
@@ -419,16 +403,17 @@ unsafe fn tile_body<const R: usize>(
     }
 }
 
-/// One step: 64 weights times R rows' values, by fused multiply-adds.
+/// One step: 64 weights times R rows' values (rows `steps` lanes apart), by fused multiply-adds.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn tile_f32<const R: usize>(a: *const u32, b: *const u32, depth: usize, c: *mut f32, c_rs: usize, start: Start) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_f32<const R: usize>(a: *const u32, b: *const u32, steps: usize, depth: usize, c: *mut f32, c_rs: usize, start: Start) {
     use std::arch::x86_64::*;
-    tile_body::<R>(a, b, depth, c, c_rs, start, |acc, a, b| {
+    tile_body::<R>(a, depth, c, c_rs, start, |acc, a, s| {
         let a = a as *const f32;
         let w = [_mm512_load_ps(a), _mm512_load_ps(a.add(16)), _mm512_load_ps(a.add(32)), _mm512_load_ps(a.add(48))];
         for (r, row) in acc.iter_mut().enumerate() {
-            let x = _mm512_set1_ps(f32::from_bits(*b.add(r)));
+            let x = _mm512_set1_ps(f32::from_bits(*b.add(r * steps + s)));
             for (v, &w) in row.iter_mut().zip(&w) {
                 *v = _mm512_fmadd_ps(w, x, *v);
             }
@@ -436,16 +421,17 @@ unsafe fn tile_f32<const R: usize>(a: *const u32, b: *const u32, depth: usize, c
     })
 }
 
-/// One step: 64 weight pairs times R rows' pairs, by `vdpbf16ps`.
+/// One step: 64 weight pairs times R rows' pairs (rows `steps` lanes apart), by `vdpbf16ps`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn tile_bf16<const R: usize>(a: *const u32, b: *const u32, depth: usize, c: *mut f32, c_rs: usize, start: Start) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_bf16<const R: usize>(a: *const u32, b: *const u32, steps: usize, depth: usize, c: *mut f32, c_rs: usize, start: Start) {
     use std::arch::x86_64::*;
-    tile_body::<R>(a, b, depth, c, c_rs, start, |acc, a, b| {
+    tile_body::<R>(a, depth, c, c_rs, start, |acc, a, s| {
         let load = |i: usize| std::mem::transmute::<__m512i, __m512bh>(_mm512_load_si512(a.add(16 * i).cast()));
         let w = [load(0), load(1), load(2), load(3)];
         for (r, row) in acc.iter_mut().enumerate() {
-            let x = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(*b.add(r) as i32));
+            let x = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(*b.add(r * steps + s) as i32));
             for (v, &w) in row.iter_mut().zip(&w) {
                 *v = _mm512_dpbf16_ps(*v, w, x);
             }
@@ -454,12 +440,14 @@ unsafe fn tile_bf16<const R: usize>(a: *const u32, b: *const u32, depth: usize, 
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn tile_f32<const R: usize>(_: *const u32, _: *const u32, _: usize, _: *mut f32, _: usize, _: Start) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_f32<const R: usize>(_: *const u32, _: *const u32, _: usize, _: usize, _: *mut f32, _: usize, _: Start) {
     unreachable!("available() is false off x86-64")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn tile_bf16<const R: usize>(_: *const u32, _: *const u32, _: usize, _: *mut f32, _: usize, _: Start) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_bf16<const R: usize>(_: *const u32, _: *const u32, _: usize, _: usize, _: *mut f32, _: usize, _: Start) {
     unreachable!("available() is false off x86-64")
 }
 

@@ -22,8 +22,8 @@ const KC: usize = 128;
 /// f32 inputs.
 #[derive(Clone)]
 pub struct Bf16DotTemporalConv {
-    /// Per tap, the weights `W_tap (co × c)` as the pair microkernel reads rows: tiles of 6
-    /// output channels, `[tile][step][6]` lanes.
+    /// Per tap, the weights `W_tap (co × c)` as the pair microkernel reads rows
+    /// (`Bf16Pairs::pack_rows`), rounded up to whole tiles of 6 output channels.
     taps: Vec<u32>,
     bias: Vec<f32>,
     co: usize,
@@ -123,7 +123,10 @@ impl Bf16DotTemporalConv {
                             // SAFETY: AVX512-BF16 is available (checked above); `a` holds
                             // steps × 64 lanes, `w` the row tiles (6 rows × steps each), and
                             // `block` rows r0..r0+6 of 64 values.
-                            unsafe { Bf16Pairs::tile(MR.min(co - r0), a[s0 * PANEL..].as_ptr(), w[r0 * steps + s0 * MR..].as_ptr(), depth, block[r0 * PANEL..].as_mut_ptr(), PANEL, start) };
+                            unsafe {
+                                let b = w[r0 * steps + s0..].as_ptr();
+                                Bf16Pairs::tile(MR.min(co - r0), a[s0 * PANEL..].as_ptr(), b, steps, depth, block[r0 * PANEL..].as_mut_ptr(), PANEL, start)
+                            };
                         }
                     }
                     first = false;

@@ -112,8 +112,8 @@ fn winograd(x: &[f32], Shape { n, c, co, h, w }: Shape, bias: &[f32], points: Po
     let y_ptr = SendPtr(y.as_mut_ptr());
     (0..tiles.div_ceil(chunk)).into_par_iter().for_each_init(
         // Scratch for V and M, written before it is read (rayon may call this once per
-        // split, so no zeroing); whole cache lines per row of 16 channels. V in pairs, for
-        // the pair microkernel, in its tiles of 6 rows.
+        // split, so no zeroing); whole cache lines per row of 16 channels. V in pairs, row after
+        // row, for the pair microkernel.
         || (Vec::<Lanes>::with_capacity(v_stride), Vec::<Lanes>::with_capacity(m_stride), vec![0u32; pairs_len]),
         |(v, m, pairs), task| {
             let (v, m) = (v.as_mut_ptr() as *mut f32, m.as_mut_ptr() as *mut f32);
@@ -163,7 +163,8 @@ fn winograd(x: &[f32], Shape { n, c, co, h, w }: Shape, bias: &[f32], points: Po
                                     let start = if s0 == 0 { Start::Init(ZEROS.as_ptr()) } else { Start::Load };
                                     for g in (0..count).step_by(F32Conv::POS) {
                                         let rows = F32Conv::POS.min(count - g);
-                                        Bf16Pairs::tile(rows, wt, x.add(g * steps + s0 * F32Conv::POS), (DEPTH / 2).min(steps - s0), out.add(g * F32Conv::PANEL), F32Conv::PANEL, start);
+                                        let b = x.add(g * steps + s0);
+                                        Bf16Pairs::tile(rows, wt, b, steps, (DEPTH / 2).min(steps - s0), out.add(g * F32Conv::PANEL), F32Conv::PANEL, start);
                                     }
                                 }
                             }
