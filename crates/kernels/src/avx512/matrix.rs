@@ -10,11 +10,11 @@
 //! output element is written once. A step of the depth is one input value (f32) or two (a bf16
 //! pair, which `vdpbf16ps` multiplies and adds into one f32 lane).
 //!
-//! Blocking: a task owns a block of up to [`ROWS`] rows of `x`, in lanes row after row. It makes its outputs a pass of
-//! panels at a time (the pass's results, ≤ [`C_BLOCK`] bytes, stay in L2) and walks the depth in
-//! slices of [`KC`] steps: each panel's KC × 64 weight lanes (32 KB) stay in L1 while the
-//! microkernel runs over the rows, 6 rows × 4 vectors = 24 accumulators, each weight vector
-//! loaded once per 6 multiply-adds.
+//! Blocking: a task owns a block of up to [`ROWS`] rows of `x`, in lanes row after row. It makes
+//! its outputs a pass of panels at a time (the pass's results, ≤ [`C_BLOCK`] bytes, stay in L2)
+//! and walks the depth in slices of [`KC`] steps: each panel's KC × 64 weight lanes (32 KB) stay
+//! in L1 while the microkernel runs over the rows, 6 rows × 4 vectors = 24 accumulators, each
+//! weight vector loaded once per 6 multiply-adds.
 
 use super::Lanes;
 use crate::common::{bf16_bits, bias_f32, output_buffer, Epilogue, SendPtr};
@@ -46,7 +46,7 @@ pub trait Format: Send + Sync + 'static {
     /// Rows of `x` (k values each) in lanes, row after row (`steps` = k / PER_LANE lanes per
     /// row: lane s of row r at `r·steps + s`). Contiguous stores; the microkernel's broadcasts
     /// read six streams. (A `[step][6]` tile layout, one stream, cost a scattered store per
-    /// lane: ≈ 1/5 of the bf16 products' time, docs/PERFORMANCE.md.)
+    /// lane, which showed in the bf16 products' profile: docs/PERFORMANCE.md.)
     fn pack_rows(x: &[f32], k: usize, dst: &mut [u32]);
     /// The microkernel: `c[r][0..64] = start + Σ_s a[s][0..64] ⊙ b[r][s]` for `rows` ≤ 6 rows
     /// of `steps` lanes (`b` at the first row's first step).
