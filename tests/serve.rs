@@ -279,6 +279,23 @@ fn an_elongated_image_is_refused_not_fatal() {
     assert_eq!(server.wait(&id)["state"], "done");
 }
 
+/// Hardening (#22): a malformed multipart body (truncated part, no closing boundary, no
+/// boundary at all) is a 400 with a JSON error, not a 413.
+#[test]
+fn malformed_multipart_is_a_400() {
+    let server = Server::start(&[]);
+    let truncated = b"--XYZ\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nhello".as_slice();
+    for (content_type, body) in [
+        ("multipart/form-data; boundary=XYZ", truncated),
+        ("multipart/form-data; boundary=XYZ", b"no boundary here".as_slice()),
+        ("multipart/form-data", b"no boundary here".as_slice()),
+    ] {
+        let r = server.post_raw(content_type, body);
+        assert_eq!(r.status, 400, "{content_type}: {}", r.text());
+        assert!(r.json()["error"].as_str().is_some(), "{}", r.text());
+    }
+}
+
 /// Hardening (#22): a method a route does not take is a 405 with a JSON error, like every other.
 #[test]
 fn wrong_methods_get_json_405() {
