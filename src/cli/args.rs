@@ -105,9 +105,7 @@ impl Settings {
                 anyhow::bail!("output folder {} does not exist", dir.display());
             }
         }
-        if self.format == Format::Png && out.exists() && !(out.is_dir() && out.read_dir().is_ok_and(|mut d| d.next().is_none())) {
-            anyhow::bail!("output {} exists and is not an empty folder; --format png writes into a new or empty folder", out.display());
-        }
+        dynamicrafter_video::check_destination(self.format, out)?;
         if self.format != Format::Png && out.is_dir() {
             anyhow::bail!("output {} is a folder; give a file name for --format {}", out.display(), self.format.extension());
         }

@@ -168,8 +168,8 @@ impl FromRequest<Arc<AppState>> for JobForm {
         // body limit layer also stops undeclared ones once they pass it).
         let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
         let limit = state.limits.max_body_bytes();
-        if declared.is_some_and(|n| n > limit as u64) {
-            return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, None, format!("request body is {} bytes; the limit is {limit}", declared.unwrap_or(0))));
+        if let Some(declared) = declared.filter(|&n| n > limit as u64) {
+            return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, None, format!("request body is {declared} bytes; the limit is {limit}")));
         }
         if content_type.starts_with("multipart/form-data") {
             let multipart = Multipart::from_request(req, state).await.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, None, e.body_text()))?;

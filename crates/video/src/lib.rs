@@ -82,6 +82,18 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io { path: path.to_path_buf(), source }
 }
 
+/// Refuses a destination [`write`] would not take: for png, anything but a new or empty folder
+/// (a folder of frames is never emptied or merged into). Front ends call it before any work.
+pub fn check_destination(format: Format, path: &Path) -> Result<()> {
+    if format == Format::Png && path.exists() {
+        let empty = path.is_dir() && std::fs::read_dir(path).map_err(io(path))?.next().is_none();
+        if !empty {
+            return Err(Error::Invalid(format!("{} exists and is not an empty folder; png frames go to a new or empty folder", path.display())));
+        }
+    }
+    Ok(())
+}
+
 /// Writes `frames` to `path` in `format` at `fps` frames per second. The file (or, for png, the
 /// folder) is written under a temporary name created exclusively beside `path` (unpredictable,
 /// so a planted link is never followed), then renamed into place: a failure leaves nothing. A
@@ -104,14 +116,9 @@ pub fn write(frames: Frames, format: Format, fps: f64, path: &Path) -> Result<()
         use std::os::unix::fs::PermissionsExt;
         temp.permissions(std::fs::Permissions::from_mode(if format == Format::Png { 0o777 } else { 0o666 }));
     }
+    check_destination(format, path)?;
     match format {
         Format::Png => {
-            if path.exists() {
-                let empty = path.is_dir() && std::fs::read_dir(path).map_err(io(path))?.next().is_none();
-                if !empty {
-                    return Err(Error::Invalid(format!("{} exists and is not an empty folder; png frames go to a new or empty folder", path.display())));
-                }
-            }
             let tmp = temp.tempdir_in(dir).map_err(io(dir))?;
             write_pngs(frames, tmp.path())?;
             // Renaming onto an empty folder replaces it; the temporary one is removed on failure.
