@@ -52,6 +52,8 @@ pub fn generate_videos(
     report.frames = videos[0].frames;
     report.width = req.sampling.width;
     report.height = req.sampling.height;
+    report.sampler = Some(req.sampling.sampler_summary());
+    report.windows = Some(videos[0].plan.describe());
     report.total_seconds = start.elapsed().as_secs_f64() + load_time.map_or(0.0, |d| d.as_secs_f64());
     report.peak_rss_bytes = peak_rss_bytes();
     report.peak_gpu_bytes = dynamicrafter_engine::device::peak_memory_bytes(pipeline.device());

@@ -30,7 +30,16 @@ enum Command {
 
 fn main() -> ExitCode {
     dynamicrafter_engine::compute::keep_freed_memory();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // One line naming the flag, like every other bad input (clap's own text says
+            // "error: invalid value … [possible values: …]" over several lines).
+            eprintln!("dynamicrafter: {}", one_line(&e.to_string()));
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Command::Generate(args) => cli::generate::run(args).map(|()| true),
         Command::Batch(args) => cli::batch::run(args),
@@ -46,4 +55,16 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// A clap message on one line: its lines joined, without the `error: ` lead, the usage and tip
+/// lines and the closing "For more information, try '--help'." (kept as a short pointer).
+fn one_line(message: &str) -> String {
+    let text: Vec<&str> = message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("For more information") && !l.starts_with("Usage:") && !l.starts_with("tip:"))
+        .collect();
+    let joined = text.join(" ");
+    format!("{} (see --help)", joined.strip_prefix("error: ").unwrap_or(&joined))
 }

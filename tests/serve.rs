@@ -182,6 +182,13 @@ fn bad_input_is_refused_with_the_field_named() {
         (vec![ok_image(), text("mode", "interpolate")], 400, "image2"),
         (vec![ok_image(), text("mode", "loop"), file("image2", SUNSET)], 400, "image2"),
         (vec![ok_image(), text("colour", "red")], 400, "colour"),
+        (vec![ok_image(), text("sampler", "heun")], 422, "sampler"),
+        (vec![ok_image(), text("karras", "maybe")], 422, "karras"),
+        (vec![ok_image(), text("karras", "true")], 422, "karras"),
+        (vec![ok_image(), text("frames", 129)], 422, "frames"),
+        (vec![ok_image(), text("mode", "loop"), text("frames", 9)], 422, "frames"),
+        (vec![ok_image(), text("frames", 20), text("window_stride", 9)], 422, "window_stride"),
+        (vec![ok_image(), text("noise_reschedule", "often")], 422, "noise_reschedule"),
     ];
     for (parts, status, field) in cases {
         let r = server.post_form(&parts);
@@ -195,6 +202,7 @@ fn bad_input_is_refused_with_the_field_named() {
         (json!({ "image": "***" }), 400, "image"),
         (json!({ "image": "aGVsbG8=", "steps": "3" }), 400, "steps"),
         (json!({ "image": "aGVsbG8=", "colour": 1 }), 400, "colour"),
+        (json!({ "image": "aGVsbG8=", "sampler": 2 }), 400, "sampler"),
         (json!({ "image": "aGVsbG8=" }), 415, "image"),
     ];
     for (body, status, field) in json_cases {
@@ -223,6 +231,27 @@ fn bad_input_is_refused_with_the_field_named() {
     assert_eq!(status["state"], "done");
     assert_eq!(status["mode"], "loop");
     assert_eq!(status["report"]["frames"], 7, "a loop drops the last frame");
+    assert_eq!(status["report"]["sampler"], "ddim eta 1, 1 step");
+
+    // The samplers: named values in the API, the model's controls and the OpenAPI document.
+    let r = server.post_json(&json!({ "image": b64, "steps": 2, "sampler": "dpmpp-2m-sde", "karras": true }));
+    assert_eq!(r.status, 202, "{}", r.text());
+    let status = server.wait(r.json()["id"].as_str().unwrap());
+    assert_eq!(status["report"]["sampler"], "dpmpp-2m-sde karras, 2 steps");
+    // Long videos: more frames than the model's window (8 for the tiny model).
+    let r = server.post_json(&json!({ "image": b64, "steps": 1, "frames": 12, "noise_reschedule": true }));
+    assert_eq!(r.status, 202, "{}", r.text());
+    let status = server.wait(r.json()["id"].as_str().unwrap());
+    assert_eq!(status["report"]["frames"], 12);
+    assert_eq!(status["report"]["windows"], "2 windows of 8 frames, stride 4");
+    let controls = &server.get("/api/v1/model").json()["controls"];
+    assert_eq!(controls["sampler"]["default"], "ddim");
+    assert_eq!(controls["sampler"]["choices"].as_array().unwrap().len(), 6);
+    assert_eq!(controls["karras"]["default"], "false");
+    let api = server.get("/openapi.json").json();
+    let sampler = &api["components"]["schemas"]["JobJson"]["properties"]["sampler"];
+    assert_eq!(sampler["type"], "string");
+    assert!(sampler["enum"].as_array().unwrap().iter().any(|v| v == "unipc"), "{sampler}");
 }
 
 #[test]

@@ -45,8 +45,10 @@ pub fn run_request(
     let cancel = AtomicBool::new(false);
     let report = generate_videos(pipeline, model_name, req, output, outputs, load_time, &mut |p| view.update(p), &cancel);
     view.finish();
-    for path in outputs {
-        view.line(&format!("wrote {}", path.display()));
+    if report.is_ok() {
+        for path in outputs {
+            view.line(&format!("wrote {}", path.display()));
+        }
     }
     report
 }

@@ -30,8 +30,10 @@ pub struct JobForm {
     image2: Option<Vec<u8>>,
     mode: Option<String>,
     prompt: Option<String>,
-    /// The API's knobs as given, in order.
+    /// The API's numeric knobs as given, in order (checked against the model's ranges later).
     knobs: Vec<(&'static str, f64)>,
+    /// The knobs of named values, already parsed.
+    overrides: SamplingOverrides,
 }
 
 /// One field's value as it arrived.
@@ -66,6 +68,21 @@ impl JobForm {
                 let Some(knob) = KNOBS.iter().find(|k| k.name == name && k.ui.is_some()) else {
                     return Err(ApiError::bad(name, format!("unknown field '{name}'")));
                 };
+                if let Some(choices) = knob.choices {
+                    let choice = match value {
+                        Field::Json(Value::Bool(b)) => b.to_string(),
+                        Field::Json(Value::String(s)) => s,
+                        Field::Json(_) => return Err(ApiError::bad(name, format!("{name} must be one of {}", choices.join(", ")))),
+                        part => text(part)?,
+                    };
+                    if choice.trim().is_empty() {
+                        return Ok(());
+                    }
+                    if !self.overrides.set_choice(knob.name, &choice) {
+                        return Err(ApiError::invalid(name, format!("{name} must be one of {}, got '{}'", choices.join(", "), choice.trim())));
+                    }
+                    return Ok(());
+                }
                 let number = match value {
                     Field::Json(v) => v.as_f64().ok_or_else(|| ApiError::bad(name, format!("{name} must be a number")))?,
                     part => {
@@ -137,7 +154,7 @@ impl JobForm {
                 format!("prompt is {tokens} tokens; the text encoder reads at most {}", state.limits.max_prompt_tokens),
             ));
         }
-        let mut overrides = SamplingOverrides::default();
+        let mut overrides = self.overrides;
         for (name, v) in self.knobs {
             let knob = KNOBS.iter().find(|k| k.name == name).expect("only known knobs are collected");
             if let Some(range) = knob.ui_range(cfg) {

@@ -191,10 +191,17 @@ pub async fn events(
 /// A control of the page: the API's range of a knob and the model's default.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Control {
-    #[schema(value_type = Object)]
-    pub range: Range,
-    /// The model's default (for the seed: image-to-video's; see `modes`).
-    pub default: Option<f64>,
+    /// A numeric knob's range.
+    #[schema(value_type = Option<Object>)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub range: Option<Range>,
+    /// A knob of named values: the names.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub choices: Option<Vec<&'static str>>,
+    /// The model's default (for the seed: image-to-video's; see `modes`): a number, or a
+    /// name for a knob of named values.
+    #[schema(value_type = Option<Object>)]
+    pub default: Option<serde_json::Value>,
     pub help: String,
     /// The page's label and hint, where the model gives the knob a meaning of its own.
     pub label: Option<String>,
@@ -243,17 +250,22 @@ pub async fn model_info(State(state): State<Arc<AppState>>) -> Json<ModelInfo> {
     let (label, hint) = fs_label(cfg);
     let controls = KNOBS
         .iter()
-        .filter_map(|k| {
-            let range = k.ui_range(cfg)?;
+        .filter(|k| k.ui.is_some())
+        .map(|k| {
             let fs = k.name == "fs";
+            let default = match k.choices {
+                Some(_) => cfg.defaults.choice(k.name).map(serde_json::Value::from),
+                None => cfg.defaults.number(k.name).map(serde_json::Value::from),
+            };
             let control = Control {
-                range,
-                default: cfg.defaults.number(k.name),
+                range: k.ui_range(cfg),
+                choices: k.choices.map(|c| c.to_vec()),
+                default,
                 help: k.help.trim().to_string(),
                 label: fs.then(|| label.to_string()),
                 hint: fs.then(|| hint.to_string()),
             };
-            Some((k.name.to_string(), control))
+            (k.name.to_string(), control)
         })
         .collect();
     let modes = ModeKind::ALL

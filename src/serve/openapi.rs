@@ -78,6 +78,11 @@ fn job_schema(multipart: bool, cfg: Option<&ModelConfig>) -> RefOr<Schema> {
                 _ => None,
             },
         };
+        if let Some(choices) = knob.choices {
+            let p = ObjectBuilder::new().schema_type(Type::String).enum_values(Some(choices.to_vec())).description(Some(knob.help.trim().to_string()));
+            form = form.property(knob.name, p);
+            continue;
+        }
         let mut p = ObjectBuilder::new()
             .schema_type(if knob.integer { Type::Integer } else { Type::Number })
             .description(Some(knob.help.trim().to_string()));

@@ -25,6 +25,13 @@ try {
   const prompt = await page.inputValue("#prompt");
   if (!prompt) await fail("the example did not fill the prompt");
   await page.$eval("#steps", (el) => { el.value = 4; el.dispatchEvent(new Event("input")); });
+  // The sampler select lists the API's samplers; Karras levels only where they apply.
+  const samplers = await page.$$eval("#sampler option", (os) => os.map((o) => o.value));
+  if (!samplers.includes("ddim") || !samplers.includes("unipc")) await fail("sampler choices: " + samplers);
+  if (!(await page.isDisabled("#karras"))) await fail("karras is offered with ddim");
+  await page.selectOption("#sampler", "dpmpp-2m");
+  if (await page.isDisabled("#karras")) await fail("karras is not offered with dpmpp-2m");
+  await page.check("#karras");
 
   // Record every status line and progress value the page shows.
   await page.evaluate(() => {
@@ -49,6 +56,7 @@ try {
 
   const timings = await page.$$eval("#timings tr", (rows) => rows.map((r) => r.textContent));
   if (!timings.some((t) => t.includes("denoise"))) await fail("no stage timings shown: " + timings);
+  if (!timings.some((t) => t.includes("dpmpp-2m karras, 4 steps"))) await fail("the run did not use the chosen sampler: " + timings);
   const href = await page.getAttribute("#download", "href");
   if (!href || !href.endsWith("/video")) await fail("no download link");
 

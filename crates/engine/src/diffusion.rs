@@ -1,6 +1,7 @@
-//! Noise schedule, DDIM timesteps and coefficients, the DDIM update for eps and v models, and
-//! classifier-free guidance (`docs/spec/sampling.md` §3–5). Scalar coefficients are computed in f64
-//! and used as f32, tensor arithmetic is f32, in the reference's order of operations.
+//! Noise schedule, DDIM timesteps and coefficients, the eps/x0 estimates of eps and v models,
+//! the DDIM update, and classifier-free guidance (`docs/spec/sampling.md` §3–5). Scalar
+//! coefficients are computed in f64 and used as f32, tensor arithmetic is f32, in the
+//! reference's order of operations.
 
 use crate::config::{DiffusionConfig, Parameterization, TimestepSpacing};
 use crate::{Error, Result};
@@ -162,7 +163,7 @@ impl DdimSchedule {
     }
 }
 
-fn mul(xs: &Tensor, s: f32) -> candle_core::Result<Tensor> {
+pub(crate) fn mul(xs: &Tensor, s: f32) -> candle_core::Result<Tensor> {
     xs.broadcast_mul(&Tensor::new(s, xs.device())?.to_dtype(xs.dtype())?)
 }
 
@@ -178,6 +179,34 @@ pub struct DdimStep {
     pub x_prev: Tensor,
 }
 
+/// The noise and clean-latent estimates `(eps, x0)` from a model output at a point with VP
+/// coefficients `alpha`, `sigma` (`x = alpha·x0 + sigma·eps`), in the reference's order of
+/// operations.
+pub fn predict(parameterization: Parameterization, x: &Tensor, model_output: &Tensor, alpha: f32, sigma: f32) -> Result<(Tensor, Tensor)> {
+    Ok(match parameterization {
+        Parameterization::V => {
+            let e_t = (mul(model_output, alpha)? + mul(x, sigma)?)?;
+            let x0 = (mul(x, alpha)? - mul(model_output, sigma)?)?;
+            (e_t, x0)
+        }
+        Parameterization::Eps => {
+            let x0 = div(&(x - mul(model_output, sigma)?)?, alpha)?;
+            (model_output.clone(), x0)
+        }
+    })
+}
+
+/// DDIM's move from DDIM `index` to the one before, given the estimates (`pred_x0` already
+/// rescaled).
+pub fn ddim_update(ddim: &DdimSchedule, index: usize, e_t: &Tensor, pred_x0: &Tensor, noise: &Tensor) -> Result<Tensor> {
+    let a_prev = ddim.alphas_prev[index] as f32;
+    let sigma = ddim.sigmas[index] as f32;
+    // Zero terminal SNR makes this exactly 0 in theory; never let rounding take it below.
+    let dir_coef = (1f32 - a_prev - sigma * sigma).max(0.0).sqrt();
+    let dir_xt = mul(e_t, dir_coef)?;
+    Ok(((mul(pred_x0, a_prev.sqrt())? + dir_xt)? + mul(noise, sigma)?)?)
+}
+
 /// One DDIM update (`p_sample_ddim` after guidance) at DDIM `index`.
 pub fn ddim_step(
     schedule: &NoiseSchedule,
@@ -188,29 +217,12 @@ pub fn ddim_step(
     index: usize,
     noise: &Tensor,
 ) -> Result<DdimStep> {
-    let t = ddim.timesteps[index];
-    let a_t = ddim.alphas[index];
-    let a_prev = ddim.alphas_prev[index] as f32;
-    let sigma = ddim.sigmas[index] as f32;
-    let (e_t, mut pred_x0) = match parameterization {
-        Parameterization::V => {
-            let (sa, s1a) = (schedule.sqrt_alphas_cumprod[t], schedule.sqrt_one_minus_alphas_cumprod[t]);
-            let e_t = (mul(model_output, sa)? + mul(x, s1a)?)?;
-            let x0 = (mul(x, sa)? - mul(model_output, s1a)?)?;
-            (e_t, x0)
-        }
-        Parameterization::Eps => {
-            let x0 = div(&(x - mul(model_output, ddim.sqrt_one_minus_alphas[index])?)?, a_t.sqrt())?;
-            (model_output.clone(), x0)
-        }
-    };
-    if let (Some(sc), Some(sc_prev)) = (&ddim.scale_arr, &ddim.scale_arr_prev) {
-        pred_x0 = mul(&pred_x0, sc_prev[index] / sc[index])?;
+    let point = crate::samplers::ddim_point(schedule, ddim, parameterization, index);
+    let (e_t, mut pred_x0) = predict(parameterization, x, model_output, point.alpha, point.sigma)?;
+    if let Some(r) = point.rescale {
+        pred_x0 = mul(&pred_x0, r)?;
     }
-    // Zero terminal SNR makes this exactly 0 in theory; never let rounding take it below.
-    let dir_coef = (1f32 - a_prev - sigma * sigma).max(0.0).sqrt();
-    let dir_xt = mul(&e_t, dir_coef)?;
-    let x_prev = ((mul(&pred_x0, a_prev.sqrt())? + dir_xt)? + mul(noise, sigma)?)?;
+    let x_prev = ddim_update(ddim, index, &e_t, &pred_x0, noise)?;
     Ok(DdimStep { e_t, pred_x0, x_prev })
 }
 

@@ -12,6 +12,7 @@ pub mod models;
 pub mod noise;
 pub mod pipeline;
 pub mod preprocess;
+pub mod samplers;
 pub mod report;
 pub mod tokenizer;
 pub mod weights;

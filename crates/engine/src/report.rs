@@ -33,6 +33,10 @@ pub struct Report {
     pub frames: usize,
     pub width: usize,
     pub height: usize,
+    /// The sampler and its schedule, e.g. `dpmpp-2m karras, 20 steps`.
+    pub sampler: Option<String>,
+    /// How the frames ran on the model's window, e.g. `7 windows of 16 frames, stride 4`.
+    pub windows: Option<String>,
     /// Wall time per stage in run order (model load, encoders, denoise total, decode, write…).
     pub stages: Vec<StageTime>,
     pub denoise_steps: StepStats,
@@ -54,6 +58,8 @@ impl Report {
             frames: 0,
             width: 0,
             height: 0,
+            sampler: None,
+            windows: None,
             stages: Vec::new(),
             denoise_steps: StepStats::default(),
             total_seconds: 0.0,
@@ -101,6 +107,12 @@ impl Report {
             self.height,
             self.seed.map(|s| format!(", seed {s}")).unwrap_or_default()
         );
+        if let Some(s) = &self.sampler {
+            out.push_str(&format!("  {:<14} {s}\n", "sampler"));
+        }
+        if let Some(w) = &self.windows {
+            out.push_str(&format!("  {:<14} {w}\n", "windows"));
+        }
         if !self.kernels.is_empty() {
             let kernels: Vec<String> = self.kernels.iter().map(|(k, v)| format!("{k} {v}")).collect();
             out.push_str(&format!("  {:<14} {}\n", "kernels", kernels.join(" · ")));

@@ -325,7 +325,7 @@ fn check_steps(fx: &Fixture, p: &Pipeline, r: &mut Report) {
         let ddim = DdimSchedule::new(p.schedule(), opts.spacing, opts.steps, opts.eta).unwrap();
         let t = ddim.timesteps[index];
         r.compare(&format!("{pre}.t"), &Tensor::new(&[t as i64], &Device::Cpu).unwrap(), fx.t(&format!("{pre}.t")), Tol::Exact);
-        let run = |ctx: &Tensor| p.denoiser(x, &cond.c_concat, t, ctx, fs).unwrap();
+        let run = |ctx: &Tensor| p.unet_output(x, &cond.c_concat, t, ctx, fs).unwrap();
         let o_c = run(&cond.context);
         r.compare(&format!("{pre}.model_out_cond"), &o_c, fx.t(&format!("{pre}.model_out_cond")), Tol::Rel(STAGE_TOL));
         let guided = if opts.cfg_scale != 1.0 {
@@ -402,7 +402,7 @@ fn check_run(p: &Pipeline, run: Run, r: &mut Report) {
     let latent = p
         .sample(&cond, opts, &mut noise, &mut |_| {}, &cancel, &mut |_, x, step| {
             xs.push(x.clone());
-            x0s.push(step.pred_x0.clone());
+            x0s.push(step.x0.clone());
         }, &mut timings)
         .unwrap();
     xs.push(latent.clone());

@@ -177,3 +177,65 @@ fn an_elongated_image_is_refused_before_any_work() {
         }
     }
 }
+
+/// Long videos (#20): more frames than the model's window run in sliding windows, fewer keep
+/// evenly spaced frames of one window, and the window itself is the plain path, bit for bit.
+#[test]
+fn frames_beyond_and_below_the_window() {
+    let (cfg, p) = tiny_v();
+    let window = cfg.window();
+    let never = AtomicBool::new(false);
+    let mut req = Request::new(&cfg, image(64, 64), "waves");
+    req.sampling.steps = 2;
+    let run = |req: &Request| p.generate(req, &mut SeededNoise::new(3, &device()), &mut |_| {}, &never).unwrap();
+
+    // The window: sample() is the plain sampler loop over the guided output.
+    req.sampling.frames = window;
+    let plain = run(&req);
+    assert_eq!((plain.frames, plain.plan.describe()), (window, format!("1 window of {window} frames")));
+    let cond = p.condition(&req, &mut SeededNoise::new(3, &device()), &mut |_| {}, &mut Vec::new()).unwrap();
+    // The sampler's draws are their own stream: a fresh one gives the run's x_T and step noise.
+    let mut noise = SeededNoise::new(3, &device());
+    let mut solver = p.solver(&req.sampling).unwrap();
+    let shape = cond.c_concat.dims().to_vec();
+    let mut x = dynamicrafter_engine::NoiseSource::initial(&mut noise, &shape).unwrap();
+    let mut denoiser = dynamicrafter_engine::samplers::Denoiser {
+        model: |x: &candle_core::Tensor, t: usize| p.guided_output(&cond, &req.sampling, x, t),
+        parameterization: p.parameterization(),
+    };
+    for i in 0..solver.steps() {
+        let pred = denoiser.predict(&x, solver.point(i)).unwrap();
+        x = solver.step(i, &x, &pred, &mut || dynamicrafter_engine::NoiseSource::step(&mut noise, i, &shape)).unwrap();
+    }
+    let flat = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(flat(&x), flat(&plain.latent), "one window is the plain path");
+
+    // Longer: every frame is made, in windows of the model's length.
+    req.sampling.frames = 2 * window + 4;
+    let long = run(&req);
+    assert_eq!(long.frames, 2 * window + 4);
+    assert_eq!(long.latent.dim(2).unwrap(), 2 * window + 4);
+    assert_eq!(long.plan.windows(), (window + 4) / 4 + 1);
+    assert!(long.plan.describe().contains(&format!("of {window} frames, stride 4")), "{}", long.plan.describe());
+    let mut rescheduled = req.clone();
+    rescheduled.sampling.noise_reschedule = true;
+    let r = run(&rescheduled);
+    assert_eq!(r.frames, long.frames);
+    assert_ne!(r.frames_u8, long.frames_u8, "FreeNoise changes the initial noise");
+    let size = req.sampling.height * req.sampling.width * 3;
+
+    // Shorter: the whole window runs and evenly spaced frames are kept.
+    req.sampling.frames = 3;
+    let short = run(&req);
+    assert_eq!((short.frames, short.latent.dim(2).unwrap()), (3, window));
+    let keep = short.plan.keep.clone().unwrap();
+    assert_eq!((keep.len(), keep[0], keep[2]), (3, 0, window - 1));
+    assert_eq!(&short.frames_u8[..size], &plain.frames_u8[..size], "frame 0 is the window's first");
+    assert_eq!(&short.frames_u8[2 * size..], &plain.frames_u8[(window - 1) * size..], "the last frame is the window's last");
+
+    // Interpolation and looping keep their keyframes in one window.
+    req.mode = Mode::Loop;
+    req.sampling.frames = window + 1;
+    let e = p.generate(&req, &mut SeededNoise::new(3, &device()), &mut |_| {}, &never).unwrap_err().to_string();
+    assert!(e.contains("frames must be at most"), "{e}");
+}

@@ -22,9 +22,9 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 /// What `bench` runs when no case is named: everything that fits a small CPU machine.
-const DEFAULT_CASES: [&str; 10] = ["unet-256", "vae-decode-256", "clip-image", "clip-text", "tiny-pipeline", "ops", "serve-vs-cli", "quant-256", "bf16-256", "load"];
-/// Named only: GPU-sized work (hours on a CPU).
-const GPU_CASES: [&str; 6] = ["unet-512", "unet-1024", "pipeline-256", "pipeline-512", "pipeline-1024", "ops-1024"];
+const DEFAULT_CASES: [&str; 11] = ["unet-256", "vae-decode-256", "clip-image", "clip-text", "tiny-pipeline", "samplers", "ops", "serve-vs-cli", "quant-256", "bf16-256", "load"];
+/// Named only: GPU-sized work (hours on a CPU; long-video-256 some ten minutes).
+const GPU_CASES: [&str; 7] = ["unet-512", "unet-1024", "pipeline-256", "pipeline-512", "pipeline-1024", "ops-1024", "long-video-256"];
 
 #[derive(Parser)]
 #[command(name = "dynamicrafter-bench", about = "Time dynamicrafter's networks, pipeline and ops with random weights")]
@@ -181,6 +181,8 @@ fn run(args: BenchArgs) -> Result<()> {
             "clip-image" => results.push(networks::clip_image(args.runs, &target)?),
             "clip-text" => results.push(networks::clip_text(args.runs, &target)?),
             "tiny-pipeline" => results.push(networks::tiny_pipeline(args.runs, &target)?),
+            "samplers" => results.extend(networks::samplers(args.runs, &target)?),
+            "long-video-256" => results.extend(networks::long_video_256(&target)?),
             "serve-vs-cli" => results.extend(serve::serve_vs_cli(args.runs)?),
             _ => results.extend(ops::ops(args.runs)?),
         }

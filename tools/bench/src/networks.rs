@@ -9,6 +9,7 @@ use dynamicrafter_engine::models::clip_vision::ClipVisionEncoder;
 use dynamicrafter_engine::models::unet::{Unet, UnetInput, IMAGE_TOKENS_PER_FRAME, TEXT_CONTEXT_LEN};
 use dynamicrafter_engine::models::vae::AutoencoderKL;
 use dynamicrafter_engine::config::presets::Preset;
+use dynamicrafter_engine::samplers::SamplerKind;
 use dynamicrafter_engine::{ModelConfig, Pipeline, Request, RgbImage, SeededNoise};
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
@@ -121,15 +122,19 @@ pub(crate) fn clip_text(runs: usize, target: &Target) -> Result<Timing> {
     })
 }
 
-pub(crate) fn tiny_pipeline(runs: usize, target: &Target) -> Result<Timing> {
+fn tiny_v(target: &Target) -> Result<(Pipeline, Request)> {
     let dir = std::path::Path::new("fixtures/tiny-v");
     if !dir.is_dir() {
-        bail!("tiny-pipeline needs fixtures/tiny-v: run from the repository root");
+        bail!("the tiny-model cases need fixtures/tiny-v: run from the repository root");
     }
     let cfg = ModelConfig::from_json_file(&dir.join("config.json"))?;
     let p = Pipeline::load_with(cfg.clone(), &dir.join("model.safetensors"), &target.device, target.precision.clone())?;
     let image = RgbImage::new(220, 96, (0..220 * 96 * 3).map(|i| (i % 251) as u8).collect())?;
-    let req = Request::new(&cfg, image, "a red fox running through fresh snow");
+    Ok((p, Request::new(&cfg, image, "a red fox running through fresh snow")))
+}
+
+pub(crate) fn tiny_pipeline(runs: usize, target: &Target) -> Result<Timing> {
+    let (p, req) = tiny_v(target)?;
     let cancel = AtomicBool::new(false);
     target.time(&format!("tiny-pipeline (tiny-v, 5 steps, CFG){}", target.suffix()), runs, || {
         p.generate(&req, &mut SeededNoise::new(1, &target.device), &mut |_| {}, &cancel)?;
@@ -137,3 +142,50 @@ pub(crate) fn tiny_pipeline(runs: usize, target: &Target) -> Result<Timing> {
     })
 }
 
+/// The whole tiny-model run per sampler at the same step count: the UNet calls are the same,
+/// so this shows each sampler's own overhead.
+pub(crate) fn samplers(runs: usize, target: &Target) -> Result<Vec<Timing>> {
+    let (p, mut req) = tiny_v(target)?;
+    req.sampling.steps = 10;
+    let cancel = AtomicBool::new(false);
+    SamplerKind::ALL
+        .into_iter()
+        .map(|kind| {
+            req.sampling.sampler = kind;
+            target.time(&format!("sampler {kind} (tiny-v, 10 steps, CFG){}", target.suffix()), runs, || {
+                p.generate(&req, &mut SeededNoise::new(1, &target.device), &mut |_| {}, &cancel)?;
+                Ok(())
+            })
+        })
+        .collect()
+}
+
+/// Long videos on the real 256 geometry (random weights): 16, 48 and 96 frames, one step
+/// without guidance and windows that do not overlap (stride 16), so the run is short on a CPU
+/// and the figures show what the windows cost: time per window and peak memory, which should
+/// stay that of one window. The peak is reset between runs (`/proc/self/clear_refs`).
+pub(crate) fn long_video_256(target: &Target) -> Result<Vec<Timing>> {
+    let cfg = ModelConfig::preset("256")?;
+    let p = Pipeline::random_with(cfg.clone(), &target.device, target.precision.clone())?;
+    let (h, w) = (cfg.defaults.height, cfg.defaults.width);
+    let image = RgbImage::new(w, h, (0..w * h * 3).map(|i| ((i * 7) % 251) as u8).collect())?;
+    let cancel = AtomicBool::new(false);
+    let mut warm = Request::new(&cfg, image.clone(), "warm-up");
+    (warm.sampling.steps, warm.sampling.cfg_scale) = (1, 1.0);
+    p.generate(&warm, &mut SeededNoise::new(1, &target.device), &mut |_| {}, &cancel)?;
+    let mut out = Vec::new();
+    for frames in [16, 48, 96] {
+        let mut req = Request::new(&cfg, image.clone(), "a red fox running through fresh snow");
+        (req.sampling.frames, req.sampling.steps, req.sampling.cfg_scale, req.sampling.window_stride) = (frames, 1, 1.0, 16);
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+        // One run each, no warm-up: the networks are warm from the previous frame count.
+        let start = Instant::now();
+        let plan = p.generate(&req, &mut SeededNoise::new(1, &target.device), &mut |_| {}, &cancel)?.plan.describe();
+        target.device.synchronize()?;
+        let t = Timing { name: format!("long-video-256 ({frames} frames, 1 step, stride 16){}", target.suffix()), ms: vec![start.elapsed().as_secs_f64() * 1e3] };
+        let rss = dynamicrafter_engine::report::peak_rss_bytes().unwrap_or(0);
+        println!("long-video-256 {frames} frames: {plan}; peak RSS {:.2} GB", rss as f64 / 1e9);
+        out.push(t);
+    }
+    Ok(out)
+}

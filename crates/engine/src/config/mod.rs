@@ -271,4 +271,10 @@ impl ModelConfig {
     pub fn size_multiple(&self) -> usize {
         self.vae.downsample_factor() << (self.unet.channel_mult.len() - 1)
     }
+
+    /// Frames the model was trained on (its temporal window): longer videos run in sliding
+    /// windows of this length.
+    pub fn window(&self) -> usize {
+        self.unet.temporal_length
+    }
 }

@@ -6,6 +6,7 @@
 //! read. A new knob is one entry there.
 
 use super::{ModeKind, ModelConfig, TimestepSpacing};
+use crate::samplers::SamplerKind;
 use serde::Serialize;
 
 /// The values a knob may take: `min..=max` in steps of `step` (1: whole numbers).
@@ -40,6 +41,8 @@ pub enum Ui {
     Fixed(Range),
     /// The model's motion range ([`ModelConfig::fs_range`]).
     ModelFs,
+    /// One of the knob's named values ([`Knob::choices`]).
+    Choice,
 }
 
 /// One knob, as the front ends and the OpenAPI document see it.
@@ -52,6 +55,8 @@ pub struct Knob {
     pub help: &'static str,
     /// Whole numbers only.
     pub integer: bool,
+    /// A knob that takes one of these names instead of a number.
+    pub choices: Option<&'static [&'static str]>,
     /// Values the engine runs; `None`: every value of the type.
     pub range: Option<Range>,
     /// `Some`: the API takes it (and the page shows it) within this range.
@@ -64,6 +69,7 @@ impl Knob {
         match self.ui? {
             Ui::Fixed(r) => Some(r),
             Ui::ModelFs => Some(Range::new(cfg.fs_range.0 as f64, cfg.fs_range.1 as f64, 1.0)),
+            Ui::Choice => None,
         }
     }
 }
@@ -87,11 +93,19 @@ impl std::fmt::Display for KnobError {
     }
 }
 
-/// A knob's value type: how it shows as a number (range checks) and reads from one (the API).
+/// A knob's value type: how it shows as a number (range checks) and reads from one (the API),
+/// or, for a knob of named values, from and as its name.
 pub trait KnobValue: Copy {
     const INTEGER: bool;
+    const CHOICES: Option<&'static [&'static str]> = None;
     fn to_number(self) -> Option<f64>;
     fn from_number(v: f64) -> Option<Self>;
+    fn to_choice(self) -> Option<&'static str> {
+        None
+    }
+    fn from_choice(_: &str) -> Option<Self> {
+        None
+    }
 }
 
 macro_rules! whole_number {
@@ -130,6 +144,44 @@ impl KnobValue for Option<f64> {
     }
 }
 
+impl KnobValue for SamplerKind {
+    const INTEGER: bool = false;
+    const CHOICES: Option<&'static [&'static str]> = Some(&SamplerKind::NAMES);
+    fn to_number(self) -> Option<f64> {
+        None
+    }
+    fn from_number(_: f64) -> Option<Self> {
+        None
+    }
+    fn to_choice(self) -> Option<&'static str> {
+        Some(self.name())
+    }
+    fn from_choice(s: &str) -> Option<Self> {
+        s.parse().ok()
+    }
+}
+
+impl KnobValue for bool {
+    const INTEGER: bool = false;
+    const CHOICES: Option<&'static [&'static str]> = Some(&["false", "true"]);
+    fn to_number(self) -> Option<f64> {
+        None
+    }
+    fn from_number(_: f64) -> Option<Self> {
+        None
+    }
+    fn to_choice(self) -> Option<&'static str> {
+        Some(if self { "true" } else { "false" })
+    }
+    fn from_choice(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "true" | "on" | "1" | "yes" => Some(true),
+            "false" | "off" | "0" | "no" => Some(false),
+            _ => None,
+        }
+    }
+}
+
 impl KnobValue for TimestepSpacing {
     const INTEGER: bool = false;
     fn to_number(self) -> Option<f64> {
@@ -141,10 +193,12 @@ impl KnobValue for TimestepSpacing {
 }
 
 /// `name: Type => SetType, "flag", range, ui;` per knob: `Type` is the value in [`Sampling`],
-/// `SetType` what a user gives (the flag's and the API field's type; `Type: From<SetType>`).
+/// `SetType` what a user gives (the flag's and the API field's type; `Type: From<SetType>`);
+/// `#[arg(…)]` lines after the docs go to the CLI flag.
 macro_rules! knobs {
     ($(
         $(#[doc = $doc:literal])+
+        $(#[arg($($arg:tt)*)])*
         $name:ident: $ty:ty => $set:ty, $flag:literal, range: $range:expr, ui: $ui:expr;
     )+) => {
         /// Every knob of one generation.
@@ -157,7 +211,7 @@ macro_rules! knobs {
         #[derive(Debug, Clone, Default, PartialEq)]
         #[cfg_attr(feature = "cli", derive(clap::Args))]
         pub struct SamplingOverrides {
-            $($(#[doc = $doc])+ #[cfg_attr(feature = "cli", arg(long = $flag))] pub $name: Option<$set>,)+
+            $($(#[doc = $doc])+ #[cfg_attr(feature = "cli", arg(long = $flag $(, $($arg)*)*))] pub $name: Option<$set>,)+
         }
 
         /// Every knob, in [`Sampling`]'s order.
@@ -167,6 +221,7 @@ macro_rules! knobs {
                 flag: $flag,
                 help: concat!($($doc),+),
                 integer: <$set as KnobValue>::INTEGER,
+                choices: <$set as KnobValue>::CHOICES,
                 range: $range,
                 ui: $ui,
             },
@@ -184,6 +239,14 @@ macro_rules! knobs {
             pub fn number(&self, name: &str) -> Option<f64> {
                 match name {
                     $(stringify!($name) => KnobValue::to_number(self.$name),)+
+                    _ => None,
+                }
+            }
+
+            /// Knob `name`'s value by name (knobs of named values).
+            pub fn choice(&self, name: &str) -> Option<&'static str> {
+                match name {
+                    $(stringify!($name) => KnobValue::to_choice(self.$name),)+
                     _ => None,
                 }
             }
@@ -209,6 +272,18 @@ macro_rules! knobs {
                     _ => false,
                 }
             }
+
+            /// Sets knob `name` from one of its names (the API's form); false for an unknown
+            /// knob or name.
+            pub fn set_choice(&mut self, name: &str, v: &str) -> bool {
+                match name {
+                    $(stringify!($name) => {
+                        self.$name = <$set as KnobValue>::from_choice(v);
+                        self.$name.is_some()
+                    })+
+                    _ => false,
+                }
+            }
         }
     };
 }
@@ -217,18 +292,29 @@ const GRADIO_STEPS: Range = Range::new(1.0, 60.0, 1.0);
 const GRADIO_CFG: Range = Range::new(1.0, 15.0, 0.5);
 const GRADIO_ETA: Range = Range::new(0.0, 1.0, 0.1);
 const GRADIO_SEED: Range = Range::new(0.0, 2147483648.0, 1.0);
+// Upstream's demo has no frame count; the API's bound keeps one job's run and its video bounded.
+const API_FRAMES: Range = Range::new(1.0, 128.0, 1.0);
+const API_STRIDE: Range = Range::new(1.0, 16.0, 1.0);
 
 // The ranges the API offers are upstream Gradio's controls (docs/spec/interfaces.md §2); the
 // engine's are what runs and stays bounded.
 knobs! {
-    /// DDIM steps [default: 50].
+    /// Sampler: ddim (upstream's), euler, euler-ancestral, dpmpp-2m, dpmpp-2m-sde or unipc
+    /// [default: ddim]. The DPM-Solver++ and UniPC samplers reach DDIM-50 quality in about 20
+    /// steps.
+    sampler: SamplerKind => SamplerKind, "sampler", range: None, ui: Some(Ui::Choice);
+    /// Karras noise levels (ρ = 7) for the samplers other than ddim [default: off].
+    #[arg(num_args = 0..=1, default_missing_value = "true")]
+    karras: bool => bool, "karras", range: None, ui: Some(Ui::Choice);
+    /// Sampling steps: model calls per sample [default: 50].
     steps: usize => usize, "steps", range: Some(Range::new(1.0, 1000.0, 1.0)), ui: Some(Ui::Fixed(GRADIO_STEPS));
     /// Text classifier-free guidance scale; 1 disables guidance [default: 7.5].
     cfg_scale: f64 => f64, "cfg", range: Some(Range::new(0.0, 50.0, 0.0)), ui: Some(Ui::Fixed(GRADIO_CFG));
     /// Image guidance scale: enables the three-pass multi-condition guidance (upstream
     /// `--multiple_cond_cfg --cfg_img`).
     cfg_img: Option<f64> => f64, "cfg-img", range: Some(Range::new(0.0, 50.0, 0.0)), ui: None;
-    /// DDIM eta: 0 is deterministic, 1 adds fresh noise every step [default: 1.0].
+    /// DDIM eta: 0 is deterministic, 1 adds fresh noise every step [default: 1.0]; only ddim
+    /// reads it.
     eta: f64 => f64, "eta", range: Some(Range::new(0.0, 1.0, 0.0)), ui: Some(Ui::Fixed(GRADIO_ETA));
     /// Motion conditioning: frame stride for the 256 model (larger = more motion), frames per
     /// second for 512/1024 (smaller = more motion) [default: 3 / 24 / 10, 5 for 512_interp].
@@ -236,8 +322,17 @@ knobs! {
     /// Random seed [default: 123; 12306 for 512_interp, 234 for its loops]. The seed used is
     /// always printed.
     seed: u64 => u64, "seed", range: None, ui: Some(Ui::Fixed(GRADIO_SEED));
-    /// Number of frames [default: 16].
-    frames: usize => usize, "frames", range: Some(Range::new(1.0, 64.0, 1.0)), ui: None;
+    /// Number of frames [default: 16, the model's window]. More: sliding windows of the
+    /// model's length (image-to-video); fewer: the whole window runs and evenly spaced frames
+    /// are kept.
+    frames: usize => usize, "frames", range: Some(Range::new(1.0, 256.0, 1.0)), ui: Some(Ui::Fixed(API_FRAMES));
+    /// Frames between the starts of sliding windows when frames exceed the model's window
+    /// [default: 4].
+    window_stride: usize => usize, "window-stride", range: Some(Range::new(1.0, 64.0, 1.0)), ui: Some(Ui::Fixed(API_STRIDE));
+    /// FreeNoise rescheduling for long videos: each stride of frames past the first window
+    /// starts from the shuffled noise of the frames a window earlier [default: off].
+    #[arg(num_args = 0..=1, default_missing_value = "true")]
+    noise_reschedule: bool => bool, "noise-reschedule", range: None, ui: Some(Ui::Choice);
     /// Output height in pixels, a multiple of 64 [default: the model's].
     height: usize => usize, "height", range: Some(Range::new(1.0, 2048.0, 1.0)), ui: None;
     /// Output width in pixels, a multiple of 64 [default: the model's].
@@ -246,6 +341,13 @@ knobs! {
     guidance_rescale: f64 => f64, "guidance-rescale", range: Some(Range::new(0.0, 1.0, 0.0)), ui: None;
     /// DDIM timestep spacing [default: uniform_trailing for 512/1024, uniform for 256].
     spacing: TimestepSpacing => TimestepSpacing, "spacing", range: None, ui: None;
+}
+
+fn check_karras(sampler: SamplerKind) -> Result<(), KnobError> {
+    if sampler == SamplerKind::Ddim {
+        return Err(KnobError::new("karras", "karras noise levels apply to euler, euler-ancestral, dpmpp-2m, dpmpp-2m-sde and unipc, not ddim (its timesteps are upstream's); choose another sampler".into()));
+    }
+    Ok(())
 }
 
 impl SamplingOverrides {
@@ -257,16 +359,33 @@ impl SamplingOverrides {
                 range.check(knob.name, v)?;
             }
         }
+        // Every model samples with DDIM unless told otherwise.
+        if self.karras == Some(true) {
+            check_karras(self.sampler.unwrap_or_default())?;
+        }
         Ok(())
     }
 }
 
 impl Sampling {
+    /// The sampler and its schedule in words, e.g. `dpmpp-2m karras, 20 steps` or
+    /// `ddim eta 1, 50 steps`.
+    pub fn sampler_summary(&self) -> String {
+        let detail = match self.sampler {
+            SamplerKind::Ddim => format!(" eta {}", self.eta),
+            _ if self.karras => " karras".to_string(),
+            _ => String::new(),
+        };
+        format!("{}{detail}, {} step{}", self.sampler, self.steps, if self.steps == 1 { "" } else { "s" })
+    }
+
     /// What `run.sh` uses for a model of the 256 (eps) or the 512/1024 (v) family at `height ×
     /// width`, `frames` frames and motion `fs`: 50 DDIM steps, CFG 7.5, eta 1, seed 123, no
     /// image guidance; trailing spacing and guidance rescale 0.7 for v models.
     pub fn launch_script(height: usize, width: usize, frames: usize, fs: i64, v_model: bool) -> Self {
         Self {
+            sampler: SamplerKind::Ddim,
+            karras: false,
             steps: 50,
             cfg_scale: 7.5,
             cfg_img: None,
@@ -274,6 +393,8 @@ impl Sampling {
             fs,
             seed: 123,
             frames,
+            window_stride: 4,
+            noise_reschedule: false,
             height,
             width,
             guidance_rescale: if v_model { 0.7 } else { 0.0 },
@@ -294,6 +415,10 @@ impl Sampling {
             let knob = if self.height.is_multiple_of(multiple) { "width" } else { "height" };
             return Err(KnobError::new(knob, format!("height and width must be positive multiples of {multiple}, got {}×{}", self.height, self.width)));
         }
+        if self.karras {
+            check_karras(self.sampler)?;
+        }
+        crate::pipeline::FramePlan::new(self, mode, cfg.window())?;
         if self.frames < mode.keyframes() {
             return Err(KnobError::new("frames", format!("frames must be at least {} for {}, got {}", mode.keyframes(), mode.name(), self.frames)));
         }
@@ -319,7 +444,8 @@ mod tests {
             (Sampling { steps: 0, ..s.clone() }, "steps"),
             (Sampling { cfg_scale: f64::NAN, ..s.clone() }, "cfg_scale"),
             (Sampling { eta: -1.0, ..s.clone() }, "eta"),
-            (Sampling { frames: 65, ..s.clone() }, "frames"),
+            (Sampling { frames: 257, ..s.clone() }, "frames"),
+            (Sampling { window_stride: 0, ..s.clone() }, "window_stride"),
             (Sampling { height: 100, ..s.clone() }, "height"),
             (Sampling { width: 4096, ..s.clone() }, "width"),
             (Sampling { cfg_img: Some(1e308), ..s.clone() }, "cfg_img"),
@@ -335,6 +461,21 @@ mod tests {
         assert!(!o.set_number("spacing", 1.0));
         assert!(!o.set_number("colour", 1.0));
         assert!(KNOBS.iter().all(|k| k.help.len() > 10));
+        // Knobs of named values: the sampler and Karras levels.
+        assert!(o.set_choice("sampler", "DPMPP_2M") && o.sampler == Some(SamplerKind::DpmPp2m));
+        assert!(!o.set_choice("sampler", "heun") && o.sampler.is_none());
+        assert!(o.set_choice("karras", "true") && o.karras == Some(true));
+        assert_eq!(o.check_ranges().unwrap_err().knob, "karras", "karras with the default sampler, ddim");
+        assert!(!o.set_number("sampler", 1.0));
+        assert!(o.set_choice("sampler", "unipc") && o.check_ranges().is_ok());
+        let mut k = cfg.defaults.clone();
+        assert_eq!((k.sampler, k.karras, k.choice("sampler"), k.choice("steps")), (SamplerKind::Ddim, false, Some("ddim"), None));
+        k.apply(&o);
+        assert_eq!(k.sampler_summary(), "unipc karras, 50 steps");
+        assert!(k.validate(&cfg, ModeKind::ImageToVideo).is_ok());
+        k.sampler = SamplerKind::Ddim;
+        assert_eq!(k.validate(&cfg, ModeKind::ImageToVideo).unwrap_err().knob, "karras");
+        assert_eq!(KNOBS.iter().find(|k| k.name == "sampler").unwrap().choices, Some(&SamplerKind::NAMES[..]));
         assert_eq!(KNOBS.iter().find(|k| k.name == "fs").unwrap().ui_range(&cfg), Some(Range::new(1.0, 4.0, 1.0)));
     }
 }

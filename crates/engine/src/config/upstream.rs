@@ -177,6 +177,8 @@ impl Root {
         let v_model = diffusion.parameterization == Parameterization::V;
         let defaults = match self.inference {
             Some(i) => Sampling {
+                sampler: Default::default(),
+                karras: false,
                 steps: i.ddim_steps,
                 cfg_scale: i.unconditional_guidance_scale,
                 cfg_img: None,
@@ -184,6 +186,8 @@ impl Root {
                 fs: i.frame_stride,
                 seed: 123,
                 frames: i.video_length,
+                window_stride: 4,
+                noise_reschedule: false,
                 height: i.height,
                 width: i.width,
                 guidance_rescale: i.guidance_rescale,

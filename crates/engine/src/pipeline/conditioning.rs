@@ -52,7 +52,7 @@ impl Pipeline {
 
         progress(Progress { stage: Stage::VaeEncode, step: 0, total: 1 });
         let start = Instant::now();
-        let t = req.sampling.frames;
+        let t = self.frame_plan(req)?.run;
         let (h, w) = (height / self.cfg.vae.downsample_factor(), width / self.cfg.vae.downsample_factor());
         let zshape = [1, self.cfg.vae.embed_dim, h, w];
         let encode = |image: &Tensor, frame_index: usize, noise: &mut dyn NoiseSource| -> Result<Tensor> {

@@ -7,9 +7,11 @@
 mod conditioning;
 mod request;
 mod sampler;
+mod windows;
 
 pub use conditioning::Conditioning;
 pub use request::{Mode, Progress, Request, Stage, Video};
+pub use windows::FramePlan;
 
 use crate::config::{ModelConfig, Parameterization};
 use crate::diffusion::NoiseSchedule;
@@ -267,6 +269,11 @@ impl Pipeline {
         self.cfg.diffusion.parameterization
     }
 
+    /// How the request's frames map onto the model's window (`unet.temporal_length`).
+    pub fn frame_plan(&self, req: &Request) -> Result<FramePlan> {
+        FramePlan::new(&req.sampling, req.mode.kind(), self.cfg.window()).map_err(|e| Error::InvalidInput(e.message))
+    }
+
     fn validate(&self, req: &Request) -> Result<()> {
         let s = &req.sampling;
         s.validate(&self.cfg, req.mode.kind()).map_err(|e| Error::InvalidInput(e.message))?;
@@ -306,6 +313,7 @@ impl Pipeline {
         }
         check_cancel(cancel)?;
         let mut timings = Vec::new();
+        let plan = self.frame_plan(req)?;
         let cond = self.condition(req, noise, progress, &mut timings)?;
         let mut videos = Vec::with_capacity(samples);
         for _ in 0..samples {
@@ -314,8 +322,8 @@ impl Pipeline {
             check_cancel(cancel)?;
             progress(Progress { stage: Stage::VaeDecode, step: 0, total: 1 });
             let start = Instant::now();
-            let tensor = self.vae_decode(&latent)?.to_dtype(DType::F32)?;
-            let saved = if req.mode == Mode::Loop { tensor.narrow(2, 0, req.sampling.frames - 1)? } else { tensor.clone() };
+            let tensor = plan.keep_frames(&self.vae_decode(&latent)?.to_dtype(DType::F32)?)?;
+            let saved = if req.mode == Mode::Loop { tensor.narrow(2, 0, tensor.dim(2)? - 1)? } else { tensor.clone() };
             let frames = saved.dim(2)?;
             let frames_u8 = video_to_u8(&saved)?;
             timings.push((Stage::VaeDecode, self.elapsed(start)?));
@@ -327,6 +335,7 @@ impl Pipeline {
                 width: req.sampling.width,
                 latent,
                 timings: std::mem::take(&mut timings),
+                plan: plan.clone(),
             });
         }
         Ok(videos)

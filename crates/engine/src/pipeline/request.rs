@@ -90,8 +90,10 @@ pub struct Video {
     pub frames: usize,
     pub height: usize,
     pub width: usize,
-    /// Final latent `(1, 4, t, h/8, w/8)`.
+    /// Final latent `(1, 4, t, h/8, w/8)` (every frame the sampler ran).
     pub latent: Tensor,
+    /// How the frames ran: the windows, or the frames kept of one window.
+    pub plan: super::FramePlan,
     /// Wall time per stage, in order; each denoising step listed separately. With several
     /// samples, the shared conditioning stages are in the first sample's list.
     pub timings: Vec<(Stage, Duration)>,

@@ -1,9 +1,10 @@
-//! Sampling: the guided model output at one step and the DDIM loop.
+//! Sampling: the guided model output at one step and the loop of the chosen sampler.
 
-use super::{check_cancel, Conditioning, Pipeline, Progress, Stage};
+use super::{check_cancel, Conditioning, FramePlan, Pipeline, Progress, Stage};
 use crate::compute::Part;
 use crate::config::Sampling;
-use crate::diffusion::{ddim_step, DdimSchedule, DdimStep, Guidance};
+use crate::diffusion::{DdimSchedule, Guidance};
+use crate::samplers::{ddim_points, k_points, Denoiser, Prediction, SamplerKind, ScheduleOptions, Solver};
 use crate::models::unet::UnetInput;
 use crate::noise::NoiseSource;
 use crate::Result;
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 
 impl Pipeline {
     /// One UNet call on the noisy latent `x` with the concat latent and context.
-    pub fn denoiser(&self, x: &Tensor, c_concat: &Tensor, t: usize, context: &Tensor, fs: i64) -> Result<Tensor> {
+    pub fn unet_output(&self, x: &Tensor, c_concat: &Tensor, t: usize, context: &Tensor, fs: i64) -> Result<Tensor> {
         let input = Tensor::cat(&[x, c_concat], 1)?.to_dtype(self.compute(Part::Unet))?;
         let ts = [t as f32];
         let fs = [fs as f32];
@@ -23,7 +24,12 @@ impl Pipeline {
 
     /// The guided model output at one step (one, two or three UNet passes).
     pub fn guided_output(&self, cond: &Conditioning, opts: &Sampling, x: &Tensor, t: usize) -> Result<Tensor> {
-        let run = |ctx: &Tensor| self.denoiser(x, &cond.c_concat, t, ctx, cond.fs);
+        self.guided_window(cond, opts, x, &cond.c_concat, t)
+    }
+
+    /// The guided output on some frames: `x` and `c_concat` narrowed to a window.
+    fn guided_window(&self, cond: &Conditioning, opts: &Sampling, x: &Tensor, c_concat: &Tensor, t: usize) -> Result<Tensor> {
+        let run = |ctx: &Tensor| self.unet_output(x, c_concat, t, ctx, cond.fs);
         let o_c = run(&cond.context)?;
         let Some(uc) = cond.uncond_context.as_ref().filter(|_| opts.cfg_scale != 1.0) else {
             return Ok(o_c);
@@ -44,7 +50,24 @@ impl Pipeline {
         .combine()
     }
 
-    /// The DDIM loop from `x_T`; `observe` sees every step (index into the run, input latent, step).
+    /// The sampler `opts` names, over this model's schedule.
+    pub fn solver(&self, opts: &Sampling) -> Result<Solver> {
+        let param = self.cfg.diffusion.parameterization;
+        Ok(match opts.sampler {
+            SamplerKind::Ddim => {
+                let ddim = DdimSchedule::new(&self.schedule, opts.spacing, opts.steps, opts.eta)?;
+                let points = ddim_points(&self.schedule, &ddim, param);
+                Solver::ddim(ddim, points)
+            }
+            kind => {
+                let so = ScheduleOptions { spacing: opts.spacing, steps: opts.steps, karras: opts.karras };
+                Solver::k(kind, k_points(&self.schedule, &so)?)
+            }
+        })
+    }
+
+    /// The sampling loop from `x_T`; `observe` sees every step (index into the run, input
+    /// latent, the denoiser's prediction).
     #[allow(clippy::too_many_arguments)]
     pub fn sample(
         &self,
@@ -53,23 +76,28 @@ impl Pipeline {
         noise: &mut dyn NoiseSource,
         progress: &mut dyn FnMut(Progress),
         cancel: &AtomicBool,
-        observe: &mut dyn FnMut(usize, &Tensor, &DdimStep),
+        observe: &mut dyn FnMut(usize, &Tensor, &Prediction),
         timings: &mut Vec<(Stage, Duration)>,
     ) -> Result<Tensor> {
-        let ddim = DdimSchedule::new(&self.schedule, opts.spacing, opts.steps, opts.eta)?;
+        let mut solver = self.solver(opts)?;
         let shape = cond.c_concat.dims().to_vec();
+        let plan = FramePlan::over(shape[2], self.cfg.window(), opts.window_stride);
         let mut x = noise.initial(&shape)?;
-        let total = ddim.len();
+        if opts.noise_reschedule {
+            x = plan.reschedule_noise(&x, opts.seed)?;
+        }
+        let total = solver.steps();
+        let mut denoiser = Denoiser {
+            model: |x: &Tensor, t: usize| plan.blend(x, &cond.c_concat, &mut |xw, cw| self.guided_window(cond, opts, xw, cw, t)),
+            parameterization: self.cfg.diffusion.parameterization,
+        };
         progress(Progress { stage: Stage::Denoise, step: 0, total });
-        for (i, index) in (0..total).rev().enumerate() {
+        for i in 0..total {
             check_cancel(cancel)?;
             let start = Instant::now();
-            let t = ddim.timesteps[index];
-            let out = self.guided_output(cond, opts, &x, t)?;
-            let step_noise = noise.step(i, &shape)?;
-            let step = ddim_step(&self.schedule, &ddim, self.cfg.diffusion.parameterization, &x, &out, index, &step_noise)?;
-            observe(i, &x, &step);
-            x = step.x_prev;
+            let pred = denoiser.predict(&x, solver.point(i))?;
+            observe(i, &x, &pred);
+            x = solver.step(i, &x, &pred, &mut || noise.step(i, &shape))?;
             timings.push((Stage::Denoise, self.elapsed(start)?));
             progress(Progress { stage: Stage::Denoise, step: i + 1, total });
         }
