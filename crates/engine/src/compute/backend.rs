@@ -6,7 +6,7 @@
 use super::precision::PrecisionPolicy;
 use crate::models::keeps_float;
 use crate::weights::q8;
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use dynamicrafter_kernels::cpu::{self, CpuFeatures};
 use dynamicrafter_kernels::{Bf16DotConv, Bf16DotMatrix, F32Conv, F32Matrix};
@@ -207,6 +207,18 @@ impl Backend {
     /// bf16 mode without AMX, and a weight the policy does not keep in float.
     fn bf16_pairs(&self, vb: &VarBuilder, name: &str) -> bool {
         self.bf16_products && self.device.is_cpu() && !self.cpu.amx && self.cpu.avx512_bf16 && !keeps_float(&full_name(vb, name))
+    }
+
+    /// A float weight `name` at `vb` as its f32 kernel uses it: in the bf16 mode of a CPU
+    /// without bf16 products, rounded to bf16 (the precision the mode promises; the products
+    /// then run in f32), else as stored.
+    pub fn float_weight(&self, vb: &VarBuilder, name: &str, weight: Tensor) -> candle_core::Result<Tensor> {
+        let emulated = self.bf16_products && self.device.is_cpu() && !self.cpu.amx && !self.cpu.avx512_bf16;
+        if emulated && weight.dtype() == DType::F32 && !keeps_float(&full_name(vb, name)) {
+            weight.to_dtype(DType::BF16)?.to_dtype(DType::F32)
+        } else {
+            Ok(weight)
+        }
     }
 
     fn record(&self, kind: LayerKind, kernel: Kernel) -> Kernel {

@@ -45,11 +45,14 @@ impl Precision {
         let features = dynamicrafter_kernels::cpu::features();
         let bf16 = features.amx || features.avx512_bf16;
         match (self, device.is_cpu()) {
-            (Self::Auto | Self::Bf16, true) if bf16 => Ok(Self::Bf16),
+            (Self::Auto, true) if bf16 => Ok(Self::Bf16),
+            // Without bf16 products the bf16 mode is slower than fp32 (it only rounds): `auto`
+            // keeps fp32, `bf16` still runs.
             (Self::Auto, true) | (Self::F32, _) => Ok(Self::F32),
+            (Self::Bf16, true) => Ok(Self::Bf16),
             (Self::Auto, false) => Ok(Self::Bf16),
             (p, true) => Err(Error::InvalidInput(format!(
-                "precision {} is not available on this CPU (bf16 needs AMX or AVX512-BF16); use fp32 or auto",
+                "precision {} is not available on a CPU (it runs fp32 or bf16); use fp32, bf16 or auto",
                 p.name()
             ))),
             (p, false) => Ok(p),
@@ -187,7 +190,14 @@ impl PrecisionPolicy {
     pub fn name(&self) -> String {
         let mut name = self.resolved.name().to_string();
         if self.bf16_matmuls {
-            name.push_str(if dynamicrafter_kernels::cpu::features().amx { " (AMX products, fp32 rest)" } else { " (AVX512-BF16 products, fp32 rest)" });
+            let features = dynamicrafter_kernels::cpu::features();
+            name.push_str(if features.amx {
+                " (AMX products, fp32 rest)"
+            } else if features.avx512_bf16 {
+                " (AVX512-BF16 products, fp32 rest)"
+            } else {
+                " (bf16-rounded weights, fp32 products: no bf16 instructions on this CPU)"
+            });
         } else if self.part(Part::Vae).compute != dtype(self.resolved) {
             name.push_str(" (VAE fp32)");
         }
@@ -225,12 +235,13 @@ mod tests {
         }
         let fp32 = PrecisionPolicy::new(Precision::F32, &Device::Cpu).unwrap();
         assert_eq!(fp32.name(), "fp32");
-        match PrecisionPolicy::new(Precision::Bf16, &Device::Cpu) {
-            Ok(bf16) => {
-                assert!((amx || features.avx512_bf16) && bf16.bf16_matmuls);
-                assert_eq!(bf16.part(Part::Unet), PartPrecision { weights: DType::F32, compute: DType::F32 });
-            }
-            Err(_) => assert!(!amx && !features.avx512_bf16),
+        // bf16 runs on every CPU: products in bf16 where the CPU has them, else f32 products of
+        // bf16-rounded weights.
+        let bf16 = PrecisionPolicy::new(Precision::Bf16, &Device::Cpu).unwrap();
+        assert!(bf16.bf16_matmuls);
+        assert_eq!(bf16.part(Part::Unet), PartPrecision { weights: DType::F32, compute: DType::F32 });
+        if !amx && !features.avx512_bf16 {
+            assert!(bf16.name().starts_with("bf16 (bf16-rounded weights"), "{}", bf16.name());
         }
         assert!(PrecisionPolicy::new(Precision::F16, &Device::Cpu).is_err());
         assert_eq!(PrecisionPolicy::f32(), fp32);

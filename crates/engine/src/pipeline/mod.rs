@@ -322,13 +322,19 @@ impl Pipeline {
             check_cancel(cancel)?;
             progress(Progress { stage: Stage::VaeDecode, step: 0, total: 1 });
             let start = Instant::now();
-            let tensor = plan.keep_frames(&self.vae_decode(&latent)?.to_dtype(DType::F32)?)?;
-            let saved = if req.mode == Mode::Loop { tensor.narrow(2, 0, tensor.dim(2)? - 1)? } else { tensor.clone() };
-            let frames = saved.dim(2)?;
-            let frames_u8 = video_to_u8(&saved)?;
+            let mut saved = plan.kept_frames();
+            if req.mode == Mode::Loop {
+                saved.pop();
+            }
+            // One frame at a time, straight to u8: a long video never exists whole in f32.
+            let mut frames_u8 = Vec::with_capacity(saved.len() * req.sampling.height * req.sampling.width * 3);
+            for &f in &saved {
+                check_cancel(cancel)?;
+                frames_u8.extend(video_to_u8(&self.vae_decode(&latent.narrow(2, f, 1)?)?.to_dtype(DType::F32)?)?);
+            }
+            let frames = saved.len();
             timings.push((Stage::VaeDecode, self.elapsed(start)?));
             videos.push(Video {
-                tensor,
                 frames_u8,
                 frames,
                 height: req.sampling.height,

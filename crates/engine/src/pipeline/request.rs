@@ -83,8 +83,6 @@ pub struct Progress {
 /// The result of one generation.
 #[derive(Debug, Clone)]
 pub struct Video {
-    /// Decoded frames `(1, 3, t, h, w)`, unclamped model output.
-    pub tensor: Tensor,
     /// Saved frames `(t, h, w, 3)` after clamping and the truncating u8 cast (loop: last frame dropped).
     pub frames_u8: Vec<u8>,
     pub frames: usize,

@@ -123,15 +123,9 @@ impl FramePlan {
         Ok(Tensor::cat(&frames, 2)?)
     }
 
-    /// Keeps the planned frames of a decoded video `(b, c, t, h, w)`.
-    pub fn keep_frames(&self, video: &Tensor) -> Result<Tensor> {
-        match &self.keep {
-            None => Ok(video.clone()),
-            Some(keep) => {
-                let frames: Vec<Tensor> = keep.iter().map(|&f| video.narrow(2, f, 1)).collect::<candle_core::Result<_>>()?;
-                Ok(Tensor::cat(&frames, 2)?.contiguous()?)
-            }
-        }
+    /// The frames of the run the output keeps, in order.
+    pub fn kept_frames(&self) -> Vec<usize> {
+        self.keep.clone().unwrap_or_else(|| (0..self.run).collect())
     }
 }
 

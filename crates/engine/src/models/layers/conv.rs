@@ -66,8 +66,8 @@ pub fn conv3x3(in_c: usize, out_c: usize, vb: VarBuilder, backend: &Backend) -> 
         Kernel::VnniQ8 => Conv3x3::Int8(Arc::new(Q8Conv::spatial_3x3(&weight, &bias)?)),
         Kernel::AmxBf16 => Conv3x3::Bf16(Arc::new(Bf16Conv::spatial_3x3(&weight, &bias)?)),
         Kernel::Avx512Bf16 => Conv3x3::Bf16Pairs(Arc::new(Bf16DotConv::spatial_3x3(&weight, &bias)?)),
-        Kernel::Avx512F32 => Conv3x3::F32(Arc::new(F32Conv::spatial_3x3(&weight, &bias)?)),
-        _ => Conv3x3::Shifted { taps: dynamicrafter_kernels::taps_first(&weight)?, bias },
+        Kernel::Avx512F32 => Conv3x3::F32(Arc::new(F32Conv::spatial_3x3(&backend.float_weight(&vb, "weight", weight)?, &bias)?)),
+        _ => Conv3x3::Shifted { taps: dynamicrafter_kernels::taps_first(&backend.float_weight(&vb, "weight", weight)?)?, bias },
     })
 }
 
@@ -98,6 +98,6 @@ pub fn temporal_conv(c: usize, vb: VarBuilder, backend: &Backend) -> Result<Temp
     Ok(match backend.temporal_conv(&vb, c) {
         Kernel::AmxBf16 => TemporalConv::Bf16(Arc::new(Bf16Conv::temporal(&weight, &bias)?)),
         Kernel::Avx512Bf16 => TemporalConv::Bf16Pairs(Arc::new(Bf16DotTemporalConv::new(&weight, &bias)?)),
-        _ => TemporalConv::Shifted { weight, bias },
+        _ => TemporalConv::Shifted { weight: backend.float_weight(&vb, "weight", weight)?, bias },
     })
 }

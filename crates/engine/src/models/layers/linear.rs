@@ -52,8 +52,11 @@ impl Linear {
                 let w = matrix(vb.get_with_hints_dtype(shape.to_vec(), name, candle_nn::Init::Const(0.), DType::F32)?)?;
                 Ok(Self::Bf16Pairs(Arc::new(Bf16DotMatrix::new(&w, bias.as_ref())?)))
             }
-            Kernel::Avx512F32 => Ok(Self::F32(Arc::new(F32Matrix::new(&matrix(vb.get(shape.to_vec(), name)?)?, bias.as_ref())?))),
-            _ => Ok(Self::new(matrix(vb.get(shape.to_vec(), name)?)?, bias)),
+            Kernel::Avx512F32 => {
+                let w = backend.float_weight(vb, name, matrix(vb.get(shape.to_vec(), name)?)?)?;
+                Ok(Self::F32(Arc::new(F32Matrix::new(&w, bias.as_ref())?)))
+            }
+            _ => Ok(Self::new(backend.float_weight(vb, name, matrix(vb.get(shape.to_vec(), name)?)?)?, bias)),
         }
     }
 
