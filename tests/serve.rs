@@ -326,6 +326,31 @@ fn malformed_multipart_is_a_400() {
 }
 
 /// Hardening (#22): a method a route does not take is a 405 with a JSON error, like every other.
+/// A web page on another site cannot queue jobs through a visitor's browser: a foreign
+/// `Origin` on a state-changing request is a 403 JSON; the server's own origin and requests
+/// without one pass.
+#[test]
+fn foreign_origins_cannot_change_state() {
+    let server = Server::start(&[]);
+    let url = format!("{}/api/v1/jobs", server.url);
+    let own = server.url.clone();
+    for (origin, want) in [("http://evil.example", 403), ("http://127.0.0.1:1", 403), (own.as_str(), 415)] {
+        let (status, body) = reply_of(ureq::post(&url).set("Origin", origin).set("Content-Type", "text/plain").send_string("x"));
+        assert_eq!(status, want, "{origin}: {body}");
+        let json: Value = serde_json::from_str(&body).unwrap();
+        assert!(json["error"].is_string(), "{body}");
+        if want == 403 {
+            assert!(json["error"].as_str().unwrap().contains("cross-origin"), "{body}");
+        }
+    }
+    let (status, _) = reply_of(ureq::delete(&format!("{url}/nope")).set("Origin", "http://evil.example").call());
+    assert_eq!(status, 403);
+    let (status, _) = reply_of(ureq::delete(&format!("{url}/nope")).call());
+    assert_eq!(status, 404, "no Origin: a script");
+    let (status, _) = reply_of(ureq::get(&format!("{}/api/v1/model", server.url)).set("Origin", "http://evil.example").call());
+    assert_eq!(status, 200, "reads are not state changes");
+}
+
 #[test]
 fn wrong_methods_get_json_405() {
     let server = Server::start(&[]);

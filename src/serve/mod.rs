@@ -98,8 +98,32 @@ fn router(state: Arc<AppState>) -> Router {
         .method_not_allowed_fallback(handlers::method_not_allowed)
         .nest("/api/v1", api)
         .fallback(handlers::not_found)
+        .layer(axum::middleware::from_fn(same_origin))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// Refuses a state-changing request (anything but GET, HEAD, OPTIONS) whose `Origin` is not
+/// this server's own `Host`: a web page on another site cannot queue or cancel jobs through a
+/// visitor's browser. Requests without `Origin` (scripts, curl) pass.
+async fn same_origin(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    use axum::http::{header, Method};
+    use axum::response::IntoResponse;
+    let refused = {
+        let headers = req.headers();
+        let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+        let changes_state = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+        match text(header::ORIGIN) {
+            Some(origin) if changes_state && Some(origin.split_once("://").map_or(origin, |(_, rest)| rest)) != text(header::HOST) => {
+                Some(format!("cross-origin request from '{origin}' refused: submit from this server's page or without an Origin header"))
+            }
+            _ => None,
+        }
+    };
+    match refused {
+        Some(message) => error::ApiError::new(axum::http::StatusCode::FORBIDDEN, None, message).into_response(),
+        None => next.run(req).await,
+    }
 }
 
 async fn shutdown_signal() {
@@ -186,6 +210,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let addr = listener.local_addr()?;
     // Tests and scripts read this line to find the port.
     println!("listening on http://{addr}");
+    if !addr.ip().is_loopback() {
+        tracing::warn!("listening on {addr}, not a loopback address, without authentication: anyone who can reach this port can queue jobs and read their videos");
+    }
     tracing::info!("model {} loaded in {:.1} s; {} worker(s), queue of {}", source.name, load_time.as_secs_f64(), args.workers, args.max_queue);
     runtime.block_on(async {
         let janitor = {
