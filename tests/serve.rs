@@ -57,7 +57,7 @@ fn a_job_streams_its_events_in_order_and_equals_the_cli_run() {
 
     // A late subscriber gets the whole history.
     assert_eq!(names(&server.events(&id)), names(&events));
-    assert_eq!(server.metric("dynamicrafter_jobs_total{state=\"done\"}"), Some(1.0));
+    assert_eq!(server.metric_reaches("dynamicrafter_jobs_total{state=\"done\"}", 1.0), Some(1.0));
     assert_eq!(server.metric("dynamicrafter_denoise_step_duration_seconds_count"), Some(3.0));
     assert_eq!(server.metric("dynamicrafter_queue_depth"), Some(0.0));
     assert!(server.metric("dynamicrafter_model_load_seconds").is_some());
@@ -105,7 +105,7 @@ fn concurrent_jobs_each_get_their_own_result() {
     for (i, j) in [(0, 1), (0, 2), (1, 2)] {
         assert!(videos[i] != videos[j], "seeds {} and {} gave the same video", seeds[i], seeds[j]);
     }
-    assert_eq!(server.metric("dynamicrafter_jobs_total{state=\"done\"}"), Some(4.0));
+    assert_eq!(server.metric_reaches("dynamicrafter_jobs_total{state=\"done\"}", 4.0), Some(4.0));
 }
 
 #[test]
@@ -143,7 +143,7 @@ fn cancel_queued_and_running_jobs_and_refuse_past_the_queue_bound() {
     let again = server.delete(&format!("/api/v1/jobs/{running}"));
     assert_eq!(again.status, 409);
     assert_eq!(again.json()["field"], "id");
-    assert_eq!(server.metric("dynamicrafter_jobs_total{state=\"cancelled\"}"), Some(2.0));
+    assert_eq!(server.metric_reaches("dynamicrafter_jobs_total{state=\"cancelled\"}", 2.0), Some(2.0));
 
     // The worker is free again.
     let next = server.submit(&[file("image", SUNSET), text("steps", 1)]);

@@ -140,6 +140,20 @@ impl Server {
         text.lines().find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.trim().parse().ok()))
     }
 
+    /// Waits (up to 10 s) for sample `sample` to read `want`: a worker counts a job's final state
+    /// just after it makes the state visible, so a metric may trail the status by a moment.
+    #[allow(dead_code)]
+    pub fn metric_reaches(&self, sample: &str, want: f64) -> Option<f64> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = self.metric(sample);
+            if got == Some(want) || Instant::now() >= deadline {
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
         let ok = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
