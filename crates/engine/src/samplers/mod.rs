@@ -90,22 +90,28 @@ impl Point {
     /// The clean end of the schedule.
     pub const CLEAN: Point = Point { t: 0, alpha: 1.0, sigma: 0.0, sigma_ve: 0.0, rescale: None };
 
-    /// The point at noise level `sigma_ve` (diffusers' `_sigma_to_alpha_sigma_t`).
+    /// The point at noise level `sigma_ve`.
     fn from_sigma(t: usize, sigma_ve: f64) -> Self {
-        let a = 1.0 / (sigma_ve * sigma_ve + 1.0).sqrt();
-        Self { t, alpha: a as f32, sigma: (sigma_ve * a) as f32, sigma_ve, rescale: None }
+        let (a, s) = vp_coefficients(sigma_ve);
+        Self { t, alpha: a as f32, sigma: s as f32, sigma_ve, rescale: None }
     }
 
-    /// VP coefficients and log-SNR/2 in f64, for the solvers' scalars.
+    /// The VP coefficients `(alpha, sigma)` in f64, for the solvers' scalars.
     fn alpha_sigma(&self) -> (f64, f64) {
-        let a = 1.0 / (self.sigma_ve * self.sigma_ve + 1.0).sqrt();
-        (a, self.sigma_ve * a)
+        vp_coefficients(self.sigma_ve)
     }
 
     /// `log(alpha / sigma)`; infinite at the clean end.
     fn lambda(&self) -> f64 {
         -self.sigma_ve.ln()
     }
+}
+
+/// `(alpha, sigma)` of the VP latent at noise level `sigma_ve` (diffusers'
+/// `_sigma_to_alpha_sigma_t`).
+fn vp_coefficients(sigma_ve: f64) -> (f64, f64) {
+    let a = 1.0 / (sigma_ve * sigma_ve + 1.0).sqrt();
+    (a, sigma_ve * a)
 }
 
 /// What the denoiser says about a latent at one point.

@@ -112,7 +112,8 @@ impl Solver {
         let h = to.lambda() - from.lambda();
         let hh = -h;
         let h_phi_1 = hh.exp_m1();
-        let b_h = hh.exp_m1();
+        // bh2: B(h) = expm1(-h), the same number as h·φ₁(h).
+        let b_h = h_phi_1;
         let base = axpby(sigma_t / sigma_s, last, -alpha_t * h_phi_1, m_prev)?;
         let d1_t = (m0 - m_prev)?;
         let corr = if *order == 1 {
