@@ -26,6 +26,8 @@ enum Command {
     Convert(cli::convert::ConvertArgs),
     /// Serve the web page and the HTTP API (model loaded once, bounded job queue).
     Serve(serve::ServeArgs),
+    /// Run jobs from a shared Redis queue (`serve --queue`), on this machine's CPU or GPU.
+    Worker(serve::WorkerArgs),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +47,7 @@ fn main() -> ExitCode {
         Command::Batch(args) => cli::batch::run(args),
         Command::Convert(args) => cli::convert::run(args).map(|()| true),
         Command::Serve(args) => serve::run(args).map(|()| true),
+        Command::Worker(args) => serve::run_worker(args).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

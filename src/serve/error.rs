@@ -47,6 +47,12 @@ impl ApiError {
     }
 }
 
+impl From<super::backend::Unavailable> for ApiError {
+    fn from(e: super::backend::Unavailable) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, None, format!("the job queue is unavailable: {}", e.0))
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody { error: self.message, field: self.field };

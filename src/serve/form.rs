@@ -2,14 +2,15 @@
 //! limit), its fields, and the check that turns it into a [`Request`] or a 4xx naming the field.
 
 use super::error::ApiError;
-use super::state::AppState;
+use super::backend::NewJob;
+use super::state::{AppState, Limits};
 use axum::extract::{FromRequest, Multipart, Request};
 use axum::http::{header, StatusCode};
 use axum::Json;
 use base64::Engine as _;
 use dynamicrafter_engine::config::KNOBS;
 use dynamicrafter_engine::preprocess::check_resizable;
-use dynamicrafter_engine::{Mode, ModeKind, Request as GenRequest, RgbImage, SamplingOverrides};
+use dynamicrafter_engine::{Mode, ModeKind, RgbImage, SamplingOverrides};
 use serde_json::{Map, Value};
 use std::io::Cursor;
 use std::sync::Arc;
@@ -123,9 +124,10 @@ impl JobForm {
 
     /// Checks the job against the model and the limits; the knobs it does not set take the
     /// model's defaults for its mode.
-    pub fn check(self, state: &AppState) -> Result<GenRequest, ApiError> {
+    pub fn check(self, state: &AppState) -> Result<NewJob, ApiError> {
         let cfg = state.pipeline.config();
-        let image = decode_image(IMAGE, self.image.as_deref().ok_or_else(|| ApiError::bad(IMAGE, "image is required"))?, state)?;
+        let image_bytes = self.image.ok_or_else(|| ApiError::bad(IMAGE, "image is required"))?;
+        let image = decode_image(IMAGE, &image_bytes, &state.limits)?;
         let mode = match (self.mode.as_deref(), self.image2.is_some()) {
             (None, false) | (Some("i2v" | "image_to_video"), false) => ModeKind::ImageToVideo,
             (None, true) | (Some("interpolate" | "interpolation"), _) => ModeKind::Interpolate,
@@ -138,7 +140,7 @@ impl JobForm {
         let mode = match mode {
             ModeKind::Interpolate => {
                 let bytes = self.image2.as_deref().ok_or_else(|| ApiError::bad(IMAGE2, "mode 'interpolate' needs image2"))?;
-                Mode::Interpolate { end: decode_image(IMAGE2, bytes, state)? }
+                Mode::Interpolate { end: decode_image(IMAGE2, bytes, &state.limits)? }
             }
             ModeKind::Loop => Mode::Loop,
             ModeKind::ImageToVideo => Mode::ImageToVideo,
@@ -164,7 +166,7 @@ impl JobForm {
                 return Err(ApiError::invalid(name, format!("{name} must be a whole number, got {v}")));
             }
         }
-        let request = GenRequest::with(cfg, image, mode, prompt, &overrides);
+        let request = dynamicrafter_engine::Request::with(cfg, image, mode, prompt, &overrides);
         let s = &request.sampling;
         s.validate(cfg, request.mode.kind()).map_err(|e| ApiError::invalid(&e.knob, e.message))?;
         let fits = |img: &RgbImage, field: &str| check_resizable(img, s.height, s.width, field).map_err(|e| ApiError::invalid(field, e.to_string()));
@@ -172,7 +174,8 @@ impl JobForm {
         if let Mode::Interpolate { end } = &request.mode {
             fits(end, IMAGE2)?;
         }
-        Ok(request)
+        let image2 = if matches!(request.mode, Mode::Interpolate { .. }) { self.image2 } else { None };
+        Ok(NewJob { request, image: image_bytes, image2 })
     }
 }
 
@@ -221,8 +224,9 @@ fn base64_image(field: &str, text: &str) -> Result<Vec<u8>, ApiError> {
         .map_err(|e| ApiError::bad(field, format!("{field} is not valid base64: {e}")))
 }
 
-fn decode_image(field: &str, bytes: &[u8], state: &AppState) -> Result<RgbImage, ApiError> {
-    let limits = &state.limits;
+/// Decodes an upload within the byte and pixel limits (a worker decodes a queued job's uploads
+/// again through here).
+pub fn decode_image(field: &str, bytes: &[u8], limits: &Limits) -> Result<RgbImage, ApiError> {
     if bytes.len() > limits.max_image_bytes {
         return Err(ApiError::field(
             StatusCode::PAYLOAD_TOO_LARGE,

@@ -4,7 +4,7 @@
 use super::error::ApiError;
 use super::form::JobForm;
 use super::jobs::{CancelOutcome, Event, State as JobState};
-use super::queue::PushError;
+use super::backend::{Backend, EventBatch, SubmitError, Video, Wait};
 use super::state::AppState;
 use super::metrics;
 use axum::body::Body;
@@ -60,22 +60,22 @@ pub async fn submit(State(state): State<Arc<AppState>>, form: JobForm) -> Result
     }
     // Decoding and resizing images is CPU work: keep it off the async threads.
     let checker = state.clone();
-    let request = tokio::task::spawn_blocking(move || form.check(&checker))
+    let job = tokio::task::spawn_blocking(move || form.check(&checker))
         .await
         .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, None, "checking the request failed"))??;
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    let position = state.enqueue(&id, request).map_err(|e| match e {
-        PushError::Full { capacity } => {
+    let (id, position) = call(&state, move |b| b.submit(job)).await?.map_err(|e| match e {
+        SubmitError::Full { capacity } => {
             metrics::rejected();
             let mut err = ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 None,
                 format!("the queue is full ({capacity} jobs waiting); try again later"),
             );
-            err.retry_after = Some(state.retry_after_seconds());
+            err.retry_after = Some(state.backend.retry_after_seconds());
             err
         }
-        PushError::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, None, "the server is shutting down"),
+        SubmitError::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, None, "the server is shutting down"),
+        SubmitError::Unavailable(e) => e.into(),
     })?;
     let body = Accepted {
         state: JobState::Queued,
@@ -96,17 +96,16 @@ pub async fn submit(State(state): State<Arc<AppState>>, form: JobForm) -> Result
 #[utoipa::path(get, path = "/api/v1/jobs/{id}", summary = "Job state, queue position, progress, report or error", params(("id" = String, Path)),
     responses((status = 200, body = super::jobs::JobView), (status = 404, description = "Unknown job", body = super::error::ErrorBody)))]
 pub async fn status(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let view = state.jobs.view(&id).ok_or_else(|| ApiError::unknown_job(&id))?;
+    let key = id.clone();
+    let view = call(&state, move |b| b.view(&key)).await??.ok_or_else(|| ApiError::unknown_job(&id))?;
     Ok(Json(view).into_response())
 }
 
 #[utoipa::path(delete, path = "/api/v1/jobs/{id}", summary = "Cancel: a queued job at once, a running one between denoising steps", params(("id" = String, Path)),
     responses((status = 200, description = "Cancelled"), (status = 202, description = "Cancelling"), (status = 404, description = "Unknown job", body = super::error::ErrorBody), (status = 409, description = "Already ended", body = super::error::ErrorBody)))]
 pub async fn cancel(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    if !state.jobs.contains(&id) {
-        return Err(ApiError::unknown_job(&id));
-    }
-    match state.cancel(&id).ok_or_else(|| ApiError::unknown_job(&id))? {
+    let key = id.clone();
+    match call(&state, move |b| b.cancel(&key)).await??.ok_or_else(|| ApiError::unknown_job(&id))? {
         CancelOutcome::Dequeued => Ok(Json(json!({ "id": id, "state": "cancelled" })).into_response()),
         CancelOutcome::Stopping => {
             Ok((StatusCode::ACCEPTED, Json(json!({ "id": id, "state": "cancelling" }))).into_response())
@@ -119,23 +118,37 @@ pub async fn cancel(State(state): State<Arc<AppState>>, Path(id): Path<String>) 
     }
 }
 
+/// Runs a backend call off the async threads: a shared backend waits on the network.
+async fn call<T: Send + 'static>(state: &Arc<AppState>, f: impl FnOnce(&dyn Backend) -> T + Send + 'static) -> Result<T, ApiError> {
+    let backend = state.backend.clone();
+    tokio::task::spawn_blocking(move || f(backend.as_ref()))
+        .await
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, None, "the job store call failed"))
+}
+
 #[utoipa::path(get, path = "/api/v1/jobs/{id}/video", summary = "The H.264 MP4 of a finished job (range requests answered)", params(("id" = String, Path)),
     responses((status = 200, description = "The video", content_type = "video/mp4"), (status = 404, description = "Unknown job", body = super::error::ErrorBody), (status = 409, description = "Not done", body = super::error::ErrorBody)))]
 pub async fn video(State(state): State<Arc<AppState>>, Path(id): Path<String>, req: Request) -> Result<Response, ApiError> {
-    let (job_state, path) = state.jobs.video(&id).ok_or_else(|| ApiError::unknown_job(&id))?;
-    let Some(path) = path.filter(|_| job_state == JobState::Done) else {
+    let key = id.clone();
+    let (job_state, video) = call(&state, move |b| b.video(&key)).await??.ok_or_else(|| ApiError::unknown_job(&id))?;
+    let Some(video) = video.filter(|_| job_state == JobState::Done) else {
         return Err(ApiError::field(
             StatusCode::CONFLICT,
             "id",
             format!("job '{id}' has no video ({})", job_state.name()),
         ));
     };
-    // ServeFile answers range requests, which browsers use to seek in a <video>.
-    let resp = tower_http::services::ServeFile::new_with_mime(path, &"video/mp4".parse().expect("valid mime"))
-        .oneshot(req)
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, None, format!("reading the video: {e}")))?;
-    Ok(resp.map(Body::new))
+    match video {
+        // ServeFile answers range requests, which browsers use to seek in a <video>.
+        Video::File(path) => {
+            let resp = tower_http::services::ServeFile::new_with_mime(path, &"video/mp4".parse().expect("valid mime"))
+                .oneshot(req)
+                .await
+                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, None, format!("reading the video: {e}")))?;
+            Ok(resp.map(Body::new))
+        }
+        Video::Bytes(bytes) => Ok(([(header::CONTENT_TYPE, "video/mp4")], bytes).into_response()),
+    }
 }
 
 fn sse_event(e: &Event) -> SseEvent {
@@ -156,17 +169,18 @@ pub async fn events(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
-    if !state.jobs.contains(&id) {
-        return Err(ApiError::unknown_job(&id));
-    }
+    let key = id.clone();
+    let first = call(&state, move |b| b.events_since(&key, 0)).await??.ok_or_else(|| ApiError::unknown_job(&id))?;
     struct Cursor {
         state: Arc<AppState>,
         id: String,
         next: usize,
         pending: VecDeque<Event>,
         ended: bool,
+        position: Option<usize>,
+        batch: Option<EventBatch>,
     }
-    let start = Cursor { state, id, next: 0, pending: VecDeque::new(), ended: false };
+    let start = Cursor { state, id, next: 0, pending: VecDeque::new(), ended: false, position: None, batch: Some(first) };
     let stream = futures_util::stream::unfold(start, |mut c| async move {
         loop {
             if let Some(e) = c.pending.pop_front() {
@@ -175,14 +189,35 @@ pub async fn events(
             if c.ended {
                 return None;
             }
-            // `None`: the job expired while we were streaming.
-            let (events, is_final, mut changed) = c.state.jobs.events_since(&c.id, c.next)?;
-            c.ended = is_final;
-            if events.is_empty() && !is_final {
-                changed.changed().await.ok()?;
+            let batch = match c.batch.take() {
+                Some(b) => b,
+                None => {
+                    let (state, id, from) = (c.state.clone(), c.id.clone(), c.next);
+                    // `None`: the job expired while we were streaming (or the store is down).
+                    call(&state, move |b| b.events_since(&id, from)).await.ok()?.ok()??
+                }
+            };
+            c.ended = batch.ended;
+            c.next += batch.events.len();
+            for e in &batch.events {
+                if let Event::Queued { position } | Event::Position { position } = e {
+                    c.position = Some(*position);
+                }
             }
-            c.next += events.len();
-            c.pending.extend(events);
+            c.pending.extend(batch.events);
+            // A backend that does not publish moves of the queue reports the position instead.
+            if let (Some(now), Some(_)) = (batch.position, c.position) {
+                if c.position != Some(now) {
+                    c.pending.push_back(Event::Position { position: now });
+                    c.position = Some(now);
+                }
+            }
+            if c.pending.is_empty() && !c.ended {
+                match batch.wait {
+                    Wait::Watch(mut changed) => changed.changed().await.ok()?,
+                    Wait::Poll(d) => tokio::time::sleep(d).await,
+                }
+            }
         }
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))

@@ -2,7 +2,7 @@
 //! produced (replayed to each event-stream subscriber), and its result.
 
 use dynamicrafter_engine::{ModeKind, Report, Request};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,13 +31,17 @@ impl State {
         }
     }
 
+    pub fn from_name(name: &str) -> Option<Self> {
+        [State::Queued, State::Running, State::Done, State::Failed, State::Cancelled].into_iter().find(|s| s.name() == name)
+    }
+
     pub fn is_final(self) -> bool {
         matches!(self, State::Done | State::Failed | State::Cancelled)
     }
 }
 
 /// One server-sent event. The SSE event name is the variant's, the data its JSON.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     /// Accepted; `position` 1 is next.
@@ -67,7 +71,7 @@ impl Event {
     }
 }
 
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ProgressInfo {
     pub stage: String,
     pub step: usize,
@@ -112,6 +116,9 @@ pub struct JobView {
     pub error: Option<String>,
     pub video_url: Option<String>,
     pub created_unix: f64,
+    /// The worker running it, or that ran it (a shared queue's workers have names).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
 }
 
 /// Result of a cancel request.
@@ -185,6 +192,7 @@ impl JobStore {
             error: job.error.clone(),
             video_url: job.video.as_ref().map(|_| format!("/api/v1/jobs/{id}/video")),
             created_unix: job.created_unix,
+            worker: None,
         })
     }
 

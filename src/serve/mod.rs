@@ -1,40 +1,47 @@
-//! `dynamicrafter serve`: the web page and the HTTP API. The model is loaded once; worker
-//! threads take jobs from a bounded queue and run them through the same
+//! `dynamicrafter serve`: the web page and the HTTP API, and `dynamicrafter worker`. The model
+//! is loaded once; worker threads take jobs from a bounded queue (in this process, or shared in
+//! Redis) and run them through the same
 //! [`generate_videos`](crate::generation::generate_videos) call as the command line.
 //!
 //! | file | job |
 //! |---|---|
 //! | `mod.rs` | flags, startup, routes, shutdown |
-//! | `state.rs` | what handlers and workers share |
+//! | `state.rs` | what the handlers share |
 //! | `handlers.rs` | the HTTP handlers |
 //! | `form.rs` | a submitted job: parsing and checks |
 //! | `error.rs` | the error response |
 //! | `openapi.rs` | `GET /openapi.json` |
-//! | `worker.rs` | the worker threads |
-//! | `jobs.rs`, `queue.rs` | the job store and the queue (the seams for a shared backend) |
+//! | `backend.rs` | the seams: `Backend` (handlers' side) and `WorkSource` (workers' side) |
+//! | `local.rs` | the in-process backend: `jobs.rs` (job store) and `queue.rs` (bounded queue) |
+//! | `redis_queue.rs` | the Redis backend (stream, consumer group, Lua scripts) |
+//! | `worker.rs` | the worker loop, and the `worker` command |
 //! | `metrics.rs` | Prometheus metrics |
 
+mod backend;
 mod error;
 mod form;
 mod handlers;
 mod jobs;
+mod local;
 mod metrics;
 mod openapi;
 mod queue;
+mod redis_queue;
 mod state;
 mod worker;
+
+pub use worker::{run as run_worker, WorkerArgs};
 
 use crate::model_source;
 use anyhow::{Context, Result};
 use axum::extract::DefaultBodyLimit;
 use axum::routing::get;
 use axum::Router;
+use backend::{Backend, WorkSource};
 use dynamicrafter_engine::Pipeline;
-use jobs::JobStore;
-use queue::MemoryQueue;
 use state::{AppState, Limits};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -54,9 +61,16 @@ pub struct ServeArgs {
     /// Jobs that may wait; more are refused with 429 (upstream's Gradio queue holds 12).
     #[arg(long, default_value_t = 12)]
     pub max_queue: usize,
-    /// Jobs generated at the same time, all sharing the one loaded model.
+    /// Jobs generated at the same time, all sharing the one loaded model; 0 (with --queue)
+    /// makes a node that only serves the API.
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
+    /// Keep jobs in Redis (redis://HOST:PORT[/DB]) so several API nodes and `dynamicrafter
+    /// worker` processes share them [default: in this process].
+    #[arg(long, value_name = "URL")]
+    pub queue: Option<String>,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
     /// Seconds a finished job and its video are kept.
     #[arg(long, default_value_t = 3600)]
     pub keep_seconds: u64,
@@ -77,6 +91,53 @@ pub struct ServeArgs {
     pub fps: f64,
     #[command(flatten)]
     pub compute: crate::cli::ComputeArgs,
+}
+
+/// How workers on a shared queue hold their jobs.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ClusterArgs {
+    /// Seconds a running job may go without its worker's heartbeat before another worker
+    /// takes it over (with --queue).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub visibility_timeout: u64,
+    /// Starts of one job before it is failed as poison (its workers keep dying; with --queue).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub max_attempts: u32,
+}
+
+/// The name a shared queue is keyed by: a preset or repo id as given, a checkpoint file or
+/// folder by its name (so nodes that keep the model at different paths still meet).
+fn queue_model_name(model: &str) -> String {
+    let path = Path::new(model);
+    if path.exists() {
+        if let Some(stem) = path.file_stem().or_else(|| path.file_name()) {
+            return stem.to_string_lossy().into_owned();
+        }
+    }
+    model.to_string()
+}
+
+/// The shared queue for `model`, checked to answer.
+fn connect_queue(url: &str, model: &str, cluster: &ClusterArgs, capacity: usize, keep: Duration, fps: f64) -> Result<(Arc<redis_queue::RedisQueue>, PathBuf)> {
+    let scratch = std::env::temp_dir().join(format!("dynamicrafter-worker-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).with_context(|| format!("scratch folder {}", scratch.display()))?;
+    let queue = redis_queue::RedisQueue::connect(redis_queue::Options {
+        url: url.to_string(),
+        model: queue_model_name(model),
+        capacity,
+        visibility: Duration::from_secs(cluster.visibility_timeout),
+        max_attempts: cluster.max_attempts,
+        keep,
+        fps,
+        scratch: scratch.clone(),
+    });
+    match queue {
+        Ok(q) => Ok((Arc::new(q), scratch)),
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&scratch);
+            Err(e)
+        }
+    }
 }
 
 fn router(state: Arc<AppState>) -> Router {
@@ -147,13 +208,17 @@ async fn shutdown_signal() {
     }
 }
 
-pub fn run(args: ServeArgs) -> Result<()> {
-    // Request logs on stderr: `RUST_LOG=tower_http=debug` shows every request.
+/// Logs on stderr: `RUST_LOG=tower_http=debug` shows every request.
+fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).try_init();
-    if args.workers == 0 {
-        anyhow::bail!("--workers must be at least 1");
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    init_logging();
+    if args.workers == 0 && args.queue.is_none() {
+        anyhow::bail!("--workers must be at least 1 (0 serves only the API, for a shared --queue)");
     }
     if args.max_queue == 0 {
         anyhow::bail!("--max-queue must be at least 1");
@@ -162,12 +227,23 @@ pub fn run(args: ServeArgs) -> Result<()> {
         anyhow::bail!("--fps must be a positive number, got {}", args.fps);
     }
     let (device, precision) = args.compute.resolve()?;
-    let (results_dir, temporary) = match &args.results_dir {
-        Some(dir) => (dir.clone(), false),
-        None => (std::env::temp_dir().join(format!("dynamicrafter-serve-{}", std::process::id())), true),
-    };
-    std::fs::create_dir_all(&results_dir).with_context(|| format!("results folder {}", results_dir.display()))?;
     let source = model_source::resolve(&args.model, args.config.as_deref())?;
+    let keep = Duration::from_secs(args.keep_seconds);
+    // Videos go to a folder of this process (in-process queue) or into Redis (shared queue,
+    // written through a scratch folder by this node's workers).
+    let (backend, source_of_work, scratch): (Arc<dyn Backend>, Arc<dyn WorkSource>, PathBuf) = match &args.queue {
+        Some(url) => {
+            let (queue, scratch) = connect_queue(url, &args.model, &args.cluster, args.max_queue, keep, args.fps)?;
+            (queue.clone(), queue, scratch)
+        }
+        None => {
+            let dir = args.results_dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("dynamicrafter-serve-{}", std::process::id())));
+            std::fs::create_dir_all(&dir).with_context(|| format!("results folder {}", dir.display()))?;
+            let local = Arc::new(local::Local::new(args.max_queue, args.max_finished_jobs as usize, dir.clone(), args.fps, args.workers));
+            (local.clone(), local, dir)
+        }
+    };
+    let temporary = args.queue.is_some() || args.results_dir.is_none();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -187,26 +263,19 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let state = Arc::new(AppState {
         pipeline,
         model_name: source.name.clone(),
-        jobs: JobStore::new(args.max_finished_jobs as usize),
-        queue: Box::new(MemoryQueue::new(args.max_queue)),
+        backend,
         max_queue: args.max_queue,
         limits: Limits { max_image_bytes: args.max_image_bytes, max_image_pixels: args.max_image_pixels, max_prompt_tokens },
-        results_dir: results_dir.clone(),
-        fps: args.fps,
         closing: AtomicBool::new(false),
-        mean_job_seconds: AtomicU64::new(0),
-        workers: args.workers,
-        positions_lock: std::sync::Mutex::default(),
     });
     let workers: Vec<_> = (0..args.workers)
         .map(|i| {
-            let s = state.clone();
-            std::thread::Builder::new().name(format!("worker-{i}")).spawn(move || worker::run(s))
+            let (s, work) = (state.clone(), source_of_work.clone());
+            std::thread::Builder::new().name(format!("worker-{i}")).spawn(move || worker::run_jobs(&s.pipeline, &s.model_name, work.as_ref()))
         })
         .collect::<std::io::Result<_>>()
         .context("starting worker threads")?;
 
-    let keep = Duration::from_secs(args.keep_seconds);
     let addr = listener.local_addr()?;
     // Tests and scripts read this line to find the port.
     println!("listening on http://{addr}");
@@ -221,9 +290,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 let mut tick = tokio::time::interval(keep.min(Duration::from_secs(60)).max(Duration::from_secs(1)));
                 loop {
                     tick.tick().await;
-                    for path in state.jobs.expire(keep) {
-                        let _ = std::fs::remove_file(path);
-                    }
+                    state.backend.expire(keep);
                 }
             })
         };
@@ -232,7 +299,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             let state = state.clone();
             async move {
                 shutdown_signal().await;
-                tracing::info!("shutting down: cancelling waiting and running jobs");
+                tracing::info!("shutting down: cancelling waiting and running jobs (a shared queue keeps them for other workers)");
                 state.shut_down();
             }
         };
@@ -244,7 +311,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         let _ = w.join();
     }
     if temporary {
-        let _ = std::fs::remove_dir_all(&results_dir);
+        let _ = std::fs::remove_dir_all(&scratch);
     }
     tracing::info!("stopped");
     Ok(())

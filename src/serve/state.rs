@@ -1,11 +1,9 @@
-//! What the handlers and the workers share: the loaded model, the job store, the queue, limits.
+//! What the handlers share: the loaded model, the job backend, limits.
 
-use super::jobs::{CancelOutcome, JobStore, State as JobState};
-use super::metrics;
-use super::queue::{JobQueue, PushError};
-use dynamicrafter_engine::{Pipeline, Request};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use super::backend::Backend;
+use dynamicrafter_engine::Pipeline;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// What a submission may be.
 pub struct Limits {
@@ -22,21 +20,14 @@ impl Limits {
     }
 }
 
-/// Everything the handlers and workers share.
+/// Everything the handlers share.
 pub struct AppState {
     pub pipeline: Pipeline,
     pub model_name: String,
-    pub jobs: JobStore,
-    pub queue: Box<dyn JobQueue>,
+    pub backend: Arc<dyn Backend>,
     pub max_queue: usize,
     pub limits: Limits,
-    pub results_dir: PathBuf,
-    pub fps: f64,
     pub closing: AtomicBool,
-    /// Mean wall time of recent jobs (f64 bits), for `Retry-After`.
-    pub mean_job_seconds: AtomicU64,
-    pub workers: usize,
-    pub positions_lock: std::sync::Mutex<()>,
 }
 
 impl AppState {
@@ -44,59 +35,9 @@ impl AppState {
         self.closing.load(Ordering::Relaxed)
     }
 
-    /// Creates a job and queues it; returns its position.
-    pub fn enqueue(&self, id: &str, spec: Request) -> Result<usize, PushError> {
-        self.jobs.insert(id, spec);
-        match self.queue.push(id) {
-            Ok(position) => {
-                self.positions_changed();
-                Ok(position)
-            }
-            Err(e) => {
-                self.jobs.discard(id);
-                Err(e)
-            }
-        }
-    }
-
-    pub fn positions_changed(&self) {
-        // Serialised so an older snapshot of the queue never overwrites a newer one.
-        let _order = self.positions_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let waiting = self.queue.waiting();
-        metrics::queue_depth(waiting.len());
-        self.jobs.set_positions(&waiting);
-    }
-
-    pub fn cancel(&self, id: &str) -> Option<CancelOutcome> {
-        let was_waiting = self.queue.remove(id);
-        let outcome = self.jobs.cancel(id, was_waiting)?;
-        if outcome == CancelOutcome::Dequeued {
-            metrics::job_finished(JobState::Cancelled.name());
-            self.positions_changed();
-        }
-        Some(outcome)
-    }
-
-    pub fn retry_after_seconds(&self) -> u64 {
-        let mean = f64::from_bits(self.mean_job_seconds.load(Ordering::Relaxed));
-        let waiting = self.queue.waiting().len() as f64;
-        ((mean * waiting / self.workers as f64).ceil() as u64).max(1)
-    }
-
-    /// Stops taking jobs: the waiting ones are cancelled, running ones stop at their next step.
+    /// Stops taking jobs (see [`Backend::shut_down`]).
     pub fn shut_down(&self) {
         self.closing.store(true, Ordering::Relaxed);
-        for id in self.queue.close() {
-            if self.jobs.finish(&id, Err(None)) {
-                metrics::job_finished(JobState::Cancelled.name());
-            }
-        }
-        metrics::queue_depth(0);
-        self.jobs.cancel_running();
-    }
-
-    pub fn video_path(&self, id: &str) -> PathBuf {
-        self.results_dir.join(format!("{id}.mp4"))
+        self.backend.shut_down();
     }
 }
-

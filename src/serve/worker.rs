@@ -1,55 +1,86 @@
-//! A worker thread: takes jobs from the queue and runs each through the one generation call.
+//! A worker: takes jobs from a [`WorkSource`] and runs each through the one generation call.
+//! The same loop serves the in-process queue and the shared Redis one; `dynamicrafter worker`
+//! runs it on its own, against Redis.
 
-use super::jobs::State as JobState;
+use super::backend::{Backend, WorkSource};
 use super::metrics;
-use super::state::AppState;
 use crate::generation::{generate_videos, VideoOutput};
-use dynamicrafter_engine::{Progress, Stage};
+use crate::model_source;
+use anyhow::Result;
+use dynamicrafter_engine::{Pipeline, Progress, Stage};
 use dynamicrafter_video::Format;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-/// One worker: takes jobs until the queue closes.
-pub fn run(state: Arc<AppState>) {
-    while let Some(id) = state.queue.pop() {
-        state.positions_changed();
-        let Some((spec, cancel)) = state.jobs.start(&id) else { continue };
-        metrics::running(state.jobs.count_running());
-        let path = state.video_path(&id);
-        let started = Instant::now();
+#[derive(clap::Args, Debug)]
+pub struct WorkerArgs {
+    /// The shared queue: redis://HOST:PORT[/DB] (the one the API nodes' `serve --queue` names).
+    #[arg(long, value_name = "URL")]
+    pub queue: String,
+    /// Model, as for `serve`: this worker takes only the jobs submitted for it.
+    #[arg(long, default_value = "1024")]
+    pub model: String,
+    /// Network config when the model does not say: a preset name or a config.json.
+    #[arg(long)]
+    pub config: Option<String>,
+    #[command(flatten)]
+    pub cluster: super::ClusterArgs,
+    #[command(flatten)]
+    pub compute: crate::cli::ComputeArgs,
+}
+
+/// `dynamicrafter worker`: connects (an unreachable Redis fails here), loads the model, and
+/// runs jobs until SIGTERM or Ctrl-C, when the running job is handed back to the queue.
+pub fn run(args: WorkerArgs) -> Result<()> {
+    super::init_logging();
+    let (device, precision) = args.compute.resolve()?;
+    let source = model_source::resolve(&args.model, args.config.as_deref())?;
+    let (queue, scratch) = super::connect_queue(&args.queue, &args.model, &args.cluster, 1, Duration::from_secs(3600), 8.0)?;
+    tracing::info!("loading {}", source.weights.display());
+    let pipeline = Pipeline::load_with(source.config.clone(), &source.weights, &device, precision)?;
+    {
+        let queue = queue.clone();
+        std::thread::Builder::new().name("signals".into()).spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            rt.block_on(super::shutdown_signal());
+            tracing::info!("stopping: the running job goes back to the queue");
+            queue.shut_down();
+        })?;
+    }
+    tracing::info!("worker for model {} on {}", source.name, args.queue);
+    run_jobs(&pipeline, &source.name, queue.as_ref());
+    let _ = std::fs::remove_dir_all(&scratch);
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Takes jobs until the source closes.
+pub fn run_jobs(pipeline: &Pipeline, model_name: &str, source: &dyn WorkSource) {
+    while let Some(job) = source.take() {
         let mut denoise_start = Instant::now();
         let mut last_step = Instant::now();
         let mut on_progress = |p: Progress| {
             if p.stage != Stage::Denoise {
                 if p.step == 0 {
-                    state.jobs.stage(&id, p.stage.name());
+                    source.stage(&job, p.stage.name());
                 }
                 return;
             }
             if p.step == 0 {
-                state.jobs.stage(&id, p.stage.name());
+                source.stage(&job, p.stage.name());
                 denoise_start = Instant::now();
             } else {
                 metrics::step(last_step.elapsed().as_secs_f64());
                 let per_step = denoise_start.elapsed().as_secs_f64() / p.step as f64;
-                state.jobs.step(&id, p.step, p.total, Some(per_step * (p.total - p.step) as f64));
+                source.step(&job, p.step, p.total, Some(per_step * (p.total - p.step) as f64));
             }
             last_step = Instant::now();
         };
-        let output = VideoOutput { format: Format::Mp4, fps: state.fps };
+        let output = VideoOutput { format: Format::Mp4, fps: job.fps };
+        let path = job.video_path.clone();
         // A panic in one job must not take the worker with it.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            generate_videos(
-                &state.pipeline,
-                &state.model_name,
-                &spec,
-                output,
-                std::slice::from_ref(&path),
-                None,
-                &mut on_progress,
-                &cancel,
-            )
+            generate_videos(pipeline, model_name, &job.request, output, std::slice::from_ref(&path), None, &mut on_progress, &job.cancel)
         }));
         let outcome = match result {
             Ok(Ok(report)) => {
@@ -57,13 +88,9 @@ pub fn run(state: Arc<AppState>) {
                     metrics::stage(&s.stage, s.seconds);
                 }
                 metrics::peak_memory(report.peak_rss_bytes, report.peak_gpu_bytes);
-                let secs = started.elapsed().as_secs_f64();
-                let old = f64::from_bits(state.mean_job_seconds.load(Ordering::Relaxed));
-                let mean = if old == 0.0 { secs } else { 0.8 * old + 0.2 * secs };
-                state.mean_job_seconds.store(mean.to_bits(), Ordering::Relaxed);
                 Ok((report, path.clone()))
             }
-            Ok(Err(_)) if cancel.load(Ordering::Relaxed) => Err(None),
+            Ok(Err(_)) if job.cancel.load(Ordering::Relaxed) => Err(None),
             Ok(Err(e)) => Err(Some(format!("{e:#}"))),
             Err(_) => Err(Some("internal error while generating (see the server log)".to_string())),
         };
@@ -71,18 +98,9 @@ pub fn run(state: Arc<AppState>) {
             // Nothing half-written is left behind; the writer renames only complete files.
             let _ = std::fs::remove_file(&path);
         }
-        let final_state = match &outcome {
-            Ok(_) => JobState::Done,
-            Err(Some(_)) => JobState::Failed,
-            Err(None) => JobState::Cancelled,
-        };
         if let Err(Some(e)) = &outcome {
-            tracing::warn!(job = %id, "generation failed: {e}");
+            tracing::warn!(job = %job.id, "generation failed: {e}");
         }
-        if state.jobs.finish(&id, outcome) {
-            metrics::job_finished(final_state.name());
-        }
-        metrics::running(state.jobs.count_running());
+        source.finish(job, outcome);
     }
 }
-

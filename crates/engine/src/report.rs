@@ -2,17 +2,17 @@
 //! precision, peak memory. One type, serialisable, so the CLI and the server say the same thing.
 
 use crate::pipeline::Stage;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StageTime {
     pub stage: String,
     pub seconds: f64,
 }
 
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct StepStats {
     pub count: usize,
     pub total_seconds: f64,
@@ -21,7 +21,7 @@ pub struct StepStats {
     pub max_seconds: f64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Report {
     pub model: String,
     pub device: String,

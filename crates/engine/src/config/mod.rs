@@ -145,7 +145,7 @@ pub enum FsKind {
     Fps,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
 #[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum TimestepSpacing {
     #[serde(rename = "uniform")]
@@ -225,7 +225,7 @@ pub struct ModelConfig {
 }
 
 /// What a video is made from, without the images: the request's mode as the API names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ModeKind {
     /// Animate one image.

@@ -7,7 +7,7 @@
 
 use super::{ModeKind, ModelConfig, TimestepSpacing};
 use crate::samplers::SamplerKind;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The values a knob may take: `min..=max` in steps of `step` (1: whole numbers).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -201,8 +201,8 @@ macro_rules! knobs {
         $(#[arg($($arg:tt)*)])*
         $name:ident: $ty:ty => $set:ty, $flag:literal, range: $range:expr, ui: $ui:expr;
     )+) => {
-        /// Every knob of one generation.
-        #[derive(Debug, Clone, PartialEq, Serialize)]
+        /// Every knob of one generation (a job's settings as a shared queue carries them).
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
         pub struct Sampling {
             $($(#[doc = $doc])+ pub $name: $ty,)+
         }

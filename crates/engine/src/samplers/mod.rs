@@ -13,7 +13,7 @@ use candle_core::Tensor;
 pub use solvers::Solver;
 
 /// The samplers, named as in ComfyUI (`dpmpp_2m` there, `dpmpp-2m` here, like every flag).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum SamplerKind {

@@ -1,0 +1,312 @@
+//! The shared queue on a real `redis-server` (started here, on a free loopback port, with its
+//! append-only file in a temp folder), with `serve --queue` API nodes and `worker` processes on
+//! the tiny fixture model.
+
+mod support;
+
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use support::{file, text, Server};
+
+const SUNSET: &str = "examples/images/sunset.png";
+const MODEL: &str = "fixtures/tiny-v";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Redis {
+    fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!("dynamicrafter-redis-{}-{}", std::process::id(), free_port()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut redis = Self { child: None, port: free_port(), dir };
+        redis.up();
+        redis
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server (again, on the same port and data).
+    fn up(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--appendonly", "yes", "--save", ""])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("starting redis-server (on Debian: apt-get install redis-server; .ci/run installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.ping().is_none() {
+            assert!(Instant::now() < deadline, "redis-server did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn ping(&self) -> Option<()> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.write_all(b"PING\r\n").ok()?;
+        let mut reply = [0; 7];
+        s.read_exact(&mut reply).ok()?;
+        (&reply == b"+PONG\r\n").then_some(())
+    }
+
+    /// Stops the server the way an operator would (SIGTERM: it syncs its append-only file).
+    fn down(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A `dynamicrafter worker` process.
+struct Worker(Child);
+
+impl Worker {
+    /// A worker whose jobs another takes over after `visibility` seconds without its heartbeat.
+    fn start(redis: &Redis, visibility: u32, extra: &[&str]) -> Self {
+        let child = Command::new(env!("CARGO_BIN_EXE_dynamicrafter"))
+            .current_dir(support::repo())
+            .args(["worker", "--model", MODEL, "--queue", &redis.url(), "--visibility-timeout", &visibility.to_string()])
+            .args(extra)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("starting a worker");
+        Self(child)
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn api_node(redis: &Redis, extra: &[&str]) -> Server {
+    let url = redis.url();
+    let mut args = vec!["--queue", url.as_str(), "--workers", "0"];
+    args.extend_from_slice(extra);
+    Server::start(&args)
+}
+
+fn submit(server: &Server, steps: u32, seed: u64) -> String {
+    server.submit(&[file("image", SUNSET), text("prompt", "waves"), text("steps", steps), text("seed", seed)])
+}
+
+fn status(server: &Server, id: &str) -> Value {
+    server.get(&format!("/api/v1/jobs/{id}")).json()
+}
+
+/// Waits until `id` runs a denoising step on one of `workers`; returns that worker's pid (the
+/// one in its name).
+fn wait_running(server: &Server, id: &str, workers: &[&Worker]) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let v = status(server, id);
+        let pid = v["worker"].as_str().and_then(|w| w.split(':').nth(1)).and_then(|p| p.parse().ok());
+        let on_ours = pid.is_some_and(|p| workers.iter().any(|w| w.pid() == p));
+        if v["state"] == "running" && on_ours && v["progress"]["stage"] == "denoise" && v["progress"]["step"].as_u64() >= Some(1) {
+            return pid.unwrap();
+        }
+        assert!(!["done", "failed", "cancelled"].contains(&v["state"].as_str().unwrap()), "job ended before it was seen running: {v}");
+        assert!(Instant::now() < deadline, "job {id} did not start: {v}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The same request through `generate`.
+fn cli_video(steps: u32, seed: u64) -> Vec<u8> {
+    let dir = std::env::temp_dir().join(format!("dynamicrafter-redis-cli-{}-{seed}-{steps}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("cli.mp4");
+    let o = Command::new(env!("CARGO_BIN_EXE_dynamicrafter"))
+        .current_dir(support::repo())
+        .args(["generate", "--model", MODEL, "--image", SUNSET, "--prompt", "waves", "--quiet"])
+        .args(["--steps", &steps.to_string(), "--seed", &seed.to_string(), "--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let video = std::fs::read(&out).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    video
+}
+
+fn final_events(events: &[(String, Value)]) -> Vec<&str> {
+    events.iter().map(|(n, _)| n.as_str()).filter(|n| ["done", "error", "cancelled"].contains(n)).collect()
+}
+
+/// #19: two workers and one API node, six jobs; one worker is killed with SIGKILL while it runs
+/// a job. Every job still ends done exactly once, each video byte-identical to `generate`.
+#[test]
+fn a_killed_worker_loses_no_job() {
+    let redis = Redis::start();
+    let api = api_node(&redis, &[]);
+    let mut workers = vec![Worker::start(&redis, 2, &[]), Worker::start(&redis, 2, &[])];
+    let steps = 4;
+    let seeds = [21u64, 22, 23, 24, 25, 26];
+    let ids: Vec<String> = seeds.iter().map(|&s| submit(&api, steps, s)).collect();
+    let victim = wait_running(&api, &ids[0], &[&workers[0], &workers[1]]);
+    let index = workers.iter().position(|w| w.pid() == victim).expect("the job runs on one of our workers");
+    workers[index].kill9();
+    for (id, &seed) in ids.iter().zip(&seeds) {
+        let v = api.wait(id);
+        assert_eq!(v["state"], "done", "{v}");
+        assert_eq!(v["report"]["seed"], seed);
+        let events = api.events(id);
+        assert_eq!(final_events(&events), ["done"], "one final event: {events:?}");
+        let video = api.get(&format!("/api/v1/jobs/{id}/video"));
+        assert_eq!((video.status, video.header("content-type")), (200, Some("video/mp4")));
+        assert!(video.body == cli_video(steps, seed), "job with seed {seed}: the video differs from generate's");
+    }
+    let survivor = &workers[1 - index];
+    assert_ne!(status(&api, &ids[0])["worker"].as_str().unwrap().split(':').nth(1), Some(victim.to_string().as_str()));
+    assert!(status(&api, &ids[0])["worker"].as_str().unwrap().contains(&format!(":{}:", survivor.pid())));
+}
+
+/// #19: capacity is counted across API nodes; any node answers for any job; cancel through a
+/// second node stops the job on its worker within a step, and the worker goes on to the next.
+#[test]
+fn capacity_and_cancel_span_api_nodes() {
+    let redis = Redis::start();
+    let a = api_node(&redis, &["--max-queue", "2"]);
+    let b = api_node(&redis, &["--max-queue", "2"]);
+    // No worker yet: jobs wait.
+    let long = submit(&a, 60, 1);
+    let queued = submit(&b, 2, 2);
+    let refused = b.post_form(&[file("image", SUNSET), text("prompt", "waves"), text("steps", 2)]);
+    assert_eq!(refused.status, 429, "{}", refused.text());
+    assert!(refused.json()["error"].as_str().unwrap().contains("queue is full"));
+    assert!(refused.header("retry-after").is_some());
+    assert_eq!(status(&a, &queued)["position"], 2);
+    let r = a.delete(&format!("/api/v1/jobs/{queued}"));
+    assert_eq!((r.status, r.json()["state"].clone()), (200, Value::from("cancelled")));
+    assert_eq!(status(&b, &queued)["state"], "cancelled");
+
+    let worker = Worker::start(&redis, 2, &[]);
+    wait_running(&b, &long, &[&worker]);
+    let r = b.delete(&format!("/api/v1/jobs/{long}"));
+    assert_eq!(r.status, 202, "{}", r.text());
+    let at_cancel = status(&b, &long)["progress"]["step"].as_u64().unwrap();
+    let events = a.events(&long);
+    assert_eq!(final_events(&events), ["cancelled"], "{events:?}");
+    let steps = events.iter().filter(|(n, _)| n == "step").count() as u64;
+    assert!(steps <= at_cancel + 2, "the job ran {steps} steps, cancelled at step {at_cancel}");
+    let after = a.wait(&submit(&b, 2, 3));
+    assert_eq!(after["state"], "done", "the worker takes the next job: {after}");
+}
+
+/// #19: a job whose worker dies every time ends failed after the retry limit, with the reason.
+#[test]
+fn a_poison_job_fails_after_the_retry_limit() {
+    let redis = Redis::start();
+    let api = api_node(&redis, &[]);
+    let id = submit(&api, 60, 5);
+    for _ in 0..2 {
+        let mut worker = Worker::start(&redis, 1, &["--max-attempts", "2"]);
+        wait_running(&api, &id, &[&worker]);
+        worker.kill9();
+    }
+    let _last = Worker::start(&redis, 1, &["--max-attempts", "2"]);
+    let v = api.wait(&id);
+    assert_eq!(v["state"], "failed", "{v}");
+    assert!(v["error"].as_str().unwrap().contains("2 attempts"), "{v}");
+    assert_eq!(final_events(&api.events(&id)), ["error"]);
+}
+
+/// #19: Redis down: submit and status answer 503 JSON, a worker will not start (exit 2, one
+/// line); when Redis is back (its append-only file intact) the queued jobs run, also after
+/// the API node restarts, and a worker that was running rides out the outage.
+#[test]
+fn redis_and_api_node_restarts_lose_no_job() {
+    let mut redis = Redis::start();
+    let mut api = api_node(&redis, &[]);
+    let id = submit(&api, 3, 8);
+    redis.down();
+    let r = api.post_form(&[file("image", SUNSET), text("prompt", "waves"), text("steps", 2)]);
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.json()["error"].as_str().unwrap().contains("job queue is unavailable"), "{}", r.text());
+    assert_eq!(api.get(&format!("/api/v1/jobs/{id}")).status, 503);
+    let o = Command::new(env!("CARGO_BIN_EXE_dynamicrafter"))
+        .current_dir(support::repo())
+        .args(["worker", "--model", MODEL, "--queue", &redis.url()])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("cannot use Redis at") && stderr.contains(&redis.url()), "{stderr}");
+
+    redis.up();
+    // The API node reconnects; the job accepted before the outage is still there.
+    assert_eq!(status(&api, &id)["state"], "queued");
+    // The visibility timeout outlasts the outage below: the running worker keeps its job.
+    let worker = Worker::start(&redis, 20, &[]);
+    assert_eq!(api.wait(&id)["state"], "done");
+
+    // A job running while Redis restarts, and an API node restarted meanwhile.
+    let id = submit(&api, 40, 9);
+    wait_running(&api, &id, &[&worker]);
+    api.terminate();
+    redis.down();
+    std::thread::sleep(Duration::from_millis(500));
+    redis.up();
+    api = api_node(&redis, &[]);
+    let v = api.wait(&id);
+    assert_eq!(v["state"], "done", "{v}");
+    assert_eq!(api.get(&format!("/api/v1/jobs/{id}/video")).status, 200);
+    assert_eq!(final_events(&api.events(&id)), ["done"]);
+}
+
+/// #19: SIGTERM on a worker hands its running job back at once, without counting the try: a
+/// second worker allowed a single attempt still runs it to the end.
+#[test]
+fn a_stopping_worker_hands_its_job_back() {
+    let redis = Redis::start();
+    let api = api_node(&redis, &[]);
+    let id = submit(&api, 20, 4);
+    let mut first = Worker::start(&redis, 30, &["--max-attempts", "1"]);
+    wait_running(&api, &id, &[&first]);
+    let _ = Command::new("kill").args(["-TERM", &first.pid().to_string()]).status();
+    let code = first.0.wait().unwrap();
+    assert!(code.success(), "the worker exits cleanly: {code:?}");
+    let v = status(&api, &id);
+    assert_eq!((v["state"].as_str(), v["position"].as_u64()), (Some("queued"), Some(1)), "{v}");
+    // Taken at once, not after the 30 s visibility timeout.
+    let second = Worker::start(&redis, 30, &["--max-attempts", "1"]);
+    let started = Instant::now();
+    wait_running(&api, &id, &[&second]);
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let v = api.wait(&id);
+    assert_eq!(v["state"], "done", "{v}");
+}
