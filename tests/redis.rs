@@ -5,81 +5,13 @@
 mod support;
 
 use serde_json::Value;
-use std::io::{Read, Write};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use support::redis::Redis;
 use support::{file, text, Server};
 
 const SUNSET: &str = "examples/images/sunset.png";
 const MODEL: &str = "fixtures/tiny-v";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-struct Redis {
-    child: Option<Child>,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl Redis {
-    fn start() -> Self {
-        let dir = std::env::temp_dir().join(format!("dynamicrafter-redis-{}-{}", std::process::id(), free_port()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut redis = Self { child: None, port: free_port(), dir };
-        redis.up();
-        redis
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Starts the server (again, on the same port and data).
-    fn up(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--appendonly", "yes", "--save", ""])
-            .arg("--dir")
-            .arg(&self.dir)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("starting redis-server (on Debian: apt-get install redis-server; .ci/run installs it)");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.ping().is_none() {
-            assert!(Instant::now() < deadline, "redis-server did not come up");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn ping(&self) -> Option<()> {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
-        s.write_all(b"PING\r\n").ok()?;
-        let mut reply = [0; 7];
-        s.read_exact(&mut reply).ok()?;
-        (&reply == b"+PONG\r\n").then_some(())
-    }
-
-    /// Stops the server the way an operator would (SIGTERM: it syncs its append-only file).
-    fn down(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// A `dynamicrafter worker` process.
 struct Worker(Child);
@@ -209,12 +141,18 @@ fn capacity_and_cancel_span_api_nodes() {
     assert!(refused.json()["error"].as_str().unwrap().contains("queue is full"));
     assert!(refused.header("retry-after").is_some());
     assert_eq!(status(&a, &queued)["position"], 2);
+    // Each node's /metrics shows the cluster.
+    assert_eq!(a.metric("dynamicrafter_queue_depth"), Some(2.0));
     let r = a.delete(&format!("/api/v1/jobs/{queued}"));
     assert_eq!((r.status, r.json()["state"].clone()), (200, Value::from("cancelled")));
     assert_eq!(status(&b, &queued)["state"], "cancelled");
 
     let worker = Worker::start(&redis, 2, &[]);
     wait_running(&b, &long, &[&worker]);
+    let name = status(&a, &long)["worker"].as_str().unwrap().to_string();
+    assert_eq!(b.metric(&format!("dynamicrafter_worker_up{{worker=\"{name}\"}}")), Some(1.0));
+    assert_eq!((b.metric("dynamicrafter_jobs_running"), b.metric("dynamicrafter_jobs_pending")), (Some(1.0), Some(1.0)));
+    assert_eq!(b.metric("dynamicrafter_queue_depth"), Some(0.0));
     let r = b.delete(&format!("/api/v1/jobs/{long}"));
     assert_eq!(r.status, 202, "{}", r.text());
     let at_cancel = status(&b, &long)["progress"]["step"].as_u64().unwrap();

@@ -4,6 +4,7 @@ mod support;
 
 use serde_json::{json, Value};
 use std::process::Command;
+use support::redis::Redis;
 use support::{file, text, Part, Server};
 
 const SUNSET: &str = "examples/images/sunset.png";
@@ -12,9 +13,23 @@ fn names(events: &[(String, Value)]) -> Vec<&str> {
     events.iter().map(|(n, _)| n.as_str()).collect()
 }
 
+/// Runs `test` on a server with `extra` flags on each job backend: in this process, and a shared
+/// Redis queue (with the worker in the node) — what the handlers see must not differ.
+fn on_each_backend(extra: &[&str], test: impl Fn(&Server)) {
+    test(&Server::start(extra));
+    let redis = Redis::start();
+    let url = redis.url();
+    let mut args = vec!["--queue", url.as_str()];
+    args.extend_from_slice(extra);
+    test(&Server::start(&args));
+}
+
 #[test]
 fn a_job_streams_its_events_in_order_and_equals_the_cli_run() {
-    let server = Server::start(&[]);
+    on_each_backend(&[], a_job_streams_its_events_in_order);
+}
+
+fn a_job_streams_its_events_in_order(server: &Server) {
     let id = server.submit(&[file("image", SUNSET), text("prompt", "waves at sunset"), text("steps", 3), text("seed", 7)]);
     let events = server.events(&id);
     assert_eq!(
@@ -80,7 +95,10 @@ fn a_job_streams_its_events_in_order_and_equals_the_cli_run() {
 
 #[test]
 fn concurrent_jobs_each_get_their_own_result() {
-    let server = Server::start(&["--workers", "2"]);
+    on_each_backend(&["--workers", "2"], concurrent_jobs);
+}
+
+fn concurrent_jobs(server: &Server) {
     let seeds = [11u64, 12, 13, 11];
     let ids: Vec<String> = std::thread::scope(|s| {
         let handles: Vec<_> = seeds
@@ -110,7 +128,10 @@ fn concurrent_jobs_each_get_their_own_result() {
 
 #[test]
 fn cancel_queued_and_running_jobs_and_refuse_past_the_queue_bound() {
-    let server = Server::start(&["--max-queue", "1"]);
+    on_each_backend(&["--max-queue", "1"], cancel_and_bound);
+}
+
+fn cancel_and_bound(server: &Server) {
     let long = || vec![file("image", SUNSET), text("prompt", "slow"), text("steps", 60)];
     let running = server.submit(&long());
     // Wait until it is denoising.

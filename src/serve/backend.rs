@@ -109,6 +109,10 @@ pub trait Backend: Send + Sync {
     fn shut_down(&self);
     /// Forgets jobs that ended more than `keep` ago (a shared store expires them itself).
     fn expire(&self, keep: Duration);
+    /// Brings the gauges of a store shared with other processes up to date (before `/metrics`).
+    fn refresh_metrics(&self) -> Result<(), Unavailable> {
+        Ok(())
+    }
 }
 
 /// How a job ended: its report and video, an error (`Some`), or cancelled (`None`).

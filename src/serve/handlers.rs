@@ -341,7 +341,11 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
 }
 
 #[utoipa::path(get, path = "/metrics", summary = "Prometheus metrics", responses((status = 200, description = "The metrics", content_type = "text/plain")))]
-pub async fn metrics_text() -> Response {
+pub async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
+    // A shared queue's gauges are read from it; when it is down the last values stand.
+    if let Ok(Err(e)) = call(&state, |b| b.refresh_metrics()).await {
+        tracing::warn!("metrics of the shared queue: {}", e.0);
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], metrics::render()).into_response()
 }
 

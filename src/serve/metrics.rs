@@ -14,6 +14,8 @@ pub const STEP_SECONDS: &str = "dynamicrafter_denoise_step_duration_seconds";
 pub const LOAD_SECONDS: &str = "dynamicrafter_model_load_seconds";
 pub const PEAK_RSS: &str = "dynamicrafter_peak_rss_bytes";
 pub const PEAK_GPU: &str = "dynamicrafter_peak_gpu_bytes";
+pub const PENDING: &str = "dynamicrafter_jobs_pending";
+pub const WORKER_UP: &str = "dynamicrafter_worker_up";
 
 /// Installs the process-wide recorder once and returns its handle.
 pub fn handle() -> &'static PrometheusHandle {
@@ -43,6 +45,8 @@ pub fn describe(load: Duration) {
     metrics::describe_gauge!(LOAD_SECONDS, metrics::Unit::Seconds, "Time the model took to load.");
     metrics::describe_gauge!(PEAK_RSS, metrics::Unit::Bytes, "Peak resident memory of the process.");
     metrics::describe_gauge!(PEAK_GPU, metrics::Unit::Bytes, "Peak GPU memory allocated by the process (GPU runs only).");
+    metrics::describe_gauge!(PENDING, "Shared queue: jobs claimed by a worker, live or not (a dead one's are taken over after the visibility timeout).");
+    metrics::describe_gauge!(WORKER_UP, "Shared queue: 1 for a worker seen in the last 10 s, 0 for one seen in the last hour.");
     gauge!(LOAD_SECONDS).set(load.as_secs_f64());
     gauge!(QUEUE_DEPTH).set(0.0);
     gauge!(RUNNING).set(0.0);
@@ -58,6 +62,17 @@ pub fn queue_depth(n: usize) {
 
 pub fn running(n: usize) {
     gauge!(RUNNING).set(n as f64);
+}
+
+/// The shared queue as a whole: waiting, claimed, claimed by live workers, and each worker's
+/// liveness.
+pub fn cluster(waiting: usize, pending: usize, running: usize, workers: &[(String, bool)]) {
+    queue_depth(waiting);
+    gauge!(PENDING).set(pending as f64);
+    gauge!(RUNNING).set(running as f64);
+    for (name, up) in workers {
+        gauge!(WORKER_UP, "worker" => name.clone()).set(if *up { 1.0 } else { 0.0 });
+    }
 }
 
 pub fn rejected() {

@@ -639,6 +639,27 @@ impl Backend for RedisQueue {
     fn expire(&self, _keep: Duration) {
         // Redis expires finished jobs itself (EXPIRE at the end of each).
     }
+
+    fn refresh_metrics(&self) -> Result<(), Unavailable> {
+        type Summary = (usize, Option<String>, Option<String>, Option<Vec<(String, usize)>>);
+        let (waiting, summary, seen) = self.with(|con| {
+            let waiting: usize = redis::cmd("LLEN").arg(&self.waiting).query(con)?;
+            let summary: Summary = redis::cmd("XPENDING").arg(&self.jobs_stream).arg(GROUP).query(con)?;
+            let seen: Vec<(String, f64)> = redis::cmd("HGETALL").arg(&self.workers).query(con)?;
+            Ok((waiting, summary, seen))
+        })?;
+        let now = now_unix();
+        // Workers gone for an hour are forgotten.
+        let gone: Vec<&String> = seen.iter().filter(|(_, t)| now - t > 3600.0).map(|(w, _)| w).collect();
+        if !gone.is_empty() {
+            self.with(|con| redis::cmd("HDEL").arg(&self.workers).arg(&gone).query::<()>(con))?;
+        }
+        let workers: Vec<(String, bool)> = seen.iter().filter(|(_, t)| now - t <= 3600.0).map(|(w, t)| (w.clone(), now - t < LIVENESS_SECONDS)).collect();
+        let live = |name: &str| workers.iter().any(|(w, up)| w == name && *up);
+        let running = summary.3.iter().flatten().filter(|(w, _)| live(w)).map(|(_, n)| n).sum();
+        metrics::cluster(waiting, summary.0, running, &workers);
+        Ok(())
+    }
 }
 
 impl WorkSource for RedisQueue {
