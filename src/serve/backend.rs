@@ -74,12 +74,11 @@ pub enum Video {
     Bytes(Vec<u8>),
 }
 
-/// How an event-stream reader waits for more.
-pub enum Wait {
-    /// Woken by the store on each new event.
-    Watch(watch::Receiver<usize>),
-    /// Asks again after this long.
-    Poll(Duration),
+/// How an event-stream reader waits for more: until the store signals a change, or at most
+/// a while (whichever comes first; neither set: at once).
+pub struct Wait {
+    pub changed: Option<watch::Receiver<usize>>,
+    pub at_most: Option<Duration>,
 }
 
 /// Events of a job from some index on.

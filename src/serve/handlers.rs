@@ -213,9 +213,23 @@ pub async fn events(
                 }
             }
             if c.pending.is_empty() && !c.ended {
-                match batch.wait {
-                    Wait::Watch(mut changed) => changed.changed().await.ok()?,
-                    Wait::Poll(d) => tokio::time::sleep(d).await,
+                let Wait { changed, at_most } = batch.wait;
+                let changed = async {
+                    match changed {
+                        Some(mut rx) => rx.changed().await.is_ok(),
+                        None => std::future::pending().await,
+                    }
+                };
+                let timeout = async {
+                    match at_most {
+                        Some(d) => tokio::time::sleep(d).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    // The store dropped the job (it expired): the stream ends.
+                    live = changed => if !live { return None },
+                    () = timeout => {},
                 }
             }
         }

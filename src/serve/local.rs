@@ -73,7 +73,7 @@ impl Backend for Local {
     }
 
     fn events_since(&self, id: &str, from: usize) -> Result<Option<EventBatch>, Unavailable> {
-        Ok(self.jobs.events_since(id, from).map(|(events, ended, changed)| EventBatch { events, ended, position: None, wait: Wait::Watch(changed) }))
+        Ok(self.jobs.events_since(id, from).map(|(events, ended, changed)| EventBatch { events, ended, position: None, wait: Wait { changed: Some(changed), at_most: None } }))
     }
 
     fn video(&self, id: &str) -> Result<Option<(State, Option<Video>)>, Unavailable> {

@@ -22,11 +22,13 @@ use super::state::Limits;
 use dynamicrafter_engine::{ModeKind, Report, Request};
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use redis::{Client, Connection, RedisError, RedisResult, Script};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
 
 const GROUP: &str = "workers";
 /// How long XREADGROUP blocks before a worker checks whether it is stopping.
@@ -74,6 +76,64 @@ pub struct RedisQueue {
     /// Cancel flags of the jobs this process runs, raised when it stops.
     running: Mutex<Vec<Arc<AtomicBool>>>,
     scripts: Scripts,
+    /// Wakes event-stream readers when their job publishes (started with the first reader).
+    notifier: Arc<Notifier>,
+    notifier_started: std::sync::Once,
+}
+
+/// One subscription per API node to every job's change notices (`PUBLISH` from the scripts),
+/// fanned out to the event-stream readers of this node.
+#[derive(Default)]
+struct Notifier {
+    readers: Mutex<HashMap<String, watch::Sender<usize>>>,
+    /// Subscribed now: readers may wait for a notice (else they poll).
+    up: AtomicBool,
+}
+
+impl Notifier {
+    const CHANNELS: &'static str = "dynamicrafter:events:*";
+
+    fn watch(&self, id: &str) -> watch::Receiver<usize> {
+        let mut readers = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+        readers.retain(|_, tx| tx.receiver_count() > 0);
+        readers.entry(id.to_string()).or_insert_with(|| watch::channel(0).0).subscribe()
+    }
+
+    fn wake(&self, id: Option<&str>) {
+        let readers = self.readers.lock().unwrap_or_else(|e| e.into_inner());
+        let bump = |tx: &watch::Sender<usize>| tx.send_modify(|n| *n += 1);
+        match id {
+            Some(id) => readers.get(id).into_iter().for_each(bump),
+            None => readers.values().for_each(bump),
+        }
+    }
+
+    /// Listens until the process ends, resubscribing after an outage.
+    fn listen(&self, client: &Client) {
+        loop {
+            let result = (|| -> RedisResult<()> {
+                let mut con = client.get_connection_with_timeout(Duration::from_secs(2))?;
+                let mut pubsub = con.as_pubsub();
+                pubsub.psubscribe(Self::CHANNELS)?;
+                pubsub.set_read_timeout(None)?;
+                self.up.store(true, Ordering::Relaxed);
+                // Notices sent while we were not listening are read by the readers' next poll.
+                self.wake(None);
+                loop {
+                    let msg = pubsub.get_message()?;
+                    if let Some(id) = msg.get_channel_name().strip_prefix("dynamicrafter:events:") {
+                        self.wake(Some(id));
+                    }
+                }
+            })();
+            self.up.store(false, Ordering::Relaxed);
+            if let Err(e) = result {
+                tracing::debug!("event notices: {e}");
+            }
+            self.wake(None);
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
 }
 
 /// A worker's hold on a job.
@@ -85,7 +145,8 @@ pub struct Claim {
     user_cancel: Arc<AtomicBool>,
     /// Another worker has taken the job over: nothing this attempt writes counts.
     lost: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
+    /// Dropped to stop the heartbeat (it wakes at once).
+    stop: Option<mpsc::Sender<()>>,
     heartbeat: Option<JoinHandle<()>>,
 }
 
@@ -124,6 +185,7 @@ impl Scripts {
                 redis.call('HSET', KEYS[1], 'state', state)
                 redis.call('HDEL', KEYS[1], {PAYLOAD}, 'progress')
                 redis.call('RPUSH', KEYS[2], event)
+                redis.call('PUBLISH', 'dynamicrafter:events:' .. ARGV[1], '')
                 redis.call('LREM', KEYS[3], 0, ARGV[1])
                 local keep = tonumber(redis.call('HGET', KEYS[1], 'keep') or '3600')
                 redis.call('EXPIRE', KEYS[1], keep)
@@ -151,12 +213,13 @@ impl Scripts {
             local f = redis.call('HMGET', KEYS[1], 'spec', 'image', 'image2')
             return {{'run', attempt, f[1] or '', f[2] or '', f[3] or ''}}"
         );
-        // KEYS job, events; ARGV attempt, progress JSON, event JSON. -1 when the job is no longer
-        // this attempt's, else its cancel flag.
+        // KEYS job, events; ARGV attempt, progress JSON, event JSON, id. -1 when the job is no
+        // longer this attempt's, else its cancel flag.
         let progress = r"
             if redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'state') ~= 'running' then return -1 end
             redis.call('HSET', KEYS[1], 'progress', ARGV[2])
             redis.call('RPUSH', KEYS[2], ARGV[3])
+            redis.call('PUBLISH', 'dynamicrafter:events:' .. ARGV[4], '')
             if redis.call('HGET', KEYS[1], 'cancel') == '1' then return 1 end
             return 0";
         // ARGV[4] attempt, [5] state, [6] event JSON, [7] report JSON, [8] error, [9] video,
@@ -188,6 +251,7 @@ impl Scripts {
             redis.call('HDEL', KEYS[1], 'worker', 'progress')
             redis.call('LPUSH', KEYS[3], ARGV[1])
             redis.call('RPUSH', KEYS[2], cjson.encode({event = 'position', position = 1}))
+            redis.call('PUBLISH', 'dynamicrafter:events:' .. ARGV[1], '')
             redis.call('XCLAIM', KEYS[4], ARGV[2], ARGV[5], 0, ARGV[3], 'IDLE', 1000000000000, 'JUSTID')
             return 1";
         // KEYS job, events, waiting, stream(unused); ARGV id. A waiting job ends at once; a
@@ -265,6 +329,8 @@ impl RedisQueue {
             retry_after: AtomicU64::new(1),
             running: Mutex::default(),
             scripts: Scripts::new(),
+            notifier: Arc::default(),
+            notifier_started: std::sync::Once::new(),
         };
         queue.with(|con| {
             let version: String = redis::cmd("INFO").arg("server").query(con)?;
@@ -400,7 +466,7 @@ impl RedisQueue {
             consumer: consumer.to_string(),
             user_cancel: Arc::default(),
             lost: Arc::default(),
-            stop: Arc::default(),
+            stop: None,
             heartbeat: None,
         };
         let (request, fps) = match self.rebuild(&spec, &image, &image2) {
@@ -412,7 +478,9 @@ impl RedisQueue {
                 return Ok(None);
             }
         };
-        claim.heartbeat = Some(self.heartbeat(id, &claim, cancel.clone()));
+        let (stop, stopped) = mpsc::channel();
+        claim.stop = Some(stop);
+        claim.heartbeat = Some(self.heartbeat(id, &claim, cancel.clone(), stopped));
         self.running.lock().unwrap_or_else(|e| e.into_inner()).push(cancel.clone());
         if self.closing.load(Ordering::Relaxed) {
             cancel.store(true, Ordering::Relaxed);
@@ -432,10 +500,10 @@ impl RedisQueue {
     }
 
     /// A thread that keeps the job's entry from going idle and watches its cancel flag.
-    fn heartbeat(&self, id: &str, claim: &Claim, cancel: Arc<AtomicBool>) -> JoinHandle<()> {
+    fn heartbeat(&self, id: &str, claim: &Claim, cancel: Arc<AtomicBool>, stopped: mpsc::Receiver<()>) -> JoinHandle<()> {
         let client = self.client.clone();
         let (job, stream, consumer, entry, attempt) = (job_key(id), self.jobs_stream.clone(), claim.consumer.clone(), claim.entry.clone(), claim.attempt);
-        let (stop, lost, user_cancel) = (claim.stop.clone(), claim.lost.clone(), claim.user_cancel.clone());
+        let (lost, user_cancel) = (claim.lost.clone(), claim.user_cancel.clone());
         let workers = self.workers.clone();
         // KEYS job, stream, workers; ARGV attempt, group, consumer, entry, now. Keeps the entry
         // from going idle; -1 when the job is no longer this attempt's, else its cancel flag.
@@ -449,7 +517,8 @@ impl RedisQueue {
         );
         std::thread::spawn(move || {
             let mut con: Option<Connection> = None;
-            while !stop.load(Ordering::Relaxed) {
+            let mut down = false;
+            loop {
                 if con.is_none() {
                     con = client.get_connection_with_timeout(Duration::from_secs(2)).ok();
                     if let Some(c) = &con {
@@ -469,12 +538,17 @@ impl RedisQueue {
                         }
                         Ok(_) => {}
                         Err(e) => {
-                            tracing::warn!(worker = %consumer, "heartbeat: {e}");
+                            if !down {
+                                tracing::warn!(worker = %consumer, "heartbeat: {e}; retrying");
+                            }
                             con = None;
                         }
                     }
                 }
-                std::thread::sleep(HEARTBEAT);
+                down = con.is_none();
+                if !matches!(stopped.recv_timeout(HEARTBEAT), Err(mpsc::RecvTimeoutError::Timeout)) {
+                    break;
+                }
             }
         })
     }
@@ -482,7 +556,7 @@ impl RedisQueue {
     fn progress(&self, job: &Taken, info: ProgressInfo, event: Event) {
         let Ticket::Redis(claim) = &job.ticket else { return };
         let (info, event) = (serde_json::to_string(&info).unwrap_or_default(), serde_json::to_string(&event).unwrap_or_default());
-        let r = self.with(|con| self.scripts.progress.key(job_key(&job.id)).key(events_key(&job.id)).arg(claim.attempt).arg(&info).arg(&event).invoke::<i64>(con));
+        let r = self.with(|con| self.scripts.progress.key(job_key(&job.id)).key(events_key(&job.id)).arg(claim.attempt).arg(&info).arg(&event).arg(&job.id).invoke::<i64>(con));
         match r {
             Ok(-1) => {
                 claim.lost.store(true, Ordering::Relaxed);
@@ -592,6 +666,15 @@ impl Backend for RedisQueue {
     }
 
     fn events_since(&self, id: &str, from: usize) -> Result<Option<EventBatch>, Unavailable> {
+        self.notifier_started.call_once(|| {
+            let (notifier, client) = (self.notifier.clone(), self.client.clone());
+            let spawned = std::thread::Builder::new().name("event-notices".into()).spawn(move || notifier.listen(&client));
+            if let Err(e) = spawned {
+                tracing::warn!("event notices: {e}; event streams poll instead");
+            }
+        });
+        // Watching before reading: a notice between the read and the wait still wakes us.
+        let changed = self.notifier.watch(id);
         let (state, events, position): (Option<String>, Vec<String>, Option<usize>) = self.with(|con| {
             // One transaction: when the state read is final, every event is in the list read.
             let (state, events): (Option<String>, Vec<String>) =
@@ -600,7 +683,12 @@ impl Backend for RedisQueue {
         })?;
         let Some(state) = state.as_deref().and_then(State::from_name) else { return Ok(None) };
         let events = events.iter().filter_map(|e| serde_json::from_str(e).ok()).collect();
-        Ok(Some(EventBatch { events, ended: state.is_final(), position, wait: Wait::Poll(Duration::from_millis(100)) }))
+        // Notices wake a reader at once; queue moves (no notice) and outages are caught by a poll.
+        let wait = match self.notifier.up.load(Ordering::Relaxed) {
+            true => Wait { changed: Some(changed), at_most: Some(Duration::from_secs(1)) },
+            false => Wait { changed: None, at_most: Some(Duration::from_millis(250)) },
+        };
+        Ok(Some(EventBatch { events, ended: state.is_final(), position, wait }))
     }
 
     fn video(&self, id: &str) -> Result<Option<(State, Option<Video>)>, Unavailable> {
@@ -703,7 +791,7 @@ impl WorkSource for RedisQueue {
 
     fn finish(&self, job: Taken, outcome: Outcome) -> bool {
         let Ticket::Redis(mut claim) = job.ticket else { return false };
-        claim.stop.store(true, Ordering::Relaxed);
+        drop(claim.stop.take());
         if let Some(h) = claim.heartbeat.take() {
             let _ = h.join();
         }

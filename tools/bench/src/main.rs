@@ -23,8 +23,9 @@ use std::time::Instant;
 
 /// What `bench` runs when no case is named: everything that fits a small CPU machine.
 const DEFAULT_CASES: [&str; 11] = ["unet-256", "vae-decode-256", "clip-image", "clip-text", "tiny-pipeline", "samplers", "ops", "serve-vs-cli", "quant-256", "bf16-256", "load"];
-/// Named only: GPU-sized work (hours on a CPU; long-video-256 some ten minutes).
-const GPU_CASES: [&str; 7] = ["unet-512", "unet-1024", "pipeline-256", "pipeline-512", "pipeline-1024", "ops-1024", "long-video-256"];
+/// Named only: GPU-sized work (hours on a CPU; long-video-256 some ten minutes), and queue
+/// (it needs redis-server).
+const GPU_CASES: [&str; 8] = ["unet-512", "unet-1024", "pipeline-256", "pipeline-512", "pipeline-1024", "ops-1024", "long-video-256", "queue"];
 
 #[derive(Parser)]
 #[command(name = "dynamicrafter-bench", about = "Time dynamicrafter's networks, pipeline and ops with random weights")]
@@ -41,7 +42,9 @@ struct BenchArgs {
     /// latents) and pipeline-256, pipeline-512, pipeline-1024 (a whole run of the preset with
     /// random weights: 16 frames, 50 steps, CFG 7.5, with per-stage times and peak GPU memory),
     /// ops-1024 (the UNet's ops at the 576×1024 model's first-level shapes, on the device and in
-    /// the precision of the run: where a GPU forward spends its time).
+    /// the precision of the run: where a GPU forward spends its time), queue (tiny-v jobs through
+    /// a shared Redis queue, started here: latency against the in-process queue, jobs/min with
+    /// 1 and 2 workers; needs redis-server).
     cases: Vec<String>,
     /// Timed runs per case, after one warm-up run.
     #[arg(long, default_value_t = 3)]
@@ -184,6 +187,7 @@ fn run(args: BenchArgs) -> Result<()> {
             "samplers" => results.extend(networks::samplers(args.runs, &target)?),
             "long-video-256" => results.extend(networks::long_video_256(&target)?),
             "serve-vs-cli" => results.extend(serve::serve_vs_cli(args.runs)?),
+            "queue" => results.extend(serve::queue(args.runs)?),
             _ => results.extend(ops::ops(args.runs)?),
         }
     }
