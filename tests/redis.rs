@@ -248,3 +248,41 @@ fn a_stopping_worker_hands_its_job_back() {
     let v = api.wait(&id);
     assert_eq!(v["state"], "done", "{v}");
 }
+
+/// #19: `batch --queue` fans a prompt folder out as jobs to the cluster and writes each video as
+/// its job ends, the same bytes as a local `batch`; a second run skips what exists.
+#[test]
+fn batch_fans_out_to_the_cluster_and_resumes() {
+    let redis = Redis::start();
+    let _workers = [Worker::start(&redis, 30, &[]), Worker::start(&redis, 30, &[])];
+    let dir = std::env::temp_dir().join(format!("dynamicrafter-redis-batch-{}", std::process::id()));
+    let (prompts, local, shared) = (dir.join("prompts"), dir.join("local"), dir.join("shared"));
+    std::fs::create_dir_all(&prompts).unwrap();
+    for name in ["sunset.png", "balloon.png", "test_card.png"] {
+        std::fs::copy(support::repo().join("examples/images").join(name), prompts.join(name)).unwrap();
+    }
+    std::fs::write(prompts.join("prompts.txt"), "a balloon drifts\nwaves\nthe colours shimmer\n").unwrap();
+    let batch = |out: &std::path::Path, queue: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dynamicrafter"));
+        cmd.current_dir(support::repo()).args(["batch", "--model", MODEL, "--steps", "2", "--seed", "5"]).arg("--prompt-dir").arg(&prompts).arg("--out-dir").arg(out);
+        if let Some(url) = queue {
+            cmd.args(["--queue", url]);
+        }
+        let o = cmd.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    batch(&local, None);
+    let log = batch(&shared, Some(&redis.url()));
+    assert_eq!(log.matches("queued as job").count(), 3, "{log}");
+    let names = ["balloon_sample0.mp4", "sunset_sample0.mp4", "test_card_sample0.mp4"];
+    for name in names {
+        assert!(std::fs::read(shared.join(name)).unwrap() == std::fs::read(local.join(name)).unwrap(), "{name} differs from the local batch's");
+    }
+    std::fs::remove_file(shared.join(names[1])).unwrap();
+    let log = batch(&shared, Some(&redis.url()));
+    assert_eq!((log.matches("exists, skipped").count(), log.matches("queued as job").count()), (2, 1), "{log}");
+    assert!(std::fs::read(shared.join(names[1])).unwrap() == std::fs::read(local.join(names[1])).unwrap());
+    assert!(std::fs::read_dir(&shared).unwrap().all(|e| e.unwrap().path().extension().is_some_and(|x| x == "mp4")), "no temp file left");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -28,6 +28,11 @@ pub struct BatchArgs {
     /// Network config when the model does not say: a preset name or a config.json.
     #[arg(long)]
     pub config: Option<String>,
+    /// Run the items on a shared queue's workers (redis://HOST:PORT[/DB], as `serve --queue`)
+    /// instead of in this process; items whose output exists are skipped, so an interrupted run
+    /// goes on where it stopped.
+    #[arg(long, value_name = "URL")]
+    pub queue: Option<String>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
     #[command(flatten)]
@@ -104,12 +109,26 @@ fn distinct_stems(items: &mut [Item]) -> Result<()> {
     Ok(())
 }
 
+fn mode_of(args: &BatchArgs, item: &Item) -> Result<Mode> {
+    Ok(if args.interp {
+        let end = item.images.get(1).context("interpolation needs an even number of images")?;
+        Mode::Interpolate { end: read_image(end)? }
+    } else if args.loop_video {
+        Mode::Loop
+    } else {
+        Mode::ImageToVideo
+    })
+}
+
 /// Returns whether every item succeeded.
 pub fn run(args: BatchArgs) -> Result<bool> {
     let settings = Settings::new(args.sampling.clone(), &args.output)?;
     let items = list_inputs(&args.prompt_dir, args.interp)?;
     std::fs::create_dir_all(&args.out_dir).with_context(|| format!("output folder {}", args.out_dir.display()))?;
     let source = model_source::resolve(&args.model, args.config.as_deref())?;
+    if let Some(url) = &args.queue {
+        return run_on_queue(&args, url, &settings, &items, &source);
+    }
     let mut view = ProgressView::new(settings.quiet);
     let start = Instant::now();
     let pipeline = settings.load(&source)?;
@@ -122,14 +141,7 @@ pub fn run(args: BatchArgs) -> Result<bool> {
         let result = (|| -> Result<_> {
             let prompt = item.prompt.as_deref().context("no prompt line for this image")?;
             let image = read_image(&item.images[0])?;
-            let mode = if args.interp {
-                let end = item.images.get(1).context("interpolation needs an even number of images")?;
-                Mode::Interpolate { end: read_image(end)? }
-            } else if args.loop_video {
-                Mode::Loop
-            } else {
-                Mode::ImageToVideo
-            };
+            let mode = mode_of(&args, item)?;
             let req = settings.request(&source.config, image, mode, prompt);
             let outputs: Vec<PathBuf> = (0..settings.n_samples)
                 .map(|s| args.out_dir.join(format!("{}_sample{s}.{ext}", item.stem)))
@@ -152,5 +164,149 @@ pub fn run(args: BatchArgs) -> Result<bool> {
         write_json(path, &reports)?;
     }
     eprintln!("{} of {} done{}", items.len() - failed, items.len(), if failed > 0 { format!(", {failed} failed") } else { String::new() });
+    Ok(failed == 0)
+}
+
+/// `batch --queue`: every item whose output is missing becomes a job on the shared queue (in
+/// order, waiting while the queue is full); each video is written as its job ends.
+fn run_on_queue(args: &BatchArgs, url: &str, settings: &Settings, items: &[Item], source: &model_source::ModelSource) -> Result<bool> {
+    use crate::serve::backend::{Backend, NewJob, SubmitError};
+    use crate::serve::jobs::State;
+    use std::time::Duration;
+    if settings.format != dynamicrafter_video::Format::Mp4 {
+        bail!("--queue: workers write MP4; drop --format {}", settings.format.extension());
+    }
+    if settings.n_samples != 1 {
+        bail!("--queue runs one sample per item; drop --n-samples (or give each sample its own --seed run)");
+    }
+    // The same bound as `serve`'s default --max-queue: this run waits rather than crowding out
+    // other clients.
+    let (queue, scratch) = crate::serve::connect_queue(url, &args.model, &Default::default(), 12, Duration::from_secs(24 * 3600), settings.fps)?;
+    let _ = std::fs::remove_dir_all(&scratch);
+    let cfg = &source.config;
+    let mut failed = 0;
+    let mut skipped = 0;
+    let mut pending = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let label = format!("[{}/{}] {}", i + 1, items.len(), item.stem);
+        let out = args.out_dir.join(format!("{}_sample0.mp4", item.stem));
+        if out.exists() {
+            skipped += 1;
+            if !settings.quiet {
+                eprintln!("{label}: {} exists, skipped", out.display());
+            }
+            continue;
+        }
+        let build = || -> Result<NewJob> {
+            let prompt = item.prompt.as_deref().context("no prompt line for this image")?;
+            let request = settings.request(cfg, read_image(&item.images[0])?, mode_of(args, item)?, prompt);
+            let s = &request.sampling;
+            s.validate(cfg, request.mode.kind()).map_err(|e| anyhow::anyhow!("{}: {}", e.knob, e.message))?;
+            dynamicrafter_engine::preprocess::check_resizable(&request.image, s.height, s.width, "image")?;
+            // The workers decode the files as sent, as `serve` does an upload.
+            let image = std::fs::read(&item.images[0])?;
+            let image2 = if args.interp { Some(std::fs::read(&item.images[1])?) } else { None };
+            Ok(NewJob { request, image, image2 })
+        };
+        let mut told = false;
+        let submitted = loop {
+            let job = match build() {
+                Ok(job) => job,
+                Err(e) => break Err(e),
+            };
+            match queue.submit(job) {
+                Ok((id, _)) => break Ok(id),
+                Err(SubmitError::Full { capacity }) => {
+                    if !told && !settings.quiet {
+                        eprintln!("{label}: the queue is full ({capacity} waiting); waiting");
+                        told = true;
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                Err(SubmitError::Closed) => bail!("the queue is closing"),
+                Err(SubmitError::Unavailable(e)) => bail!("the job queue at {url} is unavailable: {}", e.0),
+            }
+        };
+        let id = match submitted {
+            Ok(id) => id,
+            Err(e) => {
+                failed += 1;
+                eprintln!("dynamicrafter: {label}: skipped: {e:#}");
+                continue;
+            }
+        };
+        if !settings.quiet {
+            eprintln!("{label}: queued as job {id}");
+        }
+        pending.push((id, label, out));
+    }
+    let mut reports = Vec::new();
+    while !pending.is_empty() {
+        std::thread::sleep(Duration::from_millis(250));
+        let mut still = Vec::new();
+        for (id, label, out) in pending {
+            let view = match queue.view(&id) {
+                Ok(Some(v)) => v,
+                Ok(None) => {
+                    failed += 1;
+                    eprintln!("dynamicrafter: {label}: job {id} is gone from the queue (expired?)");
+                    continue;
+                }
+                // Redis away for a moment: ask again.
+                Err(_) => {
+                    still.push((id, label, out));
+                    continue;
+                }
+            };
+            match view.state {
+                State::Queued | State::Running => still.push((id, label, out)),
+                State::Done => {
+                    let video = match queue.video(&id) {
+                        Ok(Some((_, Some(crate::serve::backend::Video::Bytes(bytes))))) => bytes,
+                        _ => {
+                            still.push((id, label, out));
+                            continue;
+                        }
+                    };
+                    let written = (|| -> Result<()> {
+                        let mut tmp = tempfile::NamedTempFile::new_in(&args.out_dir)?;
+                        std::io::Write::write_all(&mut tmp, &video)?;
+                        tmp.persist(&out)?;
+                        Ok(())
+                    })();
+                    match written {
+                        Ok(()) => {
+                            if !settings.quiet {
+                                eprintln!("{label}: wrote {}{}", out.display(), view.worker.map(|w| format!(" (worker {w})")).unwrap_or_default());
+                            }
+                            if let Some(report) = view.report {
+                                eprint!("{}", report.to_text());
+                                reports.push(report);
+                            }
+                        }
+                        Err(e) => {
+                            failed += 1;
+                            eprintln!("dynamicrafter: {label}: writing {}: {e:#}", out.display());
+                        }
+                    }
+                }
+                State::Failed | State::Cancelled => {
+                    failed += 1;
+                    eprintln!("dynamicrafter: {label}: {}: {}", view.state.name(), view.error.unwrap_or_default());
+                }
+            }
+        }
+        pending = still;
+    }
+    if let Some(path) = &args.output.report_json {
+        write_json(path, &reports)?;
+    }
+    let total = items.len();
+    eprintln!(
+        "{} of {total} done{}{}",
+        total - failed - skipped,
+        if skipped > 0 { format!(", {skipped} already there") } else { String::new() },
+        if failed > 0 { format!(", {failed} failed") } else { String::new() }
+    );
     Ok(failed == 0)
 }

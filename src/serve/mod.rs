@@ -17,16 +17,16 @@
 //! | `worker.rs` | the worker loop, and the `worker` command |
 //! | `metrics.rs` | Prometheus metrics |
 
-mod backend;
+pub(crate) mod backend;
 mod error;
 mod form;
 mod handlers;
-mod jobs;
+pub(crate) mod jobs;
 mod local;
 mod metrics;
 mod openapi;
 mod queue;
-mod redis_queue;
+pub(crate) mod redis_queue;
 mod state;
 mod worker;
 
@@ -98,11 +98,18 @@ pub struct ServeArgs {
 pub struct ClusterArgs {
     /// Seconds a running job may go without its worker's heartbeat before another worker
     /// takes it over (with --queue).
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    #[arg(long, default_value_t = ClusterArgs::default().visibility_timeout, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub visibility_timeout: u64,
     /// Starts of one job before it is failed as poison (its workers keep dying; with --queue).
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    #[arg(long, default_value_t = ClusterArgs::default().max_attempts, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub max_attempts: u32,
+}
+
+impl Default for ClusterArgs {
+    /// The flags' defaults.
+    fn default() -> Self {
+        Self { visibility_timeout: 30, max_attempts: 3 }
+    }
 }
 
 /// The name a shared queue is keyed by: a preset or repo id as given, a checkpoint file or
@@ -117,8 +124,9 @@ fn queue_model_name(model: &str) -> String {
     model.to_string()
 }
 
-/// The shared queue for `model`, checked to answer.
-fn connect_queue(url: &str, model: &str, cluster: &ClusterArgs, capacity: usize, keep: Duration, fps: f64) -> Result<(Arc<redis_queue::RedisQueue>, PathBuf)> {
+/// The shared queue for `model`, checked to answer, and a scratch folder for this process's
+/// workers (removed by the caller).
+pub(crate) fn connect_queue(url: &str, model: &str, cluster: &ClusterArgs, capacity: usize, keep: Duration, fps: f64) -> Result<(Arc<redis_queue::RedisQueue>, PathBuf)> {
     let scratch = std::env::temp_dir().join(format!("dynamicrafter-worker-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).with_context(|| format!("scratch folder {}", scratch.display()))?;
     let queue = redis_queue::RedisQueue::connect(redis_queue::Options {
