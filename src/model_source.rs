@@ -12,6 +12,46 @@ pub struct ModelSource {
     pub weights: PathBuf,
 }
 
+/// A model named and configured, its weights not fetched yet (an API node never needs them).
+pub struct ModelSpec {
+    pub name: String,
+    pub config: ModelConfig,
+    location: Location,
+}
+
+enum Location {
+    File(PathBuf),
+    Hub(String),
+}
+
+impl ModelSpec {
+    /// The weight file, downloaded first if it is a repo's and not in the cache.
+    pub fn fetch(self) -> Result<ModelSource> {
+        let weights = match self.location {
+            Location::File(path) => path,
+            Location::Hub(repo) => download(&repo, "model.ckpt")?,
+        };
+        Ok(ModelSource { name: self.name, config: self.config, weights })
+    }
+
+    /// What a shared queue is keyed by: a repo id (presets are theirs), a checkpoint file or
+    /// folder by its name, so nodes that keep it at different paths still meet.
+    pub fn queue_name(&self) -> String {
+        match &self.location {
+            Location::Hub(repo) => repo.clone(),
+            Location::File(_) => {
+                let given = Path::new(&self.name);
+                let name = if given.is_dir() { given.file_name() } else { given.file_stem() };
+                name.map_or_else(|| self.name.clone(), |n| n.to_string_lossy().into_owned())
+            }
+        }
+    }
+}
+
+pub fn resolve(model: &str, config: Option<&str>) -> Result<ModelSource> {
+    describe(model, config)?.fetch()
+}
+
 fn config_from(arg: &str) -> Result<ModelConfig> {
     if arg.ends_with(".json") {
         Ok(ModelConfig::from_json_file(Path::new(arg))?)
@@ -22,7 +62,7 @@ fn config_from(arg: &str) -> Result<ModelConfig> {
 
 const WEIGHT_FILES: [&str; 2] = ["model.safetensors", "model.ckpt"];
 
-pub fn resolve(model: &str, config: Option<&str>) -> Result<ModelSource> {
+pub fn describe(model: &str, config: Option<&str>) -> Result<ModelSpec> {
     let path = Path::new(model);
     if path.is_dir() {
         let weights = WEIGHT_FILES
@@ -39,13 +79,13 @@ pub fn resolve(model: &str, config: Option<&str>) -> Result<ModelSource> {
                 Preset::names()
             ),
         };
-        return Ok(ModelSource { name: model.to_string(), config, weights });
+        return Ok(ModelSpec { name: model.to_string(), config, location: Location::File(weights) });
     }
     if path.is_file() {
         let Some(c) = config else {
             bail!("model file {}: pass --config with a preset ({}) or a config.json", path.display(), Preset::names())
         };
-        return Ok(ModelSource { name: model.to_string(), config: config_from(c)?, weights: path.to_path_buf() });
+        return Ok(ModelSpec { name: model.to_string(), config: config_from(c)?, location: Location::File(path.to_path_buf()) });
     }
     let (repo, preset) = match (Preset::from_name(model), Preset::from_repo(model)) {
         (Some(p), _) => (p.repo().to_string(), Some(p)),
@@ -62,8 +102,7 @@ pub fn resolve(model: &str, config: Option<&str>) -> Result<ModelSource> {
         (None, Some(p)) => p.config(),
         (None, None) => bail!("repo {repo}: pass --config with a preset ({}) or a config.json", Preset::names()),
     };
-    let weights = download(&repo, "model.ckpt")?;
-    Ok(ModelSource { name: repo, config, weights })
+    Ok(ModelSpec { name: repo.clone(), config, location: Location::Hub(repo) })
 }
 
 /// The file from the standard Hugging Face cache (`HF_HOME` respected), downloading it with a

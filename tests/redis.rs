@@ -286,3 +286,42 @@ fn batch_fans_out_to_the_cluster_and_resumes() {
     assert!(std::fs::read_dir(&shared).unwrap().all(|e| e.unwrap().path().extension().is_some_and(|x| x == "mp4")), "no temp file left");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// #19: a pure API node (`--workers 0`) loads no weights: it serves a preset whose checkpoint is
+/// nowhere on this machine, checking requests against the preset's config.
+#[test]
+fn an_api_node_needs_no_weights() {
+    use std::io::{BufRead, BufReader};
+    let redis = Redis::start();
+    let empty_cache = std::env::temp_dir().join(format!("dynamicrafter-redis-hf-{}", std::process::id()));
+    std::fs::create_dir_all(&empty_cache).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dynamicrafter"))
+        .current_dir(support::repo())
+        .args(["serve", "--model", "256", "--port", "0", "--workers", "0", "--queue", &redis.url()])
+        .env("HF_HOME", &empty_cache)
+        .env("HF_HUB_OFFLINE", "1")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let url = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
+    let get = |path: &str| -> Value { ureq::get(&format!("{url}{path}")).call().unwrap().into_json().unwrap() };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ureq::get(&format!("{url}/healthz")).call().is_err() {
+        assert!(Instant::now() < deadline, "the API node did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let model = get("/api/v1/model");
+    assert_eq!((model["model"].as_str(), model["width"].as_u64(), model["device"].as_str()), (Some("Doubiiu/DynamiCrafter"), Some(256), Some("workers")), "{model}");
+    let (content_type, body) = support::multipart(&[file("image", SUNSET), text("prompt", "waves"), text("steps", 100)]);
+    let refused = ureq::post(&format!("{url}/api/v1/jobs")).set("Content-Type", &content_type).send_bytes(&body);
+    let Err(ureq::Error::Status(422, resp)) = refused else { panic!("steps 100 is out of the 256 model's range: {refused:?}") };
+    assert_eq!(resp.into_json::<Value>().unwrap()["field"], "steps");
+    let (content_type, body) = support::multipart(&[file("image", SUNSET), text("prompt", "waves")]);
+    let accepted: Value = ureq::post(&format!("{url}/api/v1/jobs")).set("Content-Type", &content_type).send_bytes(&body).unwrap().into_json().unwrap();
+    assert_eq!(get(&format!("/api/v1/jobs/{}", accepted["id"].as_str().unwrap()))["state"], "queued");
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&empty_cache);
+}

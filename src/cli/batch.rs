@@ -125,10 +125,12 @@ pub fn run(args: BatchArgs) -> Result<bool> {
     let settings = Settings::new(args.sampling.clone(), &args.output)?;
     let items = list_inputs(&args.prompt_dir, args.interp)?;
     std::fs::create_dir_all(&args.out_dir).with_context(|| format!("output folder {}", args.out_dir.display()))?;
-    let source = model_source::resolve(&args.model, args.config.as_deref())?;
+    let spec = model_source::describe(&args.model, args.config.as_deref())?;
     if let Some(url) = &args.queue {
-        return run_on_queue(&args, url, &settings, &items, &source);
+        // The workers hold the weights; this process only needs the config.
+        return run_on_queue(&args, url, &settings, &items, &spec);
     }
+    let source = spec.fetch()?;
     let mut view = ProgressView::new(settings.quiet);
     let start = Instant::now();
     let pipeline = settings.load(&source)?;
@@ -169,7 +171,7 @@ pub fn run(args: BatchArgs) -> Result<bool> {
 
 /// `batch --queue`: every item whose output is missing becomes a job on the shared queue (in
 /// order, waiting while the queue is full); each video is written as its job ends.
-fn run_on_queue(args: &BatchArgs, url: &str, settings: &Settings, items: &[Item], source: &model_source::ModelSource) -> Result<bool> {
+fn run_on_queue(args: &BatchArgs, url: &str, settings: &Settings, items: &[Item], model: &model_source::ModelSpec) -> Result<bool> {
     use crate::serve::backend::{Backend, NewJob, SubmitError};
     use crate::serve::jobs::State;
     use std::time::Duration;
@@ -181,9 +183,9 @@ fn run_on_queue(args: &BatchArgs, url: &str, settings: &Settings, items: &[Item]
     }
     // The same bound as `serve`'s default --max-queue: this run waits rather than crowding out
     // other clients.
-    let (queue, scratch) = crate::serve::connect_queue(url, &args.model, &Default::default(), 12, Duration::from_secs(24 * 3600), settings.fps)?;
+    let (queue, scratch) = crate::serve::connect_queue(url, model, &Default::default(), 12, Duration::from_secs(24 * 3600), settings.fps)?;
     let _ = std::fs::remove_dir_all(&scratch);
-    let cfg = &source.config;
+    let cfg = &model.config;
     let mut failed = 0;
     let mut skipped = 0;
     let mut pending = Vec::new();

@@ -125,7 +125,7 @@ impl JobForm {
     /// Checks the job against the model and the limits; the knobs it does not set take the
     /// model's defaults for its mode.
     pub fn check(self, state: &AppState) -> Result<NewJob, ApiError> {
-        let cfg = state.pipeline.config();
+        let cfg = &state.model.config;
         let image_bytes = self.image.ok_or_else(|| ApiError::bad(IMAGE, "image is required"))?;
         let image = decode_image(IMAGE, &image_bytes, &state.limits)?;
         let mode = match (self.mode.as_deref(), self.image2.is_some()) {
@@ -149,7 +149,7 @@ impl JobForm {
         if prompt.chars().count() > MAX_PROMPT_CHARS {
             return Err(ApiError::invalid(PROMPT, format!("prompt is longer than {MAX_PROMPT_CHARS} characters")));
         }
-        let tokens = state.pipeline.tokenizer().encode(&prompt).len();
+        let tokens = state.model.tokenizer.encode(&prompt).len();
         if tokens > state.limits.max_prompt_tokens {
             return Err(ApiError::invalid(
                 PROMPT,

@@ -295,7 +295,7 @@ fn fs_label(cfg: &ModelConfig) -> (&'static str, &'static str) {
 
 #[utoipa::path(get, path = "/api/v1/model", summary = "The loaded model, its controls and limits", responses((status = 200, body = ModelInfo)))]
 pub async fn model_info(State(state): State<Arc<AppState>>) -> Json<ModelInfo> {
-    let cfg = state.pipeline.config();
+    let cfg = &state.model.config;
     let (label, hint) = fs_label(cfg);
     let controls = KNOBS
         .iter()
@@ -336,9 +336,10 @@ pub async fn model_info(State(state): State<Arc<AppState>>) -> Json<ModelInfo> {
         width: cfg.defaults.width,
         height: cfg.defaults.height,
         frames: cfg.defaults.frames,
-        device: if state.pipeline.device().is_cpu() { "cpu" } else { "cuda" }.into(),
-        precision: state.pipeline.precision().name(),
-        kernels: state.pipeline.backend().summary(),
+        // A pure API node: each worker reports its own in the job's report.
+        device: state.model.pipeline.as_ref().map_or("workers", |p| if p.device().is_cpu() { "cpu" } else { "cuda" }).into(),
+        precision: state.model.pipeline.as_ref().map_or_else(|| "per worker".into(), |p| p.precision().name()),
+        kernels: state.model.pipeline.as_ref().map(|p| p.backend().summary()).unwrap_or_default(),
         controls,
         modes,
         limits,

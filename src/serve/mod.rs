@@ -40,7 +40,7 @@ use axum::Router;
 use backend::{Backend, WorkSource};
 use dynamicrafter_engine::Pipeline;
 use state::{AppState, Limits};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -112,26 +112,14 @@ impl Default for ClusterArgs {
     }
 }
 
-/// The name a shared queue is keyed by: a preset or repo id as given, a checkpoint file or
-/// folder by its name (so nodes that keep the model at different paths still meet).
-fn queue_model_name(model: &str) -> String {
-    let path = Path::new(model);
-    if path.exists() {
-        if let Some(stem) = path.file_stem().or_else(|| path.file_name()) {
-            return stem.to_string_lossy().into_owned();
-        }
-    }
-    model.to_string()
-}
-
 /// The shared queue for `model`, checked to answer, and a scratch folder for this process's
 /// workers (removed by the caller).
-pub(crate) fn connect_queue(url: &str, model: &str, cluster: &ClusterArgs, capacity: usize, keep: Duration, fps: f64) -> Result<(Arc<redis_queue::RedisQueue>, PathBuf)> {
+pub(crate) fn connect_queue(url: &str, model: &model_source::ModelSpec, cluster: &ClusterArgs, capacity: usize, keep: Duration, fps: f64) -> Result<(Arc<redis_queue::RedisQueue>, PathBuf)> {
     let scratch = std::env::temp_dir().join(format!("dynamicrafter-worker-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).with_context(|| format!("scratch folder {}", scratch.display()))?;
     let queue = redis_queue::RedisQueue::connect(redis_queue::Options {
         url: url.to_string(),
-        model: queue_model_name(model),
+        model: model.queue_name(),
         capacity,
         visibility: Duration::from_secs(cluster.visibility_timeout),
         max_attempts: cluster.max_attempts,
@@ -235,13 +223,13 @@ pub fn run(args: ServeArgs) -> Result<()> {
         anyhow::bail!("--fps must be a positive number, got {}", args.fps);
     }
     let (device, precision) = args.compute.resolve()?;
-    let source = model_source::resolve(&args.model, args.config.as_deref())?;
+    let spec = model_source::describe(&args.model, args.config.as_deref())?;
     let keep = Duration::from_secs(args.keep_seconds);
     // Videos go to a folder of this process (in-process queue) or into Redis (shared queue,
     // written through a scratch folder by this node's workers).
     let (backend, source_of_work, scratch): (Arc<dyn Backend>, Arc<dyn WorkSource>, PathBuf) = match &args.queue {
         Some(url) => {
-            let (queue, scratch) = connect_queue(url, &args.model, &args.cluster, args.max_queue, keep, args.fps)?;
+            let (queue, scratch) = connect_queue(url, &spec, &args.cluster, args.max_queue, keep, args.fps)?;
             (queue.clone(), queue, scratch)
         }
         None => {
@@ -261,25 +249,35 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind((args.host.as_str(), args.port)))
         .with_context(|| format!("listening on {}:{}", args.host, args.port))?;
-    tracing::info!("loading {}", source.weights.display());
+    // A node without workers checks requests against the config alone: no weights in memory.
     let start = Instant::now();
-    let pipeline = Pipeline::load_with(source.config.clone(), &source.weights, &device, precision)?;
+    let (name, config) = (spec.name.clone(), spec.config.clone());
+    let pipeline = match args.workers {
+        0 => None,
+        _ => {
+            let source = spec.fetch()?;
+            tracing::info!("loading {}", source.weights.display());
+            Some(Arc::new(Pipeline::load_with(source.config, &source.weights, &device, precision)?))
+        }
+    };
     let load_time = start.elapsed();
     metrics::handle();
     metrics::describe(load_time);
-    let max_prompt_tokens = pipeline.config().text.context_length - 2;
     let state = Arc::new(AppState {
-        pipeline,
-        model_name: source.name.clone(),
+        model: state::ServedModel::new(config.clone(), pipeline.clone())?,
+        model_name: name.clone(),
         backend,
         max_queue: args.max_queue,
-        limits: Limits { max_image_bytes: args.max_image_bytes, max_image_pixels: args.max_image_pixels, max_prompt_tokens },
+        limits: Limits { max_image_bytes: args.max_image_bytes, max_image_pixels: args.max_image_pixels, max_prompt_tokens: config.text.context_length - 2 },
         closing: AtomicBool::new(false),
     });
-    let workers: Vec<_> = (0..args.workers)
-        .map(|i| {
-            let (s, work) = (state.clone(), source_of_work.clone());
-            std::thread::Builder::new().name(format!("worker-{i}")).spawn(move || worker::run_jobs(&s.pipeline, &s.model_name, work.as_ref()))
+    let workers: Vec<_> = pipeline
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p, args.workers))
+        .enumerate()
+        .map(|(i, pipeline)| {
+            let (pipeline, work, name) = (pipeline.clone(), source_of_work.clone(), name.clone());
+            std::thread::Builder::new().name(format!("worker-{i}")).spawn(move || worker::run_jobs(&pipeline, &name, work.as_ref()))
         })
         .collect::<std::io::Result<_>>()
         .context("starting worker threads")?;
@@ -290,7 +288,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if !addr.ip().is_loopback() {
         tracing::warn!("listening on {addr}, not a loopback address, without authentication: anyone who can reach this port can queue jobs and read their videos");
     }
-    tracing::info!("model {} loaded in {:.1} s; {} worker(s), queue of {}", source.name, load_time.as_secs_f64(), args.workers, args.max_queue);
+    match &pipeline {
+        Some(_) => tracing::info!("model {} loaded in {:.1} s; {} worker(s), queue of {}", name, load_time.as_secs_f64(), args.workers, args.max_queue),
+        None => tracing::info!("API node for model {} (its weights stay with the workers); queue of {}", name, args.max_queue),
+    }
     runtime.block_on(async {
         let janitor = {
             let state = state.clone();

@@ -99,7 +99,7 @@ fn job_schema(multipart: bool, cfg: Option<&ModelConfig>) -> RefOr<Schema> {
 pub async fn document(State(state): State<Arc<AppState>>) -> Json<utoipa::openapi::OpenApi> {
     let mut doc = ApiDoc::openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").to_string();
-    let cfg = state.pipeline.config();
+    let cfg = &state.model.config;
     if let Some(components) = doc.components.as_mut() {
         components.schemas.insert(JobJson::name().into_owned(), job_schema(false, Some(cfg)));
         components.schemas.insert(JobMultipart::name().into_owned(), job_schema(true, Some(cfg)));

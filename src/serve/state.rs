@@ -1,9 +1,24 @@
 //! What the handlers share: the loaded model, the job backend, limits.
 
 use super::backend::Backend;
-use dynamicrafter_engine::Pipeline;
+use dynamicrafter_engine::tokenizer::Tokenizer;
+use dynamicrafter_engine::{ModelConfig, Pipeline};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+/// The model requests are checked against. Its weights are loaded only where this node
+/// generates; a pure API node (`--workers 0` on a shared queue) has the config and tokenizer.
+pub struct ServedModel {
+    pub config: ModelConfig,
+    pub tokenizer: Tokenizer,
+    pub pipeline: Option<Arc<Pipeline>>,
+}
+
+impl ServedModel {
+    pub fn new(config: ModelConfig, pipeline: Option<Arc<Pipeline>>) -> anyhow::Result<Self> {
+        Ok(Self { config, tokenizer: Tokenizer::new()?, pipeline })
+    }
+}
 
 /// What a submission may be.
 pub struct Limits {
@@ -22,7 +37,7 @@ impl Limits {
 
 /// Everything the handlers share.
 pub struct AppState {
-    pub pipeline: Pipeline,
+    pub model: ServedModel,
     pub model_name: String,
     pub backend: Arc<dyn Backend>,
     pub max_queue: usize,

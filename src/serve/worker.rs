@@ -34,8 +34,10 @@ pub struct WorkerArgs {
 pub fn run(args: WorkerArgs) -> Result<()> {
     super::init_logging();
     let (device, precision) = args.compute.resolve()?;
-    let source = model_source::resolve(&args.model, args.config.as_deref())?;
-    let (queue, scratch) = super::connect_queue(&args.queue, &args.model, &args.cluster, 1, Duration::from_secs(3600), 8.0)?;
+    // Redis first: a wrong URL fails before a download or a model load.
+    let spec = model_source::describe(&args.model, args.config.as_deref())?;
+    let (queue, scratch) = super::connect_queue(&args.queue, &spec, &args.cluster, 1, Duration::from_secs(3600), 8.0)?;
+    let source = spec.fetch()?;
     tracing::info!("loading {}", source.weights.display());
     let pipeline = Pipeline::load_with(source.config.clone(), &source.weights, &device, precision)?;
     {
