@@ -121,6 +121,21 @@ fn a_killed_worker_loses_no_job() {
         assert_eq!((video.status, video.header("content-type")), (200, Some("video/mp4")));
         assert!(video.body == cli_video(steps, seed), "job with seed {seed}: the video differs from generate's");
     }
+    // Videos kept in Redis answer range requests too (browsers seek with them).
+    let url = format!("{}/api/v1/jobs/{}/video", api.url, ids[0]);
+    let whole = api.get(&format!("/api/v1/jobs/{}/video", ids[0])).body;
+    let range = |r: &str| match ureq::get(&url).set("Range", r).call() {
+        Ok(resp) | Err(ureq::Error::Status(_, resp)) => {
+            let status = resp.status();
+            let mut body = Vec::new();
+            std::io::Read::read_to_end(&mut resp.into_reader(), &mut body).unwrap();
+            (status, body)
+        }
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(range("bytes=10-19"), (206, whole[10..20].to_vec()));
+    assert_eq!(range("bytes=-5"), (206, whole[whole.len() - 5..].to_vec()));
+    assert_eq!(range("bytes=999999999-").0, 416);
     let survivor = &workers[1 - index];
     assert_ne!(status(&api, &ids[0])["worker"].as_str().unwrap().split(':').nth(1), Some(victim.to_string().as_str()));
     assert!(status(&api, &ids[0])["worker"].as_str().unwrap().contains(&format!(":{}:", survivor.pid())));
@@ -324,4 +339,25 @@ fn an_api_node_needs_no_weights() {
     let _ = child.kill();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&empty_cache);
+}
+
+/// #19: workers with `--results-dir` (a folder every node sees) write the videos there; Redis
+/// keeps only their paths, and the API node serves the file, range requests included.
+#[test]
+fn videos_can_live_in_a_shared_folder() {
+    let redis = Redis::start();
+    let results = std::env::temp_dir().join(format!("dynamicrafter-redis-results-{}", std::process::id()));
+    let api = api_node(&redis, &[]);
+    let _worker = Worker::start(&redis, 30, &["--results-dir", results.to_str().unwrap()]);
+    let id = submit(&api, 2, 6);
+    assert_eq!(api.wait(&id)["state"], "done");
+    let file = std::fs::read(results.join(format!("{id}-1.mp4"))).expect("the video is in the shared folder");
+    let video = api.get(&format!("/api/v1/jobs/{id}/video"));
+    assert_eq!(video.status, 200);
+    assert!(video.body == file && video.body == cli_video(2, 6));
+    let part = ureq::get(&format!("{}/api/v1/jobs/{id}/video", api.url)).set("Range", "bytes=0-9").call().unwrap();
+    assert_eq!(part.status(), 206);
+    let held = Command::new("redis-cli").args(["-u", &redis.url(), "HEXISTS", &format!("dynamicrafter:job:{id}"), "video"]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&held.stdout).trim(), "0", "Redis holds no video bytes");
+    let _ = std::fs::remove_dir_all(&results);
 }

@@ -183,7 +183,7 @@ fn run_on_queue(args: &BatchArgs, url: &str, settings: &Settings, items: &[Item]
     }
     // The same bound as `serve`'s default --max-queue: this run waits rather than crowding out
     // other clients.
-    let (queue, scratch) = crate::serve::connect_queue(url, model, &Default::default(), 12, Duration::from_secs(24 * 3600), settings.fps)?;
+    let (queue, scratch) = crate::serve::connect_queue(url, model, &Default::default(), 12, Duration::from_secs(24 * 3600), settings.fps, None)?;
     let _ = std::fs::remove_dir_all(&scratch);
     let cfg = &model.config;
     let mut failed = 0;
@@ -263,8 +263,11 @@ fn run_on_queue(args: &BatchArgs, url: &str, settings: &Settings, items: &[Item]
             match view.state {
                 State::Queued | State::Running => still.push((id, label, out)),
                 State::Done => {
+                    use crate::serve::backend::Video;
                     let video = match queue.video(&id) {
-                        Ok(Some((_, Some(crate::serve::backend::Video::Bytes(bytes))))) => bytes,
+                        Ok(Some((_, Some(Video::Bytes(bytes))))) => bytes,
+                        // Workers with --results-dir: the file on the shared folder.
+                        Ok(Some((_, Some(Video::File(path))))) if path.is_file() => std::fs::read(&path)?,
                         _ => {
                             still.push((id, label, out));
                             continue;

@@ -147,7 +147,30 @@ pub async fn video(State(state): State<Arc<AppState>>, Path(id): Path<String>, r
                 .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, None, format!("reading the video: {e}")))?;
             Ok(resp.map(Body::new))
         }
-        Video::Bytes(bytes) => Ok(([(header::CONTENT_TYPE, "video/mp4")], bytes).into_response()),
+        Video::Bytes(bytes) => Ok(byte_range(&bytes, req.headers().get(header::RANGE).and_then(|v| v.to_str().ok()))),
+    }
+}
+
+/// A video held in memory, whole (200) or the one range asked for (206; 416 past its end), as
+/// `ServeFile` answers for a file: browsers seek in a `<video>` with range requests.
+fn byte_range(bytes: &[u8], range: Option<&str>) -> Response {
+    let len = bytes.len();
+    let wanted = range.and_then(|r| r.strip_prefix("bytes=")).filter(|r| !r.contains(',')).and_then(|r| r.split_once('-'));
+    let span = wanted.map(|(start, end)| match (start.trim().parse::<usize>().ok(), end.trim().parse::<usize>().ok()) {
+        (Some(a), Some(b)) if a <= b && a < len => Some((a, b.min(len - 1))),
+        (Some(a), None) if end.trim().is_empty() && a < len => Some((a, len - 1)),
+        (None, Some(n)) if start.trim().is_empty() && n > 0 && len > 0 => Some((len - n.min(len), len - 1)),
+        _ => None,
+    });
+    let mp4 = (header::CONTENT_TYPE, "video/mp4");
+    let ranges = (header::ACCEPT_RANGES, "bytes");
+    match span {
+        None => ([mp4, ranges], bytes.to_vec()).into_response(),
+        Some(Some((a, b))) => {
+            let content_range = format!("bytes {a}-{b}/{len}");
+            (StatusCode::PARTIAL_CONTENT, [mp4, ranges], [(header::CONTENT_RANGE, content_range)], bytes[a..=b].to_vec()).into_response()
+        }
+        Some(None) => (StatusCode::RANGE_NOT_SATISFIABLE, [(header::CONTENT_RANGE, format!("bytes */{len}"))]).into_response(),
     }
 }
 

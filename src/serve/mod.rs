@@ -40,7 +40,7 @@ use axum::Router;
 use backend::{Backend, WorkSource};
 use dynamicrafter_engine::Pipeline;
 use state::{AppState, Limits};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -83,7 +83,9 @@ pub struct ServeArgs {
     /// Largest accepted image, in pixels (width × height).
     #[arg(long, default_value_t = 40_000_000)]
     pub max_image_pixels: u64,
-    /// Folder for the videos [default: a new folder under the system temp dir, removed at exit].
+    /// Folder for the videos [default: a new folder under the system temp dir, removed at exit;
+    /// with --queue, the videos are kept in Redis]. With --queue it must be a folder every node
+    /// sees at the same path (a shared mount): workers write there, API nodes serve from there.
     #[arg(long)]
     pub results_dir: Option<PathBuf>,
     /// Frames per second of the written videos (upstream writes 8).
@@ -114,7 +116,19 @@ impl Default for ClusterArgs {
 
 /// The shared queue for `model`, checked to answer, and a scratch folder for this process's
 /// workers (removed by the caller).
-pub(crate) fn connect_queue(url: &str, model: &model_source::ModelSpec, cluster: &ClusterArgs, capacity: usize, keep: Duration, fps: f64) -> Result<(Arc<redis_queue::RedisQueue>, PathBuf)> {
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn connect_queue(
+    url: &str,
+    model: &model_source::ModelSpec,
+    cluster: &ClusterArgs,
+    capacity: usize,
+    keep: Duration,
+    fps: f64,
+    results: Option<&Path>,
+) -> Result<(Arc<redis_queue::RedisQueue>, PathBuf)> {
+    if let Some(dir) = results {
+        std::fs::create_dir_all(dir).with_context(|| format!("results folder {}", dir.display()))?;
+    }
     let scratch = std::env::temp_dir().join(format!("dynamicrafter-worker-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).with_context(|| format!("scratch folder {}", scratch.display()))?;
     let queue = redis_queue::RedisQueue::connect(redis_queue::Options {
@@ -126,6 +140,8 @@ pub(crate) fn connect_queue(url: &str, model: &model_source::ModelSpec, cluster:
         keep,
         fps,
         scratch: scratch.clone(),
+        // Absolute: the path is stored for other processes to open.
+        results: results.map(std::path::absolute).transpose()?,
     });
     match queue {
         Ok(q) => Ok((Arc::new(q), scratch)),
@@ -229,7 +245,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     // written through a scratch folder by this node's workers).
     let (backend, source_of_work, scratch): (Arc<dyn Backend>, Arc<dyn WorkSource>, PathBuf) = match &args.queue {
         Some(url) => {
-            let (queue, scratch) = connect_queue(url, &spec, &args.cluster, args.max_queue, keep, args.fps)?;
+            let (queue, scratch) = connect_queue(url, &spec, &args.cluster, args.max_queue, keep, args.fps, args.results_dir.as_deref())?;
             (queue.clone(), queue, scratch)
         }
         None => {

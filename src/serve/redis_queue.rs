@@ -58,6 +58,9 @@ pub struct Options {
     pub fps: f64,
     /// Where this process's workers write a video before storing it.
     pub scratch: PathBuf,
+    /// A folder every node sees at the same path: videos stay there as files, and Redis holds
+    /// their paths (else Redis holds the videos).
+    pub results: Option<PathBuf>,
 }
 
 pub struct RedisQueue {
@@ -134,6 +137,13 @@ impl Notifier {
             std::thread::sleep(Duration::from_secs(1));
         }
     }
+}
+
+/// Where a finished job's video is kept.
+enum Stored {
+    Bytes(Vec<u8>),
+    File(PathBuf),
+    Nothing,
 }
 
 /// A worker's hold on a job.
@@ -223,7 +233,8 @@ impl Scripts {
             if redis.call('HGET', KEYS[1], 'cancel') == '1' then return 1 end
             return 0";
         // ARGV[4] attempt, [5] state, [6] event JSON, [7] report JSON, [8] error, [9] video,
-        // [10] seconds; KEYS[5] stats. 1 written, 0 already ended, -1 not this attempt's.
+        // [10] seconds, [11] video path (a shared results folder); KEYS[5] stats. 1 written,
+        // 0 already ended, -1 not this attempt's.
         let finish = format!(
             r"{end}
             local state = redis.call('HGET', KEYS[1], 'state')
@@ -232,6 +243,7 @@ impl Scripts {
             if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'report', ARGV[7]) end
             if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[8]) end
             if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'video', ARGV[9]) end
+            if ARGV[11] ~= '' then redis.call('HSET', KEYS[1], 'video_path', ARGV[11]) end
             close(ARGV[5], ARGV[6])
             ack()
             if ARGV[5] == 'done' then
@@ -344,6 +356,12 @@ impl RedisQueue {
         Ok(queue)
     }
 
+    /// The calling worker thread's name in the group (`host:pid:thread`): one consumer per
+    /// worker thread, named so a job's view says which process runs it.
+    pub fn worker_name(&self) -> String {
+        format!("{}:{}", self.process, std::thread::current().name().unwrap_or("main"))
+    }
+
     fn ensure_group(&self, con: &mut Connection) -> RedisResult<()> {
         match redis::cmd("XGROUP").arg("CREATE").arg(&self.jobs_stream).arg(GROUP).arg("0").arg("MKSTREAM").query::<()>(con) {
             Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
@@ -353,7 +371,8 @@ impl RedisQueue {
 
     /// Runs `f` on a pooled connection. A broken connection is dropped with every other idle
     /// one (after a Redis restart they all are) and the call is tried once more on a fresh one,
-    /// so the process recovers as soon as Redis is back.
+    /// so the process recovers as soon as Redis is back (a connection a restart closed never
+    /// delivered the command).
     fn with<T>(&self, mut f: impl FnMut(&mut Connection) -> RedisResult<T>) -> Result<T, Unavailable> {
         let broken = |e: &RedisError| e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() || e.is_unrecoverable_error();
         let mut pooled = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
@@ -367,7 +386,9 @@ impl RedisQueue {
             match &result {
                 Err(e) if broken(e) => {
                     self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
-                    if was_pooled {
+                    // Not after a timeout: the command may have run, and a script must not
+                    // run twice (a job submitted twice).
+                    if was_pooled && !e.is_timeout() {
                         continue;
                     }
                 }
@@ -474,7 +495,7 @@ impl RedisQueue {
             Err(e) => {
                 // A record this worker cannot read fails once, not on every worker in turn.
                 let error = format!("{e:#}");
-                self.store(id, &claim, State::Failed, &Event::Error { error: error.clone() }, "", &error, &[], 0.0);
+                self.store(id, &claim, State::Failed, &Event::Error { error: error.clone() }, "", &error, &Stored::Nothing, 0.0);
                 return Ok(None);
             }
         };
@@ -485,7 +506,8 @@ impl RedisQueue {
         if self.closing.load(Ordering::Relaxed) {
             cancel.store(true, Ordering::Relaxed);
         }
-        let video_path = self.opts.scratch.join(format!("{id}.mp4"));
+        // Per attempt: a discarded duplicate must not touch the file of the attempt that counts.
+        let video_path = self.opts.results.as_ref().unwrap_or(&self.opts.scratch).join(format!("{id}-{attempt}.mp4"));
         Ok(Some(Taken { id: id.to_string(), request, cancel, fps, video_path, ticket: Ticket::Redis(claim) }))
     }
 
@@ -575,7 +597,12 @@ impl RedisQueue {
     /// result must land: it is retried through a Redis outage for as long as the claim would
     /// hold (after that another worker runs the job again).
     #[allow(clippy::too_many_arguments)]
-    fn store(&self, id: &str, claim: &Claim, state: State, event: &Event, report: &str, error: &str, video: &[u8], seconds: f64) -> bool {
+    fn store(&self, id: &str, claim: &Claim, state: State, event: &Event, report: &str, error: &str, video: &Stored, seconds: f64) -> bool {
+        let (bytes, path) = match video {
+            Stored::Bytes(b) => (b.as_slice(), String::new()),
+            Stored::File(p) => (&[][..], p.to_string_lossy().into_owned()),
+            Stored::Nothing => (&[][..], String::new()),
+        };
         let event = serde_json::to_string(event).unwrap_or_default();
         let deadline = std::time::Instant::now() + self.opts.visibility;
         loop {
@@ -583,7 +610,7 @@ impl RedisQueue {
                 let mut inv = self.scripts.finish.prepare_invoke();
                 self.keys(&mut inv, id);
                 inv.key(&self.stats);
-                inv.arg(id).arg(GROUP).arg(&claim.entry).arg(claim.attempt).arg(state.name()).arg(&event).arg(report).arg(error).arg(video).arg(seconds);
+                inv.arg(id).arg(GROUP).arg(&claim.entry).arg(claim.attempt).arg(state.name()).arg(&event).arg(report).arg(error).arg(bytes).arg(seconds).arg(&path);
                 inv.invoke::<i64>(con)
             });
             match r {
@@ -692,8 +719,10 @@ impl Backend for RedisQueue {
     }
 
     fn video(&self, id: &str) -> Result<Option<(State, Option<Video>)>, Unavailable> {
-        let (state, video): (Option<String>, Option<Vec<u8>>) = self.with(|con| redis::cmd("HMGET").arg(job_key(id)).arg("state").arg("video").query(con))?;
-        Ok(state.as_deref().and_then(State::from_name).map(|s| (s, video.map(Video::Bytes))))
+        let (state, bytes, path): (Option<String>, Option<Vec<u8>>, Option<String>) =
+            self.with(|con| redis::cmd("HMGET").arg(job_key(id)).arg("state").arg("video").arg("video_path").query(con))?;
+        let video = bytes.map(Video::Bytes).or_else(|| path.map(|p| Video::File(PathBuf::from(p))));
+        Ok(state.as_deref().and_then(State::from_name).map(|s| (s, video)))
     }
 
     fn cancel(&self, id: &str) -> Result<Option<CancelOutcome>, Unavailable> {
@@ -752,8 +781,7 @@ impl Backend for RedisQueue {
 
 impl WorkSource for RedisQueue {
     fn take(&self) -> Option<Taken> {
-        // One consumer per worker thread, named so a job's view says which process runs it.
-        let consumer = format!("{}:{}", self.process, std::thread::current().name().unwrap_or("main"));
+        let consumer = self.worker_name();
         let mut down_since: Option<std::time::Instant> = None;
         while !self.closing.load(Ordering::Relaxed) {
             let result = self.next_entry(&consumer).and_then(|entry| match entry {
@@ -814,8 +842,14 @@ impl WorkSource for RedisQueue {
         }
         let (state, event, report, error, video, seconds) = match outcome {
             Ok((report, path)) => {
-                let video = std::fs::read(&path);
-                let _ = std::fs::remove_file(&path);
+                let video = match self.opts.results {
+                    Some(_) => Ok(Stored::File(path)),
+                    None => {
+                        let bytes = std::fs::read(&path);
+                        let _ = std::fs::remove_file(&path);
+                        bytes.map(Stored::Bytes)
+                    }
+                };
                 match video {
                     Ok(video) => {
                         let json = serde_json::to_string(&report).unwrap_or_default();
@@ -824,13 +858,17 @@ impl WorkSource for RedisQueue {
                     }
                     Err(e) => {
                         let error = format!("reading the written video: {e}");
-                        (State::Failed, Event::Error { error: error.clone() }, String::new(), error, Vec::new(), 0.0)
+                        (State::Failed, Event::Error { error: error.clone() }, String::new(), error, Stored::Nothing, 0.0)
                     }
                 }
             }
-            Err(Some(error)) => (State::Failed, Event::Error { error: error.clone() }, String::new(), error, Vec::new(), 0.0),
-            Err(None) => (State::Cancelled, Event::Cancelled, String::new(), String::new(), Vec::new(), 0.0),
+            Err(Some(error)) => (State::Failed, Event::Error { error: error.clone() }, String::new(), error, Stored::Nothing, 0.0),
+            Err(None) => (State::Cancelled, Event::Cancelled, String::new(), String::new(), Stored::Nothing, 0.0),
         };
-        self.store(id, &claim, state, &event, &report, &error, &video, seconds)
+        let stored = self.store(id, &claim, state, &event, &report, &error, &video, seconds);
+        if let (false, Stored::File(path)) = (stored, &video) {
+            let _ = std::fs::remove_file(path);
+        }
+        stored
     }
 }

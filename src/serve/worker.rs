@@ -23,6 +23,10 @@ pub struct WorkerArgs {
     /// Network config when the model does not say: a preset name or a config.json.
     #[arg(long)]
     pub config: Option<String>,
+    /// Write the videos to this folder (every node must see it at the same path, a shared
+    /// mount) instead of storing them in Redis.
+    #[arg(long)]
+    pub results_dir: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub cluster: super::ClusterArgs,
     #[command(flatten)]
@@ -36,7 +40,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     let (device, precision) = args.compute.resolve()?;
     // Redis first: a wrong URL fails before a download or a model load.
     let spec = model_source::describe(&args.model, args.config.as_deref())?;
-    let (queue, scratch) = super::connect_queue(&args.queue, &spec, &args.cluster, 1, Duration::from_secs(3600), 8.0)?;
+    let (queue, scratch) = super::connect_queue(&args.queue, &spec, &args.cluster, 1, Duration::from_secs(3600), 8.0, args.results_dir.as_deref())?;
     let source = spec.fetch()?;
     tracing::info!("loading {}", source.weights.display());
     let pipeline = Pipeline::load_with(source.config.clone(), &source.weights, &device, precision)?;
@@ -49,7 +53,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             queue.shut_down();
         })?;
     }
-    tracing::info!("worker for model {} on {}", source.name, args.queue);
+    tracing::info!(worker = %queue.worker_name(), "worker for model {} on {}", source.name, args.queue);
     run_jobs(&pipeline, &source.name, queue.as_ref());
     let _ = std::fs::remove_dir_all(&scratch);
     tracing::info!("stopped");
