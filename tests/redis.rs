@@ -265,11 +265,12 @@ fn a_stopping_worker_hands_its_job_back() {
 }
 
 /// #19: `batch --queue` fans a prompt folder out as jobs to the cluster and writes each video as
-/// its job ends, the same bytes as a local `batch`; a second run skips what exists.
+/// its job ends, the same bytes as a local `batch`; a run interrupted before its jobs ended
+/// waits for those jobs when run again, and a rerun skips what exists.
 #[test]
 fn batch_fans_out_to_the_cluster_and_resumes() {
+    use std::io::{BufRead, BufReader};
     let redis = Redis::start();
-    let _workers = [Worker::start(&redis, 30, &[]), Worker::start(&redis, 30, &[])];
     let dir = std::env::temp_dir().join(format!("dynamicrafter-redis-batch-{}", std::process::id()));
     let (prompts, local, shared) = (dir.join("prompts"), dir.join("local"), dir.join("shared"));
     std::fs::create_dir_all(&prompts).unwrap();
@@ -288,8 +289,25 @@ fn batch_fans_out_to_the_cluster_and_resumes() {
         String::from_utf8_lossy(&o.stderr).into_owned()
     };
     batch(&local, None);
+    // Interrupted once its three jobs are queued (no worker has started yet).
+    let mut first = Command::new(env!("CARGO_BIN_EXE_dynamicrafter"))
+        .current_dir(support::repo())
+        .args(["batch", "--model", MODEL, "--steps", "2", "--seed", "5", "--queue", &redis.url()])
+        .arg("--prompt-dir")
+        .arg(&prompts)
+        .arg("--out-dir")
+        .arg(&shared)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(first.stderr.take().unwrap());
+    let queued = stderr.lines().map_while(Result::ok).filter(|l| l.contains("queued as job")).take(3).count();
+    assert_eq!(queued, 3);
+    let _ = first.kill();
+    let _ = first.wait();
+    let _workers = [Worker::start(&redis, 30, &[]), Worker::start(&redis, 30, &[])];
     let log = batch(&shared, Some(&redis.url()));
-    assert_eq!(log.matches("queued as job").count(), 3, "{log}");
+    assert_eq!((log.matches("resuming job").count(), log.matches("queued as job").count()), (3, 0), "{log}");
     let names = ["balloon_sample0.mp4", "sunset_sample0.mp4", "test_card_sample0.mp4"];
     for name in names {
         assert!(std::fs::read(shared.join(name)).unwrap() == std::fs::read(local.join(name)).unwrap(), "{name} differs from the local batch's");
@@ -298,7 +316,7 @@ fn batch_fans_out_to_the_cluster_and_resumes() {
     let log = batch(&shared, Some(&redis.url()));
     assert_eq!((log.matches("exists, skipped").count(), log.matches("queued as job").count()), (2, 1), "{log}");
     assert!(std::fs::read(shared.join(names[1])).unwrap() == std::fs::read(local.join(names[1])).unwrap());
-    assert!(std::fs::read_dir(&shared).unwrap().all(|e| e.unwrap().path().extension().is_some_and(|x| x == "mp4")), "no temp file left");
+    assert!(std::fs::read_dir(&shared).unwrap().all(|e| e.unwrap().path().extension().is_some_and(|x| x == "mp4")), "no temp or job file left");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -199,6 +199,16 @@ fn run_on_queue(args: &BatchArgs, url: &str, settings: &Settings, items: &[Item]
             }
             continue;
         }
+        // Submitted by an interrupted run and still known to the queue: wait for that job.
+        let marker = job_marker(&out);
+        let earlier = std::fs::read_to_string(&marker).ok().map(|id| id.trim().to_string());
+        if let Some(id) = earlier.filter(|id| queue.view(id).is_ok_and(|v| v.is_some_and(|v| !matches!(v.state, State::Failed | State::Cancelled)))) {
+            if !settings.quiet {
+                eprintln!("{label}: resuming job {id}");
+            }
+            pending.push((id, label, out));
+            continue;
+        }
         let build = || -> Result<NewJob> {
             let prompt = item.prompt.as_deref().context("no prompt line for this image")?;
             let request = settings.request(cfg, read_image(&item.images[0])?, mode_of(args, item)?, prompt);
@@ -237,6 +247,9 @@ fn run_on_queue(args: &BatchArgs, url: &str, settings: &Settings, items: &[Item]
                 continue;
             }
         };
+        if let Err(e) = write_atomically(&args.out_dir, &marker, id.as_bytes()) {
+            eprintln!("dynamicrafter: {label}: {}: {e:#} (a rerun would submit it again)", marker.display());
+        }
         if !settings.quiet {
             eprintln!("{label}: queued as job {id}");
         }
@@ -247,11 +260,15 @@ fn run_on_queue(args: &BatchArgs, url: &str, settings: &Settings, items: &[Item]
         std::thread::sleep(Duration::from_millis(250));
         let mut still = Vec::new();
         for (id, label, out) in pending {
+            let ended = || {
+                let _ = std::fs::remove_file(job_marker(&out));
+            };
             let view = match queue.view(&id) {
                 Ok(Some(v)) => v,
                 Ok(None) => {
                     failed += 1;
                     eprintln!("dynamicrafter: {label}: job {id} is gone from the queue (expired?)");
+                    ended();
                     continue;
                 }
                 // Redis away for a moment: ask again.
@@ -273,12 +290,8 @@ fn run_on_queue(args: &BatchArgs, url: &str, settings: &Settings, items: &[Item]
                             continue;
                         }
                     };
-                    let written = (|| -> Result<()> {
-                        let mut tmp = tempfile::NamedTempFile::new_in(&args.out_dir)?;
-                        std::io::Write::write_all(&mut tmp, &video)?;
-                        tmp.persist(&out)?;
-                        Ok(())
-                    })();
+                    let written = write_atomically(&args.out_dir, &out, &video);
+                    ended();
                     match written {
                         Ok(()) => {
                             if !settings.quiet {
@@ -296,6 +309,7 @@ fn run_on_queue(args: &BatchArgs, url: &str, settings: &Settings, items: &[Item]
                     }
                 }
                 State::Failed | State::Cancelled => {
+                    ended();
                     failed += 1;
                     eprintln!("dynamicrafter: {label}: {}: {}", view.state.name(), view.error.unwrap_or_default());
                 }
@@ -314,4 +328,19 @@ fn run_on_queue(args: &BatchArgs, url: &str, settings: &Settings, items: &[Item]
         if failed > 0 { format!(", {failed} failed") } else { String::new() }
     );
     Ok(failed == 0)
+}
+
+/// The file beside a pending output that holds its job's id, so a rerun resumes the job.
+fn job_marker(out: &Path) -> PathBuf {
+    let mut name = out.as_os_str().to_owned();
+    name.push(".job");
+    PathBuf::from(name)
+}
+
+/// Writes `path` whole or not at all (a temp file in `dir`, then a rename).
+fn write_atomically(dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    std::io::Write::write_all(&mut tmp, bytes)?;
+    tmp.persist(path)?;
+    Ok(())
 }
