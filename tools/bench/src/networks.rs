@@ -36,6 +36,11 @@ pub(crate) fn unet_case(preset: &str, runs: usize, target: &Target) -> Result<Ti
     let cfg = ModelConfig::preset(preset)?;
     dynamicrafter_engine::device::reset_peak_memory(&target.device);
     let unet = Unet::new(&cfg.unet, target.weights(Part::Unet), &target.backend)?;
+    if target.device.is_cpu() {
+        let gb = |b: Option<u64>| b.unwrap_or(0) as f64 / 1e9;
+        let (now, peak) = (dynamicrafter_engine::report::rss_bytes(), dynamicrafter_engine::report::peak_rss_bytes());
+        println!("unet-{preset} built: RSS {:.2} GB (peak while building {:.2} GB)", gb(now), gb(peak));
+    }
     let f = cfg.vae.downsample_factor();
     let (h, w) = (cfg.defaults.height / f, cfg.defaults.width / f);
     let dt = target.precision.part(Part::Unet).compute;

@@ -209,6 +209,18 @@ impl Backend {
         self.bf16_products && self.device.is_cpu() && !self.cpu.amx && self.cpu.avx512_bf16 && !keeps_float(&full_name(vb, name))
     }
 
+    /// The dtype weight `name` at `vb` is kept in where candle computes with it (the UNet's 1×1
+    /// and strided convolutions): bf16 in the CPU's bf16 mode unless the policy keeps the weight
+    /// float (the precision the mode promises, at half the memory; the products run in f32),
+    /// else the dtype it was loaded in.
+    pub fn stored_dtype(&self, vb: &VarBuilder, name: &str) -> DType {
+        if self.bf16_products && self.device.is_cpu() && vb.dtype() == DType::F32 && !keeps_float(&full_name(vb, name)) {
+            DType::BF16
+        } else {
+            vb.dtype()
+        }
+    }
+
     /// A float weight `name` at `vb` as its f32 kernel uses it: in the bf16 mode of a CPU
     /// without bf16 products, rounded to bf16 (the precision the mode promises; the products
     /// then run in f32), else as stored.

@@ -4,7 +4,7 @@
 //! `(b, c, t, h, w)` only inside temporal convs and temporal transformers.
 
 use super::layers::{
-    attend, conv1x1_as_linear, conv2d, conv3x3, frames_to_video, group_norm, layer_norm, linear, linear_no_bias, silu, temporal_conv, timestep_embedding,
+    attend, conv1x1_as_linear, conv3x3, stored_conv2d, frames_to_video, group_norm, layer_norm, linear, linear_no_bias, silu, temporal_conv, timestep_embedding,
     video_to_frames, Conv2d, Conv3x3, GroupNorm, Linear, TemporalConv,
 };
 use crate::compute::{Backend, Kernel};
@@ -68,18 +68,20 @@ impl ResBlock {
             emb_proj: linear(emb_dim, co, vb.pp("emb_layers.1"), backend)?,
             out_norm: group_norm(co, 1e-5, vb.pp("out_layers.0"))?,
             out_conv: conv3x3(co, co, vb.pp("out_layers.3"), backend)?,
-            skip: if ci != co { Some(conv2d(ci, co, 1, 0, 1, vb.pp("skip_connection"))?) } else { None },
+            skip: if ci != co { Some(stored_conv2d(ci, co, 1, 0, 1, vb.pp("skip_connection"), backend)?) } else { None },
             temporal_conv: TemporalConvBlock::new(co, vb.pp("temopral_conv"), backend)?, // sic
         })
     }
 
     /// `xs`: `(b·t, ci, h, w)`, `emb`: `(b·t, emb_dim)`.
     fn forward(&self, xs: &Tensor, emb: &Tensor, b: usize) -> Result<Tensor> {
-        let h = self.in_conv.forward(&self.in_norm.forward_silu(xs)?)?;
+        // One binding reassigned (not shadowed): each activation is freed as soon as the next
+        // exists, which sets the forward's peak memory.
+        let mut h = self.in_conv.forward(&self.in_norm.forward_silu(xs)?)?;
         let e = self.emb_proj.forward(&silu(emb)?)?.unsqueeze(2)?.unsqueeze(3)?;
-        let h = h.broadcast_add(&e)?;
-        let h = self.out_conv.forward(&self.out_norm.forward_silu(&h)?)?;
-        let h = match &self.skip {
+        h = h.broadcast_add(&e)?;
+        h = self.out_conv.forward(&self.out_norm.forward_silu(&h)?)?;
+        h = match &self.skip {
             Some(s) => (s.forward(xs)? + h)?,
             None => (xs + h)?,
         };
@@ -216,8 +218,8 @@ impl BasicTransformerBlock {
     }
 
     fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
-        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
-        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, context)? + &xs)?;
+        let mut xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
+        xs = (self.attn2.forward(&self.norm2.forward(&xs)?, context)? + &xs)?;
         let h = self.ff_proj.forward_geglu(&self.norm3.forward(&xs)?)?;
         self.ff_out.forward(&h)? + xs
     }
@@ -259,12 +261,11 @@ impl SpatialTransformer {
     /// `xs`: `(b·t, c, h, w)`; `context`: `(b·t, l, context_dim)`.
     fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
         let (n, c, h, w) = xs.dims4()?;
-        let hs = permute(&self.norm.forward(xs)?.flatten_from(2)?, &[0, 2, 1])?;
-        let mut hs = self.proj_in.forward(&hs)?;
+        let mut hs = self.proj_in.forward(&permute(&self.norm.forward(xs)?.flatten_from(2)?, &[0, 2, 1])?)?;
         for block in &self.blocks {
             hs = block.forward(&hs, Some(context))?;
         }
-        let hs = permute(&self.proj_out.forward(&hs)?, &[0, 2, 1])?.reshape((n, c, h, w))?;
+        hs = permute(&self.proj_out.forward(&hs)?, &[0, 2, 1])?.reshape((n, c, h, w))?;
         hs + xs
     }
 }
@@ -297,18 +298,17 @@ impl TemporalTransformer {
     fn forward(&self, xs: &Tensor, b: usize) -> Result<Tensor> {
         let (bt, c, h, w) = xs.dims4()?;
         let t = bt / b;
-        // The norm's statistics span all frames: normalise in (b, c, t, h, w).
-        let video = frames_to_video(xs, b)?;
-        let hs = self.norm.forward(&video)?;
-        // (b, c, t, h, w) → (b·h·w, t, c)
-        let hs = permute(&hs, &[0, 3, 4, 2, 1])?.reshape((b * h * w, t, c))?;
-        let mut hs = self.proj_in.forward(&hs)?;
+        // The norm's statistics span all frames: normalise in (b, c, t, h, w), then
+        // (b, c, t, h, w) → (b·h·w, t, c).
+        let mut hs = self.norm.forward(&frames_to_video(xs, b)?)?;
+        hs = permute(&hs, &[0, 3, 4, 2, 1])?.reshape((b * h * w, t, c))?;
+        hs = self.proj_in.forward(&hs)?;
         for block in &self.blocks {
             hs = block.forward(&hs, None)?;
         }
-        let hs = self.proj_out.forward(&hs)?;
+        hs = self.proj_out.forward(&hs)?;
         // (b·h·w, t, c) → (b·t, c, h, w)
-        let hs = permute(&hs.reshape((b, h, w, t, c))?, &[0, 3, 4, 1, 2])?.reshape((bt, c, h, w))?;
+        hs = permute(&hs.reshape((b, h, w, t, c))?, &[0, 3, 4, 1, 2])?.reshape((bt, c, h, w))?;
         hs + xs
     }
 }
@@ -418,7 +418,7 @@ impl Unet {
             }
             if level + 1 != cfg.channel_mult.len() {
                 let b = ib.pp(input_blocks.len().to_string());
-                input_blocks.push(vec![Layer::Down(conv2d(ch, ch, 3, 1, 2, b.pp("0.op"))?)]);
+                input_blocks.push(vec![Layer::Down(stored_conv2d(ch, ch, 3, 1, 2, b.pp("0.op"), backend)?)]);
                 skip_channels.push(ch);
                 ds *= 2;
             }
@@ -545,6 +545,7 @@ impl Unet {
         for block in &self.output_blocks {
             let skip = skips.pop().ok_or_else(|| candle_core::Error::Msg("skip stack underflow".into()))?;
             h = Tensor::cat(&[&h, &skip], 1)?;
+            drop(skip);
             for layer in block {
                 h = layer.forward(&h, &emb, &context, b)?;
             }

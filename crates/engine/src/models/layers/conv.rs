@@ -14,7 +14,7 @@ pub struct Conv2d(candle_nn::Conv2d);
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if xs.device().is_cpu() && xs.dtype() != DType::F32 {
+        if xs.device().is_cpu() && (xs.dtype() != DType::F32 || self.0.weight().dtype() != DType::F32) {
             let f32 = |t: &Tensor| t.to_dtype(DType::F32);
             let conv = candle_nn::Conv2d::new(f32(self.0.weight())?, self.0.bias().map(f32).transpose()?, *self.0.config());
             return conv.forward(&f32(xs)?)?.to_dtype(xs.dtype());
@@ -26,6 +26,15 @@ impl Module for Conv2d {
 pub fn conv2d(in_c: usize, out_c: usize, kernel: usize, padding: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
     let cfg = Conv2dConfig { padding, stride, ..Default::default() };
     candle_nn::conv2d(in_c, out_c, kernel, cfg, vb).map(Conv2d)
+}
+
+/// A convolution candle computes (the UNet's 1×1 skips and strided downsampling), its weight
+/// kept in the dtype the backend stores such weights in (bf16 in the CPU's bf16 mode: half the
+/// memory, converted to f32 for each product).
+pub fn stored_conv2d(in_c: usize, out_c: usize, kernel: usize, padding: usize, stride: usize, vb: VarBuilder, backend: &Backend) -> Result<Conv2d> {
+    let conv = conv2d(in_c, out_c, kernel, padding, stride, vb.clone())?.0;
+    let weight = conv.weight().to_dtype(backend.stored_dtype(&vb, "weight"))?;
+    Ok(Conv2d(candle_nn::Conv2d::new(weight, conv.bias().cloned(), *conv.config())))
 }
 
 pub fn conv2d_no_bias(in_c: usize, out_c: usize, kernel: usize, padding: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {

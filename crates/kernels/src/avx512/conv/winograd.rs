@@ -77,12 +77,20 @@ struct Shape {
 
 /// The transformed weights `U` a Winograd run multiplies by, per panel of 64 outputs and point.
 enum Points<'a> {
-    /// f32, `[panel][e][c_pad][64]`: the direct kernel's microkernel.
+    /// f32, `[panel][e][c_pad][64]`, every panel: the direct kernel's microkernel.
     F32(&'a [Lanes]),
-    /// bf16 pairs of input channels, `[panel][e][c_pad/2][64]`: `V` is rounded to pairs too
-    /// and the pair microkernel of the matrices (`vdpbf16ps`) runs.
-    Bf16Pairs(&'a [Lanes]),
+    /// bf16 pairs of input channels, `[panel][e][c_pad/2][64]`, made from the bf16 taps of
+    /// `conv` a group of panels at a time: `V` is rounded to pairs too and the pair microkernel
+    /// of the matrices (`vdpbf16ps`) runs.
+    Bf16Pairs(&'a Bf16DotConv),
 }
+
+/// The most bytes of bf16-pair `U` made at once. A layer's whole `U` is 16·c·co bf16 values
+/// (105 MB for the UNet's 2560→1280 convolutions); made per call, it is made and used a group
+/// of panels at a time, in blocks the heap reuses (below the 32 MB from which glibc maps
+/// fresh pages to fault in, `compute::keep_freed_memory`) that add little to the peak. The
+/// input transform is repeated per group: 1–2 % of those layers' work.
+const POINTS_BYTES: usize = 30 << 20;
 
 /// `x` holds `(n, c, h, w)` f32; returns `(n, co, h, w)`: the 3×3 convolution of `u`'s weights
 /// plus `bias`.
@@ -108,88 +116,104 @@ fn winograd(x: &[f32], Shape { n, c, co, h, w }: Shape, bias: &[f32], points: Po
     // that are multiples of 4 KB would put a tile's 16 points in one L1 set.
     let (v_stride, m_stride) = (chunk * c_pad + 16, chunk * F32Conv::PANEL + 16);
     let pairs_len = if matches!(points, Points::Bf16Pairs(_)) { 16 * chunk * steps } else { 0 };
+    // Panels per group: all of them for f32 (its U exists whole).
+    let group = match points {
+        Points::F32(_) => panels,
+        Points::Bf16Pairs(_) => (POINTS_BYTES / (16 * steps * F32Conv::PANEL * 4)).clamp(1, panels),
+    };
     let mut y = output_buffer::<f32>(n * co * h * w);
     let y_ptr = SendPtr(y.as_mut_ptr());
-    (0..tiles.div_ceil(chunk)).into_par_iter().for_each_init(
-        // Scratch for V and M, written before it is read (rayon may call this once per
-        // split, so no zeroing); whole cache lines per row of 16 channels. V in pairs, row after
-        // row, for the pair microkernel.
-        || (Vec::<Lanes>::with_capacity(v_stride), Vec::<Lanes>::with_capacity(m_stride), vec![0u32; pairs_len]),
-        |(v, m, pairs), task| {
-            let (v, m) = (v.as_mut_ptr() as *mut f32, m.as_mut_ptr() as *mut f32);
-            let t0 = task * chunk;
-            let count = chunk.min(tiles - t0);
-            // SAFETY: reads stay inside `padded` (a tile's patch lies within `len`), `u`,
-            // `v`, `m` and `pairs`; AVX-512F is available, and AVX512-BF16 for bf16 pairs
-            // (`Bf16DotConv::supports`). The task writes the outputs of its own tiles, which no
-            // other task writes.
-            unsafe {
-                // V[e][tile][channel].
-                for t in 0..count {
-                    let (f, ty, tx) = tile(t0 + t);
-                    let at = grid.position((f * h + 2 * ty) * w + 2 * tx);
-                    debug_assert!(at + 3 * grid.pitch() + 4 <= len, "tile {:?}: patch past the grid", (f, ty, tx));
-                    for b in 0..c_pad / 16 {
-                        input_tile(padded.as_ptr().add((b * len + at) * 16), grid.pitch() * 16, v.add(t * c_pad + b * 16), v_stride);
-                    }
-                }
-                if let Points::Bf16Pairs(_) = points {
-                    for e in 0..16 {
-                        let rows = std::slice::from_raw_parts(v.add(e * v_stride), count * c_pad);
-                        Bf16Pairs::pack_rows(rows, c_pad, &mut pairs[e * chunk * steps..(e + 1) * chunk * steps]);
-                    }
-                }
-                for p in 0..panels {
-                    // M[e][tile][64 outputs of the panel], summed over DEPTH input channels
-                    // at a time in registers.
-                    for e in 0..16 {
-                        let out = m.add(e * m_stride);
-                        match points {
-                            Points::F32(u) => {
-                                for k0 in (0..c_pad).step_by(DEPTH) {
-                                    let wt = (u.as_ptr() as *const f32).add(((p * 16 + e) * c_pad + k0) * F32Conv::PANEL);
-                                    for g in (0..count).step_by(F32Conv::POS) {
-                                        let rows = F32Conv::POS.min(count - g);
-                                        let offsets = std::array::from_fn(|r| r.min(rows - 1) * c_pad);
-                                        let a = v.add(e * v_stride + g * c_pad + k0);
-                                        conv_tile(rows, a, &offsets, 1, &[0], wt, 0, DEPTH.min(c_pad - k0), out.add(g * F32Conv::PANEL), F32Conv::PANEL, k0 == 0);
-                                    }
-                                }
-                            }
-                            Points::Bf16Pairs(u) => {
-                                let x = pairs.as_ptr().add(e * chunk * steps);
-                                for s0 in (0..steps).step_by(DEPTH / 2) {
-                                    let wt = (u.as_ptr() as *const u32).add(((p * 16 + e) * steps + s0) * F32Conv::PANEL);
-                                    let start = if s0 == 0 { Start::Init(ZEROS.as_ptr()) } else { Start::Load };
-                                    for g in (0..count).step_by(F32Conv::POS) {
-                                        let rows = F32Conv::POS.min(count - g);
-                                        let b = x.add(g * steps + s0);
-                                        Bf16Pairs::tile(rows, wt, b, steps, (DEPTH / 2).min(steps - s0), out.add(g * F32Conv::PANEL), F32Conv::PANEL, start);
-                                    }
-                                }
-                            }
-                        }
-                    }
-                    let o0 = p * F32Conv::PANEL;
-                    let mut t = 0;
-                    while t < count {
-                        let (f, ty, tx) = tile(t0 + t);
-                        let dst = y_ptr.get().add((f * co + o0) * h * w + 2 * ty * w + 2 * tx);
-                        let src = m.add(t * F32Conv::PANEL);
-                        let bias = &bias[o0..o0 + F32Conv::PANEL];
-                        // Eight tiles side by side: two rows of 16 whole outputs.
-                        if t + 8 <= count && tx + 8 <= tw && 2 * tx + 16 <= w && 2 * ty + 2 <= h {
-                            output_tiles8(src, m_stride, bias, dst, w, h * w);
-                            t += 8;
-                        } else {
-                            output_tile(src, m_stride, bias, dst, w, h * w, (h - 2 * ty).min(2), (w - 2 * tx).min(2));
-                            t += 1;
-                        }
-                    }
-                }
+    for g0 in (0..panels).step_by(group) {
+        let g1 = (g0 + group).min(panels);
+        let made;
+        let u = match points {
+            Points::F32(u) => u,
+            Points::Bf16Pairs(conv) => {
+                made = conv.winograd_points(g0..g1);
+                &made[..]
             }
-        },
-    );
+        };
+        (0..tiles.div_ceil(chunk)).into_par_iter().for_each_init(
+            // Scratch for V and M, written before it is read (rayon may call this once per
+            // split, so no zeroing); whole cache lines per row of 16 channels. V in pairs, row after
+            // row, for the pair microkernel.
+            || (Vec::<Lanes>::with_capacity(v_stride), Vec::<Lanes>::with_capacity(m_stride), vec![0u32; pairs_len]),
+            |(v, m, pairs), task| {
+                let (v, m) = (v.as_mut_ptr() as *mut f32, m.as_mut_ptr() as *mut f32);
+                let t0 = task * chunk;
+                let count = chunk.min(tiles - t0);
+                // SAFETY: reads stay inside `padded` (a tile's patch lies within `len`), `u`,
+                // `v`, `m` and `pairs`; AVX-512F is available, and AVX512-BF16 for bf16 pairs
+                // (`Bf16DotConv::supports`). The task writes the outputs of its own tiles, which no
+                // other task writes.
+                unsafe {
+                    // V[e][tile][channel].
+                    for t in 0..count {
+                        let (f, ty, tx) = tile(t0 + t);
+                        let at = grid.position((f * h + 2 * ty) * w + 2 * tx);
+                        debug_assert!(at + 3 * grid.pitch() + 4 <= len, "tile {:?}: patch past the grid", (f, ty, tx));
+                        for b in 0..c_pad / 16 {
+                            input_tile(padded.as_ptr().add((b * len + at) * 16), grid.pitch() * 16, v.add(t * c_pad + b * 16), v_stride);
+                        }
+                    }
+                    if let Points::Bf16Pairs(_) = points {
+                        for e in 0..16 {
+                            let rows = std::slice::from_raw_parts(v.add(e * v_stride), count * c_pad);
+                            Bf16Pairs::pack_rows(rows, c_pad, &mut pairs[e * chunk * steps..(e + 1) * chunk * steps]);
+                        }
+                    }
+                    for p in g0..g1 {
+                        // M[e][tile][64 outputs of the panel], summed over DEPTH input channels
+                        // at a time in registers.
+                        for e in 0..16 {
+                            let out = m.add(e * m_stride);
+                            match points {
+                                Points::F32(_) => {
+                                    for k0 in (0..c_pad).step_by(DEPTH) {
+                                        let wt = (u.as_ptr() as *const f32).add(((p * 16 + e) * c_pad + k0) * F32Conv::PANEL);
+                                        for g in (0..count).step_by(F32Conv::POS) {
+                                            let rows = F32Conv::POS.min(count - g);
+                                            let offsets = std::array::from_fn(|r| r.min(rows - 1) * c_pad);
+                                            let a = v.add(e * v_stride + g * c_pad + k0);
+                                            conv_tile(rows, a, &offsets, 1, &[0], wt, 0, DEPTH.min(c_pad - k0), out.add(g * F32Conv::PANEL), F32Conv::PANEL, k0 == 0);
+                                        }
+                                    }
+                                }
+                                Points::Bf16Pairs(_) => {
+                                    let x = pairs.as_ptr().add(e * chunk * steps);
+                                    for s0 in (0..steps).step_by(DEPTH / 2) {
+                                        let wt = (u.as_ptr() as *const u32).add((((p - g0) * 16 + e) * steps + s0) * F32Conv::PANEL);
+                                        let start = if s0 == 0 { Start::Init(ZEROS.as_ptr()) } else { Start::Load };
+                                        for g in (0..count).step_by(F32Conv::POS) {
+                                            let rows = F32Conv::POS.min(count - g);
+                                            let b = x.add(g * steps + s0);
+                                            Bf16Pairs::tile(rows, wt, b, steps, (DEPTH / 2).min(steps - s0), out.add(g * F32Conv::PANEL), F32Conv::PANEL, start);
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                        let o0 = p * F32Conv::PANEL;
+                        let mut t = 0;
+                        while t < count {
+                            let (f, ty, tx) = tile(t0 + t);
+                            let dst = y_ptr.get().add((f * co + o0) * h * w + 2 * ty * w + 2 * tx);
+                            let src = m.add(t * F32Conv::PANEL);
+                            let bias = &bias[o0..o0 + F32Conv::PANEL];
+                            // Eight tiles side by side: two rows of 16 whole outputs.
+                            if t + 8 <= count && tx + 8 <= tw && 2 * tx + 16 <= w && 2 * ty + 2 <= h {
+                                output_tiles8(src, m_stride, bias, dst, w, h * w);
+                                t += 8;
+                            } else {
+                                output_tile(src, m_stride, bias, dst, w, h * w, (h - 2 * ty).min(2), (w - 2 * tx).min(2));
+                                t += 1;
+                            }
+                        }
+                    }
+                }
+            },
+        );
+    }
     // SAFETY: the tasks together wrote every output (every tile's valid pixels, every channel).
     unsafe { y.set_len(n * co * h * w) };
     y
@@ -199,13 +223,15 @@ fn winograd(x: &[f32], Shape { n, c, co, h, w }: Shape, bias: &[f32], points: Po
 static ZEROS: [f32; F32Conv::PANEL] = [0.0; F32Conv::PANEL];
 
 /// A 3×3 convolution (stride 1, padding 1) with bf16 products on AVX512-BF16 (`vdpbf16ps`), f32
-/// in and out: always the Winograd form, its transformed weights `U` computed in f32 and
-/// rounded to bf16 pairs once, at load (16·c·co bf16 values: less memory than the f32 kernel's
-/// 9·c·co f32), so small images gain from it as large ones do. `V` is rounded to bf16 after its
-/// transform, the output transform runs in f32.
+/// in and out: always the Winograd form. The kernel is kept as bf16 taps (9·c·co values, half
+/// the f32 kernel's memory, as a bf16 model's weights are); each call transforms them to `U`
+/// in f32 and rounds `U` to bf16 pairs, a group of output panels at a time ([`POINTS_BYTES`]),
+/// so small images gain from the form as large ones do. `V` is rounded to bf16 after its transform, the output
+/// transform runs in f32.
 #[derive(Clone)]
 pub struct Bf16DotConv {
-    points: Vec<Lanes>,
+    /// bf16 bits, `[panel][tap][c_pad][64]` (the f32 kernel's packing).
+    taps: Vec<u16>,
     bias: Vec<f32>,
     co: usize,
     c: usize,
@@ -223,27 +249,39 @@ impl Bf16DotConv {
         Bf16Pairs::available() && F32Conv::supports(co)
     }
 
-    /// Transforms `w (co, c, 3, 3)` and packs it in bf16 pairs; `bias (co)`.
+    /// Packs `w (co, c, 3, 3)` as bf16 taps; `bias (co)`.
     pub fn spatial_3x3(w: &Tensor, bias: &Tensor) -> Result<Self> {
         if !Self::supports(w.dim(0)?) {
             candle_core::bail!("bf16 pair conv: weight {:?}: needs a multiple of 64 outputs on a CPU with AVX512-BF16", w.dims());
         }
         let f32 = F32Conv::spatial_3x3(w, bias)?;
-        let c_pad = f32.c.next_multiple_of(F32Conv::KC);
-        let u = f32.winograd_weights(c_pad);
-        let u = lane_values(&u);
+        let taps = lane_values(&f32.packed).par_iter().map(|&v| bf16_bits(v)).collect();
+        Ok(Self { taps, bias: f32.bias, co: f32.co, c: f32.c })
+    }
+
+    /// `U = G g Gᵀ` of every (output, input) channel pair of output `panels`, rounded to bf16
+    /// pairs of input channels: `[panel][e][c_pad/2][64]`, channels 2s and 2s+1 in one lane.
+    fn winograd_points(&self, panels: std::ops::Range<usize>) -> Vec<Lanes> {
+        const LANES: usize = F32Conv::PANEL / 16;
+        let c_pad = self.c.next_multiple_of(F32Conv::KC);
         let steps = c_pad / 2;
-        let mut points = vec![Lanes([0.0; 16]); f32.co * steps];
-        // [panel][e][step][64] from [panel][e][c_pad][64]: channels 2s and 2s+1 in one lane.
-        points.par_chunks_mut(steps * F32Conv::PANEL / 16).enumerate().for_each(|(pe, rows)| {
-            for (s, lanes) in rows.chunks_exact_mut(F32Conv::PANEL / 16).enumerate() {
-                for (j, lane) in lanes.iter_mut().flat_map(|l| l.0.iter_mut()).enumerate() {
-                    let at = |ci: usize| bf16_bits(u[(pe * c_pad + ci) * F32Conv::PANEL + j]) as u32;
-                    *lane = f32::from_bits(at(2 * s) | at(2 * s + 1) << 16);
+        let len = panels.len() * F32Conv::PANEL * steps;
+        let mut u = output_buffer::<Lanes>(len);
+        u.spare_capacity_mut().par_chunks_mut(16 * steps * LANES).enumerate().for_each(|(i, panel)| {
+            let p = panels.start + i;
+            for s in 0..steps {
+                for l in 0..LANES {
+                    let taps = self.taps[((p * 9) * c_pad + 2 * s) * F32Conv::PANEL + 16 * l..].as_ptr();
+                    // SAFETY: the nine taps of channels 2s and 2s+1 (16 lanes each, c_pad·64
+                    // values apart) lie in `taps`; the 16 points (`steps·64` values apart) in
+                    // this panel's part of `u`; AVX512-BF16 is available (`supports`).
+                    unsafe { pair_points(taps, c_pad * F32Conv::PANEL, F32Conv::PANEL, panel.as_mut_ptr().add(s * LANES + l).cast(), steps * F32Conv::PANEL) };
                 }
             }
         });
-        Ok(Self { points, bias: f32.bias, co: f32.co, c: f32.c })
+        // SAFETY: every panel's every (point, step, lane group) was written above.
+        unsafe { u.set_len(len) };
+        u
     }
 
     /// `x (n, c, h, w)` f32 on the CPU → `(n, co, h, w)`.
@@ -257,7 +295,7 @@ impl Bf16DotConv {
         let candle_core::Storage::Cpu(cpu) = &*storage else { candle_core::bail!("bf16 pair conv: input not on the CPU") };
         let start = layout.start_offset();
         let xs = &cpu.as_slice::<f32>()?[start..start + n * c * h * w];
-        let y = winograd(xs, Shape { n, c, co: self.co, h, w }, &self.bias, Points::Bf16Pairs(&self.points));
+        let y = winograd(xs, Shape { n, c, co: self.co, h, w }, &self.bias, Points::Bf16Pairs(self));
         drop(storage);
         Tensor::from_vec(y, (n, self.co, h, w), &candle_core::Device::Cpu)
     }
@@ -279,6 +317,42 @@ fn kernel_points([t0, t1, t2]: [&[f32; 16]; 3]) -> [[f32; 16]; 4] {
         points[3][i] = t2[i];
     }
     points
+}
+
+/// `U = G g Gᵀ` for 16 lanes of two input channels (`g` at tap 0 of the even one, taps
+/// `tap_stride` apart, the odd channel `odd` values after the even), rounded to bf16 pairs
+/// (even channel low): point e goes to `u + e·e_stride` (in u32 lanes).
+///
+/// # Safety
+/// AVX-512F and AVX512-BF16 must be available; the 18 loads and 16 stores must lie inside their
+/// buffers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn pair_points(g: *const u16, tap_stride: usize, odd: usize, u: *mut u32, e_stride: usize) {
+    use std::arch::x86_64::*;
+    let half = _mm512_set1_ps(0.5);
+    // G on one kernel column or row: its four points.
+    let kernel_points = |t0: __m512, t1: __m512, t2: __m512| -> [__m512; 4] {
+        [t0, _mm512_mul_ps(half, _mm512_add_ps(_mm512_add_ps(t0, t1), t2)), _mm512_mul_ps(half, _mm512_add_ps(_mm512_sub_ps(t0, t1), t2)), t2]
+    };
+    let points = |g: *const u16| -> [__m512; 16] {
+        let tap = |t: usize| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(g.add(t * tap_stride).cast()))));
+        // Along the kernel's columns (points [dx][a]), then along its rows, as `kernel_points`.
+        let columns: [[__m512; 4]; 3] = std::array::from_fn(|dx| kernel_points(tap(dx), tap(3 + dx), tap(6 + dx)));
+        let rows: [[__m512; 4]; 4] = std::array::from_fn(|a| kernel_points(columns[0][a], columns[1][a], columns[2][a]));
+        std::array::from_fn(|e| rows[e / 4][e % 4])
+    };
+    let (even, odd) = (points(g), points(g.add(odd)));
+    for e in 0..16 {
+        let lo = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(even[e])));
+        let hi = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(odd[e]))));
+        _mm512_storeu_si512(u.add(e * e_stride).cast(), _mm512_or_si512(lo, hi));
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn pair_points(_: *const u16, _: usize, _: usize, _: *mut u32, _: usize) {
+    unreachable!("Bf16DotConv::supports() is false off x86-64")
 }
 
 /// `V = Bᵀ d B` of one 4×4 patch for 16 channels: `patch` at its first position (16 values
