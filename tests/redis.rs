@@ -141,6 +141,43 @@ fn a_killed_worker_loses_no_job() {
     assert!(status(&api, &ids[0])["worker"].as_str().unwrap().contains(&format!(":{}:", survivor.pid())));
 }
 
+/// #19: a worker that stalls (SIGSTOP) past the visibility timeout loses its job to another,
+/// which runs it to the end; when the stalled worker wakes, its late attempt is discarded: one
+/// final event, the video of the attempt that counts, and the woken worker takes new jobs.
+#[test]
+fn a_late_duplicate_is_discarded() {
+    let redis = Redis::start();
+    let api = api_node(&redis, &[]);
+    let results = tempfile::tempdir().unwrap();
+    let shared = ["--results-dir", results.path().to_str().unwrap()];
+    let (steps, seed) = (40, 11);
+    let id = submit(&api, steps, seed);
+    let mut stalled = Worker::start(&redis, 1, &shared);
+    wait_running(&api, &id, &[&stalled]);
+    signal(&stalled, "STOP");
+    let taker = Worker::start(&redis, 1, &shared);
+    let v = api.wait(&id);
+    assert_eq!(v["state"], "done", "{v}");
+    assert!(v["worker"].as_str().unwrap().contains(&format!(":{}:", taker.pid())), "{v}");
+    let kept = api.get(&format!("/api/v1/jobs/{id}/video")).body;
+    signal(&stalled, "CONT");
+    // The woken worker finds the job is no longer its own, drops its attempt and goes on.
+    drop(taker);
+    let next = submit(&api, 2, 12);
+    assert_eq!(api.wait(&next)["state"], "done");
+    assert_eq!(final_events(&api.events(&id)), ["done"]);
+    assert!(api.get(&format!("/api/v1/jobs/{id}/video")).body == kept, "the kept video changed");
+    assert!(kept == cli_video(steps, seed), "the video differs from generate's");
+    let files: Vec<String> = std::fs::read_dir(results.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(files.iter().filter(|f| f.starts_with(&id)).count(), 1, "one video of the job: {files:?}");
+    stalled.kill9();
+}
+
+fn signal(worker: &Worker, signal: &str) {
+    let status = Command::new("kill").args([&format!("-{signal}"), &worker.pid().to_string()]).status().unwrap();
+    assert!(status.success());
+}
+
 /// #19: capacity is counted across API nodes; any node answers for any job; cancel through a
 /// second node stops the job on its worker within a step, and the worker goes on to the next.
 #[test]

@@ -173,7 +173,14 @@ impl Scripts {
     fn new() -> Self {
         // KEYS: waiting, job, events, stream. ARGV: id, capacity, spec, image, image2, mode,
         // seed, created, keep seconds.
+        // The id is drawn before the call, so a submit retried after a lost reply finds its
+        // own record and is not queued twice.
         let submit = r"
+            if redis.call('EXISTS', KEYS[2]) == 1 then
+                local at = redis.call('LPOS', KEYS[1], ARGV[1])
+                if at then return at + 1 end
+                return 0
+            end
             local n = redis.call('LLEN', KEYS[1])
             if n >= tonumber(ARGV[2]) then return -1 end
             redis.call('HSET', KEYS[2], 'state', 'queued', 'spec', ARGV[3], 'image', ARGV[4], 'mode', ARGV[6],
@@ -211,6 +218,11 @@ impl Scripts {
             if redis.call('HGET', KEYS[1], 'cancel') == '1' then
                 close('cancelled', cjson.encode({{event = 'cancelled'}})) ack() return {{'final', 0, '', '', ''}}
             end
+            if state == 'running' and redis.call('HGET', KEYS[1], 'worker') == ARGV[4] then
+                -- This worker's own start, retried because its reply was lost.
+                local f = redis.call('HMGET', KEYS[1], 'attempts', 'spec', 'image', 'image2')
+                return {{'run', tonumber(f[1]), f[2] or '', f[3] or '', f[4] or ''}}
+            end
             local attempt = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
             if attempt > tonumber(ARGV[5]) then
                 local why = 'gave up after ' .. ARGV[5] .. ' attempts: the worker running this job stopped each time (killed or crashed) before it finished'
@@ -238,8 +250,15 @@ impl Scripts {
         let finish = format!(
             r"{end}
             local state = redis.call('HGET', KEYS[1], 'state')
-            if state == false or state == 'done' or state == 'failed' or state == 'cancelled' then ack() return 0 end
+            if state == 'done' or state == 'failed' or state == 'cancelled' then
+                ack()
+                -- This attempt's own write, retried because its reply was lost: it stands.
+                if redis.call('HGET', KEYS[1], 'ended_by') == ARGV[4] then return 1 end
+                return 0
+            end
+            if state == false then ack() return 0 end
             if redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[4] then return -1 end
+            redis.call('HSET', KEYS[1], 'ended_by', ARGV[4])
             if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'report', ARGV[7]) end
             if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[8]) end
             if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'video', ARGV[9]) end
@@ -432,18 +451,36 @@ impl RedisQueue {
         let job_of = |e: &StreamId| e.get::<String>("job").map(|job| (e.id.clone(), job));
         self.with(|con| {
             self.seen(con, consumer)?;
-            let stale: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
-                .arg(&self.jobs_stream)
-                .arg(GROUP)
-                .arg(consumer)
-                .arg(self.opts.visibility.as_millis() as u64)
-                .arg("0-0")
-                .arg("COUNT")
-                .arg(1)
-                .query(con)?;
-            if let Some(entry) = stale.claimed.first() {
-                tracing::info!(worker = consumer, "taking over job entry {} (its worker went silent)", entry.id);
-                return Ok(job_of(entry));
+            // XAUTOCLAIM looks at ten pending entries per call: walk the whole pending list
+            // (one entry per running job), so a silent worker's job is found behind any number
+            // of live ones.
+            let mut cursor = "0-0".to_string();
+            loop {
+                let stale: RedisResult<StreamAutoClaimReply> = redis::cmd("XAUTOCLAIM")
+                    .arg(&self.jobs_stream)
+                    .arg(GROUP)
+                    .arg(consumer)
+                    .arg(self.opts.visibility.as_millis() as u64)
+                    .arg(&cursor)
+                    .arg("COUNT")
+                    .arg(1)
+                    .query(con);
+                let stale = match stale {
+                    // Redis lost the group (restarted without its data): make it again.
+                    Err(e) if e.code() == Some("NOGROUP") => {
+                        self.ensure_group(con)?;
+                        return Ok(None);
+                    }
+                    r => r?,
+                };
+                if let Some(entry) = stale.claimed.first() {
+                    tracing::info!(worker = consumer, "taking over job entry {} (its worker went silent)", entry.id);
+                    return Ok(job_of(entry));
+                }
+                if stale.next_stream_id == "0-0" {
+                    break;
+                }
+                cursor = stale.next_stream_id;
             }
             let read: RedisResult<Option<StreamReadReply>> = redis::cmd("XREADGROUP")
                 .arg("GROUP")
@@ -589,7 +626,7 @@ impl RedisQueue {
                 job.cancel.store(true, Ordering::Relaxed);
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!(job = %job.id, "progress not published: {}", e.0),
+            Err(e) => tracing::warn!(worker = %claim.consumer, job = %job.id, "progress not published: {}", e.0),
         }
     }
 
@@ -620,15 +657,15 @@ impl RedisQueue {
                     return true;
                 }
                 Ok(_) => {
-                    tracing::warn!(job = id, "the job had already ended elsewhere; this attempt's result is discarded");
+                    tracing::warn!(worker = %claim.consumer, job = id, "the job had already ended elsewhere; this attempt's result is discarded");
                     return false;
                 }
                 Err(e) if std::time::Instant::now() < deadline => {
-                    tracing::warn!(job = id, "storing the result: {}; retrying", e.0);
+                    tracing::warn!(worker = %claim.consumer, job = id, "storing the result: {}; retrying", e.0);
                     std::thread::sleep(Duration::from_secs(1));
                 }
                 Err(e) => {
-                    tracing::error!(job = id, "could not store the result ({}); another worker will run the job again", e.0);
+                    tracing::error!(worker = %claim.consumer, job = id, "could not store the result ({}); another worker will run the job again", e.0);
                     return false;
                 }
             }
@@ -826,7 +863,7 @@ impl WorkSource for RedisQueue {
         self.running.lock().unwrap_or_else(|e| e.into_inner()).retain(|c| !Arc::ptr_eq(c, &job.cancel));
         let id = job.id.as_str();
         if claim.lost.load(Ordering::Relaxed) {
-            tracing::warn!(job = id, "another worker took this job over; this attempt's result is discarded");
+            tracing::warn!(worker = %claim.consumer, job = id, "another worker took this job over; this attempt's result is discarded");
             let _ = std::fs::remove_file(&job.video_path);
             return false;
         }
@@ -837,7 +874,7 @@ impl WorkSource for RedisQueue {
                 self.keys(&mut inv, id);
                 inv.arg(id).arg(GROUP).arg(&claim.entry).arg(claim.attempt).arg(&claim.consumer).invoke::<i64>(con)
             });
-            tracing::info!(job = id, "handed back to the queue ({})", if r.is_ok() { "next in line" } else { "after the visibility timeout" });
+            tracing::info!(worker = %claim.consumer, job = id, "handed back to the queue ({})", if r.is_ok() { "next in line" } else { "after the visibility timeout" });
             return false;
         }
         let (state, event, report, error, video, seconds) = match outcome {

@@ -41,6 +41,8 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     // Redis first: a wrong URL fails before a download or a model load.
     let spec = model_source::describe(&args.model, args.config.as_deref())?;
     let (queue, scratch) = super::connect_queue(&args.queue, &spec, &args.cluster, 1, Duration::from_secs(3600), 8.0, args.results_dir.as_deref())?;
+    // Every line this worker logs names it (the name its jobs show as `worker`).
+    let _span = tracing::info_span!("worker", id = %queue.worker_name()).entered();
     let source = spec.fetch()?;
     tracing::info!("loading {}", source.weights.display());
     let pipeline = Pipeline::load_with(source.config.clone(), &source.weights, &device, precision)?;
@@ -53,7 +55,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             queue.shut_down();
         })?;
     }
-    tracing::info!(worker = %queue.worker_name(), "worker for model {} on {}", source.name, args.queue);
+    tracing::info!("worker for model {} on {}", source.name, args.queue);
     run_jobs(&pipeline, &source.name, queue.as_ref());
     let _ = std::fs::remove_dir_all(&scratch);
     tracing::info!("stopped");
