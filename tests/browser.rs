@@ -21,6 +21,17 @@ fn chromium() -> PathBuf {
 
 #[test]
 fn the_page_generates_a_video_that_plays_in_headless_chromium() {
+    run_page(&[], None);
+}
+
+/// Hardening (#22): behind `--api-key` the page asks for the key once and sends it with every
+/// request, the event stream and the video included.
+#[test]
+fn the_page_asks_for_the_api_key_once() {
+    run_page(&["--api-key", "s3cret-key"], Some("s3cret-key"));
+}
+
+fn run_page(server_args: &[&str], key: Option<&str>) {
     let chromium = chromium();
     if !repo().join("tests/browser/node_modules/playwright-core").is_dir() {
         let out = Command::new("npm")
@@ -30,10 +41,12 @@ fn the_page_generates_a_video_that_plays_in_headless_chromium() {
             .expect("running npm (install Debian's npm)");
         assert!(out.status.success(), "npm ci --prefix tests/browser: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     }
-    let server = Server::start(&[]);
+    let server = Server::start(server_args);
     let out = Command::new("node")
         .current_dir(repo())
-        .args(["tests/browser/ui.mjs", &server.url])
+        .arg("tests/browser/ui.mjs")
+        .arg(&server.url)
+        .args(key)
         .env("CHROMIUM", chromium)
         .output()
         .expect("running node (install nodejs)");

@@ -415,3 +415,71 @@ fn json_bodies_are_bounded() {
     assert_eq!(status, 400, "a small body is read and checked: {body}");
     assert_eq!(body["field"], "image", "{body}");
 }
+
+/// Hardening (#22): with `--api-key` (or `DYNAMICRAFTER_API_KEY`) every /api/ route needs the
+/// key, as a bearer token or the page's cookie: 401 JSON without it or with a wrong one;
+/// `/healthz` and the page stay open. A key that could not travel in a header is refused at start.
+#[test]
+fn an_api_key_guards_every_api_route() {
+    let server = Server::start(&["--api-key", "k3y_0f+the/server="]);
+    let call = |method: &str, path: &str, auth: Option<(&str, &str)>| {
+        let mut req = ureq::request(method, &format!("{}{path}", server.url));
+        if let Some((name, value)) = auth {
+            req = req.set(name, value);
+        }
+        match req.call() {
+            Ok(r) | Err(ureq::Error::Status(_, r)) => (r.status(), r.header("www-authenticate").map(String::from), r.into_string().unwrap_or_default()),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    for (method, path) in [("GET", "/api/v1/model"), ("GET", "/api/v1/examples"), ("GET", "/api/v1/jobs/x"), ("DELETE", "/api/v1/jobs/x"), ("GET", "/api/v1/jobs/x/events"), ("GET", "/api/v1/jobs/x/video"), ("POST", "/api/v1/jobs")] {
+        for auth in [None, Some(("Authorization", "Bearer wrong")), Some(("Authorization", "k3y_0f+the/server=")), Some(("Cookie", "dynamicrafter_key=nope"))] {
+            let (status, challenge, body) = call(method, path, auth);
+            assert_eq!(status, 401, "{method} {path} with {auth:?}: {body}");
+            assert_eq!(challenge.as_deref(), Some("Bearer"));
+            let json: Value = serde_json::from_str(&body).unwrap();
+            assert!(json["error"].as_str().unwrap().contains("API key"), "{body}");
+        }
+    }
+    assert_eq!(call("GET", "/api/v1/model", Some(("Authorization", "Bearer k3y_0f+the/server="))).0, 200);
+    assert_eq!(call("GET", "/api/v1/model", Some(("Cookie", "theme=dark; dynamicrafter_key=k3y_0f+the/server="))).0, 200);
+    assert_eq!(call("GET", "/api/v1/jobs/x", Some(("Authorization", "Bearer k3y_0f+the/server="))).0, 404);
+    assert_eq!(call("GET", "/healthz", None).0, 200);
+    assert_eq!(call("GET", "/", None).0, 200);
+    // The OpenAPI document says so.
+    let doc: Value = serde_json::from_str(&call("GET", "/openapi.json", None).2).unwrap();
+    assert_eq!(doc["components"]["securitySchemes"]["api_key"]["scheme"], "bearer");
+    assert_eq!(doc["paths"]["/api/v1/jobs"]["post"]["security"][0]["api_key"], json!([]));
+    assert!(doc["paths"]["/healthz"]["get"]["security"].is_null());
+
+    // From the environment, as a deployment would set it.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dynamicrafter"))
+        .current_dir(support::repo())
+        .args(["serve", "--model", "fixtures/tiny-v", "--port", "0"])
+        .env("DYNAMICRAFTER_API_KEY", "from-env")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    let url = line.trim().strip_prefix("listening on ").unwrap().to_string();
+    let status = |auth: &str| match ureq::get(&format!("{url}/api/v1/model")).set("Authorization", auth).call() {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => r.status(),
+        Err(e) => panic!("{e}"),
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while ureq::get(&format!("{url}/healthz")).call().is_err() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!((status("Bearer from-env"), status("Bearer other")), (200, 401));
+    let _ = child.kill();
+    let _ = child.wait();
+
+    for bad in ["", "has space", "semi;colon", &"x".repeat(257)] {
+        let o = Command::new(env!("CARGO_BIN_EXE_dynamicrafter")).args(["serve", "--model", "fixtures/tiny-v", "--api-key", bad]).current_dir(support::repo()).output().unwrap();
+        assert_eq!(o.status.code(), Some(2), "{bad:?}");
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains("API key"), "{stderr}");
+    }
+}

@@ -55,6 +55,10 @@ pub struct ServeArgs {
     pub config: Option<String>,
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
+    /// Require this key on every /api/ request (`Authorization: Bearer KEY`; the page asks for
+    /// it once). Letters, digits and `-._~+/=`, at most 256.
+    #[arg(long, env = "DYNAMICRAFTER_API_KEY", hide_env_values = true, value_parser = api_key)]
+    pub api_key: Option<String>,
     /// Port; 0 picks a free one (the address is printed).
     #[arg(long, default_value_t = 7860)]
     pub port: u16,
@@ -161,7 +165,8 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/jobs/{id}/video", get(handlers::video))
         .route("/model", get(handlers::model_info))
         .route("/examples", get(handlers::examples))
-        .method_not_allowed_fallback(handlers::method_not_allowed);
+        .method_not_allowed_fallback(handlers::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), require_key));
     Router::new()
         .route("/", get(handlers::page))
         .route("/examples/{name}", get(handlers::example_image))
@@ -174,6 +179,52 @@ fn router(state: Arc<AppState>) -> Router {
         .layer(axum::middleware::from_fn(same_origin))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// An API key as `--api-key` takes it: a bearer token (RFC 6750's characters), which is also a
+/// valid cookie value, so the page can hand it to the requests it cannot add headers to (event
+/// streams, the video).
+fn api_key(key: &str) -> Result<String, String> {
+    let token = |b: u8| b.is_ascii_alphanumeric() || b"-._~+/=".contains(&b);
+    if key.is_empty() || key.len() > 256 || !key.bytes().all(token) {
+        return Err("an API key is 1 to 256 letters, digits or -._~+/= characters".into());
+    }
+    Ok(key.to_string())
+}
+
+/// The cookie the page keeps the API key in.
+pub const KEY_COOKIE: &str = "dynamicrafter_key";
+
+/// With `--api-key`, every request under /api/ needs the key, as `Authorization: Bearer KEY` or
+/// the page's cookie; else 401 JSON.
+async fn require_key(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::http::header;
+    use axum::response::IntoResponse;
+    let Some(key) = state.api_key.as_deref() else { return next.run(req).await };
+    let headers = req.headers();
+    let bearer = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let cookie = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| c.trim().strip_prefix(KEY_COOKIE).and_then(|c| c.strip_prefix('=')));
+    // Compared in time independent of where the first difference is.
+    let same = |given: &str| given.len() == key.len() && given.bytes().zip(key.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+    if bearer.is_some_and(same) || cookie.is_some_and(same) {
+        return next.run(req).await;
+    }
+    let message = match (bearer, cookie) {
+        (None, None) => "this server needs an API key: send it as 'Authorization: Bearer KEY'",
+        _ => "wrong API key",
+    };
+    let mut response = error::ApiError::new(axum::http::StatusCode::UNAUTHORIZED, None, message).into_response();
+    response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+    response
 }
 
 /// Refuses a state-changing request (anything but GET, HEAD, OPTIONS) whose `Origin` is not
@@ -286,6 +337,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         max_queue: args.max_queue,
         limits: Limits { max_image_bytes: args.max_image_bytes, max_image_pixels: args.max_image_pixels, max_prompt_tokens: config.text.context_length - 2 },
         closing: AtomicBool::new(false),
+        api_key: args.api_key.clone(),
     });
     let workers: Vec<_> = pipeline
         .iter()
@@ -301,8 +353,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let addr = listener.local_addr()?;
     // Tests and scripts read this line to find the port.
     println!("listening on http://{addr}");
-    if !addr.ip().is_loopback() {
-        tracing::warn!("listening on {addr}, not a loopback address, without authentication: anyone who can reach this port can queue jobs and read their videos");
+    if !addr.ip().is_loopback() && args.api_key.is_none() {
+        tracing::warn!("listening on {addr}, not a loopback address, without --api-key: anyone who can reach this port can queue jobs and read their videos");
     }
     match &pipeline {
         Some(_) => tracing::info!("model {} loaded in {:.1} s; {} worker(s), queue of {}", name, load_time.as_secs_f64(), args.workers, args.max_queue),

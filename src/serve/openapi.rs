@@ -103,6 +103,19 @@ pub async fn document(State(state): State<Arc<AppState>>) -> Json<utoipa::openap
     if let Some(components) = doc.components.as_mut() {
         components.schemas.insert(JobJson::name().into_owned(), job_schema(false, Some(cfg)));
         components.schemas.insert(JobMultipart::name().into_owned(), job_schema(true, Some(cfg)));
+        if state.api_key.is_some() {
+            use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+            components.add_security_scheme("api_key", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
+        }
+    }
+    if state.api_key.is_some() {
+        // `serve --api-key`: every /api/ operation needs the key (401 without it).
+        let needs_key = vec![utoipa::openapi::security::SecurityRequirement::new("api_key", Vec::<String>::new())];
+        for (_, item) in doc.paths.paths.iter_mut().filter(|(p, _)| p.starts_with("/api/")) {
+            for op in [&mut item.get, &mut item.put, &mut item.post, &mut item.delete].into_iter().flatten() {
+                op.security = Some(needs_key.clone());
+            }
+        }
     }
     Json(doc)
 }

@@ -43,6 +43,8 @@ pub struct AppState {
     pub max_queue: usize,
     pub limits: Limits,
     pub closing: AtomicBool,
+    /// `--api-key`: what every /api/ request must carry.
+    pub api_key: Option<String>,
 }
 
 impl AppState {

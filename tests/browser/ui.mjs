@@ -1,8 +1,10 @@
 // Loads the served page in headless Chromium, picks an example image, generates, and checks
-// that progress advanced and the result <video> plays. Usage: node ui.mjs <server-url>
+// that progress advanced and the result <video> plays. Usage: node ui.mjs <server-url> [api-key]
+// With a key (a server started with --api-key), the page must ask for it exactly once.
 import { chromium } from "playwright-core";
 
 const url = process.argv[2];
+const key = process.argv[3];
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
   args: ["--no-sandbox", "--autoplay-policy=no-user-gesture-required"],
@@ -16,6 +18,12 @@ try {
   const page = await browser.newPage();
   page.on("console", (m) => console.log("page console:", m.text()));
   page.on("pageerror", (e) => console.log("page error:", e.message));
+  let asked = 0;
+  page.on("dialog", async (d) => {
+    asked += 1;
+    if (key && d.type() === "prompt") await d.accept(key);
+    else await d.dismiss();
+  });
   await page.goto(url);
   await page.waitForFunction(() => document.getElementById("model-line").textContent.startsWith("model "));
 
@@ -57,6 +65,7 @@ try {
   const timings = await page.$$eval("#timings tr", (rows) => rows.map((r) => r.textContent));
   if (!timings.some((t) => t.includes("denoise"))) await fail("no stage timings shown: " + timings);
   if (!timings.some((t) => t.includes("dpmpp-2m karras, 4 steps"))) await fail("the run did not use the chosen sampler: " + timings);
+  if (asked !== (key ? 1 : 0)) await fail(`the page asked for the API key ${asked} times`);
   const href = await page.getAttribute("#download", "href");
   if (!href || !href.endsWith("/video")) await fail("no download link");
 

@@ -4,8 +4,10 @@
 //! weights ([`synthetic`]); the `q8_0` format ([`q8`]); and `convert` ([`convert`]).
 
 pub mod convert;
+mod pickle;
 pub mod q8;
 mod synthetic;
+mod torch;
 
 pub use synthetic::{KeyRecorder, RandomWeights};
 
@@ -20,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 enum Source {
     Safetensors(MmapedSafetensors),
-    Pickle(candle_core::pickle::PthTensors),
+    Torch(torch::TorchFile),
 }
 
 /// An opened checkpoint. Tensors are read lazily, one at a time, when a network asks for them.
@@ -60,17 +62,9 @@ impl Checkpoint {
         }
         let (source, file_shapes): (Source, Vec<(String, Vec<usize>)>) = if &magic[..4] == b"PK\x03\x04" {
             // torch.save zip; Lightning nests the weights under "state_dict".
-            let infos = candle_core::pickle::read_pth_tensor_info(path, false, Some("state_dict"))
-                .or_else(|_| candle_core::pickle::read_pth_tensor_info(path, false, None))
-                .map_err(|e| err(format!("not a readable PyTorch checkpoint: {e}")))?;
-            if infos.is_empty() {
-                return Err(err("no tensors found in the pickle (is this a model.ckpt?)".into()));
-            }
-            let shapes = infos.iter().map(|i| (i.name.clone(), i.layout.dims().to_vec())).collect();
-            let pth = candle_core::pickle::PthTensors::new(path, Some("state_dict"))
-                .or_else(|_| candle_core::pickle::PthTensors::new(path, None))
-                .map_err(|e| err(e.to_string()))?;
-            (Source::Pickle(pth), shapes)
+            let torch = torch::TorchFile::open(&file).map_err(|e| err(format!("not a readable PyTorch checkpoint: {e}")))?;
+            let shapes = torch.shapes().map(|(k, s)| (k.to_string(), s.to_vec())).collect();
+            (Source::Torch(torch), shapes)
         } else {
             let header_len = u64::from_le_bytes(magic);
             let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -128,10 +122,7 @@ impl Checkpoint {
         })?;
         let t = match &self.source {
             Source::Safetensors(st) => st.load(file_key, dev)?,
-            Source::Pickle(p) => p
-                .get(file_key)?
-                .ok_or_else(|| candle_core::Error::Msg(format!("missing {file_key}")))?
-                .to_device(dev)?,
+            Source::Torch(t) => t.load(file_key, dev)?,
         };
         Ok(t)
     }
