@@ -209,7 +209,8 @@ impl Scripts {
                 redis.call('EXPIRE', KEYS[2], keep)
             end"
         );
-        // ARGV[4] worker, [5] max attempts. Returns {verdict, attempt, spec, image, image2}.
+        // ARGV[4] worker, [5] max attempts, [6] a token drawn for this start (its retries send
+        // the same). Returns {verdict, attempt, spec, image, image2}.
         let start = format!(
             r"{end}
             if redis.call('EXISTS', KEYS[1]) == 0 then ack() return {{'gone', 0, '', '', ''}} end
@@ -218,8 +219,8 @@ impl Scripts {
             if redis.call('HGET', KEYS[1], 'cancel') == '1' then
                 close('cancelled', cjson.encode({{event = 'cancelled'}})) ack() return {{'final', 0, '', '', ''}}
             end
-            if state == 'running' and redis.call('HGET', KEYS[1], 'worker') == ARGV[4] then
-                -- This worker's own start, retried because its reply was lost.
+            if state == 'running' and redis.call('HGET', KEYS[1], 'start_token') == ARGV[6] then
+                -- This very start, retried because its reply was lost.
                 local f = redis.call('HMGET', KEYS[1], 'attempts', 'spec', 'image', 'image2')
                 return {{'run', tonumber(f[1]), f[2] or '', f[3] or '', f[4] or ''}}
             end
@@ -230,7 +231,7 @@ impl Scripts {
                 close('failed', cjson.encode({{event = 'error', error = why}})) ack() return {{'final', 0, '', '', ''}}
             end
             redis.call('LREM', KEYS[3], 0, ARGV[1])
-            redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[4])
+            redis.call('HSET', KEYS[1], 'state', 'running', 'worker', ARGV[4], 'start_token', ARGV[6])
             redis.call('HDEL', KEYS[1], 'progress')
             local f = redis.call('HMGET', KEYS[1], 'spec', 'image', 'image2')
             return {{'run', attempt, f[1] or '', f[2] or '', f[3] or ''}}"
@@ -257,7 +258,7 @@ impl Scripts {
                 return 0
             end
             if state == false then ack() return 0 end
-            if redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[4] then return -1 end
+            if state ~= 'running' or redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[4] then return -1 end
             redis.call('HSET', KEYS[1], 'ended_by', ARGV[4])
             if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'report', ARGV[7]) end
             if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[8]) end
@@ -508,10 +509,11 @@ impl RedisQueue {
 
     /// Starts the job of a stream entry; `None` when it had ended meanwhile (acknowledged).
     fn start(&self, consumer: &str, entry: &str, id: &str) -> Result<Option<Taken>, Unavailable> {
+        let token = uuid::Uuid::new_v4().simple().to_string();
         let (verdict, attempt, spec, image, image2): (String, i64, String, Vec<u8>, Vec<u8>) = self.with(|con| {
             let mut inv = self.scripts.start.prepare_invoke();
             self.keys(&mut inv, id);
-            inv.arg(id).arg(GROUP).arg(entry).arg(consumer).arg(self.opts.max_attempts).invoke(con)
+            inv.arg(id).arg(GROUP).arg(entry).arg(consumer).arg(self.opts.max_attempts).arg(&token).invoke(con)
         })?;
         if verdict != "run" {
             return Ok(None);
@@ -550,7 +552,7 @@ impl RedisQueue {
 
     fn rebuild(&self, spec: &str, image: &[u8], image2: &[u8]) -> anyhow::Result<(Request, f64)> {
         let spec: JobSpec = serde_json::from_str(spec).map_err(|e| anyhow::anyhow!("job record is unreadable: {e}"))?;
-        let limits = Limits { max_image_bytes: usize::MAX, max_image_pixels: u64::MAX, max_prompt_tokens: usize::MAX };
+        let limits = Limits { max_image_bytes: usize::MAX, max_image_pixels: u64::MAX, max_prompt_tokens: usize::MAX, upload_timeout: Duration::MAX };
         let decode = |field, bytes: &[u8]| decode_image(field, bytes, &limits).map_err(|e| anyhow::anyhow!("{}", e.message));
         let image = decode("image", image)?;
         let image2 = if image2.is_empty() { None } else { Some(decode("image2", image2)?) };

@@ -176,7 +176,10 @@ fn what_torch_save_writes_loads() {
         item("epoch", P::default().int(3)),
         item("note", P::default().str("hello")),
     ];
-    let pickle = root(&items, true, &[item("epoch", P::default().int(9)), item("optimizer_states", P::default().op(b"](").int(1).op(&[0x8a, 0]).op(b"e"))]);
+    // Beside the state dict: numbers, a list, and an object of a dict subclass (Lightning's
+    // hyper-parameters: NEWOBJ, its items, BUILD).
+    let hparams = P::default().global("lightning.fabric.utilities.data", "AttributeDict").op(b")").op(&[0x81]).op(b"(").str("lr").int(1).op(b"u}b");
+    let pickle = root(&items, true, &[item("epoch", P::default().int(9)), item("optimizer_states", P::default().op(b"](").int(1).op(&[0x8a, 0]).op(b"e")), item("hyper_parameters", hparams)]);
     let path = ckpt("good", &pickle, &[("0", f32_bytes(&data)), ("1", ints)], false);
     let got = read_all(&path);
     std::fs::remove_file(&path).unwrap();
@@ -234,6 +237,7 @@ fn hostile_records_are_clear_errors() {
     }
     let t = |class: &str, key: &str, numel: i64, offset: i64, size: &[i64], stride: &[i64]| P::default().tensor(class, key, numel, offset, size, stride);
     cases.push(("an 8.8 TB shape on 16 bytes".into(), t("FloatStorage", "0", 4, 0, &[1 << 20, 1 << 20, 1 << 10], &[1 << 30, 1 << 10, 1]), "too large"));
+    cases.push(("a shape whose size overflows 128 bits".into(), t("FloatStorage", "0", 4, 0, &[1 << 62, 1 << 62, 1 << 62], &[1, 1, 1]), "too large"));
     cases.push(("a shape past its storage".into(), t("FloatStorage", "0", 4, 0, &[5], &[1]), "needs more than"));
     cases.push(("an offset past its storage".into(), t("FloatStorage", "0", 4, 3, &[2], &[1]), "needs more than"));
     cases.push(("a negative offset".into(), t("FloatStorage", "0", 4, -1, &[2], &[1]), "offset"));

@@ -36,7 +36,7 @@ pub(crate) enum Value<'a> {
     /// `module.name`, never resolved.
     Global { module: &'a [u8], name: &'a [u8] },
     /// `func(*args)` (`REDUCE`, `NEWOBJ`), never called; `state` from a later `BUILD`, `items`
-    /// from `APPEND`s onto it.
+    /// from `APPEND`s, `SETITEMS` (keys and values in turn) or `ADDITEMS` onto it.
     Call { func: Id, args: Id, state: Option<Id>, items: Vec<Id> },
     /// A persistent id (`BINPERSID`): in `torch.save` files, a tensor storage's record.
     Persistent(Id),
@@ -303,7 +303,12 @@ impl<'a> Machine<'a, '_> {
                 items.extend(pairs.chunks_exact(2).map(|kv| (kv[0], kv[1])));
                 Ok(())
             }
-            _ => Err(self.err("SETITEM into something that is not a dict")),
+            // An object of a dict subclass (NEWOBJ, then its items): kept as values only.
+            Value::Call { items, .. } => {
+                items.extend(pairs);
+                Ok(())
+            }
+            _ => Err(self.err("SETITEM into something that is neither a dict nor an object")),
         }
     }
 
@@ -384,8 +389,8 @@ impl<'a> Machine<'a, '_> {
                     let items = self.pop_mark()?;
                     let target = self.top()?;
                     match self.value_mut(target) {
-                        Value::Set(set) => set.extend(items),
-                        _ => return Err(self.err("ADDITEMS into something that is not a set")),
+                        Value::Set(set) | Value::Call { items: set, .. } => set.extend(items),
+                        _ => return Err(self.err("ADDITEMS into something that is neither a set nor an object")),
                     }
                 }
                 // FROZENSET

@@ -254,7 +254,8 @@ impl<'a> Tensors<'_, 'a> {
             return Err(format!("{} sizes but {} strides", shape.len(), strides.len()));
         }
         let offset = p.int(offset).and_then(|o| usize::try_from(o).ok()).ok_or("its offset is not a count")?;
-        if shape.iter().filter(|&&d| d > 0).map(|&d| d as u128).product::<u128>() > MAX_ELEMENTS {
+        let nonzero = shape.iter().filter(|&&d| d > 0).try_fold(1u128, |n, &d| n.checked_mul(d as u128));
+        if nonzero.is_none_or(|n| n > MAX_ELEMENTS) {
             return Err(format!("shape {shape:?} is too large"));
         }
         let elements: usize = shape.iter().product();

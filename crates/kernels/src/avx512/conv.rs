@@ -338,8 +338,9 @@ mod tests {
         }
     }
 
-    /// bf16 pairs (Winograd, weights transformed at load): against the f64 convolution, the
-    /// error of bf16 operands. Relative RMS error per output ≈ the rounding of V and U
+    /// bf16 pairs (Winograd, weights kept as bf16 taps and transformed per call, in one group of
+    /// output panels and in groups of one panel): against the f64 convolution, the error of
+    /// bf16 operands. Relative RMS error per output ≈ the rounding of V and U
     /// (2^-9 relative each) through sums of random signs: ~3e-3; a wrong index or lane is ~1.
     #[test]
     fn bf16_pair_conv_matches_reference_at_bf16_level() {
@@ -353,8 +354,12 @@ mod tests {
             let wt = Tensor::randn(0f32, 0.2, (co, c, 3, 3), &dev).unwrap();
             let bias = Tensor::randn(0f32, 0.2, co, &dev).unwrap();
             let want = conv3x3_reference(&f64(&x), &f64(&wt), &f64(&bias)).unwrap();
-            let got = Bf16DotConv::spatial_3x3(&wt, &bias).unwrap().forward(&x).unwrap();
+            let conv = Bf16DotConv::spatial_3x3(&wt, &bias).unwrap();
+            let got = conv.forward(&x).unwrap();
             assert_eq!(got.dims(), want.dims());
+            // A panel at a time: the same products, grouped differently.
+            let one_panel = conv.forward_in_groups(&x, 1).unwrap();
+            assert_eq!(one_panel.flatten_all().unwrap().to_vec1::<f32>().unwrap(), got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), "{:?}", (n, c, co, h, w));
             let err = (got.to_dtype(DType::F64).unwrap() - &want).unwrap().sqr().unwrap().mean_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
             let rms = want.sqr().unwrap().mean_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
             eprintln!("{:?}: relative RMS error {:.2e}", (n, c, co, h, w), err / rms);

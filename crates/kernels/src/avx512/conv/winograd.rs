@@ -80,9 +80,9 @@ enum Points<'a> {
     /// f32, `[panel][e][c_pad][64]`, every panel: the direct kernel's microkernel.
     F32(&'a [Lanes]),
     /// bf16 pairs of input channels, `[panel][e][c_pad/2][64]`, made from the bf16 taps of
-    /// `conv` a group of panels at a time: `V` is rounded to pairs too and the pair microkernel
-    /// of the matrices (`vdpbf16ps`) runs.
-    Bf16Pairs(&'a Bf16DotConv),
+    /// `conv` a group of panels at a time (at most the given bytes of `U`): `V` is rounded to
+    /// pairs too and the pair microkernel of the matrices (`vdpbf16ps`) runs.
+    Bf16Pairs(&'a Bf16DotConv, usize),
 }
 
 /// The most bytes of bf16-pair `U` made at once. A layer's whole `U` is 16·c·co bf16 values
@@ -115,11 +115,11 @@ fn winograd(x: &[f32], Shape { n, c, co, h, w }: Shape, bias: &[f32], points: Po
     // Each point's rows of V and M, a cache line more than the tiles need: point strides
     // that are multiples of 4 KB would put a tile's 16 points in one L1 set.
     let (v_stride, m_stride) = (chunk * c_pad + 16, chunk * F32Conv::PANEL + 16);
-    let pairs_len = if matches!(points, Points::Bf16Pairs(_)) { 16 * chunk * steps } else { 0 };
+    let pairs_len = if matches!(points, Points::Bf16Pairs(..)) { 16 * chunk * steps } else { 0 };
     // Panels per group: all of them for f32 (its U exists whole).
     let group = match points {
         Points::F32(_) => panels,
-        Points::Bf16Pairs(_) => (POINTS_BYTES / (16 * steps * F32Conv::PANEL * 4)).clamp(1, panels),
+        Points::Bf16Pairs(_, bytes) => (bytes / (16 * steps * F32Conv::PANEL * 4)).clamp(1, panels.max(1)),
     };
     let mut y = output_buffer::<f32>(n * co * h * w);
     let y_ptr = SendPtr(y.as_mut_ptr());
@@ -128,7 +128,7 @@ fn winograd(x: &[f32], Shape { n, c, co, h, w }: Shape, bias: &[f32], points: Po
         let made;
         let u = match points {
             Points::F32(u) => u,
-            Points::Bf16Pairs(conv) => {
+            Points::Bf16Pairs(conv, _) => {
                 made = conv.winograd_points(g0..g1);
                 &made[..]
             }
@@ -156,7 +156,7 @@ fn winograd(x: &[f32], Shape { n, c, co, h, w }: Shape, bias: &[f32], points: Po
                             input_tile(padded.as_ptr().add((b * len + at) * 16), grid.pitch() * 16, v.add(t * c_pad + b * 16), v_stride);
                         }
                     }
-                    if let Points::Bf16Pairs(_) = points {
+                    if let Points::Bf16Pairs(..) = points {
                         for e in 0..16 {
                             let rows = std::slice::from_raw_parts(v.add(e * v_stride), count * c_pad);
                             Bf16Pairs::pack_rows(rows, c_pad, &mut pairs[e * chunk * steps..(e + 1) * chunk * steps]);
@@ -179,7 +179,7 @@ fn winograd(x: &[f32], Shape { n, c, co, h, w }: Shape, bias: &[f32], points: Po
                                         }
                                     }
                                 }
-                                Points::Bf16Pairs(_) => {
+                                Points::Bf16Pairs(..) => {
                                     let x = pairs.as_ptr().add(e * chunk * steps);
                                     for s0 in (0..steps).step_by(DEPTH / 2) {
                                         let wt = (u.as_ptr() as *const u32).add((((p - g0) * 16 + e) * steps + s0) * F32Conv::PANEL);
@@ -286,6 +286,11 @@ impl Bf16DotConv {
 
     /// `x (n, c, h, w)` f32 on the CPU → `(n, co, h, w)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_in_groups(x, POINTS_BYTES)
+    }
+
+    /// [`Self::forward`] making at most `points_bytes` of `U` at a time.
+    pub(super) fn forward_in_groups(&self, x: &Tensor, points_bytes: usize) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
         if c != self.c || x.dtype() != DType::F32 || !x.device().is_cpu() || !Self::supports(self.co) {
             candle_core::bail!("bf16 pair conv: input {:?} {:?} on {:?}, expected f32 (n, {}, h, w) on a CPU with AVX512-BF16", x.dims(), x.dtype(), x.device(), self.c);
@@ -295,7 +300,7 @@ impl Bf16DotConv {
         let candle_core::Storage::Cpu(cpu) = &*storage else { candle_core::bail!("bf16 pair conv: input not on the CPU") };
         let start = layout.start_offset();
         let xs = &cpu.as_slice::<f32>()?[start..start + n * c * h * w];
-        let y = winograd(xs, Shape { n, c, co: self.co, h, w }, &self.bias, Points::Bf16Pairs(self));
+        let y = winograd(xs, Shape { n, c, co: self.co, h, w }, &self.bias, Points::Bf16Pairs(self, points_bytes));
         drop(storage);
         Tensor::from_vec(y, (n, self.co, h, w), &candle_core::Device::Cpu)
     }
