@@ -302,13 +302,13 @@ fn sigterm_cancels_work_and_exits_cleanly() {
 #[test]
 fn finished_jobs_and_their_videos_expire() {
     let results = std::env::temp_dir().join(format!("dynamicrafter-serve-expire-{}", std::process::id()));
-    let server = Server::start(&["--keep-seconds", "1", "--results-dir", results.to_str().unwrap()]);
+    let server = Server::start(&["--keep-seconds", "3", "--results-dir", results.to_str().unwrap()]);
     let id = expires(&server, |id| assert!(results.join(format!("{id}.mp4")).is_file()));
     assert!(!results.join(format!("{id}.mp4")).exists(), "its video was left behind");
     let _ = std::fs::remove_dir_all(&results);
 
     let redis = Redis::start();
-    expires(&Server::start(&["--queue", &redis.url(), "--keep-seconds", "1"]), |_| {});
+    expires(&Server::start(&["--queue", &redis.url(), "--keep-seconds", "3"]), |_| {});
 }
 
 /// Runs a one-step job, checks it with `while_kept`, and waits until the server forgets it.
@@ -453,15 +453,24 @@ fn an_api_key_guards_every_api_route() {
     assert!(doc["paths"]["/healthz"]["get"]["security"].is_null());
 
     // From the environment, as a deployment would set it.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dynamicrafter"))
-        .current_dir(support::repo())
-        .args(["serve", "--model", "fixtures/tiny-v", "--port", "0"])
-        .env("DYNAMICRAFTER_API_KEY", "from-env")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Killed(
+        Command::new(env!("CARGO_BIN_EXE_dynamicrafter"))
+            .current_dir(support::repo())
+            .args(["serve", "--model", "fixtures/tiny-v", "--port", "0"])
+            .env("DYNAMICRAFTER_API_KEY", "from-env")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.0.stdout.take().unwrap()), &mut line).unwrap();
     let url = line.trim().strip_prefix("listening on ").unwrap().to_string();
     let status = |auth: &str| match ureq::get(&format!("{url}/api/v1/model")).set("Authorization", auth).call() {
         Ok(r) | Err(ureq::Error::Status(_, r)) => r.status(),
@@ -471,9 +480,8 @@ fn an_api_key_guards_every_api_route() {
     while ureq::get(&format!("{url}/healthz")).call().is_err() && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    assert_eq!((status("Bearer from-env"), status("Bearer other")), (200, 401));
-    let _ = child.kill();
-    let _ = child.wait();
+    assert_eq!((status("Bearer from-env"), status("bearer from-env"), status("Bearer other")), (200, 200, 401));
+    drop(child);
 
     for bad in ["", "has space", "semi;colon", &"x".repeat(257)] {
         let o = Command::new(env!("CARGO_BIN_EXE_dynamicrafter")).args(["serve", "--model", "fixtures/tiny-v", "--api-key", bad]).current_dir(support::repo()).output().unwrap();
@@ -481,5 +489,95 @@ fn an_api_key_guards_every_api_route() {
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
         assert!(stderr.contains("API key"), "{stderr}");
+    }
+}
+
+/// Sends `request` on a fresh connection and reads the answer until the server closes it (or
+/// `wait` passes): the status code and the whole text, or `None` when the server closed or
+/// reset the connection without answering.
+fn raw_exchange(server: &Server, request: &[u8], wait: std::time::Duration) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(server.url.trim_start_matches("http://")).unwrap();
+    s.set_read_timeout(Some(wait)).unwrap();
+    s.write_all(request).unwrap();
+    let mut text = Vec::new();
+    let _ = s.read_to_end(&mut text);
+    let text = String::from_utf8_lossy(&text).into_owned();
+    let status = text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()?;
+    Some((status, text))
+}
+
+/// Hardening (#22): a client that stalls in its headers is dropped after `--header-timeout`; past
+/// `--max-connections` open connections a new one gets 503 JSON; a job upload that stalls gets
+/// 408 JSON after `--body-timeout`; the server keeps serving throughout.
+#[test]
+fn stalled_clients_are_bounded() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let server = Server::start(&["--max-connections", "3", "--header-timeout", "4", "--body-timeout", "2"]);
+    let addr = server.url.trim_start_matches("http://").to_string();
+    let opened = Instant::now();
+    // Clients that stall in their headers, opened until the server refuses one (the cap, less
+    // any connection of the start-up check not yet closed).
+    let mut stalled = Vec::new();
+    let refusal = loop {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        if !answer.is_empty() {
+            break String::from_utf8_lossy(&answer).into_owned();
+        }
+        stalled.push(s);
+        assert!(stalled.len() <= 3, "more than --max-connections 3 connections held open");
+    };
+    assert!(refusal.starts_with("HTTP/1.1 503"), "{refusal}");
+    assert!(refusal.contains("too many open connections"), "{refusal}");
+    assert!(!stalled.is_empty());
+    // The stalled clients are disconnected once their headers are overdue.
+    for mut s in stalled {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+    }
+    let waited = opened.elapsed();
+    assert!(waited >= Duration::from_secs(3) && waited < Duration::from_secs(20), "stalled clients dropped after {waited:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.get("/healthz").status != 200 {
+        assert!(Instant::now() < deadline, "the server did not take connections again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // An upload whose body never comes.
+    let started = Instant::now();
+    let (status, answer) = raw_exchange(
+        &server,
+        b"POST /api/v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"image\": \"",
+        Duration::from_secs(20),
+    )
+    .expect("an answer to the stalled upload");
+    assert_eq!(status, 408, "{answer}");
+    assert!(answer.contains("--body-timeout"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+    let id = server.submit(&[file("image", SUNSET), text("steps", 1)]);
+    assert_eq!(server.wait(&id)["state"], "done");
+}
+
+/// Hardening (#22): with `--allowed-host`, a request naming another host (DNS rebinding: a page
+/// whose own name now points here) gets 421 JSON; the allowed name is served.
+#[test]
+fn only_allowed_hosts_are_answered() {
+    let server = Server::start(&["--allowed-host", "127.0.0.1", "--allowed-host", "Studio.Local"]);
+    let port = server.url.rsplit(':').next().unwrap().to_string();
+    let wait = std::time::Duration::from_secs(5);
+    for host in ["evil.example", "evil.example:80", "127.0.0.2", "[::1]"] {
+        let req = format!("GET /api/v1/model HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let (status, answer) = raw_exchange(&server, req.as_bytes(), wait).unwrap();
+        assert_eq!(status, 421, "{host}: {answer}");
+        assert!(answer.contains("--allowed-host"), "{answer}");
+    }
+    for host in [format!("127.0.0.1:{port}"), "studio.local".to_string(), format!("STUDIO.LOCAL:{port}")] {
+        let req = format!("GET /api/v1/model HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        assert_eq!(raw_exchange(&server, req.as_bytes(), wait).unwrap().0, 200, "{host}");
     }
 }

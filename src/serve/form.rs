@@ -183,6 +183,16 @@ impl FromRequest<Arc<AppState>> for JobForm {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, ApiError> {
+        // A stalled upload holds a connection and its buffered parts: bounded in time.
+        let timeout = state.limits.upload_timeout;
+        tokio::time::timeout(timeout, Self::read(req, state)).await.unwrap_or_else(|_| {
+            Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, None, format!("the job submission took longer than {} s to arrive (--body-timeout)", timeout.as_secs())))
+        })
+    }
+}
+
+impl JobForm {
+    async fn read(req: Request, state: &Arc<AppState>) -> Result<Self, ApiError> {
         let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         // A declared length over the limit is refused before a byte of the body is read (the
         // body limit layer also stops undeclared ones once they pass it).

@@ -21,6 +21,7 @@ pub(crate) mod backend;
 mod error;
 mod form;
 mod handlers;
+mod http;
 pub(crate) mod jobs;
 mod local;
 mod metrics;
@@ -55,6 +56,20 @@ pub struct ServeArgs {
     pub config: Option<String>,
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
+    /// Answer only requests whose Host is this name (repeatable; e.g. the name users reach the
+    /// server by): others get 421, so a page that rebinds its own DNS name to this server
+    /// cannot read it [default: any host].
+    #[arg(long = "allowed-host", value_name = "NAME")]
+    pub allowed_hosts: Vec<String>,
+    /// Connections open at once; more get 503 and are closed.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    pub max_connections: u64,
+    /// Seconds a client may take to send a request's headers before it is disconnected.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub header_timeout: u64,
+    /// Seconds a job submission (upload and checks) may take before it is refused with 408.
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub body_timeout: u64,
     /// Require this key on every /api/ request (`Authorization: Bearer KEY`; the page asks for
     /// it once). Letters, digits and `-._~+/=`, at most 256.
     #[arg(long, env = "DYNAMICRAFTER_API_KEY", hide_env_values = true, value_parser = api_key)]
@@ -177,6 +192,7 @@ fn router(state: Arc<AppState>) -> Router {
         .nest("/api/v1", api)
         .fallback(handlers::not_found)
         .layer(axum::middleware::from_fn(same_origin))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), allowed_host))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }
@@ -206,7 +222,12 @@ async fn require_key(
     use axum::response::IntoResponse;
     let Some(key) = state.api_key.as_deref() else { return next.run(req).await };
     let headers = req.headers();
-    let bearer = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
     let cookie = headers
         .get_all(header::COOKIE)
         .iter()
@@ -225,6 +246,32 @@ async fn require_key(
     let mut response = error::ApiError::new(axum::http::StatusCode::UNAUTHORIZED, None, message).into_response();
     response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
     response
+}
+
+/// With `--allowed-host`, answers only requests whose `Host` (without its port) is one of them:
+/// 421 JSON otherwise.
+async fn allowed_host(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    // Health probes come from load balancers by address: always answered.
+    if state.allowed_hosts.is_empty() || req.uri().path() == "/healthz" {
+        return next.run(req).await;
+    }
+    let host = req.headers().get(axum::http::header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
+    // "name:port", "[v6]:port", or a bare name.
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    let bare = |h: &str| h.trim_start_matches('[').trim_end_matches(']').trim_end_matches('.').to_ascii_lowercase();
+    if state.allowed_hosts.iter().any(|h| bare(h) == bare(name)) {
+        return next.run(req).await;
+    }
+    let message = format!("host '{host}' is not one this server answers to (--allowed-host)");
+    error::ApiError::new(axum::http::StatusCode::MISDIRECTED_REQUEST, None, message).into_response()
 }
 
 /// Refuses a state-changing request (anything but GET, HEAD, OPTIONS) whose `Origin` is not
@@ -335,9 +382,15 @@ pub fn run(args: ServeArgs) -> Result<()> {
         model_name: name.clone(),
         backend,
         max_queue: args.max_queue,
-        limits: Limits { max_image_bytes: args.max_image_bytes, max_image_pixels: args.max_image_pixels, max_prompt_tokens: config.text.context_length - 2 },
+        limits: Limits {
+            max_image_bytes: args.max_image_bytes,
+            max_image_pixels: args.max_image_pixels,
+            max_prompt_tokens: config.text.context_length - 2,
+            upload_timeout: Duration::from_secs(args.body_timeout),
+        },
         closing: AtomicBool::new(false),
         api_key: args.api_key.clone(),
+        allowed_hosts: args.allowed_hosts.clone(),
     });
     let workers: Vec<_> = pipeline
         .iter()
@@ -380,7 +433,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
                 state.shut_down();
             }
         };
-        let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+        let limits = http::ConnectionLimits { max_connections: args.max_connections as usize, header_timeout: Duration::from_secs(args.header_timeout) };
+        let served = http::serve(listener, app, limits, shutdown).await;
         janitor.abort();
         served
     })?;

@@ -25,6 +25,8 @@ pub struct Limits {
     pub max_image_bytes: usize,
     pub max_image_pixels: u64,
     pub max_prompt_tokens: usize,
+    /// How long reading and checking a submission may take (`--body-timeout`).
+    pub upload_timeout: std::time::Duration,
 }
 
 impl Limits {
@@ -45,6 +47,8 @@ pub struct AppState {
     pub closing: AtomicBool,
     /// `--api-key`: what every /api/ request must carry.
     pub api_key: Option<String>,
+    /// `--allowed-host`: the only `Host` names answered (empty: any).
+    pub allowed_hosts: Vec<String>,
 }
 
 impl AppState {
