@@ -97,7 +97,10 @@ fn item(key: &str, value: P) -> P {
 /// marked as deflated if `deflated`: torch never compresses, so the reader must refuse them);
 /// returns its path.
 fn ckpt(name: &str, pickle: &[u8], storages: &[(&str, Vec<u8>)], deflated: bool) -> PathBuf {
-    let path = std::env::temp_dir().join(format!("dynamicrafter-ckr-{}-{name}.ckpt", std::process::id()));
+    // Tests run in parallel threads: every file its own name.
+    static WRITTEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = WRITTEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("dynamicrafter-ckr-{}-{n}-{name}.ckpt", std::process::id()));
     let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
     let stored = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
     zip.start_file("archive/data.pkl", stored).unwrap();
@@ -253,14 +256,18 @@ fn hostile_records_are_clear_errors() {
     cases.push(("an unknown storage type".into(), t("QInt8Storage", "0", 16, 0, &[4], &[1]), "unsupported storage type"));
     cases.push(("a quantized tensor".into(), P::default().global("torch._utils", "_rebuild_qtensor").op(b")R"), "unsupported kind"));
     for (name, record, expect) in cases {
-        let pickle = state_dict(&[item("w", record)]);
-        let path = ckpt("hostile", &pickle, &[("0", four.clone())], false);
-        let got = read_all(&path);
-        std::fs::remove_file(&path).unwrap();
-        match got {
-            Ok(t) => panic!("{name}: loaded {t:?}"),
-            Err(e) => assert!(e.contains(expect), "{name}: {e}"),
-        }
+        refused(&name, &state_dict(&[item("w", record)]), &four, false, expect);
+    }
+}
+
+/// A checkpoint of `pickle` and storage "0" (`storage`) is refused with an error naming `expect`.
+fn refused(name: &str, pickle: &[u8], storage: &[u8], deflated: bool, expect: &str) {
+    let path = ckpt("refused", pickle, &[("0", storage.to_vec())], deflated);
+    let got = read_all(&path);
+    std::fs::remove_file(&path).unwrap();
+    match got {
+        Ok(t) => panic!("{name}: loaded {t:?}"),
+        Err(e) => assert!(e.contains(expect), "{name}: {e}"),
     }
 }
 
@@ -285,14 +292,8 @@ fn broken_archives_are_clear_errors() {
         ("an empty state dict", P::new().op(b"}").done(), false, "no tensors"),
         ("a compressed storage", good.clone(), true, "compressed"),
     ];
-    for (name, pickle, deflate, expect) in cases {
-        let path = ckpt("broken", &pickle, &[("0", four.clone())], deflate);
-        let got = read_all(&path);
-        std::fs::remove_file(&path).unwrap();
-        match got {
-            Ok(t) => panic!("{name}: loaded {t:?}"),
-            Err(e) => assert!(e.contains(expect), "{name}: {e}"),
-        }
+    for (name, pickle, deflated, expect) in cases {
+        refused(name, &pickle, &four, deflated, expect);
     }
 }
 
