@@ -22,7 +22,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 /// What `bench` runs when no case is named: everything that fits a small CPU machine.
-const DEFAULT_CASES: [&str; 11] = ["unet-256", "vae-decode-256", "clip-image", "clip-text", "tiny-pipeline", "samplers", "ops", "serve-vs-cli", "quant-256", "bf16-256", "load"];
+const DEFAULT_CASES: [&str; 12] = ["unet-256", "vae-decode-256", "clip-image", "clip-text", "tiny-pipeline", "samplers", "ops", "serve-vs-cli", "quant-256", "bf16-256", "vae-bf16-256", "load"];
 /// Named only: GPU-sized work (hours on a CPU; long-video-256 some ten minutes), and queue
 /// (it needs redis-server).
 const GPU_CASES: [&str; 8] = ["unet-512", "unet-1024", "pipeline-256", "pipeline-512", "pipeline-1024", "ops-1024", "long-video-256", "queue"];
@@ -35,7 +35,8 @@ struct BenchArgs {
     /// (a full run of fixtures/tiny-v), ops (the primitives of scripts/torch_ops.py), serve-vs-cli (the
     /// same tiny-v request through `generate` and through `serve`), quant-256 (the 256 UNet in
     /// fp32 and q8_0 from the same seeded weights: output error, times, file sizes), bf16-256
-    /// (the same with the CPU's bf16 products on AMX, where the CPU has them), load (file
+    /// (the same with the CPU's bf16 products on AMX or AVX512-BF16, where the CPU has them),
+    /// vae-bf16-256 (the 256 VAE decoder likewise: decoded pixels' PSNR and time), load (file
     /// size, load time and resident memory of fp32 and q8_0 checkpoints: the tiny fixtures and a
     /// real-256 one of random weights written to the temp folder, 14 GB of disk). Default: all
     /// of these. Named only (GPU-sized): unet-512, unet-1024 (one forward at 40×64 / 72×128
@@ -179,6 +180,7 @@ fn run(args: BenchArgs) -> Result<()> {
             "ops-1024" => results.extend(ops::ops_1024(args.runs, &target)?),
             "quant-256" => results.extend(quant::quant_256(args.runs)?),
             "bf16-256" => results.extend(quant::bf16_256(args.runs)?),
+            "vae-bf16-256" => results.extend(quant::vae_bf16_256(args.runs)?),
             "load" => results.extend(quant::load_times(args.runs)?),
             "vae-decode-256" => results.push(networks::vae_decode_256(args.runs, &target)?),
             "clip-image" => results.push(networks::clip_image(args.runs, &target)?),

@@ -7,6 +7,7 @@ use anyhow::Result;
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use dynamicrafter_engine::models::unet::Unet;
+use dynamicrafter_engine::models::vae::AutoencoderKL;
 use dynamicrafter_engine::report::rss_bytes;
 use dynamicrafter_engine::weights::convert::convert;
 use dynamicrafter_engine::weights::{q8, RandomWeights};
@@ -72,6 +73,36 @@ pub(crate) fn bf16_256(runs: usize) -> Result<Vec<Timing>> {
     println!("bf16-256: UNet output relative error bf16 ({isa}) vs fp32: {rel:.4} ({:.1} dB SNR)", -20.0 * rel.log10());
     Ok(vec![time(&format!("unet-256 forward bf16 ({isa}), same weights"), runs, || {
         unet_forward(&unet, &x, &context)?;
+        Ok(())
+    })?])
+}
+
+/// The 256 VAE decoder in fp32 and in the CPU's bf16 mode, from the same seeded weights and
+/// latent: the decoded frame's error against fp32, as SNR and as PSNR of the 8-bit pixels the
+/// video gets, and the time of 16 bf16 frames.
+pub(crate) fn vae_bf16_256(runs: usize) -> Result<Vec<Timing>> {
+    if !cpu().amx && !cpu().avx512_bf16 {
+        println!("vae-bf16-256: this CPU has neither AMX nor AVX512-BF16: nothing to measure");
+        return Ok(Vec::new());
+    }
+    let cfg = Preset::Dc256.config();
+    let vae = |policy: &PrecisionPolicy| -> Result<AutoencoderKL> {
+        let vb = RandomWeights::var_builder(DType::F32, &Device::Cpu).pp("first_stage_model");
+        Ok(AutoencoderKL::new(&cfg.vae, vb, &Backend::new(&Device::Cpu, policy, false))?)
+    };
+    let bf16 = vae(&PrecisionPolicy::new(dynamicrafter_engine::Precision::Bf16, &Device::Cpu)?)?;
+    let z = Tensor::randn(0f32, 1.0, (1, 4, 32, 32), &Device::Cpu)?;
+    let reference = vae(&PrecisionPolicy::f32())?.decode(&z)?;
+    let out = bf16.decode(&z)?;
+    let rel = relative_error(&out, &reference)?;
+    // As the pipeline writes frames: clamp to [-1, 1], to 0..255.
+    let pixels = |t: &Tensor| -> Result<Tensor> { Ok(((t.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?) };
+    let mse = (pixels(&out)? - pixels(&reference)?)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
+    println!("vae-bf16-256: decoded frame relative error bf16 vs fp32: {rel:.4} ({:.1} dB SNR), pixels {:.1} dB PSNR", -20.0 * rel.log10(), 10.0 * (255.0f64 * 255.0 / mse).log10());
+    Ok(vec![time("vae-decode-256 bf16 (16 frames 256×256), same weights", runs, || {
+        for _ in 0..16 {
+            bf16.decode(&z)?;
+        }
         Ok(())
     })?])
 }

@@ -22,7 +22,8 @@ pub const VISION_PREFIX: &str = "embedder.model";
 pub const RESAMPLER_PREFIX: &str = "image_proj_model";
 
 /// Weights that stay in float whatever the precision policy (no int8, no bf16 products): the
-/// whole VAE (its decode is the picture), embedding tables and positional/learned-query
+/// whole VAE (its decode is the picture; one exception, the backend's: its 3×3 convolutions in
+/// the bf16 mode of AVX512-BF16 CPUs), embedding tables and positional/learned-query
 /// tensors, the time and fs embedding MLPs, the UNet's first and last convolutions and the CLIP
 /// patch embedding.
 pub fn keeps_float(name: &str) -> bool {
