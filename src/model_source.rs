@@ -48,10 +48,6 @@ impl ModelSpec {
     }
 }
 
-pub fn resolve(model: &str, config: Option<&str>) -> Result<ModelSource> {
-    describe(model, config)?.fetch()
-}
-
 fn config_from(arg: &str) -> Result<ModelConfig> {
     if arg.ends_with(".json") {
         Ok(ModelConfig::from_json_file(Path::new(arg))?)

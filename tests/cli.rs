@@ -328,6 +328,33 @@ fn offline_preset_says_what_is_missing_and_where() {
     assert!(err.contains(home.to_str().unwrap()), "names the cache folder: {err}");
 }
 
+/// Hardening (#22): the two keyframe modes are refused on a model known not to be trained for
+/// them, before anything is downloaded; the interpolation model takes them (and then asks for
+/// its weights).
+#[test]
+fn keyframe_modes_need_the_interpolation_model() {
+    let home = tmp("hf-home-modes");
+    let out = home.join("x.mp4");
+    for (model, extra, needle) in [
+        ("256", &["--loop"][..], "mode 'loop' needs a model trained for two keyframes"),
+        ("1024", &["--image2", CARD][..], "mode 'interpolate' needs a model trained for two keyframes"),
+        ("512_interp", &["--loop"][..], "not in the Hugging Face cache"),
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_dynamicrafter"))
+            .current_dir(repo())
+            .env("HF_HOME", &home)
+            .env("HF_HUB_OFFLINE", "1")
+            .args(["generate", "--model", model, "--image", CARD, "--out", out.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{model}: {err}");
+        let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("dynamicrafter: ")).collect();
+        assert!(lines.len() == 1 && lines[0].contains(needle), "{model}: {err}");
+    }
+}
+
 /// Hardening (#22): every knob has a stated range, checked before any work: huge sizes, frame
 /// counts and guidance scales are one line and exit 2, not an abort or a black video.
 #[test]

@@ -46,13 +46,16 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         (None, false) => Mode::ImageToVideo,
     };
     settings.check_output(&args.out)?;
-    let source = model_source::resolve(&args.model, args.config.as_deref())?;
+    // The request is checked against the model's config before anything is downloaded or loaded.
+    let spec = model_source::describe(&args.model, args.config.as_deref())?;
+    let req = settings.request(&spec.config, image, mode, &args.prompt);
+    req.sampling.validate(&spec.config, req.mode.kind()).map_err(|e| anyhow::anyhow!("{}: {}", e.knob, e.message))?;
+    let source = spec.fetch()?;
     let mut view = ProgressView::new(settings.quiet);
     view.line(&format!("loading {}", source.weights.display()));
     let start = Instant::now();
     let pipeline = settings.load(&source)?;
     let load_time = start.elapsed();
-    let req = settings.request(&source.config, image, mode, &args.prompt);
     let outputs = settings.output_paths(&args.out);
     let report = run_request(&pipeline, &source.name, &settings, &req, &outputs, Some(load_time), &mut view)?;
     emit_report(&report, args.output.report_json.as_deref())

@@ -302,6 +302,8 @@ pub struct ModelInfo {
     pub kernels: BTreeMap<String, String>,
     /// Every knob the API takes.
     pub controls: BTreeMap<String, Control>,
+    /// The modes this model runs (`i2v`, and `interpolate` and `loop` unless the model is
+    /// known not to be trained for two keyframes), with their defaults.
     #[schema(value_type = Object)]
     pub modes: BTreeMap<&'static str, ModeDefaults>,
     #[schema(value_type = Object)]
@@ -342,6 +344,7 @@ pub async fn model_info(State(state): State<Arc<AppState>>) -> Json<ModelInfo> {
         .collect();
     let modes = ModeKind::ALL
         .into_iter()
+        .filter(|&m| cfg.supports(m))
         .map(|m| {
             let d = cfg.defaults_for(m);
             (m.name(), ModeDefaults { seed: d.seed, fs: d.fs })
@@ -355,7 +358,7 @@ pub async fn model_info(State(state): State<Arc<AppState>>) -> Json<ModelInfo> {
     ]);
     Json(ModelInfo {
         model: state.model_name.clone(),
-        interpolation_model: cfg.interpolation,
+        interpolation_model: cfg.interpolation == Some(true),
         width: cfg.defaults.width,
         height: cfg.defaults.height,
         frames: cfg.defaults.frames,

@@ -220,8 +220,11 @@ pub struct ModelConfig {
     pub fs_range: (i64, i64),
     /// The seed `run_application.sh` uses for looping videos, where it differs from `defaults`'.
     pub loop_seed: Option<u64>,
-    /// Trained for two keyframes (interpolation and looping).
-    pub interpolation: bool,
+    /// Whether the model was trained for two keyframes (interpolation and looping): `Some(true)`
+    /// the 512_interp checkpoint, `Some(false)` the image-to-video checkpoints (the two keyframe
+    /// modes are refused: their output is not what the mode promises), `None` a config that does
+    /// not say (upstream's CLI runs the modes on any model, and so do we).
+    pub interpolation: Option<bool>,
 }
 
 /// What a video is made from, without the images: the request's mode as the API names it.
@@ -270,6 +273,11 @@ impl ModelConfig {
     /// Pixels per side of the smallest block of an image (VAE downsampling × UNet levels).
     pub fn size_multiple(&self) -> usize {
         self.vae.downsample_factor() << (self.unet.channel_mult.len() - 1)
+    }
+
+    /// Whether `mode` may run on this model (see `interpolation`).
+    pub fn supports(&self, mode: ModeKind) -> bool {
+        mode.keyframes() == 1 || self.interpolation != Some(false)
     }
 
     /// Frames the model was trained on (its temporal window): longer videos run in sliding

@@ -66,7 +66,7 @@ impl Preset {
                 c.defaults.seed = 12306;
                 c.fs_range = (5, 30);
                 c.loop_seed = Some(234);
-                c.interpolation = true;
+                c.interpolation = Some(true);
                 c
             }
         }
@@ -153,7 +153,7 @@ fn official(name: &str, v_model: bool) -> ModelConfig {
         defaults: Sampling::launch_script(256, 256, 16, 3, v_model),
         fs_range: if v_model { (5, 30) } else { (1, 4) },
         loop_seed: None,
-        interpolation: false,
+        interpolation: Some(false),
     }
 }
 

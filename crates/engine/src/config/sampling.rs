@@ -405,6 +405,12 @@ impl Sampling {
     /// Every knob in its range, the size a multiple of what the model `cfg` divides it by, and
     /// a frame for each keyframe of `mode`.
     pub fn validate(&self, cfg: &ModelConfig, mode: ModeKind) -> Result<(), KnobError> {
+        if !cfg.supports(mode) {
+            return Err(KnobError::new(
+                "mode",
+                format!("mode '{}' needs a model trained for two keyframes (the 512_interp model); '{}' was not", mode.name(), cfg.name),
+            ));
+        }
         for knob in KNOBS {
             if let (Some(range), Some(v)) = (knob.range, self.number(knob.name)) {
                 range.check(knob.name, v)?;
@@ -430,6 +436,34 @@ impl Sampling {
 mod tests {
     use super::*;
 
+    /// The keyframe modes are refused (naming `mode`) on the image-to-video presets, taken by the
+    /// interpolation preset, and by a config that does not say, unless it says `interp_mode`.
+    #[test]
+    fn keyframe_modes_follow_what_the_model_was_trained_for() {
+        use super::super::presets::Preset;
+        for (cfg, taken) in [(Preset::Dc256.config(), false), (Preset::Dc1024.config(), false), (Preset::Dc512Interp.config(), true)] {
+            for mode in [ModeKind::Interpolate, ModeKind::Loop] {
+                let r = cfg.defaults_for(mode).validate(&cfg, mode);
+                assert_eq!(r.is_ok(), taken, "{} {}", cfg.name, mode.name());
+                if let Err(e) = r {
+                    assert_eq!(e.knob, "mode");
+                    assert!(e.message.contains(mode.name()) && e.message.contains(&cfg.name), "{}", e.message);
+                }
+            }
+            assert!(cfg.defaults.validate(&cfg, ModeKind::ImageToVideo).is_ok());
+        }
+        let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny-v/config.json");
+        let text = std::fs::read_to_string(fixture).unwrap();
+        let unsaid = ModelConfig::from_json_str(&text).unwrap();
+        assert_eq!(unsaid.interpolation, None);
+        assert!(unsaid.supports(ModeKind::Loop) && unsaid.supports(ModeKind::Interpolate));
+        let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        json["model"]["params"]["interp_mode"] = false.into();
+        let said = ModelConfig::from_json_str(&json.to_string()).unwrap();
+        assert_eq!(said.interpolation, Some(false));
+        assert!(!said.supports(ModeKind::Loop) && said.supports(ModeKind::ImageToVideo));
+    }
+
     #[test]
     fn overrides_apply_and_ranges_hold() {
         let cfg = super::super::presets::Preset::Dc256.config();
@@ -454,7 +488,8 @@ mod tests {
             assert_eq!(e.knob, knob, "{e}");
             assert!(e.message.contains(knob.split('_').next().unwrap()), "{e}");
         }
-        assert_eq!(Sampling { frames: 1, ..s.clone() }.validate(&cfg, ModeKind::Loop).unwrap_err().knob, "frames");
+        let interp = super::super::presets::Preset::Dc512Interp.config();
+        assert_eq!(Sampling { frames: 1, ..interp.defaults.clone() }.validate(&interp, ModeKind::Loop).unwrap_err().knob, "frames");
         let mut o = SamplingOverrides::default();
         assert!(o.set_number("steps", 3.0) && o.steps == Some(3));
         assert!(!o.set_number("steps", 2.5) && o.steps.is_none());

@@ -28,6 +28,9 @@ struct ModelParams {
     unet_config: Target<UnetParams>,
     first_stage_config: Target<VaeParams>,
     image_proj_stage_config: Target<ResamplerConfig>,
+    /// Set (true) in upstream's interpolation training config; the inference configs omit it.
+    #[serde(default)]
+    interp_mode: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -218,7 +221,7 @@ impl Root {
             resampler: p.image_proj_stage_config.params,
             fs_range: (lo.min(defaults.fs), hi.max(defaults.fs)),
             loop_seed: None,
-            interpolation: false,
+            interpolation: p.interp_mode,
             unet,
             vae,
             diffusion,
