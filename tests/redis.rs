@@ -104,7 +104,7 @@ fn final_events(events: &[(String, Value)]) -> Vec<&str> {
 fn a_killed_worker_loses_no_job() {
     let redis = Redis::start();
     let api = api_node(&redis, &[]);
-    let mut workers = vec![Worker::start(&redis, 2, &[]), Worker::start(&redis, 2, &[])];
+    let mut workers = [Worker::start(&redis, 2, &[]), Worker::start(&redis, 2, &[])];
     let steps = 4;
     let seeds = [21u64, 22, 23, 24, 25, 26];
     let ids: Vec<String> = seeds.iter().map(|&s| submit(&api, steps, s)).collect();

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use dynamicrafter_engine::weights::Checkpoint;
 use dynamicrafter_engine::Error;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// A protocol-2 pickle, written op by op.
 #[derive(Default, Clone)]
@@ -134,7 +134,7 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 }
 
 /// Opens and reads every tensor; the error text if anything fails.
-fn read_all(path: &PathBuf) -> Result<Vec<(String, Tensor)>, String> {
+fn read_all(path: &Path) -> Result<Vec<(String, Tensor)>, String> {
     let ck = Checkpoint::open(path).map_err(|e| match e {
         e @ Error::Checkpoint { .. } => e.to_string(),
         e => panic!("not a checkpoint error: {e}"),

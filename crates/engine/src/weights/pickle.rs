@@ -294,7 +294,7 @@ impl<'a> Machine<'a, '_> {
     }
 
     fn set_items(&mut self, pairs: Vec<Id>) -> Result<(), PickleError> {
-        if pairs.len() % 2 != 0 {
+        if !pairs.len().is_multiple_of(2) {
             return Err(self.err("SETITEMS with an odd number of values"));
         }
         let target = self.top()?;
