@@ -277,35 +277,88 @@ fn bad_input_is_refused_with_the_field_named() {
 
 #[test]
 fn sigterm_cancels_work_and_exits_cleanly() {
-    let results = std::env::temp_dir().join(format!("dynamicrafter-serve-sigterm-{}", std::process::id()));
-    let mut server = Server::start(&["--results-dir", results.to_str().unwrap()]);
+    let results = tempfile::tempdir().unwrap();
+    let results = results.path();
+    let mut server = Server::start(&["--data-dir", results.to_str().unwrap()]);
     let long = || vec![file("image", SUNSET), text("steps", 60)];
     let running = server.submit(&long());
     let waiting = server.submit(&long());
     server.events_until(&running, |(n, _)| n == "step");
     let url = server.url.clone();
-    let watcher = std::thread::spawn(move || support::read_events(&url, &running, |_| false));
+    let watched = running.clone();
+    let watcher = std::thread::spawn(move || support::read_events(&url, &watched, |_| false));
     std::thread::sleep(std::time::Duration::from_millis(200));
     let status = server.terminate();
     assert!(status.success(), "exit status {status}");
     let events = watcher.join().unwrap();
     assert_eq!(events.last().unwrap().0, "cancelled", "{events:?}");
-    let _ = waiting;
-    // No partial video left behind.
-    let leftovers: Vec<_> = std::fs::read_dir(&results).unwrap().collect();
-    assert!(leftovers.is_empty(), "{leftovers:?}");
-    let _ = std::fs::remove_dir_all(&results);
+    // No partial video left behind: the folder holds the two jobs' records and its lock.
+    let mut left: Vec<String> = std::fs::read_dir(results).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    left.sort();
+    let mut expected = vec![".lock".to_string(), format!("{running}.json"), format!("{waiting}.json")];
+    expected.sort();
+    assert_eq!(left, expected);
+    // Started again on the folder, the server answers for both: cancelled.
+    let again = Server::start(&["--data-dir", results.to_str().unwrap()]);
+    for id in [&running, &waiting] {
+        assert_eq!(again.get(&format!("/api/v1/jobs/{id}")).json()["state"], "cancelled", "{id}");
+    }
+}
+
+/// Hardening (#22): finished jobs outlive a `kill -9` of the server: started again on the same
+/// data folder it serves their state, events and video; a job that was running ends failed as
+/// interrupted (its inputs were not kept); half-written files and videos without a record are
+/// removed; a second server on the same folder is refused.
+#[test]
+fn finished_jobs_survive_a_kill_and_leftovers_are_swept() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = ["--data-dir", data.path().to_str().unwrap()];
+    let mut server = Server::start(&dir);
+    let done = server.submit(&[file("image", SUNSET), text("steps", 1)]);
+    assert_eq!(server.wait(&done)["state"], "done");
+    let video = server.get(&format!("/api/v1/jobs/{done}/video")).body;
+    let running = server.submit(&[file("image", SUNSET), text("steps", 60)]);
+    server.events_until(&running, |(n, _)| n == "step");
+
+    let second = support::run_serve(&dir);
+    assert_eq!(second.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&second.stderr).contains("in use by another server"), "{}", String::from_utf8_lossy(&second.stderr));
+
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    let planted = [format!(".{done}.mp4.abc123.partial"), format!("{}.mp4", "0123456789abcdef0123456789abcdef")];
+    for name in &planted {
+        std::fs::write(data.path().join(name), b"leftover").unwrap();
+    }
+
+    let again = Server::start(&dir);
+    let view = again.get(&format!("/api/v1/jobs/{done}")).json();
+    assert_eq!(view["state"], "done", "{view}");
+    assert!(view["report"]["stages"].is_array() || view["report"].is_object(), "{view}");
+    assert_eq!(again.get(&format!("/api/v1/jobs/{done}/video")).body, video);
+    let events = support::read_events(&again.url, &done, |_| false);
+    assert_eq!(events.last().unwrap().0, "done", "{events:?}");
+    let view = again.get(&format!("/api/v1/jobs/{running}")).json();
+    assert_eq!(view["state"], "failed", "{view}");
+    assert!(view["error"].as_str().unwrap().starts_with("interrupted"), "{view}");
+    for name in &planted {
+        assert!(!data.path().join(name).exists(), "{name} was left behind");
+    }
+    // The server goes on taking jobs.
+    let next = again.submit(&[file("image", SUNSET), text("steps", 1)]);
+    assert_eq!(again.wait(&next)["state"], "done");
 }
 
 /// A finished job's record and video are gone `--keep-seconds` after it ends, on both backends
 /// (Redis by the keys' TTL).
 #[test]
 fn finished_jobs_and_their_videos_expire() {
-    let results = std::env::temp_dir().join(format!("dynamicrafter-serve-expire-{}", std::process::id()));
-    let server = Server::start(&["--keep-seconds", "3", "--results-dir", results.to_str().unwrap()]);
-    let id = expires(&server, |id| assert!(results.join(format!("{id}.mp4")).is_file()));
+    let results = tempfile::tempdir().unwrap();
+    let results = results.path();
+    let server = Server::start(&["--keep-seconds", "3", "--data-dir", results.to_str().unwrap()]);
+    let id = expires(&server, |id| assert!(results.join(format!("{id}.mp4")).is_file() && results.join(format!("{id}.json")).is_file()));
     assert!(!results.join(format!("{id}.mp4")).exists(), "its video was left behind");
-    let _ = std::fs::remove_dir_all(&results);
+    assert!(!results.join(format!("{id}.json")).exists(), "its record was left behind");
 
     let redis = Redis::start();
     expires(&Server::start(&["--queue", &redis.url(), "--keep-seconds", "3"]), |_| {});
@@ -453,6 +506,7 @@ fn an_api_key_guards_every_api_route() {
     assert!(doc["paths"]["/healthz"]["get"]["security"].is_null());
 
     // From the environment, as a deployment would set it.
+    let data = tempfile::tempdir().unwrap();
     struct Killed(std::process::Child);
     impl Drop for Killed {
         fn drop(&mut self) {
@@ -463,7 +517,7 @@ fn an_api_key_guards_every_api_route() {
     let mut child = Killed(
         Command::new(env!("CARGO_BIN_EXE_dynamicrafter"))
             .current_dir(support::repo())
-            .args(["serve", "--model", "fixtures/tiny-v", "--port", "0"])
+            .args(["serve", "--model", "fixtures/tiny-v", "--port", "0", "--data-dir", data.path().to_str().unwrap()])
             .env("DYNAMICRAFTER_API_KEY", "from-env")
             .stdout(std::process::Stdio::piped())
             .spawn()

@@ -6,7 +6,8 @@ use super::backend::{Backend, EventBatch, NewJob, Outcome, SubmitError, Taken, T
 use super::jobs::{CancelOutcome, JobStore, JobView, State};
 use super::metrics;
 use super::queue::{JobQueue, MemoryQueue, PushError};
-use std::path::PathBuf;
+use anyhow::Context;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -14,25 +15,48 @@ use std::time::Duration;
 pub struct Local {
     jobs: JobStore,
     queue: MemoryQueue,
-    results_dir: PathBuf,
+    data_dir: PathBuf,
     fps: f64,
     workers: usize,
     /// Mean wall time of recent jobs (f64 bits), for `Retry-After`.
     mean_job_seconds: AtomicU64,
     positions_lock: Mutex<()>,
+    /// Held while the process runs: one server per data folder.
+    _lock: std::fs::File,
 }
 
 impl Local {
-    pub fn new(max_queue: usize, max_finished: usize, results_dir: PathBuf, fps: f64, workers: usize) -> Self {
-        Self {
-            jobs: JobStore::new(max_finished),
+    /// The backend keeping its jobs' records and videos in `data_dir` (created if need be, held
+    /// by this process alone), with the finished jobs recorded there.
+    pub fn open(max_queue: usize, max_finished: usize, data_dir: &Path, fps: f64, workers: usize) -> anyhow::Result<Self> {
+        let folder = || format!("data folder {}", data_dir.display());
+        std::fs::create_dir_all(data_dir).with_context(folder)?;
+        let lock = std::fs::File::create(data_dir.join(".lock")).with_context(folder)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                anyhow::bail!("data folder {} is in use by another server: give each its own --data-dir", data_dir.display())
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e).with_context(folder),
+        }
+        let (jobs, restored) = JobStore::open(max_finished, data_dir).with_context(folder)?;
+        tracing::info!(
+            "data folder {}: {} finished jobs restored, {} interrupted ones failed, {} leftover files removed",
+            data_dir.display(),
+            restored.finished,
+            restored.interrupted,
+            restored.swept
+        );
+        Ok(Self {
+            jobs,
             queue: MemoryQueue::new(max_queue),
-            results_dir,
+            data_dir: data_dir.to_path_buf(),
             fps,
             workers: workers.max(1),
             mean_job_seconds: AtomicU64::new(0),
             positions_lock: Mutex::default(),
-        }
+            _lock: lock,
+        })
     }
 
     fn positions_changed(&self) {
@@ -44,7 +68,7 @@ impl Local {
     }
 
     fn video_path(&self, id: &str) -> PathBuf {
-        self.results_dir.join(format!("{id}.mp4"))
+        self.data_dir.join(format!("{id}.mp4"))
     }
 }
 
@@ -110,9 +134,7 @@ impl Backend for Local {
     }
 
     fn expire(&self, keep: Duration) {
-        for path in self.jobs.expire(keep) {
-            let _ = std::fs::remove_file(path);
-        }
+        self.jobs.expire(keep);
     }
 }
 

@@ -17,9 +17,9 @@
 //! | `worker.rs` | the worker loop, and the `worker` command |
 //! | `metrics.rs` | Prometheus metrics |
 
-pub(crate) mod backend;
-mod error;
-mod form;
+pub mod backend;
+pub mod error;
+pub mod form;
 mod handlers;
 mod http;
 pub(crate) mod jobs;
@@ -28,7 +28,7 @@ mod metrics;
 mod openapi;
 mod queue;
 pub(crate) mod redis_queue;
-mod state;
+pub mod state;
 mod worker;
 
 pub use worker::{run as run_worker, WorkerArgs};
@@ -102,9 +102,13 @@ pub struct ServeArgs {
     /// Largest accepted image, in pixels (width × height).
     #[arg(long, default_value_t = 40_000_000)]
     pub max_image_pixels: u64,
-    /// Folder for the videos [default: a new folder under the system temp dir, removed at exit;
-    /// with --queue, the videos are kept in Redis]. With --queue it must be a folder every node
-    /// sees at the same path (a shared mount): workers write there, API nodes serve from there.
+    /// Folder of the in-process queue's finished jobs: each job's record and video, kept across
+    /// restarts (one server per folder) [default: dynamicrafter/jobs in the user's cache folder,
+    /// e.g. ~/.cache]. With --queue, jobs live in Redis instead.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// With --queue: a folder for the videos that every node sees at the same path (a shared
+    /// mount): workers write there, API nodes serve from there [default: videos kept in Redis].
     #[arg(long)]
     pub results_dir: Option<PathBuf>,
     /// Frames per second of the written videos (upstream writes 8).
@@ -148,7 +152,8 @@ pub(crate) fn connect_queue(
     if let Some(dir) = results {
         std::fs::create_dir_all(dir).with_context(|| format!("results folder {}", dir.display()))?;
     }
-    let scratch = std::env::temp_dir().join(format!("dynamicrafter-worker-{}", std::process::id()));
+    sweep_dead_scratch(&std::env::temp_dir());
+    let scratch = std::env::temp_dir().join(format!("{SCRATCH_PREFIX}{}", std::process::id()));
     std::fs::create_dir_all(&scratch).with_context(|| format!("scratch folder {}", scratch.display()))?;
     let queue = redis_queue::RedisQueue::connect(redis_queue::Options {
         url: url.to_string(),
@@ -168,6 +173,38 @@ pub(crate) fn connect_queue(
             let _ = std::fs::remove_dir_all(&scratch);
             Err(e)
         }
+    }
+}
+
+/// A worker's scratch folder in the temp dir is this and its process id.
+const SCRATCH_PREFIX: &str = "dynamicrafter-worker-";
+
+/// Removes the scratch folders (and old servers' temporary results folders) of processes that
+/// are gone: killed before they could remove their own. Only where `/proc` tells which are.
+fn sweep_dead_scratch(temp: &Path) {
+    let proc = Path::new("/proc");
+    if !proc.join("self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(temp) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let pid = [SCRATCH_PREFIX, "dynamicrafter-serve-"].iter().find_map(|p| name.strip_prefix(p)).and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid.filter(|&pid| pid != std::process::id() && !proc.join(pid.to_string()).exists()) {
+            tracing::info!("removing {} (left by process {pid}, which is gone)", entry.path().display());
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// The in-process queue's data folder: `--data-dir`, or one in the user's cache folder.
+fn data_dir(given: Option<&Path>) -> Result<PathBuf> {
+    match given {
+        Some(dir) => Ok(dir.to_path_buf()),
+        None => dirs::cache_dir()
+            .map(|c| c.join("dynamicrafter").join("jobs"))
+            .context("no cache folder for this user (HOME unset?): pass --data-dir"),
     }
 }
 
@@ -330,6 +367,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
     if args.workers == 0 && args.queue.is_none() {
         anyhow::bail!("--workers must be at least 1 (0 serves only the API, for a shared --queue)");
     }
+    match (&args.queue, &args.data_dir, &args.results_dir) {
+        (Some(_), Some(_), _) => anyhow::bail!("--data-dir is for the in-process queue: with --queue, jobs live in Redis (videos: --results-dir)"),
+        (None, _, Some(_)) => anyhow::bail!("--results-dir is for a shared --queue: the in-process queue keeps its videos in --data-dir"),
+        _ => {}
+    }
     if args.max_queue == 0 {
         anyhow::bail!("--max-queue must be at least 1");
     }
@@ -347,13 +389,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
             (queue.clone(), queue, scratch)
         }
         None => {
-            let dir = args.results_dir.clone().unwrap_or_else(|| std::env::temp_dir().join(format!("dynamicrafter-serve-{}", std::process::id())));
-            std::fs::create_dir_all(&dir).with_context(|| format!("results folder {}", dir.display()))?;
-            let local = Arc::new(local::Local::new(args.max_queue, args.max_finished_jobs as usize, dir.clone(), args.fps, args.workers));
+            let dir = data_dir(args.data_dir.as_deref())?;
+            let local = Arc::new(local::Local::open(args.max_queue, args.max_finished_jobs as usize, &dir, args.fps, args.workers)?);
             (local.clone(), local, dir)
         }
     };
-    let temporary = args.queue.is_some() || args.results_dir.is_none();
+    let temporary = args.queue.is_some();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -17,15 +17,21 @@ pub fn repo() -> PathBuf {
 pub struct Server {
     pub child: Child,
     pub url: String,
+    /// The in-process queue's data folder when the test gave none (removed with the server).
+    _data: Option<tempfile::TempDir>,
 }
 
 impl Server {
-    /// Starts `serve` on the tiny v-prediction fixture with `extra` arguments.
+    /// Starts `serve` on the tiny v-prediction fixture with `extra` arguments (and, for the
+    /// in-process queue, a data folder of its own unless `extra` names one).
     pub fn start(extra: &[&str]) -> Self {
+        let data = (!extra.iter().any(|a| *a == "--queue" || *a == "--data-dir")).then(|| tempfile::tempdir().unwrap());
+        let data_arg = data.iter().flat_map(|d| ["--data-dir".to_string(), d.path().to_string_lossy().into_owned()]);
         let mut child = Command::new(env!("CARGO_BIN_EXE_dynamicrafter"))
             .current_dir(repo())
             .args(["serve", "--model", "fixtures/tiny-v", "--port", "0"])
             .args(extra)
+            .args(data_arg)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -33,7 +39,7 @@ impl Server {
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
         let url = line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
-        let server = Self { child, url };
+        let server = Self { child, url, _data: data };
         server.wait_ready();
         server
     }
@@ -176,6 +182,11 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs `serve` on the tiny fixture with `args` to its end: for starts that are refused.
+pub fn run_serve(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_dynamicrafter")).current_dir(repo()).args(["serve", "--model", "fixtures/tiny-v", "--port", "0"]).args(args).output().unwrap()
 }
 
 /// Reads the server-sent events of job `id` at `url` until the stream ends or `stop` says so.
