@@ -1,13 +1,8 @@
-//! `dynamicrafter`: the command-line front end. Glue only: arguments become a `Request`, the
-//! engine's `Pipeline` does the work, and the result becomes a file and a report.
+//! `dynamicrafter`: the command line; each command's work is in the library (`lib.rs`).
 
 use clap::{Parser, Subcommand};
+use dynamicrafter::{cli, serve};
 use std::process::ExitCode;
-
-mod cli;
-mod generation;
-mod model_source;
-mod serve;
 
 #[derive(Parser)]
 #[command(name = "dynamicrafter", version, about = "DynamiCrafter image-to-video generation", long_about = None)]

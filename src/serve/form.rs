@@ -3,7 +3,7 @@
 
 use super::error::ApiError;
 use super::backend::NewJob;
-use super::state::{AppState, Limits};
+use super::state::{AppState, Limits, ServedModel};
 use axum::extract::{FromRequest, Multipart, Request};
 use axum::http::{header, StatusCode};
 use axum::Json;
@@ -124,10 +124,10 @@ impl JobForm {
 
     /// Checks the job against the model and the limits; the knobs it does not set take the
     /// model's defaults for its mode.
-    pub fn check(self, state: &AppState) -> Result<NewJob, ApiError> {
-        let cfg = &state.model.config;
+    pub fn check(self, model: &ServedModel, limits: &Limits) -> Result<NewJob, ApiError> {
+        let cfg = &model.config;
         let image_bytes = self.image.ok_or_else(|| ApiError::bad(IMAGE, "image is required"))?;
-        let image = decode_image(IMAGE, &image_bytes, &state.limits)?;
+        let image = decode_image(IMAGE, &image_bytes, limits)?;
         let mode = match (self.mode.as_deref(), self.image2.is_some()) {
             (None, false) | (Some("i2v" | "image_to_video"), false) => ModeKind::ImageToVideo,
             (None, true) | (Some("interpolate" | "interpolation"), _) => ModeKind::Interpolate,
@@ -140,7 +140,7 @@ impl JobForm {
         let mode = match mode {
             ModeKind::Interpolate => {
                 let bytes = self.image2.as_deref().ok_or_else(|| ApiError::bad(IMAGE2, "mode 'interpolate' needs image2"))?;
-                Mode::Interpolate { end: decode_image(IMAGE2, bytes, &state.limits)? }
+                Mode::Interpolate { end: decode_image(IMAGE2, bytes, limits)? }
             }
             ModeKind::Loop => Mode::Loop,
             ModeKind::ImageToVideo => Mode::ImageToVideo,
@@ -149,11 +149,11 @@ impl JobForm {
         if prompt.chars().count() > MAX_PROMPT_CHARS {
             return Err(ApiError::invalid(PROMPT, format!("prompt is longer than {MAX_PROMPT_CHARS} characters")));
         }
-        let tokens = state.model.tokenizer.encode(&prompt).len();
-        if tokens > state.limits.max_prompt_tokens {
+        let tokens = model.tokenizer.encode(&prompt).len();
+        if tokens > limits.max_prompt_tokens {
             return Err(ApiError::invalid(
                 PROMPT,
-                format!("prompt is {tokens} tokens; the text encoder reads at most {}", state.limits.max_prompt_tokens),
+                format!("prompt is {tokens} tokens; the text encoder reads at most {}", limits.max_prompt_tokens),
             ));
         }
         let mut overrides = self.overrides;
@@ -185,27 +185,27 @@ impl FromRequest<Arc<AppState>> for JobForm {
     async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, ApiError> {
         // A stalled upload holds a connection and its buffered parts: bounded in time.
         let timeout = state.limits.upload_timeout;
-        tokio::time::timeout(timeout, Self::read(req, state)).await.unwrap_or_else(|_| {
+        tokio::time::timeout(timeout, Self::read(req, &state.limits)).await.unwrap_or_else(|_| {
             Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, None, format!("the job submission took longer than {} s to arrive (--body-timeout)", timeout.as_secs())))
         })
     }
 }
 
 impl JobForm {
-    async fn read(req: Request, state: &Arc<AppState>) -> Result<Self, ApiError> {
+    async fn read(req: Request, limits: &Limits) -> Result<Self, ApiError> {
         let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         // A declared length over the limit is refused before a byte of the body is read (the
         // body limit layer also stops undeclared ones once they pass it).
         let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-        let limit = state.limits.max_body_bytes();
+        let limit = limits.max_body_bytes();
         if let Some(declared) = declared.filter(|&n| n > limit as u64) {
             return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, None, format!("request body is {declared} bytes; the limit is {limit}")));
         }
         if content_type.starts_with("multipart/form-data") {
-            let multipart = Multipart::from_request(req, state).await.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, None, e.body_text()))?;
+            let multipart = Multipart::from_request(req, &()).await.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, None, e.body_text()))?;
             Self::from_multipart(multipart).await
         } else if content_type.starts_with("application/json") {
-            let Json(fields) = Json::<Map<String, Value>>::from_request(req, state).await.map_err(|e| {
+            let Json(fields) = Json::<Map<String, Value>>::from_request(req, &()).await.map_err(|e| {
                 use axum::extract::rejection::JsonRejection as R;
                 match &e {
                     R::JsonDataError(_) => ApiError::new(StatusCode::BAD_REQUEST, None, format!("body must be a JSON object: {}", e.body_text())),
@@ -222,6 +222,17 @@ impl JobForm {
             ))
         }
     }
+}
+
+/// A job submission as the API reads and checks it, from a body of `content_type` to the job
+/// or the 4xx: the fuzz target's entry (`fuzz/`), and its corpus replayed by the tests.
+pub fn parse_submission(content_type: &str, body: Vec<u8>, model: &ServedModel, limits: &Limits) -> Result<NewJob, ApiError> {
+    let req = Request::builder()
+        .header(header::CONTENT_TYPE, content_type)
+        .body(axum::body::Body::from(body))
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, None, e.to_string()))?;
+    let runtime = tokio::runtime::Builder::new_current_thread().build().map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, None, e.to_string()))?;
+    runtime.block_on(JobForm::read(req, limits))?.check(model, limits)
 }
 
 fn base64_image(field: &str, text: &str) -> Result<Vec<u8>, ApiError> {

@@ -60,7 +60,7 @@ pub async fn submit(State(state): State<Arc<AppState>>, form: JobForm) -> Result
     }
     // Decoding and resizing images is CPU work: keep it off the async threads.
     let checker = state.clone();
-    let job = tokio::task::spawn_blocking(move || form.check(&checker))
+    let job = tokio::task::spawn_blocking(move || form.check(&checker.model, &checker.limits))
         .await
         .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, None, "checking the request failed"))??;
     let (id, position) = call(&state, move |b| b.submit(job)).await?.map_err(|e| match e {
