@@ -144,6 +144,11 @@ impl ModelConfig {
     }
 }
 
+/// The largest size (channels, widths, counts) a config may state.
+const MAX_SIZE: usize = 1 << 16;
+/// The most resolution levels of the UNet or the VAE.
+const MAX_LEVELS: usize = 8;
+
 impl Root {
     fn into_config(self) -> Result<ModelConfig> {
         let p = self.model.params;
@@ -162,6 +167,52 @@ impl Root {
             return Err(unsupported("vae attn_resolutions"));
         }
         let oc = self.open_clip_model.config;
+        let r = &p.image_proj_stage_config.params;
+        let (vc, tc) = (&oc.vision_cfg, &oc.text_cfg);
+        // Sizes the networks are built from: positive, and small enough that no product of them
+        // overflows; the level lists short enough to shift by.
+        for (name, value) in [
+            ("unet in_channels", unet.in_channels),
+            ("unet out_channels", unet.out_channels),
+            ("unet model_channels", unet.model_channels),
+            ("unet num_head_channels", unet.num_head_channels),
+            ("unet context_dim", unet.context_dim),
+            ("unet temporal_length", unet.temporal_length),
+            ("vae in_channels", dd.in_channels),
+            ("vae out_ch", dd.out_ch),
+            ("vae ch", dd.ch),
+            ("vae z_channels", dd.z_channels),
+            ("vae embed_dim", p.first_stage_config.params.embed_dim),
+            ("vision width", vc.width),
+            ("vision head_width", vc.head_width),
+            ("vision layers", vc.layers),
+            ("vision patch_size", vc.patch_size),
+            ("vision image_size", vc.image_size),
+            ("text width", tc.width),
+            ("text heads", tc.heads),
+            ("text layers", tc.layers),
+            ("text vocab_size", tc.vocab_size),
+            ("resampler dim", r.dim),
+            ("resampler heads", r.heads),
+            ("resampler dim_head", r.dim_head),
+            ("resampler num_queries", r.num_queries),
+            ("timesteps", p.diffusion.timesteps),
+        ] {
+            if !(1..=MAX_SIZE).contains(&value) {
+                return Err(Error::Config(format!("{name} must be between 1 and {MAX_SIZE}, got {value}")));
+            }
+        }
+        if !(3..=MAX_SIZE).contains(&tc.context_length) {
+            return Err(Error::Config(format!("text context_length must be between 3 and {MAX_SIZE}, got {}", tc.context_length)));
+        }
+        for (name, mult) in [("unet channel_mult", &unet.channel_mult), ("vae ch_mult", &dd.ch_mult)] {
+            if mult.is_empty() || mult.len() > MAX_LEVELS || mult.iter().any(|&m| !(1..=64).contains(&m)) {
+                return Err(Error::Config(format!("{name} must list 1 to {MAX_LEVELS} factors between 1 and 64, got {mult:?}")));
+            }
+        }
+        if p.image_size.iter().any(|&s| s > MAX_SIZE) {
+            return Err(Error::Config(format!("image_size must be at most {MAX_SIZE}, got {:?}", p.image_size)));
+        }
         if !oc.vision_cfg.width.is_multiple_of(oc.vision_cfg.head_width) {
             return Err(Error::Config("vision width not a multiple of head_width".into()));
         }
