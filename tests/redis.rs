@@ -195,7 +195,7 @@ fn capacity_and_cancel_span_api_nodes() {
     assert_eq!(status(&a, &queued)["position"], 2);
     // Each node's /metrics shows the cluster.
     assert_eq!(a.metric("dynamicrafter_queue_depth"), Some(2.0));
-    let r = a.delete(&format!("/api/v1/jobs/{queued}"));
+    let r = a.cancel(&queued);
     assert_eq!((r.status, r.json()["state"].clone()), (200, Value::from("cancelled")));
     assert_eq!(status(&b, &queued)["state"], "cancelled");
 
@@ -205,7 +205,7 @@ fn capacity_and_cancel_span_api_nodes() {
     assert_eq!(b.metric(&format!("dynamicrafter_worker_up{{worker=\"{name}\"}}")), Some(1.0));
     assert_eq!((b.metric("dynamicrafter_jobs_running"), b.metric("dynamicrafter_jobs_pending")), (Some(1.0), Some(1.0)));
     assert_eq!(b.metric("dynamicrafter_queue_depth"), Some(0.0));
-    let r = b.delete(&format!("/api/v1/jobs/{long}"));
+    let r = b.cancel(&long);
     assert_eq!(r.status, 202, "{}", r.text());
     let at_cancel = status(&b, &long)["progress"]["step"].as_u64().unwrap();
     let events = a.events(&long);

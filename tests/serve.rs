@@ -146,12 +146,12 @@ fn cancel_and_bound(server: &Server) {
     assert!(full.json()["error"].as_str().unwrap().contains("queue is full"));
     assert_eq!(server.metric("dynamicrafter_jobs_rejected_total"), Some(1.0));
 
-    let r = server.delete(&format!("/api/v1/jobs/{queued}"));
+    let r = server.cancel(&queued);
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(server.get(&format!("/api/v1/jobs/{queued}")).json()["state"], "cancelled");
     assert_eq!(names(&server.events(&queued)), ["queued", "cancelled"]);
 
-    let r = server.delete(&format!("/api/v1/jobs/{running}"));
+    let r = server.cancel(&running);
     assert_eq!(r.status, 202, "{}", r.text());
     let events = server.events(&running);
     assert_eq!(events.last().unwrap().0, "cancelled");
@@ -161,7 +161,7 @@ fn cancel_and_bound(server: &Server) {
     assert_eq!(status["state"], "cancelled");
     assert!(status["video_url"].is_null());
     assert_eq!(server.get(&format!("/api/v1/jobs/{running}/video")).status, 409);
-    let again = server.delete(&format!("/api/v1/jobs/{running}"));
+    let again = server.cancel(&running);
     assert_eq!(again.status, 409);
     assert_eq!(again.json()["field"], "id");
     assert_eq!(server.metric_reaches("dynamicrafter_jobs_total{state=\"cancelled\"}", 2.0), Some(2.0));
@@ -210,6 +210,11 @@ fn bad_input_is_refused_with_the_field_named() {
         (vec![ok_image(), text("mode", "loop"), text("frames", 9)], 422, "frames"),
         (vec![ok_image(), text("frames", 20), text("window_stride", 9)], 422, "window_stride"),
         (vec![ok_image(), text("noise_reschedule", "often")], 422, "noise_reschedule"),
+        // Left out, a field takes its default; sent empty, it is refused (the document says so).
+        (vec![ok_image(), text("steps", "")], 400, "steps"),
+        (vec![ok_image(), text("sampler", "")], 400, "sampler"),
+        (vec![ok_image(), text("mode", "")], 400, "mode"),
+        (vec![ok_image(), Part::File("image2", Vec::new())], 400, "image2"),
     ];
     for (parts, status, field) in cases {
         let r = server.post_form(&parts);
@@ -270,8 +275,10 @@ fn bad_input_is_refused_with_the_field_named() {
     assert_eq!(controls["sampler"]["choices"].as_array().unwrap().len(), 6);
     assert_eq!(controls["karras"]["default"], "false");
     let api = server.get("/openapi.json").json();
-    let sampler = &api["components"]["schemas"]["JobJson"]["properties"]["sampler"];
+    let sampler = &api["components"]["schemas"]["JobMultipart"]["properties"]["sampler"];
     assert_eq!(sampler["type"], "string");
+    // In JSON, null leaves a knob unset.
+    assert_eq!(api["components"]["schemas"]["JobJson"]["properties"]["sampler"]["type"], json!(["string", "null"]));
     assert!(sampler["enum"].as_array().unwrap().iter().any(|v| v == "unipc"), "{sampler}");
 }
 
@@ -347,6 +354,39 @@ fn finished_jobs_survive_a_kill_and_leftovers_are_swept() {
     // The server goes on taking jobs.
     let next = again.submit(&[file("image", SUNSET), text("steps", 1)]);
     assert_eq!(again.wait(&next)["state"], "done");
+}
+
+/// DELETE forgets a job on both backends: a finished one with its video and record, a running
+/// one at once (its worker stops between steps and takes the next job); 404 from then on.
+#[test]
+fn deleted_jobs_are_gone() {
+    let data = tempfile::tempdir().unwrap();
+    let local = Server::start(&["--data-dir", data.path().to_str().unwrap()]);
+    let next = deletes(&local);
+    let mut left: Vec<_> = std::fs::read_dir(data.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n != ".lock").collect();
+    left.sort();
+    assert_eq!(left, [format!("{next}.json"), format!("{next}.mp4")], "only the last job's files stay");
+    let redis = Redis::start();
+    deletes(&Server::start(&["--queue", &redis.url()]));
+}
+
+/// Deletes a done and a running job; returns the id of the job run after them.
+fn deletes(server: &Server) -> String {
+    let done = server.submit(&[file("image", SUNSET), text("steps", 1)]);
+    assert_eq!(server.wait(&done)["state"], "done");
+    let running = server.submit(&[file("image", SUNSET), text("steps", 60)]);
+    server.events_until(&running, |(n, _)| n == "step");
+    for id in [&done, &running] {
+        let r = server.delete(&format!("/api/v1/jobs/{id}"));
+        assert_eq!(r.status, 204, "{}", r.text());
+        for path in [format!("/api/v1/jobs/{id}"), format!("/api/v1/jobs/{id}/video"), format!("/api/v1/jobs/{id}/events")] {
+            assert_eq!(server.get(&path).status, 404, "{path}");
+        }
+        assert_eq!(server.delete(&format!("/api/v1/jobs/{id}")).status, 404);
+    }
+    let next = server.submit(&[file("image", SUNSET), text("steps", 1)]);
+    assert_eq!(server.wait(&next)["state"], "done");
+    next
 }
 
 /// A finished job's record and video are gone `--keep-seconds` after it ends, on both backends
@@ -485,7 +525,7 @@ fn an_api_key_guards_every_api_route() {
             Err(e) => panic!("{e}"),
         }
     };
-    for (method, path) in [("GET", "/api/v1/model"), ("GET", "/api/v1/examples"), ("GET", "/api/v1/jobs/x"), ("DELETE", "/api/v1/jobs/x"), ("GET", "/api/v1/jobs/x/events"), ("GET", "/api/v1/jobs/x/video"), ("POST", "/api/v1/jobs")] {
+    for (method, path) in [("GET", "/api/v1/model"), ("GET", "/api/v1/examples"), ("GET", "/api/v1/jobs/x"), ("DELETE", "/api/v1/jobs/x"), ("POST", "/api/v1/jobs/x/cancel"), ("GET", "/api/v1/jobs/x/events"), ("GET", "/api/v1/jobs/x/video"), ("POST", "/api/v1/jobs")] {
         for auth in [None, Some(("Authorization", "Bearer wrong")), Some(("Authorization", "k3y_0f+the/server=")), Some(("Cookie", "dynamicrafter_key=nope"))] {
             let (status, challenge, body) = call(method, path, auth);
             assert_eq!(status, 401, "{method} {path} with {auth:?}: {body}");

@@ -101,6 +101,9 @@ pub trait Backend: Send + Sync {
     /// The job's state and, once done, its video.
     fn video(&self, id: &str) -> Result<Option<(State, Option<Video>)>, Unavailable>;
     fn cancel(&self, id: &str) -> Result<Option<CancelOutcome>, Unavailable>;
+    /// Cancels the job if it has not ended and forgets it with its video; false for an unknown
+    /// job. A worker still running it stops between steps and its result is discarded.
+    fn delete(&self, id: &str) -> Result<bool, Unavailable>;
     /// Seconds a refused client should wait before trying again.
     fn retry_after_seconds(&self) -> u64;
     /// Stops taking jobs. In-process jobs are cancelled; a shared queue keeps its jobs for the

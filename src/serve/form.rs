@@ -16,7 +16,7 @@ use std::io::Cursor;
 use std::sync::Arc;
 
 /// Characters accepted in a prompt before tokenizing (the token limit is the real one).
-const MAX_PROMPT_CHARS: usize = 2000;
+pub const MAX_PROMPT_CHARS: usize = 2000;
 
 /// The non-knob fields of a job.
 pub const IMAGE: &str = "image";
@@ -46,8 +46,10 @@ enum Field {
 }
 
 impl JobForm {
-    /// Takes field `name`. Empty multipart parts count as unset (browsers send empty inputs).
+    /// Takes field `name`. A field is set or left out (JSON: or null); an empty value is refused
+    /// (the prompt aside), so the OpenAPI document can state every field's values exactly.
     fn set(&mut self, name: &str, value: Field) -> Result<(), ApiError> {
+        let empty = || ApiError::bad(name, format!("{name} is empty: leave the field out instead"));
         let text = |v: Field| match v {
             Field::Part(b) => String::from_utf8(b).map_err(|_| ApiError::bad(name, format!("{name} is not UTF-8 text"))),
             Field::Json(Value::String(s)) => Ok(s),
@@ -60,10 +62,19 @@ impl JobForm {
                     Field::Json(Value::String(s)) => base64_image(name, &s)?,
                     Field::Json(_) => return Err(ApiError::bad(name, format!("{name} must be a string (base64)"))),
                 };
+                if bytes.is_empty() {
+                    return Err(empty());
+                }
                 let slot = if name == IMAGE { &mut self.image } else { &mut self.image2 };
-                *slot = Some(bytes).filter(|b| !b.is_empty());
+                *slot = Some(bytes);
             }
-            MODE => self.mode = Some(text(value)?).filter(|m| !m.is_empty()),
+            MODE => {
+                let mode = text(value)?;
+                if mode.is_empty() {
+                    return Err(empty());
+                }
+                self.mode = Some(mode);
+            }
             PROMPT => self.prompt = Some(text(value)?),
             _ => {
                 let Some(knob) = KNOBS.iter().find(|k| k.name == name && k.ui.is_some()) else {
@@ -77,7 +88,7 @@ impl JobForm {
                         part => text(part)?,
                     };
                     if choice.trim().is_empty() {
-                        return Ok(());
+                        return Err(empty());
                     }
                     if !self.overrides.set_choice(knob.name, &choice) {
                         return Err(ApiError::invalid(name, format!("{name} must be one of {}, got '{}'", choices.join(", "), choice.trim())));
@@ -90,7 +101,7 @@ impl JobForm {
                         let t = text(part)?;
                         let t = t.trim();
                         if t.is_empty() {
-                            return Ok(());
+                            return Err(empty());
                         }
                         t.parse().map_err(|_| ApiError::bad(name, format!("{name} must be a number, got '{t}'")))?
                     }

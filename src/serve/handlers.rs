@@ -101,7 +101,7 @@ pub async fn status(State(state): State<Arc<AppState>>, Path(id): Path<String>) 
     Ok(Json(view).into_response())
 }
 
-#[utoipa::path(delete, path = "/api/v1/jobs/{id}", summary = "Cancel: a queued job at once, a running one between denoising steps", params(("id" = String, Path)),
+#[utoipa::path(post, path = "/api/v1/jobs/{id}/cancel", summary = "Cancel: a queued job at once, a running one between denoising steps (the job stays, state cancelled)", params(("id" = String, Path)),
     responses((status = 200, description = "Cancelled"), (status = 202, description = "Cancelling"), (status = 404, description = "Unknown job", body = super::error::ErrorBody), (status = 409, description = "Already ended", body = super::error::ErrorBody)))]
 pub async fn cancel(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let key = id.clone();
@@ -116,6 +116,16 @@ pub async fn cancel(State(state): State<Arc<AppState>>, Path(id): Path<String>) 
             format!("job '{id}' has already ended ({})", s.name()),
         )),
     }
+}
+
+#[utoipa::path(delete, path = "/api/v1/jobs/{id}", summary = "Delete: cancel the job if it has not ended, then forget it and its video (404 from then on)", params(("id" = String, Path)),
+    responses((status = 204, description = "Deleted"), (status = 404, description = "Unknown job", body = super::error::ErrorBody)))]
+pub async fn delete(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let key = id.clone();
+    if !call(&state, move |b| b.delete(&key)).await?? {
+        return Err(ApiError::unknown_job(&id));
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// Runs a backend call off the async threads: a shared backend waits on the network.
@@ -272,7 +282,7 @@ pub struct Control {
     pub choices: Option<Vec<&'static str>>,
     /// The model's default (for the seed: image-to-video's; see `modes`): a number, or a
     /// name for a knob of named values.
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<serde_json::Value>)]
     pub default: Option<serde_json::Value>,
     pub help: String,
     /// The page's label and hint, where the model gives the knob a meaning of its own.

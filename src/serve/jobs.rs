@@ -503,6 +503,14 @@ impl JobStore {
         })
     }
 
+    /// Removes a job and its files; false when it was not there.
+    pub fn forget(&self, id: &str) -> bool {
+        let mut jobs = self.lock();
+        let Some(job) = jobs.remove(id) else { return false };
+        self.remove_files(id, job.video);
+        true
+    }
+
     /// Flags every running job to stop.
     pub fn cancel_running(&self) {
         for job in self.lock().values() {

@@ -40,13 +40,17 @@ impl Local {
             Err(std::fs::TryLockError::Error(e)) => return Err(e).with_context(folder),
         }
         let (jobs, restored) = JobStore::open(max_finished, data_dir).with_context(folder)?;
-        tracing::info!(
-            "data folder {}: {} finished jobs restored, {} interrupted ones failed, {} leftover files removed",
-            data_dir.display(),
-            restored.finished,
-            restored.interrupted,
-            restored.swept
-        );
+        if restored == Default::default() {
+            tracing::info!("data folder {}", data_dir.display());
+        } else {
+            tracing::info!(
+                "data folder {}: {} finished jobs restored, {} interrupted ones failed, {} leftover files removed",
+                data_dir.display(),
+                restored.finished,
+                restored.interrupted,
+                restored.swept
+            );
+        }
         Ok(Self {
             jobs,
             queue: MemoryQueue::new(max_queue),
@@ -117,6 +121,13 @@ impl Backend for Local {
         Ok(outcome)
     }
 
+    fn delete(&self, id: &str) -> Result<bool, Unavailable> {
+        if self.cancel(id)?.is_none() {
+            return Ok(false);
+        }
+        Ok(self.jobs.forget(id))
+    }
+
     fn retry_after_seconds(&self) -> u64 {
         let mean = f64::from_bits(self.mean_job_seconds.load(Ordering::Relaxed));
         let waiting = self.queue.waiting().len() as f64;
@@ -171,9 +182,13 @@ impl WorkSource for Local {
             Err(Some(_)) => State::Failed,
             Err(None) => State::Cancelled,
         };
+        let video = outcome.as_ref().ok().map(|(_, path)| path.clone());
         let finished = self.jobs.finish(&job.id, outcome);
         if finished {
             metrics::job_finished(state.name());
+        } else if let Some(video) = video {
+            // Deleted while it ran: nothing of it stays.
+            let _ = std::fs::remove_file(video);
         }
         metrics::running(self.jobs.count_running());
         finished

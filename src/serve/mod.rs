@@ -212,7 +212,8 @@ fn router(state: Arc<AppState>) -> Router {
     let body_limit = state.limits.max_body_bytes();
     let api = Router::new()
         .route("/jobs", axum::routing::post(handlers::submit).layer(DefaultBodyLimit::max(body_limit)))
-        .route("/jobs/{id}", get(handlers::status).delete(handlers::cancel))
+        .route("/jobs/{id}", get(handlers::status).delete(handlers::delete))
+        .route("/jobs/{id}/cancel", axum::routing::post(handlers::cancel))
         .route("/jobs/{id}/events", get(handlers::events))
         .route("/jobs/{id}/video", get(handlers::video))
         .route("/model", get(handlers::model_info))

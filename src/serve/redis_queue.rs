@@ -167,6 +167,7 @@ struct Scripts {
     finish: Script,
     release: Script,
     cancel: Script,
+    delete: Script,
 }
 
 impl Scripts {
@@ -300,7 +301,17 @@ impl Scripts {
             end
             return 'stopping'"
         );
+        // KEYS job, events, waiting, stream(unused); ARGV id. Forgets the job (its worker, if
+        // one still runs it, finds it gone and discards its result); returns its video file.
+        let delete = r"
+            if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+            local path = redis.call('HGET', KEYS[1], 'video_path')
+            redis.call('LREM', KEYS[3], 0, ARGV[1])
+            redis.call('DEL', KEYS[1], KEYS[2])
+            redis.call('PUBLISH', 'dynamicrafter:events:' .. ARGV[1], '')
+            return path or ''";
         Self {
+            delete: Script::new(delete),
             submit: Script::new(submit),
             start: Script::new(&start),
             progress: Script::new(progress),
@@ -779,6 +790,22 @@ impl Backend for RedisQueue {
             "stopping" => Some(CancelOutcome::Stopping),
             state => Some(CancelOutcome::AlreadyFinal(State::from_name(state).unwrap_or(State::Cancelled))),
         })
+    }
+
+    fn delete(&self, id: &str) -> Result<bool, Unavailable> {
+        // Cancelled first, so a running job's worker stops and the metrics count it.
+        if self.cancel(id)?.is_none() {
+            return Ok(false);
+        }
+        let path: Option<String> = self.with(|con| {
+            let mut inv = self.scripts.delete.prepare_invoke();
+            self.keys(&mut inv, id);
+            inv.arg(id).invoke(con)
+        })?;
+        if let Some(path) = path.filter(|p| !p.is_empty()) {
+            let _ = std::fs::remove_file(path);
+        }
+        Ok(true)
     }
 
     fn retry_after_seconds(&self) -> u64 {

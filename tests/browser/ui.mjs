@@ -86,6 +86,17 @@ try {
   });
   console.log("video:", JSON.stringify(play));
   if (play.paused || !(play.t1 > play.t0 || play.t1 > 0)) await fail("the video does not play: " + JSON.stringify(play));
+
+  // A long job is cancelled from the page; a cleared input (the seed) is left out, not sent empty.
+  await page.$eval("#steps", (el) => { el.value = 60; el.dispatchEvent(new Event("input")); });
+  await page.fill("#seed", "");
+  await page.click("#generate");
+  await page.waitForFunction(() => /^Step \d+\/60/.test(document.getElementById("status").textContent), null, { timeout: 120000 })
+    .catch(async () => fail("the long job did not start: " + await page.textContent("#status") + " / " + await page.textContent("#error")));
+  await page.click("#cancel");
+  await page.waitForFunction(() => /^(Done|Failed|Cancelled)/.test(document.getElementById("status").textContent), null, { timeout: 120000 });
+  const cancelled = await page.textContent("#status");
+  if (!cancelled.startsWith("Cancelled")) await fail("cancel ended the job with: " + cancelled);
   console.log("browser test passed");
 } catch (e) {
   await fail(e.stack || String(e));

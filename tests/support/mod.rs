@@ -65,6 +65,11 @@ impl Server {
         reply(ureq::delete(&format!("{}{path}", self.url)).call())
     }
 
+    /// `POST /api/v1/jobs/{id}/cancel`.
+    pub fn cancel(&self, id: &str) -> Reply {
+        reply(ureq::post(&format!("{}/api/v1/jobs/{id}/cancel", self.url)).call())
+    }
+
     pub fn post_json(&self, body: &Value) -> Reply {
         reply(ureq::post(&format!("{}/api/v1/jobs", self.url)).send_json(body.clone()))
     }

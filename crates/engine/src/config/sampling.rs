@@ -41,6 +41,8 @@ pub enum Ui {
     Fixed(Range),
     /// The model's motion range ([`ModelConfig::fs_range`]).
     ModelFs,
+    /// 1 to the model's temporal window ([`ModelConfig::window`]).
+    ModelWindow,
     /// One of the knob's named values ([`Knob::choices`]).
     Choice,
 }
@@ -69,6 +71,7 @@ impl Knob {
         match self.ui? {
             Ui::Fixed(r) => Some(r),
             Ui::ModelFs => Some(Range::new(cfg.fs_range.0 as f64, cfg.fs_range.1 as f64, 1.0)),
+            Ui::ModelWindow => Some(Range::new(1.0, cfg.window() as f64, 1.0)),
             Ui::Choice => None,
         }
     }
@@ -294,7 +297,6 @@ const GRADIO_ETA: Range = Range::new(0.0, 1.0, 0.1);
 const GRADIO_SEED: Range = Range::new(0.0, 2147483648.0, 1.0);
 // Upstream's demo has no frame count; the API's bound keeps one job's run and its video bounded.
 const API_FRAMES: Range = Range::new(1.0, 128.0, 1.0);
-const API_STRIDE: Range = Range::new(1.0, 16.0, 1.0);
 
 // The ranges the API offers are upstream Gradio's controls (docs/spec/interfaces.md §2); the
 // engine's are what runs and stays bounded.
@@ -328,7 +330,7 @@ knobs! {
     frames: usize => usize, "frames", range: Some(Range::new(1.0, 256.0, 1.0)), ui: Some(Ui::Fixed(API_FRAMES));
     /// Frames between the starts of sliding windows when frames exceed the model's window
     /// [default: 4].
-    window_stride: usize => usize, "window-stride", range: Some(Range::new(1.0, 64.0, 1.0)), ui: Some(Ui::Fixed(API_STRIDE));
+    window_stride: usize => usize, "window-stride", range: Some(Range::new(1.0, 64.0, 1.0)), ui: Some(Ui::ModelWindow);
     /// FreeNoise rescheduling for long videos: each stride of frames past the first window
     /// starts from the shuffled noise of the frames a window earlier [default: off].
     #[arg(num_args = 0..=1, default_missing_value = "true")]
