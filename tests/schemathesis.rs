@@ -14,6 +14,8 @@ fn the_api_keeps_the_contract_its_openapi_document_states() {
         .expect("running scripts/schemathesis.sh");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let tail: String = stdout.lines().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+    // Schemathesis exits non-zero on any failure or error (warnings, e.g. too few examples to
+    // reach an operation, do not count).
     assert!(out.status.success(), "schemathesis found problems:\n{tail}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("No issues found"), "{tail}");
+    assert!(stdout.contains(" passed"), "{tail}");
 }
