@@ -330,3 +330,41 @@ fn random_byte_flips_never_panic() {
     eprintln!("{loaded} mutants loaded, {refused} refused");
     assert!(refused > 0 && loaded > 0);
 }
+
+/// `convert` of a checkpoint whose tensors are views of one storage (tied weights; or a hostile
+/// file making each of many tensors a window onto the same bytes): every view is written with
+/// its own values, in the dtype asked; the output, read back, equals the input read directly.
+/// (The writer takes one tensor at a time: memory is that of the largest, not of them all.)
+#[test]
+fn views_of_one_storage_convert_each_to_its_own_values() {
+    let values: Vec<f32> = (0..64).map(|i| i as f32 * 0.5 - 3.0).collect();
+    let views: Vec<P> = (0..20)
+        .map(|i| item(&format!("w{i}"), P::default().tensor("FloatStorage", "0", 64, i, &[4, 8], &[8, 1])))
+        .chain([item("t", P::default().tensor("FloatStorage", "0", 64, 3, &[8, 4], &[1, 8]))])
+        .collect();
+    let input = ckpt("views", &state_dict(&views), &[("0", f32_bytes(&values))], false);
+    let output = input.with_extension("safetensors");
+    let converted = dynamicrafter_engine::weights::convert::convert(&input, &output, DType::BF16, None).unwrap();
+    assert_eq!((converted.tensors, converted.quantized), (21, 0));
+    let direct = read_all(&input).unwrap();
+    let written: std::collections::HashMap<String, Tensor> = read_all(&output).unwrap().into_iter().collect();
+    for (key, t) in direct {
+        let w = &written[&key];
+        assert_eq!(w.dtype(), DType::BF16, "{key}");
+        let expected = t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let got = w.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!((w.dims(), got), (t.dims(), expected), "{key}");
+    }
+    // The output has the mode any new file gets (the umask's), not a temporary file's 0600.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let probe = input.with_extension("probe");
+        std::fs::write(&probe, b"").unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&output), mode(&probe));
+        let _ = std::fs::remove_file(&probe);
+    }
+    let _ = std::fs::remove_file(&input);
+    let _ = std::fs::remove_file(&output);
+}

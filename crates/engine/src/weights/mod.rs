@@ -114,6 +114,16 @@ impl Checkpoint {
         v
     }
 
+    /// The stored dtype of one tensor, by model key, without reading it.
+    pub fn dtype(&self, key: &str) -> Result<DType> {
+        let missing = || Error::Checkpoint { path: self.path.clone(), detail: format!("missing key {key}") };
+        let (file_key, _) = self.keys.get(key).ok_or_else(missing)?;
+        match &self.source {
+            Source::Safetensors(st) => Ok(DType::try_from(st.get(file_key)?.dtype())?),
+            Source::Torch(t) => t.dtype(file_key).ok_or_else(missing),
+        }
+    }
+
     /// Reads one tensor by model key, in its stored dtype.
     pub fn load(&self, key: &str, dev: &Device) -> Result<Tensor> {
         let (file_key, _) = self.keys.get(key).ok_or_else(|| Error::Checkpoint {

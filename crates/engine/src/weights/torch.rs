@@ -54,6 +54,11 @@ impl TorchFile {
         self.tensors.iter().map(|(k, e)| (k.as_str(), e.shape.as_slice()))
     }
 
+    /// The stored dtype of tensor `key`.
+    pub fn dtype(&self, key: &str) -> Option<DType> {
+        self.tensors.get(key).map(|e| e.dtype)
+    }
+
     /// Reads tensor `key` in its stored dtype.
     pub fn load(&self, key: &str, dev: &Device) -> candle_core::Result<Tensor> {
         let e = self.tensors.get(key).ok_or_else(|| candle_core::Error::Msg(format!("missing {key}")))?;
