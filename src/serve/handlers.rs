@@ -14,7 +14,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
 use dynamicrafter_engine::config::{FsKind, Range, KNOBS};
-use dynamicrafter_engine::{ModeKind, ModelConfig};
+use dynamicrafter_engine::ModelConfig;
 use futures_util::Stream;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -352,9 +352,8 @@ pub async fn model_info(State(state): State<Arc<AppState>>) -> Json<ModelInfo> {
             (k.name.to_string(), control)
         })
         .collect();
-    let modes = ModeKind::ALL
-        .into_iter()
-        .filter(|&m| cfg.supports(m))
+    let modes = cfg
+        .modes()
         .map(|m| {
             let d = cfg.defaults_for(m);
             (m.name(), ModeDefaults { seed: d.seed, fs: d.fs })

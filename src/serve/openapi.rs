@@ -58,7 +58,10 @@ fn job_schema(multipart: bool, cfg: Option<&ModelConfig>) -> RefOr<Schema> {
         let s = ObjectBuilder::new().schema_type(Type::String).description(Some(what.to_string()));
         if multipart { s.format(Some(utoipa::openapi::SchemaFormat::Custom("binary".into()))) } else { s.content_encoding("base64") }
     };
-    let modes: Vec<&str> = ModeKind::ALL.into_iter().filter(|&m| cfg.is_none_or(|c| c.supports(m))).map(ModeKind::name).collect();
+    let modes: Vec<&str> = match cfg {
+        Some(cfg) => cfg.modes().map(ModeKind::name).collect(),
+        None => ModeKind::ALL.map(ModeKind::name).to_vec(),
+    };
     let mut form = ObjectBuilder::new()
         .schema_type(Type::Object)
         .property(IMAGE, image("The image to animate (the first keyframe for interpolate)."))
@@ -110,9 +113,10 @@ const IMAGE_TYPES: &str = "image/png, image/jpeg, image/webp, image/bmp";
 /// What the annotations cannot say, added to the document: the job form takes no other field,
 /// `image2` goes with mode `interpolate` only (and that mode needs it), the images' media types
 /// in multipart, and links from a queued job to the operations on it.
-fn state_the_contract(doc: &mut serde_json::Value, modes: &[&str], window: usize) {
+fn state_the_contract(doc: &mut serde_json::Value, cfg: &ModelConfig) {
     use serde_json::{json, Value};
     let (interpolate, looping) = (ModeKind::Interpolate.name(), ModeKind::Loop.name());
+    let window = cfg.window();
     for (form, json_body) in [(JobJson::name(), true), (JobMultipart::name(), false)] {
         let Some(schema) = doc.pointer_mut(&format!("/components/schemas/{form}")).and_then(|s| s.as_object_mut()) else { continue };
         schema.insert("additionalProperties".into(), json!(false));
@@ -146,10 +150,10 @@ fn state_the_contract(doc: &mut serde_json::Value, modes: &[&str], window: usize
         let mode_or_unset = |mode: &str| if json_body { json!({ "enum": [mode, null] }) } else { json!({ "const": mode }) };
         let keyframes = json!({ "minimum": 2, "maximum": window });
         let mut shapes = vec![json!({ "properties": { MODE: mode_or_unset(ModeKind::ImageToVideo.name()), IMAGE2: unset } })];
-        if modes.contains(&looping) {
+        if cfg.supports(ModeKind::Loop) {
             shapes.push(json!({ "required": [MODE], "properties": { MODE: { "const": looping }, IMAGE2: unset, "frames": keyframes } }));
         }
-        if modes.contains(&interpolate) {
+        if cfg.supports(ModeKind::Interpolate) {
             shapes.push(json!({ "required": [IMAGE2], "properties": { MODE: mode_or_unset(interpolate), IMAGE2: { "type": "string" }, "frames": keyframes } }));
         }
         let other_samplers: Vec<&str> = SamplerKind::ALL.iter().map(|s| s.name()).filter(|&s| s != SamplerKind::Ddim.name()).collect();
@@ -204,7 +208,6 @@ pub async fn document(State(state): State<Arc<AppState>>) -> Json<serde_json::Va
         }
     }
     let mut doc = serde_json::to_value(doc).unwrap_or_default();
-    let modes: Vec<&str> = ModeKind::ALL.into_iter().filter(|&m| cfg.supports(m)).map(ModeKind::name).collect();
-    state_the_contract(&mut doc, &modes, cfg.window());
+    state_the_contract(&mut doc, cfg);
     Json(doc)
 }

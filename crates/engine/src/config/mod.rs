@@ -280,6 +280,11 @@ impl ModelConfig {
         mode.keyframes() == 1 || self.interpolation != Some(false)
     }
 
+    /// The modes this model runs.
+    pub fn modes(&self) -> impl Iterator<Item = ModeKind> + '_ {
+        ModeKind::ALL.into_iter().filter(|&m| self.supports(m))
+    }
+
     /// Frames the model was trained on (its temporal window): longer videos run in sliding
     /// windows of this length.
     pub fn window(&self) -> usize {
