@@ -3,8 +3,8 @@
 
 use anyhow::Result;
 use dynamicrafter_engine::report::peak_rss_bytes;
-use dynamicrafter_engine::{Pipeline, Progress, Report, Request, SeededNoise};
-use dynamicrafter_video::{Format, Frames};
+use dynamicrafter_engine::{FrameSink, Pipeline, Progress, Report, Request, SeededNoise, SinkResult};
+use dynamicrafter_video::{Format, VideoWriter};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
@@ -40,13 +40,11 @@ pub fn generate_videos(
     }
     let seed = req.sampling.seed;
     let mut noise = SeededNoise::new(seed, pipeline.device());
-    let videos = pipeline.generate_samples(req, outputs.len(), &mut noise, progress, cancel)?;
-    for (video, path) in videos.iter().zip(outputs) {
+    let mut writers = Writers { output, outputs, current: None, times: Vec::new() };
+    let videos = pipeline.generate_samples(req, outputs.len(), &mut noise, progress, cancel, &mut writers)?;
+    for (video, write_time) in videos.iter().zip(&writers.times) {
         report.add_timings(&video.timings);
-        let t = Instant::now();
-        let frames = Frames::new(&video.frames_u8, video.frames, video.width, video.height)?;
-        dynamicrafter_video::write(frames, output.format, output.fps, path)?;
-        report.add("video write", t.elapsed());
+        report.add("video write", *write_time);
     }
     report.seed = Some(seed);
     report.frames = videos[0].frames;
@@ -58,4 +56,46 @@ pub fn generate_videos(
     report.peak_rss_bytes = peak_rss_bytes();
     report.peak_gpu_bytes = dynamicrafter_engine::device::peak_memory_bytes(pipeline.device());
     Ok(report)
+}
+
+/// Encodes each sample's frames into its output as the pipeline decodes them.
+struct Writers<'a> {
+    output: VideoOutput,
+    outputs: &'a [PathBuf],
+    current: Option<VideoWriter>,
+    /// Time spent encoding and writing, per finished sample.
+    times: Vec<Duration>,
+}
+
+impl Writers<'_> {
+    fn spent(&mut self, since: Instant) {
+        if let Some(t) = self.times.last_mut() {
+            *t += since.elapsed();
+        }
+    }
+}
+
+impl FrameSink for Writers<'_> {
+    fn begin(&mut self, sample: usize, _count: usize, width: usize, height: usize) -> SinkResult {
+        let start = Instant::now();
+        let path = self.outputs.get(sample).ok_or("more samples than outputs")?;
+        self.times.push(Duration::ZERO);
+        self.current = Some(VideoWriter::create(self.output.format, self.output.fps, path, width, height)?);
+        self.spent(start);
+        Ok(())
+    }
+
+    fn frame(&mut self, rgb: &[u8]) -> SinkResult {
+        let start = Instant::now();
+        self.current.as_mut().ok_or("frame before begin")?.push(rgb)?;
+        self.spent(start);
+        Ok(())
+    }
+
+    fn end(&mut self) -> SinkResult {
+        let start = Instant::now();
+        self.current.take().ok_or("end before begin")?.finish()?;
+        self.spent(start);
+        Ok(())
+    }
 }

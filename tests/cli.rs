@@ -44,7 +44,7 @@ fn engine_frames(model: &str, weights: &str, prompt: &str, steps: usize, seed: u
     let mut req = Request::new(&cfg, image, prompt);
     req.sampling.steps = steps;
     let v = p.generate(&req, &mut SeededNoise::new(seed, &Device::Cpu), &mut |_| {}, &AtomicBool::new(false)).unwrap();
-    (v.frames_u8, v.frames, v.width, v.height)
+    (v.frames_u8, v.sample.frames, v.sample.width, v.sample.height)
 }
 
 #[test]
@@ -260,7 +260,17 @@ fn long_video_from_the_command_line() {
     ]));
     let video = decode_mp4(&std::fs::read(&out).unwrap()).unwrap();
     assert_eq!(video.count, 40);
+    // And as a third party reads it: ffprobe decodes every frame (`.ci/run` installs ffmpeg).
+    let probe = Command::new("ffprobe")
+        .args(["-v", "error", "-select_streams", "v:0", "-count_frames", "-show_entries", "stream=codec_name,pix_fmt,nb_read_frames,width,height"])
+        .args(["-of", "csv=p=0"])
+        .arg(&out)
+        .output()
+        .expect("ffprobe runs (install ffmpeg)");
+    assert!(probe.status.success(), "{}", String::from_utf8_lossy(&probe.stderr));
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let probed = format!("h264,{},{},yuv420p,40", json["width"], json["height"]);
+    assert_eq!(String::from_utf8_lossy(&probe.stdout).trim(), probed);
     assert_eq!(json["frames"], 40);
     assert_eq!(json["windows"], "9 windows of 8 frames, stride 4");
     let r = run(&["generate", "--model", "fixtures/tiny-v", "--image", CARD, "--image2", CARD, "--frames", "9", "--out", dir.join("i.mp4").to_str().unwrap()]);

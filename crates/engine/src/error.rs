@@ -20,6 +20,9 @@ pub enum Error {
     /// The caller's cancel flag was raised.
     #[error("cancelled")]
     Cancelled,
+    /// Where the frames go (a video writer) failed.
+    #[error("writing the frames: {0}")]
+    Output(Box<dyn std::error::Error + Send + Sync>),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
 }

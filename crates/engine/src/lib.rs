@@ -21,6 +21,6 @@ pub use compute::{device, Backend, Precision, PrecisionPolicy, Quantization};
 pub use config::{ModeKind, ModelConfig, Sampling, SamplingOverrides};
 pub use error::{Error, Result};
 pub use noise::{GivenNoise, NoiseSource, SeededNoise};
-pub use pipeline::{Mode, Pipeline, Progress, Request, Stage, Video};
+pub use pipeline::{CollectFrames, FrameSink, Mode, Pipeline, Progress, Request, Sample, SinkResult, Stage, Video};
 pub use preprocess::RgbImage;
 pub use report::Report;

@@ -3,7 +3,7 @@
 mod common;
 
 use common::device;
-use dynamicrafter_engine::{Error, Mode, ModelConfig, Pipeline, Progress, Request, RgbImage, SeededNoise, Stage};
+use dynamicrafter_engine::{CollectFrames, Error, FrameSink, Mode, ModelConfig, Pipeline, Progress, Request, RgbImage, SeededNoise, SinkResult, Stage};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -31,7 +31,7 @@ fn progress_reports_every_stage_and_step_and_cancel_stops_between_steps() {
     let steps: Vec<usize> = seen.iter().filter(|p| p.stage == Stage::Denoise).map(|p| p.step).collect();
     assert_eq!(steps, [0, 1, 2, 3]);
     let s = &req.sampling;
-    assert_eq!(video.frames, s.frames);
+    assert_eq!(video.sample.frames, s.frames);
     assert_eq!(video.frames_u8.len(), s.frames * s.height * s.width * 3);
 
     let mut after = 0;
@@ -58,9 +58,83 @@ fn same_seed_same_video_and_loop_drops_the_last_frame() {
     assert_eq!(a.frames_u8, run(&req, 5).frames_u8);
     assert_ne!(a.frames_u8, run(&req, 6).frames_u8);
     req.mode = Mode::Loop;
-    assert_eq!(run(&req, 5).frames, req.sampling.frames - 1);
+    assert_eq!(run(&req, 5).sample.frames, req.sampling.frames - 1);
     req.mode = Mode::Interpolate { end: image(80, 40) };
-    assert_eq!(run(&req, 5).frames, req.sampling.frames);
+    assert_eq!(run(&req, 5).sample.frames, req.sampling.frames);
+}
+
+/// Records what a sink is given; fails or raises the cancel flag at a chosen frame.
+struct Recorder<'a> {
+    events: Vec<String>,
+    frames: Vec<Vec<u8>>,
+    fail_at: Option<usize>,
+    cancel_at: Option<(usize, &'a AtomicBool)>,
+}
+
+impl FrameSink for Recorder<'_> {
+    fn begin(&mut self, sample: usize, count: usize, width: usize, height: usize) -> SinkResult {
+        self.events.push(format!("begin {sample}: {count} of {width}x{height}"));
+        Ok(())
+    }
+    fn frame(&mut self, rgb: &[u8]) -> SinkResult {
+        self.events.push("frame".into());
+        self.frames.push(rgb.to_vec());
+        if self.fail_at == Some(self.frames.len()) {
+            return Err("disk full".into());
+        }
+        if let Some((n, flag)) = self.cancel_at {
+            if self.frames.len() == n {
+                flag.store(true, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+    fn end(&mut self) -> SinkResult {
+        self.events.push("end".into());
+        Ok(())
+    }
+}
+
+/// Frames reach the sink one at a time as they are decoded (a cancel raised by the first stops
+/// the decode of the rest), in order, sample after sample, the same frames `generate` keeps;
+/// a failing sink ends the run with its error.
+#[test]
+fn frames_stream_to_the_sink_as_they_are_decoded() {
+    let (cfg, p) = tiny_v();
+    let mut req = Request::new(&cfg, image(64, 64), "waves");
+    req.sampling.steps = 1;
+    let (n, h, w) = (req.sampling.frames, req.sampling.height, req.sampling.width);
+    let never = AtomicBool::new(false);
+    let recorder = || Recorder { events: Vec::new(), frames: Vec::new(), fail_at: None, cancel_at: None };
+    let mut sink = recorder();
+    let runs = p.generate_samples(&req, 2, &mut SeededNoise::new(4, &device()), &mut |_| {}, &never, &mut sink).unwrap();
+    let mut want = Vec::new();
+    for i in 0..2 {
+        want.push(format!("begin {i}: {n} of {w}x{h}"));
+        want.extend(std::iter::repeat_n("frame".to_string(), n));
+        want.push("end".into());
+    }
+    assert_eq!(sink.events, want);
+    assert_eq!(runs.len(), 2);
+    assert!(runs.iter().all(|r| r.frames == n));
+    let one = p.generate(&req, &mut SeededNoise::new(4, &device()), &mut |_| {}, &never).unwrap();
+    assert_eq!(sink.frames[..n].concat(), one.frames_u8, "the first sample is generate's video");
+    assert_ne!(sink.frames[..n], sink.frames[n..], "the second sample has its own noise");
+    let mut collected = CollectFrames::default();
+    p.generate_samples(&req, 2, &mut SeededNoise::new(4, &device()), &mut |_| {}, &never, &mut collected).unwrap();
+    assert_eq!(collected.samples, [sink.frames[..n].concat(), sink.frames[n..].concat()]);
+
+    let cancel = AtomicBool::new(false);
+    let mut sink = Recorder { cancel_at: Some((1, &cancel)), ..recorder() };
+    let r = p.generate_samples(&req, 1, &mut SeededNoise::new(4, &device()), &mut |_| {}, &cancel, &mut sink);
+    assert!(matches!(r, Err(Error::Cancelled)), "{r:?}");
+    assert_eq!(sink.frames.len(), 1, "the first frame arrived before the second was decoded");
+
+    let mut sink = Recorder { fail_at: Some(2), ..recorder() };
+    let err = p.generate_samples(&req, 1, &mut SeededNoise::new(4, &device()), &mut |_| {}, &never, &mut sink).unwrap_err();
+    assert!(matches!(err, Error::Output(_)) && err.to_string().contains("disk full"), "{err}");
+    assert_eq!(sink.events.last().map(String::as_str), Some("frame"), "no frame or end after the failure");
+    assert_eq!(sink.frames.len(), 2);
 }
 
 #[test]
@@ -196,7 +270,7 @@ fn frames_beyond_and_below_the_window() {
     // The window: sample() is the plain sampler loop over the guided output.
     req.sampling.frames = window;
     let plain = run(&req);
-    assert_eq!((plain.frames, plain.plan.describe()), (window, format!("1 window of {window} frames")));
+    assert_eq!((plain.sample.frames, plain.sample.plan.describe()), (window, format!("1 window of {window} frames")));
     let cond = p.condition(&req, &mut SeededNoise::new(3, &device()), &mut |_| {}, &mut Vec::new()).unwrap();
     // The sampler's draws are their own stream: a fresh one gives the run's x_T and step noise.
     let mut noise = SeededNoise::new(3, &device());
@@ -212,27 +286,27 @@ fn frames_beyond_and_below_the_window() {
         x = solver.step(i, &x, &pred, &mut || dynamicrafter_engine::NoiseSource::step(&mut noise, i, &shape)).unwrap();
     }
     let flat = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    assert_eq!(flat(&x), flat(&plain.latent), "one window is the plain path");
+    assert_eq!(flat(&x), flat(&plain.sample.latent), "one window is the plain path");
 
     // Longer: every frame is made, in windows of the model's length.
     req.sampling.frames = 2 * window + 4;
     let long = run(&req);
-    assert_eq!(long.frames, 2 * window + 4);
-    assert_eq!(long.latent.dim(2).unwrap(), 2 * window + 4);
-    assert_eq!(long.plan.windows(), (window + 4) / 4 + 1);
-    assert!(long.plan.describe().contains(&format!("of {window} frames, stride 4")), "{}", long.plan.describe());
+    assert_eq!(long.sample.frames, 2 * window + 4);
+    assert_eq!(long.sample.latent.dim(2).unwrap(), 2 * window + 4);
+    assert_eq!(long.sample.plan.windows(), (window + 4) / 4 + 1);
+    assert!(long.sample.plan.describe().contains(&format!("of {window} frames, stride 4")), "{}", long.sample.plan.describe());
     let mut rescheduled = req.clone();
     rescheduled.sampling.noise_reschedule = true;
     let r = run(&rescheduled);
-    assert_eq!(r.frames, long.frames);
+    assert_eq!(r.sample.frames, long.sample.frames);
     assert_ne!(r.frames_u8, long.frames_u8, "FreeNoise changes the initial noise");
     let size = req.sampling.height * req.sampling.width * 3;
 
     // Shorter: the whole window runs and evenly spaced frames are kept.
     req.sampling.frames = 3;
     let short = run(&req);
-    assert_eq!((short.frames, short.latent.dim(2).unwrap()), (3, window));
-    let keep = short.plan.keep.clone().unwrap();
+    assert_eq!((short.sample.frames, short.sample.latent.dim(2).unwrap()), (3, window));
+    let keep = short.sample.plan.keep.clone().unwrap();
     assert_eq!((keep.len(), keep[0], keep[2]), (3, 0, window - 1));
     assert_eq!(&short.frames_u8[..size], &plain.frames_u8[..size], "frame 0 is the window's first");
     assert_eq!(&short.frames_u8[2 * size..], &plain.frames_u8[(window - 1) * size..], "the last frame is the window's last");

@@ -94,87 +94,198 @@ pub fn check_destination(format: Format, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes `frames` to `path` in `format` at `fps` frames per second. The file (or, for png, the
-/// folder) is written under a temporary name created exclusively beside `path` (unpredictable,
-/// so a planted link is never followed), then renamed into place: a failure leaves nothing. A
-/// png folder goes to a new or empty folder; a non-empty one is refused, never deleted.
+/// Writes `frames` to `path` in `format` at `fps` frames per second (see [`VideoWriter`]).
 pub fn write(frames: Frames, format: Format, fps: f64, path: &Path) -> Result<()> {
-    if !(fps.is_finite() && fps > 0.0) {
-        return Err(Error::Invalid(format!("fps must be a positive number, got {fps}")));
+    let mut writer = VideoWriter::create(format, fps, path, frames.width, frames.height)?;
+    for i in 0..frames.count {
+        writer.push(frames.frame(i))?;
     }
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let prefix = format!(".{name}.");
-    let mut temp = tempfile::Builder::new();
-    temp.prefix(&prefix).suffix(".partial");
-    // As `File::create` / `create_dir` would (the umask applies), not tempfile's private 0600.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        temp.permissions(std::fs::Permissions::from_mode(if format == Format::Png { 0o777 } else { 0o666 }));
+    writer.finish()
+}
+
+/// A video written a frame at a time, as the frames are made: each frame is encoded when it
+/// arrives and only the encoded stream is kept (MP4: the compressed samples stay in memory
+/// until [`VideoWriter::finish`] writes `moov` before them; GIF and PNG go straight to disk).
+/// The file (or, for png, the folder) is written under a temporary name created exclusively
+/// beside `path` (unpredictable, so a planted link is never followed), then renamed into place
+/// by `finish`: a failure, or a writer dropped unfinished, leaves nothing. A png folder goes to
+/// a new or empty folder; a non-empty one is refused, never deleted.
+pub struct VideoWriter {
+    path: PathBuf,
+    width: usize,
+    height: usize,
+    frames: usize,
+    out: Output,
+}
+
+enum Output {
+    Mp4 { stream: Box<Mp4Stream<std::io::BufWriter<std::fs::File>>>, fps: f64, file: tempfile::NamedTempFile },
+    Gif { encoder: gif::Encoder<std::io::BufWriter<std::fs::File>>, centiseconds: u16, file: tempfile::NamedTempFile },
+    Png { dir: tempfile::TempDir },
+}
+
+impl std::fmt::Debug for VideoWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VideoWriter").field("path", &self.path).field("frames", &self.frames).finish_non_exhaustive()
     }
-    check_destination(format, path)?;
-    match format {
-        Format::Png => {
-            let tmp = temp.tempdir_in(dir).map_err(io(dir))?;
-            write_pngs(frames, tmp.path())?;
-            // Renaming onto an empty folder replaces it; the temporary one is removed on failure.
-            std::fs::rename(tmp.path(), path).map_err(io(path))?;
-            let _ = tmp.keep();
-            Ok(())
+}
+
+impl VideoWriter {
+    /// Starts a `width`×`height` video at `fps` frames per second for `path`.
+    pub fn create(format: Format, fps: f64, path: &Path, width: usize, height: usize) -> Result<Self> {
+        if !(fps.is_finite() && fps > 0.0) {
+            return Err(Error::Invalid(format!("fps must be a positive number, got {fps}")));
         }
-        Format::Mp4 | Format::Gif => {
-            let mut tmp = temp.tempfile_in(dir).map_err(io(dir))?;
-            let tmp_path = tmp.path().to_path_buf();
-            match format {
-                Format::Mp4 => tmp.write_all(&encode_mp4(frames, fps)?).map_err(io(&tmp_path))?,
-                _ => write_gif(frames, fps, tmp.as_file_mut()).map_err(|e| match e {
-                    Error::Io { source, .. } => Error::Io { path: tmp_path.clone(), source },
-                    other => other,
-                })?,
+        if width == 0 || height == 0 {
+            return Err(Error::Invalid(format!("a {width}×{height} frame is empty")));
+        }
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let prefix = format!(".{name}.");
+        let mut temp = tempfile::Builder::new();
+        temp.prefix(&prefix).suffix(".partial");
+        // As `File::create` / `create_dir` would (the umask applies), not tempfile's private 0600.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            temp.permissions(std::fs::Permissions::from_mode(if format == Format::Png { 0o777 } else { 0o666 }));
+        }
+        check_destination(format, path)?;
+        let out = match format {
+            Format::Png => Output::Png { dir: temp.tempdir_in(dir).map_err(io(dir))? },
+            Format::Mp4 | Format::Gif => {
+                let file = temp.tempfile_in(dir).map_err(io(dir))?;
+                let handle = std::io::BufWriter::new(file.as_file().try_clone().map_err(io(file.path()))?);
+                if format == Format::Mp4 {
+                    Output::Mp4 { stream: Box::new(mp4_stream(handle, width, height, fps)?), fps, file }
+                } else {
+                    let (w, h) = gif_size(width, height)?;
+                    let mut encoder = gif::Encoder::new(handle, w, h, &[]).map_err(gif_error(file.path()))?;
+                    encoder.set_repeat(gif::Repeat::Infinite).map_err(gif_error(file.path()))?;
+                    // Whole milliseconds per frame, then centiseconds (GIF's unit), both truncated.
+                    let centiseconds = (1000 / fps.round().max(1.0) as u32 / 10) as u16;
+                    Output::Gif { encoder, centiseconds, file }
+                }
             }
-            tmp.persist(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e.error })?;
-            Ok(())
+        };
+        Ok(Self { path: path.to_path_buf(), width, height, frames: 0, out })
+    }
+
+    /// Encodes the next frame, `(h, w, 3)` RGB.
+    pub fn push(&mut self, rgb: &[u8]) -> Result<()> {
+        let (w, h) = (self.width, self.height);
+        if rgb.len() != w * h * 3 {
+            return Err(Error::Invalid(format!("{} bytes are not an RGB frame of {w}×{h}", rgb.len())));
         }
+        let i = self.frames;
+        match &mut self.out {
+            Output::Mp4 { stream, fps, .. } => stream.push(rgb, w, h, i as f64 / *fps)?,
+            Output::Gif { encoder, centiseconds, file } => {
+                let mut rgba: Vec<u8> = rgb.chunks_exact(3).flat_map(|p| [p[0], p[1], p[2], 255]).collect();
+                let mut frame = gif::Frame::from_rgba_speed(w as u16, h as u16, &mut rgba, 10);
+                frame.delay = *centiseconds;
+                encoder.write_frame(&frame).map_err(gif_error(file.path()))?;
+            }
+            Output::Png { dir } => write_png(rgb, w, h, &dir.path().join(format!("frame_{i:03}.png")))?,
+        }
+        self.frames += 1;
+        Ok(())
+    }
+
+    /// Completes the video and renames it into place.
+    pub fn finish(self) -> Result<()> {
+        if self.frames == 0 {
+            return Err(Error::Invalid("a video needs at least one frame".into()));
+        }
+        let path = self.path;
+        match self.out {
+            Output::Png { dir } => {
+                // Renaming onto an empty folder replaces it; the temporary one is removed on failure.
+                std::fs::rename(dir.path(), &path).map_err(io(&path))?;
+                let _ = dir.keep();
+            }
+            Output::Mp4 { stream, file, .. } => {
+                stream.finish()?.into_inner().map_err(|e| Error::Io { path: file.path().to_path_buf(), source: e.into_error() })?;
+                file.persist(&path).map_err(|e| Error::Io { path: path.clone(), source: e.error })?;
+            }
+            Output::Gif { encoder, file, .. } => {
+                let out = encoder.into_inner().map_err(gif_error(file.path()))?;
+                out.into_inner().map_err(|e| Error::Io { path: file.path().to_path_buf(), source: e.into_error() })?;
+                file.persist(&path).map_err(|e| Error::Io { path: path.clone(), source: e.error })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn gif_size(width: usize, height: usize) -> Result<(u16, u16)> {
+    match (u16::try_from(width), u16::try_from(height)) {
+        (Ok(w), Ok(h)) => Ok((w, h)),
+        _ => Err(Error::Invalid(format!("GIF frames are at most 65535×65535, got {width}×{height}"))),
+    }
+}
+
+fn gif_error(path: &Path) -> impl Fn(gif::EncodingError) -> Error + '_ {
+    move |e| match e {
+        gif::EncodingError::Io(source) => Error::Io { path: path.to_path_buf(), source },
+        other => Error::Image(other.to_string()),
     }
 }
 
 /// H.264 (constant high quality, one keyframe) in an MP4 with `moov` before `mdat`.
 pub fn encode_mp4(frames: Frames, fps: f64) -> Result<Vec<u8>> {
+    let mut stream = mp4_stream(Vec::new(), frames.width, frames.height, fps)?;
+    for i in 0..frames.count {
+        stream.push(frames.frame(i), frames.width, frames.height, i as f64 / fps)?;
+    }
+    stream.finish()
+}
+
+/// The H.264 encoder and the MP4 muxer of one video.
+struct Mp4Stream<W: Write> {
+    encoder: openh264::encoder::Encoder,
+    muxer: muxide::api::Muxer<W>,
+}
+
+impl<W: Write> Mp4Stream<W> {
+    fn push(&mut self, rgb: &[u8], width: usize, height: usize, seconds: f64) -> Result<()> {
+        let yuv = openh264::formats::YUVBuffer::from_vec(rgb_to_i420(rgb, width, height), width, height);
+        let bitstream = self.encoder.encode(&yuv).map_err(|e| Error::Encode(e.to_string()))?;
+        let keyframe = matches!(bitstream.frame_type(), openh264::encoder::FrameType::IDR | openh264::encoder::FrameType::I);
+        self.muxer.write_video(seconds, &bitstream.to_vec(), keyframe).map_err(|e| Error::Mux(e.to_string()))
+    }
+
+    /// Writes `moov` and the samples; returns the writer.
+    fn finish(mut self) -> Result<W> {
+        self.muxer.finish_in_place().map_err(|e| Error::Mux(e.to_string()))?;
+        Ok(self.muxer.into_writer())
+    }
+}
+
+fn mp4_stream<W: Write>(out: W, width: usize, height: usize, fps: f64) -> Result<Mp4Stream<W>> {
     use openh264::encoder::{BitRate, Encoder, EncoderConfig, FrameRate, QpRange, RateControlMode};
-    use openh264::formats::YUVBuffer;
     use openh264::OpenH264API;
-    if !frames.width.is_multiple_of(2) || !frames.height.is_multiple_of(2) {
-        return Err(Error::Invalid(format!("yuv420p needs even sizes, got {}×{}", frames.width, frames.height)));
+    if !width.is_multiple_of(2) || !height.is_multiple_of(2) {
+        return Err(Error::Invalid(format!("yuv420p needs even sizes, got {width}×{height}")));
     }
     // Near-lossless, like upstream's libx264 CRF 10: a bitrate budget no frame can exhaust and
     // a low QP ceiling (openh264 ignores the QP range with rate control off).
-    let pixels_per_second = (frames.width * frames.height) as f64 * fps;
+    let pixels_per_second = (width * height) as f64 * fps;
     let config = EncoderConfig::new()
         .max_frame_rate(FrameRate::from_hz(fps as f32))
         .rate_control_mode(RateControlMode::Quality)
         .bitrate(BitRate::from_bps((pixels_per_second * 24.0).min(u32::MAX as f64 / 2.0) as u32))
         .qp(QpRange::new(0, 10));
-    let mut encoder =
-        Encoder::with_api_config(OpenH264API::from_source(), config).map_err(|e| Error::Encode(e.to_string()))?;
-    let mut out = Vec::new();
-    let mut muxer = muxide::api::MuxerBuilder::new(&mut out)
-        .video(muxide::api::VideoCodec::H264, frames.width as u32, frames.height as u32, fps)
+    let encoder = Encoder::with_api_config(OpenH264API::from_source(), config).map_err(|e| Error::Encode(e.to_string()))?;
+    let muxer = muxide::api::MuxerBuilder::new(out)
+        .video(muxide::api::VideoCodec::H264, width as u32, height as u32, fps)
         .with_fast_start(true)
         .build()
         .map_err(|e| Error::Mux(e.to_string()))?;
-    for i in 0..frames.count {
-        let yuv = YUVBuffer::from_vec(rgb_to_i420(frames.frame(i), frames.width, frames.height), frames.width, frames.height);
-        let bitstream = encoder.encode(&yuv).map_err(|e| Error::Encode(e.to_string()))?;
-        let keyframe = matches!(bitstream.frame_type(), openh264::encoder::FrameType::IDR | openh264::encoder::FrameType::I);
-        let nal = bitstream.to_vec();
-        muxer.write_video(i as f64 / fps, &nal, keyframe).map_err(|e| Error::Mux(e.to_string()))?;
-    }
-    muxer.finish().map_err(|e| Error::Mux(e.to_string()))?;
-    Ok(out)
+    Ok(Mp4Stream { encoder, muxer })
 }
 
 /// RGB → planar I420, BT.601 limited range (what players assume for untagged H.264), rounded;
@@ -210,39 +321,18 @@ fn rgb_to_i420(rgb: &[u8], w: usize, h: usize) -> Vec<u8> {
     out
 }
 
-fn write_gif(frames: Frames, fps: f64, file: &mut std::fs::File) -> Result<()> {
-    use image::codecs::gif::{GifEncoder, Repeat};
-    use image::{Delay, Frame, RgbaImage};
-    let mut enc = GifEncoder::new_with_speed(std::io::BufWriter::new(file), 10);
-    enc.set_repeat(Repeat::Infinite).map_err(|e| Error::Image(e.to_string()))?;
-    let delay = Delay::from_numer_denom_ms(1000, fps.round().max(1.0) as u32);
-    for i in 0..frames.count {
-        let rgba: Vec<u8> = frames.frame(i).chunks_exact(3).flat_map(|p| [p[0], p[1], p[2], 255]).collect();
-        let img = RgbaImage::from_raw(frames.width as u32, frames.height as u32, rgba)
-            .ok_or_else(|| Error::Invalid("frame size".into()))?;
-        enc.encode_frame(Frame::from_parts(img, 0, 0, delay)).map_err(|e| Error::Image(e.to_string()))?;
-    }
-    drop(enc);
-    Ok(())
-}
-
-/// The frames as `frame_000.png`, … in `dir` (a new folder of ours).
-fn write_pngs(frames: Frames, dir: &Path) -> Result<()> {
-    for i in 0..frames.count {
-        let path = dir.join(format!("frame_{i:03}.png"));
-        let mut bytes = Vec::new();
-        image::write_buffer_with_format(
-            &mut std::io::Cursor::new(&mut bytes),
-            frames.frame(i),
-            frames.width as u32,
-            frames.height as u32,
-            image::ExtendedColorType::Rgb8,
-            image::ImageFormat::Png,
-        )
-        .map_err(|e| Error::Image(e.to_string()))?;
-        std::fs::File::create(&path).and_then(|mut f| f.write_all(&bytes)).map_err(io(&path))?;
-    }
-    Ok(())
+fn write_png(rgb: &[u8], width: usize, height: usize, path: &Path) -> Result<()> {
+    let mut bytes = Vec::new();
+    image::write_buffer_with_format(
+        &mut std::io::Cursor::new(&mut bytes),
+        rgb,
+        width as u32,
+        height as u32,
+        image::ExtendedColorType::Rgb8,
+        image::ImageFormat::Png,
+    )
+    .map_err(|e| Error::Image(e.to_string()))?;
+    std::fs::File::create(path).and_then(|mut f| f.write_all(&bytes)).map_err(io(path))
 }
 
 /// An MP4 read back: what a player would show.

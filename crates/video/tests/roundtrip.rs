@@ -1,4 +1,4 @@
-use dynamicrafter_video::{decode_mp4, encode_mp4, psnr, write, Format, Frames};
+use dynamicrafter_video::{decode_mp4, encode_mp4, psnr, write, Format, Frames, VideoWriter};
 
 /// Smooth moving colour gradients with luminance texture: like natural video, unlike noise
 /// (whose colour detail yuv420p cannot hold, by design).
@@ -98,5 +98,59 @@ fn writes_follow_no_planted_link_and_delete_no_folder() {
         .collect();
     assert!(partial.is_empty(), "{partial:?}");
     assert!(!dir.join("odd.mp4").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn entries(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
+}
+
+/// Frames given one at a time (as the pipeline decodes them) make the same video as all at
+/// once; until `finish` only a temporary entry exists, and a writer dropped unfinished (a
+/// failed or cancelled run), given a wrong-sized frame, or finished with no frames leaves
+/// nothing behind.
+#[test]
+fn a_streamed_video_appears_only_when_finished() {
+    let (n, w, h) = (5, 64, 32);
+    let data = test_frames(n, w, h);
+    let frames = Frames::new(&data, n, w, h).unwrap();
+    let dir = std::env::temp_dir().join(format!("dc-video-stream-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for format in [Format::Mp4, Format::Gif, Format::Png] {
+        let path = dir.join(format!("v.{}", format.extension()));
+        let mut writer = VideoWriter::create(format, 8.0, &path, w, h).unwrap();
+        for i in 0..n {
+            writer.push(frames.frame(i)).unwrap();
+            assert!(!path.exists(), "{format:?}: nothing at the destination before finish");
+            assert_eq!(entries(&dir).iter().filter(|e| e.ends_with(".partial")).count(), 1, "{format:?}");
+        }
+        let err = writer.push(&data[..w * h * 3 - 3]).unwrap_err().to_string();
+        assert!(err.contains("not an RGB frame of 64×32"), "{err}");
+        writer.finish().unwrap();
+        assert!(entries(&dir).iter().all(|e| !e.ends_with(".partial")), "{format:?}");
+        match format {
+            Format::Mp4 => assert_eq!(std::fs::read(&path).unwrap(), encode_mp4(frames, 8.0).unwrap()),
+            Format::Png => assert_eq!(std::fs::read_dir(&path).unwrap().count(), n),
+            Format::Gif => {
+                let all = dir.join("all.gif");
+                write(frames, Format::Gif, 8.0, &all).unwrap();
+                assert_eq!(std::fs::read(&path).unwrap(), std::fs::read(&all).unwrap());
+                std::fs::remove_file(all).unwrap();
+            }
+        }
+
+        let abandoned = dir.join(format!("abandoned.{}", format.extension()));
+        let mut writer = VideoWriter::create(format, 8.0, &abandoned, w, h).unwrap();
+        writer.push(frames.frame(0)).unwrap();
+        drop(writer);
+        let empty = dir.join(format!("empty.{}", format.extension()));
+        let err = VideoWriter::create(format, 8.0, &empty, w, h).unwrap().finish().unwrap_err().to_string();
+        assert!(err.contains("at least one frame"), "{err}");
+        let left = entries(&dir);
+        assert!(left.iter().all(|e| e.starts_with("v.")), "{format:?}: {left:?}");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -106,6 +106,7 @@ struct Attention {
 }
 
 impl Attention {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         dim: usize,
         context_dim: usize,

@@ -10,7 +10,7 @@ mod sampler;
 mod windows;
 
 pub use conditioning::Conditioning;
-pub use request::{Mode, Progress, Request, Stage, Video};
+pub use request::{CollectFrames, FrameSink, Mode, Progress, Request, Sample, SinkResult, Stage, Video};
 pub use windows::FramePlan;
 
 use crate::config::{ModelConfig, Parameterization};
@@ -284,8 +284,8 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Runs a whole request. `progress` is called at each stage start and after every
-    /// denoising step; `cancel` is checked between steps.
+    /// Runs a whole request, its frames kept in memory. `progress` is called at each stage
+    /// start and after every denoising step; `cancel` is checked between steps.
     pub fn generate(
         &self,
         req: &Request,
@@ -293,12 +293,14 @@ impl Pipeline {
         progress: &mut dyn FnMut(Progress),
         cancel: &AtomicBool,
     ) -> Result<Video> {
-        let mut videos = self.generate_samples(req, 1, noise, progress, cancel)?;
-        Ok(videos.remove(0))
+        let mut frames = CollectFrames::default();
+        let sample = self.generate_samples(req, 1, noise, progress, cancel, &mut frames)?.remove(0);
+        Ok(Video { frames_u8: frames.samples.remove(0), sample })
     }
 
     /// `samples` videos of one request: the conditioning is computed once, each sample is a
-    /// full DDIM run with new noise from the continuing stream (upstream's `--n_samples`).
+    /// full sampler run with new noise from the continuing stream (upstream's `--n_samples`).
+    /// Each frame goes to `sink` as soon as it is decoded.
     pub fn generate_samples(
         &self,
         req: &Request,
@@ -306,7 +308,8 @@ impl Pipeline {
         noise: &mut dyn NoiseSource,
         progress: &mut dyn FnMut(Progress),
         cancel: &AtomicBool,
-    ) -> Result<Vec<Video>> {
+        sink: &mut dyn FrameSink,
+    ) -> Result<Vec<Sample>> {
         self.validate(req)?;
         if samples == 0 {
             return Err(Error::InvalidInput("the number of samples must be at least 1".into()));
@@ -315,35 +318,32 @@ impl Pipeline {
         let mut timings = Vec::new();
         let plan = self.frame_plan(req)?;
         let cond = self.condition(req, noise, progress, &mut timings)?;
-        let mut videos = Vec::with_capacity(samples);
-        for _ in 0..samples {
+        let mut runs = Vec::with_capacity(samples);
+        let (height, width) = (req.sampling.height, req.sampling.width);
+        for index in 0..samples {
             check_cancel(cancel)?;
             let latent = self.sample(&cond, &req.sampling, noise, progress, cancel, &mut |_, _, _| {}, &mut timings)?;
             check_cancel(cancel)?;
             progress(Progress { stage: Stage::VaeDecode, step: 0, total: 1 });
-            let start = Instant::now();
             let mut saved = plan.kept_frames();
             if req.mode == Mode::Loop {
                 saved.pop();
             }
-            // One frame at a time, straight to u8: a long video never exists whole in f32.
-            let mut frames_u8 = Vec::with_capacity(saved.len() * req.sampling.height * req.sampling.width * 3);
+            sink.begin(index, saved.len(), width, height).map_err(Error::Output)?;
+            // One frame at a time, straight to u8 and on to the sink: a long video never
+            // exists whole, in f32 or in u8.
+            let mut decode = Duration::ZERO;
             for &f in &saved {
                 check_cancel(cancel)?;
-                frames_u8.extend(video_to_u8(&self.vae_decode(&latent.narrow(2, f, 1)?)?.to_dtype(DType::F32)?)?);
+                let start = Instant::now();
+                let rgb = video_to_u8(&self.vae_decode(&latent.narrow(2, f, 1)?)?.to_dtype(DType::F32)?)?;
+                decode += start.elapsed();
+                sink.frame(&rgb).map_err(Error::Output)?;
             }
-            let frames = saved.len();
-            timings.push((Stage::VaeDecode, self.elapsed(start)?));
-            videos.push(Video {
-                frames_u8,
-                frames,
-                height: req.sampling.height,
-                width: req.sampling.width,
-                latent,
-                timings: std::mem::take(&mut timings),
-                plan: plan.clone(),
-            });
+            sink.end().map_err(Error::Output)?;
+            timings.push((Stage::VaeDecode, decode));
+            runs.push(Sample { frames: saved.len(), height, width, latent, timings: std::mem::take(&mut timings), plan: plan.clone() });
         }
-        Ok(videos)
+        Ok(runs)
     }
 }

@@ -80,11 +80,10 @@ pub struct Progress {
     pub total: usize,
 }
 
-/// The result of one generation.
+/// One sample of a run, its frames aside (they went to a [`FrameSink`]).
 #[derive(Debug, Clone)]
-pub struct Video {
-    /// Saved frames `(t, h, w, 3)` after clamping and the truncating u8 cast (loop: last frame dropped).
-    pub frames_u8: Vec<u8>,
+pub struct Sample {
+    /// Frames saved (loop: the last one dropped), each `(h, w, 3)` RGB u8.
     pub frames: usize,
     pub height: usize,
     pub width: usize,
@@ -93,7 +92,50 @@ pub struct Video {
     /// How the frames ran: the windows, or the frames kept of one window.
     pub plan: super::FramePlan,
     /// Wall time per stage, in order; each denoising step listed separately. With several
-    /// samples, the shared conditioning stages are in the first sample's list.
+    /// samples, the shared conditioning stages are in the first sample's list. The VAE decode
+    /// excludes the time the sink took.
     pub timings: Vec<(Stage, Duration)>,
 }
 
+/// The result of one generation with its frames kept in memory ([`super::Pipeline::generate`]).
+#[derive(Debug, Clone)]
+pub struct Video {
+    /// Saved frames `(t, h, w, 3)` after clamping and the truncating u8 cast (loop: last frame dropped).
+    pub frames_u8: Vec<u8>,
+    pub sample: Sample,
+}
+
+/// Where a run's frames go as the VAE decodes them, one at a time, so a long video is never
+/// held whole: a video writer encodes each on arrival. For every sample: `begin`, then
+/// `frame` once per saved frame, then `end`. An error from the sink ends the run.
+pub trait FrameSink {
+    /// Sample `sample` (from 0) starts: `count` frames of `width`×`height` follow.
+    fn begin(&mut self, sample: usize, count: usize, width: usize, height: usize) -> SinkResult;
+    /// The next frame, `(h, w, 3)` RGB u8.
+    fn frame(&mut self, rgb: &[u8]) -> SinkResult;
+    /// The sample's last frame has been given.
+    fn end(&mut self) -> SinkResult;
+}
+
+pub type SinkResult = std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// A sink that keeps every frame in memory.
+#[derive(Debug, Default)]
+pub struct CollectFrames {
+    /// One buffer per sample, frames back to back.
+    pub samples: Vec<Vec<u8>>,
+}
+
+impl FrameSink for CollectFrames {
+    fn begin(&mut self, _sample: usize, count: usize, width: usize, height: usize) -> SinkResult {
+        self.samples.push(Vec::with_capacity(count * width * height * 3));
+        Ok(())
+    }
+    fn frame(&mut self, rgb: &[u8]) -> SinkResult {
+        self.samples.last_mut().ok_or("frame before begin")?.extend_from_slice(rgb);
+        Ok(())
+    }
+    fn end(&mut self) -> SinkResult {
+        Ok(())
+    }
+}

@@ -80,6 +80,14 @@ pub(crate) fn gelu_erf(g: f32) -> f32 {
     0.5 * g * (1.0 + fast_erf(g * std::f32::consts::FRAC_1_SQRT_2))
 }
 
+/// f32 → bf16 bits, rounded to nearest even (as `half::bf16::from_f32` for finite values), in
+/// a form LLVM vectorises.
+#[inline(always)]
+pub(crate) fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,12 +102,4 @@ mod tests {
         assert_eq!(fast_exp(-100.0), 0.0);
         assert_eq!(fast_exp(f32::NEG_INFINITY), 0.0);
     }
-}
-
-/// f32 → bf16 bits, rounded to nearest even (as `half::bf16::from_f32` for finite values), in
-/// a form LLVM vectorises.
-#[inline(always)]
-pub(crate) fn bf16_bits(x: f32) -> u16 {
-    let b = x.to_bits();
-    (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
 }
