@@ -4,14 +4,14 @@
 //! The op API ([`group_norm`], [`attention`], [`attention_heads`], [`softmax_last_dim`],
 //! [`conv3x3`], [`temporal_conv`], [`geglu`], [`permute`]) takes tensors on any device and
 //! picks the kernel; the layers with weights packed at load ([`F32Matrix`], [`Bf16DotMatrix`],
-//! [`F32Conv`], [`Bf16DotConv`], [`Bf16DotTemporalConv`], [`Bf16Matrix`], [`Bf16Conv`], [`amx_attention`], [`Q8Matrix`], [`Q8Conv`]) are built by the
+//! [`F32Conv`], [`Bf16DotConv`], [`Bf16DotTemporalConv`], [`Bf16Matrix`], [`Bf16Conv`], [`amx_attention`], [`bf16_pair_attention`], [`Q8Matrix`], [`Q8Conv`]) are built by the
 //! engine's backend, which decides once which of them a model uses.
 //!
 //! | folder | what | runs where |
 //! |---|---|---|
 //! | `common/` | vectorised-loop dispatch, math, buffers, the padded conv grid | everywhere |
 //! | `portable/` | plain-Rust CPU kernels (f32), compiled for AVX-512 / AVX2 / baseline | every CPU |
-//! | `avx512/` | f32 and bf16-pair matrices and 3×3 convs, register helpers | AVX-512 F/BW/VL (bf16 pairs: AVX512-BF16) |
+//! | `avx512/` | f32 and bf16-pair matrices and 3×3 convs, bf16-pair attention, register helpers | AVX-512 F/BW/VL (bf16 pairs: AVX512-BF16) |
 //! | `amx/` | bf16 tile products: matrix, convs, attention | AMX |
 //! | `vnni/` | int8 (`q8_0`) products: matrix, convs | AVX-512 VNNI |
 //! | `cuda/` | fused attention, group norm, shifted-GEMM convs (`*.cu` beside them) | NVIDIA GPUs |
@@ -34,6 +34,7 @@ mod portable;
 mod vnni;
 
 pub use amx::attention as amx_attention;
+pub use avx512::attention as bf16_pair_attention;
 pub use amx::{Bf16Conv, Bf16Matrix};
 pub use avx512::{Bf16DotConv, Bf16DotMatrix, Bf16DotTemporalConv, F32Conv, F32Matrix};
 pub use cuda::flash_attention::flash_attention;

@@ -167,11 +167,13 @@ impl Backend {
         self.record(LayerKind::TemporalConv, kernel)
     }
 
-    /// The products of an attention whose query projection runs `q_projection`: on AMX with it
-    /// (its activations are bf16-rounded anyway), else our op API for the device.
+    /// The products of an attention whose query projection runs `q_projection`: in bf16 with
+    /// it, on AMX or in AVX512-BF16 pairs (its activations are bf16-rounded anyway), else our
+    /// op API for the device.
     pub fn attention(&self, vb: &VarBuilder, q_projection: Kernel) -> Kernel {
         let kernel = match q_projection {
             Kernel::AmxBf16 => Kernel::AmxBf16,
+            Kernel::Avx512Bf16 => Kernel::Avx512Bf16,
             _ if self.device.is_cpu() && vb.dtype() == DType::F32 => Kernel::PortableF32,
             _ if cfg!(feature = "cuda") && self.device.is_cuda() && matches!(vb.dtype(), DType::BF16 | DType::F16) => Kernel::Cuda,
             _ => Kernel::Candle,

@@ -23,7 +23,7 @@ use rayon::prelude::*;
 use std::marker::PhantomData;
 
 /// Outputs per packed panel: four 16-lane vectors.
-const PANEL: usize = 64;
+pub(crate) const PANEL: usize = 64;
 /// Rows of `x` per microkernel call.
 const MR: usize = 6;
 /// Steps of the depth in one pass over the panels.

@@ -1,8 +1,10 @@
 //! Hand-written AVX-512 kernels (F, BW, VL): the linear layers in f32 ([`F32Matrix`]) and in
 //! bf16 pairs on AVX512-BF16 ([`Bf16DotMatrix`]) and the f32 3×3 convolutions ([`F32Conv`]),
-//! with weights packed at load, and the register-level helpers the AMX kernels share (the 16×16
-//! transpose, the channels-last pixel load, the softmax row).
+//! with weights packed at load, attention with its products in bf16 pairs ([`attention`]), and
+//! the register-level helpers the AMX kernels share (the 16×16 transpose, the channels-last
+//! pixel load, the softmax row).
 
+pub mod attention;
 mod conv;
 mod matrix;
 

@@ -1,9 +1,9 @@
-//! Scaled dot-product attention over projected `q, k, v`: the op API's kernels, or the AMX one
-//! where the backend put the layer.
+//! Scaled dot-product attention over projected `q, k, v`: the op API's kernels, or the AMX or
+//! bf16-pair one where the backend put the layer.
 
 use crate::compute::Kernel;
 use candle_core::{DType, Result, Tensor};
-use dynamicrafter_kernels::amx_attention;
+use dynamicrafter_kernels::{amx_attention, bf16_pair_attention};
 
 /// `(n, l, heads·d) → (n·heads, l, d)`, head-major channels as `einops 'b n (h d) -> (b h) n d'`.
 pub fn split_heads(xs: &Tensor, heads: usize) -> Result<Tensor> {
@@ -43,11 +43,15 @@ pub fn multi_head_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, sc
     merge_heads(&out, heads)
 }
 
-/// [`multi_head_attention`] without a mask on the backend's `kernel`: AMX where it put the
-/// layer and the shapes suit it (short sequences stay on the f32 kernel), else the op API.
+/// [`multi_head_attention`] without a mask on the backend's `kernel`: AMX or AVX512-BF16 pairs
+/// where it put the layer and the shapes suit them (short sequences stay on the f32 kernel),
+/// else the op API.
 pub fn attend(kernel: Kernel, q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
     if kernel == Kernel::AmxBf16 && amx_attention::supports(q, k, v, heads) {
         return amx_attention::attention(q, k, v, heads, scale);
+    }
+    if kernel == Kernel::Avx512Bf16 && bf16_pair_attention::supports(q, k, v, heads) {
+        return bf16_pair_attention::attention(q, k, v, heads, scale);
     }
     multi_head_attention(q, k, v, heads, scale, None)
 }
