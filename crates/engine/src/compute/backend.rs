@@ -18,6 +18,7 @@ use std::sync::Mutex;
 pub enum LayerKind {
     Linear,
     Conv3x3,
+    Conv1x1,
     TemporalConv,
     Attention,
 }
@@ -27,6 +28,7 @@ impl LayerKind {
         match self {
             LayerKind::Linear => "linear",
             LayerKind::Conv3x3 => "conv3x3",
+            LayerKind::Conv1x1 => "conv1x1",
             LayerKind::TemporalConv => "temporal conv",
             LayerKind::Attention => "attention",
         }
@@ -155,6 +157,13 @@ impl Backend {
         self.record(LayerKind::Conv3x3, kernel)
     }
 
+    /// A 1×1 convolution at `vb` (the UNet's skip connections): in bf16 pairs in the bf16 mode
+    /// of a CPU with AVX512-BF16 and no AMX, else candle's (its weight as `stored_dtype` says).
+    pub fn conv1x1(&self, vb: &VarBuilder) -> Kernel {
+        let kernel = if self.bf16_pairs(vb, "weight") { Kernel::Avx512Bf16 } else { Kernel::Candle };
+        self.record(LayerKind::Conv1x1, kernel)
+    }
+
     /// The temporal (3,1,1) convolution over `c` channels at `vb`.
     pub fn temporal_conv(&self, vb: &VarBuilder, c: usize) -> Kernel {
         let kernel = if self.bf16_tiles(vb, "weight", c, c) {
@@ -219,8 +228,8 @@ impl Backend {
         self.bf16_products && self.device.is_cpu() && !self.cpu.amx && self.cpu.avx512_bf16 && full_name(vb, "weight").starts_with(VAE_PREFIX)
     }
 
-    /// The dtype weight `name` at `vb` is kept in where candle computes with it (the UNet's 1×1
-    /// and strided convolutions): bf16 in the CPU's bf16 mode unless the policy keeps the weight
+    /// The dtype weight `name` at `vb` is kept in where candle computes with it (the UNet's
+    /// strided convolutions, and its 1×1 ones off the bf16 pair kernel): bf16 in the CPU's bf16 mode unless the policy keeps the weight
     /// float (the precision the mode promises, at half the memory; the products run in f32),
     /// else the dtype it was loaded in.
     pub fn stored_dtype(&self, vb: &VarBuilder, name: &str) -> DType {

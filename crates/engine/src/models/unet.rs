@@ -4,8 +4,8 @@
 //! `(b, c, t, h, w)` only inside temporal convs and temporal transformers.
 
 use super::layers::{
-    attend, conv1x1_as_linear, conv3x3, stored_conv2d, frames_to_video, group_norm, layer_norm, linear, linear_no_bias, silu, temporal_conv, timestep_embedding,
-    video_to_frames, Conv2d, Conv3x3, GroupNorm, Linear, TemporalConv,
+    attend, conv1x1, conv1x1_as_linear, conv3x3, stored_conv2d, frames_to_video, group_norm, layer_norm, linear, linear_no_bias, silu, temporal_conv, timestep_embedding,
+    video_to_frames, Conv1x1, Conv2d, Conv3x3, GroupNorm, Linear, TemporalConv,
 };
 use crate::compute::{Backend, Kernel};
 use crate::config::UnetConfig;
@@ -56,7 +56,7 @@ struct ResBlock {
     emb_proj: Linear,
     out_norm: GroupNorm,
     out_conv: Conv3x3,
-    skip: Option<Conv2d>,
+    skip: Option<Conv1x1>,
     temporal_conv: TemporalConvBlock,
 }
 
@@ -68,7 +68,7 @@ impl ResBlock {
             emb_proj: linear(emb_dim, co, vb.pp("emb_layers.1"), backend)?,
             out_norm: group_norm(co, 1e-5, vb.pp("out_layers.0"))?,
             out_conv: conv3x3(co, co, vb.pp("out_layers.3"), backend)?,
-            skip: if ci != co { Some(stored_conv2d(ci, co, 1, 0, 1, vb.pp("skip_connection"), backend)?) } else { None },
+            skip: if ci != co { Some(conv1x1(ci, co, vb.pp("skip_connection"), backend)?) } else { None },
             temporal_conv: TemporalConvBlock::new(co, vb.pp("temopral_conv"), backend)?, // sic
         })
     }

@@ -1,5 +1,5 @@
-//! Convolutions: candle's `Conv2d` for the 1×1 and strided ones, and the UNet's and VAE's 3×3
-//! and temporal convolutions on whichever kernel the backend picks.
+//! Convolutions: candle's `Conv2d` for the strided ones, and the UNet's and VAE's 3×3, 1×1 and
+//! temporal convolutions on whichever kernel the backend picks.
 
 use crate::compute::{Backend, Kernel};
 use candle_core::{DType, Module, Result, Tensor};
@@ -28,7 +28,8 @@ pub fn conv2d(in_c: usize, out_c: usize, kernel: usize, padding: usize, stride: 
     candle_nn::conv2d(in_c, out_c, kernel, cfg, vb).map(Conv2d)
 }
 
-/// A convolution candle computes (the UNet's 1×1 skips and strided downsampling), its weight
+/// A convolution candle computes (the UNet's strided downsampling; its 1×1 skips off the bf16
+/// pair kernel), its weight
 /// kept in the dtype the backend stores such weights in (bf16 in the CPU's bf16 mode: half the
 /// memory, converted to f32 for each product).
 pub fn stored_conv2d(in_c: usize, out_c: usize, kernel: usize, padding: usize, stride: usize, vb: VarBuilder, backend: &Backend) -> Result<Conv2d> {
@@ -40,6 +41,33 @@ pub fn stored_conv2d(in_c: usize, out_c: usize, kernel: usize, padding: usize, s
 pub fn conv2d_no_bias(in_c: usize, out_c: usize, kernel: usize, padding: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
     let cfg = Conv2dConfig { padding, stride, ..Default::default() };
     candle_nn::conv2d_no_bias(in_c, out_c, kernel, cfg, vb).map(Conv2d)
+}
+
+/// A 1×1 convolution with bias (the UNet's skip connections).
+#[derive(Debug, Clone)]
+pub enum Conv1x1 {
+    Candle(Conv2d),
+    /// bf16 pair products on AVX512-BF16 (the temporal conv's kernel with one tap).
+    Bf16Pairs(Arc<Bf16DotTemporalConv>),
+}
+
+impl Module for Conv1x1 {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Candle(conv) => conv.forward(xs),
+            Self::Bf16Pairs(conv) => conv.forward_2d(xs),
+        }
+    }
+}
+
+pub fn conv1x1(in_c: usize, out_c: usize, vb: VarBuilder, backend: &Backend) -> Result<Conv1x1> {
+    Ok(match backend.conv1x1(&vb) {
+        Kernel::Avx512Bf16 => {
+            let (weight, bias) = (vb.get((out_c, in_c, 1, 1), "weight")?, vb.get(out_c, "bias")?);
+            Conv1x1::Bf16Pairs(Arc::new(Bf16DotTemporalConv::pointwise(&weight, &bias)?))
+        }
+        _ => Conv1x1::Candle(stored_conv2d(in_c, out_c, 1, 0, 1, vb, backend)?),
+    })
 }
 
 /// 3×3 convolution, stride 1, padding 1, with bias (every such conv of the UNet and VAE).

@@ -2,7 +2,8 @@
 //! per output frame t, `y[:, t] = bias + Σ_tap W_tap · x[:, t + tap − 1]` (a tap whose frame
 //! lies outside the clip reads zeros, so it is skipped), a product of the weights (rows, packed
 //! at load in the pair microkernel's row tiles) and the frames' pixels (columns, packed on each
-//! call in panels of 64 pixels), run by the matrices' pair microkernel.
+//! call in panels of 64 pixels), run by the matrices' pair microkernel. With one tap it is the
+//! 1×1 convolution of `(n, c, h, w)` images (the UNet's skip connections).
 
 use super::super::matrix::{Bf16Pairs, Format, Start};
 use super::super::Lanes;
@@ -18,8 +19,8 @@ const MR: usize = 6;
 /// while the microkernel walks every output channel.
 const KC: usize = 128;
 
-/// A temporal convolution `(c, c, 3, 1, 1)` with its weights in bf16 pairs, for `(b, c, t, h·w)`
-/// f32 inputs.
+/// A temporal convolution `(co, c, 3, 1, 1)` (or, [`pointwise`](Self::pointwise), a 1×1 one)
+/// with its weights in bf16 pairs, for `(b, c, t, h·w)` f32 inputs.
 #[derive(Clone)]
 pub struct Bf16DotTemporalConv {
     /// Per tap, the weights `W_tap (co × c)` as the pair microkernel reads rows
@@ -28,11 +29,13 @@ pub struct Bf16DotTemporalConv {
     bias: Vec<f32>,
     co: usize,
     c: usize,
+    /// Taps along t: 3, or 1 for a pointwise convolution.
+    kt: usize,
 }
 
 impl std::fmt::Debug for Bf16DotTemporalConv {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Bf16DotTemporalConv[{}, {}, 3, 1, 1]", self.co, self.c)
+        write!(f, "Bf16DotTemporalConv[{}, {}, {}, 1, 1]", self.co, self.c, self.kt)
     }
 }
 
@@ -53,18 +56,44 @@ impl Bf16DotTemporalConv {
     /// Packs `w (co, c, 3, 1, 1)`; `bias (co)`.
     pub fn new(w: &Tensor, bias: &Tensor) -> Result<Self> {
         let (co, c, kt, kh, kw) = w.dims5()?;
-        if (kt, kh, kw) != (3, 1, 1) || bias.dims1()? != co || !Self::supports() {
-            candle_core::bail!("bf16 pair temporal conv: weight {:?} / bias {:?}: needs a (3, 1, 1) conv on a CPU with AVX512-BF16", w.dims(), bias.dims());
+        if (kt, kh, kw) != (3, 1, 1) {
+            candle_core::bail!("bf16 pair temporal conv: weight {:?}: needs a (3, 1, 1) conv", w.dims());
+        }
+        Self::with_taps(w, bias, co, c, 3)
+    }
+
+    /// Packs the 1×1 convolution `w (co, c, 1, 1)`, `bias (co)`, for [`forward_2d`](Self::forward_2d).
+    pub fn pointwise(w: &Tensor, bias: &Tensor) -> Result<Self> {
+        let (co, c, kh, kw) = w.dims4()?;
+        if (kh, kw) != (1, 1) {
+            candle_core::bail!("bf16 pair pointwise conv: weight {:?}: needs a 1×1 conv", w.dims());
+        }
+        Self::with_taps(w, bias, co, c, 1)
+    }
+
+    fn with_taps(w: &Tensor, bias: &Tensor, co: usize, c: usize, kt: usize) -> Result<Self> {
+        if bias.dims1()? != co || !Self::supports() {
+            candle_core::bail!("bf16 pair conv: weight {:?} / bias {:?}: needs {co} biases and a CPU with AVX512-BF16", w.dims(), bias.dims());
         }
         let w = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let mut conv = Self { taps: Vec::new(), bias: bias.to_dtype(DType::F32)?.to_vec1()?, co, c };
+        let mut conv = Self { taps: Vec::new(), bias: bias.to_dtype(DType::F32)?.to_vec1()?, co, c, kt };
         let tap_len = conv.tap_len();
-        conv.taps = vec![0u32; 3 * tap_len];
+        conv.taps = vec![0u32; kt * tap_len];
         for (tap, packed) in conv.taps.chunks_exact_mut(tap_len).enumerate() {
-            let rows: Vec<f32> = (0..co * c).map(|i| w[i * 3 + tap]).collect();
+            let rows: Vec<f32> = (0..co * c).map(|i| w[i * kt + tap]).collect();
             Bf16Pairs::pack_rows(&rows, c, packed);
         }
         Ok(conv)
+    }
+
+    /// A [`pointwise`](Self::pointwise) convolution of `x (n, c, h, w)` f32 on the CPU →
+    /// `(n, co, h, w)`.
+    pub fn forward_2d(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, c, h, w) = x.dims4()?;
+        if self.kt != 1 {
+            candle_core::bail!("bf16 pair conv: forward_2d is for 1×1 convolutions, this one has {} taps", self.kt);
+        }
+        self.forward(&x.reshape((n, c, 1, h * w))?)?.reshape((n, self.co, h, w))
     }
 
     /// `x (b, c, t, h·w)` f32 on the CPU → `(b, co, t, h·w)`.
@@ -112,8 +141,8 @@ impl Bf16DotTemporalConv {
                 let (bt, p) = (task / panels, task % panels);
                 let (bi, ti) = (bt / t, bt % t);
                 let mut first = true;
-                for tap in 0..3 {
-                    let Some(frame) = (ti + tap).checked_sub(1).filter(|&f| f < t) else { continue };
+                for tap in 0..self.kt {
+                    let Some(frame) = (ti + tap).checked_sub(self.kt / 2).filter(|&f| f < t) else { continue };
                     let a: &[u32] = &packed[((bi * t + frame) * panels + p) * steps * PANEL..][..steps * PANEL];
                     let w = &self.taps[tap * tap_len..][..tap_len];
                     for s0 in (0..steps).step_by(KC) {
@@ -192,5 +221,32 @@ mod tests {
             let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
             assert!(diff <= 1e-5 * scale.max(1.0), "{:?}: max error {diff:.2e} (scale {scale:.2e})", (b, c, co, t, hw));
         }
+    }
+
+    /// With one tap: the 1×1 convolution of images, against candle's conv2d in f64 of the
+    /// same rounded operands.
+    #[test]
+    fn pointwise_matches_f64_on_rounded_inputs() {
+        if !Bf16DotTemporalConv::supports() {
+            eprintln!("no AVX512-BF16 on this machine (or capped): nothing to check");
+            return;
+        }
+        let dev = Device::Cpu;
+        let round = |t: &Tensor| t.to_dtype(DType::BF16).unwrap().to_dtype(DType::F64).unwrap();
+        for &(n, c, co, h, w) in &[(1, 3, 5, 1, 7), (2, 7, 13, 8, 8), (3, 640, 320, 4, 4), (2, 33, 40, 13, 11)] {
+            let x = Tensor::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 0.2, (co, c, 1, 1), &dev).unwrap();
+            let bias = Tensor::randn(0f32, 0.2, co, &dev).unwrap();
+            let conv = Bf16DotTemporalConv::pointwise(&wt, &bias).unwrap();
+            let got = conv.forward_2d(&x).unwrap();
+            let want = round(&x).conv2d(&round(&wt), 0, 1, 1, 1).unwrap().broadcast_add(&f64(&bias).reshape((1, co, 1, 1)).unwrap()).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let diff = (got.to_dtype(DType::F64).unwrap() - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            assert!(diff <= 1e-5 * scale.max(1.0), "{:?}: max error {diff:.2e} (scale {scale:.2e})", (n, c, co, h, w));
+        }
+        let temporal = Tensor::zeros((4, 4, 3, 1, 1), DType::F32, &dev).unwrap();
+        let conv = Bf16DotTemporalConv::new(&temporal, &Tensor::zeros(4, DType::F32, &dev).unwrap()).unwrap();
+        assert!(conv.forward_2d(&Tensor::zeros((1, 4, 2, 2), DType::F32, &dev).unwrap()).is_err());
     }
 }
