@@ -6,6 +6,8 @@
 #
 #   scripts/schemathesis.sh [MAX_EXAMPLES]     (default 30 per operation and phase)
 #
+# The seed alone decides the examples: no example database is read or kept (one left by earlier,
+# longer runs replayed their cases, so a run differed between machines).
 # DYNAMICRAFTER_BIN names the binary to serve (the test suite passes its own); else it is built.
 # Without a `schemathesis` on PATH, one is installed into target/schemathesis-venv.
 set -euo pipefail
@@ -37,4 +39,4 @@ for _ in $(seq 600); do
 done
 [ -n "$url" ] || { echo "the server did not start" >&2; exit 1; }
 SCHEMATHESIS_HOOKS=scripts.schemathesis_hooks PYTHONPATH=. "$st" run "$url/openapi.json" \
-    --checks all --max-examples "$examples" --workers 1 --seed 1 --no-color
+    --checks all --max-examples "$examples" --workers 1 --seed 1 --generation-database none --no-color
