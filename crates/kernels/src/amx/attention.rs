@@ -3,7 +3,7 @@
 //! them back merged: no split/merge copies, and no score matrix beyond 32 query rows.
 
 use super::{a_tiles, as_u16, as_u16_mut, available, b_tiles, bf16_bits, configure_tiles, lines, product_block, Line, BLOCK};
-use crate::common::{fast_exp, output_buffer, SendPtr};
+use crate::common::{cpu_f32, fast_exp, output_buffer, SendPtr};
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
@@ -36,7 +36,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
     let (qs, ql) = q.storage_and_layout();
     let (ks, kl) = k.storage_and_layout();
     let (vs, vl) = v.storage_and_layout();
-    let (qx, kx, vx) = (cpu_slice(&qs, ql, b * m * qw)?, cpu_slice(&ks, kl, b * n * qw)?, cpu_slice(&vs, vl, b * n * vw)?);
+    let op = "AMX attention";
+    let (qx, kx, vx) = (cpu_f32(op, &qs, ql)?, cpu_f32(op, &ks, kl)?, cpu_f32(op, &vs, vl)?);
 
     // Keys and values of every (batch, head) packed once as B tiles, keys padded to 32.
     let n_pad = n.next_multiple_of(BLOCK);
@@ -98,12 +99,6 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
     // SAFETY: the tasks initialised every (row, head, column block).
     unsafe { out.set_len(b * m * vw) };
     Tensor::from_vec(out, (b, m, vw), q.device())
-}
-
-/// The `len` f32 values of a contiguous CPU tensor's storage from its start.
-fn cpu_slice<'a>(s: &'a candle_core::Storage, l: &candle_core::Layout, len: usize) -> Result<&'a [f32]> {
-    let candle_core::Storage::Cpu(cpu) = s else { candle_core::bail!("AMX attention: input not on the CPU") };
-    Ok(&cpu.as_slice::<f32>()?[l.start_offset()..l.start_offset() + len])
 }
 
 /// A task's buffers: 32 query rows as A tiles, their scores and softmax numerators, the

@@ -7,7 +7,7 @@
 
 use super::matrix::{Bf16Pairs, Format, Start, PANEL};
 use super::Lanes;
-use crate::common::{bf16_bits, output_buffer, SendPtr};
+use crate::common::{bf16_bits, cpu_f32, output_buffer, SendPtr};
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
@@ -45,7 +45,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
     let (qs, ql) = q.storage_and_layout();
     let (ks, kl) = k.storage_and_layout();
     let (vs, vl) = v.storage_and_layout();
-    let (qx, kx, vx) = (cpu_slice(&qs, ql, b * m * qw)?, cpu_slice(&ks, kl, b * n * qw)?, cpu_slice(&vs, vl, b * n * vw)?);
+    let op = "bf16 pair attention";
+    let (qx, kx, vx) = (cpu_f32(op, &qs, ql)?, cpu_f32(op, &ks, kl)?, cpu_f32(op, &vs, vl)?);
 
     // Depths in lanes (pairs), and the padded widths of the two products' outputs.
     let (steps_d, steps_n) = (d.div_ceil(2), n.div_ceil(2));
@@ -132,12 +133,6 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
     // SAFETY: the tasks initialised every (row, head, column).
     unsafe { out.set_len(b * m * vw) };
     Tensor::from_vec(out, (b, m, vw), q.device())
-}
-
-/// The `len` f32 values of a contiguous CPU tensor's storage from its start.
-fn cpu_slice<'a>(s: &'a candle_core::Storage, l: &candle_core::Layout, len: usize) -> Result<&'a [f32]> {
-    let candle_core::Storage::Cpu(cpu) = s else { candle_core::bail!("bf16 pair attention: input not on the CPU") };
-    Ok(&cpu.as_slice::<f32>()?[l.start_offset()..l.start_offset() + len])
 }
 
 fn lanes(l: &[Lanes]) -> &[u32] {

@@ -60,6 +60,12 @@ pub(crate) fn contiguous_f32<'a>(op: &str, storage: &'a CpuStorage, layout: &Lay
     Ok(&data[layout.start_offset()..layout.start_offset() + layout.shape().elem_count()])
 }
 
+/// [`contiguous_f32`] of a tensor's storage, which must be on the CPU.
+pub(crate) fn cpu_f32<'a>(op: &str, storage: &'a candle_core::Storage, layout: &Layout) -> Result<&'a [f32]> {
+    let candle_core::Storage::Cpu(cpu) = storage else { candle_core::bail!("{op}: input not on the CPU") };
+    contiguous_f32(op, cpu, layout)
+}
+
 #[derive(Clone, Copy)]
 pub(crate) struct SendPtr<T = f32>(pub(crate) *mut T);
 // SAFETY: used only to hand disjoint output rows to rayon tasks.
