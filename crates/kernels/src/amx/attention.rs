@@ -3,8 +3,8 @@
 //! them back merged: no split/merge copies, and no score matrix beyond 32 query rows.
 
 use super::{a_tiles, as_u16, as_u16_mut, available, b_tiles, bf16_bits, configure_tiles, lines, product_block, Line, BLOCK};
-use crate::common::{cpu_f32, fast_exp, output_buffer, SendPtr};
-use candle_core::{DType, Result, Tensor};
+use crate::common::{fast_exp, output_buffer, with_heads, HeadsShape, SendPtr};
+use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
 /// Query rows per task (in blocks of 32).
@@ -26,79 +26,68 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
     if !supports(q, k, v, heads) {
         candle_core::bail!("AMX attention: unsupported inputs {:?} {:?} {:?} with {heads} heads", q.dims(), k.dims(), v.dims());
     }
-    let (b, m, qw) = q.dims3()?;
-    let (_, n, vw) = v.dims3()?;
-    if k.dims3()? != (b, n, qw) || v.dim(0)? != b {
-        candle_core::bail!("AMX attention: q {:?}, k {:?}, v {:?} do not match", q.dims(), k.dims(), v.dims());
-    }
-    let (d, dv) = (qw / heads, vw / heads);
-    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    let (qs, ql) = q.storage_and_layout();
-    let (ks, kl) = k.storage_and_layout();
-    let (vs, vl) = v.storage_and_layout();
-    let op = "AMX attention";
-    let (qx, kx, vx) = (cpu_f32(op, &qs, ql)?, cpu_f32(op, &ks, kl)?, cpu_f32(op, &vs, vl)?);
-
-    // Keys and values of every (batch, head) packed once as B tiles, keys padded to 32.
-    let n_pad = n.next_multiple_of(BLOCK);
-    let (k_len, v_len) = (n_pad * d, n_pad * dv);
-    let mut keys = lines(b * heads * k_len);
-    let mut values = lines(b * heads * v_len);
-    let (kp, vp) = (SendPtr(as_u16_mut(&mut keys).as_mut_ptr()), SendPtr(as_u16_mut(&mut values).as_mut_ptr()));
-    (0..b * heads).into_par_iter().for_each(|bh| {
-        let (bi, h) = (bh / heads, bh % heads);
-        // SAFETY: each (batch, head) packs its own k_len / v_len values.
-        let (kd, vd) = unsafe { (std::slice::from_raw_parts_mut(kp.get().add(bh * k_len), k_len), std::slice::from_raw_parts_mut(vp.get().add(bh * v_len), v_len)) };
-        b_tiles(&kx[bi * n * qw + h * d..], qw, n, d, kd);
-        pack_values(&vx[bi * n * vw + h * dv..], vw, n, dv, vd);
-    });
-
-    let mut out: Vec<f32> = output_buffer(b * m * vw);
-    let out_ptr = SendPtr(out.spare_capacity_mut().as_mut_ptr());
-    let blocks = m.div_ceil(QUERY_ROWS);
-    let (keys, values) = (as_u16(&keys), as_u16(&values));
-    let scale = scale as f32;
-    (0..b * heads * blocks).into_par_iter().for_each_init(
-        || Scratch::new(n_pad, d),
-        |s, task| {
-            let (bh, blk) = (task / blocks, task % blocks);
+    with_heads("AMX attention", (q, k, v), heads, |shape, qx, kx, vx| {
+        let HeadsShape { b, m, n, qw, vw, d, dv } = shape;
+        // Keys and values of every (batch, head) packed once as B tiles, keys padded to 32.
+        let n_pad = n.next_multiple_of(BLOCK);
+        let (k_len, v_len) = (n_pad * d, n_pad * dv);
+        let mut keys = lines(b * heads * k_len);
+        let mut values = lines(b * heads * v_len);
+        let (kp, vp) = (SendPtr(as_u16_mut(&mut keys).as_mut_ptr()), SendPtr(as_u16_mut(&mut values).as_mut_ptr()));
+        (0..b * heads).into_par_iter().for_each(|bh| {
             let (bi, h) = (bh / heads, bh % heads);
-            let (kt, vt) = (&keys[bh * k_len..(bh + 1) * k_len], &values[bh * v_len..(bh + 1) * v_len]);
-            // SAFETY: AMX is available (checked in `supports`).
-            unsafe { configure_tiles() };
-            for r0 in (blk * QUERY_ROWS..m.min((blk + 1) * QUERY_ROWS)).step_by(BLOCK) {
-                let rows = BLOCK.min(m - r0);
-                a_tiles(&qx[(bi * m + r0) * qw + h * d..], qw, rows, d, as_u16_mut(&mut s.query));
-                // Scores of 32 query rows against every key, and each row's maximum (in lanes).
-                s.maxes.fill(f32::NEG_INFINITY);
-                for jb in 0..n_pad / BLOCK {
-                    // SAFETY: the query tiles hold 2 tile rows of d/32 tiles, the keys n_pad/16
-                    // tile columns of d/32 tiles; the block is 32×32.
-                    unsafe { product_block(as_u16(&s.query).as_ptr(), kt.as_ptr(), d / BLOCK, 0, jb * 2, s.block.as_mut_ptr()) };
-                    collect_scores(&s.block, jb * BLOCK, n, n_pad, &mut s.scores, &mut s.maxes);
-                }
-                // The numerators straight into bf16 tiles, their sums in f32.
-                probability_tiles(&s.scores, n_pad, n, rows, scale, &s.maxes, &mut s.sums, as_u16_mut(&mut s.probs));
-                for jb in 0..dv / BLOCK {
-                    // SAFETY: the probability tiles hold 2 tile rows of n_pad/32 tiles, the
-                    // values dv/16 tile columns of n_pad/32 tiles.
-                    unsafe { product_block(as_u16(&s.probs).as_ptr(), vt.as_ptr(), n_pad / BLOCK, 0, jb * 2, s.block.as_mut_ptr()) };
-                    for r in 0..rows {
-                        let inv = 1.0 / s.sums[r];
-                        // SAFETY: row r0+r, columns of head h: written by this task only.
-                        let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add((bi * m + r0 + r) * vw + h * dv + jb * BLOCK), BLOCK) };
-                        for (o, &x) in dst.iter_mut().zip(&s.block[r * BLOCK..(r + 1) * BLOCK]) {
-                            o.write(x * inv);
+            // SAFETY: each (batch, head) packs its own k_len / v_len values.
+            let (kd, vd) = unsafe { (std::slice::from_raw_parts_mut(kp.get().add(bh * k_len), k_len), std::slice::from_raw_parts_mut(vp.get().add(bh * v_len), v_len)) };
+            b_tiles(&kx[bi * n * qw + h * d..], qw, n, d, kd);
+            pack_values(&vx[bi * n * vw + h * dv..], vw, n, dv, vd);
+        });
+
+        let mut out: Vec<f32> = output_buffer(b * m * vw);
+        let out_ptr = SendPtr(out.spare_capacity_mut().as_mut_ptr());
+        let blocks = m.div_ceil(QUERY_ROWS);
+        let (keys, values) = (as_u16(&keys), as_u16(&values));
+        let scale = scale as f32;
+        (0..b * heads * blocks).into_par_iter().for_each_init(
+            || Scratch::new(n_pad, d),
+            |s, task| {
+                let (bh, blk) = (task / blocks, task % blocks);
+                let (bi, h) = (bh / heads, bh % heads);
+                let (kt, vt) = (&keys[bh * k_len..(bh + 1) * k_len], &values[bh * v_len..(bh + 1) * v_len]);
+                // SAFETY: AMX is available (checked in `supports`).
+                unsafe { configure_tiles() };
+                for r0 in (blk * QUERY_ROWS..m.min((blk + 1) * QUERY_ROWS)).step_by(BLOCK) {
+                    let rows = BLOCK.min(m - r0);
+                    a_tiles(&qx[(bi * m + r0) * qw + h * d..], qw, rows, d, as_u16_mut(&mut s.query));
+                    // Scores of 32 query rows against every key, and each row's maximum (in lanes).
+                    s.maxes.fill(f32::NEG_INFINITY);
+                    for jb in 0..n_pad / BLOCK {
+                        // SAFETY: the query tiles hold 2 tile rows of d/32 tiles, the keys n_pad/16
+                        // tile columns of d/32 tiles; the block is 32×32.
+                        unsafe { product_block(as_u16(&s.query).as_ptr(), kt.as_ptr(), d / BLOCK, 0, jb * 2, s.block.as_mut_ptr()) };
+                        collect_scores(&s.block, jb * BLOCK, n, n_pad, &mut s.scores, &mut s.maxes);
+                    }
+                    // The numerators straight into bf16 tiles, their sums in f32.
+                    probability_tiles(&s.scores, n_pad, n, rows, scale, &s.maxes, &mut s.sums, as_u16_mut(&mut s.probs));
+                    for jb in 0..dv / BLOCK {
+                        // SAFETY: the probability tiles hold 2 tile rows of n_pad/32 tiles, the
+                        // values dv/16 tile columns of n_pad/32 tiles.
+                        unsafe { product_block(as_u16(&s.probs).as_ptr(), vt.as_ptr(), n_pad / BLOCK, 0, jb * 2, s.block.as_mut_ptr()) };
+                        for r in 0..rows {
+                            let inv = 1.0 / s.sums[r];
+                            // SAFETY: row r0+r, columns of head h: written by this task only.
+                            let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add((bi * m + r0 + r) * vw + h * dv + jb * BLOCK), BLOCK) };
+                            for (o, &x) in dst.iter_mut().zip(&s.block[r * BLOCK..(r + 1) * BLOCK]) {
+                                o.write(x * inv);
+                            }
                         }
                     }
                 }
-            }
-        },
-    );
-    drop((qs, ks, vs));
-    // SAFETY: the tasks initialised every (row, head, column block).
-    unsafe { out.set_len(b * m * vw) };
-    Tensor::from_vec(out, (b, m, vw), q.device())
+            },
+        );
+        // SAFETY: the tasks initialised every (row, head, column block).
+        unsafe { out.set_len(b * m * vw) };
+        Tensor::from_vec(out, (b, m, vw), &Device::Cpu)
+    })
 }
 
 /// A task's buffers: 32 query rows as A tiles, their scores and softmax numerators, the

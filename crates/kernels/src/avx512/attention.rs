@@ -6,9 +6,9 @@
 //! ([`Bf16Pairs::tile`]): the keys are a "weight" `[n, d]`, the values one `[dv, n]`.
 
 use super::matrix::{Bf16Pairs, Format, Start, PANEL};
-use super::Lanes;
-use crate::common::{bf16_bits, cpu_f32, output_buffer, SendPtr};
-use candle_core::{DType, Result, Tensor};
+use super::{lanes, lanes_mut, Lanes};
+use crate::common::{bf16_bits, output_buffer, with_heads, HeadsShape, SendPtr};
+use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
 /// Query rows per task: their scores (rows × keys in f32) stay in L2.
@@ -35,114 +35,93 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
     if !supports(q, k, v, heads) {
         candle_core::bail!("bf16 pair attention: unsupported inputs {:?} {:?} {:?} with {heads} heads", q.dims(), k.dims(), v.dims());
     }
-    let (b, m, qw) = q.dims3()?;
-    let (_, n, vw) = v.dims3()?;
-    if k.dims3()? != (b, n, qw) || v.dim(0)? != b {
-        candle_core::bail!("bf16 pair attention: q {:?}, k {:?}, v {:?} do not match", q.dims(), k.dims(), v.dims());
-    }
-    let (d, dv) = (qw / heads, vw / heads);
-    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    let (qs, ql) = q.storage_and_layout();
-    let (ks, kl) = k.storage_and_layout();
-    let (vs, vl) = v.storage_and_layout();
-    let op = "bf16 pair attention";
-    let (qx, kx, vx) = (cpu_f32(op, &qs, ql)?, cpu_f32(op, &ks, kl)?, cpu_f32(op, &vs, vl)?);
-
-    // Depths in lanes (pairs), and the padded widths of the two products' outputs.
-    let (steps_d, steps_n) = (d.div_ceil(2), n.div_ceil(2));
-    let (n_pad, dv_pad) = (n.next_multiple_of(PANEL), dv.next_multiple_of(PANEL));
-    // Keys and values of every (batch, head) packed once, in panels of 64 outputs.
-    let (k_len, v_len) = (n_pad * steps_d, dv_pad * steps_n);
-    let mut keys = vec![Lanes([0.0; 16]); b * heads * k_len / 16];
-    let mut values = vec![Lanes([0.0; 16]); b * heads * v_len / 16];
-    keys.par_chunks_mut(k_len / 16).zip(values.par_chunks_mut(v_len / 16)).enumerate().for_each(|(bh, (kd, vd))| {
-        let (bi, h) = (bh / heads, bh % heads);
-        pack_keys(&kx[bi * n * qw + h * d..], qw, n, d, lanes_mut(kd));
-        pack_values(&vx[bi * n * vw + h * dv..], vw, n, dv, lanes_mut(vd));
-    });
-
-    let mut out: Vec<f32> = output_buffer(b * m * vw);
-    let out_ptr = SendPtr(out.spare_capacity_mut().as_mut_ptr());
-    let blocks = m.div_ceil(QUERY_ROWS);
-    let (keys, values) = (lanes(&keys), lanes(&values));
-    let scale = scale as f32;
-    let zeros = [0f32; PANEL];
-    (0..b * heads * blocks).into_par_iter().for_each_init(
-        || Scratch::new(n_pad, steps_d, steps_n),
-        |s, task| {
-            let (bh, blk) = (task / blocks, task % blocks);
+    with_heads("bf16 pair attention", (q, k, v), heads, |shape, qx, kx, vx| {
+        let HeadsShape { b, m, n, qw, vw, d, dv } = shape;
+        // Depths in lanes (pairs), and the padded widths of the two products' outputs.
+        let (steps_d, steps_n) = (d.div_ceil(2), n.div_ceil(2));
+        let (n_pad, dv_pad) = (n.next_multiple_of(PANEL), dv.next_multiple_of(PANEL));
+        // Keys and values of every (batch, head) packed once, in panels of 64 outputs.
+        let (k_len, v_len) = (n_pad * steps_d, dv_pad * steps_n);
+        let mut keys = vec![Lanes([0.0; 16]); b * heads * k_len / 16];
+        let mut values = vec![Lanes([0.0; 16]); b * heads * v_len / 16];
+        keys.par_chunks_mut(k_len / 16).zip(values.par_chunks_mut(v_len / 16)).enumerate().for_each(|(bh, (kd, vd))| {
             let (bi, h) = (bh / heads, bh % heads);
-            let r0 = blk * QUERY_ROWS;
-            let rows = QUERY_ROWS.min(m - r0);
-            let (kt, vt) = (&keys[bh * k_len..(bh + 1) * k_len], &values[bh * v_len..(bh + 1) * v_len]);
-            for r in 0..rows {
-                let row = &qx[(bi * m + r0 + r) * qw + h * d..][..d];
-                Bf16Pairs::pack_rows(row, d, &mut s.query[r * steps_d..(r + 1) * steps_d]);
-            }
-            // Scores: a panel of 64 keys (steps_d × 64 lanes, in L1) against every row.
-            for p in 0..n_pad / PANEL {
-                for t0 in (0..rows).step_by(MR) {
-                    // SAFETY: the panel holds steps_d × 64 lanes, the packed rows steps_d lanes
-                    // each, the scores rows × n_pad values; the format is available (`supports`).
-                    unsafe {
-                        let c = s.scores.as_mut_ptr().add(t0 * n_pad + p * PANEL);
-                        let a = kt.as_ptr().add(p * steps_d * PANEL);
-                        Bf16Pairs::tile(MR.min(rows - t0), a, s.query.as_ptr().add(t0 * steps_d), steps_d, steps_d, c, n_pad, Start::Init(zeros.as_ptr()));
-                    }
+            pack_keys(&kx[bi * n * qw + h * d..], qw, n, d, lanes_mut(kd));
+            pack_values(&vx[bi * n * vw + h * dv..], vw, n, dv, lanes_mut(vd));
+        });
+
+        let mut out: Vec<f32> = output_buffer(b * m * vw);
+        let out_ptr = SendPtr(out.spare_capacity_mut().as_mut_ptr());
+        let blocks = m.div_ceil(QUERY_ROWS);
+        let (keys, values) = (lanes(&keys), lanes(&values));
+        let scale = scale as f32;
+        let zeros = [0f32; PANEL];
+        (0..b * heads * blocks).into_par_iter().for_each_init(
+            || Scratch::new(n_pad, steps_d, steps_n),
+            |s, task| {
+                let (bh, blk) = (task / blocks, task % blocks);
+                let (bi, h) = (bh / heads, bh % heads);
+                let r0 = blk * QUERY_ROWS;
+                let rows = QUERY_ROWS.min(m - r0);
+                let (kt, vt) = (&keys[bh * k_len..(bh + 1) * k_len], &values[bh * v_len..(bh + 1) * v_len]);
+                for r in 0..rows {
+                    let row = &qx[(bi * m + r0 + r) * qw + h * d..][..d];
+                    Bf16Pairs::pack_rows(row, d, &mut s.query[r * steps_d..(r + 1) * steps_d]);
                 }
-            }
-            // Softmax numerators over the real keys, in f32, then as bf16 pairs.
-            for r in 0..rows {
-                let row = &mut s.scores[r * n_pad..r * n_pad + n];
-                // SAFETY: AVX512-BF16 (checked in `supports`) comes with AVX-512F.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    super::softmax_rows(row, n, scale, &mut s.sums[r..r + 1])
-                };
-                Bf16Pairs::pack_rows(row, n, &mut s.probs[r * steps_n..(r + 1) * steps_n]);
-            }
-            // Numerators × values, a 64-column panel at a time over slices of the keys, then
-            // divided by the sums on the way out.
-            for p in 0..dv_pad / PANEL {
-                for k0 in (0..steps_n).step_by(KC) {
-                    let depth = KC.min(steps_n - k0);
-                    let start = if k0 == 0 { Start::Init(zeros.as_ptr()) } else { Start::Load };
+                // Scores: a panel of 64 keys (steps_d × 64 lanes, in L1) against every row.
+                for p in 0..n_pad / PANEL {
                     for t0 in (0..rows).step_by(MR) {
-                        // SAFETY: as above: the panel's slice holds depth × 64 lanes, the
-                        // numerators steps_n lanes per row, the block rows × 64 values.
+                        // SAFETY: the panel holds steps_d × 64 lanes, the packed rows steps_d lanes
+                        // each, the scores rows × n_pad values; the format is available (`supports`).
                         unsafe {
-                            let a = vt.as_ptr().add((p * steps_n + k0) * PANEL);
-                            let c = s.block.as_mut_ptr().add(t0 * PANEL);
-                            Bf16Pairs::tile(MR.min(rows - t0), a, s.probs.as_ptr().add(t0 * steps_n + k0), steps_n, depth, c, PANEL, start);
+                            let c = s.scores.as_mut_ptr().add(t0 * n_pad + p * PANEL);
+                            let a = kt.as_ptr().add(p * steps_d * PANEL);
+                            Bf16Pairs::tile(MR.min(rows - t0), a, s.query.as_ptr().add(t0 * steps_d), steps_d, steps_d, c, n_pad, Start::Init(zeros.as_ptr()));
                         }
                     }
                 }
-                let cols = PANEL.min(dv - p * PANEL);
+                // Softmax numerators over the real keys, in f32, then as bf16 pairs.
                 for r in 0..rows {
-                    let inv = 1.0 / s.sums[r];
-                    // SAFETY: row r0+r, columns of head h: written by this task only.
-                    let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add((bi * m + r0 + r) * vw + h * dv + p * PANEL), cols) };
-                    for (o, &x) in dst.iter_mut().zip(&s.block[r * PANEL..r * PANEL + cols]) {
-                        o.write(x * inv);
+                    let row = &mut s.scores[r * n_pad..r * n_pad + n];
+                    // SAFETY: AVX512-BF16 (checked in `supports`) comes with AVX-512F.
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        super::softmax_rows(row, n, scale, &mut s.sums[r..r + 1])
+                    };
+                    Bf16Pairs::pack_rows(row, n, &mut s.probs[r * steps_n..(r + 1) * steps_n]);
+                }
+                // Numerators × values, a 64-column panel at a time over slices of the keys, then
+                // divided by the sums on the way out.
+                for p in 0..dv_pad / PANEL {
+                    for k0 in (0..steps_n).step_by(KC) {
+                        let depth = KC.min(steps_n - k0);
+                        let start = if k0 == 0 { Start::Init(zeros.as_ptr()) } else { Start::Load };
+                        for t0 in (0..rows).step_by(MR) {
+                            // SAFETY: as above: the panel's slice holds depth × 64 lanes, the
+                            // numerators steps_n lanes per row, the block rows × 64 values.
+                            unsafe {
+                                let a = vt.as_ptr().add((p * steps_n + k0) * PANEL);
+                                let c = s.block.as_mut_ptr().add(t0 * PANEL);
+                                Bf16Pairs::tile(MR.min(rows - t0), a, s.probs.as_ptr().add(t0 * steps_n + k0), steps_n, depth, c, PANEL, start);
+                            }
+                        }
+                    }
+                    let cols = PANEL.min(dv - p * PANEL);
+                    for r in 0..rows {
+                        let inv = 1.0 / s.sums[r];
+                        // SAFETY: row r0+r, columns of head h: written by this task only.
+                        let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add((bi * m + r0 + r) * vw + h * dv + p * PANEL), cols) };
+                        for (o, &x) in dst.iter_mut().zip(&s.block[r * PANEL..r * PANEL + cols]) {
+                            o.write(x * inv);
+                        }
                     }
                 }
-            }
-        },
-    );
-    drop((qs, ks, vs));
-    // SAFETY: the tasks initialised every (row, head, column).
-    unsafe { out.set_len(b * m * vw) };
-    Tensor::from_vec(out, (b, m, vw), q.device())
-}
-
-fn lanes(l: &[Lanes]) -> &[u32] {
-    // SAFETY: `Lanes` is 16 plain 32-bit values (repr(C)).
-    unsafe { std::slice::from_raw_parts(l.as_ptr().cast(), l.len() * 16) }
-}
-
-fn lanes_mut(l: &mut [Lanes]) -> &mut [u32] {
-    // SAFETY: as in `lanes`; any bit pattern is a valid f32.
-    unsafe { std::slice::from_raw_parts_mut(l.as_mut_ptr().cast(), l.len() * 16) }
+            },
+        );
+        // SAFETY: the tasks initialised every (row, head, column).
+        unsafe { out.set_len(b * m * vw) };
+        Tensor::from_vec(out, (b, m, vw), &Device::Cpu)
+    })
 }
 
 /// A task's buffers: its query rows as bf16 pairs, their scores (f32, n_pad wide) and sums,

@@ -24,6 +24,18 @@ pub fn available() -> bool {
 #[repr(C, align(64))]
 pub(crate) struct Lanes(pub(crate) [f32; 16]);
 
+/// Packed lanes as the 32-bit values the microkernels read.
+pub(crate) fn lanes(l: &[Lanes]) -> &[u32] {
+    // SAFETY: `Lanes` is 16 plain 32-bit values (`repr(C)`, no padding).
+    unsafe { std::slice::from_raw_parts(l.as_ptr().cast(), l.len() * 16) }
+}
+
+/// [`lanes`], to pack into.
+pub(crate) fn lanes_mut(l: &mut [Lanes]) -> &mut [u32] {
+    // SAFETY: as in `lanes`; any bit pattern is a valid f32.
+    unsafe { std::slice::from_raw_parts_mut(l.as_mut_ptr().cast(), l.len() * 16) }
+}
+
 /// `count` ≤ 16 consecutive pixels of `channels` ≤ 16 channels (channel i at
 /// `x + i·channel_stride`), transposed: result p holds pixel p's channels, zeros past
 /// `channels` (and past `count`).

@@ -66,6 +66,40 @@ pub(crate) fn cpu_f32<'a>(op: &str, storage: &'a candle_core::Storage, layout: &
     contiguous_f32(op, cpu, layout)
 }
 
+/// The shape of a multi-head attention's inputs `q (b, m, heads·d)`, `k (b, n, heads·d)`,
+/// `v (b, n, heads·dv)`; `qw = heads·d` and `vw = heads·dv` are their row widths.
+#[derive(Clone, Copy)]
+pub(crate) struct HeadsShape {
+    pub(crate) b: usize,
+    pub(crate) m: usize,
+    pub(crate) n: usize,
+    pub(crate) qw: usize,
+    pub(crate) vw: usize,
+    pub(crate) d: usize,
+    pub(crate) dv: usize,
+}
+
+/// Checks a multi-head attention's CPU f32 inputs against each other and hands `f` their
+/// shape and contiguous values (`op` names the kernel in errors).
+pub(crate) fn with_heads<R>(
+    op: &str,
+    (q, k, v): (&candle_core::Tensor, &candle_core::Tensor, &candle_core::Tensor),
+    heads: usize,
+    f: impl FnOnce(HeadsShape, &[f32], &[f32], &[f32]) -> Result<R>,
+) -> Result<R> {
+    let (b, m, qw) = q.dims3()?;
+    let (_, n, vw) = v.dims3()?;
+    if k.dims3()? != (b, n, qw) || v.dim(0)? != b {
+        candle_core::bail!("{op}: q {:?}, k {:?}, v {:?} do not match", q.dims(), k.dims(), v.dims());
+    }
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let (qs, ql) = q.storage_and_layout();
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let shape = HeadsShape { b, m, n, qw, vw, d: qw / heads, dv: vw / heads };
+    f(shape, cpu_f32(op, &qs, ql)?, cpu_f32(op, &ks, kl)?, cpu_f32(op, &vs, vl)?)
+}
+
 #[derive(Clone, Copy)]
 pub(crate) struct SendPtr<T = f32>(pub(crate) *mut T);
 // SAFETY: used only to hand disjoint output rows to rayon tasks.

@@ -6,7 +6,7 @@
 //! 1×1 convolution of `(n, c, h, w)` images (the UNet's skip connections).
 
 use super::super::matrix::{Bf16Pairs, Format, Start};
-use super::super::Lanes;
+use super::super::{lanes_mut, Lanes};
 use crate::common::{bf16_bits, output_buffer, SendPtr};
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
@@ -115,8 +115,7 @@ impl Bf16DotTemporalConv {
         let frame_len = panels * steps * PANEL;
         // 64-byte aligned, as the microkernel's loads of a panel need.
         let mut lanes = vec![Lanes([0.0; 16]); b * t * frame_len / 16];
-        // SAFETY: `Lanes` is 16 plain 32-bit values (`repr(C)`, no padding).
-        let packed = unsafe { std::slice::from_raw_parts_mut(lanes.as_mut_ptr() as *mut u32, lanes.len() * 16) };
+        let packed = lanes_mut(&mut lanes);
         packed.par_chunks_mut(frame_len).enumerate().for_each(|(bt, frame)| {
             let (bi, ti) = (bt / t, bt % t);
             let channel = |ci: usize| &xs[((bi * c + ci) * t + ti) * hw..][..hw];
