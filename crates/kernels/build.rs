@@ -27,4 +27,4 @@ fn main() {
 }
 
 /// The `.cu` files of `src/cuda`, each compiled to `$OUT_DIR/<name>.ptx`.
-const KERNELS: [&str; 2] = ["flash_attention", "group_norm"];
+const KERNELS: [&str; 3] = ["epilogue", "flash_attention", "group_norm"];

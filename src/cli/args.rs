@@ -32,6 +32,10 @@ pub struct ComputeArgs {
     /// Device: auto (CUDA when built with it and a GPU is present, else CPU), cpu, cuda, cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Keep the networks not in use (text and image encoders, VAE) in host memory and move
+    /// each to the device for its stage; the UNet stays. Less GPU memory, a little more time.
+    #[arg(long)]
+    pub offload: bool,
 }
 
 impl ComputeArgs {
@@ -41,7 +45,7 @@ impl ComputeArgs {
             dynamicrafter_engine::Error::InvalidInput(m) => anyhow::anyhow!("--{m}"),
             e => e.into(),
         })?;
-        let precision = PrecisionPolicy::from_flags(&self.precision, self.quantize.as_deref(), &device)?;
+        let precision = PrecisionPolicy::from_flags(&self.precision, self.quantize.as_deref(), &device)?.with_offload(self.offload);
         Ok((device, precision))
     }
 }

@@ -33,8 +33,8 @@ fn both_formats_load_the_same_tensors() {
     let a = Pipeline::load(cfg.clone(), &fixture("tiny-eps/model.safetensors"), &Device::Cpu).unwrap();
     let b = Pipeline::load(cfg, &fixture("tiny-eps/model.ckpt"), &Device::Cpu).unwrap();
     let ids = a.token_ids(&["a cat"]).unwrap();
-    let ea = a.text_encoder().forward(&ids).unwrap();
-    let eb = b.text_encoder().forward(&ids).unwrap();
+    let ea = a.text_encoder().unwrap().forward(&ids).unwrap();
+    let eb = b.text_encoder().unwrap().forward(&ids).unwrap();
     let d = (ea - eb).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert_eq!(d, 0.0);
 }

@@ -146,7 +146,7 @@ fn check_encoders(fx: &Fixture, p: &Pipeline, r: &mut Report) {
     let prompts: Vec<&str> = fx.prompts.iter().map(|s| s.as_str()).collect();
     let ids = p.token_ids(&prompts).unwrap();
     r.compare("tokens.ids", &ids.to_dtype(DType::I64).unwrap(), fx.t("tokens.ids"), Tol::Exact);
-    let (emb, trace) = p.text_encoder().forward_with_debug(&ids, true).unwrap();
+    let (emb, trace) = p.text_encoder().unwrap().forward_with_debug(&ids, true).unwrap();
     r.compare("text.emb", &emb, fx.t("text.emb"), Tol::Rel(STAGE_TOL));
     r.compare("text.debug.embed", &trace[0].narrow(0, 0, 1).unwrap(), fx.t("text.debug.embed"), Tol::Rel(STAGE_TOL));
     for (i, t) in trace[1..].iter().enumerate() {
@@ -159,7 +159,7 @@ fn check_encoders(fx: &Fixture, p: &Pipeline, r: &mut Report) {
     let image = fx.t("input.image");
     let pixels = clip_preprocess(image, fx.cfg.vision.image_size).unwrap();
     r.compare("clip.input", &pixels, fx.t("clip.input"), Tol::Rel(STAGE_TOL));
-    let (tokens, trace) = p.vision_encoder().forward_with_debug(fx.t("clip.input"), true).unwrap();
+    let (tokens, trace) = p.vision_encoder().unwrap().forward_with_debug(fx.t("clip.input"), true).unwrap();
     r.compare("clip.debug.ln_pre", &trace[0], fx.t("clip.debug.ln_pre"), Tol::Rel(STAGE_TOL));
     for (i, t) in trace[1..].iter().enumerate() {
         let name = format!("clip.debug.block{i}");
@@ -171,14 +171,14 @@ fn check_encoders(fx: &Fixture, p: &Pipeline, r: &mut Report) {
     let uncond = p.clip_image_tokens(&image.zeros_like().unwrap()).unwrap();
     r.compare("clip.tokens_uncond", &uncond, fx.t("clip.tokens_uncond"), Tol::Rel(STAGE_TOL));
 
-    let res = p.resampler().forward(fx.t("clip.tokens")).unwrap();
+    let res = p.resampler().unwrap().forward(fx.t("clip.tokens")).unwrap();
     r.compare("resampler.out", &res, fx.t("resampler.out"), Tol::Rel(STAGE_TOL));
-    let res = p.resampler().forward(fx.t("clip.tokens_uncond")).unwrap();
+    let res = p.resampler().unwrap().forward(fx.t("clip.tokens_uncond")).unwrap();
     r.compare("resampler.out_uncond", &res, fx.t("resampler.out_uncond"), Tol::Rel(STAGE_TOL));
 }
 
 fn check_vae(fx: &Fixture, p: &Pipeline, r: &mut Report) {
-    let post = p.vae().encode(fx.t("input.image")).unwrap();
+    let post = p.vae().unwrap().encode(fx.t("input.image")).unwrap();
     r.compare("vae.enc.moments", &post.moments, fx.t("vae.enc.moments"), Tol::Rel(STAGE_TOL));
     r.compare("vae.enc.mean", &post.mean, fx.t("vae.enc.mean"), Tol::Rel(STAGE_TOL));
     r.compare("vae.enc.logvar", &post.logvar, fx.t("vae.enc.logvar"), Tol::Rel(STAGE_TOL));
@@ -195,7 +195,7 @@ fn check_vae(fx: &Fixture, p: &Pipeline, r: &mut Report) {
     let frames = dynamicrafter_engine::models::layers::video_to_frames(&(zs / fx.cfg.diffusion.scale_factor).unwrap()).unwrap();
     let n = fx.t("vae.dec.debug.mid").dim(0).unwrap();
     let input = frames.narrow(0, frames.dim(0).unwrap() - n, n).unwrap();
-    let (_, pq, mid) = p.vae().decode_with_debug(&input).unwrap();
+    let (_, pq, mid) = p.vae().unwrap().decode_with_debug(&input).unwrap();
     r.compare("vae.dec.debug.post_quant_conv", &pq, fx.t("vae.dec.debug.post_quant_conv"), Tol::Rel(STAGE_TOL));
     r.compare("vae.dec.debug.mid", &mid, fx.t("vae.dec.debug.mid"), Tol::Rel(STAGE_TOL));
 }
@@ -356,10 +356,13 @@ fn check_steps(fx: &Fixture, p: &Pipeline, r: &mut Report) {
         r.compare(&format!("{pre}.e_t"), &step.e_t, fx.t(&format!("{pre}.e_t")), Tol::Rel(STAGE_TOL));
         r.compare(&format!("{pre}.pred_x0"), &step.pred_x0, fx.t(&format!("{pre}.pred_x0")), Tol::Rel(STAGE_TOL));
         r.compare(&format!("{pre}.x_prev"), &step.x_prev, fx.t(&format!("{pre}.x_prev")), Tol::Rel(STAGE_TOL));
-        // And the whole step end to end from our own UNet outputs.
-        let out = p.guided_output(&cond, &opts, x, t).unwrap();
-        let step = ddim_step(p.schedule(), &ddim, p.parameterization(), x, &out, index, fx.t("step.noise")).unwrap();
-        r.compare(&format!("{pre}.x_prev (end to end)"), &step.x_prev, fx.t(&format!("{pre}.x_prev")), Tol::Rel(STAGE_TOL));
+        // And the whole step end to end from our own UNet outputs, with the guidance passes
+        // one by one and in one batch.
+        for (batched, form) in [(false, "passes"), (true, "batched")] {
+            let out = p.guided_output_as(&cond, &opts, x, t, batched).unwrap();
+            let step = ddim_step(p.schedule(), &ddim, p.parameterization(), x, &out, index, fx.t("step.noise")).unwrap();
+            r.compare(&format!("{pre}.x_prev (end to end, {form})"), &step.x_prev, fx.t(&format!("{pre}.x_prev")), Tol::Rel(STAGE_TOL));
+        }
     }
 }
 

@@ -4,11 +4,10 @@ mod common;
 
 use common::device;
 use dynamicrafter_engine::{CollectFrames, Error, FrameSink, Mode, ModelConfig, Pipeline, Progress, Request, RgbImage, SeededNoise, SinkResult, Stage};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 fn tiny_v() -> (ModelConfig, Pipeline) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny-v");
+    let dir = common::tiny_v_dir();
     let cfg = ModelConfig::from_json_file(&dir.join("config.json")).unwrap();
     let p = Pipeline::load(cfg.clone(), &dir.join("model.safetensors"), &device()).unwrap();
     (cfg, p)
@@ -169,7 +168,7 @@ fn invalid_requests_name_the_problem() {
 #[test]
 fn reduced_precision_pipelines_stay_within_35_db_of_fp32() {
     use dynamicrafter_engine::{Precision, PrecisionPolicy};
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny-v");
+    let dir = common::tiny_v_dir();
     let cfg = ModelConfig::from_json_file(&dir.join("config.json")).unwrap();
     let mut req = Request::new(&cfg, image(96, 64), "waves at sunset");
     req.sampling.steps = 4;
@@ -316,4 +315,42 @@ fn frames_beyond_and_below_the_window() {
     req.sampling.frames = window + 1;
     let e = p.generate(&req, &mut SeededNoise::new(3, &device()), &mut |_| {}, &never).unwrap_err().to_string();
     assert!(e.contains("frames must be at most"), "{e}");
+}
+
+/// `--offload`: the encoders and the VAE parked in host memory and rebuilt for their stages give
+/// the same videos as resident networks (the same weights and kernels: bit for bit), sample after
+/// sample and in every mode, and the kernels are counted once.
+#[test]
+fn offloaded_networks_give_the_same_videos() {
+    use dynamicrafter_engine::PrecisionPolicy;
+    for dir in common::fixture_dirs() {
+        let cfg = ModelConfig::from_json_file(&dir.join("config.json")).unwrap();
+        let load = |offload: bool| {
+            Pipeline::load_with(cfg.clone(), &dir.join("model.safetensors"), &device(), PrecisionPolicy::f32().with_offload(offload)).unwrap()
+        };
+        let offloaded = load(true);
+        // `--offload` keeps the guidance passes apart on a GPU; the resident run does the same here.
+        let resident = load(false).with_batched_guidance(offloaded.backend().batched_guidance());
+        assert_eq!(resident.parked_bytes(), None);
+        let parked = offloaded.parked_bytes().unwrap();
+        assert!(parked > 0, "{}: nothing parked", dir.display());
+        assert_eq!(offloaded.backend().describe(), resident.backend().describe(), "rebuilt networks counted again");
+        assert!(offloaded.precision().name().ends_with(", offload"), "{}", offloaded.precision().name());
+        let mut req = Request::new(&cfg, image(96, 64), "waves at sunset");
+        req.sampling.steps = 2;
+        let modes = [Mode::ImageToVideo, Mode::Interpolate { end: image(64, 96) }];
+        let never = AtomicBool::new(false);
+        for mode in modes.into_iter().filter(|m| cfg.supports(m.kind())) {
+            req.mode = mode;
+            let videos = |p: &Pipeline| {
+                let mut frames = CollectFrames::default();
+                p.generate_samples(&req, 2, &mut SeededNoise::new(5, &device()), &mut |_| {}, &never, &mut frames).unwrap();
+                frames.samples
+            };
+            let want = videos(&resident);
+            assert_eq!(videos(&offloaded), want, "{}: {:?}", dir.display(), req.mode);
+            assert_ne!(want[0], want[1], "two samples, two videos");
+        }
+        assert_eq!(offloaded.parked_bytes(), Some(parked));
+    }
 }

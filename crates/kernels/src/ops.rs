@@ -81,6 +81,37 @@ pub fn geglu(p: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `x·Wᵀ + b (+ residual)` with `w (out, in)`: candle's product, then on CUDA the bias and the
+/// residual in one pass over it ([`cuda::epilogue::bias_rows`]); elsewhere candle's `Linear`.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
+    use candle_core::Module;
+    match b {
+        Some(b) if cuda::epilogue::supported(x, b, None) && residual.is_none_or(|r| r.dtype() == x.dtype()) => {
+            let y = candle_nn::Linear::new(w.clone(), None).forward(x)?;
+            cuda::epilogue::bias_rows(&y, b, residual)
+        }
+        _ => {
+            let y = candle_nn::Linear::new(w.clone(), b.cloned()).forward(x)?;
+            match residual {
+                Some(r) => y + r,
+                None => Ok(y),
+            }
+        }
+    }
+}
+
+/// `a · GELU(g)` where `[a, g] = x·Wᵀ + b`: on CUDA the bias and the gate in one pass over the
+/// product ([`cuda::epilogue::geglu_bias`]), elsewhere [`linear`] then [`geglu`].
+pub fn linear_geglu(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    use candle_core::Module;
+    match b {
+        Some(b) if cuda::epilogue::supported(x, b, None) => {
+            cuda::epilogue::geglu_bias(&candle_nn::Linear::new(w.clone(), None).forward(x)?, b)
+        }
+        _ => geglu(&linear(x, w, b, None)?),
+    }
+}
+
 /// `x.permute(dims).contiguous()`, a tiled transpose on CPU f32 where the innermost axis moves.
 pub fn permute(x: &Tensor, dims: &[usize]) -> Result<Tensor> {
     if cpu_f32(&[x]) && portable::moves_innermost(x.rank(), dims) {

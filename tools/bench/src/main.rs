@@ -25,7 +25,19 @@ use std::time::Instant;
 const DEFAULT_CASES: [&str; 12] = ["unet-256", "vae-decode-256", "clip-image", "clip-text", "tiny-pipeline", "samplers", "ops", "serve-vs-cli", "quant-256", "bf16-256", "vae-bf16-256", "load"];
 /// Named only: GPU-sized work (hours on a CPU; long-video-256 some ten minutes), and queue
 /// (it needs redis-server).
-const GPU_CASES: [&str; 8] = ["unet-512", "unet-1024", "pipeline-256", "pipeline-512", "pipeline-1024", "ops-1024", "long-video-256", "queue"];
+const GPU_CASES: [&str; 11] = [
+    "unet-512",
+    "unet-1024",
+    "guided-256",
+    "guided-512",
+    "guided-1024",
+    "pipeline-256",
+    "pipeline-512",
+    "pipeline-1024",
+    "ops-1024",
+    "long-video-256",
+    "queue",
+];
 
 #[derive(Parser)]
 #[command(name = "dynamicrafter-bench", about = "Time dynamicrafter's networks, pipeline and ops with random weights")]
@@ -40,7 +52,8 @@ struct BenchArgs {
     /// size, load time and resident memory of fp32 and q8_0 checkpoints: the tiny fixtures and a
     /// real-256 one of random weights written to the temp folder, 14 GB of disk). Default: all
     /// of these. Named only (GPU-sized): unet-512, unet-1024 (one forward at 40×64 / 72×128
-    /// latents) and pipeline-256, pipeline-512, pipeline-1024 (a whole run of the preset with
+    /// latents), guided-256, guided-512, guided-1024 (the two UNet passes of a CFG step, one
+    /// after the other and as one batch of 2, with peak memory) and pipeline-256, pipeline-512, pipeline-1024 (a whole run of the preset with
     /// random weights: 16 frames, 50 steps, CFG 7.5, with per-stage times and peak GPU memory),
     /// ops-1024 (the UNet's ops at the 576×1024 model's first-level shapes, on the device and in
     /// the precision of the run: where a GPU forward spends its time), queue (tiny-v jobs through
@@ -57,6 +70,10 @@ struct BenchArgs {
     /// Quantize the network cases' weights to int8: q8_0.
     #[arg(long)]
     quantize: Option<String>,
+    /// Park the networks not in use in host memory (the pipeline cases), as `generate
+    /// --offload` does.
+    #[arg(long)]
+    offload: bool,
     /// Device of the network and pipeline cases: auto, cpu, cuda, cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
@@ -68,6 +85,8 @@ struct BenchArgs {
 pub(crate) struct Timing {
     pub(crate) name: String,
     pub(crate) ms: Vec<f64>,
+    /// The device memory pool's high-water mark over the case, on a GPU.
+    pub(crate) peak_gpu_bytes: Option<u64>,
 }
 
 impl Timing {
@@ -86,7 +105,7 @@ pub(crate) fn time(name: &str, runs: usize, mut f: impl FnMut() -> Result<()>) -
         })
         .collect::<Result<Vec<_>>>()?;
     ms.sort_by(f64::total_cmp);
-    let t = Timing { name: name.to_string(), ms };
+    let t = Timing { name: name.to_string(), ms, peak_gpu_bytes: None };
     println!(
         "{:<44} median {:>10.2} ms  (min {:.2}, max {:.2}, n={})",
         t.name,
@@ -150,7 +169,7 @@ impl Target {
 
 fn run(args: BenchArgs) -> Result<()> {
     let device = dynamicrafter_engine::device::parse(&args.device)?;
-    let precision = PrecisionPolicy::from_flags(&args.precision, args.quantize.as_deref(), &device)?;
+    let precision = PrecisionPolicy::from_flags(&args.precision, args.quantize.as_deref(), &device)?.with_offload(args.offload);
     let cases: Vec<String> = if args.cases.is_empty() { DEFAULT_CASES.iter().map(|s| s.to_string()).collect() } else { args.cases.clone() };
     let known = || DEFAULT_CASES.iter().chain(&GPU_CASES).copied().collect::<Vec<_>>().join(", ");
     if let Some(bad) = cases.iter().find(|c| !DEFAULT_CASES.contains(&c.as_str()) && !GPU_CASES.contains(&c.as_str())) {
@@ -174,6 +193,9 @@ fn run(args: BenchArgs) -> Result<()> {
             "unet-256" => results.push(networks::unet_case("256", args.runs, &target)?),
             "unet-512" => results.push(networks::unet_case("512", args.runs, &target)?),
             "unet-1024" => results.push(networks::unet_case("1024", args.runs, &target)?),
+            "guided-256" => results.extend(networks::guided_case("256", args.runs, &target)?),
+            "guided-512" => results.extend(networks::guided_case("512", args.runs, &target)?),
+            "guided-1024" => results.extend(networks::guided_case("1024", args.runs, &target)?),
             "pipeline-256" => results.push(networks::pipeline_case("256", args.runs, &target)?),
             "pipeline-512" => results.push(networks::pipeline_case("512", args.runs, &target)?),
             "pipeline-1024" => results.push(networks::pipeline_case("1024", args.runs, &target)?),
@@ -199,7 +221,7 @@ fn run(args: BenchArgs) -> Result<()> {
             "precision": precision.name(),
             "device": dynamicrafter_engine::device::name(&target.device),
             "peak_rss_bytes": rss,
-            "results": results.iter().map(|t| json!({"name": t.name, "median_ms": t.median(), "min_ms": t.ms[0], "max_ms": t.ms[t.ms.len()-1], "runs": t.ms.len()})).collect::<Vec<_>>(),
+            "results": results.iter().map(|t| json!({"name": t.name, "median_ms": t.median(), "min_ms": t.ms[0], "max_ms": t.ms[t.ms.len()-1], "runs": t.ms.len(), "peak_gpu_bytes": t.peak_gpu_bytes})).collect::<Vec<_>>(),
         });
         std::fs::write(path, serde_json::to_vec_pretty(&j)?)?;
     }

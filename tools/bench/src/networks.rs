@@ -47,18 +47,58 @@ pub(crate) fn unet_case(preset: &str, runs: usize, target: &Target) -> Result<Ti
     let (x, context) = unet_input(&cfg, h, w, &target.device)?;
     let (x, context) = (x.to_dtype(dt)?, context.to_dtype(dt)?);
     let name = format!("unet-{} forward{} ({}×{h}×{w}, ctx 333)", cfg.defaults.width.max(cfg.defaults.height), target.suffix(), cfg.unet.temporal_length);
-    let t = target.time(&name, runs, || {
+    let mut t = target.time(&name, runs, || {
         unet_forward(&unet, &x, &context)?;
         Ok(())
     })?;
-    print_gpu_peak(&name, &target.device);
+    t.peak_gpu_bytes = print_gpu_peak(&name, &target.device);
     Ok(t)
 }
 
-pub(crate) fn print_gpu_peak(name: &str, device: &Device) {
-    if let Some(b) = dynamicrafter_engine::device::peak_memory_bytes(device) {
+/// The two UNet passes of a CFG step (cond, uncond) at a preset's latent size: one after the
+/// other, and as one batch of 2 (what `Backend::batched_guidance` chooses between).
+pub(crate) fn guided_case(preset: &str, runs: usize, target: &Target) -> Result<Vec<Timing>> {
+    let cfg = ModelConfig::preset(preset)?;
+    let unet = Unet::new(&cfg.unet, target.weights(Part::Unet), &target.backend)?;
+    let f = cfg.vae.downsample_factor();
+    let (h, w) = (cfg.defaults.height / f, cfg.defaults.width / f);
+    let dt = target.precision.part(Part::Unet).compute;
+    let (x, cond) = unet_input(&cfg, h, w, &target.device)?;
+    let (x, cond) = (x.to_dtype(dt)?, cond.to_dtype(dt)?);
+    let uncond = cond.zeros_like()?;
+    let (x2, c2) = (Tensor::cat(&[&x, &x], 0)?, Tensor::cat(&[&cond, &uncond], 0)?);
+    let size = cfg.defaults.width.max(cfg.defaults.height);
+    let mut out = Vec::new();
+    for batched in [false, true] {
+        let name = format!("guided-{size} {} ({}×{h}×{w}, ctx 333){}", if batched { "one batch of 2" } else { "two passes" }, cfg.unet.temporal_length, target.suffix());
+        dynamicrafter_engine::device::reset_peak_memory(&target.device);
+        let peak_rss = dynamicrafter_engine::report::peak_rss_bytes();
+        let mut t = target.time(&name, runs, || {
+            if batched {
+                unet.forward(&UnetInput { x: &x2, timesteps: &[637.0, 637.0], context: &c2, fs: Some(&[3.0, 3.0]) })?;
+            } else {
+                unet_forward(&unet, &x, &cond)?;
+                unet_forward(&unet, &x, &uncond)?;
+            }
+            Ok(())
+        })?;
+        t.peak_gpu_bytes = print_gpu_peak(&name, &target.device);
+        out.push(t);
+        if target.device.is_cpu() {
+            let gb = |b: Option<u64>| b.unwrap_or(0) as f64 / 1e9;
+            println!("{name}: peak RSS {:.2} GB (before {:.2} GB)", gb(dynamicrafter_engine::report::peak_rss_bytes()), gb(peak_rss));
+        }
+    }
+    Ok(out)
+}
+
+/// Prints the device's peak memory since the last reset and returns it (GPU only).
+pub(crate) fn print_gpu_peak(name: &str, device: &Device) -> Option<u64> {
+    let peak = dynamicrafter_engine::device::peak_memory_bytes(device);
+    if let Some(b) = peak {
         println!("{name}: peak GPU memory {:.2} GB", b as f64 / 1e9);
     }
+    peak
 }
 
 /// A whole run of a preset with random weights: its default request (16 frames, 50 steps, CFG
@@ -70,6 +110,12 @@ pub(crate) fn pipeline_case(preset: &str, runs: usize, target: &Target) -> Resul
     let p = Pipeline::random_with(cfg.clone(), &target.device, target.precision.clone())?;
     target.device.synchronize()?;
     let build = start.elapsed();
+    if let Some(bytes) = p.parked_bytes() {
+        println!("offload: {:.2} GB parked in host memory", bytes as f64 / 1e9);
+    }
+    // The run's peak from here on; loading's own is printed apart.
+    print_gpu_peak(&format!("pipeline-{preset} load"), &target.device);
+    dynamicrafter_engine::device::reset_peak_memory(&target.device);
     let (h, w) = (cfg.defaults.height, cfg.defaults.width);
     let image = RgbImage::new(w, h, (0..w * h * 3).map(|i| ((i * 7) % 251) as u8).collect())?;
     let req = Request::new(&cfg, image, "a red fox running through fresh snow");
@@ -79,7 +125,7 @@ pub(crate) fn pipeline_case(preset: &str, runs: usize, target: &Target) -> Resul
     warm.sampling.steps = 1;
     p.generate(&warm, &mut SeededNoise::new(1, &target.device), &mut |_| {}, &cancel)?;
     let mut runs_done = Vec::new();
-    let t = time(&name, runs, || {
+    let mut t = time(&name, runs, || {
         let v = p.generate(&req, &mut SeededNoise::new(1, &target.device), &mut |_| {}, &cancel)?;
         runs_done.push(v.sample.timings);
         Ok(())
@@ -90,7 +136,7 @@ pub(crate) fn pipeline_case(preset: &str, runs: usize, target: &Target) -> Resul
     }
     let stages: Vec<String> = report.stages.iter().map(|s| format!("{} {:.2} s", s.stage, s.seconds)).collect();
     println!("{name}: networks built in {:.1} s; stages: {}; mean step {:.3} s", build.as_secs_f64(), stages.join(", "), report.denoise_steps.mean_seconds);
-    print_gpu_peak(&name, &target.device);
+    t.peak_gpu_bytes = print_gpu_peak(&name, &target.device);
     Ok(t)
 }
 
@@ -192,7 +238,7 @@ pub(crate) fn long_video_256(target: &Target) -> Result<Vec<Timing>> {
         target.device.synchronize()?;
         anyhow::ensure!(sink.0 == frames, "{} frames reached the sink, not {frames}", sink.0);
         let plan = run[0].plan.describe();
-        let t = Timing { name: format!("long-video-256 ({frames} frames, 1 step, stride {stride}){}", target.suffix()), ms: vec![start.elapsed().as_secs_f64() * 1e3] };
+        let t = Timing { name: format!("long-video-256 ({frames} frames, 1 step, stride {stride}){}", target.suffix()), ms: vec![start.elapsed().as_secs_f64() * 1e3], peak_gpu_bytes: None };
         let rss = dynamicrafter_engine::report::peak_rss_bytes().unwrap_or(0);
         println!("long-video-256 {frames} frames: {plan}; peak RSS {:.2} GB", rss as f64 / 1e9);
         out.push(t);

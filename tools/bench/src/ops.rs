@@ -27,15 +27,28 @@ pub(crate) fn ops_1024(runs: usize, target: &Target) -> Result<Vec<Timing>> {
     let xt = r(&[1, c, t, hw], 1.0)?;
     let wt = r(&[c, c, 3, 1, 1], 0.02)?;
     op("temporal conv 1x320x16x9216 k3", &mut || Ok(kernels::temporal_conv(&xt, &wt, &zeros)?))?;
+    if kernels::cudnn_enabled() && !target.device.is_cpu() {
+        op("conv3x3 16x320x72x128 (cuDNN)", &mut || Ok(kernels::conv3x3_cudnn(&x, &w3, &zeros)?))?;
+        let wt2 = wt.squeeze(4)?;
+        op("temporal conv 1x320x16x9216 k3 (cuDNN)", &mut || Ok(kernels::temporal_conv_cudnn(&xt, &wt2, &zeros)?))?;
+    }
     op("group_norm+silu 16x320x72x128 g32", &mut || Ok(kernels::group_norm(&x, &ones, &zeros, 32, 1e-5, true)?))?;
     let xv = r(&[1, c, t, h, w], 1.0)?;
     op("group_norm 1x320x16x72x128 g32 (video)", &mut || Ok(kernels::group_norm(&xv, &ones, &zeros, 32, 1e-6, false)?))?;
     let tokens = r(&[t, hw, c], 1.0)?;
     for (n, k) in [(c, c), (8 * c, c), (c, 4 * c)] {
         let input = if k == c { tokens.clone() } else { r(&[t, hw, k], 1.0)? };
-        let lin = candle_nn::Linear::new(r(&[n, k], 0.02)?, Some(Tensor::zeros(n, dt, &target.device)?));
-        op(&format!("linear {}x{k}->{n}", t * hw), &mut || Ok(candle_core::Module::forward(&lin, &input)?))?;
+        let (weight, bias) = (r(&[n, k], 0.02)?, Tensor::zeros(n, dt, &target.device)?);
+        let lin = candle_nn::Linear::new(weight.clone(), Some(bias.clone()));
+        op(&format!("linear {}x{k}->{n} (candle)", t * hw), &mut || Ok(candle_core::Module::forward(&lin, &input)?))?;
+        // What the layers run: the bias in our epilogue on CUDA (candle's Linear elsewhere).
+        op(&format!("linear {}x{k}->{n}", t * hw), &mut || Ok(kernels::linear(&input, &weight, Some(&bias), None)?))?;
+        if n == k {
+            op(&format!("linear {}x{k}->{n} + residual", t * hw), &mut || Ok(kernels::linear(&input, &weight, Some(&bias), Some(&input))?))?;
+        }
     }
+    let (w_ff, b_ff) = (r(&[8 * c, c], 0.02)?, Tensor::zeros(8 * c, dt, &target.device)?);
+    op("linear+geglu 147456x320->2560->1280", &mut || Ok(kernels::linear_geglu(&tokens, &w_ff, Some(&b_ff))?))?;
     let ln = candle_nn::LayerNorm::new(ones.clone(), zeros.clone(), 1e-5);
     op("layer_norm 147456x320", &mut || Ok(candle_core::Module::forward(&ln, &tokens)?))?;
     let ff = r(&[t, hw, 8 * c], 1.0)?;

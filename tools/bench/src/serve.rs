@@ -41,7 +41,7 @@ pub(crate) fn serve_vs_cli(runs: usize) -> Result<Vec<Timing>> {
     })?;
     generation_ms.remove(0); // the warm-up run
     generation_ms.sort_by(f64::total_cmp);
-    let cli_generation = Timing { name: "serve-vs-cli: CLI without model load".into(), ms: generation_ms };
+    let cli_generation = Timing { name: "serve-vs-cli: CLI without model load".into(), ms: generation_ms, peak_gpu_bytes: None };
     println!("{:<44} median {:>10.2} ms", cli_generation.name, cli_generation.median());
 
     let mut server = Process::spawn(&exe, &["serve", "--model", "fixtures/tiny-v", "--port", "0"])?;
@@ -164,7 +164,7 @@ fn run_job_overhead(url: &str, body: &[u8], overhead: &mut Vec<f64>) -> Result<(
 fn overhead_timing(name: &str, mut ms: Vec<f64>) -> Timing {
     ms.remove(0);
     ms.sort_by(f64::total_cmp);
-    let t = Timing { name: name.to_string(), ms };
+    let t = Timing { name: name.to_string(), ms, peak_gpu_bytes: None };
     println!("{:<44} median {:>10.2} ms", t.name, t.median());
     t
 }

@@ -11,6 +11,7 @@ use candle_nn::VarBuilder;
 use dynamicrafter_kernels::cpu::{self, CpuFeatures};
 use dynamicrafter_kernels::{Bf16DotConv, Bf16DotMatrix, F32Conv, F32Matrix};
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 /// The kinds of layer whose kernel is chosen.
@@ -45,6 +46,8 @@ pub enum Kernel {
     PortableF32,
     /// Our CUDA kernels: shifted-GEMM convolutions on cuBLAS, fused attention.
     Cuda,
+    /// cuDNN's convolutions (a `cudnn` build), the bias in our epilogue.
+    Cudnn,
     /// f32 microkernels with the weight packed at load.
     Avx512F32,
     /// bf16 tile products, f32 in and out.
@@ -64,6 +67,7 @@ impl Kernel {
             Kernel::Candle => "candle",
             Kernel::PortableF32 => "portable-f32",
             Kernel::Cuda => "cuda",
+            Kernel::Cudnn => "cudnn",
             Kernel::Avx512F32 => "avx512-f32",
             Kernel::AmxBf16 => "amx-bf16",
             Kernel::Avx512Bf16 => "avx512-bf16",
@@ -90,7 +94,10 @@ pub struct Backend {
     cpu: CpuFeatures,
     int8: Int8,
     bf16_products: bool,
+    batched_guidance: bool,
     chosen: Mutex<BTreeMap<LayerKind, BTreeMap<Kernel, usize>>>,
+    /// Off once the pipeline is built: networks rebuilt later (`--offload`) are not counted twice.
+    counting: AtomicBool,
 }
 
 impl Backend {
@@ -103,7 +110,34 @@ impl Backend {
             (false, None) => Int8::None,
         };
         let cpu = if device.is_cpu() { cpu::features() } else { CpuFeatures::default() };
-        Self { device: device.clone(), cpu, int8, bf16_products: precision.bf16_matmuls, chosen: Mutex::default() }
+        Self {
+            device: device.clone(),
+            cpu,
+            int8,
+            bf16_products: precision.bf16_matmuls,
+            batched_guidance: batched_guidance(device, precision),
+            chosen: Mutex::default(),
+            counting: AtomicBool::new(true),
+        }
+    }
+
+    /// Whether classifier-free guidance runs its two (or three, with `--cfg-img`) UNet passes
+    /// as one batch: on a GPU, where it halves the launches and doubles the products' size,
+    /// unless `--offload` asks for the least memory (a batch holds every pass's activations at
+    /// once); on the CPU the passes stay separate (no faster there, more memory:
+    /// docs/PERFORMANCE.md). `DYNAMICRAFTER_CFG_BATCH=0|1` overrides it (A/B timings).
+    pub fn batched_guidance(&self) -> bool {
+        self.batched_guidance
+    }
+
+    /// Overrides [`batched_guidance`](Self::batched_guidance).
+    pub fn set_batched_guidance(&mut self, batched: bool) {
+        self.batched_guidance = batched;
+    }
+
+    /// Stops counting choices: what is built after this is a rebuild of a counted network.
+    pub fn stop_counting(&self) {
+        self.counting.store(false, Ordering::Relaxed);
     }
 
     pub fn device(&self) -> &Device {
@@ -151,6 +185,8 @@ impl Backend {
             Kernel::Avx512Bf16
         } else if self.device.is_cpu() && vb.dtype() == DType::F32 && self.cpu.avx512 && F32Conv::supports(out_c) {
             Kernel::Avx512F32
+        } else if self.cudnn(vb.dtype()) {
+            Kernel::Cudnn
         } else {
             self.op_api(vb.dtype())
         };
@@ -170,6 +206,8 @@ impl Backend {
             Kernel::AmxBf16
         } else if self.bf16_pairs(vb, "weight") {
             Kernel::Avx512Bf16
+        } else if self.cudnn(vb.dtype()) {
+            Kernel::Cudnn
         } else {
             self.op_api(vb.dtype())
         };
@@ -188,6 +226,12 @@ impl Backend {
             _ => Kernel::Candle,
         };
         self.record(LayerKind::Attention, kernel)
+    }
+
+    /// Whether convolutions with weights of `dtype` run on cuDNN: a `cudnn` build on a GPU
+    /// (`DYNAMICRAFTER_CUDNN=0` keeps our shifted GEMMs, to compare).
+    fn cudnn(&self, dtype: DType) -> bool {
+        self.device.is_cuda() && matches!(dtype, DType::F32 | DType::F16 | DType::BF16) && dynamicrafter_kernels::cudnn_enabled()
     }
 
     /// What the op API runs for weights of `dtype` on this device.
@@ -253,6 +297,9 @@ impl Backend {
     }
 
     fn record(&self, kind: LayerKind, kernel: Kernel) -> Kernel {
+        if !self.counting.load(Ordering::Relaxed) {
+            return kernel;
+        }
         let mut chosen = self.chosen.lock().unwrap_or_else(|e| e.into_inner());
         *chosen.entry(kind).or_default().entry(kernel).or_default() += 1;
         kernel
@@ -272,12 +319,23 @@ impl Backend {
         if self.device.is_cpu() {
             out.insert("cpu".into(), self.cpu.best().name().into());
         }
+        if self.batched_guidance {
+            out.insert("guidance".into(), "passes in one batch".into());
+        }
         out
     }
 
     /// [`summary`](Self::summary) on one line: `cpu: avx2; linear: candle ×12; …`.
     pub fn describe(&self) -> String {
         self.summary().iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join("; ")
+    }
+}
+
+fn batched_guidance(device: &Device, precision: &PrecisionPolicy) -> bool {
+    match std::env::var("DYNAMICRAFTER_CFG_BATCH").as_deref() {
+        Ok("0") => false,
+        Ok("1") => true,
+        _ => !device.is_cpu() && !precision.offload,
     }
 }
 

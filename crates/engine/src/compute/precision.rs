@@ -126,6 +126,10 @@ pub struct PrecisionPolicy {
     /// or, without AMX, those of linear layers and convolutions in bf16 pairs on AVX512-BF16
     /// (like PyTorch's CPU autocast).
     pub bf16_matmuls: bool,
+    /// `--offload`: the networks not in use (text and image encoders, Resampler, VAE) wait in
+    /// host memory, in their weight dtype, and are moved to the device when their stage runs;
+    /// the UNet stays. Less device memory for a little time; meant for small GPUs.
+    pub offload: bool,
 }
 
 fn dtype(p: Precision) -> DType {
@@ -160,13 +164,13 @@ impl PrecisionPolicy {
         if resolved == Precision::F16 {
             parts[1] = PartPrecision { weights: DType::F32, compute: DType::F32 };
         }
-        Self { resolved, parts, quantization: None, bf16_matmuls: false }
+        Self { resolved, parts, quantization: None, bf16_matmuls: false, offload: false }
     }
 
     /// fp32 everywhere, on any device (reference runs and tests).
     pub fn f32() -> Self {
         let all = PartPrecision { weights: DType::F32, compute: DType::F32 };
-        Self { resolved: Precision::F32, parts: [all; 5], quantization: None, bf16_matmuls: false }
+        Self { resolved: Precision::F32, parts: [all; 5], quantization: None, bf16_matmuls: false, offload: false }
     }
 
     /// The policy of the `--precision` and `--quantize` flags on `device`: what every front end
@@ -179,6 +183,11 @@ impl PrecisionPolicy {
 
     pub fn with_quantization(mut self, quantization: Option<Quantization>) -> Self {
         self.quantization = quantization;
+        self
+    }
+
+    pub fn with_offload(mut self, offload: bool) -> Self {
+        self.offload = offload;
         self
     }
 
@@ -203,6 +212,9 @@ impl PrecisionPolicy {
         }
         if let Some(q) = self.quantization {
             name = format!("{name} + {}", q.name());
+        }
+        if self.offload {
+            name.push_str(", offload");
         }
         name
     }

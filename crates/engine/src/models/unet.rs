@@ -145,7 +145,9 @@ impl Attention {
         attend(self.kernel, q, k, v, self.heads, self.scale)
     }
 
-    fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+    /// `to_out(attention(xs, context)) + residual`, the residual joining the output
+    /// projection's bias.
+    fn forward_add(&self, xs: &Tensor, context: Option<&Tensor>, residual: &Tensor) -> Result<Tensor> {
         let q = self.to_q.forward(xs)?;
         let out = match (&self.image, context) {
             (Some((to_k_ip, to_v_ip)), Some(ctx)) => {
@@ -171,7 +173,7 @@ impl Attention {
                 self.attend(&q, &k, &v)?
             }
         };
-        self.to_out.forward(&out)
+        self.to_out.forward_add(&out, residual)
     }
 }
 
@@ -219,10 +221,10 @@ impl BasicTransformerBlock {
     }
 
     fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
-        let mut xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
-        xs = (self.attn2.forward(&self.norm2.forward(&xs)?, context)? + &xs)?;
+        let xs = self.attn1.forward_add(&self.norm1.forward(xs)?, None, xs)?;
+        let xs = self.attn2.forward_add(&self.norm2.forward(&xs)?, context, &xs)?;
         let h = self.ff_proj.forward_geglu(&self.norm3.forward(&xs)?)?;
-        self.ff_out.forward(&h)? + xs
+        self.ff_out.forward_add(&h, &xs)
     }
 }
 

@@ -55,8 +55,9 @@ impl Pipeline {
         let t = self.frame_plan(req)?.run;
         let (h, w) = (height / self.cfg.vae.downsample_factor(), width / self.cfg.vae.downsample_factor());
         let zshape = [1, self.cfg.vae.embed_dim, h, w];
+        let vae = self.vae()?;
         let encode = |image: &Tensor, frame_index: usize, noise: &mut dyn NoiseSource| -> Result<Tensor> {
-            self.vae_encode(image, &noise.vae(frame_index, &zshape)?)
+            self.encode_with(&vae, image, &noise.vae(frame_index, &zshape)?)
         };
         let c_concat = match &req.mode {
             Mode::ImageToVideo => {
@@ -75,6 +76,7 @@ impl Pipeline {
                 Tensor::cat(&[&z0, &mid, &z1], 2)?
             }
         };
+        drop(vae);
         timings.push((Stage::VaeEncode, self.elapsed(start)?));
 
         Ok(Conditioning {

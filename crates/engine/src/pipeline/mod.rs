@@ -25,9 +25,10 @@ use crate::noise::NoiseSource;
 use crate::preprocess::{check_resizable, clip_preprocess, video_to_u8};
 use crate::tokenizer::Tokenizer;
 use crate::compute::{Backend, Part, PrecisionPolicy};
-use crate::weights::{Checkpoint, KeyRecorder, RandomWeights};
+use crate::weights::{Checkpoint, KeyRecorder, ParkedWeights, RandomWeights};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -41,13 +42,42 @@ pub struct Pipeline {
     precision: PrecisionPolicy,
     backend: Backend,
     tokenizer: Tokenizer,
-    text: ClipTextEncoder,
-    vision: ClipVisionEncoder,
-    resampler: Resampler,
-    vae: AutoencoderKL,
+    text: Held<ClipTextEncoder>,
+    vision: Held<ClipVisionEncoder>,
+    resampler: Held<Resampler>,
+    vae: Held<AutoencoderKL>,
     unet: Unet,
+    /// The weights of the networks held [`Held::Parked`] (`--offload`).
+    parked: Option<ParkedWeights>,
     schedule: NoiseSchedule,
 }
+
+/// How the pipeline holds a network: built once and kept on the device, or (`--offload`) parked
+/// in host memory and rebuilt on the device for each stage that runs it.
+enum Held<T> {
+    Resident(T),
+    Parked,
+}
+
+/// A network ready to run: the resident one, or one rebuilt from parked weights for this stage
+/// (its device memory goes when this goes).
+pub enum Net<'a, T> {
+    Resident(&'a T),
+    Rebuilt(T),
+}
+
+impl<T> std::ops::Deref for Net<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        match self {
+            Net::Resident(t) => t,
+            Net::Rebuilt(t) => t,
+        }
+    }
+}
+
+/// The networks `--offload` parks (the UNet stays on the device).
+const PARKED_PREFIXES: [&str; 4] = [TEXT_PREFIX, VISION_PREFIX, RESAMPLER_PREFIX, VAE_PREFIX];
 
 /// Schedule buffers inference reads from the checkpoint.
 const SCHEDULE_BUFFERS: [&str; 3] = ["alphas_cumprod", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod"];
@@ -74,23 +104,61 @@ fn check_cancel(cancel: &AtomicBool) -> Result<()> {
 }
 
 impl Pipeline {
-    fn build(cfg: ModelConfig, vb: VarBuilder, schedule: NoiseSchedule, precision: PrecisionPolicy, backend: Backend) -> Result<Self> {
-        let part = |prefix: &str, p: Part| vb.pp(prefix).set_dtype(precision.part(p).weights);
-        let b = &backend;
-        let pipeline = Self {
-            tokenizer: Tokenizer::new()?,
-            text: ClipTextEncoder::new(&cfg.text, part(TEXT_PREFIX, Part::TextEncoder), b)?,
-            vision: ClipVisionEncoder::new(&cfg.vision, part(VISION_PREFIX, Part::ImageEncoder), b)?,
-            resampler: Resampler::new(&cfg.resampler, part(RESAMPLER_PREFIX, Part::Resampler), b)?,
-            vae: AutoencoderKL::new(&cfg.vae, part(VAE_PREFIX, Part::Vae), b)?,
-            unet: Unet::new(&cfg.unet, part(UNET_PREFIX, Part::Unet), b)?,
-            precision,
-            device: backend.device().clone(),
-            backend,
-            schedule,
-            cfg,
+    /// Builds every network from `source`. With `--offload` (`precision.offload`) the parked
+    /// ones are built once here, their weights copied to host memory as they are read, and
+    /// dropped; one network at a time is on the device beside the UNet, as in a run.
+    fn build<'a>(
+        cfg: ModelConfig,
+        source: Box<dyn SimpleBackend + 'a>,
+        schedule: NoiseSchedule,
+        precision: PrecisionPolicy,
+        backend: Backend,
+    ) -> Result<Self> {
+        let device = backend.device().clone();
+        let parked = precision.offload.then(|| ParkedWeights::new(&PARKED_PREFIXES));
+        let vb = match &parked {
+            Some(park) => park.capturing(source, DType::F32, &device),
+            None => VarBuilder::from_backend(source, DType::F32, device.clone()),
         };
-        Ok(pipeline)
+        let part = |prefix: &str, p: Part| vb.pp(prefix).set_dtype(precision.part(p).weights);
+        fn hold<T>(net: T, parked: bool) -> Held<T> {
+            if parked {
+                Held::Parked
+            } else {
+                Held::Resident(net)
+            }
+        }
+        let off = parked.is_some();
+        let b = &backend;
+        let text = hold(ClipTextEncoder::new(&cfg.text, part(TEXT_PREFIX, Part::TextEncoder), b)?, off);
+        let vision = hold(ClipVisionEncoder::new(&cfg.vision, part(VISION_PREFIX, Part::ImageEncoder), b)?, off);
+        let resampler = hold(Resampler::new(&cfg.resampler, part(RESAMPLER_PREFIX, Part::Resampler), b)?, off);
+        let vae = hold(AutoencoderKL::new(&cfg.vae, part(VAE_PREFIX, Part::Vae), b)?, off);
+        let unet = Unet::new(&cfg.unet, part(UNET_PREFIX, Part::Unet), b)?;
+        drop(vb);
+        backend.stop_counting();
+        if let Some(park) = &parked {
+            tracing::info!("offload: {:.2} GB of weights parked in host memory", park.bytes() as f64 / 1e9);
+        }
+        Ok(Self { tokenizer: Tokenizer::new()?, text, vision, resampler, vae, unet, parked, precision, device, backend, schedule, cfg })
+    }
+
+    /// The network `held`, built from the parked weights if it is not resident.
+    fn net<'a, T>(
+        &'a self,
+        held: &'a Held<T>,
+        prefix: &str,
+        part: Part,
+        build: impl FnOnce(VarBuilder) -> candle_core::Result<T>,
+    ) -> Result<Net<'a, T>> {
+        match (held, &self.parked) {
+            (Held::Resident(net), _) => Ok(Net::Resident(net)),
+            (Held::Parked, Some(park)) => {
+                let vb = park.var_builder(self.precision.part(part).weights, &self.device).pp(prefix);
+                Ok(Net::Rebuilt(build(vb)?))
+            }
+            (Held::Parked, None) => Err(Error::InvalidInput(format!("{prefix}: parked without weights"))),
+        }
     }
 
     /// Every tensor a checkpoint for `cfg` holds, with its shape, under the model's key names
@@ -102,7 +170,7 @@ impl Pipeline {
         let n = schedule.num_timesteps();
         let scale_len = schedule.scale_arr.as_ref().map(|s| s.len());
         let f32 = PrecisionPolicy::f32();
-        Self::build(cfg.clone(), recorder.var_builder(DType::F32), schedule, f32.clone(), Backend::new(&Device::Cpu, &f32, false))?;
+        Self::build(cfg.clone(), recorder.reader(), schedule, f32.clone(), Backend::new(&Device::Cpu, &f32, false))?;
         let mut keys = recorder.into_keys();
         let buffers = SCHEDULE_BUFFERS.iter().chain(&UNUSED_BUFFERS);
         keys.extend(buffers.map(|k| (k.to_string(), vec![n])));
@@ -147,7 +215,8 @@ impl Pipeline {
         if let Some(s) = &schedule.scale_arr {
             schedule.scale_arr = Some(buffer("scale_arr", s.len())?);
         }
-        let pipeline = Self::build(cfg, vb, schedule, precision, backend)?;
+        drop(vb);
+        let pipeline = Self::build(cfg, ck.reader(), schedule, precision, backend)?;
         tracing::info!(precision = %pipeline.precision.name(), kernels = %pipeline.backend.describe(), "model {} built", pipeline.cfg.name);
         Ok(pipeline)
     }
@@ -161,7 +230,7 @@ impl Pipeline {
     pub fn random_with(cfg: ModelConfig, device: &Device, precision: PrecisionPolicy) -> Result<Self> {
         let schedule = NoiseSchedule::new(&cfg.diffusion);
         let backend = Backend::new(device, &precision, false);
-        Self::build(cfg, RandomWeights::var_builder(DType::F32, device), schedule, precision, backend)
+        Self::build(cfg, RandomWeights::reader(), schedule, precision, backend)
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -174,6 +243,19 @@ impl Pipeline {
 
     pub fn precision(&self) -> &PrecisionPolicy {
         &self.precision
+    }
+
+    /// Bytes of weights parked in host memory (`--offload`), `None` when every network is
+    /// resident.
+    pub fn parked_bytes(&self) -> Option<usize> {
+        self.parked.as_ref().map(ParkedWeights::bytes)
+    }
+
+    /// Runs the guidance passes of every step as one batch or one by one, whatever the backend
+    /// chose (comparisons; the maths is the same).
+    pub fn with_batched_guidance(mut self, batched: bool) -> Self {
+        self.backend.set_batched_guidance(batched);
+        self
     }
 
     /// The kernels every layer runs (for the run report).
@@ -193,20 +275,20 @@ impl Pipeline {
         &self.unet
     }
 
-    pub fn vae(&self) -> &AutoencoderKL {
-        &self.vae
+    pub fn vae(&self) -> Result<Net<'_, AutoencoderKL>> {
+        self.net(&self.vae, VAE_PREFIX, Part::Vae, |vb| AutoencoderKL::new(&self.cfg.vae, vb, &self.backend))
     }
 
-    pub fn text_encoder(&self) -> &ClipTextEncoder {
-        &self.text
+    pub fn text_encoder(&self) -> Result<Net<'_, ClipTextEncoder>> {
+        self.net(&self.text, TEXT_PREFIX, Part::TextEncoder, |vb| ClipTextEncoder::new(&self.cfg.text, vb, &self.backend))
     }
 
-    pub fn vision_encoder(&self) -> &ClipVisionEncoder {
-        &self.vision
+    pub fn vision_encoder(&self) -> Result<Net<'_, ClipVisionEncoder>> {
+        self.net(&self.vision, VISION_PREFIX, Part::ImageEncoder, |vb| ClipVisionEncoder::new(&self.cfg.vision, vb, &self.backend))
     }
 
-    pub fn resampler(&self) -> &Resampler {
-        &self.resampler
+    pub fn resampler(&self) -> Result<Net<'_, Resampler>> {
+        self.net(&self.resampler, RESAMPLER_PREFIX, Part::Resampler, |vb| Resampler::new(&self.cfg.resampler, vb, &self.backend))
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -222,25 +304,29 @@ impl Pipeline {
 
     /// Text context `(n, 77, d)`.
     pub fn encode_text(&self, prompts: &[&str]) -> Result<Tensor> {
-        Ok(self.text.forward(&self.token_ids(prompts)?)?.to_dtype(self.compute(Part::Unet))?)
+        Ok(self.text_encoder()?.forward(&self.token_ids(prompts)?)?.to_dtype(self.compute(Part::Unet))?)
     }
 
     /// CLIP image tokens `(n, 257, width)` of images `(n, 3, h, w)` in [-1, 1].
     pub fn clip_image_tokens(&self, images: &Tensor) -> Result<Tensor> {
         let pixels = clip_preprocess(images, self.cfg.vision.image_size)?.to_dtype(self.compute(Part::ImageEncoder))?;
-        Ok(self.vision.forward(&pixels)?)
+        Ok(self.vision_encoder()?.forward(&pixels)?)
     }
 
     /// Image context tokens `(n, 16·frames, d)`: CLIP then the Resampler.
     pub fn encode_image(&self, images: &Tensor) -> Result<Tensor> {
         let tokens = self.clip_image_tokens(images)?.to_dtype(self.compute(Part::Resampler))?;
-        Ok(self.resampler.forward(&tokens)?.to_dtype(self.compute(Part::Unet))?)
+        Ok(self.resampler()?.forward(&tokens)?.to_dtype(self.compute(Part::Unet))?)
     }
 
     /// Scaled latent `0.18215·(mean + std·noise)` of images `(n, 3, h, w)`.
     pub fn vae_encode(&self, images: &Tensor, noise: &Tensor) -> Result<Tensor> {
+        self.encode_with(&*self.vae()?, images, noise)
+    }
+
+    fn encode_with(&self, vae: &AutoencoderKL, images: &Tensor, noise: &Tensor) -> Result<Tensor> {
         let dt = self.compute(Part::Vae);
-        let post = self.vae.encode(&images.to_dtype(dt)?)?;
+        let post = vae.encode(&images.to_dtype(dt)?)?;
         let z = post.sample(&noise.to_dtype(dt)?)?.to_dtype(DType::F32)?;
         Ok(z.broadcast_mul(&Tensor::new(self.cfg.diffusion.scale_factor as f32, &self.device)?)?)
     }
@@ -249,11 +335,15 @@ impl Pipeline {
     /// the config's `perframe_ae`: the decoder is per-image, so this is the same math, and 16
     /// frames at once would hold 16× the activations (most of a GPU run's peak memory).
     pub fn vae_decode(&self, latents: &Tensor) -> Result<Tensor> {
+        self.decode_with(&*self.vae()?, latents)
+    }
+
+    fn decode_with(&self, vae: &AutoencoderKL, latents: &Tensor) -> Result<Tensor> {
         let (b, _, _, _, _) = latents.dims5()?;
         let inv = Tensor::new((1.0 / self.cfg.diffusion.scale_factor) as f32, &self.device)?;
         let z = crate::models::layers::video_to_frames(&latents.broadcast_mul(&inv)?)?.to_dtype(self.compute(Part::Vae))?;
         let frames = (0..z.dim(0)?)
-            .map(|i| self.vae.decode(&z.narrow(0, i, 1)?)?.to_dtype(DType::F32))
+            .map(|i| vae.decode(&z.narrow(0, i, 1)?)?.to_dtype(DType::F32))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(crate::models::layers::frames_to_video(&Tensor::cat(&frames, 0)?, b)?)
     }
@@ -332,15 +422,18 @@ impl Pipeline {
             sink.begin(index, saved.len(), width, height).map_err(Error::Output)?;
             // One frame at a time, straight to u8 and on to the sink: a long video never
             // exists whole, in f32 or in u8.
-            let mut decode = Duration::ZERO;
+            let start = Instant::now();
+            let vae = self.vae()?;
+            let mut decode = start.elapsed();
             for &f in &saved {
                 check_cancel(cancel)?;
                 let start = Instant::now();
-                let rgb = video_to_u8(&self.vae_decode(&latent.narrow(2, f, 1)?)?.to_dtype(DType::F32)?)?;
+                let rgb = video_to_u8(&self.decode_with(&vae, &latent.narrow(2, f, 1)?)?.to_dtype(DType::F32)?)?;
                 decode += start.elapsed();
                 sink.frame(&rgb).map_err(Error::Output)?;
             }
             sink.end().map_err(Error::Output)?;
+            drop(vae);
             timings.push((Stage::VaeDecode, decode));
             runs.push(Sample { frames: saved.len(), height, width, latent, timings: std::mem::take(&mut timings), plan: plan.clone() });
         }

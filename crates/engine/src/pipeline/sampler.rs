@@ -13,36 +13,53 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 impl Pipeline {
-    /// One UNet call on the noisy latent `x` with the concat latent and context.
+    /// One UNet call on the noisy latent `x` with the concat latent and context. `context` may
+    /// hold several contexts along its batch axis: `x` then runs once with each, in one batch.
     pub fn unet_output(&self, x: &Tensor, c_concat: &Tensor, t: usize, context: &Tensor, fs: i64) -> Result<Tensor> {
-        let input = Tensor::cat(&[x, c_concat], 1)?.to_dtype(self.compute(Part::Unet))?;
-        let ts = [t as f32];
-        let fs = [fs as f32];
+        let k = context.dim(0)?;
+        let mut input = Tensor::cat(&[x, c_concat], 1)?.to_dtype(self.compute(Part::Unet))?;
+        if k > 1 && input.dim(0)? == 1 {
+            input = input.repeat((k, 1, 1, 1, 1))?;
+        }
+        let ts = vec![t as f32; k];
+        let fs = vec![fs as f32; k];
         let out = self.unet.forward(&UnetInput { x: &input, timesteps: &ts, context, fs: Some(&fs) })?;
         Ok(out.to_dtype(DType::F32)?)
     }
 
-    /// The guided model output at one step (one, two or three UNet passes).
+    /// The guided model output at one step (one, two or three UNet passes; as one batch where
+    /// the backend says so).
     pub fn guided_output(&self, cond: &Conditioning, opts: &Sampling, x: &Tensor, t: usize) -> Result<Tensor> {
-        self.guided_window(cond, opts, x, &cond.c_concat, t)
+        self.guided_output_as(cond, opts, x, t, self.backend.batched_guidance())
+    }
+
+    /// [`guided_output`](Self::guided_output) with the guidance passes `batched` in one UNet
+    /// call or run one by one (the same maths; tests compare the two).
+    pub fn guided_output_as(&self, cond: &Conditioning, opts: &Sampling, x: &Tensor, t: usize, batched: bool) -> Result<Tensor> {
+        self.guided_window(cond, opts, x, &cond.c_concat, t, batched)
     }
 
     /// The guided output on some frames: `x` and `c_concat` narrowed to a window.
-    fn guided_window(&self, cond: &Conditioning, opts: &Sampling, x: &Tensor, c_concat: &Tensor, t: usize) -> Result<Tensor> {
+    fn guided_window(&self, cond: &Conditioning, opts: &Sampling, x: &Tensor, c_concat: &Tensor, t: usize, batched: bool) -> Result<Tensor> {
         let run = |ctx: &Tensor| self.unet_output(x, c_concat, t, ctx, cond.fs);
-        let o_c = run(&cond.context)?;
         let Some(uc) = cond.uncond_context.as_ref().filter(|_| opts.cfg_scale != 1.0) else {
-            return Ok(o_c);
+            return run(&cond.context);
         };
-        let o_u = run(uc)?;
-        let o_i = match (&opts.cfg_img, &cond.uncond_img_context) {
-            (Some(_), Some(ctx)) => Some(run(ctx)?),
+        let uncond_img = match (&opts.cfg_img, &cond.uncond_img_context) {
+            (Some(_), Some(ctx)) => Some(ctx),
             _ => None,
         };
+        let contexts: Vec<&Tensor> = [Some(&cond.context), Some(uc), uncond_img].into_iter().flatten().collect();
+        let outs = if batched {
+            let out = run(&Tensor::cat(&contexts, 0)?)?;
+            (0..contexts.len()).map(|i| out.narrow(0, i, 1)).collect::<candle_core::Result<Vec<_>>>()?
+        } else {
+            contexts.into_iter().map(run).collect::<Result<Vec<_>>>()?
+        };
         Guidance {
-            cond: &o_c,
-            uncond: &o_u,
-            uncond_img: o_i.as_ref(),
+            cond: &outs[0],
+            uncond: &outs[1],
+            uncond_img: outs.get(2),
             scale: opts.cfg_scale,
             cfg_img: opts.cfg_img.unwrap_or(opts.cfg_scale),
             rescale: opts.guidance_rescale,
@@ -87,8 +104,9 @@ impl Pipeline {
             x = plan.reschedule_noise(&x, opts.seed)?;
         }
         let total = solver.steps();
+        let batched = self.backend.batched_guidance();
         let mut denoiser = Denoiser {
-            model: |x: &Tensor, t: usize| plan.blend(x, &cond.c_concat, &mut |xw, cw| self.guided_window(cond, opts, xw, cw, t)),
+            model: |x: &Tensor, t: usize| plan.blend(x, &cond.c_concat, &mut |xw, cw| self.guided_window(cond, opts, xw, cw, t, batched)),
             parameterization: self.cfg.diffusion.parameterization,
         };
         progress(Progress { stage: Stage::Denoise, step: 0, total });

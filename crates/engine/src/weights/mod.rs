@@ -4,11 +4,13 @@
 //! weights ([`synthetic`]); the `q8_0` format ([`q8`]); and `convert` ([`convert`]).
 
 pub mod convert;
+mod parked;
 mod pickle;
 pub mod q8;
 mod synthetic;
 mod torch;
 
+pub use parked::ParkedWeights;
 pub use synthetic::{KeyRecorder, RandomWeights};
 
 use crate::compute::Quantization;
@@ -139,7 +141,12 @@ impl Checkpoint {
 
     /// A `VarBuilder` reading this checkpoint, converting to `dtype` on `dev`.
     pub fn var_builder(&self, dtype: DType, dev: &Device) -> VarBuilder<'_> {
-        VarBuilder::from_backend(Box::new(Reader(self)), dtype, dev.clone())
+        VarBuilder::from_backend(self.reader(), dtype, dev.clone())
+    }
+
+    /// The `VarBuilder` backend of [`var_builder`](Self::var_builder).
+    pub fn reader(&self) -> Box<dyn SimpleBackend + '_> {
+        Box::new(Reader(self))
     }
 
     /// Strict check against the key set a model expects (see `Pipeline::checkpoint_keys`):

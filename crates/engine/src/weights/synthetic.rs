@@ -17,7 +17,12 @@ pub struct KeyRecorder {
 
 impl KeyRecorder {
     pub fn var_builder(&self, dtype: DType) -> VarBuilder<'_> {
-        VarBuilder::from_backend(Box::new(Recording(self)), dtype, Device::Cpu)
+        VarBuilder::from_backend(self.reader(), dtype, Device::Cpu)
+    }
+
+    /// The `VarBuilder` backend of [`var_builder`](Self::var_builder).
+    pub fn reader(&self) -> Box<dyn SimpleBackend + '_> {
+        Box::new(Recording(self))
     }
 
     pub fn into_keys(self) -> BTreeMap<String, Vec<usize>> {
@@ -59,6 +64,11 @@ pub struct RandomWeights;
 impl RandomWeights {
     pub fn var_builder(dtype: DType, dev: &Device) -> VarBuilder<'static> {
         VarBuilder::from_backend(Box::new(RandomWeights), dtype, dev.clone())
+    }
+
+    /// The `VarBuilder` backend of [`var_builder`](Self::var_builder).
+    pub fn reader() -> Box<dyn SimpleBackend> {
+        Box::new(RandomWeights)
     }
 }
 

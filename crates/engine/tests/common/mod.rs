@@ -31,3 +31,15 @@ pub fn fixture_dirs() -> Vec<PathBuf> {
     assert!(!dirs.is_empty(), "no fixture directories under {}", root.display());
     dirs
 }
+
+/// The tiny-v fixture the pipeline tests run: under [`fixtures_root`], else the repository's
+/// (a test binary carried to another machine finds it through `DYNAMICRAFTER_FIXTURES`).
+#[allow(dead_code)]
+pub fn tiny_v_dir() -> PathBuf {
+    let dir = fixtures_root().join("tiny-v");
+    if dir.is_dir() {
+        dir
+    } else {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny-v")
+    }
+}

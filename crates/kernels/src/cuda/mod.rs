@@ -4,6 +4,7 @@
 //! result back. Each entry point says which inputs it takes; callers fall back to candle's
 //! composition otherwise (the CPU, other dtypes).
 
+pub mod epilogue;
 pub mod flash_attention;
 
 use candle_core::{DType, Result, Tensor};
@@ -35,8 +36,7 @@ pub fn conv3x3(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
     // Output rows keep the padded pitch (two unused columns each) so every tap is one window.
     let offsets: Vec<usize> = (0..9).map(|t| (t / 3) * pitch + t % 3).collect();
     let y = shifted_gemm(&padded, w_taps, &offsets, h * pitch - 2, h * pitch)?;
-    let y = y.reshape((n, co, h, pitch))?.narrow(3, 0, w)?;
-    y.broadcast_add(&bias.to_dtype(DType::F32)?.reshape((1, co, 1, 1))?)?.to_dtype(x.dtype())
+    epilogue::conv_bias(&y.reshape((n, co, h, pitch))?, &bias.to_dtype(x.dtype())?, w)
 }
 
 /// Conv3d with kernel (3,1,1), padding (1,0,0) of `x (b, ci, t, s)` with `w_taps (3, co, ci)`.
@@ -45,7 +45,26 @@ pub fn temporal_conv(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Tenso
     let co = w_taps.dim(1)?;
     let padded = x.pad_with_zeros(2, 1, 1)?.flatten_from(2)?;
     let y = shifted_gemm(&padded, w_taps, &[0, s, 2 * s], t * s, t * s)?;
-    y.reshape((b, co, t, s))?.broadcast_add(&bias.to_dtype(DType::F32)?.reshape((1, co, 1, 1))?)?.to_dtype(x.dtype())
+    epilogue::conv_bias(&y.reshape((b, co, t, s))?, &bias.to_dtype(x.dtype())?, s)
+}
+
+/// Whether the cuDNN convolutions are there: a `cudnn` build, and `DYNAMICRAFTER_CUDNN` not `0`
+/// (A/B against the shifted GEMMs).
+pub fn cudnn_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    cfg!(feature = "cudnn") && *ENABLED.get_or_init(|| std::env::var("DYNAMICRAFTER_CUDNN").map_or(true, |v| v != "0"))
+}
+
+/// 3×3 convolution, stride 1, padding 1, on cuDNN (candle's conv2d in a `cudnn` build) with
+/// `w (co, ci, 3, 3)`; the bias in one pass after it.
+pub fn conv3x3_cudnn(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    epilogue::bias_channels(&x.conv2d(w, 1, 1, 1, 1)?, bias, None)
+}
+
+/// The temporal Conv3d (3,1,1) of `x (b, ci, t, s)` on cuDNN: a 2-D convolution over (t, s) of the
+/// input padded in t, with `w (co, ci, 3, 1)`.
+pub fn temporal_conv_cudnn(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    epilogue::bias_channels(&x.pad_with_zeros(2, 1, 1)?.conv2d(w, 0, 1, 1, 1)?, bias, None)
 }
 
 struct GroupNorm {

@@ -81,6 +81,8 @@ pub enum Conv3x3 {
     /// bf16 pair products on AVX512-BF16 (Winograd form).
     Bf16Pairs(Arc<Bf16DotConv>),
     F32(Arc<F32Conv>),
+    /// cuDNN, the weight as stored `(co, ci, 3, 3)`.
+    Cudnn { weight: Tensor, bias: Tensor },
 }
 
 impl Module for Conv3x3 {
@@ -91,6 +93,7 @@ impl Module for Conv3x3 {
             Self::Bf16(conv) => conv.forward(xs),
             Self::Bf16Pairs(conv) => conv.forward(xs),
             Self::F32(conv) => conv.forward(xs),
+            Self::Cudnn { weight, bias } => dynamicrafter_kernels::conv3x3_cudnn(xs, weight, bias),
         }
     }
 }
@@ -104,6 +107,7 @@ pub fn conv3x3(in_c: usize, out_c: usize, vb: VarBuilder, backend: &Backend) -> 
         Kernel::AmxBf16 => Conv3x3::Bf16(Arc::new(Bf16Conv::spatial_3x3(&weight, &bias)?)),
         Kernel::Avx512Bf16 => Conv3x3::Bf16Pairs(Arc::new(Bf16DotConv::spatial_3x3(&weight, &bias)?)),
         Kernel::Avx512F32 => Conv3x3::F32(Arc::new(F32Conv::spatial_3x3(&backend.float_weight(&vb, "weight", weight)?, &bias)?)),
+        Kernel::Cudnn => Conv3x3::Cudnn { weight: backend.float_weight(&vb, "weight", weight)?, bias },
         _ => Conv3x3::Shifted { taps: dynamicrafter_kernels::taps_first(&backend.float_weight(&vb, "weight", weight)?)?, bias },
     })
 }
@@ -116,6 +120,8 @@ pub enum TemporalConv {
     Bf16(Arc<Bf16Conv>),
     /// bf16 pair products on AVX512-BF16.
     Bf16Pairs(Arc<Bf16DotTemporalConv>),
+    /// cuDNN, as a 2-D convolution over (t, h·w): the weight `(co, ci, 3, 1)`.
+    Cudnn { weight: Tensor, bias: Tensor },
 }
 
 impl Module for TemporalConv {
@@ -124,6 +130,7 @@ impl Module for TemporalConv {
             Self::Shifted { weight, bias } => dynamicrafter_kernels::temporal_conv(xs, weight, bias),
             Self::Bf16(conv) => conv.forward(xs),
             Self::Bf16Pairs(conv) => conv.forward(xs),
+            Self::Cudnn { weight, bias } => dynamicrafter_kernels::temporal_conv_cudnn(xs, weight, bias),
         }
     }
 }
@@ -135,6 +142,7 @@ pub fn temporal_conv(c: usize, vb: VarBuilder, backend: &Backend) -> Result<Temp
     Ok(match backend.temporal_conv(&vb, c) {
         Kernel::AmxBf16 => TemporalConv::Bf16(Arc::new(Bf16Conv::temporal(&weight, &bias)?)),
         Kernel::Avx512Bf16 => TemporalConv::Bf16Pairs(Arc::new(Bf16DotTemporalConv::new(&weight, &bias)?)),
+        Kernel::Cudnn => TemporalConv::Cudnn { weight: backend.float_weight(&vb, "weight", weight)?.squeeze(4)?, bias },
         _ => TemporalConv::Shifted { weight: backend.float_weight(&vb, "weight", weight)?, bias },
     })
 }

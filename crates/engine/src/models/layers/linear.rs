@@ -79,7 +79,16 @@ impl Linear {
             Self::Bf16(matrix) => matrix.forward_geglu(xs),
             Self::Bf16Pairs(matrix) => matrix.forward_geglu(xs),
             Self::F32(matrix) => matrix.forward_geglu(xs),
-            _ => dynamicrafter_kernels::geglu(&self.forward(xs)?),
+            Self::Float(l) => dynamicrafter_kernels::linear_geglu(xs, l.weight(), l.bias()),
+            Self::Int8 { .. } => dynamicrafter_kernels::geglu(&self.forward(xs)?),
+        }
+    }
+
+    /// `self(x) + residual`, the residual added with the bias where the kernel can (CUDA).
+    pub fn forward_add(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Float(l) => dynamicrafter_kernels::linear(xs, l.weight(), l.bias(), Some(residual)),
+            _ => self.forward(xs)? + residual,
         }
     }
 }
@@ -87,7 +96,7 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Float(l) => l.forward(xs),
+            Self::Float(l) => dynamicrafter_kernels::linear(xs, l.weight(), l.bias(), None),
             Self::Int8 { weight, bias } => {
                 let y = weight.forward(xs)?;
                 match bias {

@@ -1,0 +1,441 @@
+//! GEMM epilogues on CUDA (`epilogue.cu`), each one pass over the product: a linear layer's bias
+//! (and the residual after it), the feed-forward's bias and GELU gate, a convolution's bias with
+//! its output layout. Where candle adds a bias it runs a broadcast op with per-element strided
+//! indexing; a convolution took three passes with an f32 round trip.
+
+use candle_core::{DType, Result, Tensor};
+
+/// Whether the epilogues take a product `y` and `bias` (and `residual`): a CUDA float tensor and
+/// the rest of its dtype and device.
+pub fn supported(y: &Tensor, bias: &Tensor, residual: Option<&Tensor>) -> bool {
+    super::usable(y) && bias.dtype() == y.dtype() && bias.device().same_device(y.device()) && residual.is_none_or(|r| r.dtype() == y.dtype() && r.dims() == y.dims())
+}
+
+/// `y + bias (+ residual)` with `bias` over the last axis of `y (…, c)`.
+pub fn bias_rows(y: &Tensor, bias: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+    let c = y.dim(candle_core::D::Minus1)?;
+    if bias.elem_count() != c || !supported(y, bias, residual) {
+        candle_core::bail!("bias epilogue: y {:?} {:?}, bias {:?}, residual {:?}", y.shape(), y.dtype(), bias.shape(), residual.map(Tensor::shape));
+    }
+    let (y, bias) = (y.contiguous()?, bias.contiguous()?);
+    match residual {
+        Some(r) => y.apply_op3_no_bwd(&bias, &r.contiguous()?, &BiasRows),
+        None => y.apply_op2_no_bwd(&bias, &BiasRows),
+    }
+}
+
+/// `y + bias[c] (+ residual)` for `y (n, c, …)`: a bias per channel, as after a convolution.
+pub fn bias_channels(y: &Tensor, bias: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+    if y.rank() < 2 || bias.elem_count() != y.dim(1)? || !supported(y, bias, residual) {
+        candle_core::bail!("channel bias epilogue: y {:?} {:?}, bias {:?}, residual {:?}", y.shape(), y.dtype(), bias.shape(), residual.map(Tensor::shape));
+    }
+    let (y, bias) = (y.contiguous()?, bias.contiguous()?);
+    match residual {
+        Some(r) => y.apply_op3_no_bwd(&bias, &r.contiguous()?, &BiasChannels),
+        None => y.apply_op2_no_bwd(&bias, &BiasChannels),
+    }
+}
+
+/// GEGLU of a feed-forward product before its bias: `p (…, 2d)`, `bias (2d)` →
+/// `(p[…, :d] + bias[:d]) · GELU(p[…, d:] + bias[d:])`, `(…, d)`.
+pub fn geglu_bias(p: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let two_d = p.dim(candle_core::D::Minus1)?;
+    if two_d % 2 != 0 || bias.elem_count() != two_d || !supported(p, bias, None) {
+        candle_core::bail!("GEGLU epilogue: p {:?} {:?}, bias {:?}", p.shape(), p.dtype(), bias.shape());
+    }
+    p.contiguous()?.apply_op2_no_bwd(&bias.contiguous()?, &GegluBias)
+}
+
+/// A shifted-GEMM convolution's output: `y (n, c, rows, pitch)` in f32 → `(n, c, rows, width)`
+/// in `bias`'s dtype, `+ bias[c]`.
+pub fn conv_bias(y: &Tensor, bias: &Tensor, width: usize) -> Result<Tensor> {
+    let (_, c, _, pitch) = y.dims4()?;
+    if y.dtype() != DType::F32 || !super::usable(bias) || bias.elem_count() != c || width > pitch || !bias.device().same_device(y.device()) {
+        candle_core::bail!("convolution epilogue: y {:?} {:?}, bias {:?} {:?}, width {width}", y.shape(), y.dtype(), bias.shape(), bias.dtype());
+    }
+    y.contiguous()?.apply_op2_no_bwd(&bias.contiguous()?, &ConvBias { width })
+}
+
+struct BiasRows;
+struct BiasChannels;
+struct GegluBias;
+struct ConvBias {
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    width: usize,
+}
+
+macro_rules! cpu_refusal {
+    ($($arg:ident),*) => {
+        fn cpu_fwd(
+            &self,
+            $($arg: &candle_core::CpuStorage, _: &candle_core::Layout),*
+        ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            $(let _ = $arg;)*
+            candle_core::bail!("{} runs on CUDA only", self.name())
+        }
+    };
+}
+
+impl candle_core::CustomOp2 for BiasRows {
+    fn name(&self) -> &'static str {
+        "dc-bias-rows"
+    }
+
+    cpu_refusal!(y, b);
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        y: &candle_core::CudaStorage,
+        yl: &candle_core::Layout,
+        b: &candle_core::CudaStorage,
+        bl: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        imp::bias_rows(y, yl, b, bl, None)
+    }
+}
+
+impl candle_core::CustomOp3 for BiasRows {
+    fn name(&self) -> &'static str {
+        "dc-bias-rows-residual"
+    }
+
+    cpu_refusal!(y, b, r);
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        y: &candle_core::CudaStorage,
+        yl: &candle_core::Layout,
+        b: &candle_core::CudaStorage,
+        bl: &candle_core::Layout,
+        r: &candle_core::CudaStorage,
+        rl: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        imp::bias_rows(y, yl, b, bl, Some((r, rl)))
+    }
+}
+
+impl candle_core::CustomOp2 for BiasChannels {
+    fn name(&self) -> &'static str {
+        "dc-bias-channels"
+    }
+
+    cpu_refusal!(y, b);
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        y: &candle_core::CudaStorage,
+        yl: &candle_core::Layout,
+        b: &candle_core::CudaStorage,
+        bl: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        imp::bias_channels(y, yl, b, bl, None)
+    }
+}
+
+impl candle_core::CustomOp3 for BiasChannels {
+    fn name(&self) -> &'static str {
+        "dc-bias-channels-residual"
+    }
+
+    cpu_refusal!(y, b, r);
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        y: &candle_core::CudaStorage,
+        yl: &candle_core::Layout,
+        b: &candle_core::CudaStorage,
+        bl: &candle_core::Layout,
+        r: &candle_core::CudaStorage,
+        rl: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        imp::bias_channels(y, yl, b, bl, Some((r, rl)))
+    }
+}
+
+impl candle_core::CustomOp2 for GegluBias {
+    fn name(&self) -> &'static str {
+        "dc-geglu-bias"
+    }
+
+    cpu_refusal!(p, b);
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        p: &candle_core::CudaStorage,
+        pl: &candle_core::Layout,
+        b: &candle_core::CudaStorage,
+        bl: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        imp::geglu_bias(p, pl, b, bl)
+    }
+}
+
+impl candle_core::CustomOp2 for ConvBias {
+    fn name(&self) -> &'static str {
+        "dc-conv-bias"
+    }
+
+    cpu_refusal!(y, b);
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        y: &candle_core::CudaStorage,
+        yl: &candle_core::Layout,
+        b: &candle_core::CudaStorage,
+        bl: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        imp::conv_bias(self.width, y, yl, b, bl)
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod imp {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaDType, CudaStorage, WrapErr};
+    use candle_core::{DType, Layout, Result, Shape};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/epilogue.ptx"));
+    const MODULE: &str = "dynamicrafter_epilogue";
+    const THREADS: u32 = 256;
+
+    /// Enough blocks to fill the card for a grid-stride loop over `work` items.
+    fn launch_config(work: usize) -> LaunchConfig {
+        let blocks = work.div_ceil(THREADS as usize).clamp(1, 132 * 32) as u32;
+        LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<(CudaView<'a, T>, usize)> {
+        let (start, end) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{what} must be contiguous")))?;
+        Ok((s.as_cuda_slice::<T>()?.slice(start..end), start))
+    }
+
+    /// The kernel's name for `dtype`.
+    fn suffix(dtype: DType) -> Result<&'static str> {
+        Ok(match dtype {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            dt => candle_core::bail!("epilogue: unsupported dtype {dt:?}"),
+        })
+    }
+
+    /// Whether 16-byte accesses line up: `len` a multiple of a pack and every start offset too.
+    fn packs<T>(len: usize, starts: &[usize]) -> i32 {
+        let per_pack = 16 / std::mem::size_of::<T>();
+        (len % per_pack == 0 && starts.iter().all(|s| s % per_pack == 0)) as i32
+    }
+
+    /// The kernel `name` of `epilogue.cu` for `dtype`, loaded once per device.
+    macro_rules! kernel {
+        ($dev:expr, $name:literal, $dtype:expr) => {
+            $dev.get_or_load_custom_func(&format!(concat!($name, "_{}"), suffix($dtype)?), MODULE, PTX)?
+        };
+    }
+
+    macro_rules! by_dtype {
+        ($dtype:expr, $f:ident, $($args:expr),*) => {
+            match $dtype {
+                DType::F32 => $f::<f32>($($args),*),
+                DType::F16 => $f::<half::f16>($($args),*),
+                DType::BF16 => $f::<half::bf16>($($args),*),
+                dt => candle_core::bail!("epilogue: unsupported dtype {dt:?}"),
+            }
+        };
+    }
+
+    pub fn bias_rows(y: &CudaStorage, yl: &Layout, b: &CudaStorage, bl: &Layout, r: Option<(&CudaStorage, &Layout)>) -> Result<(CudaStorage, Shape)> {
+        by_dtype!(y.dtype(), bias_t, Broadcast::Rows, y, yl, b, bl, r)
+    }
+
+    pub fn bias_channels(y: &CudaStorage, yl: &Layout, b: &CudaStorage, bl: &Layout, r: Option<(&CudaStorage, &Layout)>) -> Result<(CudaStorage, Shape)> {
+        by_dtype!(y.dtype(), bias_t, Broadcast::Channels, y, yl, b, bl, r)
+    }
+
+    /// Which axis the bias runs along.
+    enum Broadcast {
+        /// The last: `bias_rows_*`.
+        Rows,
+        /// Axis 1: `bias_channels_*`.
+        Channels,
+    }
+
+    fn bias_t<T: CudaDType + DeviceRepr>(
+        along: Broadcast,
+        y: &CudaStorage,
+        yl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+        r: Option<(&CudaStorage, &Layout)>,
+    ) -> Result<(CudaStorage, Shape)> {
+        let total = yl.shape().elem_count();
+        let channels = bl.shape().elem_count();
+        // Rows: the bias repeats every `channels` elements; channels: it steps every `plane`.
+        let plane = total / (yl.dims()[0] * channels).max(1);
+        let dev = y.device.clone();
+        let (ys, y0) = view::<T>(y, yl, "y")?;
+        let (bs, b0) = view::<T>(b, bl, "bias")?;
+        let residual = r.map(|(r, rl)| view::<T>(r, rl, "residual")).transpose()?;
+        let r0 = residual.as_ref().map_or(0, |r| r.1);
+        let (f, run) = match along {
+            Broadcast::Rows => (kernel!(dev, "bias_rows", y.dtype()), packs::<T>(channels, &[y0, b0, r0])),
+            Broadcast::Channels => (kernel!(dev, "bias_channels", y.dtype()), packs::<T>(plane, &[y0, r0])),
+        };
+        // SAFETY: the kernel writes every element.
+        let out = unsafe { dev.alloc::<T>(total)? };
+        let (total_u, channels_i, plane_u) = (total as u64, channels as i32, plane as u64);
+        let null = 0u64;
+        let mut builder = f.builder();
+        builder.arg(&ys);
+        builder.arg(&bs);
+        match &residual {
+            Some((rs, _)) => builder.arg(rs),
+            None => builder.arg(&null),
+        };
+        builder.arg(&out);
+        builder.arg(&total_u);
+        builder.arg(&channels_i);
+        if matches!(along, Broadcast::Channels) {
+            builder.arg(&plane_u);
+        }
+        builder.arg(&run);
+        let per_pack = if run == 1 { 16 / std::mem::size_of::<T>() } else { 1 };
+        // SAFETY: arguments match `bias_rows_*` / `bias_channels_*`; sizes come from the checked layouts.
+        unsafe { builder.launch(launch_config(total / per_pack)) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), yl.shape().clone()))
+    }
+
+    pub fn geglu_bias(p: &CudaStorage, pl: &Layout, b: &CudaStorage, bl: &Layout) -> Result<(CudaStorage, Shape)> {
+        by_dtype!(p.dtype(), geglu_bias_t, p, pl, b, bl)
+    }
+
+    fn geglu_bias_t<T: CudaDType + DeviceRepr>(p: &CudaStorage, pl: &Layout, b: &CudaStorage, bl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let mut dims = pl.dims().to_vec();
+        let d = dims.last().copied().unwrap_or(0) / 2;
+        let rows = pl.shape().elem_count() / (2 * d).max(1);
+        let dev = p.device.clone();
+        let (ps, p0) = view::<T>(p, pl, "product")?;
+        let (bs, b0) = view::<T>(b, bl, "bias")?;
+        let packed = packs::<T>(d, &[p0, b0]);
+        // SAFETY: the kernel writes every element.
+        let out = unsafe { dev.alloc::<T>(rows * d)? };
+        let f = kernel!(dev, "geglu_bias", p.dtype());
+        let (rows_u, d_i) = (rows as u64, d as i32);
+        let mut builder = f.builder();
+        builder.arg(&ps);
+        builder.arg(&bs);
+        builder.arg(&out);
+        builder.arg(&rows_u);
+        builder.arg(&d_i);
+        builder.arg(&packed);
+        let per_pack = if packed == 1 { 16 / std::mem::size_of::<T>() } else { 1 };
+        // SAFETY: arguments match `geglu_bias_*`; sizes come from the checked layouts.
+        unsafe { builder.launch(launch_config(rows * d / per_pack)) }.w()?;
+        if let Some(last) = dims.last_mut() {
+            *last = d;
+        }
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(dims)))
+    }
+
+    pub fn conv_bias(width: usize, y: &CudaStorage, yl: &Layout, b: &CudaStorage, bl: &Layout) -> Result<(CudaStorage, Shape)> {
+        by_dtype!(b.dtype(), conv_bias_t, width, y, yl, b, bl)
+    }
+
+    fn conv_bias_t<T: CudaDType + DeviceRepr>(width: usize, y: &CudaStorage, yl: &Layout, b: &CudaStorage, bl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (n, c, rows, pitch) = yl.shape().dims4()?;
+        let total = n * c * rows * width;
+        let dev = y.device.clone();
+        let (ys, _) = view::<f32>(y, yl, "product")?;
+        let (bs, _) = view::<T>(b, bl, "bias")?;
+        // SAFETY: the kernel writes every element.
+        let out = unsafe { dev.alloc::<T>(total)? };
+        let f = kernel!(dev, "conv_bias", b.dtype());
+        let (total_u, c_i, rows_i, pitch_i, width_i) = (total as u64, c as i32, rows as i32, pitch as i32, width as i32);
+        let mut builder = f.builder();
+        builder.arg(&ys);
+        builder.arg(&bs);
+        builder.arg(&out);
+        builder.arg(&total_u);
+        builder.arg(&c_i);
+        builder.arg(&rows_i);
+        builder.arg(&pitch_i);
+        builder.arg(&width_i);
+        // SAFETY: arguments match `conv_bias_*`; sizes come from the checked layout.
+        unsafe { builder.launch(launch_config(total)) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, c, rows, width))))
+    }
+}
+
+#[cfg(all(test, feature = "cuda"))]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn rel(got: &Tensor, want: &Tensor) -> f32 {
+        let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let d = (f(got) - f(want)).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+        d / f(want).sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt()
+    }
+
+    /// On a GPU: every epilogue against candle's composition in f32, on packed and unpacked
+    /// shapes (last axes that are and are not multiples of a 16-byte pack, views at odd offsets).
+    #[test]
+    fn epilogues_match_candle_on_gpu() {
+        let dev = Device::new_cuda(0).expect("a CUDA build's tests need a GPU");
+        for (dtype, tol) in [(DType::F32, 1e-6), (DType::BF16, 1e-2), (DType::F16, 2e-3)] {
+            let r = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &dev).and_then(|t| t.to_dtype(dtype)).unwrap();
+            let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            for shape in [vec![3usize, 5, 64], vec![7, 33], vec![2, 4608, 320], vec![1, 1, 8]] {
+                let c = *shape.last().unwrap();
+                let (y, b, res) = (r(&shape), r(&[c]), r(&shape));
+                let want = f(&y).broadcast_add(&f(&b)).unwrap();
+                let e = rel(&bias_rows(&y, &b, None).unwrap(), &want);
+                assert!(e < tol, "bias {dtype:?} {shape:?}: {e:.2e}");
+                let e = rel(&bias_rows(&y, &b, Some(&res)).unwrap(), &(want + f(&res)).unwrap());
+                assert!(e < tol, "bias + residual {dtype:?} {shape:?}: {e:.2e}");
+                // A view one row in (contiguous, at an offset of c elements: unpacked unless c is
+                // a whole number of packs).
+                let tall = r(&[shape[0] + 1, c]);
+                let view = tall.narrow(0, 1, shape[0]).unwrap();
+                let e = rel(&bias_rows(&view, &b, None).unwrap(), &f(&view).broadcast_add(&f(&b)).unwrap());
+                assert!(e < tol, "bias on a view {dtype:?} {shape:?}: {e:.2e}");
+                eprintln!("bias epilogues {dtype:?} {shape:?}: ok");
+            }
+            for shape in [vec![2usize, 3, 5, 7], vec![1, 320, 72, 128], vec![3, 8, 16]] {
+                let c = shape[1];
+                let (y, b, res) = (r(&shape), r(&[c]), r(&shape));
+                let mut bshape = vec![1usize; shape.len()];
+                bshape[1] = c;
+                let want = f(&y).broadcast_add(&f(&b).reshape(bshape).unwrap()).unwrap();
+                let e = rel(&bias_channels(&y, &b, None).unwrap(), &want);
+                assert!(e < tol, "channel bias {dtype:?} {shape:?}: {e:.2e}");
+                let e = rel(&bias_channels(&y, &b, Some(&res)).unwrap(), &(want + f(&res)).unwrap());
+                assert!(e < tol, "channel bias + residual {dtype:?} {shape:?}: {e:.2e}");
+                eprintln!("channel bias epilogues {dtype:?} {shape:?}: ok");
+            }
+            for (rows, d) in [(5usize, 8usize), (3, 13), (4608, 1280), (1, 2560)] {
+                let (p, b) = (r(&[2, rows, 2 * d]), r(&[2 * d]));
+                let want = crate::reference::geglu_reference(&f(&p).broadcast_add(&f(&b)).unwrap()).unwrap();
+                let e = rel(&geglu_bias(&p, &b).unwrap(), &want);
+                eprintln!("GEGLU epilogue {dtype:?} {rows}x{d}: {e:.2e}");
+                assert!(e < tol, "GEGLU {dtype:?} {rows}x{d}: {e:.2e}");
+            }
+            for (n, c, rows, pitch, width) in [(2usize, 3usize, 5usize, 9usize, 7usize), (1, 320, 72, 130, 128), (3, 8, 4, 4, 4)] {
+                let y = Tensor::randn(0f32, 1.0, (n, c, rows, pitch), &dev).unwrap();
+                let b = r(&[c]);
+                let want = y.narrow(3, 0, width).unwrap().broadcast_add(&f(&b).reshape((1, c, 1, 1)).unwrap()).unwrap();
+                let got = conv_bias(&y, &b, width).unwrap();
+                assert_eq!(got.dtype(), dtype);
+                let e = rel(&got, &want);
+                eprintln!("conv epilogue {dtype:?} {n}x{c}x{rows}x{pitch}→{width}: {e:.2e}");
+                assert!(e < tol, "conv epilogue {dtype:?}: {e:.2e}");
+            }
+        }
+    }
+}
