@@ -1,25 +1,31 @@
 #!/usr/bin/env bash
-# The CUDA checks and timings, in one run on a machine with an NVIDIA GPU (issue #7):
-# the fused-attention kernel test, parity and reduced-precision tests on CUDA, the UNet and
-# whole-pipeline benchmarks at 256, 320×512 and 576×1024, the fused-vs-chunked attention A/B,
-# and PyTorch's timing of the same UNet forward (scripts/torch_unet.py) where PyTorch is there.
+# The CUDA checks and timings, in one run on a machine with an NVIDIA GPU (issues #7, #18): the
+# kernel tests (fused attention, group norm, convolutions, GEMM epilogues), parity and
+# reduced-precision tests on CUDA, the UNet forward, the CFG step (two passes against one batch)
+# and whole-pipeline benchmarks at 256, 320×512 and 576×1024 (and 576×1024 with --offload),
+# the fused-vs-chunked attention A/B, and PyTorch's timing of the same UNet forward: our
+# re-statement (scripts/torch_unet.py) and, where `.upstream/` holds upstream's lvdm/ and
+# configs/, upstream's own UNet (scripts/upstream_unet.py). It ends by writing $OUT/gpu.json
+# (docs/bench/gpu.json's format, scripts/gpu_json.py) from the JSON of those runs.
 #
 #   scripts/gpu_check.sh BIN_DIR [FIXTURES_DIR]
 #
-# BIN_DIR holds `dynamicrafter-bench` (`cargo build --release --features cuda -p
-# dynamicrafter-bench`), the kernels' test binary as `kernels` and the engine's `parity` and
-# `pipeline` of a `--features cuda` build (`cargo test --release --features cuda -p
-# dynamicrafter-kernels -p dynamicrafter-engine --no-run` lists them); the tests find the
-# tiny-v fixture where they were built, so run this
-# from a checkout at the same path or point FIXTURES_DIR (default: fixtures) at the folders to
-# check. Logs go to $OUT (default /tmp/gpu-check); the last lines printed are the summary.
-# STEPS="name …" runs only the steps named (to fit a time budget); the default runs them all.
+# BIN_DIR holds `dynamicrafter-bench`, the kernels' test binary as `kernels` and the engine's
+# `parity` and `pipeline` of a `--features cuda` build: scripts/build_cuda.sh makes them on a
+# machine without a GPU and packs them as .gpu-bin.txz. A device call carries that and
+# `.upstream` (both git-ignored) and runs
+#   tar xJf .gpu-bin.txz && COMMIT=<sha> scripts/gpu_check.sh .gpu-bin
+# The tests read the fixtures from FIXTURES_DIR (default: fixtures). Logs go to $OUT (default /tmp/gpu-check) as logs.tgz (every step's log and JSON); the
+# last lines printed are the summary. COMMIT names the commit in gpu.json (default: git's HEAD).
+# STEPS="name …" runs only the steps named (to fit a time budget; two calls of a device session
+# can split them, gpu.json is written from what the call ran); the default runs them all.
 set -u
 BIN=${1:?usage: gpu_check.sh BIN_DIR [FIXTURES_DIR]}
 FIX=${2:-fixtures}
 OUT=${OUT:-/tmp/gpu-check}
 LOGS=$(mktemp -d)
-mkdir -p "$OUT"
+JSON=$LOGS/json
+mkdir -p "$OUT" "$JSON"
 summary=()
 step() { # name timeout command...
     local name=$1 limit=$2
@@ -34,20 +40,34 @@ step() { # name timeout command...
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+# The CUDA libraries (cuBLAS, cuRAND, NVRTC, cuDNN) of PyTorch's wheels, where the machine has no toolkit's.
+nvlibs=$(python3 -c 'import glob, nvidia, os; print(":".join(d for p in nvidia.__path__ for d in glob.glob(os.path.join(p, "*", "lib"))))' 2>/dev/null)
+export LD_LIBRARY_PATH=${nvlibs:+$nvlibs:}${LD_LIBRARY_PATH:-}
 export DYNAMICRAFTER_TEST_DEVICE=cuda DYNAMICRAFTER_FIXTURES=$FIX RUST_BACKTRACE=1
 
-step kernel-tests 60 "$BIN/kernels" --nocapture --test-threads 1 flash_attention kernels_match_candle_on_gpu
+step kernel-tests 90 "$BIN/kernels" --nocapture --test-threads 1 flash_attention kernels_match_candle_on_gpu epilogues_match_candle_on_gpu
 step ops-1024 60 "$BIN/dynamicrafter-bench" --device cuda ops-1024 --runs 3
-step bench-unet-bf16 90 "$BIN/dynamicrafter-bench" --device cuda unet-256 unet-512 unet-1024 --runs 3
+step bench-unet-bf16 90 "$BIN/dynamicrafter-bench" --device cuda unet-256 unet-512 unet-1024 --runs 3 --json "$JSON/unet.json"
+step bench-guided-1024 90 "$BIN/dynamicrafter-bench" --device cuda guided-1024 --runs 3
 step parity-cuda 60 "$BIN/parity" --nocapture --test-threads 1
 step pipeline-tests-cuda 60 "$BIN/pipeline" --nocapture --test-threads 1
-step bench-pipeline-1024 200 "$BIN/dynamicrafter-bench" --device cuda pipeline-1024 --runs 1
-step bench-pipeline-512-256 150 "$BIN/dynamicrafter-bench" --device cuda pipeline-512 pipeline-256 --runs 1
+step bench-pipeline 300 "$BIN/dynamicrafter-bench" --device cuda pipeline-1024 pipeline-512 pipeline-256 --runs 1 --json "$JSON/pipeline.json"
+step bench-pipeline-offload 200 "$BIN/dynamicrafter-bench" --device cuda --offload pipeline-1024 --runs 1 --json "$JSON/pipeline-offload.json"
+if [ -x "$BIN/dynamicrafter-bench-cudnn" ]; then
+    step bench-cudnn 120 bash -c "'$BIN/dynamicrafter-bench-cudnn' --device cuda unet-1024 --runs 3 && DYNAMICRAFTER_CUDNN=0 '$BIN/dynamicrafter-bench-cudnn' --device cuda unet-1024 --runs 3 && '$BIN/dynamicrafter-bench-cudnn' --device cuda ops-1024 --runs 3"
+fi
 step bench-unet-chunked 60 env DYNAMICRAFTER_FLASH_ATTENTION=0 "$BIN/dynamicrafter-bench" --device cuda unet-1024 --runs 2
 step bench-unet-fp16-fp32 90 bash -c "'$BIN/dynamicrafter-bench' --device cuda --precision f16 unet-1024 --runs 2; '$BIN/dynamicrafter-bench' --device cuda --precision fp32 unet-1024 unet-256 --runs 2"
 if [ -z "${SKIP_TORCH:-}" ] && python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
-    step torch-unet 200 python3 scripts/torch_unet.py 256 512 1024 --runs 5
+    step torch-unet 200 python3 scripts/torch_unet.py 256 512 1024 --runs 5 --modes bf16,fp16 --json "$JSON/torch.json"
+    if [ -d .upstream/lvdm ]; then
+        step torch-upstream-unet 200 python3 scripts/upstream_unet.py --src .upstream 256 512 1024 --runs 5 --modes bf16,fp16 --json "$JSON/upstream.json"
+    fi
 fi
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+commit=${COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+python3 scripts/gpu_json.py "$JSON" --card "$card" --commit "$commit" | tee "$OUT/gpu.json"
+tar czf "$OUT/logs.tgz" -C "$LOGS" .
 
 echo "== summary"
 printf '%s\n' "${summary[@]}"

@@ -6,12 +6,13 @@ operation order as crates/engine/src/models/unet.rs), random weights; not upstre
 times is the work, not the checkpoint: a forward of 16 frames with context 77 + 16·16 tokens.
 
     python3 scripts/torch_unet.py [256 512 1024] [--device cuda] [--runs 5] [--modes fp32,fp16,bf16,bf16-weights]
+        [--json out.json]   # also {size: {mode: median ms}}
 
 fp32 runs with PyTorch's defaults (no TF32 matmuls); fp16/bf16 under autocast, as upstream's
 scripts do; bf16-weights is the whole model and its inputs cast to bf16 (no autocast: PyTorch's
 fastest CPU mode without AMX); attention through F.scaled_dot_product_attention.
 """
-import argparse, copy, math, time
+import argparse, copy, json, math, time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -207,7 +208,9 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--modes", default="fp32,fp16,bf16")
+    ap.add_argument("--json", help="also write {size: {mode: median ms}} here")
     a = ap.parse_args()
+    results = {}
     dev = torch.device(a.device)
     torch.manual_seed(0)
     net = Unet().to(dev).eval()
@@ -235,9 +238,13 @@ def main():
                     sync()
                     ms.append((time.perf_counter() - t0) * 1e3)
             ms.sort()
+            results.setdefault(size, {})[mode] = ms[len(ms) // 2]
             peak = f", peak {torch.cuda.max_memory_allocated() / 1e9:.2f} GB" if dev.type == "cuda" else ""
             label = mode if dtype is None else f"{mode} autocast"
             print(f"torch unet-{size} forward {label:<14} (16×{h}×{w}, ctx 333) median {ms[len(ms) // 2]:9.2f} ms (min {ms[0]:.2f}, max {ms[-1]:.2f}, n={len(ms)}){peak}", flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":
