@@ -11,14 +11,17 @@
 #
 #   run: tar xJf .gpu-bin.txz && COMMIT=<sha> scripts/gpu_check.sh .gpu-bin      (carry .gpu-bin.txz)
 #
-# CUDA_VERSION (default 13.0) must not be newer than the card's driver (580 → 13.0): an older
-# driver refuses the PTX of a newer nvcc. CUDA_COMPUTE_CAP (default 90: H100/H200) picks
+# CUDA_VERSION (default 13.0; a 13.x: the wheels' folder is nvidia/cu13) must not be newer than
+# the card's driver (580 → 13.0): an older driver refuses the PTX of a newer nvcc (check with
+# `grep -a '^\.version' OUT_DIR/kernels`: PTX 9.0 for 13.0). CUDA_COMPUTE_CAP (default 90: H100/H200) picks
 # candle's kernels' target. CUDA_ROOT (default /tmp/cuda-$CUDA_VERSION) holds the toolkit.
 set -euo pipefail
 OUT=${1:-.gpu-bin}
 VERSION=${CUDA_VERSION:-13.0}
 ROOT=${CUDA_ROOT:-/tmp/cuda-$VERSION}
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
+# Apart from the CPU build's target folder, whose binaries it would replace.
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/cuda}
 
 if [ ! -x "$ROOT/nvidia/cu13/bin/nvcc" ]; then
     mkdir -p "$ROOT/wheels"
@@ -39,8 +42,8 @@ done
 
 # Stubs to link against: every function cudarc declares for the driver (and cuDNN), as an
 # empty symbol, under the soname of the real library the machine with the GPU loads instead.
-cargo fetch -q
-cudarc=$(find "${CARGO_HOME:-$HOME/.cargo}"/registry/src -maxdepth 1 -mindepth 1 -type d | while read -r d; do ls -d "$d"/cudarc-* 2>/dev/null; done | sort -V | tail -1)
+cudarc=$(cargo metadata --format-version 1 --features cudnn | python3 -c 'import json, os, sys
+print(next(os.path.dirname(p["manifest_path"]) for p in json.load(sys.stdin)["packages"] if p["name"] == "cudarc"))')
 stub() { # library soname bindings prefix
     grep -ohE "fn $4[A-Za-z0-9_]+\(" "$cudarc/src/$3/sys/mod.rs" | sed 's/fn //; s/(//' | sort -u | sed 's/.*/void &(void) {}/' >"$ROOT/$1_stub.c"
     cc -shared -fPIC -o "$lib/$1.so" -Wl,-soname,"$2" "$ROOT/$1_stub.c"
@@ -48,11 +51,12 @@ stub() { # library soname bindings prefix
 stub libcuda libcuda.so.1 driver cu
 stub libcudnn libcudnn.so.9 cudnn cudnn
 
-target=${CARGO_TARGET_DIR:-target}
+target=$CARGO_TARGET_DIR
 # cuDNN's convolutions (`cudnn` feature) in a binary of their own: it needs libcudnn to start.
 cargo build --release --features cudnn -p dynamicrafter-bench
 cp "$target/release/dynamicrafter-bench" "$ROOT/dynamicrafter-bench-cudnn"
 cargo build --release --features cuda -p dynamicrafter-bench
+cargo test --release --features cuda -p dynamicrafter-kernels -p dynamicrafter-engine --no-run
 tests=$(cargo test --release --features cuda -p dynamicrafter-kernels -p dynamicrafter-engine --no-run --message-format=json 2>/dev/null |
     python3 -c 'import json, sys
 for line in sys.stdin:

@@ -17,8 +17,11 @@
 #   tar xJf .gpu-bin.txz && COMMIT=<sha> scripts/gpu_check.sh .gpu-bin
 # The tests read the fixtures from FIXTURES_DIR (default: fixtures). Logs go to $OUT (default /tmp/gpu-check) as logs.tgz (every step's log and JSON); the
 # last lines printed are the summary. COMMIT names the commit in gpu.json (default: git's HEAD).
-# STEPS="name …" runs only the steps named (to fit a time budget; two calls of a device session
-# can split them, gpu.json is written from what the call ran); the default runs them all.
+# STEPS="name …" runs only the steps named; gpu.json is rewritten after every step from what the
+# call has run. The whole list takes longer than one call (600 s), so split it, e.g.
+#   call 1: STEPS="kernel-tests parity-cuda pipeline-tests-cuda bench-unet-bf16 bench-guided-1024 torch-unet torch-upstream-unet"
+#   call 2: STEPS="bench-pipeline bench-pipeline-offload bench-cudnn ops-1024"
+# and merge the two calls' json/ folders (in logs.tgz) with scripts/gpu_json.py afterwards.
 set -u
 BIN=${1:?usage: gpu_check.sh BIN_DIR [FIXTURES_DIR]}
 FIX=${2:-fixtures}
@@ -36,10 +39,14 @@ step() { # name timeout command...
     local rc=$?
     summary+=("$(printf '%-28s rc %-3s %4ss' "$name" "$rc" "$((SECONDS - t0))")")
     grep -E "median|peak GPU|stages:|relative error|: [0-9.e+-]+$|dB vs fp32|test result|FAIL|panicked" "$LOGS/$name.log" | cut -c1-170
-    tar czf "$OUT/logs.tgz" -C "$LOGS" .  # one file back, even if a later step is cut off
+    # gpu.json from what has run so far, and one file of logs back, even if a later step is cut off.
+    python3 scripts/gpu_json.py "$JSON" --card "$card" --commit "$commit" >"$OUT/gpu.json" 2>>"$LOGS/gpu_json.log"
+    tar czf "$OUT/logs.tgz" -C "$LOGS" .
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+commit=${COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 # The CUDA libraries (cuBLAS, cuRAND, NVRTC, cuDNN) of PyTorch's wheels, where the machine has no toolkit's.
 nvlibs=$(python3 -c 'import glob, nvidia, os; print(":".join(d for p in nvidia.__path__ for d in glob.glob(os.path.join(p, "*", "lib"))))' 2>/dev/null)
 export LD_LIBRARY_PATH=${nvlibs:+$nvlibs:}${LD_LIBRARY_PATH:-}
@@ -64,10 +71,7 @@ if [ -z "${SKIP_TORCH:-}" ] && python3 -c 'import torch; assert torch.cuda.is_av
         step torch-upstream-unet 200 python3 scripts/upstream_unet.py --src .upstream 256 512 1024 --runs 5 --modes bf16,fp16 --json "$JSON/upstream.json"
     fi
 fi
-card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
-commit=${COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
-python3 scripts/gpu_json.py "$JSON" --card "$card" --commit "$commit" | tee "$OUT/gpu.json"
-tar czf "$OUT/logs.tgz" -C "$LOGS" .
+cat "$OUT/gpu.json"
 
 echo "== summary"
 printf '%s\n' "${summary[@]}"
