@@ -10,6 +10,14 @@ pub(crate) fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
     d / m
 }
 
+/// ‖got − want‖₂ / ‖want‖₂, in f32 (the GPU kernels' tests: bf16/f16 against f32).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn rel_l2(got: &Tensor, want: &Tensor) -> f32 {
+    let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    let d = (f(got) - f(want)).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+    d / f(want).sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt()
+}
+
 pub(crate) fn f64(t: &Tensor) -> Tensor {
     t.to_dtype(DType::F64).unwrap()
 }

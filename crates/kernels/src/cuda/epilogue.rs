@@ -76,85 +76,53 @@ macro_rules! cpu_refusal {
     };
 }
 
-impl candle_core::CustomOp2 for BiasRows {
-    fn name(&self) -> &'static str {
-        "dc-bias-rows"
-    }
+/// The two- and three-input forms (without and with a residual) of a bias epilogue.
+macro_rules! bias_ops {
+    ($op:ident, $name:literal, $imp:ident) => {
+        impl candle_core::CustomOp2 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
 
-    cpu_refusal!(y, b);
+            cpu_refusal!(y, b);
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        y: &candle_core::CudaStorage,
-        yl: &candle_core::Layout,
-        b: &candle_core::CudaStorage,
-        bl: &candle_core::Layout,
-    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        imp::bias_rows(y, yl, b, bl, None)
-    }
+            #[cfg(feature = "cuda")]
+            fn cuda_fwd(
+                &self,
+                y: &candle_core::CudaStorage,
+                yl: &candle_core::Layout,
+                b: &candle_core::CudaStorage,
+                bl: &candle_core::Layout,
+            ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+                imp::$imp(y, yl, b, bl, None)
+            }
+        }
+
+        impl candle_core::CustomOp3 for $op {
+            fn name(&self) -> &'static str {
+                concat!($name, "-residual")
+            }
+
+            cpu_refusal!(y, b, r);
+
+            #[cfg(feature = "cuda")]
+            fn cuda_fwd(
+                &self,
+                y: &candle_core::CudaStorage,
+                yl: &candle_core::Layout,
+                b: &candle_core::CudaStorage,
+                bl: &candle_core::Layout,
+                r: &candle_core::CudaStorage,
+                rl: &candle_core::Layout,
+            ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+                imp::$imp(y, yl, b, bl, Some((r, rl)))
+            }
+        }
+    };
 }
 
-impl candle_core::CustomOp3 for BiasRows {
-    fn name(&self) -> &'static str {
-        "dc-bias-rows-residual"
-    }
-
-    cpu_refusal!(y, b, r);
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        y: &candle_core::CudaStorage,
-        yl: &candle_core::Layout,
-        b: &candle_core::CudaStorage,
-        bl: &candle_core::Layout,
-        r: &candle_core::CudaStorage,
-        rl: &candle_core::Layout,
-    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        imp::bias_rows(y, yl, b, bl, Some((r, rl)))
-    }
-}
-
-impl candle_core::CustomOp2 for BiasChannels {
-    fn name(&self) -> &'static str {
-        "dc-bias-channels"
-    }
-
-    cpu_refusal!(y, b);
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        y: &candle_core::CudaStorage,
-        yl: &candle_core::Layout,
-        b: &candle_core::CudaStorage,
-        bl: &candle_core::Layout,
-    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        imp::bias_channels(y, yl, b, bl, None)
-    }
-}
-
-impl candle_core::CustomOp3 for BiasChannels {
-    fn name(&self) -> &'static str {
-        "dc-bias-channels-residual"
-    }
-
-    cpu_refusal!(y, b, r);
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        y: &candle_core::CudaStorage,
-        yl: &candle_core::Layout,
-        b: &candle_core::CudaStorage,
-        bl: &candle_core::Layout,
-        r: &candle_core::CudaStorage,
-        rl: &candle_core::Layout,
-    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        imp::bias_channels(y, yl, b, bl, Some((r, rl)))
-    }
-}
+bias_ops!(BiasRows, "dc-bias-rows", bias_rows);
+bias_ops!(BiasChannels, "dc-bias-channels", bias_channels);
 
 impl candle_core::CustomOp2 for GegluBias {
     fn name(&self) -> &'static str {
@@ -377,11 +345,7 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    fn rel(got: &Tensor, want: &Tensor) -> f32 {
-        let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-        let d = (f(got) - f(want)).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
-        d / f(want).sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt()
-    }
+    use crate::common::testing::rel_l2 as rel;
 
     /// On a GPU: every epilogue against candle's composition in f32, on packed and unpacked
     /// shapes (last axes that are and are not multiples of a 16-byte pack, views at odd offsets).

@@ -315,11 +315,7 @@ mod tests {
     use crate::taps_first;
     use candle_core::Device;
 
-    fn rel(got: &Tensor, want: &Tensor) -> f32 {
-        let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-        let d = (f(got) - f(want)).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
-        d / f(want).sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt()
-    }
+    use crate::common::testing::rel_l2 as rel;
 
     /// On a GPU: group norm and both convolutions against candle's composition, in f32 at f32
     /// rounding level and in bf16 within bf16 rounding, on shapes with odd sizes.
