@@ -76,9 +76,9 @@ macro_rules! cpu_refusal {
     };
 }
 
-/// The two- and three-input forms (without and with a residual) of a bias epilogue.
-macro_rules! bias_ops {
-    ($op:ident, $name:literal, $imp:ident) => {
+/// A two-input op (`y`, `bias`) running `$run(self, y, yl, b, bl)` on CUDA.
+macro_rules! op2 {
+    ($op:ident, $name:expr, |$s:ident, $y:ident, $yl:ident, $b:ident, $bl:ident| $run:expr) => {
         impl candle_core::CustomOp2 for $op {
             fn name(&self) -> &'static str {
                 $name
@@ -89,14 +89,22 @@ macro_rules! bias_ops {
             #[cfg(feature = "cuda")]
             fn cuda_fwd(
                 &self,
-                y: &candle_core::CudaStorage,
-                yl: &candle_core::Layout,
-                b: &candle_core::CudaStorage,
-                bl: &candle_core::Layout,
+                $y: &candle_core::CudaStorage,
+                $yl: &candle_core::Layout,
+                $b: &candle_core::CudaStorage,
+                $bl: &candle_core::Layout,
             ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-                imp::$imp(y, yl, b, bl, None)
+                let $s = self;
+                $run
             }
         }
+    };
+}
+
+/// The two- and three-input forms (without and with a residual) of a bias epilogue.
+macro_rules! bias_ops {
+    ($op:ident, $name:literal, $imp:ident) => {
+        op2!($op, $name, |_op, y, yl, b, bl| imp::$imp(y, yl, b, bl, None));
 
         impl candle_core::CustomOp3 for $op {
             fn name(&self) -> &'static str {
@@ -123,44 +131,8 @@ macro_rules! bias_ops {
 
 bias_ops!(BiasRows, "dc-bias-rows", bias_rows);
 bias_ops!(BiasChannels, "dc-bias-channels", bias_channels);
-
-impl candle_core::CustomOp2 for GegluBias {
-    fn name(&self) -> &'static str {
-        "dc-geglu-bias"
-    }
-
-    cpu_refusal!(p, b);
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        p: &candle_core::CudaStorage,
-        pl: &candle_core::Layout,
-        b: &candle_core::CudaStorage,
-        bl: &candle_core::Layout,
-    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        imp::geglu_bias(p, pl, b, bl)
-    }
-}
-
-impl candle_core::CustomOp2 for ConvBias {
-    fn name(&self) -> &'static str {
-        "dc-conv-bias"
-    }
-
-    cpu_refusal!(y, b);
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        y: &candle_core::CudaStorage,
-        yl: &candle_core::Layout,
-        b: &candle_core::CudaStorage,
-        bl: &candle_core::Layout,
-    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        imp::conv_bias(self.width, y, yl, b, bl)
-    }
-}
+op2!(GegluBias, "dc-geglu-bias", |_op, p, pl, b, bl| imp::geglu_bias(p, pl, b, bl));
+op2!(ConvBias, "dc-conv-bias", |op, y, yl, b, bl| imp::conv_bias(op.width, y, yl, b, bl));
 
 #[cfg(feature = "cuda")]
 mod imp {
@@ -197,7 +169,7 @@ mod imp {
     /// Whether 16-byte accesses line up: `len` a multiple of a pack and every start offset too.
     fn packs<T>(len: usize, starts: &[usize]) -> i32 {
         let per_pack = 16 / std::mem::size_of::<T>();
-        (len % per_pack == 0 && starts.iter().all(|s| s % per_pack == 0)) as i32
+        (len.is_multiple_of(per_pack) && starts.iter().all(|s| s.is_multiple_of(per_pack))) as i32
     }
 
     /// The kernel `name` of `epilogue.cu` for `dtype`, loaded once per device.
