@@ -15,8 +15,9 @@
 # machine without a GPU and packs them as .gpu-bin.txz. A device call carries that and
 # `.upstream` (both git-ignored) and runs
 #   tar xJf .gpu-bin.txz && COMMIT=<sha> scripts/gpu_check.sh .gpu-bin
-# The tests read the fixtures from FIXTURES_DIR (default: fixtures). Logs go to $OUT (default /tmp/gpu-check) as logs.tgz (every step's log and JSON); the
-# last lines printed are the summary. COMMIT names the commit in gpu.json (default: git's HEAD).
+# The tests read the fixtures from FIXTURES_DIR (default: fixtures). Logs go to $OUT (default
+# /tmp/gpu-check) as logs.tgz (every step's log and JSON); the last lines printed are the
+# summary. COMMIT names the commit in gpu.json (default: git's HEAD).
 # STEPS="name …" runs only the steps named; gpu.json is rewritten after every step from what the
 # call has run. The whole list takes longer than one call (600 s), so split it, e.g.
 #   call 1: STEPS="kernel-tests parity-cuda pipeline-tests-cuda bench-unet-bf16 bench-guided-1024 torch-unet torch-upstream-unet"
