@@ -95,6 +95,7 @@ pub struct Backend {
     int8: Int8,
     bf16_products: bool,
     batched_guidance: bool,
+    ff_chunk_rows: Option<usize>,
     chosen: Mutex<BTreeMap<LayerKind, BTreeMap<Kernel, usize>>>,
     /// Off once the pipeline is built: networks rebuilt later (`--offload`) are not counted twice.
     counting: AtomicBool,
@@ -116,6 +117,7 @@ impl Backend {
             int8,
             bf16_products: precision.bf16_matmuls,
             batched_guidance: batched_guidance(device, precision),
+            ff_chunk_rows: ff_chunk_rows(precision),
             chosen: Mutex::default(),
             counting: AtomicBool::new(true),
         }
@@ -128,6 +130,12 @@ impl Backend {
     /// docs/PERFORMANCE.md). `DYNAMICRAFTER_CFG_BATCH=0|1` overrides it (A/B timings).
     pub fn batched_guidance(&self) -> bool {
         self.batched_guidance
+    }
+
+    /// Rows per piece of the UNet's feed-forwards (the policy's `ff_chunk_rows`;
+    /// `DYNAMICRAFTER_FF_CHUNK=0|N` overrides it: whole, or N rows).
+    pub fn ff_chunk_rows(&self) -> Option<usize> {
+        self.ff_chunk_rows
     }
 
     /// Overrides [`batched_guidance`](Self::batched_guidance).
@@ -337,6 +345,14 @@ fn batched_guidance(device: &Device, precision: &PrecisionPolicy) -> bool {
         Ok("0") => false,
         Ok("1") => true,
         _ => !device.is_cpu() && !precision.offload,
+    }
+}
+
+fn ff_chunk_rows(precision: &PrecisionPolicy) -> Option<usize> {
+    match std::env::var("DYNAMICRAFTER_FF_CHUNK").ok().and_then(|v| v.parse::<usize>().ok()) {
+        Some(0) => None,
+        Some(rows) => Some(rows),
+        None => precision.ff_chunk_rows,
     }
 }
 

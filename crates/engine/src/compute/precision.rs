@@ -130,7 +130,15 @@ pub struct PrecisionPolicy {
     /// host memory, in their weight dtype, and are moved to the device when their stage runs;
     /// the UNet stays. Less device memory for a little time; meant for small GPUs.
     pub offload: bool,
+    /// Rows (tokens) per piece of the UNet's feed-forwards, run piece by piece so their 8×-wide
+    /// hidden activations never exist whole (diffusers' forward chunking); `None`: whole.
+    /// `--offload` sets [`OFFLOAD_FF_CHUNK_ROWS`].
+    pub ff_chunk_rows: Option<usize>,
 }
+
+/// The feed-forward piece `--offload` runs: 16384 tokens, 1/9 of a 576×1024 level-1 forward
+/// (16 frames of 72×128), so the 2560-wide bf16 product is 84 MB instead of 755 MB.
+pub const OFFLOAD_FF_CHUNK_ROWS: usize = 16384;
 
 fn dtype(p: Precision) -> DType {
     match p {
@@ -164,13 +172,13 @@ impl PrecisionPolicy {
         if resolved == Precision::F16 {
             parts[1] = PartPrecision { weights: DType::F32, compute: DType::F32 };
         }
-        Self { resolved, parts, quantization: None, bf16_matmuls: false, offload: false }
+        Self { resolved, parts, quantization: None, bf16_matmuls: false, offload: false, ff_chunk_rows: None }
     }
 
     /// fp32 everywhere, on any device (reference runs and tests).
     pub fn f32() -> Self {
         let all = PartPrecision { weights: DType::F32, compute: DType::F32 };
-        Self { resolved: Precision::F32, parts: [all; 5], quantization: None, bf16_matmuls: false, offload: false }
+        Self { resolved: Precision::F32, parts: [all; 5], quantization: None, bf16_matmuls: false, offload: false, ff_chunk_rows: None }
     }
 
     /// The policy of the `--precision` and `--quantize` flags on `device`: what every front end
@@ -186,8 +194,10 @@ impl PrecisionPolicy {
         self
     }
 
+    /// `--offload`: the idle networks parked in host memory and the feed-forwards in pieces.
     pub fn with_offload(mut self, offload: bool) -> Self {
         self.offload = offload;
+        self.ff_chunk_rows = offload.then_some(OFFLOAD_FF_CHUNK_ROWS);
         self
     }
 

@@ -186,6 +186,8 @@ struct BasicTransformerBlock {
     norm1: LayerNorm,
     norm2: LayerNorm,
     norm3: LayerNorm,
+    /// Rows per feed-forward piece ([`Backend::ff_chunk_rows`]).
+    ff_chunk_rows: Option<usize>,
 }
 
 impl BasicTransformerBlock {
@@ -217,14 +219,31 @@ impl BasicTransformerBlock {
             norm1: layer_norm(dim, 1e-5, vb.pp("norm1"))?,
             norm2: layer_norm(dim, 1e-5, vb.pp("norm2"))?,
             norm3: layer_norm(dim, 1e-5, vb.pp("norm3"))?,
+            ff_chunk_rows: backend.ff_chunk_rows(),
         })
     }
 
     fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let xs = self.attn1.forward_add(&self.norm1.forward(xs)?, None, xs)?;
         let xs = self.attn2.forward_add(&self.norm2.forward(&xs)?, context, &xs)?;
-        let h = self.ff_proj.forward_geglu(&self.norm3.forward(&xs)?)?;
-        self.ff_out.forward_add(&h, &xs)
+        let normed = self.norm3.forward(&xs)?;
+        let ff = |x: &Tensor, residual: &Tensor| self.ff_out.forward_add(&self.ff_proj.forward_geglu(x)?, residual);
+        let (b, n, c) = xs.dims3()?;
+        match self.ff_chunk_rows {
+            // Row by row the same maths: every token's feed-forward is its own.
+            Some(rows) if b * n > rows => {
+                let (x, r) = (normed.reshape((b * n, c))?, xs.reshape((b * n, c))?);
+                let pieces = (0..b * n)
+                    .step_by(rows)
+                    .map(|start| {
+                        let len = rows.min(b * n - start);
+                        ff(&x.narrow(0, start, len)?, &r.narrow(0, start, len)?)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&pieces, 0)?.reshape((b, n, c))
+            }
+            _ => ff(&normed, &xs),
+        }
     }
 }
 
