@@ -3,7 +3,7 @@
 //! them back merged: no split/merge copies, and no score matrix beyond 32 query rows.
 
 use super::{a_tiles, as_u16, as_u16_mut, available, b_tiles, bf16_bits, configure_tiles, lines, product_block, Line, BLOCK};
-use crate::common::{fast_exp, output_buffer, with_heads, HeadsShape, SendPtr};
+use crate::common::{fast_exp, output_buffer, store_normalized, with_heads, HeadsShape, SendPtr};
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
@@ -72,14 +72,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
                         // SAFETY: the probability tiles hold 2 tile rows of n_pad/32 tiles, the
                         // values dv/16 tile columns of n_pad/32 tiles.
                         unsafe { product_block(as_u16(&s.probs).as_ptr(), vt.as_ptr(), n_pad / BLOCK, 0, jb * 2, s.block.as_mut_ptr()) };
-                        for r in 0..rows {
-                            let inv = 1.0 / s.sums[r];
-                            // SAFETY: row r0+r, columns of head h: written by this task only.
-                            let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add((bi * m + r0 + r) * vw + h * dv + jb * BLOCK), BLOCK) };
-                            for (o, &x) in dst.iter_mut().zip(&s.block[r * BLOCK..(r + 1) * BLOCK]) {
-                                o.write(x * inv);
-                            }
-                        }
+                        // SAFETY: rows r0.., columns of head h: written by this task only.
+                        unsafe { store_normalized(out_ptr, (bi * m + r0) * vw + h * dv + jb * BLOCK, vw, BLOCK, &s.block, BLOCK, &s.sums[..rows]) };
                     }
                 }
             },

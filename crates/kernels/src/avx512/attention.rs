@@ -7,7 +7,7 @@
 
 use super::matrix::{Bf16Pairs, Format, Start, PANEL};
 use super::{lanes, lanes_mut, Lanes};
-use crate::common::{bf16_bits, output_buffer, with_heads, HeadsShape, SendPtr};
+use crate::common::{bf16_bits, output_buffer, store_normalized, with_heads, HeadsShape, SendPtr};
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
@@ -107,14 +107,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
                         }
                     }
                     let cols = PANEL.min(dv - p * PANEL);
-                    for r in 0..rows {
-                        let inv = 1.0 / s.sums[r];
-                        // SAFETY: row r0+r, columns of head h: written by this task only.
-                        let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add((bi * m + r0 + r) * vw + h * dv + p * PANEL), cols) };
-                        for (o, &x) in dst.iter_mut().zip(&s.block[r * PANEL..r * PANEL + cols]) {
-                            o.write(x * inv);
-                        }
-                    }
+                    // SAFETY: rows r0.., columns of head h: written by this task only.
+                    unsafe { store_normalized(out_ptr, (bi * m + r0) * vw + h * dv + p * PANEL, vw, cols, &s.block, PANEL, &s.sums[..rows]) };
                 }
             },
         );

@@ -100,6 +100,31 @@ pub(crate) fn with_heads<R>(
     f(shape, cpu_f32(op, &qs, ql)?, cpu_f32(op, &ks, kl)?, cpu_f32(op, &vs, vl)?)
 }
 
+/// Writes `sums.len()` rows of `block` (row stride `block_stride`), `cols` wide, each divided by
+/// its row's sum, into `out` from element `start` on with row stride `out_stride`: an attention
+/// block's softmax normalisation on its way out.
+///
+/// # Safety
+/// The rows and columns written must lie in `out`'s buffer and be written by this caller only.
+pub(crate) unsafe fn store_normalized(
+    out: SendPtr<std::mem::MaybeUninit<f32>>,
+    start: usize,
+    out_stride: usize,
+    cols: usize,
+    block: &[f32],
+    block_stride: usize,
+    sums: &[f32],
+) {
+    for (r, &sum) in sums.iter().enumerate() {
+        let inv = 1.0 / sum;
+        // SAFETY: the caller's rows and columns, inside the buffer.
+        let dst = unsafe { std::slice::from_raw_parts_mut(out.get().add(start + r * out_stride), cols) };
+        for (o, &x) in dst.iter_mut().zip(&block[r * block_stride..r * block_stride + cols]) {
+            o.write(x * inv);
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 pub(crate) struct SendPtr<T = f32>(pub(crate) *mut T);
 // SAFETY: used only to hand disjoint output rows to rayon tasks.

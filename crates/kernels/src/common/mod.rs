@@ -9,7 +9,7 @@ mod grid;
 #[cfg(test)]
 pub(crate) mod testing;
 
-pub(crate) use buffer::{bias_f32, contiguous_f32, output_buffer, with_heads, HeadsShape, SendPtr};
+pub(crate) use buffer::{bias_f32, contiguous_f32, output_buffer, store_normalized, with_heads, HeadsShape, SendPtr};
 pub(crate) use gemm::gemm_f32;
 pub(crate) use grid::PaddedGrid;
 pub(crate) use simd::{bf16_bits, fast_exp, gelu_erf, EXP_MAX, EXP_MIN, LN2_HI, LN2_LO, MAGIC};
