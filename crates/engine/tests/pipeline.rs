@@ -13,6 +13,12 @@ fn tiny_v() -> (ModelConfig, Pipeline) {
     (cfg, p)
 }
 
+/// PSNR of u8 frames against a reference, in dB.
+fn psnr(got: &[u8], want: &[u8]) -> f64 {
+    let mse = got.iter().zip(want).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum::<f64>() / want.len() as f64;
+    10.0 * (255.0f64 * 255.0 / mse.max(1e-12)).log10()
+}
+
 fn image(w: usize, h: usize) -> RgbImage {
     RgbImage::new(w, h, (0..w * h * 3).map(|i| (i * 7 % 251) as u8).collect()).unwrap()
 }
@@ -180,8 +186,7 @@ fn reduced_precision_pipelines_stay_within_35_db_of_fp32() {
     let reference = frames(PrecisionPolicy::f32());
     for precision in [Precision::Bf16, Precision::F16] {
         let got = frames(PrecisionPolicy::unchecked(precision));
-        let mse = got.iter().zip(&reference).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum::<f64>() / got.len() as f64;
-        let db = 10.0 * (255.0f64 * 255.0 / mse.max(1e-12)).log10();
+        let db = psnr(&got, &reference);
         eprintln!("{}: {db:.1} dB vs fp32", precision.name());
         assert!(db >= 35.0, "{}: {db:.1} dB", precision.name());
     }
@@ -216,8 +221,7 @@ fn cpu_bf16_products_stay_within_35_db_of_fp32() {
         let reference = frames(PrecisionPolicy::f32());
         let got = frames(policy.clone());
         assert_ne!(got, reference, "the bf16 products must change something");
-        let mse = got.iter().zip(&reference).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum::<f64>() / got.len() as f64;
-        let db = 10.0 * (255.0f64 * 255.0 / mse.max(1e-12)).log10();
+        let db = psnr(&got, &reference);
         eprintln!("{}: cpu {} {db:.1} dB vs fp32", dir.display(), policy.name());
         assert!(db >= 35.0, "{}: cpu bf16 {db:.1} dB", dir.display());
     }
@@ -373,9 +377,8 @@ fn feed_forwards_in_pieces_give_the_same_videos() {
             p.generate(&req, &mut SeededNoise::new(9, &device()), &mut |_| {}, &AtomicBool::new(false)).unwrap().frames_u8
         };
         let (pieces, whole) = (frames(Some(7)), frames(None));
-        let mse = pieces.iter().zip(&whole).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum::<f64>() / whole.len() as f64;
+        let db = psnr(&pieces, &whole);
         let max = pieces.iter().zip(&whole).map(|(&a, &b)| (a as i32 - b as i32).abs()).max().unwrap_or(0);
-        let db = 10.0 * (255.0f64 * 255.0 / mse.max(1e-12)).log10();
         eprintln!("{}: pieces vs whole {db:.1} dB, max |Δ| {max}", dir.display());
         // The products' row blocking differs in the last f32 bits; a pixel may round the other way.
         assert!(max <= 1 && db >= 60.0, "{}: {db:.1} dB, max |Δ| {max}", dir.display());
