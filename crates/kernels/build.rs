@@ -6,6 +6,9 @@ fn main() {
     for kernel in KERNELS {
         println!("cargo::rerun-if-changed=src/cuda/{kernel}.cu");
     }
+    for header in HEADERS {
+        println!("cargo::rerun-if-changed=src/cuda/{header}");
+    }
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
@@ -27,4 +30,7 @@ fn main() {
 }
 
 /// The `.cu` files of `src/cuda`, each compiled to `$OUT_DIR/<name>.ptx`.
-const KERNELS: [&str; 3] = ["epilogue", "flash_attention", "group_norm"];
+const KERNELS: [&str; 4] = ["epilogue", "flash_attention", "flash_attention2", "group_norm"];
+
+/// What the kernels include.
+const HEADERS: [&str; 2] = ["attention.cuh", "ptx.cuh"];

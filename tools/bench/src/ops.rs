@@ -61,6 +61,17 @@ pub(crate) fn ops_1024(runs: usize, target: &Target) -> Result<Vec<Timing>> {
     op("attention cross 80x9216 vs 77", &mut || Ok(kernels::attention(&q, &kc, &vc, 0.125)?))?;
     let (qt, kt, vt) = (qkv(hw * heads, t)?, qkv(hw * heads, t)?, qkv(hw * heads, t)?);
     op("attention temporal 46080x16x64", &mut || Ok(kernels::attention(&qt, &kt, &vt, 0.125)?))?;
+    if kernels::flash_attention_supported(&q, &k, &v) {
+        // Each fused kernel on each shape (the rows above run the one `attention` picks).
+        for kernel in [kernels::FlashAttentionKernel::Staged, kernels::FlashAttentionKernel::Pipelined] {
+            let mut fused = |name: &str, q: &Tensor, k: &Tensor, v: &Tensor| -> Result<()> {
+                op(&format!("{name} ({kernel:?})"), &mut || Ok(kernels::flash_attention_with(kernel, q, k, v, 0.125)?))
+            };
+            fused("attention self 80x9216x64", &q, &k, &v)?;
+            fused("attention cross 80x9216 vs 77", &q, &kc, &vc)?;
+            fused("attention temporal 46080x16x64", &qt, &kt, &vt)?;
+        }
+    }
     op("permute video->tokens 1x320x16x72x128", &mut || Ok(xv.permute((0, 3, 4, 2, 1))?.contiguous()?))?;
     op("split heads 16x9216x320", &mut || Ok(dynamicrafter_engine::models::layers::split_heads(&tokens, heads)?.contiguous()?))?;
     op("cat skip 2x16x320x72x128", &mut || Ok(Tensor::cat(&[&x, &x], 1)?))?;

@@ -27,14 +27,14 @@ template <typename T> struct alignas(16) Pack {
     T v[vec<T>()];
 };
 
+// Through Pack itself (an aggregate of T may alias T), not a uint4: reading `v` after a store
+// through another type is undefined, and the CPU emulator's g++ did drop such a store for f32.
 template <typename T> __device__ __forceinline__ Pack<T> load_pack(const T* p) {
-    Pack<T> out;
-    *reinterpret_cast<uint4*>(&out) = *reinterpret_cast<const uint4*>(p);
-    return out;
+    return *reinterpret_cast<const Pack<T>*>(p);
 }
 
 template <typename T> __device__ __forceinline__ void store_pack(T* p, const Pack<T>& v) {
-    *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(&v);
+    *reinterpret_cast<Pack<T>*>(p) = v;
 }
 
 __device__ __forceinline__ float gelu(float g) { return 0.5f * g * (1.f + erff(g * 0.70710678118654752f)); }

@@ -1,0 +1,299 @@
+// Our CUDA kernels (src/cuda/*.cu, each compiled as its own C++ translation unit against
+// emulator.h) run on the CPU against references in double or in the kernels' own f32 order. Run
+// by tests/cuda_emulator.rs; prints one line per case, exits non-zero on the first failure.
+//
+// Launch geometry follows the Rust launchers (src/cuda/*.rs): threads per block, what a block
+// covers, the grid's second dimension. Grid-stride kernels get a few blocks only: the emulator
+// runs every thread, and a short grid exercises the stride.
+
+#include <string>
+
+#include "emulator.h"
+
+#define ATTENTION_KERNELS(PREFIX, NAME, T)                                                                  \
+    extern "C" void PREFIX##_##NAME##_d16(const T*, const T*, const T*, T*, int, int, float);                \
+    extern "C" void PREFIX##_##NAME##_d32(const T*, const T*, const T*, T*, int, int, float);                \
+    extern "C" void PREFIX##_##NAME##_d64(const T*, const T*, const T*, T*, int, int, float);                \
+    extern "C" void PREFIX##_##NAME##_d128(const T*, const T*, const T*, T*, int, int, float);
+ATTENTION_KERNELS(flash_attention, f16, __half)
+ATTENTION_KERNELS(flash_attention, bf16, __nv_bfloat16)
+ATTENTION_KERNELS(flash_attention2, f16, __half)
+ATTENTION_KERNELS(flash_attention2, bf16, __nv_bfloat16)
+
+#define NORM_AND_EPILOGUE_KERNELS(NAME, T)                                                                  \
+    extern "C" void group_stats_##NAME(const T*, double*, size_t);                                         \
+    extern "C" void group_apply_##NAME(const T*, const T*, const T*, const double*, T*, size_t, int, size_t, \
+                                       int, float, int);                                                    \
+    extern "C" void bias_rows_##NAME(const T*, const T*, const T*, T*, size_t, int, int);                  \
+    extern "C" void geglu_bias_##NAME(const T*, const T*, T*, size_t, int, int);                           \
+    extern "C" void bias_channels_##NAME(const T*, const T*, const T*, T*, size_t, int, size_t, int);      \
+    extern "C" void conv_bias_##NAME(const float*, const T*, T*, size_t, int, int, int, int);
+NORM_AND_EPILOGUE_KERNELS(f32, float)
+NORM_AND_EPILOGUE_KERNELS(f16, __half)
+NORM_AND_EPILOGUE_KERNELS(bf16, __nv_bfloat16)
+
+namespace {
+
+std::mt19937_64 rng{42};
+int failures = 0;
+
+// A device buffer: `len` elements between guard bands of NaN bit patterns, 128-byte aligned.
+template <typename T>
+struct Buffer {
+    static constexpr size_t GUARD = 128 / sizeof(T);
+    std::vector<T> storage;
+    size_t len;
+    explicit Buffer(size_t n) : storage(n + 2 * GUARD), len(n) {
+        std::memset(static_cast<void*>(storage.data()), 0xff, storage.size() * sizeof(T));
+    }
+    T* data() { return storage.data() + GUARD; }
+    T& operator[](size_t i) { return storage[GUARD + i]; }
+    bool guards_intact() const {
+        const auto* bytes = reinterpret_cast<const unsigned char*>(storage.data());
+        const size_t guard_bytes = GUARD * sizeof(T), end = (GUARD + len) * sizeof(T);
+        for (size_t i = 0; i < guard_bytes; ++i)
+            if (bytes[i] != 0xff || bytes[end + i] != 0xff) return false;
+        return true;
+    }
+};
+
+template <typename T>
+Buffer<T> random_buffer(size_t n, float mean = 0.f, float std = 1.f) {
+    std::normal_distribution<float> normal(mean, std);
+    Buffer<T> b(n);
+    for (size_t i = 0; i < n; ++i) b[i] = T(normal(rng));
+    return b;
+}
+
+void report(const std::string& name, bool ok, const std::string& detail) {
+    std::printf("%s %s: %s\n", ok ? "ok  " : "FAIL", name.c_str(), detail.c_str());
+    if (!ok) ++failures;
+}
+
+template <typename T>
+const char* dtype_name() {
+    if constexpr (std::is_same_v<T, float>) return "f32";
+    if constexpr (std::is_same_v<T, __half>) return "f16";
+    return "bf16";
+}
+
+template <typename T>
+bool same_bits(T a, T b) {
+    return std::memcmp(&a, &b, sizeof(T)) == 0;
+}
+
+// ---- attention
+
+using AttentionKernel = void (*)(const void*, const void*, const void*, void*, int, int, float);
+
+struct AttentionKernels {
+    const char* name;
+    int block_queries;  // queries per block (the Rust launcher's BLOCK_QUERIES)
+    int threads;
+    AttentionKernel f16[4], bf16[4];  // d = 16, 32, 64, 128
+};
+
+template <typename T>
+void attention_case(const AttentionKernels& kernels, int b, int n, int m, int d, double tolerance) {
+    const int di = d == 16 ? 0 : d == 32 ? 1 : d == 64 ? 2 : 3;
+    const AttentionKernel kernel = std::is_same_v<T, __half> ? kernels.f16[di] : kernels.bf16[di];
+    const float scale = 1.f / std::sqrt(static_cast<float>(d));
+    Buffer<T> q = random_buffer<T>((size_t)b * n * d), k = random_buffer<T>((size_t)b * m * d),
+              v = random_buffer<T>((size_t)b * m * d), out((size_t)b * n * d);
+    const unsigned blocks = b * ((n + kernels.block_queries - 1) / kernels.block_queries);
+    emu::launch(dim3{blocks, 1, 1}, dim3{(unsigned)kernels.threads, 1, 1},
+                [&] { kernel(q.data(), k.data(), v.data(), out.data(), n, m, scale); });
+    double err = 0, norm = 0;
+    std::vector<double> p(m);
+    for (int bi = 0; bi < b; ++bi)
+        for (int i = 0; i < n; ++i) {
+            const size_t qi = ((size_t)bi * n + i) * d;
+            double top = -INFINITY;
+            for (int j = 0; j < m; ++j) {
+                double s = 0;
+                for (int c = 0; c < d; ++c) s += double(float(q[qi + c])) * float(k[((size_t)bi * m + j) * d + c]);
+                p[j] = s * scale;
+                top = std::max(top, p[j]);
+            }
+            double sum = 0;
+            for (int j = 0; j < m; ++j) sum += (p[j] = std::exp(p[j] - top));
+            for (int c = 0; c < d; ++c) {
+                double want = 0;
+                for (int j = 0; j < m; ++j) want += p[j] * float(v[((size_t)bi * m + j) * d + c]);
+                want /= sum;
+                const double got = float(out[qi + c]);
+                err += (got - want) * (got - want);
+                norm += want * want;
+            }
+        }
+    const double rel = std::sqrt(err / norm);
+    char detail[160];
+    std::snprintf(detail, sizeof detail, "b=%d n=%d m=%d d=%d relative error %.2e (bound %.0e)%s", b, n, m, d, rel,
+                  tolerance, out.guards_intact() ? "" : ", wrote outside its output");
+    report(std::string(kernels.name) + " " + dtype_name<T>(), std::isfinite(rel) && rel < tolerance && out.guards_intact(),
+           detail);
+}
+
+void attention(const AttentionKernels& kernels) {
+    // Lengths on and off the tiles, cross- and self-attention, every head dimension.
+    const int cases[][4] = {{1, 1, 1, 64}, {3, 17, 77, 64}, {2, 64, 16, 64}, {1, 130, 200, 64}, {1, 256, 256, 64}, {1, 300, 520, 64},
+                            {4, 70, 130, 16}, {3, 65, 64, 32}, {2, 200, 90, 128}, {5, 16, 16, 64}};
+    for (const auto& c : cases) {
+        attention_case<__nv_bfloat16>(kernels, c[0], c[1], c[2], c[3], 1e-2);
+        attention_case<__half>(kernels, c[0], c[1], c[2], c[3], 2e-3);
+    }
+}
+
+// ---- group norm (src/cuda/mod.rs: 256 threads, statistics blocks of 256·16 elements)
+
+template <typename T>
+void group_norm_case(void (*stats)(const T*, double*, size_t),
+                     void (*apply)(const T*, const T*, const T*, const double*, T*, size_t, int, size_t, int, float, int),
+                     int n, int c, int groups, size_t s, int silu, double tolerance) {
+    constexpr unsigned THREADS = 256, CHUNK = THREADS * 16;
+    const size_t total = (size_t)n * c * s, cpg = c / groups, group_len = cpg * s;
+    Buffer<T> x = random_buffer<T>(total, 40.f, 3.f), w = random_buffer<T>(c), b = random_buffer<T>(c), y(total);
+    std::vector<double> sums(2 * n * groups, 0.0);
+    const float eps = 1e-6f;
+    emu::launch(dim3{(unsigned)((group_len + CHUNK - 1) / CHUNK), (unsigned)(n * groups), 1}, dim3{THREADS, 1, 1},
+                [&] { stats(x.data(), sums.data(), group_len); });
+    emu::launch(dim3{3, 1, 1}, dim3{THREADS, 1, 1},
+                [&] { apply(x.data(), w.data(), b.data(), sums.data(), y.data(), total, c, s, (int)cpg, eps, silu); });
+    double err = 0, norm = 0;
+    for (size_t g = 0; g < (size_t)n * groups; ++g) {
+        double mean = 0, var = 0;
+        for (size_t i = 0; i < group_len; ++i) mean += float(x[g * group_len + i]);
+        mean /= group_len;
+        for (size_t i = 0; i < group_len; ++i) var += std::pow(float(x[g * group_len + i]) - mean, 2);
+        var /= group_len;
+        for (size_t i = 0; i < group_len; ++i) {
+            const size_t e = g * group_len + i;
+            const int ch = (e / s) % c;
+            double want = (float(x[e]) - mean) / std::sqrt(var + eps) * float(w[ch]) + float(b[ch]);
+            if (silu) want = want / (1 + std::exp(-want));
+            const double got = float(y[e]);
+            err += (got - want) * (got - want);
+            norm += want * want;
+        }
+    }
+    const double rel = std::sqrt(err / norm);
+    char detail[160];
+    std::snprintf(detail, sizeof detail, "n=%d c=%d groups=%d s=%zu silu=%d relative error %.2e (bound %.0e)%s", n, c,
+                  groups, s, silu, rel, tolerance, y.guards_intact() ? "" : ", wrote outside its output");
+    report(std::string("group norm ") + dtype_name<T>(), std::isfinite(rel) && rel < tolerance && y.guards_intact(),
+           detail);
+}
+
+template <typename T>
+void group_norm(void (*stats)(const T*, double*, size_t),
+                void (*apply)(const T*, const T*, const T*, const double*, T*, size_t, int, size_t, int, float, int),
+                double tolerance) {
+    group_norm_case<T>(stats, apply, 2, 32, 8, 300, 0, tolerance);
+    group_norm_case<T>(stats, apply, 1, 16, 4, 2500, 1, tolerance);  // two statistics blocks per group
+}
+
+// ---- epilogues (src/cuda/epilogue.rs: 256 threads, grid-stride). Exact: the kernels' f32 order.
+
+template <typename T>
+float f(T v) {
+    return float(v);
+}
+
+float gelu(float g) { return 0.5f * g * (1.f + erff(g * 0.70710678118654752f)); }
+
+template <typename T, typename Want>
+void expect_exact(const std::string& name, Buffer<T>& out, size_t len, Want want) {
+    size_t bad = 0, first = 0;
+    for (size_t i = 0; i < len; ++i)
+        if (!same_bits(out[i], T(want(i))) && bad++ == 0) first = i;
+    char detail[160];
+    std::snprintf(detail, sizeof detail, "%zu of %zu elements differ (first at %zu)%s", bad, len, first,
+                  out.guards_intact() ? "" : ", wrote outside its output");
+    report(name + " " + dtype_name<T>(), bad == 0 && out.guards_intact(), detail);
+}
+
+template <typename T>
+void epilogues(void (*bias_rows)(const T*, const T*, const T*, T*, size_t, int, int),
+               void (*geglu)(const T*, const T*, T*, size_t, int, int),
+               void (*bias_channels)(const T*, const T*, const T*, T*, size_t, int, size_t, int),
+               void (*conv_bias)(const float*, const T*, T*, size_t, int, int, int, int)) {
+    constexpr int V = 16 / sizeof(T);
+    const dim3 grid{3, 1, 1}, block{256, 1, 1};
+    for (int packed : {1, 0}) {
+        const int cols = packed ? 8 * V : 8 * V + 3;
+        const size_t rows = 37, total = rows * cols;
+        for (bool residual : {true, false}) {
+            Buffer<T> y = random_buffer<T>(total), bias = random_buffer<T>(cols), r = random_buffer<T>(total), out(total);
+            const T* rp = residual ? r.data() : nullptr;
+            emu::launch(grid, block, [&] { bias_rows(y.data(), bias.data(), rp, out.data(), total, cols, packed); });
+            expect_exact(std::string("bias_rows packed=") + std::to_string(packed) + " residual=" + std::to_string(residual),
+                         out, total, [&](size_t i) {
+                             float v = f(y[i]) + f(bias[i % cols]);
+                             if (residual) v += f(r[i]);
+                             return v;
+                         });
+            const size_t channels = 5, plane = packed ? 4 * V : 4 * V + 1, n = 3, all = n * channels * plane;
+            Buffer<T> yc = random_buffer<T>(all), bc = random_buffer<T>(channels), rc = random_buffer<T>(all), oc(all);
+            const T* rcp = residual ? rc.data() : nullptr;
+            emu::launch(grid, block, [&] {
+                bias_channels(yc.data(), bc.data(), rcp, oc.data(), all, (int)channels, plane, packed);
+            });
+            expect_exact(std::string("bias_channels packed=") + std::to_string(packed) + " residual=" +
+                             std::to_string(residual),
+                         oc, all, [&](size_t i) {
+                             float v = f(yc[i]) + f(bc[(i / plane) % channels]);
+                             if (residual) v += f(rc[i]);
+                             return v;
+                         });
+        }
+        const int d = cols;
+        Buffer<T> p = random_buffer<T>(rows * 2 * d), gb = random_buffer<T>(2 * d), go(rows * d);
+        emu::launch(grid, block, [&] { geglu(p.data(), gb.data(), go.data(), rows, d, packed); });
+        expect_exact(std::string("geglu_bias packed=") + std::to_string(packed), go, rows * d, [&](size_t i) {
+            const size_t r = i / d, j = i % d;
+            return (f(p[r * 2 * d + j]) + f(gb[j])) * gelu(f(p[r * 2 * d + d + j]) + f(gb[d + j]));
+        });
+    }
+    // conv_bias: (planes, rows, pitch) f32 → (planes, rows, width), a bias per channel.
+    const int channels = 4, planes = 2 * channels, rows = 6, pitch = 13, width = 10;
+    const size_t total = (size_t)planes * rows * width;
+    Buffer<float> y = random_buffer<float>((size_t)planes * rows * pitch);
+    Buffer<T> bias = random_buffer<T>(channels), out(total);
+    emu::launch(grid, block, [&] { conv_bias(y.data(), bias.data(), out.data(), total, channels, rows, pitch, width); });
+    expect_exact("conv_bias", out, total, [&](size_t i) {
+        const size_t pl = i / (rows * width), r = (i % (rows * width)) / width, x = i % width;
+        return y[(pl * rows + r) * pitch + x] + f(bias[pl % channels]);
+    });
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    const std::string only = argc > 1 ? argv[1] : "";
+    auto wanted = [&](const char* part) { return only.empty() || only == part; };
+    if (wanted("attention")) {
+#define KERNEL_SET(PREFIX, BLOCK_QUERIES, THREADS)                                                          \
+    AttentionKernels {                                                                                      \
+        #PREFIX, BLOCK_QUERIES, THREADS,                                                                    \
+            {(AttentionKernel)PREFIX##_f16_d16, (AttentionKernel)PREFIX##_f16_d32,                          \
+             (AttentionKernel)PREFIX##_f16_d64, (AttentionKernel)PREFIX##_f16_d128},                        \
+            {(AttentionKernel)PREFIX##_bf16_d16, (AttentionKernel)PREFIX##_bf16_d32,                        \
+             (AttentionKernel)PREFIX##_bf16_d64, (AttentionKernel)PREFIX##_bf16_d128},                      \
+    }
+        // Queries per block and threads: flash_attention.rs's launchers.
+        attention(KERNEL_SET(flash_attention, 64, 128));
+        attention(KERNEL_SET(flash_attention2, 128, 256));
+    }
+    if (wanted("group_norm")) {
+        group_norm<float>(group_stats_f32, group_apply_f32, 1e-5);
+        group_norm<__half>(group_stats_f16, group_apply_f16, 1e-3);
+        group_norm<__nv_bfloat16>(group_stats_bf16, group_apply_bf16, 5e-3);
+    }
+    if (wanted("epilogue")) {
+        epilogues<float>(bias_rows_f32, geglu_bias_f32, bias_channels_f32, conv_bias_f32);
+        epilogues<__half>(bias_rows_f16, geglu_bias_f16, bias_channels_f16, conv_bias_f16);
+        epilogues<__nv_bfloat16>(bias_rows_bf16, geglu_bias_bf16, bias_channels_bf16, conv_bias_bf16);
+    }
+    std::printf("%d failed\n", failures);
+    return failures == 0 ? 0 : 1;
+}
