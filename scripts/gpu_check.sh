@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA checks and timings, in one run on a machine with an NVIDIA GPU (issues #7, #18): the
-# kernel tests (fused attention, group norm, convolutions, GEMM epilogues), parity and
+# kernel tests (both fused attention kernels, group norm, convolutions (shifted and implicit
+# GEMMs), GEMM epilogues), parity and
 # reduced-precision tests on CUDA, the UNet forward, the CFG step (two passes against one batch)
 # and whole-pipeline benchmarks at 256, 320×512 and 576×1024 (and 576×1024 with --offload),
 # the fused-vs-chunked attention A/B, and PyTorch's timing of the same UNet forward: our
@@ -21,7 +22,7 @@
 # STEPS="name …" runs only the steps named; gpu.json is rewritten after every step from what the
 # call has run. The whole list takes longer than one call (600 s), so split it, e.g.
 #   call 1: STEPS="kernel-tests parity-cuda pipeline-tests-cuda bench-unet-bf16 bench-guided-1024 torch-unet torch-upstream-unet"
-#   call 2: STEPS="bench-pipeline bench-pipeline-offload bench-cudnn ops-1024"
+#   call 2: STEPS="bench-pipeline bench-pipeline-offload bench-cudnn ops-1024 bench-unet-levers"
 # and merge the two calls' json/ folders (in logs.tgz) with scripts/gpu_json.py afterwards.
 set -u
 BIN=${1:?usage: gpu_check.sh BIN_DIR [FIXTURES_DIR]}
@@ -53,7 +54,7 @@ nvlibs=$(python3 -c 'import glob, nvidia, os; print(":".join(d for p in nvidia._
 export LD_LIBRARY_PATH=${nvlibs:+$nvlibs:}${LD_LIBRARY_PATH:-}
 export DYNAMICRAFTER_TEST_DEVICE=cuda DYNAMICRAFTER_FIXTURES=$FIX RUST_BACKTRACE=1
 
-step kernel-tests 90 "$BIN/kernels" --nocapture --test-threads 1 flash_attention kernels_match_candle_on_gpu epilogues_match_candle_on_gpu
+step kernel-tests 90 "$BIN/kernels" --nocapture --test-threads 1 flash_attention kernels_match_candle_on_gpu epilogues_match_candle_on_gpu implicit_gemm_convolutions
 step ops-1024 60 "$BIN/dynamicrafter-bench" --device cuda ops-1024 --runs 3
 step bench-unet-bf16 90 "$BIN/dynamicrafter-bench" --device cuda unet-256 unet-512 unet-1024 --runs 3 --json "$JSON/unet.json"
 step bench-guided-1024 90 "$BIN/dynamicrafter-bench" --device cuda guided-1024 --runs 3
@@ -65,6 +66,9 @@ if [ -x "$BIN/dynamicrafter-bench-cudnn" ]; then
     step bench-cudnn 120 bash -c "'$BIN/dynamicrafter-bench-cudnn' --device cuda unet-1024 --runs 3 && DYNAMICRAFTER_CUDNN=0 '$BIN/dynamicrafter-bench-cudnn' --device cuda unet-1024 --runs 3 && '$BIN/dynamicrafter-bench-cudnn' --device cuda ops-1024 --runs 3"
 fi
 step bench-unet-chunked 60 env DYNAMICRAFTER_FLASH_ATTENTION=0 "$BIN/dynamicrafter-bench" --device cuda unet-1024 --runs 2
+# Each kernel lever's effect on the forward: the staged attention kernel only, the shifted-GEMM
+# convolutions instead of the implicit GEMM (ops-1024 times each op both ways).
+step bench-unet-levers 120 bash -c "DYNAMICRAFTER_FLASH_ATTENTION=1 '$BIN/dynamicrafter-bench' --device cuda unet-1024 --runs 2 && DYNAMICRAFTER_CONV_IGEMM=0 '$BIN/dynamicrafter-bench' --device cuda unet-1024 --runs 2"
 step bench-unet-fp16-fp32 90 bash -c "'$BIN/dynamicrafter-bench' --device cuda --precision f16 unet-1024 --runs 2; '$BIN/dynamicrafter-bench' --device cuda --precision fp32 unet-1024 unet-256 --runs 2"
 if [ -z "${SKIP_TORCH:-}" ] && python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
     step torch-unet 200 python3 scripts/torch_unet.py 256 512 1024 --runs 5 --modes bf16,fp16 --json "$JSON/torch.json"

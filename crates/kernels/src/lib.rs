@@ -38,7 +38,7 @@ pub use avx512::attention as bf16_pair_attention;
 pub use amx::{Bf16Conv, Bf16Matrix};
 pub use avx512::{Bf16DotConv, Bf16DotMatrix, Bf16DotTemporalConv, F32Conv, F32Matrix};
 pub use cuda::flash_attention::{flash_attention, flash_attention_with, supported as flash_attention_supported, Kernel as FlashAttentionKernel};
-pub use cuda::{conv3x3_cudnn, cudnn_enabled, temporal_conv_cudnn};
+pub use cuda::{conv3x3_cudnn, conv3x3_shifted, cudnn_enabled, temporal_conv_cudnn, temporal_conv_shifted};
 pub use ops::{
     attention, attention_heads, conv3x3, conv3x3_taps, geglu, group_norm, heads_in_place, linear, linear_geglu, permute, softmax_last_dim, taps_first,
     temporal_conv,

@@ -1,9 +1,10 @@
 //! Our CUDA kernels (`*.cu` beside this file, compiled to PTX by `build.rs`) and the convolutions
-//! as cuBLAS GEMMs over shifted views, where candle's generic CUDA ops are slow: candle's group
-//! norm makes ~10 passes in f32, its convolutions write a 9× im2col matrix and transpose the
-//! result back. Each entry point says which inputs it takes; callers fall back to candle's
+//! (implicit GEMMs on tensor cores in f16/bf16, else cuBLAS GEMMs over shifted views), where
+//! candle's generic CUDA ops are slow: candle's group norm makes ~10 passes in f32, its
+//! convolutions write a 9× im2col matrix and transpose the result back. Each entry point says which inputs it takes; callers fall back to candle's
 //! composition otherwise (the CPU, other dtypes).
 
+pub mod conv_igemm;
 pub mod epilogue;
 pub mod flash_attention;
 
@@ -27,8 +28,19 @@ pub fn shifted_gemm(x: &Tensor, w: &Tensor, offsets: &[usize], len: usize, out_l
 }
 
 /// 3×3 convolution, stride 1, padding 1, of `x (n, ci, h, w)` with `w_taps (9, co, ci)` (the
-/// weight with taps first) and bias `(co)`.
+/// weight with taps first) and bias `(co)`: the implicit GEMM where it applies (f16/bf16, channels
+/// a multiple of 32), else shifted GEMMs.
 pub fn conv3x3(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let bias = bias.to_dtype(x.dtype())?;
+    if conv_igemm::supported(x, w_taps, &bias) {
+        conv_igemm::conv3x3(x, w_taps, &bias)
+    } else {
+        conv3x3_shifted(x, w_taps, &bias)
+    }
+}
+
+/// [`conv3x3`] as 9 cuBLAS GEMMs over shifted windows of the padded input, f32 accumulation.
+pub fn conv3x3_shifted(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let (n, _, h, w) = x.dims4()?;
     let co = w_taps.dim(1)?;
     let pitch = w + 2;
@@ -39,8 +51,19 @@ pub fn conv3x3(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
     epilogue::conv_bias(&y.reshape((n, co, h, pitch))?, &bias.to_dtype(x.dtype())?, w)
 }
 
-/// Conv3d with kernel (3,1,1), padding (1,0,0) of `x (b, ci, t, s)` with `w_taps (3, co, ci)`.
+/// Conv3d with kernel (3,1,1), padding (1,0,0) of `x (b, ci, t, s)` with `w_taps (3, co, ci)`:
+/// the implicit GEMM where it applies, else shifted GEMMs.
 pub fn temporal_conv(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let bias = bias.to_dtype(x.dtype())?;
+    if conv_igemm::supported(x, w_taps, &bias) {
+        conv_igemm::temporal_conv(x, w_taps, &bias)
+    } else {
+        temporal_conv_shifted(x, w_taps, &bias)
+    }
+}
+
+/// [`temporal_conv`] as 3 cuBLAS GEMMs over shifted windows of the input padded in time.
+pub fn temporal_conv_shifted(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let (b, _, t, s) = x.dims4()?;
     let co = w_taps.dim(1)?;
     let padded = x.pad_with_zeros(2, 1, 1)?.flatten_from(2)?;

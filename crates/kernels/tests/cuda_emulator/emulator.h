@@ -1,6 +1,6 @@
 // Runs our CUDA kernels' source on the CPU, so their logic is tested without a GPU: every thread
 // of a block is a fiber (ucontext), switched at barriers and warp collectives in a seeded random
-// order; __shared__ is memory shared by the block's fibers; the warp-wide PTX instructions our
+// order (or one warp ahead of the others); __shared__ is memory shared by the block's fibers; the warp-wide PTX instructions our
 // kernels use (mma.sync m16n8k16, ldmatrix, shuffles) are computed from all 32 lanes' operands as
 // the PTX ISA lays them out; cp.async copies land at a random point between their issue and the
 // wait that covers them, so a missing wait or barrier reads stale data.
@@ -139,6 +139,14 @@ struct State {
     uint64_t block_generation = 0;
     std::function<void()> body;
     std::mt19937_64 rng{0x5eed};
+    // Per block, drawn at random: which thread runs next (any at random, or the runnable one of the
+    // warp ranked first: one warp runs ahead as far as the barriers let it, which exposes a
+    // buffer refilled before every warp is done with it) and whether copies land as soon as
+    // their thread is switched out (exposes the same) or at random until their wait (exposes a
+    // missing wait).
+    bool warp_priority = false;
+    bool eager_copies = false;
+    std::vector<unsigned> warp_rank;
 };
 
 inline State& state() {
@@ -154,6 +162,12 @@ inline void land(std::vector<Copy>& copies) {
 
 // Copies in flight may land whenever their thread is switched out: oldest group first.
 inline void land_some(Fiber& f) {
+    if (state().eager_copies) {
+        for (auto& group : f.committed) land(group);
+        f.committed.clear();
+        land(f.open);
+        return;
+    }
     auto& rng = state().rng;
     size_t landed = 0;
     while (landed < f.committed.size() && rng() % 2) land(f.committed[landed++]);
@@ -219,6 +233,11 @@ inline void emu::launch(dim3 grid, dim3 block, std::function<void()> body) {
                 s.block_idx = dim3{bx, by, bz};
                 s.warps.assign(threads / 32, Warp{});
                 s.block_arrived = 0;
+                s.warp_priority = s.rng() % 2;
+                s.eager_copies = s.rng() % 2;
+                s.warp_rank.resize(threads / 32);
+                for (unsigned w = 0; w < threads / 32; ++w) s.warp_rank[w] = w;
+                std::shuffle(s.warp_rank.begin(), s.warp_rank.end(), s.rng);
                 std::memset(dynamic_smem, 0xff, sizeof dynamic_smem);
                 for (unsigned t = 0; t < threads; ++t) {
                     Fiber& f = s.fibers[t];
@@ -247,6 +266,13 @@ inline void emu::launch(dim3 grid, dim3 block, std::function<void()> body) {
                     }
                     if (all_done) break;
                     if (runnable.empty()) die("deadlock: every live thread waits at a barrier or collective");
+                    if (s.warp_priority) {
+                        unsigned best = ~0u;
+                        for (size_t t : runnable) best = std::min(best, s.warp_rank[s.fibers[t].warp]);
+                        runnable.erase(std::remove_if(runnable.begin(), runnable.end(),
+                                                      [&](size_t t) { return s.warp_rank[s.fibers[t].warp] != best; }),
+                                       runnable.end());
+                    }
                     s.current = runnable[s.rng() % runnable.size()];
                     s.fibers[s.current].wait_on = nullptr;
                     swapcontext(&s.scheduler, &s.fibers[s.current].context);

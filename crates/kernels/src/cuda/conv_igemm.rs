@@ -1,0 +1,292 @@
+//! Convolutions as implicit GEMMs on tensor cores (`conv_igemm.cu`): the input copied once to
+//! channels-last with its zero padding, then every tap and input channel of a 128 × 128 output
+//! tile accumulated in registers, bias added on the way out. For f16/bf16 with input channels a
+//! multiple of 32 (every UNet convolution but the first); the shifted cuBLAS GEMMs of `mod.rs`
+//! take the rest (f32, the 8-channel input convolution).
+
+use candle_core::{DType, Result, Tensor};
+
+/// Input channels per stage of the kernel: `ci` must be a multiple.
+const CHANNEL_STEP: usize = 32;
+
+/// Whether the implicit-GEMM kernel takes `x (…, ci, …)` with `w_taps (taps, co, ci)`: a CUDA
+/// build, a GPU, f16/bf16 throughout, `ci` a multiple of 32. `DYNAMICRAFTER_CONV_IGEMM=0` keeps
+/// the shifted GEMMs (A/B benchmarks).
+pub fn supported(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let enabled = *ENABLED.get_or_init(|| std::env::var("DYNAMICRAFTER_CONV_IGEMM").map_or(true, |v| v != "0"));
+    let dtype = x.dtype();
+    enabled
+        && cfg!(feature = "cuda")
+        && x.device().is_cuda()
+        && matches!(dtype, DType::BF16 | DType::F16)
+        && w_taps.dtype() == dtype
+        && bias.dtype() == dtype
+        && x.rank() == 4
+        && w_taps.rank() == 3
+        && x.dim(1).is_ok_and(|ci| ci > 0 && ci.is_multiple_of(CHANNEL_STEP) && w_taps.dim(2).ok() == Some(ci))
+        // The channels-last copy's grid has a block row per (sample, padded row): at most 65535.
+        && x.dim(0).and_then(|n| Ok(n * (x.dim(2)? + 2))).is_ok_and(|rows| rows <= 65535)
+}
+
+/// 3×3 convolution, stride 1, padding 1, of `x (n, ci, h, w)` with `w_taps (9, co, ci)` and bias `(co)`.
+pub fn conv3x3(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (n, _, h, w) = x.dims4()?;
+    let xp = channels_last(x, 1, 1)?;
+    let co = w_taps.dim(1)?;
+    let geometry = Geometry { rows: h, cols: w, cols_padded: w + 2, kw: 3, row_step: w + 2 };
+    convolve(&xp, w_taps, bias, geometry)?.reshape((n, co, h, w))
+}
+
+/// Conv3d with kernel (3,1,1), padding (1,0,0) of `x (b, ci, t, s)` with `w_taps (3, co, ci)`.
+pub fn temporal_conv(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (b, _, t, s) = x.dims4()?;
+    let xp = channels_last(x, 1, 0)?;
+    let co = w_taps.dim(1)?;
+    let geometry = Geometry { rows: t, cols: s, cols_padded: s, kw: 1, row_step: s };
+    convolve(&xp, w_taps, bias, geometry)?.reshape((b, co, t, s))
+}
+
+/// `x (n, c, rows, cols)` → `(n, rows + 2·pad_r, cols + 2·pad_c, c)`, zeros in the border.
+fn channels_last(x: &Tensor, pad_r: usize, pad_c: usize) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&ChannelsLast { pad_r, pad_c })
+}
+
+/// `xp` channels-last and padded (`n, rows_p, cols_padded, ci`) → `(n, co, rows·cols)`.
+fn convolve(xp: &Tensor, w_taps: &Tensor, bias: &Tensor, geometry: Geometry) -> Result<Tensor> {
+    // cp.async reads 16-byte chunks: the weight must start on an 8-element boundary.
+    let w = w_taps.contiguous()?;
+    let w = if w.layout().start_offset() % 8 == 0 { w } else { w.copy()? };
+    xp.apply_op3_no_bwd(&w, &bias.contiguous()?, &ConvIgemm { geometry })
+}
+
+/// Where a tap reads: output position (r, c) reads the padded input at
+/// `r·cols_padded + c + (tap / kw)·row_step + tap % kw`.
+#[derive(Clone, Copy, Debug)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct Geometry {
+    rows: usize,
+    cols: usize,
+    cols_padded: usize,
+    kw: usize,
+    row_step: usize,
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct ChannelsLast {
+    pad_r: usize,
+    pad_c: usize,
+}
+
+struct ConvIgemm {
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    geometry: Geometry,
+}
+
+impl candle_core::CustomOp1 for ChannelsLast {
+    fn name(&self) -> &'static str {
+        "dc-channels-last"
+    }
+
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &candle_core::Layout) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("{} runs on CUDA only", self.name())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, x: &candle_core::CudaStorage, xl: &candle_core::Layout) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        match x.dtype() {
+            DType::BF16 => imp::channels_last::<half::bf16>("bf16", self, x, xl),
+            DType::F16 => imp::channels_last::<half::f16>("f16", self, x, xl),
+            dt => candle_core::bail!("channels-last copy: unsupported dtype {dt:?}"),
+        }
+    }
+}
+
+impl candle_core::CustomOp3 for ConvIgemm {
+    fn name(&self) -> &'static str {
+        "dc-conv-igemm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("{} runs on CUDA only", self.name())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xp: &candle_core::CudaStorage,
+        xl: &candle_core::Layout,
+        w: &candle_core::CudaStorage,
+        wl: &candle_core::Layout,
+        b: &candle_core::CudaStorage,
+        bl: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        match xp.dtype() {
+            DType::BF16 => imp::conv::<half::bf16>("bf16", self, xp, xl, w, wl, b, bl),
+            DType::F16 => imp::conv::<half::f16>("f16", self, xp, xl, w, wl, b, bl),
+            dt => candle_core::bail!("implicit-GEMM convolution: unsupported dtype {dt:?}"),
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod imp {
+    use super::{ChannelsLast, ConvIgemm, CHANNEL_STEP};
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaDType, CudaStorage, WrapErr};
+    use candle_core::{Layout, Result, Shape};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/conv_igemm.ptx"));
+    const MODULE: &str = "dynamicrafter_conv_igemm";
+    /// Output channels and positions per block, threads per block, dynamic shared memory (two
+    /// stages of 256 rows of 32 + 8 elements).
+    const BLOCK_CHANNELS: usize = 128;
+    const BLOCK_POSITIONS: usize = 128;
+    const THREADS: u32 = 256;
+    const SHARED_ELEMENTS: usize = 2 * 256 * (CHANNEL_STEP + 8);
+
+    fn contiguous(l: &Layout, what: &str) -> Result<(usize, usize)> {
+        l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{what} must be contiguous")))
+    }
+
+    fn int(v: usize, what: &str) -> Result<i32> {
+        i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("implicit-GEMM convolution: {what} {v} exceeds i32")))
+    }
+
+    pub fn channels_last<T: CudaDType + DeviceRepr>(dtype: &str, op: &ChannelsLast, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (n, c, rows, cols) = xl.shape().dims4()?;
+        let (x0, x1) = contiguous(xl, "x")?;
+        let (rows_p, cols_p) = (rows + 2 * op.pad_r, cols + 2 * op.pad_c);
+        let dev = x.device.clone();
+        let xs = x.as_cuda_slice::<T>()?.slice(x0..x1);
+        // SAFETY: the grid covers every (sample, row, column, channel) of the output once.
+        let out = unsafe { dev.alloc::<T>(n * rows_p * cols_p * c)? };
+        let func = dev.get_or_load_custom_func(&format!("to_channels_last_{dtype}"), MODULE, PTX)?;
+        let grid = (cols_p.div_ceil(32) as u32, c.div_ceil(32) as u32, (n * rows_p) as u32);
+        let cfg = LaunchConfig { grid_dim: grid, block_dim: (32, 8, 1), shared_mem_bytes: 0 };
+        let (c_i, rows_i, cols_i) = (int(c, "channels")?, int(rows, "rows")?, int(cols, "columns")?);
+        let (pad_r, pad_c) = (op.pad_r as i32, op.pad_c as i32);
+        let mut builder = func.builder();
+        builder.arg(&xs);
+        builder.arg(&out);
+        builder.arg(&c_i);
+        builder.arg(&rows_i);
+        builder.arg(&cols_i);
+        builder.arg(&pad_r);
+        builder.arg(&pad_c);
+        // SAFETY: arguments match `to_channels_last_*`; sizes from the layout above.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, rows_p, cols_p, c))))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv<T: CudaDType + DeviceRepr>(
+        dtype: &str,
+        op: &ConvIgemm,
+        xp: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+        b: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let g = op.geometry;
+        let (n, rows_p, cols_p, ci) = xl.shape().dims4()?;
+        let (taps, co, wci) = wl.shape().dims3()?;
+        let kh = taps / g.kw;
+        // The last tap of the last output position must stay inside the sample's padded input.
+        let reach = (g.rows - 1) * g.cols_padded + g.cols - 1 + (kh - 1) * g.row_step + g.kw - 1;
+        if wci != ci
+            || !ci.is_multiple_of(CHANNEL_STEP)
+            || g.kw == 0
+            || kh * g.kw != taps
+            || cols_p != g.cols_padded
+            || reach >= rows_p * cols_p
+            || bl.shape().elem_count() != co
+        {
+            candle_core::bail!("implicit-GEMM convolution: input {:?}, weight {:?}, bias {:?}, {g:?}", xl.shape(), wl.shape(), bl.shape());
+        }
+        let ((x0, x1), (w0, w1), (b0, b1)) = (contiguous(xl, "input")?, contiguous(wl, "weight")?, contiguous(bl, "bias")?);
+        if x0 % 8 != 0 || w0 % 8 != 0 {
+            candle_core::bail!("implicit-GEMM convolution: input and weight must start on a 16-byte boundary");
+        }
+        let positions = g.rows * g.cols;
+        int(positions, "positions")?;
+        let dev = xp.device.clone();
+        let xs = xp.as_cuda_slice::<T>()?.slice(x0..x1);
+        let ws = w.as_cuda_slice::<T>()?.slice(w0..w1);
+        let bs = b.as_cuda_slice::<T>()?.slice(b0..b1);
+        // SAFETY: the grid covers every (sample, channel, position); each is written once.
+        let out = unsafe { dev.alloc::<T>(n * co * positions)? };
+        let func = dev.get_or_load_custom_func(&format!("conv_igemm_{dtype}"), MODULE, PTX)?;
+        let grid = (positions.div_ceil(BLOCK_POSITIONS) as u32, co.div_ceil(BLOCK_CHANNELS) as u32, n as u32);
+        let shared = (SHARED_ELEMENTS * std::mem::size_of::<T>()) as u32;
+        let cfg = LaunchConfig { grid_dim: grid, block_dim: (THREADS, 1, 1), shared_mem_bytes: shared };
+        let args = [
+            int(ci, "input channels")?,
+            int(co, "output channels")?,
+            int(g.rows, "rows")?,
+
+            int(g.cols, "columns")?,
+            int(rows_p * cols_p, "padded plane")?,
+            int(cols_p, "padded width")?,
+            int(taps, "taps")?,
+            int(g.kw, "kernel width")?,
+            int(g.row_step, "row step")?,
+        ];
+        let mut builder = func.builder();
+        builder.arg(&xs);
+        builder.arg(&ws);
+        builder.arg(&bs);
+        builder.arg(&out);
+        for a in &args {
+            builder.arg(a);
+        }
+        // SAFETY: arguments match `conv_igemm_*`; every read stays inside the buffers checked above.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, co, positions))))
+    }
+}
+
+#[cfg(all(test, feature = "cuda"))]
+mod tests {
+    use super::*;
+    use crate::common::testing::rel_l2 as rel;
+    use crate::taps_first;
+    use candle_core::Device;
+
+    /// On a GPU: both convolutions against candle's f32 composition on the same (rounded) inputs,
+    /// with partial tiles in channels and positions, f16 and bf16.
+    #[test]
+    fn implicit_gemm_convolutions_match_the_f32_reference_on_gpu() {
+        let dev = Device::new_cuda(0).expect("a CUDA build's tests need a GPU");
+        for (dtype, tol) in [(DType::BF16, 1e-2), (DType::F16, 2e-3)] {
+            let r = |shape: &[usize], std: f32| Tensor::randn(0f32, std, shape, &dev).and_then(|t| t.to_dtype(dtype)).unwrap();
+            let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            for (n, ci, co, h, w) in [(2, 64, 48, 5, 7), (1, 32, 160, 12, 20), (3, 320, 320, 9, 16), (1, 640, 320, 11, 13)] {
+                let (x, b) = (r(&[n, ci, h, w], 1.0), r(&[co], 1.0));
+                let wt = r(&[co, ci, 3, 3], 0.05);
+                assert!(supported(&x, &taps_first(&wt).unwrap(), &b));
+                let got = conv3x3(&x, &taps_first(&wt).unwrap(), &b).unwrap();
+                let e = rel(&got, &crate::conv3x3_reference(&f(&x), &f(&wt), &f(&b)).unwrap());
+                eprintln!("implicit-GEMM conv3x3 {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");
+                assert!(e < tol, "conv3x3 {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");
+                let w3 = r(&[co, ci, 3, 1, 1], 0.05);
+                let got = temporal_conv(&x, &taps_first(&w3).unwrap(), &b).unwrap();
+                let e = rel(&got, &crate::temporal_conv_reference(&f(&x), &f(&w3), &f(&b)).unwrap());
+                eprintln!("implicit-GEMM temporal conv {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");
+                assert!(e < tol, "temporal conv {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");
+            }
+        }
+    }
+}
