@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA checks and timings, in one run on a machine with an NVIDIA GPU (issues #7, #18): the
 # kernel tests (both fused attention kernels, group norm, convolutions (shifted and implicit
-# GEMMs), GEMM epilogues), parity and
+# GEMMs), GEMM epilogues, permutes), parity and
 # reduced-precision tests on CUDA, the UNet forward, the CFG step (two passes against one batch)
 # and whole-pipeline benchmarks at 256, 320×512 and 576×1024 (and 576×1024 with --offload),
 # the fused-vs-chunked attention A/B, and PyTorch's timing of the same UNet forward: our
@@ -54,7 +54,7 @@ nvlibs=$(python3 -c 'import glob, nvidia, os; print(":".join(d for p in nvidia._
 export LD_LIBRARY_PATH=${nvlibs:+$nvlibs:}${LD_LIBRARY_PATH:-}
 export DYNAMICRAFTER_TEST_DEVICE=cuda DYNAMICRAFTER_FIXTURES=$FIX RUST_BACKTRACE=1
 
-step kernel-tests 90 "$BIN/kernels" --nocapture --test-threads 1 flash_attention kernels_match_candle_on_gpu epilogues_match_candle_on_gpu implicit_gemm_convolutions
+step kernel-tests 90 "$BIN/kernels" --nocapture --test-threads 1 flash_attention kernels_match_candle_on_gpu epilogues_match_candle_on_gpu implicit_gemm_convolutions permutes_match_candle_on_gpu
 step ops-1024 60 "$BIN/dynamicrafter-bench" --device cuda ops-1024 --runs 3
 step bench-unet-bf16 90 "$BIN/dynamicrafter-bench" --device cuda unet-256 unet-512 unet-1024 --runs 3 --json "$JSON/unet.json"
 step bench-guided-1024 90 "$BIN/dynamicrafter-bench" --device cuda guided-1024 --runs 3

@@ -30,7 +30,7 @@ fn main() {
 }
 
 /// The `.cu` files of `src/cuda`, each compiled to `$OUT_DIR/<name>.ptx`.
-const KERNELS: [&str; 5] = ["conv_igemm", "epilogue", "flash_attention", "flash_attention2", "group_norm"];
+const KERNELS: [&str; 6] = ["conv_igemm", "epilogue", "flash_attention", "flash_attention2", "group_norm", "permute"];
 
 /// What the kernels include.
-const HEADERS: [&str; 2] = ["attention.cuh", "ptx.cuh"];
+const HEADERS: [&str; 3] = ["attention.cuh", "permute.cuh", "ptx.cuh"];

@@ -112,10 +112,13 @@ pub fn linear_geglu(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor
     }
 }
 
-/// `x.permute(dims).contiguous()`, a tiled transpose on CPU f32 where the innermost axis moves.
+/// `x.permute(dims).contiguous()`: a tiled transpose on CPU f32 where the innermost axis moves,
+/// our row or tile copies on CUDA, candle's strided copy elsewhere.
 pub fn permute(x: &Tensor, dims: &[usize]) -> Result<Tensor> {
     if cpu_f32(&[x]) && portable::moves_innermost(x.rank(), dims) {
         portable::permute(x, dims)
+    } else if cuda::permute::supported(x, dims) {
+        cuda::permute::permute(x, dims)
     } else {
         x.permute(dims)?.contiguous()
     }

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const KERNELS: [&str; 5] = ["conv_igemm", "epilogue", "flash_attention", "flash_attention2", "group_norm"];
+const KERNELS: [&str; 6] = ["conv_igemm", "epilogue", "flash_attention", "flash_attention2", "group_norm", "permute"];
 
 fn compile(cxx: &str, source: &Path, object: &Path, language: Option<&str>) -> std::process::Child {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -52,7 +52,7 @@ fn cuda_kernels_compute_the_reference_in_the_emulator() {
     eprintln!("{stdout}{}", String::from_utf8_lossy(&run.stderr));
     assert!(run.status.success(), "kernels failed in the emulator:\n{}", stdout.lines().filter(|l| !l.starts_with("ok")).collect::<Vec<_>>().join("\n"));
     // Every kernel family ran (a harness that skipped one would also "pass").
-    for family in ["conv_igemm ", "flash_attention ", "flash_attention2 ", "group norm ", "bias_rows", "geglu_bias", "bias_channels", "conv_bias"] {
+    for family in ["conv_igemm ", "flash_attention ", "flash_attention2 ", "group norm ", "bias_rows", "geglu_bias", "bias_channels", "conv_bias", "permute rows", "permute tiles"] {
         assert!(stdout.lines().any(|l| l.starts_with("ok") && l.contains(family)), "no passing case of {family} in the emulator's output");
     }
 }

@@ -78,7 +78,12 @@ pub(crate) fn ops_1024(runs: usize, target: &Target) -> Result<Vec<Timing>> {
             fused("attention temporal 46080x16x64", &qt, &kt, &vt)?;
         }
     }
-    op("permute video->tokens 1x320x16x72x128", &mut || Ok(xv.permute((0, 3, 4, 2, 1))?.contiguous()?))?;
+    op("permute video->tokens 1x320x16x72x128 (candle)", &mut || Ok(xv.permute((0, 3, 4, 2, 1))?.contiguous()?))?;
+    op("permute video->tokens 1x320x16x72x128", &mut || Ok(kernels::permute(&xv, &[0, 3, 4, 2, 1])?))?;
+    let frames = x.reshape((1, t, c, h, w))?;
+    op("permute frames->video 16x320x72x128 (candle)", &mut || Ok(frames.permute((0, 2, 1, 3, 4))?.contiguous()?))?;
+    op("permute frames->video 16x320x72x128", &mut || Ok(kernels::permute(&frames, &[0, 2, 1, 3, 4])?))?;
+    op("permute channels->tokens 16x320x9216", &mut || Ok(kernels::permute(&x.flatten_from(2)?, &[0, 2, 1])?))?;
     op("split heads 16x9216x320", &mut || Ok(dynamicrafter_engine::models::layers::split_heads(&tokens, heads)?.contiguous()?))?;
     op("cat skip 2x16x320x72x128", &mut || Ok(Tensor::cat(&[&x, &x], 1)?))?;
     op("silu 16x320x72x128", &mut || Ok(x.silu()?))?;

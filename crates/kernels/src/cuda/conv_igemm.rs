@@ -25,7 +25,10 @@ pub fn supported(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> bool {
         && x.rank() == 4
         && w_taps.rank() == 3
         && x.dim(1).is_ok_and(|ci| ci > 0 && ci.is_multiple_of(CHANNEL_STEP) && w_taps.dim(2).ok() == Some(ci))
-        // The channels-last copy's grid has a block row per (sample, padded row): at most 65535.
+        // Something to compute (an empty grid is a launch error), and the channels-last copy's
+        // grid has a block row per (sample, padded row): at most 65535.
+        && x.elem_count() > 0
+        && w_taps.elem_count() > 0
         && x.dim(0).and_then(|n| Ok(n * (x.dim(2)? + 2))).is_ok_and(|rows| rows <= 65535)
 }
 
@@ -54,9 +57,10 @@ fn channels_last(x: &Tensor, pad_r: usize, pad_c: usize) -> Result<Tensor> {
 
 /// `xp` channels-last and padded (`n, rows_p, cols_padded, ci`) → `(n, co, rows·cols)`.
 fn convolve(xp: &Tensor, w_taps: &Tensor, bias: &Tensor, geometry: Geometry) -> Result<Tensor> {
-    // cp.async reads 16-byte chunks: the weight must start on an 8-element boundary.
+    // cp.async reads 16-byte chunks: the weight must start on an 8-element boundary (a forced
+    // copy starts at 0; `copy` would keep the offset).
     let w = w_taps.contiguous()?;
-    let w = if w.layout().start_offset() % 8 == 0 { w } else { w.copy()? };
+    let w = if w.layout().start_offset() % 8 == 0 { w } else { w.force_contiguous()? };
     xp.apply_op3_no_bwd(&w, &bias.contiguous()?, &ConvIgemm { geometry })
 }
 
@@ -203,15 +207,19 @@ mod imp {
         let g = op.geometry;
         let (n, rows_p, cols_p, ci) = xl.shape().dims4()?;
         let (taps, co, wci) = wl.shape().dims3()?;
-        let kh = taps / g.kw;
+        let kh = taps.checked_div(g.kw).unwrap_or(0);
         // The last tap of the last output position must stay inside the sample's padded input.
-        let reach = (g.rows - 1) * g.cols_padded + g.cols - 1 + (kh - 1) * g.row_step + g.kw - 1;
+        let reach = |kh: usize| (g.rows - 1) * g.cols_padded + g.cols - 1 + (kh - 1) * g.row_step + g.kw - 1;
         if wci != ci
             || !ci.is_multiple_of(CHANNEL_STEP)
-            || g.kw == 0
+            || kh == 0
             || kh * g.kw != taps
+            || g.rows == 0
+            || g.cols == 0
+            || co == 0
+            || n == 0
             || cols_p != g.cols_padded
-            || reach >= rows_p * cols_p
+            || reach(kh) >= rows_p * cols_p
             || bl.shape().elem_count() != co
         {
             candle_core::bail!("implicit-GEMM convolution: input {:?}, weight {:?}, bias {:?}, {g:?}", xl.shape(), wl.shape(), bl.shape());

@@ -74,6 +74,8 @@ pub fn supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
         && k.dims() == v.dims()
         && k.dim(2).ok() == q.dim(2).ok()
         && k.dim(1).is_ok_and(|m| m > 0)
+        && q.dim(1).is_ok_and(|n| n > 0)
+        && q.dim(0).is_ok_and(|b| b > 0)
 }
 
 /// `softmax(q·kᵀ·scale)·v` for `(batch, n, d)` queries and `(batch, m, d)` keys and values.
@@ -86,13 +88,14 @@ pub fn flash_attention_with(kernel: Kernel, q: &Tensor, k: &Tensor, v: &Tensor, 
     if !supported(q, k, v) {
         candle_core::bail!("flash attention needs f16/bf16 CUDA tensors of head dimension {HEAD_DIMS:?}");
     }
-    // The kernels read 16-byte chunks: each tensor must start on an 8-element boundary.
+    // The kernels read 16-byte chunks: each tensor must start on an 8-element boundary (a
+    // forced copy starts at 0; `copy` would keep the offset).
     let aligned = |t: &Tensor| -> Result<Tensor> {
         let t = t.contiguous()?;
         if t.layout().start_offset() % 8 == 0 {
             Ok(t)
         } else {
-            t.copy()
+            t.force_contiguous()
         }
     };
     aligned(q)?.apply_op3_no_bwd(&aligned(k)?, &aligned(v)?, &FlashAttention { scale: scale as f32, kernel })

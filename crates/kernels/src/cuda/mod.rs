@@ -7,6 +7,7 @@
 pub mod conv_igemm;
 pub mod epilogue;
 pub mod flash_attention;
+pub mod permute;
 
 use candle_core::{DType, Result, Tensor};
 

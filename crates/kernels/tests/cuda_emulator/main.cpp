@@ -9,6 +9,7 @@
 #include <string>
 
 #include "emulator.h"
+#include "../../src/cuda/permute.cuh"
 
 #define ATTENTION_KERNELS(PREFIX, NAME, T)                                                                  \
     extern "C" void PREFIX##_##NAME##_d16(const T*, const T*, const T*, T*, int, int, float);                \
@@ -33,6 +34,12 @@ ATTENTION_KERNELS(flash_attention2, bf16, __nv_bfloat16)
     extern "C" void conv_igemm_##NAME(const T*, const T*, const T*, T*, int, int, int, int, int, int, int, int, int);
 CONV_KERNELS(f16, __half)
 CONV_KERNELS(bf16, __nv_bfloat16)
+
+extern "C" void permute_blocks_b16(const uint16_t*, uint16_t*, Blocks, int64_t, int64_t);
+extern "C" void permute_blocks_b32(const uint32_t*, uint32_t*, Blocks, int64_t, int64_t);
+extern "C" void permute_blocks_b128(const uint4*, uint4*, Blocks, int64_t, int64_t);
+extern "C" void permute_tiles_b16(const uint16_t*, uint16_t*, Tiles, int64_t);
+extern "C" void permute_tiles_b32(const uint32_t*, uint32_t*, Tiles, int64_t);
 
 NORM_AND_EPILOGUE_KERNELS(f32, float)
 NORM_AND_EPILOGUE_KERNELS(f16, __half)
@@ -329,6 +336,83 @@ void convolutions(void (*to_channels_last)(const T*, T*, int, int, int, int, int
     conv_case<T>(to_channels_last, conv, false, 1, 96, 130, 4, 70, tolerance);
 }
 
+
+// ---- permutes (src/cuda/permute.rs makes the plans: its CPU test checks them against candle's
+// permute; here the kernels carry hand-made plans of the UNet's kinds of permute)
+
+// out = in.permute(dims) for a contiguous `shape`, by strides.
+std::vector<uint16_t> permuted(const std::vector<uint16_t>& in, const std::vector<int64_t>& shape, const std::vector<int>& dims) {
+    const size_t rank = shape.size();
+    std::vector<int64_t> in_strides(rank, 1), out_shape(rank);
+    for (size_t d = rank - 1; d > 0; --d) in_strides[d - 1] = in_strides[d] * shape[d];
+    for (size_t d = 0; d < rank; ++d) out_shape[d] = shape[dims[d]];
+    std::vector<uint16_t> out(in.size());
+    for (size_t i = 0; i < out.size(); ++i) {
+        size_t rest = i, source = 0;
+        for (size_t d = rank; d-- > 0;) {
+            source += (rest % out_shape[d]) * in_strides[dims[d]];
+            rest /= out_shape[d];
+        }
+        out[i] = in[source];
+    }
+    return out;
+}
+
+template <typename W>
+void permute_case(const char* name, const std::vector<int64_t>& shape, const std::vector<int>& dims,
+                  const std::function<void(const W*, W*, int64_t)>& kernel, dim3 grid, dim3 block) {
+    size_t n = 1;
+    for (int64_t d : shape) n *= d;
+    Buffer<uint16_t> in(n), out(n);
+    for (size_t i = 0; i < n; ++i) in[i] = static_cast<uint16_t>(rng());
+    emu::launch(grid, block, [&] {
+        kernel(reinterpret_cast<const W*>(in.data()), reinterpret_cast<W*>(out.data()), (int64_t)(n * 2 / sizeof(W)));
+    });
+    const std::vector<uint16_t> want = permuted(std::vector<uint16_t>(in.data(), in.data() + n), shape, dims);
+    size_t bad = 0;
+    for (size_t i = 0; i < n; ++i) bad += out[i] != want[i];
+    char detail[120];
+    std::snprintf(detail, sizeof detail, "%zu of %zu elements misplaced%s", bad, n,
+                  out.guards_intact() ? "" : ", wrote outside its output");
+    report(std::string("permute ") + name, bad == 0 && out.guards_intact(), detail);
+}
+
+void permutes() {
+    // frames → video: (b 2, t 3, c 5, hw 16) → (b, c, t, hw): rows of 16 elements, outer axes
+    // (b, c, t) with input strides (240, 16, 80); as 16-, 4- and 2-byte words.
+    const std::vector<int64_t> video{2, 3, 5, 16};
+    const std::vector<int> to_video{0, 2, 1, 3};
+    for (int word : {16, 4, 2}) {
+        const int per = word / 2;
+        Blocks b{3, {2, 5, 3}, {240 / per, 16 / per, 80 / per}};
+        const int64_t inner = 16 / per;
+        auto launch = [&](auto kernel, auto* tag) {
+            using W = std::remove_pointer_t<decltype(tag)>;
+            permute_case<W>((std::string("rows of ") + std::to_string(word) + "-byte words").c_str(), video, to_video,
+                            [&](const W* in, W* out, int64_t total) { kernel(in, out, b, inner, total); },
+                            dim3{2, 1, 1}, dim3{64, 1, 1});
+        };
+        if (word == 16) launch(permute_blocks_b128, (uint4*)nullptr);
+        if (word == 4) launch(permute_blocks_b32, (uint32_t*)nullptr);
+        if (word == 2) launch(permute_blocks_b16, (uint16_t*)nullptr);
+    }
+    // channels → tokens: (n 2, c 40, hw 70) → (n, hw, c): I = hw, J = c, one batch axis.
+    {
+        Tiles t{70, 40, 70, 40, 1, {2}, {2800}, {2800}};
+        permute_case<uint16_t>("tiles (n, c, hw) -> (n, hw, c)", {2, 40, 70}, {0, 2, 1},
+                               [&](const uint16_t* in, uint16_t* out, int64_t) { permute_tiles_b16(in, out, t, 2); },
+                               dim3{3, 2, 2}, dim3{32, 8, 1});
+    }
+    // video → temporal tokens: (b 2, c 33, t 5, hw 36) → (b, hw, t, c): I = hw, J = c, batch
+    // axes b and t; the grid's z shorter than the batches (it strides).
+    {
+        Tiles t{36, 33, 180, 165, 2, {2, 5}, {5940, 36}, {5940, 33}};
+        permute_case<uint16_t>("tiles (b, c, t, hw) -> (b, hw, t, c)", {2, 33, 5, 36}, {0, 3, 2, 1},
+                               [&](const uint16_t* in, uint16_t* out, int64_t) { permute_tiles_b16(in, out, t, 10); },
+                               dim3{2, 2, 3}, dim3{32, 8, 1});
+    }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -352,6 +436,7 @@ int main(int argc, char** argv) {
         convolutions<__half>(to_channels_last_f16, conv_igemm_f16, 1e-3);
         convolutions<__nv_bfloat16>(to_channels_last_bf16, conv_igemm_bf16, 5e-3);
     }
+    if (wanted("permute")) permutes();
     if (wanted("group_norm")) {
         group_norm<float>(group_stats_f32, group_apply_f32, 1e-5);
         group_norm<__half>(group_stats_f16, group_apply_f16, 1e-3);

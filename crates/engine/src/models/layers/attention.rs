@@ -3,22 +3,18 @@
 
 use crate::compute::Kernel;
 use candle_core::{DType, Result, Tensor};
-use dynamicrafter_kernels::{amx_attention, bf16_pair_attention};
+use dynamicrafter_kernels::{amx_attention, bf16_pair_attention, permute};
 
 /// `(n, l, heads·d) → (n·heads, l, d)`, head-major channels as `einops 'b n (h d) -> (b h) n d'`.
 pub fn split_heads(xs: &Tensor, heads: usize) -> Result<Tensor> {
     let (n, l, c) = xs.dims3()?;
-    xs.reshape((n, l, heads, c / heads))?
-        .transpose(1, 2)?
-        .reshape((n * heads, l, c / heads))
+    permute(&xs.reshape((n, l, heads, c / heads))?, &[0, 2, 1, 3])?.reshape((n * heads, l, c / heads))
 }
 
 /// Inverse of [`split_heads`].
 pub fn merge_heads(xs: &Tensor, heads: usize) -> Result<Tensor> {
     let (nh, l, d) = xs.dims3()?;
-    xs.reshape((nh / heads, heads, l, d))?
-        .transpose(1, 2)?
-        .reshape((nh / heads, l, heads * d))
+    permute(&xs.reshape((nh / heads, heads, l, d))?, &[0, 2, 1, 3])?.reshape((nh / heads, l, heads * d))
 }
 
 /// `softmax(q·kᵀ·scale [+ mask])·v` over `(batch, len, dim)` tensors.

@@ -14,17 +14,18 @@ pub use linear::{conv1x1_as_linear, linear, linear_no_bias, Int8Matmul, Linear};
 pub use norm::{group_norm, layer_norm, GroupNorm};
 
 use candle_core::{Result, Tensor};
+use dynamicrafter_kernels::permute;
 
 /// `(b·t, c, h, w) → (b, c, t, h, w)`.
 pub fn frames_to_video(xs: &Tensor, b: usize) -> Result<Tensor> {
     let (bt, c, h, w) = xs.dims4()?;
-    xs.reshape((b, bt / b, c, h, w))?.permute((0, 2, 1, 3, 4))?.contiguous()
+    permute(&xs.reshape((b, bt / b, c, h, w))?, &[0, 2, 1, 3, 4])
 }
 
 /// `(b, c, t, h, w) → (b·t, c, h, w)`.
 pub fn video_to_frames(xs: &Tensor) -> Result<Tensor> {
     let (b, c, t, h, w) = xs.dims5()?;
-    xs.permute((0, 2, 1, 3, 4))?.contiguous()?.reshape((b * t, c, h, w))
+    permute(xs, &[0, 2, 1, 3, 4])?.reshape((b * t, c, h, w))
 }
 
 /// Sinusoidal embedding of scalar timesteps, `[cos, sin]` halves, computed in f32 exactly as
