@@ -140,6 +140,50 @@ pub fn temporal_conv(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// What a convolution adds to its output besides its bias: a bias per sample and output channel
+/// `(n, co)` (the UNet's timestep embedding per frame) and a residual of the output's shape (a
+/// skip connection). Added in the kernel's epilogue where it has one (CUDA's implicit GEMM),
+/// after the convolution elsewhere.
+pub use cuda::conv_igemm::Extras as ConvExtras;
+
+impl ConvExtras<'_> {
+    /// `y (n, co, …)` with the extras added, by candle's ops.
+    pub fn add_to(&self, y: Tensor) -> Result<Tensor> {
+        let y = match self.per_sample {
+            Some(e) => {
+                let mut shape = e.dims().to_vec();
+                shape.resize(y.rank(), 1);
+                y.broadcast_add(&e.reshape(shape)?)?
+            }
+            None => y,
+        };
+        match self.residual {
+            Some(r) => y + r,
+            None => Ok(y),
+        }
+    }
+}
+
+/// [`conv3x3_taps`] plus `extras`.
+pub fn conv3x3_taps_with(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: ConvExtras) -> Result<Tensor> {
+    let fused = bias.to_dtype(x.dtype()).ok().filter(|b| cuda::conv_igemm::supported(x, w_taps, b));
+    match fused {
+        Some(bias) => cuda::conv_igemm::conv3x3(x, w_taps, &bias, extras),
+        None => extras.add_to(conv3x3_taps(x, w_taps, bias)?),
+    }
+}
+
+/// [`temporal_conv`] plus `extras`.
+pub fn temporal_conv_with(x: &Tensor, w: &Tensor, bias: &Tensor, extras: ConvExtras) -> Result<Tensor> {
+    if x.device().is_cuda() && w.dtype() == x.dtype() {
+        let (w_taps, bias) = (taps_first(w)?, bias.to_dtype(x.dtype())?);
+        if cuda::conv_igemm::supported(x, &w_taps, &bias) {
+            return cuda::conv_igemm::temporal_conv(x, &w_taps, &bias, extras);
+        }
+    }
+    extras.add_to(temporal_conv(x, w, bias)?)
+}
+
 /// 3×3 convolution, stride 1, padding 1, with bias, its weight `(9, co, c)` taps first (see
 /// [`taps_first`]): nine GEMMs over shifted views of the padded input on CPU f32 (no im2col
 /// matrix), candle's conv elsewhere.

@@ -27,9 +27,15 @@ pub(crate) fn ops_1024(runs: usize, target: &Target) -> Result<Vec<Timing>> {
     let xt = r(&[1, c, t, hw], 1.0)?;
     let wt = r(&[c, c, 3, 1, 1], 0.02)?;
     op("temporal conv 1x320x16x9216 k3", &mut || Ok(kernels::temporal_conv(&xt, &wt, &zeros)?))?;
+    // A residual block's second convolution: the timestep embedding per frame and the skip
+    // connection added in the kernel (on CUDA's implicit GEMM), or after it.
+    let (w3_taps, per_frame) = (kernels::taps_first(&w3)?, r(&[t, c], 1.0)?);
+    let extras = kernels::ConvExtras { per_sample: Some(&per_frame), residual: Some(&x) };
+    op("conv3x3 16x320x72x128 + embedding + residual", &mut || Ok(kernels::conv3x3_taps_with(&x, &w3_taps, &zeros, extras)?))?;
+    op("conv3x3 16x320x72x128 + embedding + residual (added after)", &mut || Ok(extras.add_to(kernels::conv3x3_taps(&x, &w3_taps, &zeros)?)?))?;
     if !target.device.is_cpu() && dt != DType::F32 {
         // What the implicit GEMM (the rows above, f16/bf16) replaced: one cuBLAS GEMM per tap.
-        let (w3_taps, wt_taps) = (kernels::taps_first(&w3)?, kernels::taps_first(&wt)?);
+        let wt_taps = kernels::taps_first(&wt)?;
         op("conv3x3 16x320x72x128 (shifted GEMMs)", &mut || Ok(kernels::conv3x3_shifted(&x, &w3_taps, &zeros)?))?;
         op("temporal conv 1x320x16x9216 k3 (shifted GEMMs)", &mut || Ok(kernels::temporal_conv_shifted(&xt, &wt_taps, &zeros)?))?;
     }

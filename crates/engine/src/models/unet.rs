@@ -9,7 +9,7 @@ use super::layers::{
 };
 use crate::compute::{Backend, Kernel};
 use crate::config::UnetConfig;
-use dynamicrafter_kernels::permute;
+use dynamicrafter_kernels::{permute, ConvExtras};
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 
@@ -41,11 +41,14 @@ impl TemporalConvBlock {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, c, t, h, w) = xs.dims5()?;
         let mut hs = xs.clone();
-        for (norm, conv) in &self.stages {
+        let last = self.stages.len() - 1;
+        for (i, (norm, conv)) in self.stages.iter().enumerate() {
             let a = norm.forward_silu(&hs)?.reshape((b, c, t, h * w))?;
-            hs = conv.forward(&a)?.reshape((b, c, t, h, w))?;
+            // The block's residual goes into the last convolution's output.
+            let residual = if i == last { Some(xs.reshape((b, c, t, h * w))?) } else { None };
+            hs = conv.forward_with(&a, ConvExtras { per_sample: None, residual: residual.as_ref() })?.reshape((b, c, t, h, w))?;
         }
-        xs + hs
+        Ok(hs)
     }
 }
 
@@ -77,14 +80,13 @@ impl ResBlock {
     fn forward(&self, xs: &Tensor, emb: &Tensor, b: usize) -> Result<Tensor> {
         // One binding reassigned (not shadowed): each activation is freed as soon as the next
         // exists, which sets the forward's peak memory.
-        let mut h = self.in_conv.forward(&self.in_norm.forward_silu(xs)?)?;
-        let e = self.emb_proj.forward(&silu(emb)?)?.unsqueeze(2)?.unsqueeze(3)?;
-        h = h.broadcast_add(&e)?;
-        h = self.out_conv.forward(&self.out_norm.forward_silu(&h)?)?;
-        h = match &self.skip {
-            Some(s) => (s.forward(xs)? + h)?,
-            None => (xs + h)?,
-        };
+        // The timestep embedding and the skip connection are added in the convolutions' epilogues
+        // where the kernel has one.
+        let e = self.emb_proj.forward(&silu(emb)?)?;
+        let mut h = self.in_conv.forward_with(&self.in_norm.forward_silu(xs)?, ConvExtras { per_sample: Some(&e), residual: None })?;
+        let skip = self.skip.as_ref().map(|s| s.forward(xs)).transpose()?;
+        h = self.out_conv.forward_with(&self.out_norm.forward_silu(&h)?, ConvExtras { per_sample: None, residual: Some(skip.as_ref().unwrap_or(xs)) })?;
+        drop(skip);
         video_to_frames(&self.temporal_conv.forward(&frames_to_video(&h, b)?)?)
     }
 }

@@ -5,8 +5,9 @@
 // Two kernels:
 // * to_channels_last: x (n, c, rows, cols) → xp (n, rows + 2·pad_r, cols + 2·pad_c, c), zero
 //   border, through 32×32 tiles in shared memory (both sides coalesced);
-// * conv_igemm: out (n, co, rows·cols) = bias + Σ_tap w[tap] · xp shifted by the tap, with
-//   w (taps, co, ci). Tap t reads input row (t / kw)·row_step + t % kw positions past the
+// * conv_igemm: out (n, co, rows·cols) = bias (+ sample_bias[sample]) (+ residual) + Σ_tap
+//   w[tap] · xp shifted by the tap, with w (taps, co, ci): what the UNet's residual blocks add
+//   to a convolution (the timestep embedding per frame, the skip connection) on the way out. Tap t reads input row (t / kw)·row_step + t % kw positions past the
 //   output's own: a 3×3 convolution is kh = kw = 3, row_step = the padded width; the temporal
 //   (3, 1, 1) convolution is kh = 3, kw = 1, row_step = the frame size.
 //
@@ -85,17 +86,20 @@ __device__ __forceinline__ void load_stage(T* buf, const T* xp, const T* w, int 
     }
 }
 
-// xp: one sample after another (plane_p positions each); out: (n, co, rows·cols).
+// xp: one sample after another (plane_p positions each); out and residual: (n, co, rows·cols);
+// sample_bias: (n, co). sample_bias and residual may be null.
 template <typename T>
 __device__ void conv_igemm(const T* __restrict__ xp, const T* __restrict__ w, const T* __restrict__ bias,
-                           T* __restrict__ out, int ci, int co, int rows, int cols, int plane_p, int cols_p, int taps,
-                           int kw, int row_step) {
+                           const T* __restrict__ sample_bias, const T* __restrict__ residual, T* __restrict__ out,
+                           int ci, int co, int rows, int cols, int plane_p, int cols_p, int taps, int kw, int row_step) {
     T* const smem = reinterpret_cast<T*>(dynamic_smem);
     const int positions = rows * cols;
     const int p0 = blockIdx.x * BN, co0 = blockIdx.y * BM;
     const size_t sample = blockIdx.z;
     xp += sample * (size_t)plane_p * ci;
     out += sample * (size_t)co * positions;
+    if (residual) residual += sample * (size_t)co * positions;
+    if (sample_bias) sample_bias += sample * (size_t)co;
 
     // The input row (padded coordinates, before the tap's shift) of each position this thread loads.
     int in_base[2];
@@ -167,13 +171,17 @@ __device__ void conv_igemm(const T* __restrict__ xp, const T* __restrict__ w, co
         for (int half = 0; half < 2; ++half) {
             const int ch = co0 + warp_m + i * 16 + g + half * 8;
             if (ch >= co) continue;
-            const float b_ch = to_f32(bias[ch]);
+            const float b_ch = to_f32(bias[ch]) + (sample_bias ? to_f32(sample_bias[ch]) : 0.f);
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     const int p = p0 + warp_n + j * 8 + 2 * q + e;
-                    if (p < positions) out[(size_t)ch * positions + p] = from_f32<T>(acc[i][j][half * 2 + e] + b_ch);
+                    if (p >= positions) continue;
+                    const size_t at = (size_t)ch * positions + p;
+                    float v = acc[i][j][half * 2 + e] + b_ch;
+                    if (residual) v += to_f32(residual[at]);
+                    out[at] = from_f32<T>(v);
                 }
             }
         }
@@ -188,9 +196,11 @@ __device__ void conv_igemm(const T* __restrict__ xp, const T* __restrict__ w, co
         to_channels_last(x, xp, c, rows, cols, pad_r, pad_c);                                                \
     }                                                                                                         \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                    \
-        conv_igemm_##NAME(const T* xp, const T* w, const T* bias, T* out, int ci, int co, int rows, int cols, \
-                          int plane_p, int cols_p, int taps, int kw, int row_step) {                          \
-        conv_igemm(xp, w, bias, out, ci, co, rows, cols, plane_p, cols_p, taps, kw, row_step);              \
+        conv_igemm_##NAME(const T* xp, const T* w, const T* bias, const T* sample_bias, const T* residual,    \
+                          T* out, int ci, int co, int rows, int cols, int plane_p, int cols_p, int taps, int kw, \
+                          int row_step) {                                                                     \
+        conv_igemm(xp, w, bias, sample_bias, residual, out, ci, co, rows, cols, plane_p, cols_p, taps, kw,   \
+                   row_step);                                                                                 \
     }
 
 CONV_IGEMM(f16, __half)

@@ -32,22 +32,31 @@ pub fn supported(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> bool {
         && x.dim(0).and_then(|n| Ok(n * (x.dim(2)? + 2))).is_ok_and(|rows| rows <= 65535)
 }
 
-/// 3×3 convolution, stride 1, padding 1, of `x (n, ci, h, w)` with `w_taps (9, co, ci)` and bias `(co)`.
-pub fn conv3x3(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
+/// What the kernel adds besides the bias, on the way out: a bias per sample and output channel
+/// `(n, co)`, and a residual of the output's shape.
+#[derive(Clone, Copy, Default)]
+pub struct Extras<'a> {
+    pub per_sample: Option<&'a Tensor>,
+    pub residual: Option<&'a Tensor>,
+}
+
+/// 3×3 convolution, stride 1, padding 1, of `x (n, ci, h, w)` with `w_taps (9, co, ci)`, bias
+/// `(co)` and `extras`.
+pub fn conv3x3(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras) -> Result<Tensor> {
     let (n, _, h, w) = x.dims4()?;
     let xp = channels_last(x, 1, 1)?;
     let co = w_taps.dim(1)?;
     let geometry = Geometry { rows: h, cols: w, cols_padded: w + 2, kw: 3, row_step: w + 2 };
-    convolve(&xp, w_taps, bias, geometry)?.reshape((n, co, h, w))
+    convolve(&xp, w_taps, bias, extras, geometry)?.reshape((n, co, h, w))
 }
 
 /// Conv3d with kernel (3,1,1), padding (1,0,0) of `x (b, ci, t, s)` with `w_taps (3, co, ci)`.
-pub fn temporal_conv(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
+pub fn temporal_conv(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras) -> Result<Tensor> {
     let (b, _, t, s) = x.dims4()?;
     let xp = channels_last(x, 1, 0)?;
     let co = w_taps.dim(1)?;
     let geometry = Geometry { rows: t, cols: s, cols_padded: s, kw: 1, row_step: s };
-    convolve(&xp, w_taps, bias, geometry)?.reshape((b, co, t, s))
+    convolve(&xp, w_taps, bias, extras, geometry)?.reshape((b, co, t, s))
 }
 
 /// `x (n, c, rows, cols)` → `(n, rows + 2·pad_r, cols + 2·pad_c, c)`, zeros in the border.
@@ -56,12 +65,24 @@ fn channels_last(x: &Tensor, pad_r: usize, pad_c: usize) -> Result<Tensor> {
 }
 
 /// `xp` channels-last and padded (`n, rows_p, cols_padded, ci`) → `(n, co, rows·cols)`.
-fn convolve(xp: &Tensor, w_taps: &Tensor, bias: &Tensor, geometry: Geometry) -> Result<Tensor> {
+fn convolve(xp: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras, geometry: Geometry) -> Result<Tensor> {
     // cp.async reads 16-byte chunks: the weight must start on an 8-element boundary (a forced
     // copy starts at 0; `copy` would keep the offset).
     let w = w_taps.contiguous()?;
     let w = if w.layout().start_offset() % 8 == 0 { w } else { w.force_contiguous()? };
-    xp.apply_op3_no_bwd(&w, &bias.contiguous()?, &ConvIgemm { geometry })
+    let (n, co, positions) = (xp.dim(0)?, w.dim(1)?, geometry.rows * geometry.cols);
+    // The extras ride in the op (a CustomOp takes three inputs): contiguous, of the output's dtype.
+    let held = |t: Option<&Tensor>, elements: usize, what: &str| -> Result<Option<Tensor>> {
+        t.map(|t| {
+            if t.elem_count() != elements || t.dtype() != xp.dtype() || !t.device().same_device(xp.device()) {
+                candle_core::bail!("implicit-GEMM convolution: {what} {:?} {:?} for {n} samples of {co} channels × {positions}", t.shape(), t.dtype());
+            }
+            t.contiguous()
+        })
+        .transpose()
+    };
+    let op = ConvIgemm { geometry, per_sample: held(extras.per_sample, n * co, "bias per sample")?, residual: held(extras.residual, n * co * positions, "residual")? };
+    xp.apply_op3_no_bwd(&w, &bias.contiguous()?, &op)
 }
 
 /// Where a tap reads: output position (r, c) reads the padded input at
@@ -82,9 +103,13 @@ struct ChannelsLast {
     pad_c: usize,
 }
 
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct ConvIgemm {
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     geometry: Geometry,
+    /// `(n, co)`, added with the bias.
+    per_sample: Option<Tensor>,
+    /// The output's shape, added last.
+    residual: Option<Tensor>,
 }
 
 impl candle_core::CustomOp1 for ChannelsLast {
@@ -146,7 +171,7 @@ impl candle_core::CustomOp3 for ConvIgemm {
 #[cfg(feature = "cuda")]
 mod imp {
     use super::{ChannelsLast, ConvIgemm, CHANNEL_STEP};
-    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, CudaStorage, WrapErr};
     use candle_core::{Layout, Result, Shape};
 
@@ -193,6 +218,16 @@ mod imp {
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, rows_p, cols_p, c))))
     }
 
+    /// The device view of a held addend.
+    fn addend<'a, T: CudaDType>(held: &'a Option<(candle_core::StorageRef<'_>, &Layout)>) -> Result<Option<CudaView<'a, T>>> {
+        let Some((storage, layout)) = held else { return Ok(None) };
+        let candle_core::Storage::Cuda(storage) = &**storage else {
+            candle_core::bail!("implicit-GEMM convolution: an addend is not on the GPU");
+        };
+        let (start, end) = contiguous(layout, "addend")?;
+        Ok(Some(storage.as_cuda_slice::<T>()?.slice(start..end)))
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn conv<T: CudaDType + DeviceRepr>(
         dtype: &str,
@@ -234,6 +269,12 @@ mod imp {
         let xs = xp.as_cuda_slice::<T>()?.slice(x0..x1);
         let ws = w.as_cuda_slice::<T>()?.slice(w0..w1);
         let bs = b.as_cuda_slice::<T>()?.slice(b0..b1);
+        // The extras' storages, read-locked for the launch (their sizes checked by `convolve`).
+        let per_sample = op.per_sample.as_ref().map(|t| t.storage_and_layout());
+        let residual = op.residual.as_ref().map(|t| t.storage_and_layout());
+        let (per_sample, residual) = (addend::<T>(&per_sample)?, addend::<T>(&residual)?);
+        // A null pointer where an addend is absent (the kernel tests for it).
+        let null: u64 = 0;
         // SAFETY: the grid covers every (sample, channel, position); each is written once.
         let out = unsafe { dev.alloc::<T>(n * co * positions)? };
         let func = dev.get_or_load_custom_func(&format!("conv_igemm_{dtype}"), MODULE, PTX)?;
@@ -256,6 +297,14 @@ mod imp {
         builder.arg(&xs);
         builder.arg(&ws);
         builder.arg(&bs);
+        match &per_sample {
+            Some(v) => builder.arg(v),
+            None => builder.arg(&null),
+        };
+        match &residual {
+            Some(v) => builder.arg(v),
+            None => builder.arg(&null),
+        };
         builder.arg(&out);
         for a in &args {
             builder.arg(a);
@@ -285,12 +334,21 @@ mod tests {
                 let (x, b) = (r(&[n, ci, h, w], 1.0), r(&[co], 1.0));
                 let wt = r(&[co, ci, 3, 3], 0.05);
                 assert!(supported(&x, &taps_first(&wt).unwrap(), &b));
-                let got = conv3x3(&x, &taps_first(&wt).unwrap(), &b).unwrap();
-                let e = rel(&got, &crate::conv3x3_reference(&f(&x), &f(&wt), &f(&b)).unwrap());
+                let got = conv3x3(&x, &taps_first(&wt).unwrap(), &b, Extras::default()).unwrap();
+                let want = crate::conv3x3_reference(&f(&x), &f(&wt), &f(&b)).unwrap();
+                let e = rel(&got, &want);
                 eprintln!("implicit-GEMM conv3x3 {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");
                 assert!(e < tol, "conv3x3 {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");
+                // With a bias per sample and a residual added on the way out.
+                let (per_sample, residual) = (r(&[n, co], 1.0), r(&[n, co, h, w], 1.0));
+                let extras = Extras { per_sample: Some(&per_sample), residual: Some(&residual) };
+                let got = conv3x3(&x, &taps_first(&wt).unwrap(), &b, extras).unwrap();
+                let want = (want.broadcast_add(&f(&per_sample).reshape((n, co, 1, 1)).unwrap()).unwrap() + f(&residual)).unwrap();
+                let e = rel(&got, &want);
+                eprintln!("implicit-GEMM conv3x3 + extras {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");
+                assert!(e < tol, "conv3x3 + extras {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");
                 let w3 = r(&[co, ci, 3, 1, 1], 0.05);
-                let got = temporal_conv(&x, &taps_first(&w3).unwrap(), &b).unwrap();
+                let got = temporal_conv(&x, &taps_first(&w3).unwrap(), &b, Extras::default()).unwrap();
                 let e = rel(&got, &crate::temporal_conv_reference(&f(&x), &f(&w3), &f(&b)).unwrap());
                 eprintln!("implicit-GEMM temporal conv {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");
                 assert!(e < tol, "temporal conv {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");

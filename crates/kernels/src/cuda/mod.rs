@@ -34,7 +34,7 @@ pub fn shifted_gemm(x: &Tensor, w: &Tensor, offsets: &[usize], len: usize, out_l
 pub fn conv3x3(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let bias = bias.to_dtype(x.dtype())?;
     if conv_igemm::supported(x, w_taps, &bias) {
-        conv_igemm::conv3x3(x, w_taps, &bias)
+        conv_igemm::conv3x3(x, w_taps, &bias, conv_igemm::Extras::default())
     } else {
         conv3x3_shifted(x, w_taps, &bias)
     }
@@ -57,7 +57,7 @@ pub fn conv3x3_shifted(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Ten
 pub fn temporal_conv(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let bias = bias.to_dtype(x.dtype())?;
     if conv_igemm::supported(x, w_taps, &bias) {
-        conv_igemm::temporal_conv(x, w_taps, &bias)
+        conv_igemm::temporal_conv(x, w_taps, &bias, conv_igemm::Extras::default())
     } else {
         temporal_conv_shifted(x, w_taps, &bias)
     }

@@ -31,7 +31,8 @@ ATTENTION_KERNELS(flash_attention2, bf16, __nv_bfloat16)
     extern "C" void conv_bias_##NAME(const float*, const T*, T*, size_t, int, int, int, int);
 #define CONV_KERNELS(NAME, T)                                                                               \
     extern "C" void to_channels_last_##NAME(const T*, T*, int, int, int, int, int);                         \
-    extern "C" void conv_igemm_##NAME(const T*, const T*, const T*, T*, int, int, int, int, int, int, int, int, int);
+    extern "C" void conv_igemm_##NAME(const T*, const T*, const T*, const T*, const T*, T*, int, int, int, int, int, \
+                                      int, int, int, int);
 CONV_KERNELS(f16, __half)
 CONV_KERNELS(bf16, __nv_bfloat16)
 
@@ -283,27 +284,40 @@ void epilogues(void (*bias_rows)(const T*, const T*, const T*, T*, size_t, int, 
 // ---- implicit-GEMM convolutions (src/cuda/mod.rs: the channels-last copy in 32×32 tiles of
 // (32, 8) threads, then 128 channels × 128 positions per block of 256 threads)
 
-// A 3×3 convolution (padding 1) when `spatial`, else the temporal (3, 1, 1) one (padding 1 in rows).
+// (xp, w, bias, sample_bias, residual, out, ci, co, rows, cols, plane_p, cols_p, taps, kw, row_step)
 template <typename T>
-void conv_case(void (*to_channels_last)(const T*, T*, int, int, int, int, int),
-               void (*conv)(const T*, const T*, const T*, T*, int, int, int, int, int, int, int, int, int), bool spatial,
-               int n, int ci, int co, int rows, int cols, double tolerance) {
+using ConvKernel = void (*)(const T*, const T*, const T*, const T*, const T*, T*, int, int, int, int, int, int, int, int, int);
+
+// A 3×3 convolution (padding 1) when `spatial`, else the temporal (3, 1, 1) one (padding 1 in
+// rows); with a bias per sample and channel and a residual added when `extras`.
+template <typename T>
+void conv_case(void (*to_channels_last)(const T*, T*, int, int, int, int, int), ConvKernel<T> conv, bool spatial,
+               bool extras, int n, int ci, int co, int rows, int cols, double tolerance) {
     const int pad_r = 1, pad_c = spatial ? 1 : 0, kh = 3, kw = spatial ? 3 : 1, taps = kh * kw;
     const int rows_p = rows + 2 * pad_r, cols_p = cols + 2 * pad_c, plane_p = rows_p * cols_p;
     const size_t positions = (size_t)rows * cols;
     Buffer<T> x = random_buffer<T>((size_t)n * ci * positions), w = random_buffer<T>((size_t)taps * co * ci, 0.f, 0.1f),
-              bias = random_buffer<T>(co), xp((size_t)n * plane_p * ci), out((size_t)n * co * positions);
+              bias = random_buffer<T>(co), xp((size_t)n * plane_p * ci), out((size_t)n * co * positions),
+              sample_bias = random_buffer<T>((size_t)n * co), residual = random_buffer<T>((size_t)n * co * positions);
     emu::launch(dim3{(unsigned)((cols_p + 31) / 32), (unsigned)((ci + 31) / 32), (unsigned)(n * rows_p)}, dim3{32, 8, 1},
                 [&] { to_channels_last(x.data(), xp.data(), ci, rows, cols, pad_r, pad_c); });
     const int row_step = cols_p;
     emu::launch(dim3{(unsigned)((positions + 127) / 128), (unsigned)((co + 127) / 128), (unsigned)n}, dim3{256, 1, 1},
-                [&] { conv(xp.data(), w.data(), bias.data(), out.data(), ci, co, rows, cols, plane_p, cols_p, taps, kw, row_step); });
+                [&] {
+                    conv(xp.data(), w.data(), bias.data(), extras ? sample_bias.data() : nullptr,
+                         extras ? residual.data() : nullptr, out.data(), ci, co, rows, cols, plane_p, cols_p, taps, kw,
+                         row_step);
+                });
     double err = 0, norm = 0;
     for (int s = 0; s < n; ++s)
         for (int o = 0; o < co; ++o)
             for (int r = 0; r < rows; ++r)
                 for (int c = 0; c < cols; ++c) {
                     double want = float(bias[o]);
+                    if (extras) {
+                        want += float(sample_bias[(size_t)s * co + o]);
+                        want += float(residual[((size_t)s * co + o) * positions + (size_t)r * cols + c]);
+                    }
                     for (int t = 0; t < taps; ++t) {
                         const int rr = r + t / kw - pad_r, cc = c + t % kw - pad_c;
                         if (rr < 0 || rr >= rows || cc < 0 || cc >= cols) continue;
@@ -317,8 +331,8 @@ void conv_case(void (*to_channels_last)(const T*, T*, int, int, int, int, int),
                 }
     const double rel = std::sqrt(err / norm);
     char detail[200];
-    std::snprintf(detail, sizeof detail, "%s n=%d ci=%d co=%d %dx%d relative error %.2e (bound %.0e)%s%s",
-                  spatial ? "3x3" : "temporal", n, ci, co, rows, cols, rel, tolerance,
+    std::snprintf(detail, sizeof detail, "%s%s n=%d ci=%d co=%d %dx%d relative error %.2e (bound %.0e)%s%s",
+                  spatial ? "3x3" : "temporal", extras ? " + sample bias + residual" : "", n, ci, co, rows, cols, rel, tolerance,
                   xp.guards_intact() ? "" : ", wrote outside the channels-last copy",
                   out.guards_intact() ? "" : ", wrote outside its output");
     report(std::string("conv_igemm ") + dtype_name<T>(),
@@ -326,14 +340,13 @@ void conv_case(void (*to_channels_last)(const T*, T*, int, int, int, int, int),
 }
 
 template <typename T>
-void convolutions(void (*to_channels_last)(const T*, T*, int, int, int, int, int),
-                  void (*conv)(const T*, const T*, const T*, T*, int, int, int, int, int, int, int, int, int),
+void convolutions(void (*to_channels_last)(const T*, T*, int, int, int, int, int), ConvKernel<T> conv,
                   double tolerance) {
     // Partial tiles in both GEMM dimensions, several of each, rows of the image across a tile.
-    conv_case<T>(to_channels_last, conv, true, 2, 64, 48, 5, 7, tolerance);
-    conv_case<T>(to_channels_last, conv, true, 1, 32, 160, 12, 20, tolerance);
-    conv_case<T>(to_channels_last, conv, false, 2, 32, 40, 5, 30, tolerance);
-    conv_case<T>(to_channels_last, conv, false, 1, 96, 130, 4, 70, tolerance);
+    conv_case<T>(to_channels_last, conv, true, false, 2, 64, 48, 5, 7, tolerance);
+    conv_case<T>(to_channels_last, conv, true, true, 1, 32, 160, 12, 20, tolerance);
+    conv_case<T>(to_channels_last, conv, false, true, 2, 32, 40, 5, 30, tolerance);
+    conv_case<T>(to_channels_last, conv, false, false, 1, 96, 130, 4, 70, tolerance);
 }
 
 

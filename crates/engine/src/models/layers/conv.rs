@@ -4,7 +4,7 @@
 use crate::compute::{Backend, Kernel};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
-use dynamicrafter_kernels::{Bf16Conv, Bf16DotConv, Bf16DotTemporalConv, F32Conv, Q8Conv};
+use dynamicrafter_kernels::{Bf16Conv, Bf16DotConv, Bf16DotTemporalConv, ConvExtras, F32Conv, Q8Conv};
 use std::sync::Arc;
 
 /// candle's `Conv2d`, which on the CPU also takes bf16/f16 inputs (candle has no such CPU
@@ -98,6 +98,17 @@ impl Module for Conv3x3 {
     }
 }
 
+impl Conv3x3 {
+    /// The convolution plus `extras` (a bias per sample, a residual): in the kernel where it
+    /// takes them (CUDA's implicit GEMM), added after it otherwise.
+    pub fn forward_with(&self, xs: &Tensor, extras: ConvExtras) -> Result<Tensor> {
+        match self {
+            Self::Shifted { taps, bias } => dynamicrafter_kernels::conv3x3_taps_with(xs, taps, bias, extras),
+            _ => extras.add_to(self.forward(xs)?),
+        }
+    }
+}
+
 pub fn conv3x3(in_c: usize, out_c: usize, vb: VarBuilder, backend: &Backend) -> Result<Conv3x3> {
     let weight = vb.get((out_c, in_c, 3, 3), "weight")?;
     let bias = vb.get(out_c, "bias")?;
@@ -131,6 +142,16 @@ impl Module for TemporalConv {
             Self::Bf16(conv) => conv.forward(xs),
             Self::Bf16Pairs(conv) => conv.forward(xs),
             Self::Cudnn { weight, bias } => dynamicrafter_kernels::temporal_conv_cudnn(xs, weight, bias),
+        }
+    }
+}
+
+impl TemporalConv {
+    /// The convolution plus `extras`, as [`Conv3x3::forward_with`].
+    pub fn forward_with(&self, xs: &Tensor, extras: ConvExtras) -> Result<Tensor> {
+        match self {
+            Self::Shifted { weight, bias } => dynamicrafter_kernels::temporal_conv_with(xs, weight, bias, extras),
+            _ => extras.add_to(self.forward(xs)?),
         }
     }
 }
