@@ -5,6 +5,7 @@ use super::layers::{attention, conv2d, conv3x3, group_norm, Conv2d, Conv3x3, Gro
 use crate::compute::Backend;
 use crate::config::VaeConfig;
 use candle_core::{Module, Result, Tensor};
+use dynamicrafter_kernels::ConvExtras;
 use candle_nn::VarBuilder;
 
 const EPS: f64 = 1e-6;
@@ -31,11 +32,9 @@ impl ResnetBlock {
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let h = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
-        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
-        match &self.nin_shortcut {
-            Some(s) => s.forward(xs)? + h,
-            None => xs + h,
-        }
+        // The shortcut goes into conv2's output (in its epilogue where the kernel has one).
+        let shortcut = self.nin_shortcut.as_ref().map(|s| s.forward(xs)).transpose()?;
+        self.conv2.forward_with(&self.norm2.forward_silu(&h)?, ConvExtras { per_sample: None, residual: Some(shortcut.as_ref().unwrap_or(xs)) })
     }
 }
 
