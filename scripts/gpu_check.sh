@@ -2,7 +2,8 @@
 # The CUDA checks and timings, in one run on a machine with an NVIDIA GPU (issues #7, #18): the
 # kernel tests (both fused attention kernels, group norm, convolutions (shifted and implicit
 # GEMMs), GEMM epilogues, permutes), parity and
-# reduced-precision tests on CUDA, the UNet forward, the CFG step (two passes against one batch)
+# reduced-precision tests on CUDA, the UNet forward, the CFG step (two passes against one batch),
+# the forward replayed as a CUDA graph
 # and whole-pipeline benchmarks at 256, 320×512 and 576×1024 (and 576×1024 with --offload),
 # the fused-vs-chunked attention A/B, and PyTorch's timing of the same UNet forward: our
 # re-statement (scripts/torch_unet.py) and, where `.upstream/` holds upstream's lvdm/ and
@@ -22,7 +23,7 @@
 # STEPS="name …" runs only the steps named; gpu.json is rewritten after every step from what the
 # call has run. The whole list takes longer than one call (600 s), so split it, e.g.
 #   call 1: STEPS="kernel-tests parity-cuda pipeline-tests-cuda bench-unet-bf16 bench-guided-1024 torch-unet torch-upstream-unet"
-#   call 2: STEPS="bench-pipeline bench-pipeline-offload bench-cudnn ops-1024 bench-unet-levers"
+#   call 2: STEPS="ops-1024 bench-pipeline bench-pipeline-offload bench-unet-levers bench-graph bench-cudnn"
 # and merge the two calls' json/ folders (in logs.tgz) with scripts/gpu_json.py afterwards.
 set -u
 BIN=${1:?usage: gpu_check.sh BIN_DIR [FIXTURES_DIR]}
@@ -58,6 +59,9 @@ step kernel-tests 90 "$BIN/kernels" --nocapture --test-threads 1 flash_attention
 step ops-1024 60 "$BIN/dynamicrafter-bench" --device cuda ops-1024 --runs 3
 step bench-unet-bf16 90 "$BIN/dynamicrafter-bench" --device cuda unet-256 unet-512 unet-1024 --runs 3 --json "$JSON/unet.json"
 step bench-guided-1024 90 "$BIN/dynamicrafter-bench" --device cuda guided-1024 --runs 3
+# Launch overhead: one forward replayed as a CUDA graph (does it capture at all; how much of a
+# forward is launches), at each size.
+step bench-graph 120 "$BIN/dynamicrafter-bench" --device cuda graph-256 graph-512 graph-1024 --runs 3
 step parity-cuda 60 "$BIN/parity" --nocapture --test-threads 1
 step pipeline-tests-cuda 60 "$BIN/pipeline" --nocapture --test-threads 1
 step bench-pipeline 300 "$BIN/dynamicrafter-bench" --device cuda pipeline-1024 pipeline-512 pipeline-256 --runs 1 --json "$JSON/pipeline.json"

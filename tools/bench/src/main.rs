@@ -25,12 +25,15 @@ use std::time::Instant;
 const DEFAULT_CASES: [&str; 12] = ["unet-256", "vae-decode-256", "clip-image", "clip-text", "tiny-pipeline", "samplers", "ops", "serve-vs-cli", "quant-256", "bf16-256", "vae-bf16-256", "load"];
 /// Named only: GPU-sized work (hours on a CPU; long-video-256 some ten minutes), and queue
 /// (it needs redis-server).
-const GPU_CASES: [&str; 11] = [
+const GPU_CASES: [&str; 14] = [
     "unet-512",
     "unet-1024",
     "guided-256",
     "guided-512",
     "guided-1024",
+    "graph-256",
+    "graph-512",
+    "graph-1024",
     "pipeline-256",
     "pipeline-512",
     "pipeline-1024",
@@ -53,7 +56,9 @@ struct BenchArgs {
     /// real-256 one of random weights written to the temp folder, 14 GB of disk). Default: all
     /// of these. Named only (GPU-sized): unet-512, unet-1024 (one forward at 40×64 / 72×128
     /// latents), guided-256, guided-512, guided-1024 (the two UNet passes of a CFG step, one
-    /// after the other and as one batch of 2, with peak memory) and pipeline-256, pipeline-512, pipeline-1024 (a whole run of the preset with
+    /// after the other and as one batch of 2, with peak memory), graph-256, graph-512,
+    /// graph-1024 (one UNet forward eagerly and replayed as a CUDA graph: does it capture, what
+    /// do launches cost; a CUDA build) and pipeline-256, pipeline-512, pipeline-1024 (a whole run of the preset with
     /// random weights: 16 frames, 50 steps, CFG 7.5, with per-stage times and peak GPU memory),
     /// ops-1024 (the UNet's ops at the 576×1024 model's first-level shapes, on the device and in
     /// the precision of the run: where a GPU forward spends its time), queue (tiny-v jobs through
@@ -196,6 +201,9 @@ fn run(args: BenchArgs) -> Result<()> {
             "guided-256" => results.extend(networks::guided_case("256", args.runs, &target)?),
             "guided-512" => results.extend(networks::guided_case("512", args.runs, &target)?),
             "guided-1024" => results.extend(networks::guided_case("1024", args.runs, &target)?),
+            "graph-256" => results.extend(networks::graph_case("256", args.runs, &target)?),
+            "graph-512" => results.extend(networks::graph_case("512", args.runs, &target)?),
+            "graph-1024" => results.extend(networks::graph_case("1024", args.runs, &target)?),
             "pipeline-256" => results.push(networks::pipeline_case("256", args.runs, &target)?),
             "pipeline-512" => results.push(networks::pipeline_case("512", args.runs, &target)?),
             "pipeline-1024" => results.push(networks::pipeline_case("1024", args.runs, &target)?),

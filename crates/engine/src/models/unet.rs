@@ -375,6 +375,14 @@ pub struct UnetInput<'a> {
     pub fs: Option<&'a [f32]>,
 }
 
+/// The per-frame conditioning of a forward ([`Unet::condition`]).
+pub struct UnetConditioning {
+    /// `(b·t, time_embed_dim)`: time + fps embedding, repeated per frame.
+    pub emb: Tensor,
+    /// `(b·t, l, context_dim)`: what each frame attends to.
+    pub context: Tensor,
+}
+
 /// Intermediate activations the parity tests compare.
 #[derive(Default)]
 pub struct UnetTrace {
@@ -525,6 +533,15 @@ impl Unet {
     }
 
     pub fn forward_traced(&self, input: &UnetInput, mut trace: Option<&mut UnetTrace>) -> Result<Tensor> {
+        let conditioning = self.condition(input, trace.as_deref_mut())?;
+        self.forward_frames(input.x, &conditioning, trace)
+    }
+
+    /// What a forward derives from its timesteps, fs and context before the network runs: the
+    /// per-frame embedding and context. The only part of a forward that reads host memory (the
+    /// timesteps), so [`forward_conditioned`](Self::forward_conditioned) is device work alone
+    /// (what a CUDA graph can capture).
+    pub fn condition(&self, input: &UnetInput, trace: Option<&mut UnetTrace>) -> Result<UnetConditioning> {
         let x = input.x;
         let (b, _, t, _, _) = x.dims5()?;
         let (dtype, dev) = (x.dtype(), x.device());
@@ -532,20 +549,30 @@ impl Unet {
         let default_fs = vec![self.cfg.default_fs as f32; b];
         let fs = input.fs.unwrap_or(&default_fs);
         let fs_emb = self.embed(&self.fps_embedding, fs, dtype, dev)?;
-        if let Some(tr) = trace.as_deref_mut() {
+        if let Some(tr) = trace {
             tr.time_embed = Some(t_emb.clone());
             tr.fps_embedding = Some(fs_emb.clone());
         }
         let emb = (t_emb + fs_emb)?;
         let e = emb.dim(1)?;
-        let emb = emb.unsqueeze(1)?.broadcast_as((b, t, e))?.reshape((b * t, e))?;
-        let context = Self::frame_context(input.context, t)?;
+        let emb = emb.unsqueeze(1)?.broadcast_as((b, t, e))?.reshape((b * t, e))?.contiguous()?;
+        let context = Self::frame_context(input.context, t)?.contiguous()?;
+        Ok(UnetConditioning { emb, context })
+    }
 
+    /// The network on `x (b, in_channels, t, h, w)` with a [`condition`](Self::condition)ed input.
+    pub fn forward_conditioned(&self, x: &Tensor, conditioning: &UnetConditioning) -> Result<Tensor> {
+        self.forward_frames(x, conditioning, None)
+    }
+
+    fn forward_frames(&self, x: &Tensor, conditioning: &UnetConditioning, mut trace: Option<&mut UnetTrace>) -> Result<Tensor> {
+        let (b, _, _, _, _) = x.dims5()?;
+        let UnetConditioning { emb, context } = conditioning;
         let mut h = video_to_frames(x)?;
         let mut skips = Vec::with_capacity(self.input_blocks.len());
         for (i, block) in self.input_blocks.iter().enumerate() {
             for layer in block {
-                h = layer.forward(&h, &emb, &context, b)?;
+                h = layer.forward(&h, emb, context, b)?;
             }
             if let Some(tr) = trace.as_deref_mut() {
                 tr.input_blocks.push(h.clone());
@@ -561,7 +588,7 @@ impl Unet {
             skips.push(h.clone());
         }
         for layer in &self.middle_block {
-            h = layer.forward(&h, &emb, &context, b)?;
+            h = layer.forward(&h, emb, context, b)?;
         }
         if let Some(tr) = trace.as_deref_mut() {
             tr.middle_block = Some(h.clone());
@@ -571,7 +598,7 @@ impl Unet {
             h = Tensor::cat(&[&h, &skip], 1)?;
             drop(skip);
             for layer in block {
-                h = layer.forward(&h, &emb, &context, b)?;
+                h = layer.forward(&h, emb, context, b)?;
             }
             if let Some(tr) = trace.as_deref_mut() {
                 tr.output_blocks.push(h.clone());
