@@ -98,8 +98,9 @@ struct Attention {
     to_k: Linear,
     to_v: Linear,
     image: Option<(Linear, Linear)>,
-    /// 256 model: the image branch is scaled by `tanh(alpha) + 1`.
-    alpha: Option<Tensor>,
+    /// 256 model: the image branch is scaled by `tanh(alpha) + 1`, worked out once at load (in
+    /// f32, as the tensor ops did) so a forward scales with one contiguous op.
+    image_scale: Option<f64>,
     to_out: Linear,
     heads: usize,
     scale: f64,
@@ -135,7 +136,12 @@ impl Attention {
             to_k: linear_no_bias(context_dim, inner, vb.pp("to_k"), backend)?,
             to_v: linear_no_bias(context_dim, inner, vb.pp("to_v"), backend)?,
             image,
-            alpha: if learnable_scale { Some(vb.get((), "alpha")?) } else { None },
+            image_scale: if learnable_scale {
+                let alpha = vb.get((), "alpha")?.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+                Some((alpha.tanh() + 1.0) as f64)
+            } else {
+                None
+            },
             to_out: linear(inner, dim, vb.pp("to_out.0"), backend)?,
             heads,
             scale: (dim_head as f64).powf(-0.5),
@@ -162,8 +168,8 @@ impl Attention {
                 let k = to_k_ip.forward(&img)?;
                 let v = to_v_ip.forward(&img)?;
                 let out_img = self.attend(&q, &k, &v)?;
-                let out_img = match &self.alpha {
-                    Some(a) => out_img.broadcast_mul(&(a.tanh()? + 1.0)?)?,
+                let out_img = match self.image_scale {
+                    Some(scale) => out_img.affine(scale, 0.0)?,
                     None => out_img,
                 };
                 (out_txt + out_img)?
