@@ -136,8 +136,8 @@ impl candle_core::CustomOp1 for Permute {
 mod imp {
     use super::{Plan, MAX_RANK};
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
-    use candle_core::{Layout, Result, Shape};
+    use candle_core::cuda_backend::{CudaDType, CudaStorage, WrapErr};
+    use candle_core::{DType, Layout, Result, Shape};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/permute.ptx"));
     const MODULE: &str = "dynamicrafter_permute";
@@ -169,47 +169,6 @@ mod imp {
     // SAFETY: as for `Blocks`.
     unsafe impl DeviceRepr for Tiles {}
 
-    /// The input's bytes from its start offset, the output buffer, the element size.
-    macro_rules! with_slices {
-        ($x:expr, $start:expr, $len:expr, |$in:ident, $out:ident, $dev:ident| $body:expr) => {
-            match &$x.slice {
-                CudaStorageSlice::BF16(s) => {
-                    let $dev = $x.device.clone();
-                    let $in = s.slice($start..$start + $len);
-                    // SAFETY: the kernel writes every element of the output.
-                    let $out = unsafe { $dev.alloc::<half::bf16>($len)? };
-                    $body?;
-                    CudaStorage::wrap_cuda_slice($out, $dev)
-                }
-                CudaStorageSlice::F16(s) => {
-                    let $dev = $x.device.clone();
-                    let $in = s.slice($start..$start + $len);
-                    // SAFETY: as above.
-                    let $out = unsafe { $dev.alloc::<half::f16>($len)? };
-                    $body?;
-                    CudaStorage::wrap_cuda_slice($out, $dev)
-                }
-                CudaStorageSlice::F32(s) => {
-                    let $dev = $x.device.clone();
-                    let $in = s.slice($start..$start + $len);
-                    // SAFETY: as above.
-                    let $out = unsafe { $dev.alloc::<f32>($len)? };
-                    $body?;
-                    CudaStorage::wrap_cuda_slice($out, $dev)
-                }
-                CudaStorageSlice::U32(s) => {
-                    let $dev = $x.device.clone();
-                    let $in = s.slice($start..$start + $len);
-                    // SAFETY: as above.
-                    let $out = unsafe { $dev.alloc::<u32>($len)? };
-                    $body?;
-                    CudaStorage::wrap_cuda_slice($out, $dev)
-                }
-                _ => candle_core::bail!("permute: unsupported dtype {:?}", $x.dtype()),
-            }
-        };
-    }
-
     fn array(values: impl Iterator<Item = usize>) -> [i64; MAX_RANK] {
         let mut out = [0i64; MAX_RANK];
         for (o, v) in out.iter_mut().zip(values) {
@@ -221,9 +180,24 @@ mod imp {
     pub fn permute(plan: &Plan, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
         let (start, end) = xl.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("permute: input must be contiguous".into()))?;
-        let len = end - start;
-        let elem = x.dtype().size_in_bytes();
-        let storage = match plan {
+        let storage = match x.dtype() {
+            DType::BF16 => permute_as::<half::bf16>(plan, x, start, end)?,
+            DType::F16 => permute_as::<half::f16>(plan, x, start, end)?,
+            DType::F32 => permute_as::<f32>(plan, x, start, end)?,
+            DType::U32 => permute_as::<u32>(plan, x, start, end)?,
+            dt => candle_core::bail!("permute: unsupported dtype {dt:?}"),
+        };
+        Ok((storage, xl.shape().clone()))
+    }
+
+    /// The permute of elements `start..end` of `x`, of type `T` (the kernels move its raw words).
+    fn permute_as<T: CudaDType + DeviceRepr>(plan: &Plan, x: &CudaStorage, start: usize, end: usize) -> Result<CudaStorage> {
+        let (len, elem) = (end - start, std::mem::size_of::<T>());
+        let dev = x.device.clone();
+        let input = x.as_cuda_slice::<T>()?.slice(start..end);
+        // SAFETY: either kernel writes every element of the output.
+        let out = unsafe { dev.alloc::<T>(len)? };
+        match plan {
             Plan::Copy => candle_core::bail!("permute: a plain copy goes through candle"),
             Plan::Rows { inner, outer } => {
                 // The widest word that divides a row and the input's start (the output is fresh).
@@ -240,20 +214,17 @@ mod imp {
                     4 => "permute_blocks_b32",
                     _ => "permute_blocks_b16",
                 };
-                let threads = 256u32;
-                let grid = (total_w as usize).div_ceil(threads as usize).clamp(1, 132 * 32) as u32;
-                let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
-                with_slices!(x, start, len, |input, out, dev| {
-                    let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-                    let mut builder = func.builder();
-                    builder.arg(&input);
-                    builder.arg(&out);
-                    builder.arg(&blocks);
-                    builder.arg(&inner_w);
-                    builder.arg(&total_w);
-                    // SAFETY: arguments match `permute_blocks_*`; the words cover input and output exactly.
-                    unsafe { builder.launch(cfg) }.w()
-                })
+                let grid = (total_w as usize).div_ceil(256).clamp(1, 132 * 32) as u32;
+                let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+                let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+                let mut builder = func.builder();
+                builder.arg(&input);
+                builder.arg(&out);
+                builder.arg(&blocks);
+                builder.arg(&inner_w);
+                builder.arg(&total_w);
+                // SAFETY: arguments match `permute_blocks_*`; the words cover input and output exactly.
+                unsafe { builder.launch(cfg) }.w()?;
             }
             Plan::Tiles { ni, nj, in_stride_j, out_stride_i, batch } => {
                 let tiles = Tiles {
@@ -271,19 +242,17 @@ mod imp {
                 let grid = (ni.div_ceil(32) as u32, nj.div_ceil(32) as u32, batches.clamp(1, 65535) as u32);
                 let cfg = LaunchConfig { grid_dim: grid, block_dim: (32, 8, 1), shared_mem_bytes: 0 };
                 let name = if elem == 2 { "permute_tiles_b16" } else { "permute_tiles_b32" };
-                with_slices!(x, start, len, |input, out, dev| {
-                    let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-                    let mut builder = func.builder();
-                    builder.arg(&input);
-                    builder.arg(&out);
-                    builder.arg(&tiles);
-                    builder.arg(&batches_i);
-                    // SAFETY: arguments match `permute_tiles_*`; every index stays inside the tensor.
-                    unsafe { builder.launch(cfg) }.w()
-                })
+                let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+                let mut builder = func.builder();
+                builder.arg(&input);
+                builder.arg(&out);
+                builder.arg(&tiles);
+                builder.arg(&batches_i);
+                // SAFETY: arguments match `permute_tiles_*`; every index stays inside the tensor.
+                unsafe { builder.launch(cfg) }.w()?;
             }
-        };
-        Ok((storage, xl.shape().clone()))
+        }
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
 }
 
