@@ -1,8 +1,9 @@
 //! Our CUDA kernels (`*.cu` beside this file, compiled to PTX by `build.rs`) and the convolutions
 //! (implicit GEMMs on tensor cores in f16/bf16, else cuBLAS GEMMs over shifted views), where
 //! candle's generic CUDA ops are slow: candle's group norm makes ~10 passes in f32, its
-//! convolutions write a 9× im2col matrix and transpose the result back. Each entry point says which inputs it takes; callers fall back to candle's
-//! composition otherwise (the CPU, other dtypes).
+//! convolutions write a 9× im2col matrix and transpose the result back. Each entry point says
+//! which inputs it takes; callers fall back to candle's composition otherwise (the CPU, other
+//! dtypes).
 
 pub mod conv_igemm;
 pub mod epilogue;
