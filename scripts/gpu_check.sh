@@ -23,7 +23,7 @@
 # STEPS="name …" runs only the steps named; gpu.json is rewritten after every step from what the
 # call has run. The whole list takes longer than one call (600 s), so split it, e.g.
 #   call 1: STEPS="kernel-tests parity-cuda pipeline-tests-cuda bench-unet-bf16 bench-guided-1024 torch-unet torch-upstream-unet"
-#   call 2: STEPS="ops-1024 bench-pipeline bench-pipeline-offload bench-unet-levers bench-graph bench-cudnn"
+#   call 2: STEPS="ops-1024 bench-pipeline bench-pipeline-offload bench-unet-levers bench-graph pipeline-tests-graph bench-pipeline-graph bench-cudnn"
 # and merge the two calls' json/ folders (in logs.tgz) with scripts/gpu_json.py afterwards.
 set -u
 BIN=${1:?usage: gpu_check.sh BIN_DIR [FIXTURES_DIR]}
@@ -62,6 +62,10 @@ step bench-guided-1024 90 "$BIN/dynamicrafter-bench" --device cuda guided-1024 -
 # Launch overhead: one forward replayed as a CUDA graph (does it capture at all; how much of a
 # forward is launches), at each size.
 step bench-graph 120 "$BIN/dynamicrafter-bench" --device cuda graph-256 graph-512 graph-1024 --runs 3
+# The same in the pipeline (DYNAMICRAFTER_CUDA_GRAPH=1, off by default): its tests on the
+# fixtures, then whole runs to hold against bench-pipeline's.
+step pipeline-tests-graph 60 env DYNAMICRAFTER_CUDA_GRAPH=1 "$BIN/pipeline" --nocapture --test-threads 1
+step bench-pipeline-graph 150 env DYNAMICRAFTER_CUDA_GRAPH=1 "$BIN/dynamicrafter-bench" --device cuda pipeline-256 pipeline-512 --runs 1
 step parity-cuda 60 "$BIN/parity" --nocapture --test-threads 1
 step pipeline-tests-cuda 60 "$BIN/pipeline" --nocapture --test-threads 1
 step bench-pipeline 300 "$BIN/dynamicrafter-bench" --device cuda pipeline-1024 pipeline-512 pipeline-256 --runs 1 --json "$JSON/pipeline.json"

@@ -96,6 +96,7 @@ pub struct Backend {
     bf16_products: bool,
     batched_guidance: bool,
     ff_chunk_rows: Option<usize>,
+    cuda_graphs: bool,
     chosen: Mutex<BTreeMap<LayerKind, BTreeMap<Kernel, usize>>>,
     /// Off once the pipeline is built: networks rebuilt later (`--offload`) are not counted twice.
     counting: AtomicBool,
@@ -118,6 +119,7 @@ impl Backend {
             bf16_products: precision.bf16_matmuls,
             batched_guidance: batched_guidance(device, precision),
             ff_chunk_rows: ff_chunk_rows(precision),
+            cuda_graphs: cfg!(feature = "cuda") && device.is_cuda() && std::env::var("DYNAMICRAFTER_CUDA_GRAPH").as_deref() == Ok("1"),
             chosen: Mutex::default(),
             counting: AtomicBool::new(true),
         }
@@ -136,6 +138,12 @@ impl Backend {
     /// `DYNAMICRAFTER_FF_CHUNK=0|N` overrides it: whole, or N rows).
     pub fn ff_chunk_rows(&self) -> Option<usize> {
         self.ff_chunk_rows
+    }
+
+    /// Whether the UNet's forward is replayed from CUDA graphs (`pipeline/graphs.rs`): with
+    /// `DYNAMICRAFTER_CUDA_GRAPH=1` on a GPU of a CUDA build; off by default until measured.
+    pub fn cuda_graphs(&self) -> bool {
+        self.cuda_graphs
     }
 
     /// Overrides [`batched_guidance`](Self::batched_guidance).
@@ -330,6 +338,9 @@ impl Backend {
         }
         if self.batched_guidance {
             out.insert("guidance".into(), "passes in one batch".into());
+        }
+        if self.cuda_graphs {
+            out.insert("unet".into(), "CUDA graphs".into());
         }
         out
     }

@@ -5,6 +5,7 @@
 //! classifier-free guidance, VAE decode, clamp and truncating u8 conversion.
 
 mod conditioning;
+mod graphs;
 mod request;
 mod sampler;
 mod windows;
@@ -47,6 +48,8 @@ pub struct Pipeline {
     resampler: Held<Resampler>,
     vae: Held<AutoencoderKL>,
     unet: Unet,
+    /// The UNet's forward as CUDA graphs, where the backend says so.
+    unet_graphs: Option<graphs::UnetGraphs>,
     /// The weights of the networks held [`Held::Parked`] (`--offload`).
     parked: Option<ParkedWeights>,
     schedule: NoiseSchedule,
@@ -140,7 +143,8 @@ impl Pipeline {
         if let Some(park) = &parked {
             tracing::info!("offload: {:.2} GB of weights parked in host memory", park.bytes() as f64 / 1e9);
         }
-        Ok(Self { tokenizer: Tokenizer::new()?, text, vision, resampler, vae, unet, parked, precision, device, backend, schedule, cfg })
+        let unet_graphs = backend.cuda_graphs().then(graphs::UnetGraphs::default);
+        Ok(Self { tokenizer: Tokenizer::new()?, text, vision, resampler, vae, unet, unet_graphs, parked, precision, device, backend, schedule, cfg })
     }
 
     /// The network `held`, built from the parked weights if it is not resident.

@@ -23,7 +23,11 @@ impl Pipeline {
         }
         let ts = vec![t as f32; k];
         let fs = vec![fs as f32; k];
-        let out = self.unet.forward(&UnetInput { x: &input, timesteps: &ts, context, fs: Some(&fs) })?;
+        let conditioning = self.unet.condition(&UnetInput { x: &input, timesteps: &ts, context, fs: Some(&fs) }, None)?;
+        let out = match &self.unet_graphs {
+            Some(graphs) => graphs.forward(&self.unet, &input, &conditioning)?,
+            None => self.unet.forward_conditioned(&input, &conditioning)?,
+        };
         Ok(out.to_dtype(DType::F32)?)
     }
 
