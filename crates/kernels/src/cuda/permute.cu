@@ -18,19 +18,22 @@
 
 namespace {
 
-// Grid-stride over the output's words.
-template <typename W>
-__device__ void permute_blocks(const W* __restrict__ in, W* __restrict__ out, Blocks b, int64_t inner, int64_t total) {
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (int64_t)gridDim.x * blockDim.x) {
-        int64_t row = i / inner, source = i % inner;
+// Grid-stride over the output's words. I: the index type, 32-bit where the tensor allows it
+// (the launcher's choice): a 64-bit division costs several times a 32-bit one, and this loop
+// divides per word.
+template <typename W, typename I>
+__device__ void permute_blocks(const W* __restrict__ in, W* __restrict__ out, Blocks b, I inner, I total) {
+    for (I i = (I)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (I)gridDim.x * blockDim.x) {
+        I row = i / inner, source = i % inner;
         // Unrolled over the fixed bound so the parameter arrays are indexed statically (a dynamic
         // index would copy them to local memory).
 #pragma unroll
         for (int k = 0; k < PERMUTE_MAX_RANK; ++k) {
             const int d = PERMUTE_MAX_RANK - 1 - k;
             if (d < b.rank) {
-                source += (row % b.dims[d]) * b.in_strides[d];
-                row /= b.dims[d];
+                const I dim = (I)b.dims[d];
+                source += (row % dim) * (I)b.in_strides[d];
+                row /= dim;
             }
         }
         out[i] = in[source];
@@ -70,7 +73,11 @@ __device__ void permute_tiles(const W* __restrict__ in, W* __restrict__ out, Til
 
 #define PERMUTE_BLOCKS(NAME, W)                                                                                \
     extern "C" __global__ void permute_blocks_##NAME(const W* in, W* out, Blocks b, int64_t inner, int64_t total) { \
-        permute_blocks(in, out, b, inner, total);                                                             \
+        permute_blocks<W, int64_t>(in, out, b, inner, total);                                                 \
+    }                                                                                                          \
+    extern "C" __global__ void permute_blocks_##NAME##_i32(const W* in, W* out, Blocks b, uint32_t inner,     \
+                                                           uint32_t total) {                                  \
+        permute_blocks<W, uint32_t>(in, out, b, inner, total);                                                \
     }
 #define PERMUTE_TILES(NAME, W)                                                                                 \
     extern "C" __global__ void permute_tiles_##NAME(const W* in, W* out, Tiles t, int64_t batches) {           \

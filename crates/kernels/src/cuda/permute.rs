@@ -208,21 +208,30 @@ mod imp {
                     dims: array(outer.iter().map(|&(d, _)| d)),
                     in_strides: array(outer.iter().map(|&(_, s)| s / per_word)),
                 };
-                let (inner_w, total_w) = ((inner / per_word) as i64, (len / per_word) as i64);
+                let (inner_w, total_w) = (inner / per_word, len / per_word);
                 let name = match word {
                     16 => "permute_blocks_b128",
                     4 => "permute_blocks_b32",
                     _ => "permute_blocks_b16",
                 };
-                let grid = (total_w as usize).div_ceil(256).clamp(1, 132 * 32) as u32;
+                let grid = total_w.div_ceil(256).clamp(1, 132 * 32) as u32;
+                // 32-bit indices while every word index (and one grid stride past it) fits.
+                let narrow = total_w + (grid as usize) * 256 < (1 << 31);
+                let name = if narrow { format!("{name}_i32") } else { name.to_string() };
                 let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-                let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+                let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+                let (inner_32, total_32, inner_64, total_64) = (inner_w as u32, total_w as u32, inner_w as i64, total_w as i64);
                 let mut builder = func.builder();
                 builder.arg(&input);
                 builder.arg(&out);
                 builder.arg(&blocks);
-                builder.arg(&inner_w);
-                builder.arg(&total_w);
+                if narrow {
+                    builder.arg(&inner_32);
+                    builder.arg(&total_32);
+                } else {
+                    builder.arg(&inner_64);
+                    builder.arg(&total_64);
+                }
                 // SAFETY: arguments match `permute_blocks_*`; the words cover input and output exactly.
                 unsafe { builder.launch(cfg) }.w()?;
             }

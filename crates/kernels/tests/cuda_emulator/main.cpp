@@ -37,6 +37,8 @@ CONV_KERNELS(f16, __half)
 CONV_KERNELS(bf16, __nv_bfloat16)
 
 extern "C" void permute_blocks_b16(const uint16_t*, uint16_t*, Blocks, int64_t, int64_t);
+extern "C" void permute_blocks_b16_i32(const uint16_t*, uint16_t*, Blocks, uint32_t, uint32_t);
+extern "C" void permute_blocks_b128_i32(const uint4*, uint4*, Blocks, uint32_t, uint32_t);
 extern "C" void permute_blocks_b32(const uint32_t*, uint32_t*, Blocks, int64_t, int64_t);
 extern "C" void permute_blocks_b128(const uint4*, uint4*, Blocks, int64_t, int64_t);
 extern "C" void permute_tiles_b16(const uint16_t*, uint16_t*, Tiles, int64_t);
@@ -408,6 +410,24 @@ void permutes() {
         if (word == 16) launch(permute_blocks_b128, (uint4*)nullptr);
         if (word == 4) launch(permute_blocks_b32, (uint32_t*)nullptr);
         if (word == 2) launch(permute_blocks_b16, (uint16_t*)nullptr);
+    }
+    // The 32-bit index forms.
+    for (int word : {16, 2}) {
+        const int per = word / 2;
+        Blocks b{3, {2, 5, 3}, {240 / per, 16 / per, 80 / per}};
+        const uint32_t inner = 16 / per;
+        if (word == 16)
+            permute_case<uint4>("rows of 16-byte words, 32-bit indices", video, to_video,
+                                [&](const uint4* in, uint4* out, int64_t total) {
+                                    permute_blocks_b128_i32(in, out, b, inner, (uint32_t)total);
+                                },
+                                dim3{2, 1, 1}, dim3{64, 1, 1});
+        else
+            permute_case<uint16_t>("rows of 2-byte words, 32-bit indices", video, to_video,
+                                   [&](const uint16_t* in, uint16_t* out, int64_t total) {
+                                       permute_blocks_b16_i32(in, out, b, inner, (uint32_t)total);
+                                   },
+                                   dim3{2, 1, 1}, dim3{64, 1, 1});
     }
     // channels → tokens: (n 2, c 40, hw 70) → (n, hw, c): I = hw, J = c, one batch axis.
     {
