@@ -41,7 +41,7 @@ pub use cuda::flash_attention::{flash_attention, flash_attention_with, supported
 pub use cuda::{conv3x3_cudnn, conv3x3_shifted, cudnn_enabled, temporal_conv_cudnn, temporal_conv_shifted};
 pub use ops::{
     attention, attention_heads, conv3x3, conv3x3_taps, conv3x3_taps_with, geglu, group_norm, heads_in_place, linear, linear_geglu, permute, softmax_last_dim, taps_first,
-    temporal_conv, temporal_conv_with, ConvExtras,
+    temporal_conv, temporal_conv_taps_with, temporal_conv_with, ConvExtras,
 };
 pub use reference::{
     attention_chunked, attention_reference, conv3x3_reference, geglu_reference, group_norm_reference, permute_reference, softmax_reference,

@@ -175,13 +175,26 @@ pub fn conv3x3_taps_with(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Con
 
 /// [`temporal_conv`] plus `extras`.
 pub fn temporal_conv_with(x: &Tensor, w: &Tensor, bias: &Tensor, extras: ConvExtras) -> Result<Tensor> {
-    if x.device().is_cuda() && w.dtype() == x.dtype() {
-        let (w_taps, bias) = (taps_first(w)?, bias.to_dtype(x.dtype())?);
-        if cuda::conv_igemm::supported(x, &w_taps, &bias) {
-            return cuda::conv_igemm::temporal_conv(x, &w_taps, &bias, extras);
-        }
+    if cuda::usable(x) && w.dtype() == x.dtype() {
+        temporal_conv_taps_with(x, &taps_first(w)?, bias, extras)
+    } else {
+        extras.add_to(temporal_conv(x, w, bias)?)
     }
-    extras.add_to(temporal_conv(x, w, bias)?)
+}
+
+/// [`temporal_conv_with`] from the weight taps first, `(3, co, ci)` (see [`taps_first`]): what a
+/// layer on CUDA prepares once.
+pub fn temporal_conv_taps_with(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: ConvExtras) -> Result<Tensor> {
+    if cuda::usable(x) && w_taps.dtype() == x.dtype() {
+        let bias = bias.to_dtype(x.dtype())?;
+        if cuda::conv_igemm::supported(x, w_taps, &bias) {
+            return cuda::conv_igemm::temporal_conv(x, w_taps, &bias, extras);
+        }
+        return extras.add_to(cuda::temporal_conv(x, w_taps, &bias)?);
+    }
+    let (co, ci) = (w_taps.dim(1)?, w_taps.dim(2)?);
+    let w = w_taps.permute((1, 2, 0))?.reshape((co, ci, 3, 1, 1))?;
+    extras.add_to(temporal_conv(x, &w, bias)?)
 }
 
 /// 3×3 convolution, stride 1, padding 1, with bias, its weight `(9, co, c)` taps first (see
@@ -321,6 +334,27 @@ mod tests {
             let want = geglu_reference(&f64(&p)).unwrap();
             let candle = geglu_reference(&p).unwrap();
             assert_f32_level(&got, &candle, &want, &format!("{shape:?}"));
+        }
+    }
+
+    /// The convolutions with extras, where nothing fuses them (the CPU): the convolution, then
+    /// the bias per sample and the residual, exactly; the taps-first temporal form likewise.
+    #[test]
+    fn conv_extras_add_after_the_convolution() {
+        let dev = Device::Cpu;
+        let r = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+        let (n, ci, co, h, w) = (3, 8, 6, 5, 7);
+        let (x, b, per_sample, residual) = (r(&[n, ci, h, w]), r(&[co]), r(&[n, co]), r(&[n, co, h, w]));
+        let extras = ConvExtras { per_sample: Some(&per_sample), residual: Some(&residual) };
+        let add = |y: Tensor| (y.broadcast_add(&per_sample.reshape((n, co, 1, 1)).unwrap()).unwrap() + &residual).unwrap();
+        let w3 = r(&[co, ci, 3, 3]);
+        let got = conv3x3_taps_with(&x, &taps_first(&w3).unwrap(), &b, extras).unwrap();
+        let want = add(conv3x3(&x, &w3, &b).unwrap());
+        assert_eq!((got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        let wt = r(&[co, ci, 3, 1, 1]);
+        let want = add(temporal_conv(&x, &wt, &b).unwrap());
+        for got in [temporal_conv_with(&x, &wt, &b, extras).unwrap(), temporal_conv_taps_with(&x, &taps_first(&wt).unwrap(), &b, extras).unwrap()] {
+            assert_eq!((got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
         }
     }
 

@@ -3,7 +3,7 @@
 use crate::{time, Target, Timing};
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
-use dynamicrafter_engine::compute::Part;
+use dynamicrafter_engine::compute::{Part, UnetGraph};
 use dynamicrafter_engine::models::clip_text::ClipTextEncoder;
 use dynamicrafter_engine::models::clip_vision::ClipVisionEncoder;
 use dynamicrafter_engine::models::unet::{Unet, UnetInput, IMAGE_TOKENS_PER_FRAME, TEXT_CONTEXT_LEN};
@@ -93,10 +93,11 @@ pub(crate) fn guided_case(preset: &str, runs: usize, target: &Target) -> Result<
 }
 
 /// One UNet forward at a preset's latent size run eagerly and replayed as a CUDA graph captured
-/// from the same call (the conditioning, which reads the timesteps from host memory, outside
-/// it): whether candle's and our ops capture at all, what launching them costs, and whether
-/// the replay gives the eager output. An experiment for the device, not a path the pipeline
-/// takes: a capture that fails prints why and leaves the eager timing.
+/// from the same call (`UnetGraph`: the conditioning, which reads the timesteps from host
+/// memory, outside it; inputs copied in and the output copied out on each replay, as the
+/// pipeline does): whether candle's and our ops capture at all, what launching them costs, and
+/// whether the replay gives the eager output. A capture that fails prints why and leaves the
+/// eager timing.
 pub(crate) fn graph_case(preset: &str, runs: usize, target: &Target) -> Result<Vec<Timing>> {
     let cfg = ModelConfig::preset(preset)?;
     let unet = Unet::new(&cfg.unet, target.weights(Part::Unet), &target.backend)?;
@@ -113,65 +114,24 @@ pub(crate) fn graph_case(preset: &str, runs: usize, target: &Target) -> Result<V
         Ok(())
     })?;
     let mut out = vec![eager];
-    out.extend(graph_replay(&unet, &x, &conditioning, runs, target, &name("graph replay"))?);
-    Ok(out)
-}
-
-#[cfg(feature = "cuda")]
-fn graph_replay(
-    unet: &Unet,
-    x: &Tensor,
-    conditioning: &dynamicrafter_engine::models::unet::UnetConditioning,
-    runs: usize,
-    target: &Target,
-    name: &str,
-) -> Result<Option<Timing>> {
-    use candle_core::cuda_backend::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-    let Device::Cuda(dev) = &target.device else { bail!("graph-* needs a GPU (--device cuda)") };
-    let stream = dev.cuda_stream();
-    let want = unet.forward_conditioned(x, conditioning)?.to_dtype(candle_core::DType::F32)?;
-    target.device.synchronize()?;
-    // Relaxed: candle allocates (cuMemAllocAsync, capturable) and creates events while capturing.
-    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)?;
-    let captured = unet.forward_conditioned(x, conditioning);
-    // Auto-free: the output's graph allocation is released at the next launch, which allocates it again.
-    let graph = stream.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
-    let (output, graph) = match (captured, graph) {
-        (Ok(output), Ok(Some(graph))) => (output, graph),
-        (Err(e), _) => {
-            println!("{name}: the forward does not capture: {e}");
-            return Ok(None);
-        }
-        (_, Err(e)) => {
-            println!("{name}: the capture did not instantiate: {e}");
-            return Ok(None);
-        }
-        (_, Ok(None)) => {
-            println!("{name}: the capture came back empty");
-            return Ok(None);
+    let want = UnetGraph::warm_up(&unet, &x, &conditioning)?.to_dtype(candle_core::DType::F32)?;
+    let replay = name("graph replay");
+    let mut graph = match UnetGraph::capture(&unet, &x, &conditioning) {
+        Ok(graph) => graph,
+        Err(why) => {
+            println!("{replay}: no graph: {why}");
+            return Ok(out);
         }
     };
-    let timing = target.time(name, runs, || Ok(graph.launch()?))?;
-    let got = output.to_dtype(candle_core::DType::F32)?;
+    out.push(target.time(&replay, runs, || {
+        graph.replay(&x, &conditioning)?;
+        Ok(())
+    })?);
+    let got = graph.replay(&x, &conditioning)?.to_dtype(candle_core::DType::F32)?;
     let diff = (&got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
     let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
-    println!("{name}: replay against eager: max |difference| {diff:.3e} (max |output| {scale:.3e})");
-    drop(got);
-    drop(output);
-    drop(graph);
-    Ok(Some(timing))
-}
-
-#[cfg(not(feature = "cuda"))]
-fn graph_replay(
-    _: &Unet,
-    _: &Tensor,
-    _: &dynamicrafter_engine::models::unet::UnetConditioning,
-    _: usize,
-    _: &Target,
-    _: &str,
-) -> Result<Option<Timing>> {
-    bail!("graph-* needs a CUDA build (--features cuda) and a GPU")
+    println!("{replay}: replay against eager: max |difference| {diff:.3e} (max |output| {scale:.3e})");
+    Ok(out)
 }
 
 /// Prints the device's peak memory since the last reset and returns it (GPU only).

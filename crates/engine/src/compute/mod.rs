@@ -4,9 +4,11 @@
 
 mod backend;
 pub mod device;
+mod graph;
 mod precision;
 
 pub use backend::{Backend, Kernel, LayerKind};
+pub use graph::UnetGraph;
 
 /// glibc returns every block over 128 KB–32 MB to the OS when freed, and takes fresh zeroed pages
 /// for the next: a UNet forward allocates and frees gigabytes of same-sized activations, so the

@@ -81,7 +81,8 @@ impl ResBlock {
         // One binding reassigned (not shadowed): each activation is freed as soon as the next
         // exists, which sets the forward's peak memory.
         // The timestep embedding and the skip connection are added in the convolutions' epilogues
-        // where the kernel has one.
+        // where the kernel has one (a 1×1 skip, where channels change, is computed first and held
+        // through out_conv).
         let e = self.emb_proj.forward(&silu(emb)?)?;
         let mut h = self.in_conv.forward_with(&self.in_norm.forward_silu(xs)?, ConvExtras { per_sample: Some(&e), residual: None })?;
         let skip = self.skip.as_ref().map(|s| s.forward(xs)).transpose()?;

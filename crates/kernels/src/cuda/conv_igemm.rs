@@ -70,18 +70,20 @@ fn convolve(xp: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras, geometr
     // copy starts at 0; `copy` would keep the offset).
     let w = w_taps.contiguous()?;
     let w = if w.layout().start_offset() % 8 == 0 { w } else { w.force_contiguous()? };
-    let (n, co, positions) = (xp.dim(0)?, w.dim(1)?, geometry.rows * geometry.cols);
-    // The extras ride in the op (a CustomOp takes three inputs): contiguous, of the output's dtype.
-    let held = |t: Option<&Tensor>, elements: usize, what: &str| -> Result<Option<Tensor>> {
+    let (n, co) = (xp.dim(0)?, w.dim(1)?);
+    // The extras ride in the op (a CustomOp takes three inputs): contiguous, of the output's
+    // dtype, shaped (n, co) and like the output.
+    let held = |t: Option<&Tensor>, dims: &[usize], what: &str| -> Result<Option<Tensor>> {
         t.map(|t| {
-            if t.elem_count() != elements || t.dtype() != xp.dtype() || !t.device().same_device(xp.device()) {
-                candle_core::bail!("implicit-GEMM convolution: {what} {:?} {:?} for {n} samples of {co} channels × {positions}", t.shape(), t.dtype());
+            if t.dims() != dims || t.dtype() != xp.dtype() || !t.device().same_device(xp.device()) {
+                candle_core::bail!("implicit-GEMM convolution: {what} {:?} {:?}, expected {dims:?} {:?}", t.shape(), t.dtype(), xp.dtype());
             }
             t.contiguous()
         })
         .transpose()
     };
-    let op = ConvIgemm { geometry, per_sample: held(extras.per_sample, n * co, "bias per sample")?, residual: held(extras.residual, n * co * positions, "residual")? };
+    let output = [n, co, geometry.rows, geometry.cols];
+    let op = ConvIgemm { geometry, per_sample: held(extras.per_sample, &[n, co], "bias per sample")?, residual: held(extras.residual, &output, "residual")? };
     xp.apply_op3_no_bwd(&w, &bias.contiguous()?, &op)
 }
 

@@ -128,6 +128,9 @@ pub fn conv3x3(in_c: usize, out_c: usize, vb: VarBuilder, backend: &Backend) -> 
 pub enum TemporalConv {
     /// The op API's shifted GEMMs.
     Shifted { weight: Tensor, bias: Tensor },
+    /// The op API on CUDA (implicit or shifted GEMMs), the weight taps first `(3, co, ci)`,
+    /// rearranged once at load.
+    Taps { taps: Tensor, bias: Tensor },
     Bf16(Arc<Bf16Conv>),
     /// bf16 pair products on AVX512-BF16.
     Bf16Pairs(Arc<Bf16DotTemporalConv>),
@@ -139,6 +142,7 @@ impl Module for TemporalConv {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
             Self::Shifted { weight, bias } => dynamicrafter_kernels::temporal_conv(xs, weight, bias),
+            Self::Taps { taps, bias } => dynamicrafter_kernels::temporal_conv_taps_with(xs, taps, bias, ConvExtras::default()),
             Self::Bf16(conv) => conv.forward(xs),
             Self::Bf16Pairs(conv) => conv.forward(xs),
             Self::Cudnn { weight, bias } => dynamicrafter_kernels::temporal_conv_cudnn(xs, weight, bias),
@@ -151,6 +155,7 @@ impl TemporalConv {
     pub fn forward_with(&self, xs: &Tensor, extras: ConvExtras) -> Result<Tensor> {
         match self {
             Self::Shifted { weight, bias } => dynamicrafter_kernels::temporal_conv_with(xs, weight, bias, extras),
+            Self::Taps { taps, bias } => dynamicrafter_kernels::temporal_conv_taps_with(xs, taps, bias, extras),
             _ => extras.add_to(self.forward(xs)?),
         }
     }
@@ -164,6 +169,7 @@ pub fn temporal_conv(c: usize, vb: VarBuilder, backend: &Backend) -> Result<Temp
         Kernel::AmxBf16 => TemporalConv::Bf16(Arc::new(Bf16Conv::temporal(&weight, &bias)?)),
         Kernel::Avx512Bf16 => TemporalConv::Bf16Pairs(Arc::new(Bf16DotTemporalConv::new(&weight, &bias)?)),
         Kernel::Cudnn => TemporalConv::Cudnn { weight: backend.float_weight(&vb, "weight", weight)?.squeeze(4)?, bias },
+        Kernel::Cuda => TemporalConv::Taps { taps: dynamicrafter_kernels::taps_first(&backend.float_weight(&vb, "weight", weight)?)?, bias },
         _ => TemporalConv::Shifted { weight: backend.float_weight(&vb, "weight", weight)?, bias },
     })
 }
