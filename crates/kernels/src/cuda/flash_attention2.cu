@@ -23,13 +23,14 @@ extern __shared__ __align__(128) unsigned char dynamic_smem[];
 namespace {
 
 constexpr int WARPS = 8;
+constexpr int ROW_PAD = 8;  // elements after each shared row: 16 bytes, the ldmatrix rows' banks apart
 constexpr int THREADS = WARPS * 32;
 constexpr int BQ = WARPS * 16;
 
 // Issues the copies of keys [key0, key0 + BK) of k and v into one buffer (zeros past m).
 template <typename T, int D, int BK>
 __device__ __forceinline__ void load_tile(T* k_tile, T* v_tile, const T* k, const T* v, int key0, int m) {
-    constexpr int LD = D + 8;
+    constexpr int LD = D + ROW_PAD;
     constexpr int CHUNKS = BK * D / 8;  // 16-byte chunks per tensor
     for (int chunk = threadIdx.x; chunk < CHUNKS; chunk += THREADS) {
         const int r = chunk / (D / 8), c = (chunk % (D / 8)) * 8;
@@ -44,7 +45,7 @@ template <typename T, int D>
 __device__ void flash_attention2(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                                  T* __restrict__ out, int n, int m, float scale) {
     constexpr int BK = D <= 64 ? 64 : 32;  // keys per tile: at most 36 KiB of buffers
-    constexpr int LD = D + 8;
+    constexpr int LD = D + ROW_PAD;
     constexpr int TILE = BK * LD;  // elements of one k (or v) buffer
     T* const smem = reinterpret_cast<T*>(dynamic_smem);
     // Buffer b: k at smem + 2·b·TILE, v right after it.

@@ -5,8 +5,9 @@
 // the PTX ISA lays them out; cp.async copies land at a random point between their issue and the
 // wait that covers them, so a missing wait or barrier reads stale data.
 //
-// What it does not model: timing, memory coalescing, bank conflicts, register pressure. Numbers
-// from the emulator say a kernel computes the right thing, never how fast.
+// What it does not model: timing, memory coalescing, bank conflicts, register pressure, address
+// spaces (only the 16-byte alignment ldmatrix and cp.async require is checked). Numbers from
+// the emulator say a kernel computes the right thing, never how fast.
 //
 // The kernels include <cuda_fp16.h> / <cuda_bf16.h>; this folder's headers of those names
 // (first on the include path) bring in this file instead, and `ptx.cuh` skips its inline PTX
@@ -373,6 +374,8 @@ namespace emu {
 inline void ldmatrix(uint32_t* r, int matrices, const void* address, bool trans) {
     Warp& w = warp();
     const unsigned lane = emu::lane();
+    // The hardware faults on a row address that is not 16-byte aligned.
+    if (lane < 8u * matrices && reinterpret_cast<uintptr_t>(address) % 16 != 0) die("ldmatrix: a row address is not 16-byte aligned");
     w.slot[lane][0] = reinterpret_cast<uintptr_t>(address);
     warp_barrier();
     const int g = lane / 4, q = lane % 4;
@@ -399,6 +402,9 @@ inline void ldmatrix_x2_trans(uint32_t* r, const void* smem) { emu::ldmatrix(r, 
 
 // 16 bytes global → shared, or 16 zero bytes where !valid; lands later (see land_some).
 inline void cp_async_16(void* smem, const void* global, bool valid) {
+    // 16-byte copies need 16-byte aligned addresses on both sides (the source only when read).
+    if (reinterpret_cast<uintptr_t>(smem) % 16 != 0 || (valid && reinterpret_cast<uintptr_t>(global) % 16 != 0))
+        emu::die("cp.async: an address is not 16-byte aligned");
     emu::Copy c;
     c.dst = smem;
     if (valid) {
