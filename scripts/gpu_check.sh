@@ -21,10 +21,14 @@
 # /tmp/gpu-check) as logs.tgz (every step's log and JSON); the last lines printed are the
 # summary. COMMIT names the commit in gpu.json (default: git's HEAD).
 # STEPS="name …" runs only the steps named; gpu.json is rewritten after every step from what the
-# call has run. The whole list takes longer than one call (600 s), so split it, e.g.
-#   call 1: STEPS="kernel-tests parity-cuda pipeline-tests-cuda bench-unet-bf16 bench-guided-1024 torch-unet torch-upstream-unet"
-#   call 2: STEPS="ops-1024 bench-pipeline bench-pipeline-offload bench-unet-levers bench-graph pipeline-tests-graph bench-pipeline-graph bench-cudnn"
-# and merge the two calls' json/ folders (in logs.tgz) with scripts/gpu_json.py afterwards.
+# call has run. The whole list takes longer than one call (600 s) and than a session's device
+# time (15 min, starts included), so split it by priority, e.g.
+#   call 1: STEPS="kernel-tests parity-cuda pipeline-tests-cuda bench-unet-bf16 bench-unet-levers bench-graph torch-unet"
+#   call 2: STEPS="bench-pipeline bench-pipeline-offload ops-1024 pipeline-tests-graph bench-pipeline-graph torch-upstream-unet bench-guided-1024 bench-cudnn"
+# with the second call's timeout set to the time left (a step cut off loses only itself: the
+# JSON and logs of those before it come back), and merge the two calls' json/ folders (in
+# logs.tgz) with scripts/gpu_json.py afterwards. bench-unet-chunked (fused against chunked
+# attention) and bench-unet-fp16-fp32 are in neither list: for a session with time to spare.
 set -u
 BIN=${1:?usage: gpu_check.sh BIN_DIR [FIXTURES_DIR]}
 FIX=${2:-fixtures}

@@ -246,7 +246,8 @@ impl Backend {
 
     /// Whether convolutions with weights of `dtype` run on cuDNN: a `cudnn` build on a GPU, in
     /// bf16/f16 (f32 stays on our cuBLAS GEMMs: cuDNN may take TF32 for f32, which f32 parity
-    /// must not see). `DYNAMICRAFTER_CUDNN=0` keeps our shifted GEMMs, to compare.
+    /// must not see). `DYNAMICRAFTER_CUDNN=0` keeps our own convolutions (implicit or shifted GEMMs),
+    /// to compare.
     fn cudnn(&self, dtype: DType) -> bool {
         self.device.is_cuda() && matches!(dtype, DType::F16 | DType::BF16) && dynamicrafter_kernels::cudnn_enabled()
     }

@@ -74,7 +74,7 @@ pub fn temporal_conv_shifted(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Resu
 }
 
 /// Whether the cuDNN convolutions are there: a `cudnn` build, and `DYNAMICRAFTER_CUDNN` not `0`
-/// (A/B against the shifted GEMMs).
+/// (A/B against our own: implicit or shifted GEMMs).
 pub fn cudnn_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     cfg!(feature = "cudnn") && *ENABLED.get_or_init(|| std::env::var("DYNAMICRAFTER_CUDNN").map_or(true, |v| v != "0"))
