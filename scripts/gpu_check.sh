@@ -21,10 +21,11 @@
 # /tmp/gpu-check) as logs.tgz (every step's log and JSON); the last lines printed are the
 # summary. COMMIT names the commit in gpu.json (default: git's HEAD).
 # STEPS="name …" runs only the steps named; gpu.json is rewritten after every step from what the
-# call has run. The whole list takes longer than one call (600 s) and than a session's device
-# time (15 min, starts included), so split it by priority, e.g.
+# call has run; the steps run in the script's order, which is their priority. The whole list
+# takes longer than one call (600 s) and than a session's device time (15 min, starts
+# included), so split it, e.g.
 #   call 1: STEPS="kernel-tests parity-cuda pipeline-tests-cuda bench-unet-bf16 bench-unet-levers bench-graph torch-unet"
-#   call 2: STEPS="bench-pipeline bench-pipeline-offload ops-1024 pipeline-tests-graph bench-pipeline-graph torch-upstream-unet bench-guided-1024 bench-cudnn"
+#   call 2: STEPS="bench-pipeline-1024 bench-pipeline-offload bench-pipeline-512 bench-pipeline-256 ops-1024 pipeline-tests-graph bench-pipeline-graph torch-upstream-unet bench-guided-1024 bench-cudnn"
 # with the second call's timeout set to the time left (a step cut off loses only itself: the
 # JSON and logs of those before it come back), and merge the two calls' json/ folders (in
 # logs.tgz) with scripts/gpu_json.py afterwards. bench-unet-chunked (fused against chunked
@@ -59,35 +60,40 @@ nvlibs=$(python3 -c 'import glob, nvidia, os; print(":".join(d for p in nvidia._
 export LD_LIBRARY_PATH=${nvlibs:+$nvlibs:}${LD_LIBRARY_PATH:-}
 export DYNAMICRAFTER_TEST_DEVICE=cuda DYNAMICRAFTER_FIXTURES=$FIX RUST_BACKTRACE=1
 
+# In priority order (STEPS picks, this order runs): correctness, the forward against PyTorch and
+# what each lever does to it, then whole runs, then the rest.
 step kernel-tests 90 "$BIN/kernels" --nocapture --test-threads 1 flash_attention kernels_match_candle_on_gpu epilogues_match_candle_on_gpu implicit_gemm_convolutions permutes_match_candle_on_gpu
-step ops-1024 60 "$BIN/dynamicrafter-bench" --device cuda ops-1024 --runs 3
+step parity-cuda 60 "$BIN/parity" --nocapture --test-threads 1
+step pipeline-tests-cuda 60 "$BIN/pipeline" --nocapture --test-threads 1
 step bench-unet-bf16 90 "$BIN/dynamicrafter-bench" --device cuda unet-256 unet-512 unet-1024 --runs 3 --json "$JSON/unet.json"
-step bench-guided-1024 90 "$BIN/dynamicrafter-bench" --device cuda guided-1024 --runs 3
+# Each kernel lever's effect on the forward: the staged attention kernel only, the shifted-GEMM
+# convolutions instead of the implicit GEMM (ops-1024 times each op both ways).
+step bench-unet-levers 120 bash -c "DYNAMICRAFTER_FLASH_ATTENTION=1 '$BIN/dynamicrafter-bench' --device cuda unet-1024 --runs 2 && DYNAMICRAFTER_CONV_IGEMM=0 '$BIN/dynamicrafter-bench' --device cuda unet-1024 --runs 2"
 # Launch overhead: one forward replayed as a CUDA graph (does it capture at all; how much of a
 # forward is launches), at each size.
 step bench-graph 120 "$BIN/dynamicrafter-bench" --device cuda graph-256 graph-512 graph-1024 --runs 3
-# The same in the pipeline (DYNAMICRAFTER_CUDA_GRAPH=1, off by default): its tests on the
-# fixtures, then whole runs to hold against bench-pipeline's.
+TORCH=
+if [ -z "${SKIP_TORCH:-}" ] && python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then TORCH=1; fi
+[ -n "$TORCH" ] && step torch-unet 200 python3 scripts/torch_unet.py 256 512 1024 --runs 5 --modes bf16,fp16 --json "$JSON/torch.json"
+# Whole runs, one step per size (1024 first, the headline), each with its own JSON: a call cut
+# off keeps the sizes done before it.
+step bench-pipeline-1024 150 "$BIN/dynamicrafter-bench" --device cuda pipeline-1024 --runs 1 --json "$JSON/pipeline-1024.json"
+step bench-pipeline-offload 200 "$BIN/dynamicrafter-bench" --device cuda --offload pipeline-1024 --runs 1 --json "$JSON/pipeline-offload.json"
+for size in 512 256; do
+    step bench-pipeline-$size 150 "$BIN/dynamicrafter-bench" --device cuda pipeline-$size --runs 1 --json "$JSON/pipeline-$size.json"
+done
+step ops-1024 60 "$BIN/dynamicrafter-bench" --device cuda ops-1024 --runs 3
+# Graphs in the pipeline (DYNAMICRAFTER_CUDA_GRAPH=1, off by default): its tests on the
+# fixtures, then whole runs to hold against bench-pipeline-256/512.
 step pipeline-tests-graph 60 env DYNAMICRAFTER_CUDA_GRAPH=1 "$BIN/pipeline" --nocapture --test-threads 1
 step bench-pipeline-graph 150 env DYNAMICRAFTER_CUDA_GRAPH=1 "$BIN/dynamicrafter-bench" --device cuda pipeline-256 pipeline-512 --runs 1
-step parity-cuda 60 "$BIN/parity" --nocapture --test-threads 1
-step pipeline-tests-cuda 60 "$BIN/pipeline" --nocapture --test-threads 1
-step bench-pipeline 300 "$BIN/dynamicrafter-bench" --device cuda pipeline-1024 pipeline-512 pipeline-256 --runs 1 --json "$JSON/pipeline.json"
-step bench-pipeline-offload 200 "$BIN/dynamicrafter-bench" --device cuda --offload pipeline-1024 --runs 1 --json "$JSON/pipeline-offload.json"
+[ -n "$TORCH" ] && [ -d .upstream/lvdm ] && step torch-upstream-unet 200 python3 scripts/upstream_unet.py --src .upstream 256 512 1024 --runs 5 --modes bf16,fp16 --json "$JSON/upstream.json"
+step bench-guided-1024 90 "$BIN/dynamicrafter-bench" --device cuda guided-1024 --runs 3
 if [ -x "$BIN/dynamicrafter-bench-cudnn" ]; then
     step bench-cudnn 120 bash -c "'$BIN/dynamicrafter-bench-cudnn' --device cuda unet-1024 --runs 3 && DYNAMICRAFTER_CUDNN=0 '$BIN/dynamicrafter-bench-cudnn' --device cuda unet-1024 --runs 3 && '$BIN/dynamicrafter-bench-cudnn' --device cuda ops-1024 --runs 3"
 fi
 step bench-unet-chunked 60 env DYNAMICRAFTER_FLASH_ATTENTION=0 "$BIN/dynamicrafter-bench" --device cuda unet-1024 --runs 2
-# Each kernel lever's effect on the forward: the staged attention kernel only, the shifted-GEMM
-# convolutions instead of the implicit GEMM (ops-1024 times each op both ways).
-step bench-unet-levers 120 bash -c "DYNAMICRAFTER_FLASH_ATTENTION=1 '$BIN/dynamicrafter-bench' --device cuda unet-1024 --runs 2 && DYNAMICRAFTER_CONV_IGEMM=0 '$BIN/dynamicrafter-bench' --device cuda unet-1024 --runs 2"
 step bench-unet-fp16-fp32 90 bash -c "'$BIN/dynamicrafter-bench' --device cuda --precision f16 unet-1024 --runs 2; '$BIN/dynamicrafter-bench' --device cuda --precision fp32 unet-1024 unet-256 --runs 2"
-if [ -z "${SKIP_TORCH:-}" ] && python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
-    step torch-unet 200 python3 scripts/torch_unet.py 256 512 1024 --runs 5 --modes bf16,fp16 --json "$JSON/torch.json"
-    if [ -d .upstream/lvdm ]; then
-        step torch-upstream-unet 200 python3 scripts/upstream_unet.py --src .upstream 256 512 1024 --runs 5 --modes bf16,fp16 --json "$JSON/upstream.json"
-    fi
-fi
 cat "$OUT/gpu.json"
 
 echo "== summary"

@@ -2,8 +2,8 @@
 
     python3 scripts/gpu_json.py DIR --card NAME --commit SHA [--date YYYY-MM-DD] > gpu.json
 
-DIR holds what gpu_check.sh wrote: unet.json, pipeline.json, pipeline-offload.json (dynamicrafter-bench
---json), torch.json (scripts/torch_unet.py --json) and upstream.json (scripts/upstream_unet.py
+DIR holds what gpu_check.sh wrote: unet.json, pipeline-1024/512/256.json (or one pipeline.json),
+pipeline-offload.json (dynamicrafter-bench --json), torch.json (scripts/torch_unet.py --json) and upstream.json (scripts/upstream_unet.py
 --json); a missing file leaves its figures out. PyTorch's figure per size is the faster of
 torch_unet.py and upstream's UNet, in bf16 autocast (`torch_bf16`); fp16 beside it.
 """
@@ -36,7 +36,10 @@ def main():
     ap.add_argument("--date", default=datetime.date.today().isoformat())
     a = ap.parse_args()
     unet = by_case(load(a.dir, "unet.json"), r"unet-(\d+) forward")
-    pipe = by_case(load(a.dir, "pipeline.json"), r"pipeline-(\d+) ")
+    # One file for all sizes, or (gpu_check.sh now) one per size.
+    pipe = {}
+    for name in ("pipeline.json", "pipeline-1024.json", "pipeline-512.json", "pipeline-256.json"):
+        pipe.update(by_case(load(a.dir, name), r"pipeline-(\d+) "))
     off = by_case(load(a.dir, "pipeline-offload.json"), r"pipeline-(\d+) ")
     torch_sources = {name: load(a.dir, f"{name}.json") or {} for name in ("torch", "upstream")}
 
