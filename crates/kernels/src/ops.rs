@@ -134,7 +134,7 @@ pub fn temporal_conv(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
         let f32 = |t: &Tensor| t.to_dtype(DType::F32);
         temporal_conv(&f32(x)?, &f32(w)?, &f32(bias)?)?.to_dtype(x.dtype())
     } else if cuda::usable(x) && w.dtype() == x.dtype() {
-        cuda::temporal_conv(x, &taps_first(w)?, bias)
+        cuda::temporal_conv(x, &taps_first(w)?, bias, ConvExtras::default())
     } else {
         temporal_conv_reference(x, w, bias)
     }
@@ -146,37 +146,19 @@ pub fn temporal_conv(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
 /// after the convolution elsewhere.
 pub use cuda::conv_igemm::Extras as ConvExtras;
 
-impl ConvExtras<'_> {
-    /// `y (n, co, …)` with the extras added, by candle's ops.
-    pub fn add_to(&self, y: Tensor) -> Result<Tensor> {
-        let y = match self.per_sample {
-            Some(e) => {
-                let mut shape = e.dims().to_vec();
-                shape.resize(y.rank(), 1);
-                y.broadcast_add(&e.reshape(shape)?)?
-            }
-            None => y,
-        };
-        match self.residual {
-            Some(r) => y + r,
-            None => Ok(y),
-        }
-    }
-}
-
 /// [`conv3x3_taps`] plus `extras`.
 pub fn conv3x3_taps_with(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: ConvExtras) -> Result<Tensor> {
-    let fused = bias.to_dtype(x.dtype()).ok().filter(|b| cuda::conv_igemm::supported(x, w_taps, b));
-    match fused {
-        Some(bias) => cuda::conv_igemm::conv3x3(x, w_taps, &bias, extras),
-        None => extras.add_to(conv3x3_taps(x, w_taps, bias)?),
+    if cuda::usable(x) && w_taps.dtype() == x.dtype() {
+        cuda::conv3x3(x, w_taps, bias, extras)
+    } else {
+        extras.add_to(conv3x3_taps(x, w_taps, bias)?)
     }
 }
 
 /// [`temporal_conv`] plus `extras`.
 pub fn temporal_conv_with(x: &Tensor, w: &Tensor, bias: &Tensor, extras: ConvExtras) -> Result<Tensor> {
     if cuda::usable(x) && w.dtype() == x.dtype() {
-        temporal_conv_taps_with(x, &taps_first(w)?, bias, extras)
+        cuda::temporal_conv(x, &taps_first(w)?, bias, extras)
     } else {
         extras.add_to(temporal_conv(x, w, bias)?)
     }
@@ -186,11 +168,7 @@ pub fn temporal_conv_with(x: &Tensor, w: &Tensor, bias: &Tensor, extras: ConvExt
 /// layer on CUDA prepares once.
 pub fn temporal_conv_taps_with(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: ConvExtras) -> Result<Tensor> {
     if cuda::usable(x) && w_taps.dtype() == x.dtype() {
-        let bias = bias.to_dtype(x.dtype())?;
-        if cuda::conv_igemm::supported(x, w_taps, &bias) {
-            return cuda::conv_igemm::temporal_conv(x, w_taps, &bias, extras);
-        }
-        return extras.add_to(cuda::temporal_conv(x, w_taps, &bias)?);
+        return cuda::temporal_conv(x, w_taps, bias, extras);
     }
     let (co, ci) = (w_taps.dim(1)?, w_taps.dim(2)?);
     let w = w_taps.permute((1, 2, 0))?.reshape((co, ci, 3, 1, 1))?;
@@ -208,7 +186,7 @@ pub fn conv3x3_taps(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Tensor
         let f32 = |t: &Tensor| t.to_dtype(DType::F32);
         conv3x3_taps(&f32(x)?, &f32(w_taps)?, &f32(bias)?)?.to_dtype(x.dtype())
     } else if cuda::usable(x) && w_taps.dtype() == x.dtype() {
-        cuda::conv3x3(x, w_taps, bias)
+        cuda::conv3x3(x, w_taps, bias, ConvExtras::default())
     } else {
         let (co, c) = (w_taps.dim(1)?, w_taps.dim(2)?);
         conv3x3_reference(x, &w_taps.permute((1, 2, 0))?.reshape((co, c, 3, 3))?, bias)

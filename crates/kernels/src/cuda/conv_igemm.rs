@@ -40,6 +40,24 @@ pub struct Extras<'a> {
     pub residual: Option<&'a Tensor>,
 }
 
+impl Extras<'_> {
+    /// `y (n, co, …)` with the extras added, by candle's ops: where no kernel fuses them.
+    pub fn add_to(&self, y: Tensor) -> Result<Tensor> {
+        let y = match self.per_sample {
+            Some(e) => {
+                let mut shape = e.dims().to_vec();
+                shape.resize(y.rank(), 1);
+                y.broadcast_add(&e.reshape(shape)?)?
+            }
+            None => y,
+        };
+        match self.residual {
+            Some(r) => y + r,
+            None => Ok(y),
+        }
+    }
+}
+
 /// 3×3 convolution, stride 1, padding 1, of `x (n, ci, h, w)` with `w_taps (9, co, ci)`, bias
 /// `(co)` and `extras`.
 pub fn conv3x3(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras) -> Result<Tensor> {
@@ -329,7 +347,7 @@ mod tests {
     #[test]
     fn implicit_gemm_convolutions_match_the_f32_reference_on_gpu() {
         let dev = Device::new_cuda(0).expect("a CUDA build's tests need a GPU");
-        for (dtype, tol) in [(DType::BF16, 1e-2), (DType::F16, 2e-3)] {
+        for (dtype, tol) in [(DType::BF16, 5e-3), (DType::F16, 1e-3)] {
             let r = |shape: &[usize], std: f32| Tensor::randn(0f32, std, shape, &dev).and_then(|t| t.to_dtype(dtype)).unwrap();
             let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
             for (n, ci, co, h, w) in [(2, 64, 48, 5, 7), (1, 32, 160, 12, 20), (3, 320, 320, 9, 16), (1, 640, 320, 11, 13)] {

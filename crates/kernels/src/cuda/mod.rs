@@ -30,14 +30,15 @@ pub fn shifted_gemm(x: &Tensor, w: &Tensor, offsets: &[usize], len: usize, out_l
 }
 
 /// 3×3 convolution, stride 1, padding 1, of `x (n, ci, h, w)` with `w_taps (9, co, ci)` (the
-/// weight with taps first) and bias `(co)`: the implicit GEMM where it applies (f16/bf16, channels
-/// a multiple of 32), else shifted GEMMs.
-pub fn conv3x3(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
+/// weight with taps first), bias `(co)` and `extras`: the implicit GEMM where it applies
+/// (f16/bf16, channels a multiple of 32; the extras in its epilogue), else shifted GEMMs (the
+/// extras added after).
+pub fn conv3x3(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: conv_igemm::Extras) -> Result<Tensor> {
     let bias = bias.to_dtype(x.dtype())?;
     if conv_igemm::supported(x, w_taps, &bias) {
-        conv_igemm::conv3x3(x, w_taps, &bias, conv_igemm::Extras::default())
+        conv_igemm::conv3x3(x, w_taps, &bias, extras)
     } else {
-        conv3x3_shifted(x, w_taps, &bias)
+        extras.add_to(conv3x3_shifted(x, w_taps, &bias)?)
     }
 }
 
@@ -53,14 +54,14 @@ pub fn conv3x3_shifted(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Ten
     epilogue::conv_bias(&y.reshape((n, co, h, pitch))?, &bias.to_dtype(x.dtype())?, w)
 }
 
-/// Conv3d with kernel (3,1,1), padding (1,0,0) of `x (b, ci, t, s)` with `w_taps (3, co, ci)`:
-/// the implicit GEMM where it applies, else shifted GEMMs.
-pub fn temporal_conv(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
+/// Conv3d with kernel (3,1,1), padding (1,0,0) of `x (b, ci, t, s)` with `w_taps (3, co, ci)`
+/// and `extras`: chosen as for [`conv3x3`].
+pub fn temporal_conv(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: conv_igemm::Extras) -> Result<Tensor> {
     let bias = bias.to_dtype(x.dtype())?;
     if conv_igemm::supported(x, w_taps, &bias) {
-        conv_igemm::temporal_conv(x, w_taps, &bias, conv_igemm::Extras::default())
+        conv_igemm::temporal_conv(x, w_taps, &bias, extras)
     } else {
-        temporal_conv_shifted(x, w_taps, &bias)
+        extras.add_to(temporal_conv_shifted(x, w_taps, &bias)?)
     }
 }
 
@@ -364,7 +365,7 @@ mod tests {
             for (n, ci, co, h, w) in [(2, 8, 16, 5, 7), (3, 64, 32, 16, 9), (1, 320, 320, 12, 20)] {
                 let x = r(&[n, ci, h, w], 1.0);
                 let (wt, b) = (r(&[co, ci, 3, 3], 0.1), r(&[co], 1.0));
-                let got = conv3x3(&x, &taps_first(&wt).unwrap(), &b).unwrap();
+                let got = conv3x3(&x, &taps_first(&wt).unwrap(), &b, conv_igemm::Extras::default()).unwrap();
                 let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
                 let want = crate::conv3x3_reference(&f(&x), &f(&wt), &f(&b)).unwrap();
                 let e = rel(&got, &want);
@@ -372,7 +373,7 @@ mod tests {
                 assert!(e < tol, "conv3x3 {dtype:?}: {e:.2e}");
                 let xt = r(&[n, ci, h, w], 1.0);
                 let wt = r(&[co, ci, 3, 1, 1], 0.1);
-                let got = temporal_conv(&xt, &taps_first(&wt).unwrap(), &b).unwrap();
+                let got = temporal_conv(&xt, &taps_first(&wt).unwrap(), &b, conv_igemm::Extras::default()).unwrap();
                 let want = crate::temporal_conv_reference(&f(&xt), &f(&wt), &f(&b)).unwrap();
                 let e = rel(&got, &want);
                 eprintln!("temporal conv {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");
