@@ -27,6 +27,16 @@ pub(crate) fn unet_input(cfg: &ModelConfig, h: usize, w: usize, device: &Device)
     Ok((x, context))
 }
 
+/// The UNet input of a preset at its own latent size (`h×w`), on the target device in the
+/// UNet's compute dtype: `(x, context, h, w)`.
+fn preset_input(cfg: &ModelConfig, target: &Target) -> Result<(Tensor, Tensor, usize, usize)> {
+    let f = cfg.vae.downsample_factor();
+    let (h, w) = (cfg.defaults.height / f, cfg.defaults.width / f);
+    let dt = target.precision.part(Part::Unet).compute;
+    let (x, context) = unet_input(cfg, h, w, &target.device)?;
+    Ok((x.to_dtype(dt)?, context.to_dtype(dt)?, h, w))
+}
+
 pub(crate) fn unet_forward(unet: &Unet, x: &Tensor, context: &Tensor) -> Result<Tensor> {
     Ok(unet.forward(&UnetInput { x, timesteps: &[637.0], context, fs: Some(&[3.0]) })?)
 }
@@ -41,11 +51,7 @@ pub(crate) fn unet_case(preset: &str, runs: usize, target: &Target) -> Result<Ti
         let (now, peak) = (dynamicrafter_engine::report::rss_bytes(), dynamicrafter_engine::report::peak_rss_bytes());
         println!("unet-{preset} built: RSS {:.2} GB (peak while building {:.2} GB)", gb(now), gb(peak));
     }
-    let f = cfg.vae.downsample_factor();
-    let (h, w) = (cfg.defaults.height / f, cfg.defaults.width / f);
-    let dt = target.precision.part(Part::Unet).compute;
-    let (x, context) = unet_input(&cfg, h, w, &target.device)?;
-    let (x, context) = (x.to_dtype(dt)?, context.to_dtype(dt)?);
+    let (x, context, h, w) = preset_input(&cfg, target)?;
     let name = format!("unet-{} forward{} ({}×{h}×{w}, ctx 333)", cfg.defaults.width.max(cfg.defaults.height), target.suffix(), cfg.unet.temporal_length);
     let mut t = target.time(&name, runs, || {
         unet_forward(&unet, &x, &context)?;
@@ -60,11 +66,7 @@ pub(crate) fn unet_case(preset: &str, runs: usize, target: &Target) -> Result<Ti
 pub(crate) fn guided_case(preset: &str, runs: usize, target: &Target) -> Result<Vec<Timing>> {
     let cfg = ModelConfig::preset(preset)?;
     let unet = Unet::new(&cfg.unet, target.weights(Part::Unet), &target.backend)?;
-    let f = cfg.vae.downsample_factor();
-    let (h, w) = (cfg.defaults.height / f, cfg.defaults.width / f);
-    let dt = target.precision.part(Part::Unet).compute;
-    let (x, cond) = unet_input(&cfg, h, w, &target.device)?;
-    let (x, cond) = (x.to_dtype(dt)?, cond.to_dtype(dt)?);
+    let (x, cond, h, w) = preset_input(&cfg, target)?;
     let uncond = cond.zeros_like()?;
     let (x2, c2) = (Tensor::cat(&[&x, &x], 0)?, Tensor::cat(&[&cond, &uncond], 0)?);
     let size = cfg.defaults.width.max(cfg.defaults.height);
@@ -101,11 +103,7 @@ pub(crate) fn guided_case(preset: &str, runs: usize, target: &Target) -> Result<
 pub(crate) fn graph_case(preset: &str, runs: usize, target: &Target) -> Result<Vec<Timing>> {
     let cfg = ModelConfig::preset(preset)?;
     let unet = Unet::new(&cfg.unet, target.weights(Part::Unet), &target.backend)?;
-    let f = cfg.vae.downsample_factor();
-    let (h, w) = (cfg.defaults.height / f, cfg.defaults.width / f);
-    let dt = target.precision.part(Part::Unet).compute;
-    let (x, context) = unet_input(&cfg, h, w, &target.device)?;
-    let (x, context) = (x.to_dtype(dt)?, context.to_dtype(dt)?);
+    let (x, context, h, w) = preset_input(&cfg, target)?;
     let conditioning = unet.condition(&UnetInput { x: &x, timesteps: &[637.0], context: &context, fs: Some(&[3.0]) }, None)?;
     let size = cfg.defaults.width.max(cfg.defaults.height);
     let name = |how: &str| format!("graph-{size} {how} ({}×{h}×{w}, ctx 333){}", cfg.unet.temporal_length, target.suffix());
