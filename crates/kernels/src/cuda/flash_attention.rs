@@ -222,7 +222,7 @@ mod tests {
         let dev = Device::new_cuda(0).expect("a CUDA build's tests need a GPU");
         let cases = [(1, 1, 1, 64), (3, 17, 77, 64), (2, 64, 16, 64), (5, 100, 33, 64), (80, 1024, 1024, 64), (7, 16, 16, 64), (2, 4096, 300, 64), (1, 9216, 9216, 64), (4, 70, 130, 16), (3, 65, 64, 32), (2, 200, 90, 128)];
         for (kernel, (b, n, m, d)) in [Kernel::Staged, Kernel::Pipelined].into_iter().flat_map(|k| cases.map(|c| (k, c))) {
-            for (dtype, tol) in [(DType::BF16, 1e-2), (DType::F16, 2e-3)] {
+            for (dtype, tol) in [(DType::BF16, 5e-3), (DType::F16, 1e-3)] {
                 let r = |len| Tensor::randn(0f32, 1.0, (b, len, d), &dev).and_then(|t| t.to_dtype(dtype)).unwrap();
                 let (q, k, v) = (r(n), r(m), r(m));
                 let got = flash_attention_with(kernel, &q, &k, &v, 0.125).unwrap().to_dtype(DType::F32).unwrap();

@@ -155,8 +155,8 @@ void attention(const AttentionKernels& kernels) {
     const int cases[][4] = {{1, 1, 1, 64}, {3, 17, 77, 64}, {2, 64, 16, 64}, {1, 130, 200, 64}, {1, 256, 256, 64}, {1, 300, 520, 64},
                             {4, 70, 130, 16}, {3, 65, 64, 32}, {2, 200, 90, 128}, {5, 16, 16, 64}};
     for (const auto& c : cases) {
-        attention_case<__nv_bfloat16>(kernels, c[0], c[1], c[2], c[3], 1e-2);
-        attention_case<__half>(kernels, c[0], c[1], c[2], c[3], 2e-3);
+        attention_case<__nv_bfloat16>(kernels, c[0], c[1], c[2], c[3], 5e-3);
+        attention_case<__half>(kernels, c[0], c[1], c[2], c[3], 1e-3);
     }
 }
 
