@@ -62,13 +62,14 @@ export DYNAMICRAFTER_TEST_DEVICE=cuda DYNAMICRAFTER_FIXTURES=$FIX RUST_BACKTRACE
 
 # In priority order (STEPS picks, this order runs): correctness, the forward against PyTorch and
 # what each lever does to it, then whole runs, then the rest.
-step kernel-tests 90 "$BIN/kernels" --nocapture --test-threads 1 flash_attention kernels_match_candle_on_gpu epilogues_match_candle_on_gpu implicit_gemm_convolutions permutes_match_candle_on_gpu
+step kernel-tests 90 "$BIN/kernels" --nocapture --test-threads 1 flash_attention kernels_match_candle_on_gpu epilogues_match_candle_on_gpu permute_bias_add_matches add_layer_norm_matches implicit_gemm_convolutions permutes_match_candle_on_gpu
 step parity-cuda 60 "$BIN/parity" --nocapture --test-threads 1
 step pipeline-tests-cuda 60 "$BIN/pipeline" --nocapture --test-threads 1
 step bench-unet-bf16 90 "$BIN/dynamicrafter-bench" --device cuda unet-256 unet-512 unet-1024 --runs 3 --json "$JSON/unet.json"
 # Each kernel lever's effect on the forward: the staged attention kernel only, the shifted-GEMM
-# convolutions instead of the implicit GEMM (ops-1024 times each op both ways).
-step bench-unet-levers 120 bash -c "DYNAMICRAFTER_FLASH_ATTENTION=1 '$BIN/dynamicrafter-bench' --device cuda unet-1024 --runs 2 && DYNAMICRAFTER_CONV_IGEMM=0 '$BIN/dynamicrafter-bench' --device cuda unet-1024 --runs 2"
+# convolutions instead of the implicit GEMM, heads split by copies around the attention with
+# three q/k/v products (ops-1024 times each op both ways).
+step bench-unet-levers 180 bash -c "DYNAMICRAFTER_FLASH_ATTENTION=1 '$BIN/dynamicrafter-bench' --device cuda unet-1024 --runs 2 && DYNAMICRAFTER_CONV_IGEMM=0 '$BIN/dynamicrafter-bench' --device cuda unet-1024 --runs 2 && DYNAMICRAFTER_FLASH_ATTENTION=split DYNAMICRAFTER_FUSED_QKV=0 '$BIN/dynamicrafter-bench' --device cuda unet-1024 --runs 2"
 # Launch overhead: one forward replayed as a CUDA graph (does it capture at all; how much of a
 # forward is launches), at each size.
 step bench-graph 120 "$BIN/dynamicrafter-bench" --device cuda graph-256 graph-512 graph-1024 --runs 3

@@ -57,19 +57,45 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
     }
 }
 
-/// Whether [`attention_heads`] takes these inputs: CPU f32 `(batch, len, heads·dim)` tensors.
+/// Whether [`attention_heads`] takes these `(batch, len, heads·dim)` inputs in place: CPU f32,
+/// or the fused CUDA kernels' f16/bf16 (which also read strided views, e.g. of one fused q/k/v
+/// projection).
 pub fn heads_in_place(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> bool {
-    cpu_f32(&[q, k, v]) && [q, k, v].iter().all(|t| t.rank() == 3 && t.dims()[2].is_multiple_of(heads))
+    (cpu_f32(&[q, k, v]) && [q, k, v].iter().all(|t| t.rank() == 3 && t.dims()[2].is_multiple_of(heads)))
+        || (cuda::flash_attention::heads_in_place_enabled() && cuda::flash_attention::supported_heads(q, k, v, heads))
 }
 
 /// [`attention`] per head for `(batch, len, heads·dim)` tensors, heads side by side in the last
-/// dimension, read and written in place (no split or merge copies). CPU f32 only: check
-/// [`heads_in_place`].
+/// dimension, read and written in place (no split or merge copies). Check [`heads_in_place`].
 pub fn attention_heads(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
-    if !heads_in_place(q, k, v, heads) {
-        candle_core::bail!("attention_heads: CPU f32 (batch, len, heads·dim) inputs only");
+    if cpu_f32(&[q, k, v]) && heads_in_place(q, k, v, heads) {
+        portable::attention(q, k, v, heads, scale, softmax_rows())
+    } else if cuda::flash_attention::supported_heads(q, k, v, heads) {
+        cuda::flash_attention::flash_attention_heads(q, k, v, heads, scale)
+    } else {
+        candle_core::bail!("attention_heads: CPU f32 or CUDA f16/bf16 (batch, len, heads·dim) inputs only")
     }
-    portable::attention(q, k, v, heads, scale, softmax_rows())
+}
+
+/// Whether [`attention_heads_add`] makes the sum in the fused CUDA kernel (else it adds after
+/// [`attention_heads`]).
+pub fn attention_heads_add_fused(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> bool {
+    cuda::flash_attention::heads_in_place_enabled() && cuda::flash_attention::supported_heads(q, k, v, heads)
+}
+
+/// `addend + weight · attention_heads(q, k, v)` (`weight` None: unscaled), the dual
+/// cross-attention's image branch joining the text branch: on CUDA in the fused kernel's store
+/// (one rounding); elsewhere [`attention_heads`], then the scaling and the sum.
+pub fn attention_heads_add(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64, weight: Option<f64>, addend: &Tensor) -> Result<Tensor> {
+    if attention_heads_add_fused(q, k, v, heads) {
+        return cuda::flash_attention::flash_attention_heads_add(q, k, v, heads, scale, weight.unwrap_or(1.0), addend);
+    }
+    let out = attention_heads(q, k, v, heads, scale)?;
+    let out = match weight {
+        Some(w) => out.affine(w, 0.0)?,
+        None => out,
+    };
+    addend + out
 }
 
 /// GEGLU activation of the UNet feed-forwards, fused (one pass, vectorised erf) on CPU f32.
@@ -110,6 +136,45 @@ pub fn linear_geglu(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor
         }
         _ => geglu(&linear(x, w, b, None)?),
     }
+}
+
+/// `(sum, norm(sum))` with `sum = x·Wᵀ + b + residual`: a transformer block's attention output
+/// joining the residual stream and the next LayerNorm of it. On CUDA both in one kernel after the
+/// product ([`cuda::epilogue::add_layer_norm`]); elsewhere [`linear`], then the norm.
+pub fn linear_add_layer_norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, residual: &Tensor, norm: &candle_nn::LayerNorm) -> Result<(Tensor, Tensor)> {
+    use candle_core::Module;
+    if let (Some(b), Some(beta), true, true) = (b, norm.bias(), norm.remove_mean(), cuda::usable(x) && w.dtype() == x.dtype()) {
+        let y = candle_nn::Linear::new(w.clone(), None).forward(x)?;
+        if cuda::epilogue::add_layer_norm_supported(&y, b, Some(residual), norm.weight(), beta) {
+            return cuda::epilogue::add_layer_norm(&y, b, Some(residual), norm.weight(), beta, norm.eps());
+        }
+        let sum = (y.broadcast_add(b)? + residual)?;
+        let normed = norm.forward(&sum)?;
+        return Ok((sum, normed));
+    }
+    let sum = linear(x, w, b, Some(residual))?;
+    let normed = norm.forward(&sum)?;
+    Ok((sum, normed))
+}
+
+/// `(x·Wᵀ + b).reshape(view).permute(dims) + addend`, a transformer's exit (its output
+/// projection back to the block's layout, the block's input added): on CUDA the bias, the
+/// permute and the addition in one pass over the product
+/// ([`cuda::epilogue::permute_bias_add`]); elsewhere [`linear`], [`permute`], an add.
+pub fn linear_permute_add(x: &Tensor, w: &Tensor, b: Option<&Tensor>, view: &[usize], dims: &[usize], addend: &Tensor) -> Result<Tensor> {
+    use candle_core::Module;
+    if cuda::usable(x) && w.dtype() == x.dtype() {
+        let y = candle_nn::Linear::new(w.clone(), None).forward(x)?.reshape(view)?;
+        if cuda::epilogue::permute_bias_add_supported(&y, dims, b, addend) {
+            return cuda::epilogue::permute_bias_add(&y, dims, b, addend);
+        }
+        let y = match b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        return permute(&y, dims)? + addend;
+    }
+    permute(&linear(x, w, b, None)?.reshape(view)?, dims)? + addend
 }
 
 /// `x.permute(dims).contiguous()`: a tiled transpose on CPU f32 where the innermost axis moves,

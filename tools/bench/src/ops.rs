@@ -63,6 +63,13 @@ pub(crate) fn ops_1024(runs: usize, target: &Target) -> Result<Vec<Timing>> {
     op("linear+geglu 147456x320->2560->1280", &mut || Ok(kernels::linear_geglu(&tokens, &w_ff, Some(&b_ff))?))?;
     let ln = candle_nn::LayerNorm::new(ones.clone(), zeros.clone(), 1e-5);
     op("layer_norm 147456x320", &mut || Ok(candle_core::Module::forward(&ln, &tokens)?))?;
+    // An attention's output projection joining the residual stream, then the block's next norm.
+    let w_out = r(&[c, c], 0.02)?;
+    op("linear 147456x320 + residual, layer_norm", &mut || {
+        let sum = kernels::linear(&tokens, &w_out, Some(&zeros), Some(&tokens))?;
+        Ok(candle_core::Module::forward(&ln, &sum)?)
+    })?;
+    op("linear 147456x320 + residual + layer_norm", &mut || Ok(kernels::linear_add_layer_norm(&tokens, &w_out, Some(&zeros), &tokens, &ln)?.1))?;
     let ff = r(&[t, hw, 8 * c], 1.0)?;
     op("geglu 147456x2560", &mut || Ok(kernels::geglu(&ff)?))?;
     let heads = c / 64;
@@ -83,6 +90,38 @@ pub(crate) fn ops_1024(runs: usize, target: &Target) -> Result<Vec<Timing>> {
             fused("attention cross 80x9216 vs 77", &q, &kc, &vc)?;
             fused("attention temporal 46080x16x64", &qt, &kt, &vt)?;
         }
+    }
+    // Multi-head self-attention around the kernel: heads split into (b·heads, n, 64) copies and
+    // merged back, or read and written in place (CUDA; CPU f32); q, k, v from three products or
+    // from views of one with the weights stacked.
+    let (tq, tk, tv) = (tokens.clone(), r(&[t, hw, c], 1.0)?, r(&[t, hw, c], 1.0)?);
+    {
+        use dynamicrafter_engine::models::layers::{merge_heads, split_heads};
+        let split_attention = |q: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> {
+            let s = |x: &Tensor| split_heads(x, heads);
+            Ok(merge_heads(&kernels::attention(&s(q)?, &s(k)?, &s(v)?, 0.125)?, heads)?)
+        };
+        op("attention self 16x9216x320 5 heads (split, merge)", &mut || split_attention(&tq, &tk, &tv))?;
+        let w_qkv = r(&[3 * c, c], 0.02)?;
+        let w_each: Vec<Tensor> = (0..3).map(|i| w_qkv.narrow(0, i * c, c).and_then(|w| w.contiguous())).collect::<candle_core::Result<_>>()?;
+        op("q/k/v products + attention 16x9216x320 (three, split)", &mut || {
+            let p = |w: &Tensor| kernels::linear(&tokens, w, None, None);
+            split_attention(&p(&w_each[0])?, &p(&w_each[1])?, &p(&w_each[2])?)
+        })?;
+        if kernels::heads_in_place(&tq, &tk, &tv, heads) {
+            op("attention self 16x9216x320 5 heads (in place)", &mut || Ok(kernels::attention_heads(&tq, &tk, &tv, heads, 0.125)?))?;
+            op("q/k/v products + attention 16x9216x320 (one, in place)", &mut || {
+                let p = kernels::linear(&tokens, &w_qkv, None, None)?;
+                Ok(kernels::attention_heads(&p.narrow(2, 0, c)?, &p.narrow(2, c, c)?, &p.narrow(2, 2 * c, c)?, heads, 0.125)?)
+            })?;
+        }
+        // A spatial transformer's exit: the output projection back to (frames, c, h·w), plus the
+        // block's input.
+        let (w_out, b_out, x_flat) = (r(&[c, c], 0.02)?, r(&[c], 1.0)?, x.flatten_from(2)?);
+        op("transformer exit 16x9216x320 (linear, permute, add)", &mut || {
+            Ok((kernels::permute(&kernels::linear(&tokens, &w_out, Some(&b_out), None)?, &[0, 2, 1])? + &x_flat)?)
+        })?;
+        op("transformer exit 16x9216x320", &mut || Ok(kernels::linear_permute_add(&tokens, &w_out, Some(&b_out), &[t, hw, c], &[0, 2, 1], &x_flat)?))?;
     }
     op("permute video->tokens 1x320x16x72x128 (candle)", &mut || Ok(xv.permute((0, 3, 4, 2, 1))?.contiguous()?))?;
     op("permute video->tokens 1x320x16x72x128", &mut || Ok(kernels::permute(&xv, &[0, 3, 4, 2, 1])?))?;

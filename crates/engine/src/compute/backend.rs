@@ -11,7 +11,7 @@ use candle_nn::VarBuilder;
 use dynamicrafter_kernels::cpu::{self, CpuFeatures};
 use dynamicrafter_kernels::{Bf16DotConv, Bf16DotMatrix, F32Conv, F32Matrix};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// The kinds of layer whose kernel is chosen.
@@ -100,6 +100,8 @@ pub struct Backend {
     chosen: Mutex<BTreeMap<LayerKind, BTreeMap<Kernel, usize>>>,
     /// Off once the pipeline is built: networks rebuilt later (`--offload`) are not counted twice.
     counting: AtomicBool,
+    /// Self-attentions whose q/k/v products were stacked into one ([`Backend::fused_qkv`]).
+    stacked_qkv: AtomicUsize,
 }
 
 impl Backend {
@@ -122,6 +124,7 @@ impl Backend {
             cuda_graphs: cfg!(feature = "cuda") && device.is_cuda() && std::env::var("DYNAMICRAFTER_CUDA_GRAPH").as_deref() == Ok("1"),
             chosen: Mutex::default(),
             counting: AtomicBool::new(true),
+            stacked_qkv: AtomicUsize::new(0),
         }
     }
 
@@ -228,6 +231,19 @@ impl Backend {
             self.op_api(vb.dtype())
         };
         self.record(LayerKind::TemporalConv, kernel)
+    }
+
+    /// Whether a self-attention's q, k and v projections (running `projections`) become one
+    /// product, their weights stacked at load, whose three parts the attention (running
+    /// `attention`) reads in place: on a GPU, where those are candle's products and our fused
+    /// attention (one launch and one read of the input instead of three, no split copies).
+    /// `DYNAMICRAFTER_FUSED_QKV=0` keeps them apart (A/B timings).
+    pub fn fused_qkv(&self, projections: [Kernel; 3], attention: Kernel) -> bool {
+        let fused = attention == Kernel::Cuda && projections.iter().all(|&k| k == Kernel::Candle) && std::env::var("DYNAMICRAFTER_FUSED_QKV").as_deref() != Ok("0");
+        if fused && self.counting.load(Ordering::Relaxed) {
+            self.stacked_qkv.fetch_add(1, Ordering::Relaxed);
+        }
+        fused
     }
 
     /// The products of an attention whose query projection runs `q_projection`: in bf16 with
@@ -342,6 +358,12 @@ impl Backend {
         }
         if self.cuda_graphs {
             out.insert("unet".into(), "CUDA graphs".into());
+        }
+        match self.stacked_qkv.load(Ordering::Relaxed) {
+            0 => {}
+            n => {
+                out.insert("q/k/v".into(), format!("stacked ×{n}"));
+            }
         }
         out
     }

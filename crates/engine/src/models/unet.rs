@@ -4,7 +4,7 @@
 //! `(b, c, t, h, w)` only inside temporal convs and temporal transformers.
 
 use super::layers::{
-    attend, conv1x1, conv1x1_as_linear, conv3x3, stored_conv2d, frames_to_video, group_norm, layer_norm, linear, linear_no_bias, silu, temporal_conv, timestep_embedding,
+    attend, attend_add, conv1x1, conv1x1_as_linear, conv3x3, stored_conv2d, frames_to_video, group_norm, layer_norm, linear, linear_no_bias, silu, temporal_conv, timestep_embedding,
     video_to_frames, Conv1x1, Conv2d, Conv3x3, GroupNorm, Linear, TemporalConv,
 };
 use crate::compute::{Backend, Kernel};
@@ -92,12 +92,27 @@ impl ResBlock {
     }
 }
 
+/// What an attention attends to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AttentionKind {
+    /// Its own input (`attn1`; `attn2` of the temporal transformers).
+    SelfAttention,
+    /// Text and image tokens (`to_k_ip/to_v_ip`); `learnable_scale`: the 256 model's `alpha`.
+    DualCross { learnable_scale: bool },
+}
+
+/// The q/k/v projections: one layer each, or for a self-attention where the backend says so one
+/// product with the three weights stacked (q, k, v are then views of its output).
+#[derive(Debug, Clone)]
+enum Projections {
+    Separate { to_q: Linear, to_k: Linear, to_v: Linear },
+    Stacked { qkv: Linear },
+}
+
 /// `CrossAttention`; with `to_k_ip/to_v_ip` it is the dual text/image cross-attention.
 #[derive(Debug, Clone)]
 struct Attention {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
+    projections: Projections,
     image: Option<(Linear, Linear)>,
     /// 256 model: the image branch is scaled by `tanh(alpha) + 1`, worked out once at load (in
     /// f32, as the tensor ops did) so a forward scales with one contiguous op.
@@ -110,19 +125,9 @@ struct Attention {
 }
 
 impl Attention {
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        dim: usize,
-        context_dim: usize,
-        heads: usize,
-        dim_head: usize,
-        image_cross_attention: bool,
-        learnable_scale: bool,
-        vb: VarBuilder,
-        backend: &Backend,
-    ) -> Result<Self> {
+    fn new(dim: usize, context_dim: usize, heads: usize, dim_head: usize, kind: AttentionKind, vb: VarBuilder, backend: &Backend) -> Result<Self> {
         let inner = heads * dim_head;
-        let image = if image_cross_attention {
+        let image = if let AttentionKind::DualCross { .. } = kind {
             Some((
                 linear_no_bias(context_dim, inner, vb.pp("to_k_ip"), backend)?,
                 linear_no_bias(context_dim, inner, vb.pp("to_v_ip"), backend)?,
@@ -131,13 +136,22 @@ impl Attention {
             None
         };
         let to_q = linear_no_bias(dim, inner, vb.pp("to_q"), backend)?;
+        let to_k = linear_no_bias(context_dim, inner, vb.pp("to_k"), backend)?;
+        let to_v = linear_no_bias(context_dim, inner, vb.pp("to_v"), backend)?;
+        let kernel = backend.attention(&vb, to_q.kernel());
+        let mut projections = Projections::Separate { to_q, to_k, to_v };
+        if kind == AttentionKind::SelfAttention {
+            if let Projections::Separate { to_q, to_k, to_v } = &projections {
+                if backend.fused_qkv([to_q.kernel(), to_k.kernel(), to_v.kernel()], kernel) {
+                    projections = projections.stacked()?;
+                }
+            }
+        }
         Ok(Self {
-            kernel: backend.attention(&vb, to_q.kernel()),
-            to_q,
-            to_k: linear_no_bias(context_dim, inner, vb.pp("to_k"), backend)?,
-            to_v: linear_no_bias(context_dim, inner, vb.pp("to_v"), backend)?,
+            kernel,
+            projections,
             image,
-            image_scale: if learnable_scale {
+            image_scale: if let AttentionKind::DualCross { learnable_scale: true } = kind {
                 let alpha = vb.get((), "alpha")?.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
                 Some((alpha.tanh() + 1.0) as f64)
             } else {
@@ -154,35 +168,51 @@ impl Attention {
         attend(self.kernel, q, k, v, self.heads, self.scale)
     }
 
-    /// `to_out(attention(xs, context)) + residual`, the residual joining the output
-    /// projection's bias.
-    fn forward_add(&self, xs: &Tensor, context: Option<&Tensor>, residual: &Tensor) -> Result<Tensor> {
-        let q = self.to_q.forward(xs)?;
-        let out = match (&self.image, context) {
-            (Some((to_k_ip, to_v_ip)), Some(ctx)) => {
+    /// `to_out(attention(xs, context)) + residual` (the residual joining the output projection's
+    /// bias) and `norm` of it (the block's next norm), made together where the kernels can.
+    fn forward_add_norm(&self, xs: &Tensor, context: Option<&Tensor>, residual: &Tensor, norm: &LayerNorm) -> Result<(Tensor, Tensor)> {
+        self.to_out.forward_add_norm(&self.attend_context(xs, context)?, residual, norm)
+    }
+
+    /// The attention before `to_out`: over `xs` itself, or the text (and image) context.
+    fn attend_context(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let out = match (&self.projections, &self.image, context) {
+            (Projections::Stacked { qkv }, _, None) => {
+                let p = qkv.forward(xs)?;
+                let c = p.dim(2)? / 3;
+                self.attend(&p.narrow(2, 0, c)?, &p.narrow(2, c, c)?, &p.narrow(2, 2 * c, c)?)?
+            }
+            (Projections::Stacked { .. }, _, Some(_)) => candle_core::bail!("a self-attention was given a context"),
+            (Projections::Separate { to_q, to_k, to_v }, Some((to_k_ip, to_v_ip)), Some(ctx)) => {
+                let q = to_q.forward(xs)?;
                 let len = ctx.dim(1)?;
                 let text = ctx.narrow(1, 0, TEXT_CONTEXT_LEN)?;
                 let img = ctx.narrow(1, TEXT_CONTEXT_LEN, len - TEXT_CONTEXT_LEN)?;
-                let k = self.to_k.forward(&text)?;
-                let v = self.to_v.forward(&text)?;
-                let out_txt = self.attend(&q, &k, &v)?;
-                let k = to_k_ip.forward(&img)?;
-                let v = to_v_ip.forward(&img)?;
-                let out_img = self.attend(&q, &k, &v)?;
-                let out_img = match self.image_scale {
-                    Some(scale) => out_img.affine(scale, 0.0)?,
-                    None => out_img,
-                };
-                (out_txt + out_img)?
+                let out_txt = self.attend(&q, &to_k.forward(&text)?, &to_v.forward(&text)?)?;
+                // out_txt + image_scale · attention(image tokens).
+                attend_add(self.kernel, &q, &to_k_ip.forward(&img)?, &to_v_ip.forward(&img)?, self.heads, self.scale, self.image_scale, &out_txt)?
             }
-            (_, ctx) => {
+            (Projections::Separate { to_q, to_k, to_v }, _, ctx) => {
                 let ctx = ctx.unwrap_or(xs);
-                let k = self.to_k.forward(ctx)?;
-                let v = self.to_v.forward(ctx)?;
-                self.attend(&q, &k, &v)?
+                self.attend(&to_q.forward(xs)?, &to_k.forward(ctx)?, &to_v.forward(ctx)?)?
             }
         };
-        self.to_out.forward_add(&out, residual)
+        Ok(out)
+    }
+}
+
+impl Projections {
+    /// Separate candle products as one, the weights stacked `[q; k; v]` along the output axis
+    /// (a product's rows are independent: the same dot products).
+    fn stacked(&self) -> Result<Self> {
+        match self {
+            Projections::Separate { to_q: Linear::Float(q), to_k: Linear::Float(k), to_v: Linear::Float(v) }
+                if q.bias().is_none() && k.bias().is_none() && v.bias().is_none() =>
+            {
+                Ok(Projections::Stacked { qkv: Linear::new(Tensor::cat(&[q.weight(), k.weight(), v.weight()], 0)?, None) })
+            }
+            _ => candle_core::bail!("only bias-free candle projections are stacked"),
+        }
     }
 }
 
@@ -212,14 +242,13 @@ impl BasicTransformerBlock {
     ) -> Result<Self> {
         let inner = heads * dim_head;
         Ok(Self {
-            attn1: Attention::new(dim, dim, heads, dim_head, false, false, vb.pp("attn1"), backend)?,
+            attn1: Attention::new(dim, dim, heads, dim_head, AttentionKind::SelfAttention, vb.pp("attn1"), backend)?,
             attn2: Attention::new(
                 dim,
                 context_dim.unwrap_or(dim),
                 heads,
                 dim_head,
-                context_dim.is_some(),
-                learnable_scale && context_dim.is_some(),
+                if context_dim.is_some() { AttentionKind::DualCross { learnable_scale } } else { AttentionKind::SelfAttention },
                 vb.pp("attn2"),
                 backend,
             )?,
@@ -233,9 +262,9 @@ impl BasicTransformerBlock {
     }
 
     fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
-        let xs = self.attn1.forward_add(&self.norm1.forward(xs)?, None, xs)?;
-        let xs = self.attn2.forward_add(&self.norm2.forward(&xs)?, context, &xs)?;
-        let normed = self.norm3.forward(&xs)?;
+        // Each attention's output joins the residual stream together with the next norm of it.
+        let (xs, normed) = self.attn1.forward_add_norm(&self.norm1.forward(xs)?, None, xs, &self.norm2)?;
+        let (xs, normed) = self.attn2.forward_add_norm(&normed, context, &xs, &self.norm3)?;
         let ff = |x: &Tensor, residual: &Tensor| self.ff_out.forward_add(&self.ff_proj.forward_geglu(x)?, residual);
         let (b, n, c) = xs.dims3()?;
         match self.ff_chunk_rows {
@@ -296,8 +325,8 @@ impl SpatialTransformer {
         for block in &self.blocks {
             hs = block.forward(&hs, Some(context))?;
         }
-        hs = permute(&self.proj_out.forward(&hs)?, &[0, 2, 1])?.reshape((n, c, h, w))?;
-        hs + xs
+        // (n, h·w, c) → (n, c, h·w), plus the input.
+        self.proj_out.forward_permute_add(&hs, &[n, h * w, c], &[0, 2, 1], &xs.reshape((n, c, h * w))?)?.reshape((n, c, h, w))
     }
 }
 
@@ -337,10 +366,8 @@ impl TemporalTransformer {
         for block in &self.blocks {
             hs = block.forward(&hs, None)?;
         }
-        hs = self.proj_out.forward(&hs)?;
-        // (b·h·w, t, c) → (b·t, c, h, w)
-        hs = permute(&hs.reshape((b, h, w, t, c))?, &[0, 3, 4, 1, 2])?.reshape((bt, c, h, w))?;
-        hs + xs
+        // (b·h·w, t, c) → (b, t, c, h, w), plus the input.
+        self.proj_out.forward_permute_add(&hs, &[b, h, w, t, c], &[0, 3, 4, 1, 2], &xs.reshape((b, t, c, h, w))?)?.reshape((bt, c, h, w))
     }
 }
 
@@ -613,5 +640,51 @@ impl Unet {
         }
         let out = self.out_conv.forward(&self.out_norm.forward_silu(&h)?)?;
         frames_to_video(&out, b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    /// A self-attention with its projections stacked into one product (what the backend does on a
+    /// GPU) computes what the separate ones do: q, k, v as views of one output, read in place.
+    #[test]
+    fn stacked_projections_attend_as_separate_ones() {
+        let dev = Device::Cpu;
+        let (dim, heads, dim_head) = (48, 3, 16);
+        let inner = heads * dim_head;
+        let w = |rows, cols| Tensor::randn(0f32, 0.2, (rows, cols), &dev).unwrap();
+        let separate = Attention {
+            projections: Projections::Separate {
+                to_q: Linear::new(w(inner, dim), None),
+                to_k: Linear::new(w(inner, dim), None),
+                to_v: Linear::new(w(inner, dim), None),
+            },
+            image: None,
+            image_scale: None,
+            to_out: Linear::new(w(dim, inner), Some(Tensor::randn(0f32, 0.2, dim, &dev).unwrap())),
+            heads,
+            scale: (dim_head as f64).powf(-0.5),
+            kernel: Kernel::Candle,
+        };
+        let stacked = Attention { projections: separate.projections.stacked().unwrap(), ..separate.clone() };
+        let xs = Tensor::randn(0f32, 1.0, (2, 37, dim), &dev).unwrap();
+        let want = separate.attend_context(&xs, None).unwrap();
+        let got = stacked.attend_context(&xs, None).unwrap();
+        let diff = (&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff <= 1e-6 * scale, "stacked vs separate projections: max difference {diff:e} (outputs up to {scale})");
+        assert_eq!(got.dtype(), DType::F32);
+        // A self-attention has no context to take.
+        assert!(stacked.attend_context(&xs, Some(&xs)).is_err());
+        // Only bias-free candle products are stacked.
+        let biased = Projections::Separate {
+            to_q: Linear::new(w(inner, dim), Some(Tensor::zeros(inner, DType::F32, &dev).unwrap())),
+            to_k: Linear::new(w(inner, dim), None),
+            to_v: Linear::new(w(inner, dim), None),
+        };
+        assert!(biased.stacked().is_err());
     }
 }

@@ -11,7 +11,32 @@
 
 #include "ptx.cuh"
 
+// Where the rows of one (batch, head) live, in elements: row r of head h of batch b is at
+// b·batch + h·D + r·row of its tensor. Heads sit side by side in the last dimension (the
+// projections' own layout, no split or merge copies); a fused q/k/v projection's three parts are
+// rows 3·heads·D apart. The grid's batch index is b·heads + h. Every stride and offset is a
+// multiple of 8 elements (16-byte chunks). An addend (null: none) has out's layout: the kernels
+// then store addend + weight · attention (else weight is 1). flash_attention.rs mirrors it
+// (#[repr(C)]).
+struct AttentionLayout {
+    int64_t q_batch, k_batch, v_batch, out_batch;
+    int64_t q_row, k_row, v_row, out_row;
+    int32_t heads;
+    float weight;
+};
+
 namespace {
+
+// Where the (batch, head) with the grid's batch index `bh` starts in each tensor (elements).
+struct HeadOffsets {
+    int64_t q, k, v, out;
+};
+
+template <int D>
+__device__ __forceinline__ HeadOffsets head_offsets(const AttentionLayout& l, int64_t bh) {
+    const int64_t b = bh / l.heads, h = bh % l.heads;
+    return HeadOffsets{b * l.q_batch + h * D, b * l.k_batch + h * D, b * l.v_batch + h * D, b * l.out_batch + h * D};
+}
 
 // Two floats rounded into one register of two 16-bit values (the lower one in the low half).
 template <typename T> struct Pair;
@@ -32,18 +57,19 @@ __device__ __forceinline__ uint32_t pair_at(const void* base, size_t element) {
     return *reinterpret_cast<const uint32_t*>(reinterpret_cast<const uint16_t*>(base) + element);
 }
 
-// The A fragments of q's rows row0 .. row0 + 15 (zeros past n), straight from global memory.
+// The A fragments of q's rows row0 .. row0 + 15 (zeros past n; rows `stride` elements apart),
+// straight from global memory.
 template <int D>
-__device__ __forceinline__ void load_q_fragments(uint32_t (&qf)[D / 16][4], const void* q, int row0, int n) {
+__device__ __forceinline__ void load_q_fragments(uint32_t (&qf)[D / 16][4], const void* q, int64_t stride, int row0, int n) {
     const int g = threadIdx.x % 32 / 4, qd = threadIdx.x % 4;
     const int r_lo = row0 + g, r_hi = row0 + g + 8;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
         const int c0 = kk * 16 + 2 * qd;
-        qf[kk][0] = r_lo < n ? pair_at(q, (size_t)r_lo * D + c0) : 0u;
-        qf[kk][1] = r_hi < n ? pair_at(q, (size_t)r_hi * D + c0) : 0u;
-        qf[kk][2] = r_lo < n ? pair_at(q, (size_t)r_lo * D + c0 + 8) : 0u;
-        qf[kk][3] = r_hi < n ? pair_at(q, (size_t)r_hi * D + c0 + 8) : 0u;
+        qf[kk][0] = r_lo < n ? pair_at(q, r_lo * stride + c0) : 0u;
+        qf[kk][1] = r_hi < n ? pair_at(q, r_hi * stride + c0) : 0u;
+        qf[kk][2] = r_lo < n ? pair_at(q, r_lo * stride + c0 + 8) : 0u;
+        qf[kk][3] = r_hi < n ? pair_at(q, r_hi * stride + c0 + 8) : 0u;
     }
 }
 
@@ -120,17 +146,36 @@ __device__ __forceinline__ void rescale(float (&o)[D / 8][4], float corr_lo, flo
     }
 }
 
-// out's rows row0 .. row0 + 15 (those below n) = o / the row sums.
+// Value i (0: the low half) of a 32-bit pair of T, as a float.
+template <typename T>
+__device__ __forceinline__ float pair_value(uint32_t pair, int i) {
+    return float(reinterpret_cast<const T*>(&pair)[i]);
+}
+
+// out's rows row0 .. row0 + 15 (those below n; `stride` elements apart) = o / the row sums, or
+// with an addend (same layout as out) addend + weight · o / the row sums: the dual
+// cross-attention's second branch joining the first in the store, one rounding.
 template <typename T, int D>
-__device__ __forceinline__ void store_rows(T* out, const float (&o)[D / 8][4], const RowStats& rows, int row0, int n) {
+__device__ __forceinline__ void store_rows(T* out, int64_t stride, const float (&o)[D / 8][4], const RowStats& rows, int row0,
+                                           int n, const T* addend, float weight) {
     const int g = threadIdx.x % 32 / 4, qd = threadIdx.x % 4;
     const int r_lo = row0 + g, r_hi = row0 + g + 8;
-    const float inv_lo = 1.f / rows.sum_lo, inv_hi = 1.f / rows.sum_hi;
+    const float inv_lo = weight / rows.sum_lo, inv_hi = weight / rows.sum_hi;
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) {
         const int c = j * 8 + 2 * qd;
-        if (r_lo < n) *reinterpret_cast<uint32_t*>(out + (size_t)r_lo * D + c) = Pair<T>::pack(o[j][0] * inv_lo, o[j][1] * inv_lo);
-        if (r_hi < n) *reinterpret_cast<uint32_t*>(out + (size_t)r_hi * D + c) = Pair<T>::pack(o[j][2] * inv_hi, o[j][3] * inv_hi);
+        const int64_t lo = r_lo * stride + c, hi = r_hi * stride + c;
+        uint32_t add_lo = 0u, add_hi = 0u;  // all bits zero: +0 in f16 and bf16
+        if (addend) {
+            if (r_lo < n) add_lo = pair_at(addend, lo);
+            if (r_hi < n) add_hi = pair_at(addend, hi);
+        }
+        if (r_lo < n)
+            *reinterpret_cast<uint32_t*>(out + lo) =
+                Pair<T>::pack(pair_value<T>(add_lo, 0) + o[j][0] * inv_lo, pair_value<T>(add_lo, 1) + o[j][1] * inv_lo);
+        if (r_hi < n)
+            *reinterpret_cast<uint32_t*>(out + hi) =
+                Pair<T>::pack(pair_value<T>(add_hi, 0) + o[j][2] * inv_hi, pair_value<T>(add_hi, 1) + o[j][3] * inv_hi);
     }
 }
 

@@ -137,9 +137,7 @@ impl candle_core::CustomOp1 for ChannelsLast {
         "dc-channels-last"
     }
 
-    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &candle_core::Layout) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        candle_core::bail!("{} runs on CUDA only", self.name())
-    }
+    cpu_refusal!(x);
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, x: &candle_core::CudaStorage, xl: &candle_core::Layout) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
@@ -157,17 +155,7 @@ impl candle_core::CustomOp3 for ConvIgemm {
         "dc-conv-igemm"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        candle_core::bail!("{} runs on CUDA only", self.name())
-    }
+    cpu_refusal!(x, w, b);
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(

@@ -1,6 +1,7 @@
 // What follows a GEMM, in one pass over its output: bias (+ residual) of linear layers, the bias
-// and GELU gate of the feed-forwards (GEGLU), and the bias and layout of the shifted-GEMM
-// convolutions. candle composes these from broadcast ops that compute strided indices per
+// and GELU gate of the feed-forwards (GEGLU), the bias and layout of the shifted-GEMM
+// convolutions, the transformers' residual stream with its next LayerNorm, and the transformers'
+// exits (bias, layout back, residual). candle composes these from broadcast ops that compute strided indices per
 // element and make a pass (and often an f32 round trip) per op.
 //
 // Arithmetic in f32; inputs and outputs in the tensor's dtype (the convolutions' product is f32).
@@ -8,6 +9,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+
+#include "permute.cuh"
 
 namespace {
 
@@ -146,6 +149,108 @@ __device__ void conv_bias(const float* __restrict__ y, const T* __restrict__ bia
     }
 }
 
+// sum = y + bias (+ residual) as bias_rows makes it, and normed = LayerNorm(sum) · gamma + beta
+// over each row of `cols`: a transformer block's attention output joining the residual stream,
+// and the next norm of that stream, with the stream read once from device memory. A warp per row
+// (8 per block, grid-stride): the first pass writes the row's sum and totals it, the second
+// totals the squared deviations from the mean, the third writes the normalised row, each lane
+// re-reading only what it wrote itself (from cache). Statistics of the rounded sum in f32, as
+// the composition computes them on the stored tensor. `packed`: cols and every pointer allow
+// 16-byte accesses.
+template <typename T>
+__device__ void add_layer_norm(const T* __restrict__ y, const T* __restrict__ bias, const T* __restrict__ residual,
+                               const T* __restrict__ gamma, const T* __restrict__ beta, T* sum, T* __restrict__ normed,
+                               size_t rows, int cols, float eps, int packed) {
+    const int lane = threadIdx.x % 32;
+    const size_t warps = (size_t)gridDim.x * (blockDim.x / 32);
+    const int V = packed ? vec<T>() : 1;
+    const float inv_cols = 1.f / cols;
+    for (size_t row = (size_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; row < rows; row += warps) {
+        const size_t base = row * cols;
+        float total = 0.f;
+        for (int c = lane * V; c < cols; c += 32 * V) {
+            if (packed) {
+                Pack<T> a = load_pack(y + base + c);
+                const Pack<T> b = load_pack(bias + c);
+                Pack<T> r;
+                if (residual) r = load_pack(residual + base + c);
+#pragma unroll
+                for (int k = 0; k < vec<T>(); ++k) {
+                    float v = to_f32(a.v[k]) + to_f32(b.v[k]);
+                    if (residual) v += to_f32(r.v[k]);
+                    a.v[k] = from_f32<T>(v);
+                    total += to_f32(a.v[k]);
+                }
+                store_pack(sum + base + c, a);
+            } else {
+                float v = to_f32(y[base + c]) + to_f32(bias[c]);
+                if (residual) v += to_f32(residual[base + c]);
+                const T t = from_f32<T>(v);
+                sum[base + c] = t;
+                total += to_f32(t);
+            }
+        }
+        for (int o = 16; o > 0; o /= 2) total += __shfl_xor_sync(0xffffffff, total, o);
+        const float mean = total * inv_cols;
+        float squares = 0.f;
+        for (int c = lane * V; c < cols; c += 32 * V) {
+            for (int k = 0; k < V; ++k) {
+                const float d = to_f32(sum[base + c + k]) - mean;
+                squares += d * d;
+            }
+        }
+        for (int o = 16; o > 0; o /= 2) squares += __shfl_xor_sync(0xffffffff, squares, o);
+        const float inv_std = rsqrtf(squares * inv_cols + eps);
+        for (int c = lane * V; c < cols; c += 32 * V) {
+            for (int k = 0; k < V; ++k) {
+                const float v = (to_f32(sum[base + c + k]) - mean) * inv_std;
+                normed[base + c + k] = from_f32<T>(v * to_f32(gamma[c + k]) + to_f32(beta[c + k]));
+            }
+        }
+    }
+}
+
+// out = permute(y) + bias + addend, the transformers' exits: their output projection's product
+// goes back to the (…, channels, h, w) layout and joins the block's input. Tiles as
+// permute.cu's permute_tiles (the innermost axis moves); the bias (null: none) runs along y's last
+// axis, `bias_len` long, the fastest part of I (which merges the input's innermost axes). One
+// rounding, as bias_rows with a residual.
+template <typename T>
+__device__ void permute_bias_add(const T* __restrict__ y, const T* __restrict__ bias, int64_t bias_len,
+                                 const T* __restrict__ addend, T* __restrict__ out, Tiles t, int64_t batches) {
+    __shared__ float tile[32][33];
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int64_t i0 = (int64_t)blockIdx.x * 32, j0 = (int64_t)blockIdx.y * 32;
+    for (int64_t batch = blockIdx.z; batch < batches; batch += gridDim.z) {
+        int64_t in_base = 0, out_base = 0, rest = batch;
+#pragma unroll
+        for (int k = 0; k < PERMUTE_MAX_RANK; ++k) {
+            const int d = PERMUTE_MAX_RANK - 1 - k;
+            if (d < t.batch_rank) {
+                const int64_t coord = rest % t.batch_dims[d];
+                rest /= t.batch_dims[d];
+                in_base += coord * t.batch_in_strides[d];
+                out_base += coord * t.batch_out_strides[d];
+            }
+        }
+        __syncthreads();  // the previous batch's tile has been written out
+        for (int j = ty; j < 32; j += 8) {
+            if (i0 + tx < t.ni && j0 + j < t.nj) {
+                float v = to_f32(y[in_base + (j0 + j) * t.in_stride_j + i0 + tx]);
+                if (bias) v += to_f32(bias[(i0 + tx) % bias_len]);
+                tile[j][tx] = v;
+            }
+        }
+        __syncthreads();
+        for (int i = ty; i < 32; i += 8) {
+            if (i0 + i < t.ni && j0 + tx < t.nj) {
+                const int64_t o = out_base + (i0 + i) * t.out_stride_i + j0 + tx;
+                out[o] = from_f32<T>(tile[tx][i] + to_f32(addend[o]));
+            }
+        }
+    }
+}
+
 }  // namespace
 
 #define EPILOGUE(NAME, T)                                                                                   \
@@ -164,6 +269,15 @@ __device__ void conv_bias(const float* __restrict__ y, const T* __restrict__ bia
     extern "C" __global__ void conv_bias_##NAME(const float* y, const T* bias, T* out, size_t total,       \
                                                 int channels, int rows, int pitch, int width) {              \
         conv_bias(y, bias, out, total, channels, rows, pitch, width);                                        \
+    }                                                                                                        \
+    extern "C" __global__ void add_layer_norm_##NAME(const T* y, const T* bias, const T* residual,         \
+                                                     const T* gamma, const T* beta, T* sum, T* normed,      \
+                                                     size_t rows, int cols, float eps, int packed) {         \
+        add_layer_norm(y, bias, residual, gamma, beta, sum, normed, rows, cols, eps, packed);               \
+    }                                                                                                        \
+    extern "C" __global__ void permute_bias_add_##NAME(const T* y, const T* bias, int64_t bias_len,         \
+                                                       const T* addend, T* out, Tiles t, int64_t batches) {  \
+        permute_bias_add(y, bias, bias_len, addend, out, t, batches);                                        \
     }
 
 EPILOGUE(f32, float)

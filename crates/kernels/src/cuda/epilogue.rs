@@ -56,6 +56,76 @@ pub fn conv_bias(y: &Tensor, bias: &Tensor, width: usize) -> Result<Tensor> {
     y.contiguous()?.apply_op2_no_bwd(&bias.contiguous()?, &ConvBias { width })
 }
 
+/// Whether [`add_layer_norm`] takes these: a CUDA float `y (…, c)` with a bias, the norm's
+/// weight and bias (all `c`) and the residual of its dtype and device.
+pub fn add_layer_norm_supported(y: &Tensor, bias: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor) -> bool {
+    let c = y.dims().last().copied().unwrap_or(0);
+    supported(y, bias, residual)
+        && c > 0
+        && y.elem_count() > 0
+        && [bias, gamma, beta].iter().all(|t| t.elem_count() == c && t.dtype() == y.dtype() && t.device().same_device(y.device()))
+}
+
+/// `(sum, LayerNorm(sum))` with `sum = y + bias (+ residual)` over the last axis of `y (…, c)`
+/// (rounded as [`bias_rows`] rounds it) and the norm's `gamma`, `beta`, `eps`: a transformer
+/// block's attention output joining the residual stream, and the norm the next layer reads, in
+/// one kernel that reads the stream once. Both halves live in one allocation.
+pub fn add_layer_norm(y: &Tensor, bias: &Tensor, residual: Option<&Tensor>, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    if !add_layer_norm_supported(y, bias, residual, gamma, beta) {
+        candle_core::bail!("layer-norm epilogue: y {:?} {:?}, bias {:?}, gamma {:?}, beta {:?}", y.shape(), y.dtype(), bias.shape(), gamma.shape(), beta.shape());
+    }
+    let op = AddLayerNorm { bias: bias.contiguous()?, gamma: gamma.contiguous()?, beta: beta.contiguous()?, eps: eps as f32 };
+    let y = y.contiguous()?;
+    let both = match residual {
+        Some(r) => y.apply_op2_no_bwd(&r.contiguous()?, &op)?,
+        None => y.apply_op1_no_bwd(&op)?,
+    };
+    Ok((both.get(0)?, both.get(1)?))
+}
+
+/// The plan of `permute(y, dims) + bias + addend` on the fused kernel, if it takes it: a CUDA
+/// build and tensor, the epilogues' dtypes, `dims` moving y's innermost axis (a tiled plan), the
+/// bias along y's last axis, the addend of the permuted shape.
+fn permute_bias_add_plan(y: &Tensor, dims: &[usize], bias: Option<&Tensor>, addend: &Tensor) -> Option<super::permute::Plan> {
+    use super::permute::{is_permutation, plan, Plan};
+    let last = y.dims().last().copied()?;
+    let permuted: Vec<usize> = dims.iter().filter_map(|&d| y.dims().get(d).copied()).collect();
+    if !super::usable(y)
+        || !is_permutation(dims, y.rank())
+        || y.elem_count() == 0
+        || addend.dtype() != y.dtype()
+        || !addend.device().same_device(y.device())
+        || addend.dims() != permuted.as_slice()
+        || bias.is_some_and(|b| b.dtype() != y.dtype() || !b.device().same_device(y.device()) || b.elem_count() != last)
+    {
+        return None;
+    }
+    // The bias indexes I (the input's innermost axes merged) modulo its length.
+    plan(y.dims(), dims).filter(|p| matches!(p, Plan::Tiles { ni, .. } if ni % last == 0) && p.fits())
+}
+
+/// Whether [`permute_bias_add`] takes these.
+pub fn permute_bias_add_supported(y: &Tensor, dims: &[usize], bias: Option<&Tensor>, addend: &Tensor) -> bool {
+    permute_bias_add_plan(y, dims, bias, addend).is_some()
+}
+
+/// `y.permute(dims) + bias + addend` in one pass, `bias` along y's last axis (before the
+/// permute), for a `dims` that moves that axis: a transformer's exit, its output projection's
+/// product back to the block's layout and the block's input added. One rounding, as
+/// [`bias_rows`] with a residual.
+pub fn permute_bias_add(y: &Tensor, dims: &[usize], bias: Option<&Tensor>, addend: &Tensor) -> Result<Tensor> {
+    let Some(plan) = permute_bias_add_plan(y, dims, bias, addend) else {
+        candle_core::bail!("permute epilogue: y {:?} {:?}, dims {dims:?}, bias {:?}, addend {:?}", y.shape(), y.dtype(), bias.map(Tensor::shape), addend.shape());
+    };
+    let op = PermuteBiasAdd { plan };
+    let (y, addend) = (y.contiguous()?, addend.contiguous()?);
+    match bias {
+        Some(b) => y.apply_op3_no_bwd(&b.contiguous()?, &addend, &op),
+        None => y.apply_op2_no_bwd(&addend, &op),
+    }?
+    .reshape(addend.shape())
+}
+
 struct BiasRows;
 struct BiasChannels;
 struct GegluBias;
@@ -63,17 +133,17 @@ struct ConvBias {
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     width: usize,
 }
-
-macro_rules! cpu_refusal {
-    ($($arg:ident),*) => {
-        fn cpu_fwd(
-            &self,
-            $($arg: &candle_core::CpuStorage, _: &candle_core::Layout),*
-        ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-            $(let _ = $arg;)*
-            candle_core::bail!("{} runs on CUDA only", self.name())
-        }
-    };
+/// Inputs `y` (and the residual); the small per-channel tensors travel with the op.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct AddLayerNorm {
+    bias: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    eps: f32,
+}
+struct PermuteBiasAdd {
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    plan: super::permute::Plan,
 }
 
 /// A two-input op (`y`, `bias`) running `$run(self, y, yl, b, bl)` on CUDA.
@@ -133,6 +203,44 @@ bias_ops!(BiasRows, "dc-bias-rows", bias_rows);
 bias_ops!(BiasChannels, "dc-bias-channels", bias_channels);
 op2!(GegluBias, "dc-geglu-bias", |_op, p, pl, b, bl| imp::geglu_bias(p, pl, b, bl));
 op2!(ConvBias, "dc-conv-bias", |op, y, yl, b, bl| imp::conv_bias(op.width, y, yl, b, bl));
+op2!(AddLayerNorm, "dc-add-layer-norm", |op, y, yl, r, rl| imp::add_layer_norm(op, y, yl, Some((r, rl))));
+
+impl candle_core::CustomOp1 for AddLayerNorm {
+    fn name(&self) -> &'static str {
+        "dc-bias-layer-norm"
+    }
+
+    cpu_refusal!(y);
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, y: &candle_core::CudaStorage, yl: &candle_core::Layout) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        imp::add_layer_norm(self, y, yl, None)
+    }
+}
+
+// Without a bias: (y, addend).
+op2!(PermuteBiasAdd, "dc-permute-add", |op, y, yl, a, al| imp::permute_bias_add(&op.plan, y, yl, None, a, al));
+
+impl candle_core::CustomOp3 for PermuteBiasAdd {
+    fn name(&self) -> &'static str {
+        "dc-permute-bias-add"
+    }
+
+    cpu_refusal!(y, b, a);
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        y: &candle_core::CudaStorage,
+        yl: &candle_core::Layout,
+        b: &candle_core::CudaStorage,
+        bl: &candle_core::Layout,
+        a: &candle_core::CudaStorage,
+        al: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        imp::permute_bias_add(&self.plan, y, yl, Some((b, bl)), a, al)
+    }
+}
 
 #[cfg(feature = "cuda")]
 mod imp {
@@ -140,6 +248,9 @@ mod imp {
     use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, CudaStorage, WrapErr};
     use candle_core::{DType, Layout, Result, Shape};
+
+    use crate::cuda::permute::imp::tile_launch;
+    use crate::cuda::permute::Plan;
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/epilogue.ptx"));
     const MODULE: &str = "dynamicrafter_epilogue";
@@ -283,6 +394,116 @@ mod imp {
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(dims)))
     }
 
+    pub fn add_layer_norm(op: &super::AddLayerNorm, y: &CudaStorage, yl: &Layout, r: Option<(&CudaStorage, &Layout)>) -> Result<(CudaStorage, Shape)> {
+        by_dtype!(y.dtype(), add_layer_norm_t, op, y, yl, r)
+    }
+
+    /// A small contiguous tensor the op carries, as a device view.
+    fn carried<'a, T: CudaDType>(storage: &'a candle_core::Storage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+        let candle_core::Storage::Cuda(s) = storage else { candle_core::bail!("{what} is not on the GPU") };
+        Ok(view::<T>(s, l, what)?.0)
+    }
+
+    fn add_layer_norm_t<T: CudaDType + DeviceRepr>(
+        op: &super::AddLayerNorm,
+        y: &CudaStorage,
+        yl: &Layout,
+        r: Option<(&CudaStorage, &Layout)>,
+    ) -> Result<(CudaStorage, Shape)> {
+        let total = yl.shape().elem_count();
+        let cols = yl.dims().last().copied().unwrap_or(1).max(1);
+        let rows = total / cols;
+        let dev = y.device.clone();
+        let (ys, y0) = view::<T>(y, yl, "y")?;
+        let residual = r.map(|(r, rl)| view::<T>(r, rl, "residual")).transpose()?;
+        let r0 = residual.as_ref().map_or(0, |r| r.1);
+        let (bias, gamma, beta) = (op.bias.storage_and_layout(), op.gamma.storage_and_layout(), op.beta.storage_and_layout());
+        let bs = carried::<T>(&bias.0, bias.1, "bias")?;
+        let gs = carried::<T>(&gamma.0, gamma.1, "norm weight")?;
+        let betas = carried::<T>(&beta.0, beta.1, "norm bias")?;
+        let starts = [y0, r0, bias.1.start_offset(), gamma.1.start_offset(), beta.1.start_offset()];
+        let packed = packs::<T>(cols, &starts);
+        // Sum then norm, one allocation: (2, …).
+        // SAFETY: the kernel writes every element of both halves.
+        let out = unsafe { dev.alloc::<T>(2 * total)? };
+        {
+            let (sum, normed) = (out.slice(0..total), out.slice(total..2 * total));
+            let f = kernel!(dev, "add_layer_norm", y.dtype());
+            let (rows_u, cols_i) = (rows as u64, cols as i32);
+            let null = 0u64;
+            let mut builder = f.builder();
+            builder.arg(&ys);
+            builder.arg(&bs);
+            match &residual {
+                Some((rs, _)) => builder.arg(rs),
+                None => builder.arg(&null),
+            };
+            builder.arg(&gs);
+            builder.arg(&betas);
+            builder.arg(&sum);
+            builder.arg(&normed);
+            builder.arg(&rows_u);
+            builder.arg(&cols_i);
+            builder.arg(&op.eps);
+            builder.arg(&packed);
+            // Eight rows (warps) per block of 256 threads.
+            let blocks = rows.div_ceil(8).clamp(1, 132 * 32) as u32;
+            let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: arguments match `add_layer_norm_*`; sizes come from the checked layouts.
+            unsafe { builder.launch(cfg) }.w()?;
+        }
+        let mut dims = vec![2];
+        dims.extend_from_slice(yl.dims());
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(dims)))
+    }
+
+    pub fn permute_bias_add(
+        plan: &Plan,
+        y: &CudaStorage,
+        yl: &Layout,
+        b: Option<(&CudaStorage, &Layout)>,
+        a: &CudaStorage,
+        al: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        by_dtype!(y.dtype(), permute_bias_add_t, plan, y, yl, b, a, al)
+    }
+
+    fn permute_bias_add_t<T: CudaDType + DeviceRepr>(
+        plan: &Plan,
+        y: &CudaStorage,
+        yl: &Layout,
+        b: Option<(&CudaStorage, &Layout)>,
+        a: &CudaStorage,
+        al: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let total = yl.shape().elem_count();
+        let dev = y.device.clone();
+        let (ys, _) = view::<T>(y, yl, "y")?;
+        let (adds, _) = view::<T>(a, al, "addend")?;
+        let bias = b.map(|(b, bl)| view::<T>(b, bl, "bias")).transpose()?;
+        let bias_len = bias.as_ref().map_or(1, |(b, _)| b.len()) as i64;
+        let (tiles, batches, cfg) = tile_launch(plan)?;
+        // SAFETY: the kernel writes every element (each tile of each batch).
+        let out = unsafe { dev.alloc::<T>(total)? };
+        let f = kernel!(dev, "permute_bias_add", y.dtype());
+        let null = 0u64;
+        let mut builder = f.builder();
+        builder.arg(&ys);
+        match &bias {
+            Some((bs, _)) => builder.arg(bs),
+            None => builder.arg(&null),
+        };
+        builder.arg(&bias_len);
+        builder.arg(&adds);
+        builder.arg(&out);
+        builder.arg(&tiles);
+        builder.arg(&batches);
+        // SAFETY: arguments match `permute_bias_add_*`; the plan was made for y's shape and the
+        // addend has the permuted one (checked before the op).
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), yl.shape().clone()))
+    }
+
     pub fn conv_bias(width: usize, y: &CudaStorage, yl: &Layout, b: &CudaStorage, bl: &Layout) -> Result<(CudaStorage, Shape)> {
         by_dtype!(b.dtype(), conv_bias_t, width, y, yl, b, bl)
     }
@@ -371,6 +592,70 @@ mod tests {
                 let e = rel(&got, &want);
                 eprintln!("conv epilogue {dtype:?} {n}x{c}x{rows}x{pitch}→{width}: {e:.2e}");
                 assert!(e < tol, "conv epilogue {dtype:?}: {e:.2e}");
+            }
+        }
+    }
+
+    /// On a GPU: the transformers' exits (permute, bias, addend in one pass) against the f32
+    /// composition on the same rounded inputs; one rounding of the output.
+    #[test]
+    fn permute_bias_add_matches_the_composition() {
+        let dev = Device::new_cuda(0).expect("a CUDA build's tests need a GPU");
+        // (y's shape, dims): spatial (n, h·w, c) → (n, c, h·w); temporal (b, h, w, t, c) →
+        // (b, t, c, h, w), t and c merged by the plan; an odd one.
+        let cases: [(&[usize], &[usize]); 4] = [(&[16, 1152, 320], &[0, 2, 1]), (&[2, 9, 16, 16, 320], &[0, 3, 4, 1, 2]), (&[3, 70, 40], &[0, 2, 1]), (&[2, 5, 3, 7], &[0, 3, 1, 2])];
+        for (dtype, tol) in [(DType::F32, 1e-6), (DType::BF16, 5e-3), (DType::F16, 1e-3)] {
+            let r = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &dev).and_then(|t| t.to_dtype(dtype)).unwrap();
+            let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            for (shape, dims) in cases {
+                let permuted: Vec<usize> = dims.iter().map(|&d| shape[d]).collect();
+                let (y, b, add) = (r(shape), r(&[*shape.last().unwrap()]), r(&permuted));
+                assert!(permute_bias_add_supported(&y, dims, Some(&b), &add), "{shape:?} {dims:?}");
+                for bias in [Some(&b), None] {
+                    let biased = match bias {
+                        Some(b) => f(&y).broadcast_add(&f(b)).unwrap(),
+                        None => f(&y),
+                    };
+                    let want = (biased.permute(dims).unwrap().contiguous().unwrap() + f(&add)).unwrap();
+                    let got = permute_bias_add(&y, dims, bias, &add).unwrap();
+                    assert_eq!((got.dims(), got.dtype()), (permuted.as_slice(), dtype));
+                    let e = rel(&got, &want);
+                    eprintln!("permute epilogue {dtype:?} {shape:?} {dims:?} bias {}: {e:.2e}", bias.is_some());
+                    assert!(e < tol, "permute epilogue {dtype:?} {shape:?} {dims:?} bias {}: {e:.2e}", bias.is_some());
+                }
+            }
+            // What it does not take: the innermost axis staying put, a bias along another axis.
+            let y = r(&[2, 3, 8]);
+            assert!(!permute_bias_add_supported(&y, &[1, 0, 2], None, &r(&[3, 2, 8])));
+            assert!(!permute_bias_add_supported(&y, &[0, 2, 1], Some(&r(&[3])), &r(&[2, 8, 3])));
+        }
+    }
+
+    /// On a GPU: the residual stream's sum and its LayerNorm against the f32 composition (the norm
+    /// of the sum as stored), packed and unpacked rows, with and without a residual.
+    #[test]
+    fn add_layer_norm_matches_the_composition() {
+        let dev = Device::new_cuda(0).expect("a CUDA build's tests need a GPU");
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 5e-3), (DType::F16, 1e-3)] {
+            let r = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &dev).and_then(|t| t.to_dtype(dtype)).unwrap();
+            let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            for shape in [vec![16usize, 1152, 320], vec![3, 37, 1280], vec![2, 5, 323]] {
+                let c = shape[2];
+                let (y, b, res, gamma, beta) = (r(&shape), r(&[c]), r(&shape), r(&[c]), r(&[c]));
+                for residual in [Some(&res), None] {
+                    let (sum, normed) = add_layer_norm(&y, &b, residual, &gamma, &beta, 1e-5).unwrap();
+                    assert_eq!((sum.dims(), normed.dims(), normed.dtype()), (shape.as_slice(), shape.as_slice(), dtype));
+                    let mut want = f(&y).broadcast_add(&f(&b)).unwrap();
+                    if let Some(res) = residual {
+                        want = (want + f(res)).unwrap();
+                    }
+                    let e = rel(&sum, &want);
+                    assert!(e < tol, "sum {dtype:?} {shape:?}: {e:.2e}");
+                    let want = candle_nn::ops::layer_norm(&f(&sum), &f(&gamma), &f(&beta), 1e-5).unwrap();
+                    let e = rel(&normed, &want);
+                    eprintln!("layer-norm epilogue {dtype:?} {shape:?} residual {}: {e:.2e}", residual.is_some());
+                    assert!(e < tol, "layer norm {dtype:?} {shape:?} residual {}: {e:.2e}", residual.is_some());
+                }
             }
         }
     }

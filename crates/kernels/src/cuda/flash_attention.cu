@@ -19,10 +19,12 @@ constexpr int BQ = WARPS * 16;
 constexpr int BK = 64;    // keys per tile
 constexpr int PAD = 8;    // row padding (elements): for d = 64 rows 144 B apart, so a warp's pairs hit 32 banks
 
-// q: (batch, n, D), k and v: (batch, m, D), out: (batch, n, D); all contiguous.
+// q: n rows, k and v: m rows, out (and addend, if not null) n rows of D elements per (batch,
+// head), where `layout` says.
 template <typename T, int D>
 __device__ void flash_attention(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                                T* __restrict__ out, int n, int m, float scale) {
+                                T* __restrict__ out, const T* __restrict__ addend, int n, int m, float scale,
+                                const AttentionLayout& layout) {
     constexpr int LD = D + PAD;
     __shared__ __align__(16) T k_tile[BK * LD];   // [key][d]
     __shared__ __align__(16) T vt_tile[D * (BK + PAD)];  // [d][key]
@@ -32,15 +34,15 @@ __device__ void flash_attention(const T* __restrict__ q, const T* __restrict__ k
     const int lane = threadIdx.x % 32;
     const int g = lane / 4, qd = lane % 4;
     const int q_blocks = (n + BQ - 1) / BQ;
-    const size_t batch = blockIdx.x / q_blocks;
     const int row0 = (blockIdx.x % q_blocks) * BQ + warp * 16;
-    q += batch * (size_t)n * D;
-    k += batch * (size_t)m * D;
-    v += batch * (size_t)m * D;
-    out += batch * (size_t)n * D;
+    const HeadOffsets at = head_offsets<D>(layout, blockIdx.x / q_blocks);
+    q += at.q;
+    k += at.k;
+    v += at.v;
+    out += at.out;
 
     uint32_t qf[D / 16][4];
-    load_q_fragments<D>(qf, q, row0, n);
+    load_q_fragments<D>(qf, q, layout.q_row, row0, n);
     float o[D / 8][4];
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
@@ -54,8 +56,8 @@ __device__ void flash_attention(const T* __restrict__ q, const T* __restrict__ k
             const int r = chunk / (D / 8), c = (chunk % (D / 8)) * 8;
             uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
             if (key0 + r < m) {
-                kv = *reinterpret_cast<const uint4*>(k + (size_t)(key0 + r) * D + c);
-                vv = *reinterpret_cast<const uint4*>(v + (size_t)(key0 + r) * D + c);
+                kv = *reinterpret_cast<const uint4*>(k + (key0 + r) * layout.k_row + c);
+                vv = *reinterpret_cast<const uint4*>(v + (key0 + r) * layout.v_row + c);
             }
             *reinterpret_cast<uint4*>(k_tile + r * LD + c) = kv;
             const T* ve = reinterpret_cast<const T*>(&vv);
@@ -97,15 +99,16 @@ __device__ void flash_attention(const T* __restrict__ q, const T* __restrict__ k
             }
         }
     }
-    store_rows<T, D>(out, o, rows, row0, n);
+    store_rows<T, D>(out, layout.out_row, o, rows, row0, n, addend ? addend + at.out : nullptr, layout.weight);
 }
 
 }  // namespace
 
-#define FLASH_ATTENTION(NAME, T, D)                                                                        \
-    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                              \
-        flash_attention_##NAME##_d##D(const T* q, const T* k, const T* v, T* out, int n, int m, float scale) { \
-        flash_attention<T, D>(q, k, v, out, n, m, scale);                                                  \
+#define FLASH_ATTENTION(NAME, T, D)                                                                              \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                                     \
+        flash_attention_##NAME##_d##D(const T* q, const T* k, const T* v, T* out, const T* addend, int n, int m, \
+                           float scale, AttentionLayout layout) {                                                \
+        flash_attention<T, D>(q, k, v, out, addend, n, m, scale, layout);                                        \
     }
 
 FLASH_ATTENTION(f16, __half, 16)

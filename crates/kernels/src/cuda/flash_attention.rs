@@ -45,23 +45,39 @@ impl Kernel {
 enum Setting {
     Off,
     StagedOnly,
+    /// Both kernels, heads split into `(batch·heads, len, d)` copies and merged back around them.
+    Split,
     Both,
 }
 
 /// `DYNAMICRAFTER_FLASH_ATTENTION`: `0` off (candle's chunked composition), `1` the staged kernel
-/// only, unset or anything else both.
+/// only, `split` both with the heads split and merged by copies (the layout before
+/// [`flash_attention_heads`]), unset or anything else both, heads in place.
 fn setting() -> Setting {
     static SETTING: std::sync::OnceLock<Setting> = std::sync::OnceLock::new();
     *SETTING.get_or_init(|| match std::env::var("DYNAMICRAFTER_FLASH_ATTENTION").as_deref() {
         Ok("0") => Setting::Off,
         Ok("1") => Setting::StagedOnly,
+        Ok("split") => Setting::Split,
         _ => Setting::Both,
     })
+}
+
+/// Whether multi-head attention reads and writes heads in place ([`flash_attention_heads`])
+/// rather than splitting them into copies: unless `DYNAMICRAFTER_FLASH_ATTENTION` says otherwise.
+pub fn heads_in_place_enabled() -> bool {
+    matches!(setting(), Setting::Both | Setting::StagedOnly)
 }
 
 /// Whether [`flash_attention`] takes these `(batch, len, d)` inputs: a CUDA build, a GPU, f16 or
 /// bf16 throughout, d in [`HEAD_DIMS`], fused attention not turned off.
 pub fn supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    supported_heads(q, k, v, 1)
+}
+
+/// Whether [`flash_attention_heads`] takes these `(batch, len, heads·d)` inputs: as
+/// [`supported`], for each head's d.
+pub fn supported_heads(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> bool {
     let dtype = q.dtype();
     setting() != Setting::Off
         && cfg!(feature = "cuda")
@@ -69,13 +85,12 @@ pub fn supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
         && matches!(dtype, DType::BF16 | DType::F16)
         && k.dtype() == dtype
         && v.dtype() == dtype
-        && q.rank() == 3
-        && q.dim(2).is_ok_and(|d| HEAD_DIMS.contains(&d))
+        && heads > 0
+        && [q, k, v].iter().all(|t| t.rank() == 3 && t.dims().iter().all(|&n| n > 0))
+        && q.dim(2).is_ok_and(|c| c % heads == 0 && HEAD_DIMS.contains(&(c / heads)))
         && k.dims() == v.dims()
         && k.dim(2).ok() == q.dim(2).ok()
-        && k.dim(1).is_ok_and(|m| m > 0)
-        && q.dim(1).is_ok_and(|n| n > 0)
-        && q.dim(0).is_ok_and(|b| b > 0)
+        && k.dim(0).ok() == q.dim(0).ok()
 }
 
 /// `softmax(q·kᵀ·scale)·v` for `(batch, n, d)` queries and `(batch, m, d)` keys and values.
@@ -85,26 +100,82 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result
 
 /// [`flash_attention`] on the kernel named.
 pub fn flash_attention_with(kernel: Kernel, q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    if !supported(q, k, v) {
-        candle_core::bail!("flash attention needs f16/bf16 CUDA tensors of head dimension {HEAD_DIMS:?}");
+    flash_attention_heads_with(kernel, q, k, v, 1, scale)
+}
+
+/// Multi-head attention on `(batch, n, heads·d)` queries and `(batch, m, heads·d)` keys and
+/// values, heads side by side in the last dimension, into a `(batch, n, heads·d)` output: the
+/// kernels read and write each head in place, so neither the split into `(batch·heads, len, d)`
+/// nor the merge back is copied. The rows may be strided (q, k and v as views of one fused
+/// projection, `(batch, n, 3·heads·d)`).
+pub fn flash_attention_heads(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    flash_attention_heads_with(Kernel::for_queries(q.dim(1)?), q, k, v, heads, scale)
+}
+
+/// [`flash_attention_heads`] on the kernel named.
+pub fn flash_attention_heads_with(kernel: Kernel, q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    attention_op(kernel, q, k, v, heads, scale, None)
+}
+
+/// `addend + weight · flash_attention_heads(q, k, v)`, the sum made as the kernel stores its
+/// output (one rounding): the dual cross-attention's image branch joining the text branch's
+/// output. `addend`: the output's shape, `(batch, n, heads·d)`.
+pub fn flash_attention_heads_add(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64, weight: f64, addend: &Tensor) -> Result<Tensor> {
+    attention_op(Kernel::for_queries(q.dim(1)?), q, k, v, heads, scale, Some((addend, weight)))
+}
+
+fn attention_op(kernel: Kernel, q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64, addend: Option<(&Tensor, f64)>) -> Result<Tensor> {
+    if !supported_heads(q, k, v, heads) {
+        candle_core::bail!("flash attention needs f16/bf16 CUDA tensors (batch, len, heads·d) with d in {HEAD_DIMS:?}");
     }
-    // The kernels read 16-byte chunks: each tensor must start on an 8-element boundary (a
-    // forced copy starts at 0; `copy` would keep the offset).
-    let aligned = |t: &Tensor| -> Result<Tensor> {
-        let t = t.contiguous()?;
-        if t.layout().start_offset() % 8 == 0 {
-            Ok(t)
-        } else {
-            t.force_contiguous()
+    let addend = match addend {
+        Some((a, weight)) => {
+            if a.dims() != q.dims() || a.dtype() != q.dtype() || !a.device().same_device(q.device()) {
+                candle_core::bail!("flash attention: an addend {:?} {:?} for an output {:?} {:?}", a.shape(), a.dtype(), q.shape(), q.dtype());
+            }
+            // Read in the output's layout: contiguous from an aligned start.
+            let a = if a.is_contiguous() && a.layout().start_offset().is_multiple_of(8) { a.clone() } else { a.force_contiguous()? };
+            Some((a, weight as f32))
         }
+        None => None,
     };
-    aligned(q)?.apply_op3_no_bwd(&aligned(k)?, &aligned(v)?, &FlashAttention { scale: scale as f32, kernel })
+    let (q, k, v) = (readable(q)?, readable(k)?, readable(v)?);
+    q.apply_op3_no_bwd(&k, &v, &FlashAttention { scale: scale as f32, kernel, heads, addend })
+}
+
+/// `t` as the kernels can read it: rows of contiguous elements, and every row and batch starting
+/// on a 16-byte boundary (they load 16-byte chunks). Views that are (a narrowed projection) stay
+/// views; anything else becomes a fresh copy, which starts at 0 (`copy` would keep the offset).
+fn readable(t: &Tensor) -> Result<Tensor> {
+    if row_strides(t.layout()).is_some() {
+        Ok(t.clone())
+    } else if t.is_contiguous() && !t.layout().start_offset().is_multiple_of(8) {
+        t.force_contiguous()
+    } else {
+        t.contiguous()
+    }
+}
+
+/// The batch and row strides (elements) of a `(batch, len, c)` layout the kernels read in place:
+/// the last dimension contiguous, the offset and both strides multiples of 8 elements. The stride
+/// of a dimension of size 1 is never used and counts as 0.
+fn row_strides(l: &candle_core::Layout) -> Option<(usize, usize)> {
+    let (dims, strides) = (l.dims(), l.stride());
+    if dims.len() != 3 || (strides[2] != 1 && dims[2] > 1) {
+        return None;
+    }
+    let used = |i: usize| if dims[i] > 1 { strides[i] } else { 0 };
+    let (batch, row) = (used(0), used(1));
+    [l.start_offset(), batch, row].iter().all(|x| x.is_multiple_of(8)).then_some((batch, row))
 }
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct FlashAttention {
     scale: f32,
     kernel: Kernel,
+    heads: usize,
+    /// Added to the output with the output weighted (contiguous, aligned: `attention_op`).
+    addend: Option<(Tensor, f32)>,
 }
 
 impl candle_core::CustomOp3 for FlashAttention {
@@ -112,17 +183,7 @@ impl candle_core::CustomOp3 for FlashAttention {
         "flash-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        candle_core::bail!("flash attention runs on CUDA only")
-    }
+    cpu_refusal!(q, k, v);
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -135,9 +196,10 @@ impl candle_core::CustomOp3 for FlashAttention {
         vl: &candle_core::Layout,
     ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
         use candle_core::backend::BackendStorage;
+        let args = cuda::Args { kernel: self.kernel, scale: self.scale, heads: self.heads, addend: self.addend.as_ref() };
         match q.dtype() {
-            DType::BF16 => cuda::launch::<half::bf16>(self.kernel, "bf16", self.scale, q, ql, k, kl, v, vl),
-            DType::F16 => cuda::launch::<half::f16>(self.kernel, "f16", self.scale, q, ql, k, kl, v, vl),
+            DType::BF16 => cuda::launch::<half::bf16>(&args, "bf16", q, ql, k, kl, v, vl),
+            DType::F16 => cuda::launch::<half::f16>(&args, "f16", q, ql, k, kl, v, vl),
             dt => candle_core::bail!("flash attention: unsupported dtype {dt:?}"),
         }
     }
@@ -145,20 +207,56 @@ impl candle_core::CustomOp3 for FlashAttention {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, CudaStorage, WrapErr};
     use candle_core::{Layout, Result, Shape};
 
-    use super::Kernel;
+    use super::{row_strides, Kernel};
 
     const STAGED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attention.ptx"));
     const PIPELINED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attention2.ptx"));
 
+    pub struct Args<'a> {
+        pub kernel: Kernel,
+        pub scale: f32,
+        pub heads: usize,
+        pub addend: Option<&'a (candle_core::Tensor, f32)>,
+    }
+
+    /// attention.cuh's `AttentionLayout`.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct AttentionLayout {
+        q_batch: i64,
+        k_batch: i64,
+        v_batch: i64,
+        out_batch: i64,
+        q_row: i64,
+        k_row: i64,
+        v_row: i64,
+        out_row: i64,
+        heads: i32,
+        weight: f32,
+    }
+
+    // SAFETY: plain numbers, laid out as the kernels' struct (#[repr(C)]).
+    unsafe impl DeviceRepr for AttentionLayout {}
+
+    /// The elements of `storage` that layout `l` reaches, and its batch and row strides.
+    fn view<'a, T: CudaDType>(storage: &'a CudaStorage, l: &Layout) -> Result<(CudaView<'a, T>, usize, usize)> {
+        let Some((batch, row)) = row_strides(l) else {
+            candle_core::bail!("flash attention: a layout the kernels cannot read in place ({:?}, strides {:?})", l.dims(), l.stride())
+        };
+        let (b, n, c) = l.shape().dims3()?;
+        let start = l.start_offset();
+        let end = start + (b - 1) * batch + (n - 1) * row + c;
+        Ok((storage.as_cuda_slice::<T>()?.slice(start..end), batch, row))
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn launch<T: CudaDType + DeviceRepr>(
-        kernel: Kernel,
+        args: &Args<'_>,
         dtype: &str,
-        scale: f32,
         q: &CudaStorage,
         ql: &Layout,
         k: &CudaStorage,
@@ -166,21 +264,18 @@ mod cuda {
         v: &CudaStorage,
         vl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let (b, n, d) = ql.shape().dims3()?;
-        let (kb, m, _) = kl.shape().dims3()?;
-        if kb != b || vl.shape() != kl.shape() {
-            candle_core::bail!("flash attention: q {:?}, k {:?}, v {:?}", ql.shape(), kl.shape(), vl.shape());
+        let (b, n, c) = ql.shape().dims3()?;
+        let (kb, m, kc) = kl.shape().dims3()?;
+        if kb != b || kc != c || vl.shape() != kl.shape() || c % args.heads != 0 {
+            candle_core::bail!("flash attention: q {:?}, k {:?}, v {:?}, {} heads", ql.shape(), kl.shape(), vl.shape(), args.heads);
         }
-        let (Some((q0, q1)), Some((k0, k1)), Some((v0, v1))) =
-            (ql.contiguous_offsets(), kl.contiguous_offsets(), vl.contiguous_offsets())
-        else {
-            candle_core::bail!("flash attention needs contiguous inputs");
-        };
+        let d = c / args.heads;
         let dev = q.device.clone();
-        let q = q.as_cuda_slice::<T>()?.slice(q0..q1);
-        let k = k.as_cuda_slice::<T>()?.slice(k0..k1);
-        let v = v.as_cuda_slice::<T>()?.slice(v0..v1);
-        let blocks = b * n.div_ceil(kernel.block_queries());
+        let (q, q_batch, q_row) = view::<T>(q, ql)?;
+        let (k, k_batch, k_row) = view::<T>(k, kl)?;
+        let (v, v_batch, v_row) = view::<T>(v, vl)?;
+        let kernel = args.kernel;
+        let blocks = b * args.heads * n.div_ceil(kernel.block_queries());
         // Threads, dynamic shared memory (flash_attention2.cu: two buffers of k and v tiles,
         // 64 keys, 32 for d = 128, rows padded by 8 elements), the module.
         let (threads, shared_bytes, name, module, ptx) = match kernel {
@@ -191,8 +286,35 @@ mod cuda {
             }
         };
         let func = dev.get_or_load_custom_func(&format!("{name}_{dtype}_d{d}"), module, ptx)?;
-        // SAFETY: every element is written by the kernel (each query row of each batch).
-        let out = unsafe { dev.alloc::<T>(b * n * d)? };
+        // SAFETY: every element is written by the kernel (each query row of each head of each batch).
+        let out = unsafe { dev.alloc::<T>(b * n * c)? };
+        let as_i64 = |x: usize| x as i64;
+        let layout = AttentionLayout {
+            q_batch: as_i64(q_batch),
+            k_batch: as_i64(k_batch),
+            v_batch: as_i64(v_batch),
+            out_batch: as_i64(n * c),
+            q_row: as_i64(q_row),
+            k_row: as_i64(k_row),
+            v_row: as_i64(v_row),
+            out_row: as_i64(c),
+            heads: args.heads as i32,
+            weight: args.addend.map_or(1.0, |a| a.1),
+        };
+        // The addend's storage, held for the launch (attention_op made it contiguous and aligned).
+        let addend_storage = args.addend.map(|(a, _)| a.storage_and_layout());
+        let addend = match &addend_storage {
+            Some((storage, layout)) => {
+                let candle_core::Storage::Cuda(storage) = &**storage else { candle_core::bail!("flash attention: the addend is not on the GPU") };
+                let (start, end) = layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("flash attention: a strided addend".into()))?;
+                if end - start != b * n * c {
+                    candle_core::bail!("flash attention: an addend of {} elements for {} outputs", end - start, b * n * c);
+                }
+                Some(storage.as_cuda_slice::<T>()?.slice(start..end))
+            }
+            None => None,
+        };
+        let null = 0u64;
         let (n_i, m_i) = (n as i32, m as i32);
         let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: shared_bytes as u32 };
         let mut builder = func.builder();
@@ -200,12 +322,18 @@ mod cuda {
         builder.arg(&k);
         builder.arg(&v);
         builder.arg(&out);
+        match &addend {
+            Some(a) => builder.arg(a),
+            None => builder.arg(&null),
+        };
         builder.arg(&n_i);
         builder.arg(&m_i);
-        builder.arg(&scale);
-        // SAFETY: argument types and order match the kernel's signature; sizes checked above.
+        builder.arg(&args.scale);
+        builder.arg(&layout);
+        // SAFETY: argument types and order match the kernel's signature; the views cover every
+        // element the strides reach.
         unsafe { builder.launch(cfg) }.w()?;
-        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((b, n, d))))
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((b, n, c))))
     }
 }
 
@@ -233,6 +361,51 @@ mod tests {
                 let rel = diff / norm;
                 eprintln!("flash attention {kernel:?} {dtype:?} b={b} n={n} m={m} d={d}: relative error {rel:.2e}");
                 assert!(rel.is_finite() && rel < tol, "{kernel:?} {dtype:?} b={b} n={n} m={m} d={d}: relative error {rel:.2e} ≥ {tol:.0e}");
+            }
+        }
+    }
+
+    /// On a GPU: heads read and written in place, from separate projections and from views of
+    /// one fused q/k/v projection, against split heads through the f32 composition.
+    #[test]
+    fn heads_in_place_match_split_heads() {
+        let dev = Device::new_cuda(0).expect("a CUDA build's tests need a GPU");
+        let split = |t: &Tensor, heads: usize| {
+            let (b, l, c) = t.dims3().unwrap();
+            t.reshape((b, l, heads, c / heads)).unwrap().transpose(1, 2).unwrap().reshape((b * heads, l, c / heads)).unwrap()
+        };
+        // (b, heads, n, m, d, fused): spatial and temporal self-attention, cross-attention.
+        let cases = [(2, 5, 300, 300, 64, true), (40, 5, 16, 16, 64, true), (2, 5, 300, 77, 64, false), (3, 2, 130, 33, 128, false), (1, 3, 20, 20, 16, true)];
+        for (kernel, (b, heads, n, m, d, fused)) in [Kernel::Staged, Kernel::Pipelined].into_iter().flat_map(|k| cases.map(|c| (k, c))) {
+            for (dtype, tol) in [(DType::BF16, 5e-3), (DType::F16, 1e-3)] {
+                let c = heads * d;
+                let r = |len, width| Tensor::randn(0f32, 1.0, (b, len, width), &dev).and_then(|t| t.to_dtype(dtype)).unwrap();
+                let (q, k, v) = if fused {
+                    let qkv = r(n, 3 * c);
+                    (qkv.narrow(2, 0, c).unwrap(), qkv.narrow(2, c, c).unwrap(), qkv.narrow(2, 2 * c, c).unwrap())
+                } else {
+                    (r(n, c), r(m, c), r(m, c))
+                };
+                let got = flash_attention_heads_with(kernel, &q, &k, &v, heads, 0.125).unwrap().to_dtype(DType::F32).unwrap();
+                let f = |t: &Tensor| split(&t.to_dtype(DType::F32).unwrap(), heads);
+                let want = attention_reference(&f(&q), &f(&k), &f(&v), 0.125).unwrap();
+                let want = want.reshape((b, heads, n, d)).unwrap().transpose(1, 2).unwrap().reshape((b, n, c)).unwrap();
+                let diff = (&got - &want).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+                let norm = want.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+                let rel = diff / norm;
+                let what = format!("{kernel:?} {dtype:?} b={b} heads={heads} n={n} m={m} d={d} fused={fused}");
+                eprintln!("flash attention heads in place {what}: relative error {rel:.2e}");
+                assert!(rel.is_finite() && rel < tol, "{what}: relative error {rel:.2e} ≥ {tol:.0e}");
+                if kernel == Kernel::for_queries(n) {
+                    // With an addend, as the dual cross-attention's image branch.
+                    let addend = r(n, c);
+                    let got = flash_attention_heads_add(&q, &k, &v, heads, 0.125, 0.75, &addend).unwrap().to_dtype(DType::F32).unwrap();
+                    let want = ((&want * 0.75).unwrap() + addend.to_dtype(DType::F32).unwrap()).unwrap();
+                    let diff = (&got - &want).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+                    let rel = diff / want.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+                    eprintln!("flash attention with an addend {what}: relative error {rel:.2e}");
+                    assert!(rel.is_finite() && rel < tol, "{what} with an addend: relative error {rel:.2e} ≥ {tol:.0e}");
+                }
             }
         }
     }

@@ -13,8 +13,8 @@
 // every head dimension here. Dynamic shared memory: 2 buffers × (k + v) × BK × (D + 8) elements,
 // at most 36 KiB (BK = 64, or 32 for D = 128), so no opt-in above 48 KiB is needed.
 //
-// q: (batch, n, D), k and v: (batch, m, D), out: (batch, n, D), contiguous, 16-byte aligned.
-// Grid: batch × ceil(n / 128) blocks along x, 256 threads each.
+// Rows of D elements per (batch, head) where the AttentionLayout says (attention.cuh), 16-byte
+// aligned. Grid: batch × heads × ceil(n / 128) blocks along x, 256 threads each.
 
 #include "attention.cuh"
 
@@ -29,21 +29,23 @@ constexpr int BQ = WARPS * 16;
 
 // Issues the copies of keys [key0, key0 + BK) of k and v into one buffer (zeros past m).
 template <typename T, int D, int BK>
-__device__ __forceinline__ void load_tile(T* k_tile, T* v_tile, const T* k, const T* v, int key0, int m) {
+__device__ __forceinline__ void load_tile(T* k_tile, T* v_tile, const T* k, const T* v, int64_t k_row, int64_t v_row,
+                                          int key0, int m) {
     constexpr int LD = D + ROW_PAD;
     constexpr int CHUNKS = BK * D / 8;  // 16-byte chunks per tensor
     for (int chunk = threadIdx.x; chunk < CHUNKS; chunk += THREADS) {
         const int r = chunk / (D / 8), c = (chunk % (D / 8)) * 8;
         const bool valid = key0 + r < m;
-        const size_t src = (size_t)(valid ? key0 + r : 0) * D + c;
-        cp_async_16(k_tile + r * LD + c, k + src, valid);
-        cp_async_16(v_tile + r * LD + c, v + src, valid);
+        const int64_t row = valid ? key0 + r : 0;
+        cp_async_16(k_tile + r * LD + c, k + row * k_row + c, valid);
+        cp_async_16(v_tile + r * LD + c, v + row * v_row + c, valid);
     }
 }
 
 template <typename T, int D>
 __device__ void flash_attention2(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                                 T* __restrict__ out, int n, int m, float scale) {
+                                 T* __restrict__ out, const T* __restrict__ addend, int n, int m, float scale,
+                                const AttentionLayout& layout) {
     constexpr int BK = D <= 64 ? 64 : 32;  // keys per tile: at most 36 KiB of buffers
     constexpr int LD = D + ROW_PAD;
     constexpr int TILE = BK * LD;  // elements of one k (or v) buffer
@@ -57,20 +59,20 @@ __device__ void flash_attention2(const T* __restrict__ q, const T* __restrict__ 
     // ldmatrix: this lane gives the address of row lane % 8 of matrix lane / 8.
     const int mat = lane / 8, mat_row = lane % 8;
     const int q_blocks = (n + BQ - 1) / BQ;
-    const size_t batch = blockIdx.x / q_blocks;
     const int row0 = (blockIdx.x % q_blocks) * BQ + warp * 16;
-    q += batch * (size_t)n * D;
-    k += batch * (size_t)m * D;
-    v += batch * (size_t)m * D;
-    out += batch * (size_t)n * D;
+    const HeadOffsets at = head_offsets<D>(layout, blockIdx.x / q_blocks);
+    q += at.q;
+    k += at.k;
+    v += at.v;
+    out += at.out;
 
     const int tiles = (m + BK - 1) / BK;
-    load_tile<T, D, BK>(k_buf(0), v_buf(0), k, v, 0, m);
+    load_tile<T, D, BK>(k_buf(0), v_buf(0), k, v, layout.k_row, layout.v_row, 0, m);
     cp_async_commit();
 
     // Q fragments of the warp's 16 rows, from global memory while the first tile is in flight.
     uint32_t qf[D / 16][4];
-    load_q_fragments<D>(qf, q, row0, n);
+    load_q_fragments<D>(qf, q, layout.q_row, row0, n);
     float o[D / 8][4];
 #pragma unroll
     for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
@@ -82,7 +84,7 @@ __device__ void flash_attention2(const T* __restrict__ q, const T* __restrict__ 
         // The next tile goes into the other buffer, read in iteration t - 1 and released by the
         // barrier that ended it.
         if (t + 1 < tiles) {
-            load_tile<T, D, BK>(k_buf((t + 1) % 2), v_buf((t + 1) % 2), k, v, key0 + BK, m);
+            load_tile<T, D, BK>(k_buf((t + 1) % 2), v_buf((t + 1) % 2), k, v, layout.k_row, layout.v_row, key0 + BK, m);
             cp_async_commit();
             cp_async_wait<1>();
         } else {
@@ -130,15 +132,16 @@ __device__ void flash_attention2(const T* __restrict__ q, const T* __restrict__ 
         __syncthreads();  // every warp is done with this buffer before it is refilled
     }
 
-    store_rows<T, D>(out, o, rows, row0, n);
+    store_rows<T, D>(out, layout.out_row, o, rows, row0, n, addend ? addend + at.out : nullptr, layout.weight);
 }
 
 }  // namespace
 
-#define FLASH_ATTENTION2(NAME, T, D)                                                                        \
-    extern "C" __global__ void __launch_bounds__(THREADS)                                                  \
-        flash_attention2_##NAME##_d##D(const T* q, const T* k, const T* v, T* out, int n, int m, float scale) { \
-        flash_attention2<T, D>(q, k, v, out, n, m, scale);                                                  \
+#define FLASH_ATTENTION2(NAME, T, D)                                                                              \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                         \
+        flash_attention2_##NAME##_d##D(const T* q, const T* k, const T* v, T* out, const T* addend, int n, int m, \
+                           float scale, AttentionLayout layout) {                                                 \
+        flash_attention2<T, D>(q, k, v, out, addend, n, m, scale, layout);                                        \
     }
 
 FLASH_ATTENTION2(f16, __half, 16)

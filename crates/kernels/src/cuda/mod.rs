@@ -5,6 +5,20 @@
 //! which inputs it takes; callers fall back to candle's composition otherwise (the CPU, other
 //! dtypes).
 
+/// The `cpu_fwd` of a custom op that runs on CUDA only, one `$arg` per input: an error (the op
+/// API never sends CPU tensors to these ops).
+macro_rules! cpu_refusal {
+    ($($arg:ident),*) => {
+        fn cpu_fwd(
+            &self,
+            $($arg: &candle_core::CpuStorage, _: &candle_core::Layout),*
+        ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            $(let _ = $arg;)*
+            candle_core::bail!("{} runs on CUDA only", self.name())
+        }
+    };
+}
+
 pub mod conv_igemm;
 pub mod epilogue;
 pub mod flash_attention;
@@ -93,14 +107,14 @@ pub fn temporal_conv_cudnn(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tens
     epilogue::bias_channels(&x.pad_with_zeros(2, 1, 1)?.conv2d(w, 0, 1, 1, 1)?, bias, None)
 }
 
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct GroupNorm {
     groups: usize,
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     eps: f32,
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     silu: bool,
 }
 
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct ShiftedGemm {
     offsets: Vec<usize>,
     len: usize,
@@ -112,17 +126,7 @@ impl candle_core::CustomOp3 for GroupNorm {
         "dc-group-norm-cuda"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        candle_core::bail!("{} runs on CUDA only ({} groups)", self.name(), self.groups)
-    }
+    cpu_refusal!(x, w, b);
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -149,15 +153,7 @@ impl candle_core::CustomOp2 for ShiftedGemm {
         "dc-shifted-gemm"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-        _: &candle_core::CpuStorage,
-        _: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        candle_core::bail!("{} runs on CUDA only ({} taps, {} → {})", self.name(), self.offsets.len(), self.len, self.out_len)
-    }
+    cpu_refusal!(x, w);
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(

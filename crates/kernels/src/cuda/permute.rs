@@ -75,7 +75,7 @@ pub(crate) fn plan(shape: &[usize], dims: &[usize]) -> Option<Plan> {
 }
 
 /// Whether `dims` reorders `0..rank`.
-fn is_permutation(dims: &[usize], rank: usize) -> bool {
+pub(crate) fn is_permutation(dims: &[usize], rank: usize) -> bool {
     let mut seen = vec![false; rank];
     dims.len() == rank && dims.iter().all(|&d| d < rank && !std::mem::replace(&mut seen[d], true))
 }
@@ -89,11 +89,17 @@ pub fn supported(x: &Tensor, dims: &[usize]) -> bool {
         && matches!(x.dtype(), DType::BF16 | DType::F16 | DType::F32 | DType::U32)
         && x.elem_count() > 0
         && is_permutation(dims, x.rank())
-        && match plan(x.dims(), dims) {
-            None => false,
-            Some(Plan::Tiles { nj, .. }) => nj.div_ceil(32) <= 65535,
-            Some(_) => true,
+        && plan(x.dims(), dims).is_some_and(|p| p.fits())
+}
+
+impl Plan {
+    /// Whether the kernels' grid holds it (a tiled plan's J tiles go along y, at most 65535).
+    pub(crate) fn fits(&self) -> bool {
+        match self {
+            Plan::Tiles { nj, .. } => nj.div_ceil(32) <= 65535,
+            _ => true,
         }
+    }
 }
 
 /// `x.permute(dims).contiguous()`.
@@ -122,9 +128,7 @@ impl candle_core::CustomOp1 for Permute {
         "dc-permute-cuda"
     }
 
-    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &candle_core::Layout) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        candle_core::bail!("{} runs on CUDA only", self.name())
-    }
+    cpu_refusal!(x);
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, x: &candle_core::CudaStorage, xl: &candle_core::Layout) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
@@ -133,7 +137,7 @@ impl candle_core::CustomOp1 for Permute {
 }
 
 #[cfg(feature = "cuda")]
-mod imp {
+pub(crate) mod imp {
     use super::{Plan, MAX_RANK};
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, CudaStorage, WrapErr};
@@ -156,7 +160,7 @@ mod imp {
     /// permute.cuh's `Tiles`.
     #[repr(C)]
     #[derive(Clone, Copy)]
-    struct Tiles {
+    pub(crate) struct Tiles {
         ni: i64,
         nj: i64,
         in_stride_j: i64,
@@ -175,6 +179,27 @@ mod imp {
             *o = v as i64;
         }
         out
+    }
+
+    /// A tiled plan's kernel argument, batch count and launch shape: 32×32 tiles, (32, 8) threads,
+    /// the batches along z (the kernels stride past 65535).
+    pub(crate) fn tile_launch(plan: &Plan) -> Result<(Tiles, i64, LaunchConfig)> {
+        let Plan::Tiles { ni, nj, in_stride_j, out_stride_i, batch } = plan else {
+            candle_core::bail!("permute: not a tiled plan")
+        };
+        let tiles = Tiles {
+            ni: *ni as i64,
+            nj: *nj as i64,
+            in_stride_j: *in_stride_j as i64,
+            out_stride_i: *out_stride_i as i64,
+            batch_rank: batch.len() as i32,
+            batch_dims: array(batch.iter().map(|b| b.0)),
+            batch_in_strides: array(batch.iter().map(|b| b.1)),
+            batch_out_strides: array(batch.iter().map(|b| b.2)),
+        };
+        let batches: usize = batch.iter().map(|b| b.0).product();
+        let grid = (ni.div_ceil(32) as u32, nj.div_ceil(32) as u32, batches.clamp(1, 65535) as u32);
+        Ok((tiles, batches as i64, LaunchConfig { grid_dim: grid, block_dim: (32, 8, 1), shared_mem_bytes: 0 }))
     }
 
     pub fn permute(plan: &Plan, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
@@ -235,21 +260,8 @@ mod imp {
                 // SAFETY: arguments match `permute_blocks_*`; the words cover input and output exactly.
                 unsafe { builder.launch(cfg) }.w()?;
             }
-            Plan::Tiles { ni, nj, in_stride_j, out_stride_i, batch } => {
-                let tiles = Tiles {
-                    ni: *ni as i64,
-                    nj: *nj as i64,
-                    in_stride_j: *in_stride_j as i64,
-                    out_stride_i: *out_stride_i as i64,
-                    batch_rank: batch.len() as i32,
-                    batch_dims: array(batch.iter().map(|b| b.0)),
-                    batch_in_strides: array(batch.iter().map(|b| b.1)),
-                    batch_out_strides: array(batch.iter().map(|b| b.2)),
-                };
-                let batches: usize = batch.iter().map(|b| b.0).product();
-                let batches_i = batches as i64;
-                let grid = (ni.div_ceil(32) as u32, nj.div_ceil(32) as u32, batches.clamp(1, 65535) as u32);
-                let cfg = LaunchConfig { grid_dim: grid, block_dim: (32, 8, 1), shared_mem_bytes: 0 };
+            Plan::Tiles { .. } => {
+                let (tiles, batches_i, cfg) = tile_launch(plan)?;
                 let name = if elem == 2 { "permute_tiles_b16" } else { "permute_tiles_b32" };
                 let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
                 let mut builder = func.builder();
@@ -342,6 +354,12 @@ mod tests {
         // What the UNet's permutes become.
         assert_eq!(plan(&[2, 16, 320, 9216], &[0, 2, 1, 3]), Some(Plan::Rows { inner: 9216, outer: vec![(2, 16 * 320 * 9216), (320, 9216), (16, 320 * 9216)] }));
         assert!(matches!(plan(&[16, 320, 9216], &[0, 2, 1]), Some(Plan::Tiles { ni: 9216, nj: 320, .. })));
+        // The transformers' exits, as the emulator's permute_bias_add cases state them.
+        let spatial = Plan::Tiles { ni: 40, nj: 70, in_stride_j: 40, out_stride_i: 70, batch: vec![(3, 2800, 2800)] };
+        assert_eq!(plan(&[3, 70, 40], &[0, 2, 1]), Some(spatial));
+        let temporal = Plan::Tiles { ni: 180, nj: 9, in_stride_j: 180, out_stride_i: 9, batch: vec![(2, 1620, 1620)] };
+        assert_eq!(plan(&[2, 3, 3, 5, 36], &[0, 3, 4, 1, 2]), Some(temporal.clone()));
+        assert_eq!(plan(&[2, 9, 5, 36], &[0, 2, 3, 1]), Some(temporal));
         // What is not a permutation never reaches a plan.
         assert!(is_permutation(&[1, 2, 0], 3));
         assert!(!is_permutation(&[0, 0], 2) && !is_permutation(&[0, 2], 2) && !is_permutation(&[0], 2));

@@ -6,16 +6,18 @@
 // covers, the grid's second dimension. Grid-stride kernels get a few blocks only: the emulator
 // runs every thread, and a short grid exercises the stride.
 
+#include <array>
 #include <string>
 
 #include "emulator.h"
+#include "../../src/cuda/attention.cuh"
 #include "../../src/cuda/permute.cuh"
 
 #define ATTENTION_KERNELS(PREFIX, NAME, T)                                                                  \
-    extern "C" void PREFIX##_##NAME##_d16(const T*, const T*, const T*, T*, int, int, float);                \
-    extern "C" void PREFIX##_##NAME##_d32(const T*, const T*, const T*, T*, int, int, float);                \
-    extern "C" void PREFIX##_##NAME##_d64(const T*, const T*, const T*, T*, int, int, float);                \
-    extern "C" void PREFIX##_##NAME##_d128(const T*, const T*, const T*, T*, int, int, float);
+    extern "C" void PREFIX##_##NAME##_d16(const T*, const T*, const T*, T*, const T*, int, int, float, AttentionLayout);   \
+    extern "C" void PREFIX##_##NAME##_d32(const T*, const T*, const T*, T*, const T*, int, int, float, AttentionLayout);   \
+    extern "C" void PREFIX##_##NAME##_d64(const T*, const T*, const T*, T*, const T*, int, int, float, AttentionLayout);   \
+    extern "C" void PREFIX##_##NAME##_d128(const T*, const T*, const T*, T*, const T*, int, int, float, AttentionLayout);
 ATTENTION_KERNELS(flash_attention, f16, __half)
 ATTENTION_KERNELS(flash_attention, bf16, __nv_bfloat16)
 ATTENTION_KERNELS(flash_attention2, f16, __half)
@@ -28,7 +30,9 @@ ATTENTION_KERNELS(flash_attention2, bf16, __nv_bfloat16)
     extern "C" void bias_rows_##NAME(const T*, const T*, const T*, T*, size_t, int, int);                  \
     extern "C" void geglu_bias_##NAME(const T*, const T*, T*, size_t, int, int);                           \
     extern "C" void bias_channels_##NAME(const T*, const T*, const T*, T*, size_t, int, size_t, int);      \
-    extern "C" void conv_bias_##NAME(const float*, const T*, T*, size_t, int, int, int, int);
+    extern "C" void conv_bias_##NAME(const float*, const T*, T*, size_t, int, int, int, int);                \
+    extern "C" void permute_bias_add_##NAME(const T*, const T*, int64_t, const T*, T*, Tiles, int64_t);         \
+    extern "C" void add_layer_norm_##NAME(const T*, const T*, const T*, const T*, const T*, T*, T*, size_t, int, float, int);
 #define CONV_KERNELS(NAME, T)                                                                               \
     extern "C" void to_channels_last_##NAME(const T*, T*, int, int, int, int, int);                         \
     extern "C" void conv_igemm_##NAME(const T*, const T*, const T*, const T*, const T*, T*, int, int, int, int, int, \
@@ -100,7 +104,7 @@ bool same_bits(T a, T b) {
 
 // ---- attention
 
-using AttentionKernel = void (*)(const void*, const void*, const void*, void*, int, int, float);
+using AttentionKernel = void (*)(const void*, const void*, const void*, void*, const void*, int, int, float, AttentionLayout);
 
 struct AttentionKernels {
     const char* name;
@@ -109,54 +113,88 @@ struct AttentionKernels {
     AttentionKernel f16[4], bf16[4];  // d = 16, 32, 64, 128
 };
 
+// How q, k and v are laid out (the output is always (b, n, heads·d), heads side by side):
+// separate tensors (b, len, heads·d), or self-attention on one fused projection (b, n, 3·heads·d)
+// holding q, k, v in that order along its last dimension; Addend: separate, the output added to
+// an addend (the dual cross-attention's second branch) with a weight.
+enum class Packing { Separate, FusedQkv, Addend };
+
 template <typename T>
-void attention_case(const AttentionKernels& kernels, int b, int n, int m, int d, double tolerance) {
+void attention_case(const AttentionKernels& kernels, Packing packing, int b, int heads, int n, int m, int d, double tolerance) {
     const int di = d == 16 ? 0 : d == 32 ? 1 : d == 64 ? 2 : 3;
     const AttentionKernel kernel = std::is_same_v<T, __half> ? kernels.f16[di] : kernels.bf16[di];
     const float scale = 1.f / std::sqrt(static_cast<float>(d));
-    Buffer<T> q = random_buffer<T>((size_t)b * n * d), k = random_buffer<T>((size_t)b * m * d),
-              v = random_buffer<T>((size_t)b * m * d), out((size_t)b * n * d);
-    const unsigned blocks = b * ((n + kernels.block_queries - 1) / kernels.block_queries);
+    const int64_t c = (int64_t)heads * d;
+    const bool fused = packing == Packing::FusedQkv, adding = packing == Packing::Addend;
+    if (fused) m = n;
+    const float weight = adding ? 0.75f : 1.f;
+    Buffer<T> addend = random_buffer<T>(adding ? (size_t)b * n * c : 0);
+    // Separate: three buffers; fused: q's buffer holds all three.
+    Buffer<T> q = random_buffer<T>((size_t)b * n * (fused ? 3 * c : c)), k = random_buffer<T>(fused ? 0 : (size_t)b * m * c),
+              v = random_buffer<T>(fused ? 0 : (size_t)b * m * c), out((size_t)b * n * c);
+    const T* qp = q.data();
+    const T* kp = fused ? q.data() + c : k.data();
+    const T* vp = fused ? q.data() + 2 * c : v.data();
+    const int64_t qkv_row = fused ? 3 * c : c;
+    AttentionLayout layout{n * qkv_row, m * qkv_row, m * qkv_row, n * c, qkv_row, qkv_row, qkv_row, c, heads, weight};
+    const unsigned blocks = b * heads * ((n + kernels.block_queries - 1) / kernels.block_queries);
     emu::launch(dim3{blocks, 1, 1}, dim3{(unsigned)kernels.threads, 1, 1},
-                [&] { kernel(q.data(), k.data(), v.data(), out.data(), n, m, scale); });
+                [&] { kernel(qp, kp, vp, out.data(), adding ? addend.data() : nullptr, n, m, scale, layout); });
     double err = 0, norm = 0;
     std::vector<double> p(m);
     for (int bi = 0; bi < b; ++bi)
-        for (int i = 0; i < n; ++i) {
-            const size_t qi = ((size_t)bi * n + i) * d;
-            double top = -INFINITY;
-            for (int j = 0; j < m; ++j) {
-                double s = 0;
-                for (int c = 0; c < d; ++c) s += double(float(q[qi + c])) * float(k[((size_t)bi * m + j) * d + c]);
-                p[j] = s * scale;
-                top = std::max(top, p[j]);
+        for (int h = 0; h < heads; ++h)
+            for (int i = 0; i < n; ++i) {
+                const T* qi = qp + bi * layout.q_batch + i * layout.q_row + h * d;
+                double top = -INFINITY;
+                for (int j = 0; j < m; ++j) {
+                    const T* kj = kp + bi * layout.k_batch + j * layout.k_row + h * d;
+                    double s = 0;
+                    for (int e = 0; e < d; ++e) s += double(float(qi[e])) * float(kj[e]);
+                    p[j] = s * scale;
+                    top = std::max(top, p[j]);
+                }
+                double sum = 0;
+                for (int j = 0; j < m; ++j) sum += (p[j] = std::exp(p[j] - top));
+                for (int e = 0; e < d; ++e) {
+                    double want = 0;
+                    for (int j = 0; j < m; ++j) want += p[j] * float(vp[bi * layout.v_batch + j * layout.v_row + h * d + e]);
+                    const int64_t o = bi * layout.out_batch + i * layout.out_row + h * d + e;
+                    want = want / sum * weight + (adding ? double(float(addend[o])) : 0.0);
+                    const double got = float(out[o]);
+                    err += (got - want) * (got - want);
+                    norm += want * want;
+                }
             }
-            double sum = 0;
-            for (int j = 0; j < m; ++j) sum += (p[j] = std::exp(p[j] - top));
-            for (int c = 0; c < d; ++c) {
-                double want = 0;
-                for (int j = 0; j < m; ++j) want += p[j] * float(v[((size_t)bi * m + j) * d + c]);
-                want /= sum;
-                const double got = float(out[qi + c]);
-                err += (got - want) * (got - want);
-                norm += want * want;
-            }
-        }
     const double rel = std::sqrt(err / norm);
-    char detail[160];
-    std::snprintf(detail, sizeof detail, "b=%d n=%d m=%d d=%d relative error %.2e (bound %.0e)%s", b, n, m, d, rel,
-                  tolerance, out.guards_intact() ? "" : ", wrote outside its output");
+    char detail[200];
+    std::snprintf(detail, sizeof detail, "%s b=%d heads=%d n=%d m=%d d=%d relative error %.2e (bound %.0e)%s",
+                  fused ? "fused qkv" : adding ? "addend" : "separate", b, heads, n, m, d, rel, tolerance,
+                  out.guards_intact() ? "" : ", wrote outside its output");
     report(std::string(kernels.name) + " " + dtype_name<T>(), std::isfinite(rel) && rel < tolerance && out.guards_intact(),
            detail);
 }
 
 void attention(const AttentionKernels& kernels) {
-    // Lengths on and off the tiles, cross- and self-attention, every head dimension.
-    const int cases[][4] = {{1, 1, 1, 64}, {3, 17, 77, 64}, {2, 64, 16, 64}, {1, 130, 200, 64}, {1, 256, 256, 64}, {1, 300, 520, 64},
-                            {4, 70, 130, 16}, {3, 65, 64, 32}, {2, 200, 90, 128}, {5, 16, 16, 64}};
+    // Lengths on and off the tiles, cross- and self-attention, every head dimension; one head
+    // (contiguous rows of d) and several side by side.
+    const int cases[][5] = {{1, 1, 1, 1, 64},    {3, 1, 17, 77, 64},  {2, 1, 64, 16, 64},  {1, 1, 130, 200, 64},
+                            {1, 1, 256, 256, 64}, {1, 1, 300, 520, 64}, {4, 1, 70, 130, 16}, {3, 1, 65, 64, 32},
+                            {2, 1, 200, 90, 128}, {5, 1, 16, 16, 64},  {2, 5, 150, 77, 64}, {3, 2, 40, 33, 32}};
     for (const auto& c : cases) {
-        attention_case<__nv_bfloat16>(kernels, c[0], c[1], c[2], c[3], 5e-3);
-        attention_case<__half>(kernels, c[0], c[1], c[2], c[3], 1e-3);
+        attention_case<__nv_bfloat16>(kernels, Packing::Separate, c[0], c[1], c[2], c[3], c[4], 5e-3);
+        attention_case<__half>(kernels, Packing::Separate, c[0], c[1], c[2], c[3], c[4], 1e-3);
+    }
+    // The dual cross-attention's image branch joining the text branch's output.
+    for (const auto& c : {std::array<int, 5>{2, 5, 150, 16, 64}, std::array<int, 5>{1, 2, 40, 33, 32}}) {
+        attention_case<__nv_bfloat16>(kernels, Packing::Addend, c[0], c[1], c[2], c[3], c[4], 5e-3);
+        attention_case<__half>(kernels, Packing::Addend, c[0], c[1], c[2], c[3], c[4], 1e-3);
+    }
+    // Self-attention on a fused projection: spatial (long) and temporal (16 frames) shapes.
+    const int fused[][4] = {{1, 5, 160, 64}, {6, 5, 16, 64}, {2, 3, 20, 16}, {1, 2, 130, 128}};
+    for (const auto& c : fused) {
+        attention_case<__nv_bfloat16>(kernels, Packing::FusedQkv, c[0], c[1], c[2], c[2], c[3], 5e-3);
+        attention_case<__half>(kernels, Packing::FusedQkv, c[0], c[1], c[2], c[2], c[3], 1e-3);
     }
 }
 
@@ -282,6 +320,88 @@ void epilogues(void (*bias_rows)(const T*, const T*, const T*, T*, size_t, int, 
     });
 }
 
+// add_layer_norm: the sum exactly as bias_rows makes it; the norm of the rounded sum against a
+// double reference (the kernel's totals run in another order).
+template <typename T>
+void add_layer_norms(void (*kernel)(const T*, const T*, const T*, const T*, const T*, T*, T*, size_t, int, float, int),
+                     double tolerance) {
+    constexpr int V = 16 / sizeof(T);
+    const size_t rows = 37;
+    const float eps = 1e-5f;
+    for (int packed : {1, 0}) {
+        const int cols = packed ? 40 * V : 40 * V + 3;
+        const size_t total = rows * cols;
+        for (bool residual : {true, false}) {
+            Buffer<T> y = random_buffer<T>(total, 0.5f, 2.f), bias = random_buffer<T>(cols), r = random_buffer<T>(total),
+                      gamma = random_buffer<T>(cols, 1.f, 0.2f), beta = random_buffer<T>(cols), sum(total), normed(total);
+            emu::launch(dim3{3, 1, 1}, dim3{256, 1, 1}, [&] {
+                kernel(y.data(), bias.data(), residual ? r.data() : nullptr, gamma.data(), beta.data(), sum.data(),
+                       normed.data(), rows, cols, eps, packed);
+            });
+            const std::string name = std::string("add_layer_norm packed=") + std::to_string(packed) +
+                                     " residual=" + std::to_string(residual);
+            expect_exact(name + " sum", sum, total, [&](size_t i) {
+                float v = f(y[i]) + f(bias[i % cols]);
+                if (residual) v += f(r[i]);
+                return v;
+            });
+            double err = 0, norm = 0;
+            for (size_t row = 0; row < rows; ++row) {
+                double mean = 0, var = 0;
+                for (int c = 0; c < cols; ++c) mean += f(sum[row * cols + c]);
+                mean /= cols;
+                for (int c = 0; c < cols; ++c) var += std::pow(f(sum[row * cols + c]) - mean, 2);
+                var /= cols;
+                for (int c = 0; c < cols; ++c) {
+                    const double want = (f(sum[row * cols + c]) - mean) / std::sqrt(var + eps) * f(gamma[c]) + f(beta[c]);
+                    const double got = f(normed[row * cols + c]);
+                    err += (got - want) * (got - want);
+                    norm += want * want;
+                }
+            }
+            const double rel = std::sqrt(err / norm);
+            char detail[120];
+            std::snprintf(detail, sizeof detail, "norm relative error %.2e (bound %.0e)%s", rel, tolerance,
+                          normed.guards_intact() ? "" : ", wrote outside its output");
+            report(name + " norm " + dtype_name<T>(), std::isfinite(rel) && rel < tolerance && normed.guards_intact(), detail);
+        }
+    }
+}
+
+// permute_bias_add: y (b, p, t, c) → out (b, t, c, p) = y + bias[c] + addend, the transformers'
+// exits (spatial: t = 1); Tiles as permute.rs's plan gives them (t and c merged), and for the
+// temporal one also with t and c as separate axes.
+template <typename T>
+void permute_bias_adds(void (*kernel)(const T*, const T*, int64_t, const T*, T*, Tiles, int64_t)) {
+    struct Case {
+        const char* name;
+        int64_t b, p, t, c;
+        Tiles tiles;
+        dim3 grid;
+    };
+    const Case cases[] = {
+        {"spatial (n, hw, c) -> (n, c, hw)", 3, 70, 1, 40, Tiles{40, 70, 40, 70, 1, {3}, {2800}, {2800}}, dim3{2, 3, 2}},
+        {"temporal (b, hw, t·c) -> (b, t·c, hw)", 2, 9, 5, 36, Tiles{180, 9, 180, 9, 1, {2}, {1620}, {1620}}, dim3{6, 1, 1}},
+        {"temporal (b, hw, t, c) -> (b, t, c, hw)", 2, 9, 5, 36, Tiles{36, 9, 180, 9, 2, {2, 5}, {1620, 36}, {1620, 324}},
+         dim3{2, 1, 4}},
+    };
+    for (const Case& k : cases) {
+        for (bool with_bias : {true, false}) {
+            const size_t total = k.b * k.p * k.t * k.c;
+            Buffer<T> y = random_buffer<T>(total), bias = random_buffer<T>(k.c), add = random_buffer<T>(total), out(total);
+            int64_t batches = 1;
+            for (int d = 0; d < k.tiles.batch_rank; ++d) batches *= k.tiles.batch_dims[d];
+            emu::launch(k.grid, dim3{32, 8, 1},
+                        [&] { kernel(y.data(), with_bias ? bias.data() : nullptr, k.c, add.data(), out.data(), k.tiles, batches); });
+            expect_exact(std::string("permute_bias_add ") + k.name + (with_bias ? "" : " without bias"), out, total, [&](size_t o) {
+                const size_t pi = o % k.p, ci = o / k.p % k.c, ti = o / (k.p * k.c) % k.t, bi = o / (k.p * k.c * k.t);
+                float v = f(y[((bi * k.p + pi) * k.t + ti) * k.c + ci]);
+                if (with_bias) v += f(bias[ci]);
+                return v + f(add[o]);
+            });
+        }
+    }
+}
 
 // ---- implicit-GEMM convolutions (src/cuda/mod.rs: the channels-last copy in 32×32 tiles of
 // (32, 8) threads, then 128 channels × 128 positions per block of 256 threads)
@@ -479,6 +599,12 @@ int main(int argc, char** argv) {
         epilogues<float>(bias_rows_f32, geglu_bias_f32, bias_channels_f32, conv_bias_f32);
         epilogues<__half>(bias_rows_f16, geglu_bias_f16, bias_channels_f16, conv_bias_f16);
         epilogues<__nv_bfloat16>(bias_rows_bf16, geglu_bias_bf16, bias_channels_bf16, conv_bias_bf16);
+        add_layer_norms<float>(add_layer_norm_f32, 1e-5);
+        add_layer_norms<__half>(add_layer_norm_f16, 1e-3);
+        add_layer_norms<__nv_bfloat16>(add_layer_norm_bf16, 5e-3);
+        permute_bias_adds<float>(permute_bias_add_f32);
+        permute_bias_adds<__half>(permute_bias_add_f16);
+        permute_bias_adds<__nv_bfloat16>(permute_bias_add_bf16);
     }
     std::printf("%d failed\n", failures);
     return failures == 0 ? 0 : 1;

@@ -51,3 +51,19 @@ pub fn attend(kernel: Kernel, q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, 
     }
     multi_head_attention(q, k, v, heads, scale, None)
 }
+
+/// `addend + weight · attend(kernel, q, k, v, …)` (`weight` None: unscaled): the dual
+/// cross-attention's image branch joining the text branch's output. On CUDA the sum is made as
+/// the fused kernel stores its output; elsewhere after [`attend`], as the reference does.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_add(kernel: Kernel, q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64, weight: Option<f64>, addend: &Tensor) -> Result<Tensor> {
+    if kernel == Kernel::Cuda && dynamicrafter_kernels::attention_heads_add_fused(q, k, v, heads) {
+        return dynamicrafter_kernels::attention_heads_add(q, k, v, heads, scale, weight, addend);
+    }
+    let out = attend(kernel, q, k, v, heads, scale)?;
+    let out = match weight {
+        Some(w) => out.affine(w, 0.0)?,
+        None => out,
+    };
+    addend + out
+}

@@ -93,6 +93,31 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// `(sum, norm(sum))` with `sum = self(x) + residual`: the residual stream and its next
+    /// LayerNorm, on CUDA in one kernel after the product.
+    pub fn forward_add_norm(&self, xs: &Tensor, residual: &Tensor, norm: &candle_nn::LayerNorm) -> Result<(Tensor, Tensor)> {
+        match self {
+            Self::Float(l) => dynamicrafter_kernels::linear_add_layer_norm(xs, l.weight(), l.bias(), residual, norm),
+            _ => {
+                let sum = self.forward_add(xs, residual)?;
+                let normed = norm.forward(&sum)?;
+                Ok((sum, normed))
+            }
+        }
+    }
+
+    /// `self(x).reshape(view).permute(dims) + addend`: a transformer's exit, its output projection
+    /// back to the block's layout and the block's input added; on CUDA with the bias in one pass
+    /// after the product.
+    pub fn forward_permute_add(&self, xs: &Tensor, view: &[usize], dims: &[usize], addend: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Float(l) => dynamicrafter_kernels::linear_permute_add(xs, l.weight(), l.bias(), view, dims, addend),
+            _ => dynamicrafter_kernels::permute(&self.forward(xs)?.reshape(view)?, dims)? + addend,
+        }
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
