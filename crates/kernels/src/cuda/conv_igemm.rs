@@ -132,49 +132,23 @@ struct ConvIgemm {
     residual: Option<Tensor>,
 }
 
-impl candle_core::CustomOp1 for ChannelsLast {
-    fn name(&self) -> &'static str {
-        "dc-channels-last"
+cuda_op!(CustomOp1 for ChannelsLast, "dc-channels-last", |op, x, xl| {
+    use candle_core::backend::BackendStorage;
+    match x.dtype() {
+        DType::BF16 => imp::channels_last::<half::bf16>("bf16", op, x, xl),
+        DType::F16 => imp::channels_last::<half::f16>("f16", op, x, xl),
+        dt => candle_core::bail!("channels-last copy: unsupported dtype {dt:?}"),
     }
+});
 
-    cpu_refusal!(x);
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, x: &candle_core::CudaStorage, xl: &candle_core::Layout) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        use candle_core::backend::BackendStorage;
-        match x.dtype() {
-            DType::BF16 => imp::channels_last::<half::bf16>("bf16", self, x, xl),
-            DType::F16 => imp::channels_last::<half::f16>("f16", self, x, xl),
-            dt => candle_core::bail!("channels-last copy: unsupported dtype {dt:?}"),
-        }
+cuda_op!(CustomOp3 for ConvIgemm, "dc-conv-igemm", |op, xp, xl, w, wl, b, bl| {
+    use candle_core::backend::BackendStorage;
+    match xp.dtype() {
+        DType::BF16 => imp::conv::<half::bf16>("bf16", op, xp, xl, w, wl, b, bl),
+        DType::F16 => imp::conv::<half::f16>("f16", op, xp, xl, w, wl, b, bl),
+        dt => candle_core::bail!("implicit-GEMM convolution: unsupported dtype {dt:?}"),
     }
-}
-
-impl candle_core::CustomOp3 for ConvIgemm {
-    fn name(&self) -> &'static str {
-        "dc-conv-igemm"
-    }
-
-    cpu_refusal!(x, w, b);
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        xp: &candle_core::CudaStorage,
-        xl: &candle_core::Layout,
-        w: &candle_core::CudaStorage,
-        wl: &candle_core::Layout,
-        b: &candle_core::CudaStorage,
-        bl: &candle_core::Layout,
-    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        use candle_core::backend::BackendStorage;
-        match xp.dtype() {
-            DType::BF16 => imp::conv::<half::bf16>("bf16", self, xp, xl, w, wl, b, bl),
-            DType::F16 => imp::conv::<half::f16>("f16", self, xp, xl, w, wl, b, bl),
-            dt => candle_core::bail!("implicit-GEMM convolution: unsupported dtype {dt:?}"),
-        }
-    }
-}
+});
 
 #[cfg(feature = "cuda")]
 mod imp {

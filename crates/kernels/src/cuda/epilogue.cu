@@ -222,17 +222,8 @@ __device__ void permute_bias_add(const T* __restrict__ y, const T* __restrict__ 
     const int tx = threadIdx.x, ty = threadIdx.y;
     const int64_t i0 = (int64_t)blockIdx.x * 32, j0 = (int64_t)blockIdx.y * 32;
     for (int64_t batch = blockIdx.z; batch < batches; batch += gridDim.z) {
-        int64_t in_base = 0, out_base = 0, rest = batch;
-#pragma unroll
-        for (int k = 0; k < PERMUTE_MAX_RANK; ++k) {
-            const int d = PERMUTE_MAX_RANK - 1 - k;
-            if (d < t.batch_rank) {
-                const int64_t coord = rest % t.batch_dims[d];
-                rest /= t.batch_dims[d];
-                in_base += coord * t.batch_in_strides[d];
-                out_base += coord * t.batch_out_strides[d];
-            }
-        }
+        int64_t in_base, out_base;
+        tile_bases(t, batch, in_base, out_base);
         __syncthreads();  // the previous batch's tile has been written out
         for (int j = ty; j < 32; j += 8) {
             if (i0 + tx < t.ni && j0 + j < t.nj) {

@@ -146,101 +146,17 @@ struct PermuteBiasAdd {
     plan: super::permute::Plan,
 }
 
-/// A two-input op (`y`, `bias`) running `$run(self, y, yl, b, bl)` on CUDA.
-macro_rules! op2 {
-    ($op:ident, $name:expr, |$s:ident, $y:ident, $yl:ident, $b:ident, $bl:ident| $run:expr) => {
-        impl candle_core::CustomOp2 for $op {
-            fn name(&self) -> &'static str {
-                $name
-            }
-
-            cpu_refusal!(y, b);
-
-            #[cfg(feature = "cuda")]
-            fn cuda_fwd(
-                &self,
-                $y: &candle_core::CudaStorage,
-                $yl: &candle_core::Layout,
-                $b: &candle_core::CudaStorage,
-                $bl: &candle_core::Layout,
-            ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-                let $s = self;
-                $run
-            }
-        }
-    };
-}
-
-/// The two- and three-input forms (without and with a residual) of a bias epilogue.
-macro_rules! bias_ops {
-    ($op:ident, $name:literal, $imp:ident) => {
-        op2!($op, $name, |_op, y, yl, b, bl| imp::$imp(y, yl, b, bl, None));
-
-        impl candle_core::CustomOp3 for $op {
-            fn name(&self) -> &'static str {
-                concat!($name, "-residual")
-            }
-
-            cpu_refusal!(y, b, r);
-
-            #[cfg(feature = "cuda")]
-            fn cuda_fwd(
-                &self,
-                y: &candle_core::CudaStorage,
-                yl: &candle_core::Layout,
-                b: &candle_core::CudaStorage,
-                bl: &candle_core::Layout,
-                r: &candle_core::CudaStorage,
-                rl: &candle_core::Layout,
-            ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-                imp::$imp(y, yl, b, bl, Some((r, rl)))
-            }
-        }
-    };
-}
-
-bias_ops!(BiasRows, "dc-bias-rows", bias_rows);
-bias_ops!(BiasChannels, "dc-bias-channels", bias_channels);
-op2!(GegluBias, "dc-geglu-bias", |_op, p, pl, b, bl| imp::geglu_bias(p, pl, b, bl));
-op2!(ConvBias, "dc-conv-bias", |op, y, yl, b, bl| imp::conv_bias(op.width, y, yl, b, bl));
-op2!(AddLayerNorm, "dc-add-layer-norm", |op, y, yl, r, rl| imp::add_layer_norm(op, y, yl, Some((r, rl))));
-
-impl candle_core::CustomOp1 for AddLayerNorm {
-    fn name(&self) -> &'static str {
-        "dc-bias-layer-norm"
-    }
-
-    cpu_refusal!(y);
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, y: &candle_core::CudaStorage, yl: &candle_core::Layout) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        imp::add_layer_norm(self, y, yl, None)
-    }
-}
-
-// Without a bias: (y, addend).
-op2!(PermuteBiasAdd, "dc-permute-add", |op, y, yl, a, al| imp::permute_bias_add(&op.plan, y, yl, None, a, al));
-
-impl candle_core::CustomOp3 for PermuteBiasAdd {
-    fn name(&self) -> &'static str {
-        "dc-permute-bias-add"
-    }
-
-    cpu_refusal!(y, b, a);
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        y: &candle_core::CudaStorage,
-        yl: &candle_core::Layout,
-        b: &candle_core::CudaStorage,
-        bl: &candle_core::Layout,
-        a: &candle_core::CudaStorage,
-        al: &candle_core::Layout,
-    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        imp::permute_bias_add(&self.plan, y, yl, Some((b, bl)), a, al)
-    }
-}
+cuda_op!(CustomOp2 for BiasRows, "dc-bias-rows", |_op, y, yl, b, bl| imp::bias_rows(y, yl, b, bl, None));
+cuda_op!(CustomOp3 for BiasRows, "dc-bias-rows-residual", |_op, y, yl, b, bl, r, rl| imp::bias_rows(y, yl, b, bl, Some((r, rl))));
+cuda_op!(CustomOp2 for BiasChannels, "dc-bias-channels", |_op, y, yl, b, bl| imp::bias_channels(y, yl, b, bl, None));
+cuda_op!(CustomOp3 for BiasChannels, "dc-bias-channels-residual", |_op, y, yl, b, bl, r, rl| imp::bias_channels(y, yl, b, bl, Some((r, rl))));
+cuda_op!(CustomOp2 for GegluBias, "dc-geglu-bias", |_op, p, pl, b, bl| imp::geglu_bias(p, pl, b, bl));
+cuda_op!(CustomOp2 for ConvBias, "dc-conv-bias", |op, y, yl, b, bl| imp::conv_bias(op.width, y, yl, b, bl));
+cuda_op!(CustomOp1 for AddLayerNorm, "dc-bias-layer-norm", |op, y, yl| imp::add_layer_norm(op, y, yl, None));
+cuda_op!(CustomOp2 for AddLayerNorm, "dc-add-layer-norm", |op, y, yl, r, rl| imp::add_layer_norm(op, y, yl, Some((r, rl))));
+// Without a bias: (y, addend); with one: (y, bias, addend).
+cuda_op!(CustomOp2 for PermuteBiasAdd, "dc-permute-add", |op, y, yl, a, al| imp::permute_bias_add(&op.plan, y, yl, None, a, al));
+cuda_op!(CustomOp3 for PermuteBiasAdd, "dc-permute-bias-add", |op, y, yl, b, bl, a, al| imp::permute_bias_add(&op.plan, y, yl, Some((b, bl)), a, al));
 
 #[cfg(feature = "cuda")]
 mod imp {

@@ -178,32 +178,15 @@ struct FlashAttention {
     addend: Option<(Tensor, f32)>,
 }
 
-impl candle_core::CustomOp3 for FlashAttention {
-    fn name(&self) -> &'static str {
-        "flash-attention"
+cuda_op!(CustomOp3 for FlashAttention, "flash-attention", |op, q, ql, k, kl, v, vl| {
+    use candle_core::backend::BackendStorage;
+    let args = cuda::Args { kernel: op.kernel, scale: op.scale, heads: op.heads, addend: op.addend.as_ref() };
+    match q.dtype() {
+        DType::BF16 => cuda::launch::<half::bf16>(&args, "bf16", q, ql, k, kl, v, vl),
+        DType::F16 => cuda::launch::<half::f16>(&args, "f16", q, ql, k, kl, v, vl),
+        dt => candle_core::bail!("flash attention: unsupported dtype {dt:?}"),
     }
-
-    cpu_refusal!(q, k, v);
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        q: &candle_core::CudaStorage,
-        ql: &candle_core::Layout,
-        k: &candle_core::CudaStorage,
-        kl: &candle_core::Layout,
-        v: &candle_core::CudaStorage,
-        vl: &candle_core::Layout,
-    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        use candle_core::backend::BackendStorage;
-        let args = cuda::Args { kernel: self.kernel, scale: self.scale, heads: self.heads, addend: self.addend.as_ref() };
-        match q.dtype() {
-            DType::BF16 => cuda::launch::<half::bf16>(&args, "bf16", q, ql, k, kl, v, vl),
-            DType::F16 => cuda::launch::<half::f16>(&args, "f16", q, ql, k, kl, v, vl),
-            dt => candle_core::bail!("flash attention: unsupported dtype {dt:?}"),
-        }
-    }
-}
+});
 
 #[cfg(feature = "cuda")]
 mod cuda {

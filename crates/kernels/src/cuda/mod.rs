@@ -5,16 +5,77 @@
 //! which inputs it takes; callers fall back to candle's composition otherwise (the CPU, other
 //! dtypes).
 
-/// The `cpu_fwd` of a custom op that runs on CUDA only, one `$arg` per input: an error (the op
-/// API never sends CPU tensors to these ops).
-macro_rules! cpu_refusal {
-    ($($arg:ident),*) => {
+/// `impl CustomOpN for $op` of an op that runs on CUDA only: its `name`, a `cpu_fwd` that refuses
+/// (the op API never sends CPU tensors to these ops), and a `cuda_fwd` evaluating `$run` with
+/// `self` as `$s` and each input's storage and layout under the names given.
+macro_rules! cuda_op {
+    (@refuse $($arg:ident),*) => {
         fn cpu_fwd(
             &self,
             $($arg: &candle_core::CpuStorage, _: &candle_core::Layout),*
-        ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
             $(let _ = $arg;)*
             candle_core::bail!("{} runs on CUDA only", self.name())
+        }
+    };
+    (CustomOp1 for $op:ty, $name:expr, |$s:ident, $a:ident, $al:ident| $run:expr) => {
+        impl candle_core::CustomOp1 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            cuda_op!(@refuse a);
+
+            #[cfg(feature = "cuda")]
+            fn cuda_fwd(&self, $a: &candle_core::CudaStorage, $al: &candle_core::Layout) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+                let $s = self;
+                $run
+            }
+        }
+    };
+    (CustomOp2 for $op:ty, $name:expr, |$s:ident, $a:ident, $al:ident, $b:ident, $bl:ident| $run:expr) => {
+        impl candle_core::CustomOp2 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            cuda_op!(@refuse a, b);
+
+            #[cfg(feature = "cuda")]
+            fn cuda_fwd(
+                &self,
+                $a: &candle_core::CudaStorage,
+                $al: &candle_core::Layout,
+                $b: &candle_core::CudaStorage,
+                $bl: &candle_core::Layout,
+            ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+                let $s = self;
+                $run
+            }
+        }
+    };
+    (CustomOp3 for $op:ty, $name:expr, |$s:ident, $a:ident, $al:ident, $b:ident, $bl:ident, $c:ident, $cl:ident| $run:expr) => {
+        impl candle_core::CustomOp3 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            cuda_op!(@refuse a, b, c);
+
+            #[cfg(feature = "cuda")]
+            #[allow(clippy::too_many_arguments)]
+            fn cuda_fwd(
+                &self,
+                $a: &candle_core::CudaStorage,
+                $al: &candle_core::Layout,
+                $b: &candle_core::CudaStorage,
+                $bl: &candle_core::Layout,
+                $c: &candle_core::CudaStorage,
+                $cl: &candle_core::Layout,
+            ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+                let $s = self;
+                $run
+            }
         }
     };
 }
@@ -121,51 +182,17 @@ struct ShiftedGemm {
     out_len: usize,
 }
 
-impl candle_core::CustomOp3 for GroupNorm {
-    fn name(&self) -> &'static str {
-        "dc-group-norm-cuda"
+cuda_op!(CustomOp3 for GroupNorm, "dc-group-norm-cuda", |op, x, xl, w, wl, b, bl| {
+    use candle_core::backend::BackendStorage;
+    match x.dtype() {
+        DType::F32 => imp::group_norm::<f32>("f32", op, x, xl, w, wl, b, bl),
+        DType::F16 => imp::group_norm::<half::f16>("f16", op, x, xl, w, wl, b, bl),
+        DType::BF16 => imp::group_norm::<half::bf16>("bf16", op, x, xl, w, wl, b, bl),
+        dt => candle_core::bail!("group norm: unsupported dtype {dt:?}"),
     }
+});
 
-    cpu_refusal!(x, w, b);
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        x: &candle_core::CudaStorage,
-        xl: &candle_core::Layout,
-        w: &candle_core::CudaStorage,
-        wl: &candle_core::Layout,
-        b: &candle_core::CudaStorage,
-        bl: &candle_core::Layout,
-    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        use candle_core::backend::BackendStorage;
-        match x.dtype() {
-            DType::F32 => imp::group_norm::<f32>("f32", self, x, xl, w, wl, b, bl),
-            DType::F16 => imp::group_norm::<half::f16>("f16", self, x, xl, w, wl, b, bl),
-            DType::BF16 => imp::group_norm::<half::bf16>("bf16", self, x, xl, w, wl, b, bl),
-            dt => candle_core::bail!("group norm: unsupported dtype {dt:?}"),
-        }
-    }
-}
-
-impl candle_core::CustomOp2 for ShiftedGemm {
-    fn name(&self) -> &'static str {
-        "dc-shifted-gemm"
-    }
-
-    cpu_refusal!(x, w);
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        x: &candle_core::CudaStorage,
-        xl: &candle_core::Layout,
-        w: &candle_core::CudaStorage,
-        wl: &candle_core::Layout,
-    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        imp::shifted_gemm(self, x, xl, w, wl)
-    }
-}
+cuda_op!(CustomOp2 for ShiftedGemm, "dc-shifted-gemm", |op, x, xl, w, wl| imp::shifted_gemm(op, x, xl, w, wl));
 
 #[cfg(feature = "cuda")]
 mod imp {

@@ -23,3 +23,23 @@ struct Tiles {
     int64_t batch_in_strides[PERMUTE_MAX_RANK];
     int64_t batch_out_strides[PERMUTE_MAX_RANK];
 };
+
+// Where batch `batch` (of the Tiles' batch axes, outermost first) starts in the input and in the
+// output.
+__device__ __forceinline__ void tile_bases(const Tiles& t, int64_t batch, int64_t& in_base, int64_t& out_base) {
+    in_base = 0;
+    out_base = 0;
+    int64_t rest = batch;
+#pragma unroll
+    for (int k = 0; k < PERMUTE_MAX_RANK; ++k) {
+        // Innermost first; unrolled over the fixed bound so the parameter arrays are indexed
+        // statically (a dynamic index would copy them to local memory).
+        const int d = PERMUTE_MAX_RANK - 1 - k;
+        if (d < t.batch_rank) {
+            const int64_t coord = rest % t.batch_dims[d];
+            rest /= t.batch_dims[d];
+            in_base += coord * t.batch_in_strides[d];
+            out_base += coord * t.batch_out_strides[d];
+        }
+    }
+}

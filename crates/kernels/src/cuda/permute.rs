@@ -123,18 +123,7 @@ struct Permute {
     plan: Plan,
 }
 
-impl candle_core::CustomOp1 for Permute {
-    fn name(&self) -> &'static str {
-        "dc-permute-cuda"
-    }
-
-    cpu_refusal!(x);
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, x: &candle_core::CudaStorage, xl: &candle_core::Layout) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        imp::permute(&self.plan, x, xl)
-    }
-}
+cuda_op!(CustomOp1 for Permute, "dc-permute-cuda", |op, x, xl| imp::permute(&op.plan, x, xl));
 
 #[cfg(feature = "cuda")]
 pub(crate) mod imp {
