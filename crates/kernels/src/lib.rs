@@ -37,7 +37,7 @@ pub use amx::attention as amx_attention;
 pub use avx512::attention as bf16_pair_attention;
 pub use amx::{Bf16Conv, Bf16Matrix};
 pub use avx512::{Bf16DotConv, Bf16DotMatrix, Bf16DotTemporalConv, F32Conv, F32Matrix};
-pub use cuda::flash_attention::{flash_attention, flash_attention_with, supported as flash_attention_supported, Kernel as FlashAttentionKernel};
+pub use cuda::flash_attention::{flash_attention, flash_attention_with, reads_heads_in_place, supported as flash_attention_supported, Kernel as FlashAttentionKernel};
 pub use cuda::{conv3x3_cudnn, conv3x3_shifted, cudnn_enabled, temporal_conv_cudnn, temporal_conv_shifted};
 pub use ops::{
     attention, attention_heads, attention_heads_add, attention_heads_add_fused, conv3x3, conv3x3_taps, conv3x3_taps_with, geglu, group_norm, heads_in_place, linear, linear_add_layer_norm, linear_geglu, linear_permute_add, permute, softmax_last_dim, taps_first,

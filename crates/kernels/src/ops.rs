@@ -59,43 +59,43 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
 
 /// Whether [`attention_heads`] takes these `(batch, len, heads·dim)` inputs in place: CPU f32,
 /// or the fused CUDA kernels' f16/bf16 (which also read strided views, e.g. of one fused q/k/v
-/// projection).
+/// projection) unless `DYNAMICRAFTER_FLASH_ATTENTION` asks for split heads.
 pub fn heads_in_place(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> bool {
     (cpu_f32(&[q, k, v]) && [q, k, v].iter().all(|t| t.rank() == 3 && t.dims()[2].is_multiple_of(heads)))
-        || (cuda::flash_attention::heads_in_place_enabled() && cuda::flash_attention::supported_heads(q, k, v, heads))
+        || fused_heads_in_place(q, k, v, heads)
+}
+
+/// The CUDA half of [`heads_in_place`].
+fn fused_heads_in_place(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> bool {
+    cuda::flash_attention::heads_in_place_enabled() && cuda::flash_attention::supported_heads(q, k, v, heads)
 }
 
 /// [`attention`] per head for `(batch, len, heads·dim)` tensors, heads side by side in the last
 /// dimension, read and written in place (no split or merge copies). Check [`heads_in_place`].
 pub fn attention_heads(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
-    if cpu_f32(&[q, k, v]) && heads_in_place(q, k, v, heads) {
-        portable::attention(q, k, v, heads, scale, softmax_rows())
-    } else if cuda::flash_attention::supported_heads(q, k, v, heads) {
+    if fused_heads_in_place(q, k, v, heads) {
         cuda::flash_attention::flash_attention_heads(q, k, v, heads, scale)
+    } else if heads_in_place(q, k, v, heads) {
+        portable::attention(q, k, v, heads, scale, softmax_rows())
     } else {
         candle_core::bail!("attention_heads: CPU f32 or CUDA f16/bf16 (batch, len, heads·dim) inputs only")
     }
 }
 
-/// Whether [`attention_heads_add`] makes the sum in the fused CUDA kernel (else it adds after
-/// [`attention_heads`]).
+/// Whether the fused CUDA kernel takes these for [`attention_heads_add`] (the sum made in its
+/// store).
 pub fn attention_heads_add_fused(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> bool {
-    cuda::flash_attention::heads_in_place_enabled() && cuda::flash_attention::supported_heads(q, k, v, heads)
+    fused_heads_in_place(q, k, v, heads)
 }
 
 /// `addend + weight · attention_heads(q, k, v)` (`weight` None: unscaled), the dual
-/// cross-attention's image branch joining the text branch: on CUDA in the fused kernel's store
-/// (one rounding); elsewhere [`attention_heads`], then the scaling and the sum.
+/// cross-attention's image branch joining the text branch, in the fused CUDA kernel's store
+/// (one rounding). Check [`attention_heads_add_fused`]; elsewhere the caller composes it.
 pub fn attention_heads_add(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64, weight: Option<f64>, addend: &Tensor) -> Result<Tensor> {
-    if attention_heads_add_fused(q, k, v, heads) {
-        return cuda::flash_attention::flash_attention_heads_add(q, k, v, heads, scale, weight.unwrap_or(1.0), addend);
+    if !attention_heads_add_fused(q, k, v, heads) {
+        candle_core::bail!("attention_heads_add: CUDA f16/bf16 (batch, len, heads·dim) inputs the fused kernel takes only");
     }
-    let out = attention_heads(q, k, v, heads, scale)?;
-    let out = match weight {
-        Some(w) => out.affine(w, 0.0)?,
-        None => out,
-    };
-    addend + out
+    cuda::flash_attention::flash_attention_heads_add(q, k, v, heads, scale, weight.unwrap_or(1.0), addend)
 }
 
 /// GEGLU activation of the UNet feed-forwards, fused (one pass, vectorised erf) on CPU f32.
@@ -107,14 +107,33 @@ pub fn geglu(p: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `y + b (+ residual)` after a product made without its bias: on CUDA in one pass
+/// ([`cuda::epilogue::bias_rows`], one rounding), else broadcast ops.
+fn add_bias(y: Tensor, b: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
+    match b {
+        Some(b) if cuda::epilogue::supported(&y, b, residual) && b.elem_count() == y.dim(candle_core::D::Minus1)? => {
+            cuda::epilogue::bias_rows(&y, b, residual)
+        }
+        _ => {
+            let y = match b {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            };
+            match residual {
+                Some(r) => y + r,
+                None => Ok(y),
+            }
+        }
+    }
+}
+
 /// `x·Wᵀ + b (+ residual)` with `w (out, in)`: candle's product, then on CUDA the bias and the
 /// residual in one pass over it ([`cuda::epilogue::bias_rows`]); elsewhere candle's `Linear`.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
     use candle_core::Module;
     match b {
         Some(b) if cuda::epilogue::supported(x, b, None) && residual.is_none_or(|r| r.dtype() == x.dtype()) => {
-            let y = candle_nn::Linear::new(w.clone(), None).forward(x)?;
-            cuda::epilogue::bias_rows(&y, b, residual)
+            add_bias(candle_nn::Linear::new(w.clone(), None).forward(x)?, Some(b), residual)
         }
         _ => {
             let y = candle_nn::Linear::new(w.clone(), b.cloned()).forward(x)?;
@@ -148,7 +167,7 @@ pub fn linear_add_layer_norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, residua
         if cuda::epilogue::add_layer_norm_supported(&y, b, Some(residual), norm.weight(), beta) {
             return cuda::epilogue::add_layer_norm(&y, b, Some(residual), norm.weight(), beta, norm.eps());
         }
-        let sum = (y.broadcast_add(b)? + residual)?;
+        let sum = add_bias(y, Some(b), Some(residual))?;
         let normed = norm.forward(&sum)?;
         return Ok((sum, normed));
     }
@@ -168,11 +187,7 @@ pub fn linear_permute_add(x: &Tensor, w: &Tensor, b: Option<&Tensor>, view: &[us
         if cuda::epilogue::permute_bias_add_supported(&y, dims, b, addend) {
             return cuda::epilogue::permute_bias_add(&y, dims, b, addend);
         }
-        let y = match b {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        return permute(&y, dims)? + addend;
+        return permute(&add_bias(y, b, None)?, dims)? + addend;
     }
     permute(&linear(x, w, b, None)?.reshape(view)?, dims)? + addend
 }

@@ -235,11 +235,14 @@ impl Backend {
 
     /// Whether a self-attention's q, k and v projections (running `projections`) become one
     /// product, their weights stacked at load, whose three parts the attention (running
-    /// `attention`) reads in place: on a GPU, where those are candle's products and our fused
-    /// attention (one launch and one read of the input instead of three, no split copies).
-    /// `DYNAMICRAFTER_FUSED_QKV=0` keeps them apart (A/B timings).
-    pub fn fused_qkv(&self, projections: [Kernel; 3], attention: Kernel) -> bool {
-        let fused = attention == Kernel::Cuda && projections.iter().all(|&k| k == Kernel::Candle) && std::env::var("DYNAMICRAFTER_FUSED_QKV").as_deref() != Ok("0");
+    /// `attention`, heads of `head_dim`) reads in place: on a GPU, where those are candle's
+    /// products and our fused attention (one launch and one read of the input instead of three,
+    /// no split copies). `DYNAMICRAFTER_FUSED_QKV=0` keeps them apart (A/B timings).
+    pub fn fused_qkv(&self, projections: [Kernel; 3], attention: Kernel, head_dim: usize) -> bool {
+        let fused = attention == Kernel::Cuda
+            && projections.iter().all(|&k| k == Kernel::Candle)
+            && dynamicrafter_kernels::reads_heads_in_place(head_dim)
+            && std::env::var("DYNAMICRAFTER_FUSED_QKV").as_deref() != Ok("0");
         if fused && self.counting.load(Ordering::Relaxed) {
             self.stacked_qkv.fetch_add(1, Ordering::Relaxed);
         }

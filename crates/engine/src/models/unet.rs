@@ -142,7 +142,7 @@ impl Attention {
         let mut projections = Projections::Separate { to_q, to_k, to_v };
         if kind == AttentionKind::SelfAttention {
             if let Projections::Separate { to_q, to_k, to_v } = &projections {
-                if backend.fused_qkv([to_q.kernel(), to_k.kernel(), to_v.kernel()], kernel) {
+                if backend.fused_qkv([to_q.kernel(), to_k.kernel(), to_v.kernel()], kernel, dim_head) {
                     projections = projections.stacked()?;
                 }
             }

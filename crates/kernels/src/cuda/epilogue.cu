@@ -194,17 +194,31 @@ __device__ void add_layer_norm(const T* __restrict__ y, const T* __restrict__ bi
         const float mean = total * inv_cols;
         float squares = 0.f;
         for (int c = lane * V; c < cols; c += 32 * V) {
-            for (int k = 0; k < V; ++k) {
-                const float d = to_f32(sum[base + c + k]) - mean;
+            if (packed) {
+                const Pack<T> a = load_pack(sum + base + c);
+#pragma unroll
+                for (int k = 0; k < vec<T>(); ++k) {
+                    const float d = to_f32(a.v[k]) - mean;
+                    squares += d * d;
+                }
+            } else {
+                const float d = to_f32(sum[base + c]) - mean;
                 squares += d * d;
             }
         }
         for (int o = 16; o > 0; o /= 2) squares += __shfl_xor_sync(0xffffffff, squares, o);
         const float inv_std = rsqrtf(squares * inv_cols + eps);
         for (int c = lane * V; c < cols; c += 32 * V) {
-            for (int k = 0; k < V; ++k) {
-                const float v = (to_f32(sum[base + c + k]) - mean) * inv_std;
-                normed[base + c + k] = from_f32<T>(v * to_f32(gamma[c + k]) + to_f32(beta[c + k]));
+            if (packed) {
+                Pack<T> a = load_pack(sum + base + c);
+                const Pack<T> g = load_pack(gamma + c), b = load_pack(beta + c);
+#pragma unroll
+                for (int k = 0; k < vec<T>(); ++k)
+                    a.v[k] = from_f32<T>((to_f32(a.v[k]) - mean) * inv_std * to_f32(g.v[k]) + to_f32(b.v[k]));
+                store_pack(normed + base + c, a);
+            } else {
+                const float v = (to_f32(sum[base + c]) - mean) * inv_std;
+                normed[base + c] = from_f32<T>(v * to_f32(gamma[c]) + to_f32(beta[c]));
             }
         }
     }

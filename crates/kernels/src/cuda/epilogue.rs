@@ -341,9 +341,9 @@ mod imp {
         let packed = packs::<T>(cols, &starts);
         // Sum then norm, one allocation: (2, …).
         // SAFETY: the kernel writes every element of both halves.
-        let out = unsafe { dev.alloc::<T>(2 * total)? };
+        let mut out = unsafe { dev.alloc::<T>(2 * total)? };
         {
-            let (sum, normed) = (out.slice(0..total), out.slice(total..2 * total));
+            let (mut sum, mut normed) = out.split_at_mut(total);
             let f = kernel!(dev, "add_layer_norm", y.dtype());
             let (rows_u, cols_i) = (rows as u64, cols as i32);
             let null = 0u64;
@@ -356,8 +356,8 @@ mod imp {
             };
             builder.arg(&gs);
             builder.arg(&betas);
-            builder.arg(&sum);
-            builder.arg(&normed);
+            builder.arg(&mut sum);
+            builder.arg(&mut normed);
             builder.arg(&rows_u);
             builder.arg(&cols_i);
             builder.arg(&op.eps);

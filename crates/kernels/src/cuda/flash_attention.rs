@@ -69,6 +69,12 @@ pub fn heads_in_place_enabled() -> bool {
     matches!(setting(), Setting::Both | Setting::StagedOnly)
 }
 
+/// Whether the kernels read heads of `head_dim` in place (strided views included) in this build:
+/// what stacking a self-attention's q/k/v products relies on.
+pub fn reads_heads_in_place(head_dim: usize) -> bool {
+    cfg!(feature = "cuda") && heads_in_place_enabled() && HEAD_DIMS.contains(&head_dim)
+}
+
 /// Whether [`flash_attention`] takes these `(batch, len, d)` inputs: a CUDA build, a GPU, f16 or
 /// bf16 throughout, d in [`HEAD_DIMS`], fused attention not turned off.
 pub fn supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
