@@ -68,8 +68,9 @@ step pipeline-tests-cuda 60 "$BIN/pipeline" --nocapture --test-threads 1
 step bench-unet-bf16 90 "$BIN/dynamicrafter-bench" --device cuda unet-256 unet-512 unet-1024 --runs 3 --json "$JSON/unet.json"
 # Each kernel lever's effect on the forward: the staged attention kernel only, the shifted-GEMM
 # convolutions instead of the implicit GEMM, heads split by copies around the attention with
-# three q/k/v products (ops-1024 times each op both ways).
-step bench-unet-levers 180 bash -c "DYNAMICRAFTER_FLASH_ATTENTION=1 '$BIN/dynamicrafter-bench' --device cuda unet-1024 --runs 2 && DYNAMICRAFTER_CONV_IGEMM=0 '$BIN/dynamicrafter-bench' --device cuda unet-1024 --runs 2 && DYNAMICRAFTER_FLASH_ATTENTION=split DYNAMICRAFTER_FUSED_QKV=0 '$BIN/dynamicrafter-bench' --device cuda unet-1024 --runs 2"
+# three q/k/v products, candle's elementwise ops and permutes instead of ours (ops-1024 times
+# each op both ways; the group norm against candle's composition and November's 0.54 ms).
+step bench-unet-levers 240 bash -c "DYNAMICRAFTER_FLASH_ATTENTION=1 '$BIN/dynamicrafter-bench' --device cuda unet-1024 --runs 2 && DYNAMICRAFTER_CONV_IGEMM=0 '$BIN/dynamicrafter-bench' --device cuda unet-1024 --runs 2 && DYNAMICRAFTER_FLASH_ATTENTION=split DYNAMICRAFTER_FUSED_QKV=0 '$BIN/dynamicrafter-bench' --device cuda unet-1024 --runs 2 && DYNAMICRAFTER_CUDA_EPILOGUES=0 DYNAMICRAFTER_CUDA_PERMUTE=0 '$BIN/dynamicrafter-bench' --device cuda unet-1024 --runs 2"
 # Launch overhead: one forward replayed as a CUDA graph (does it capture at all; how much of a
 # forward is launches), at each size.
 step bench-graph 120 "$BIN/dynamicrafter-bench" --device cuda graph-256 graph-512 graph-1024 --runs 3

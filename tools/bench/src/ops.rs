@@ -45,6 +45,7 @@ pub(crate) fn ops_1024(runs: usize, target: &Target) -> Result<Vec<Timing>> {
         op("temporal conv 1x320x16x9216 k3 (cuDNN)", &mut || Ok(kernels::temporal_conv_cudnn(&xt, &wt2, &zeros)?))?;
     }
     op("group_norm+silu 16x320x72x128 g32", &mut || Ok(kernels::group_norm(&x, &ones, &zeros, 32, 1e-5, true)?))?;
+    op("group_norm+silu 16x320x72x128 g32 (candle)", &mut || Ok(kernels::group_norm_reference(&x, &ones, &zeros, 32, 1e-5, true)?))?;
     let xv = r(&[1, c, t, h, w], 1.0)?;
     op("group_norm 1x320x16x72x128 g32 (video)", &mut || Ok(kernels::group_norm(&xv, &ones, &zeros, 32, 1e-6, false)?))?;
     let tokens = r(&[t, hw, c], 1.0)?;

@@ -5,10 +5,18 @@
 
 use candle_core::{DType, Result, Tensor};
 
+/// Whether the epilogue kernels run: unless `DYNAMICRAFTER_CUDA_EPILOGUES=0`, which leaves every
+/// bias, residual, GEGLU gate, exit and LayerNorm to candle's ops (A/B timings; a way around a
+/// kernel that misbehaves on some card without a rebuild).
+pub fn enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("DYNAMICRAFTER_CUDA_EPILOGUES").as_deref() != Ok("0"))
+}
+
 /// Whether the epilogues take a product `y` and `bias` (and `residual`): a CUDA float tensor and
-/// the rest of its dtype and device.
+/// the rest of its dtype and device, the kernels [`enabled`].
 pub fn supported(y: &Tensor, bias: &Tensor, residual: Option<&Tensor>) -> bool {
-    super::usable(y) && bias.dtype() == y.dtype() && bias.device().same_device(y.device()) && residual.is_none_or(|r| r.dtype() == y.dtype() && r.dims() == y.dims())
+    enabled() && super::usable(y) && bias.dtype() == y.dtype() && bias.device().same_device(y.device()) && residual.is_none_or(|r| r.dtype() == y.dtype() && r.dims() == y.dims())
 }
 
 /// `y + bias (+ residual)` with `bias` over the last axis of `y (…, c)`.
@@ -26,7 +34,19 @@ pub fn bias_rows(y: &Tensor, bias: &Tensor, residual: Option<&Tensor>) -> Result
 
 /// `y + bias[c] (+ residual)` for `y (n, c, …)`: a bias per channel, as after a convolution.
 pub fn bias_channels(y: &Tensor, bias: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
-    if y.rank() < 2 || bias.elem_count() != y.dim(1)? || !supported(y, bias, residual) {
+    if y.rank() < 2 || bias.elem_count() != y.dim(1)? {
+        candle_core::bail!("channel bias epilogue: y {:?} {:?}, bias {:?}, residual {:?}", y.shape(), y.dtype(), bias.shape(), residual.map(Tensor::shape));
+    }
+    if !enabled() {
+        let mut shape = vec![1; y.rank()];
+        shape[1] = bias.elem_count();
+        let y = y.broadcast_add(&bias.reshape(shape)?)?;
+        return match residual {
+            Some(r) => y + r,
+            None => Ok(y),
+        };
+    }
+    if !supported(y, bias, residual) {
         candle_core::bail!("channel bias epilogue: y {:?} {:?}, bias {:?}, residual {:?}", y.shape(), y.dtype(), bias.shape(), residual.map(Tensor::shape));
     }
     let (y, bias) = (y.contiguous()?, bias.contiguous()?);
@@ -52,6 +72,10 @@ pub fn conv_bias(y: &Tensor, bias: &Tensor, width: usize) -> Result<Tensor> {
     let (_, c, _, pitch) = y.dims4()?;
     if y.dtype() != DType::F32 || !super::usable(bias) || bias.elem_count() != c || width > pitch || !bias.device().same_device(y.device()) {
         candle_core::bail!("convolution epilogue: y {:?} {:?}, bias {:?} {:?}, width {width}", y.shape(), y.dtype(), bias.shape(), bias.dtype());
+    }
+    if !enabled() {
+        let y = y.narrow(3, 0, width)?.broadcast_add(&bias.to_dtype(DType::F32)?.reshape((1, c, 1, 1))?)?;
+        return y.to_dtype(bias.dtype());
     }
     y.contiguous()?.apply_op2_no_bwd(&bias.contiguous()?, &ConvBias { width })
 }
@@ -90,7 +114,8 @@ fn permute_bias_add_plan(y: &Tensor, dims: &[usize], bias: Option<&Tensor>, adde
     use super::permute::{is_permutation, plan, Plan};
     let last = y.dims().last().copied()?;
     let permuted: Vec<usize> = dims.iter().filter_map(|&d| y.dims().get(d).copied()).collect();
-    if !super::usable(y)
+    if !enabled()
+        || !super::usable(y)
         || !is_permutation(dims, y.rank())
         || y.elem_count() == 0
         || addend.dtype() != y.dtype()

@@ -1,11 +1,14 @@
 // GroupNorm (+ SiLU) for CUDA in two launches: per-(sample, group) sums, split over many blocks
 // and accumulated in f64, then one elementwise pass that normalises, applies the affine weight and
-// bias, and optionally SiLU. candle's composition takes ~10 passes with f32 round trips.
+// bias, and optionally SiLU. candle's composition takes ~10 passes with f32 round trips. Both
+// passes give each block a stretch of one group, 16-byte accesses where the shape allows, and
+// work out the group's statistics once per thread, not per element.
 //
 // x: (n, c, s) contiguous, s = product of the trailing dimensions; groups divide c.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <stdint.h>
 
 namespace {
 
@@ -17,22 +20,41 @@ __device__ __forceinline__ void store(__half* p, size_t i, float v) { p[i] = __f
 __device__ __forceinline__ void store(__nv_bfloat16* p, size_t i, float v) { p[i] = __float2bfloat16(v); }
 
 constexpr int THREADS = 256;
-constexpr int CHUNK = THREADS * 16;  // elements per statistics block
+constexpr int CHUNK = THREADS * 16;  // elements per block, in both passes
+
+// 16 bytes of T, loaded and stored whole (`packed`: the group's length, the plane and the
+// pointers allow it; the launcher decides).
+template <typename T> struct alignas(16) Pack {
+    T v[16 / sizeof(T)];
+};
 
 // Grid: (chunks per group, n·groups). sums: (n·groups, 2) zeroed f64, [Σx, Σx²] after a shift by
 // the group's first element (keeps Σx² − (Σx)²/N accurate when the mean is large).
 template <typename T>
-__device__ void group_stats(const T* __restrict__ x, double* __restrict__ sums, size_t group_len) {
+__device__ void group_stats(const T* __restrict__ x, double* __restrict__ sums, size_t group_len, int packed) {
+    constexpr int V = 16 / sizeof(T);
     const size_t group = blockIdx.y;
     const T* g = x + group * group_len;
     const float shift = load(g, 0);
     float s = 0.f, ss = 0.f;
     const size_t begin = (size_t)blockIdx.x * CHUNK;
     const size_t end = min(begin + CHUNK, group_len);
-    for (size_t i = begin + threadIdx.x; i < end; i += THREADS) {
-        const float v = load(g, i) - shift;
-        s += v;
-        ss += v * v;
+    if (packed) {
+        for (size_t i = begin + threadIdx.x * V; i < end; i += THREADS * V) {
+            const Pack<T> p = *reinterpret_cast<const Pack<T>*>(g + i);
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                const float v = load(p.v, k) - shift;
+                s += v;
+                ss += v * v;
+            }
+        }
+    } else {
+        for (size_t i = begin + threadIdx.x; i < end; i += THREADS) {
+            const float v = load(g, i) - shift;
+            s += v;
+            ss += v * v;
+        }
     }
     __shared__ float red[2][THREADS / 32];
     for (int o = 16; o > 0; o /= 2) {
@@ -55,24 +77,43 @@ __device__ void group_stats(const T* __restrict__ x, double* __restrict__ sums, 
     }
 }
 
-// Grid-stride over all n·c·s elements.
+// Grid: (chunks per group, n·groups), as group_stats: a block normalises CHUNK elements of one
+// group, whose mean and scale it works out once; a group's channels are consecutive planes of
+// s elements. `packed` (s a multiple of a pack): a pack never straddles two channels.
 template <typename T>
 __device__ void group_apply(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
-                            const double* __restrict__ sums, T* __restrict__ y, size_t total, int c, size_t s,
-                            int channels_per_group, float eps, int silu) {
+                            const double* __restrict__ sums, T* __restrict__ y, int c, size_t s, int channels_per_group,
+                            float eps, int silu, int packed) {
+    constexpr int V = 16 / sizeof(T);
+    const size_t group = blockIdx.y;
     const size_t group_len = (size_t)channels_per_group * s;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
-        const size_t nc = i / s;
-        const int ch = nc % c;
-        const size_t group = nc / channels_per_group;
-        const double n = (double)group_len;
-        const double mean_shifted = sums[2 * group] / n;
-        const double var = fmax(sums[2 * group + 1] / n - mean_shifted * mean_shifted, 0.0);
-        const float mean = (float)mean_shifted + load(x, group * group_len);
-        const float rstd = rsqrtf((float)var + eps);
-        float v = (load(x, i) - mean) * rstd * load(w, ch) + load(b, ch);
-        if (silu) v = v / (1.f + __expf(-v));
-        store(y, i, v);
+    const int ch0 = (int)(group % (size_t)(c / channels_per_group)) * channels_per_group;
+    const double n = (double)group_len;
+    const double mean_shifted = sums[2 * group] / n;
+    const double var = fmax(sums[2 * group + 1] / n - mean_shifted * mean_shifted, 0.0);
+    const float mean = (float)mean_shifted + load(x, group * group_len);
+    const float rstd = rsqrtf((float)var + eps);
+    const T* gx = x + group * group_len;
+    T* gy = y + group * group_len;
+    const size_t begin = (size_t)blockIdx.x * CHUNK;
+    const size_t end = min(begin + CHUNK, group_len);
+    auto normalise = [&](float v, int ch) {
+        v = (v - mean) * rstd * load(w, ch) + load(b, ch);
+        return silu ? v / (1.f + __expf(-v)) : v;
+    };
+    // A 64-bit division costs several times a 32-bit one; groups past 2³² elements take it.
+    const bool narrow = group_len <= 0xffffffffu;
+    auto channel = [&](size_t i) { return ch0 + (int)(narrow ? (uint32_t)i / (uint32_t)s : i / s); };
+    if (packed) {
+        for (size_t i = begin + threadIdx.x * V; i < end; i += THREADS * V) {
+            const int ch = channel(i);
+            Pack<T> p = *reinterpret_cast<const Pack<T>*>(gx + i);
+#pragma unroll
+            for (int k = 0; k < V; ++k) store(p.v, k, normalise(load(p.v, k), ch));
+            *reinterpret_cast<Pack<T>*>(gy + i) = p;
+        }
+    } else {
+        for (size_t i = begin + threadIdx.x; i < end; i += THREADS) store(gy, i, normalise(load(gx, i), channel(i)));
     }
 }
 
@@ -80,13 +121,14 @@ __device__ void group_apply(const T* __restrict__ x, const T* __restrict__ w, co
 
 #define GROUP_NORM(NAME, T)                                                                                   \
     extern "C" __global__ void __launch_bounds__(THREADS) group_stats_##NAME(const T* x, double* sums,     \
-                                                                                size_t group_len) {         \
-        group_stats(x, sums, group_len);                                                                    \
+                                                                                size_t group_len,           \
+                                                                                int packed) {               \
+        group_stats(x, sums, group_len, packed);                                                            \
     }                                                                                                       \
-    extern "C" __global__ void group_apply_##NAME(const T* x, const T* w, const T* b, const double* sums,  \
-                                                  T* y, size_t total, int c, size_t s, int cpg, float eps,  \
-                                                  int silu) {                                               \
-        group_apply(x, w, b, sums, y, total, c, s, cpg, eps, silu);                                         \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                   \
+        group_apply_##NAME(const T* x, const T* w, const T* b, const double* sums, T* y, int c, size_t s,   \
+                           int cpg, float eps, int silu, int packed) {                                      \
+        group_apply(x, w, b, sums, y, c, s, cpg, eps, silu, packed);                                        \
     }
 
 GROUP_NORM(f32, float)

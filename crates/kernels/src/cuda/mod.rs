@@ -92,6 +92,13 @@ pub fn usable(x: &Tensor) -> bool {
     cfg!(feature = "cuda") && x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16)
 }
 
+/// Whether [`group_norm`] runs our kernels: unless `DYNAMICRAFTER_CUDA_GROUP_NORM=0` leaves it
+/// to candle's composition (A/B timings; a way around the kernel without a rebuild).
+pub fn group_norm_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("DYNAMICRAFTER_CUDA_GROUP_NORM").as_deref() != Ok("0"))
+}
+
 /// GroupNorm (+ SiLU) of `x (n, c, …)` with weight and bias `(c)` of `x`'s dtype.
 pub fn group_norm(x: &Tensor, w: &Tensor, b: &Tensor, groups: usize, eps: f64, silu: bool) -> Result<Tensor> {
     x.contiguous()?.apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &GroupNorm { groups, eps: eps as f32, silu })
@@ -238,34 +245,37 @@ mod imp {
         let group_len = cpg * s;
         let total = n * c * s;
         let sums = dev.alloc_zeros::<f64>(2 * n * op.groups)?;
-        let stats = dev.get_or_load_custom_func(&format!("group_stats_{suffix}"), "dynamicrafter_group_norm", GROUP_NORM_PTX)?;
+        // Both passes: a block per CHUNK elements of a group, (chunks, n·groups). 16-byte packs
+        // where a plane is whole packs and x starts on a pack (the output is fresh).
         let cfg = LaunchConfig { grid_dim: (group_len.div_ceil(CHUNK) as u32, (n * op.groups) as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let per_pack = 16 / std::mem::size_of::<T>();
+        let packed = (s.is_multiple_of(per_pack) && x0.is_multiple_of(per_pack)) as i32;
+        let stats = dev.get_or_load_custom_func(&format!("group_stats_{suffix}"), "dynamicrafter_group_norm", GROUP_NORM_PTX)?;
         let gl = group_len as u64;
         let mut builder = stats.builder();
         builder.arg(&xs);
         builder.arg(&sums);
         builder.arg(&gl);
+        builder.arg(&packed);
         // SAFETY: arguments match `group_stats_*`; the grid covers every element once.
         unsafe { builder.launch(cfg) }.w()?;
 
-        // SAFETY: `group_apply_*` writes every element.
+        // SAFETY: `group_apply_*` writes every element (the same grid).
         let y = unsafe { dev.alloc::<T>(total)? };
         let apply = dev.get_or_load_custom_func(&format!("group_apply_{suffix}"), "dynamicrafter_group_norm", GROUP_NORM_PTX)?;
-        let blocks = total.div_ceil(THREADS as usize).min(132 * 32) as u32;
-        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-        let (total_u, c_i, s_u, cpg_i, silu) = (total as u64, c as i32, s as u64, cpg as i32, op.silu as i32);
+        let (c_i, s_u, cpg_i, silu) = (c as i32, s as u64, cpg as i32, op.silu as i32);
         let mut builder = apply.builder();
         builder.arg(&xs);
         builder.arg(&ws);
         builder.arg(&bs);
         builder.arg(&sums);
         builder.arg(&y);
-        builder.arg(&total_u);
         builder.arg(&c_i);
         builder.arg(&s_u);
         builder.arg(&cpg_i);
         builder.arg(&op.eps);
         builder.arg(&silu);
+        builder.arg(&packed);
         // SAFETY: arguments match `group_apply_*`.
         unsafe { builder.launch(cfg) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(y, dev), xl.shape().clone()))
@@ -373,7 +383,8 @@ mod tests {
         let dev = Device::new_cuda(0).expect("a CUDA build's tests need a GPU");
         for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
             let r = |shape: &[usize], std: f32| Tensor::randn(0f32, std, shape, &dev).and_then(|t| t.to_dtype(dtype)).unwrap();
-            for (shape, groups) in [(vec![2usize, 64, 5, 7], 32), (vec![1, 96, 3, 9, 11], 32), (vec![3, 8, 1000], 4)] {
+            // Planes of whole 16-byte packs and not; the UNet's second level (16 frames).
+            for (shape, groups) in [(vec![2usize, 64, 5, 7], 32), (vec![1, 96, 3, 9, 11], 32), (vec![3, 8, 1000], 4), (vec![16, 640, 36, 64], 32)] {
                 let x = (r(&shape, 2.0) + 3.0).unwrap();
                 let (w, b) = (r(&[shape[1]], 1.0), r(&[shape[1]], 1.0));
                 for silu in [false, true] {

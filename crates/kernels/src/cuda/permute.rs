@@ -82,9 +82,12 @@ pub(crate) fn is_permutation(dims: &[usize], rank: usize) -> bool {
 
 /// Whether [`permute`] takes `x` with `dims`: a CUDA build, a GPU, a 2- or 4-byte float (or u32)
 /// tensor with elements, `dims` a permutation whose plan has at most [`MAX_RANK`] axes and a tile
-/// grid that fits.
+/// grid that fits; unless `DYNAMICRAFTER_CUDA_PERMUTE=0` leaves permutes to candle (A/B timings,
+/// a way around the kernels without a rebuild).
 pub fn supported(x: &Tensor, dims: &[usize]) -> bool {
-    cfg!(feature = "cuda")
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("DYNAMICRAFTER_CUDA_PERMUTE").as_deref() != Ok("0"))
+        && cfg!(feature = "cuda")
         && x.device().is_cuda()
         && matches!(x.dtype(), DType::BF16 | DType::F16 | DType::F32 | DType::U32)
         && x.elem_count() > 0

@@ -24,9 +24,9 @@ ATTENTION_KERNELS(flash_attention2, f16, __half)
 ATTENTION_KERNELS(flash_attention2, bf16, __nv_bfloat16)
 
 #define NORM_AND_EPILOGUE_KERNELS(NAME, T)                                                                  \
-    extern "C" void group_stats_##NAME(const T*, double*, size_t);                                         \
-    extern "C" void group_apply_##NAME(const T*, const T*, const T*, const double*, T*, size_t, int, size_t, \
-                                       int, float, int);                                                    \
+    extern "C" void group_stats_##NAME(const T*, double*, size_t, int);                                    \
+    extern "C" void group_apply_##NAME(const T*, const T*, const T*, const double*, T*, int, size_t, int,  \
+                                       float, int, int);                                                    \
     extern "C" void bias_rows_##NAME(const T*, const T*, const T*, T*, size_t, int, int);                  \
     extern "C" void geglu_bias_##NAME(const T*, const T*, T*, size_t, int, int);                           \
     extern "C" void bias_channels_##NAME(const T*, const T*, const T*, T*, size_t, int, size_t, int);      \
@@ -201,18 +201,24 @@ void attention(const AttentionKernels& kernels) {
 // ---- group norm (src/cuda/mod.rs: 256 threads, statistics blocks of 256·16 elements)
 
 template <typename T>
-void group_norm_case(void (*stats)(const T*, double*, size_t),
-                     void (*apply)(const T*, const T*, const T*, const double*, T*, size_t, int, size_t, int, float, int),
-                     int n, int c, int groups, size_t s, int silu, double tolerance) {
+using GroupStats = void (*)(const T*, double*, size_t, int);
+template <typename T>
+using GroupApply = void (*)(const T*, const T*, const T*, const double*, T*, int, size_t, int, float, int, int);
+
+// Both passes on the launcher's grid (chunks of 4096 elements, n·groups); 16-byte packs where the
+// plane is whole packs, as the launcher decides, and without them.
+template <typename T>
+void group_norm_case(GroupStats<T> stats, GroupApply<T> apply, int n, int c, int groups, size_t s, int silu, int packed,
+                     double tolerance) {
     constexpr unsigned THREADS = 256, CHUNK = THREADS * 16;
     const size_t total = (size_t)n * c * s, cpg = c / groups, group_len = cpg * s;
     Buffer<T> x = random_buffer<T>(total, 40.f, 3.f), w = random_buffer<T>(c), b = random_buffer<T>(c), y(total);
     std::vector<double> sums(2 * n * groups, 0.0);
     const float eps = 1e-6f;
-    emu::launch(dim3{(unsigned)((group_len + CHUNK - 1) / CHUNK), (unsigned)(n * groups), 1}, dim3{THREADS, 1, 1},
-                [&] { stats(x.data(), sums.data(), group_len); });
-    emu::launch(dim3{3, 1, 1}, dim3{THREADS, 1, 1},
-                [&] { apply(x.data(), w.data(), b.data(), sums.data(), y.data(), total, c, s, (int)cpg, eps, silu); });
+    const dim3 grid{(unsigned)((group_len + CHUNK - 1) / CHUNK), (unsigned)(n * groups), 1};
+    emu::launch(grid, dim3{THREADS, 1, 1}, [&] { stats(x.data(), sums.data(), group_len, packed); });
+    emu::launch(grid, dim3{THREADS, 1, 1},
+                [&] { apply(x.data(), w.data(), b.data(), sums.data(), y.data(), c, s, (int)cpg, eps, silu, packed); });
     double err = 0, norm = 0;
     for (size_t g = 0; g < (size_t)n * groups; ++g) {
         double mean = 0, var = 0;
@@ -232,18 +238,24 @@ void group_norm_case(void (*stats)(const T*, double*, size_t),
     }
     const double rel = std::sqrt(err / norm);
     char detail[160];
-    std::snprintf(detail, sizeof detail, "n=%d c=%d groups=%d s=%zu silu=%d relative error %.2e (bound %.0e)%s", n, c,
-                  groups, s, silu, rel, tolerance, y.guards_intact() ? "" : ", wrote outside its output");
+    std::snprintf(detail, sizeof detail, "n=%d c=%d groups=%d s=%zu silu=%d packed=%d relative error %.2e (bound %.0e)%s", n,
+                  c, groups, s, silu, packed, rel, tolerance, y.guards_intact() ? "" : ", wrote outside its output");
     report(std::string("group norm ") + dtype_name<T>(), std::isfinite(rel) && rel < tolerance && y.guards_intact(),
            detail);
 }
 
 template <typename T>
-void group_norm(void (*stats)(const T*, double*, size_t),
-                void (*apply)(const T*, const T*, const T*, const double*, T*, size_t, int, size_t, int, float, int),
-                double tolerance) {
-    group_norm_case<T>(stats, apply, 2, 32, 8, 300, 0, tolerance);
-    group_norm_case<T>(stats, apply, 1, 16, 4, 2500, 1, tolerance);  // two statistics blocks per group
+void group_norm(GroupStats<T> stats, GroupApply<T> apply, double tolerance) {
+    constexpr size_t V = 16 / sizeof(T);
+    // (n, c, groups, s, silu): a plane that is whole packs or not; groups of one and of several
+    // statistics blocks; a group's channels straddling blocks.
+    const size_t cases[][5] = {{2, 32, 8, 300, 0}, {1, 16, 4, 2500, 1}, {2, 64, 32, 2048, 1}, {3, 40, 8, 72, 0}};
+    for (const auto& k : cases) {
+        for (int packed : {0, 1}) {
+            if (packed && k[3] % V != 0) continue;
+            group_norm_case<T>(stats, apply, (int)k[0], (int)k[1], (int)k[2], k[3], (int)k[4], packed, tolerance);
+        }
+    }
 }
 
 // ---- epilogues (src/cuda/epilogue.rs: 256 threads, grid-stride). Exact: the kernels' f32 order.
