@@ -62,7 +62,7 @@ export DYNAMICRAFTER_TEST_DEVICE=cuda DYNAMICRAFTER_FIXTURES=$FIX RUST_BACKTRACE
 
 # In priority order (STEPS picks, this order runs): correctness, the forward against PyTorch and
 # what each lever does to it, then whole runs, then the rest.
-step kernel-tests 90 "$BIN/kernels" --nocapture --test-threads 1 flash_attention kernels_match_candle_on_gpu epilogues_match_candle_on_gpu permute_bias_add_matches add_layer_norm_matches implicit_gemm_convolutions permutes_match_candle_on_gpu
+step kernel-tests 90 "$BIN/kernels" --nocapture --test-threads 1 flash_attention kernels_match_candle_on_gpu epilogues_match_candle_on_gpu permute_bias_add_matches add_layer_norm_matches conv1x1_matches implicit_gemm_convolutions permutes_match_candle_on_gpu
 step parity-cuda 60 "$BIN/parity" --nocapture --test-threads 1
 step pipeline-tests-cuda 60 "$BIN/pipeline" --nocapture --test-threads 1
 step bench-unet-bf16 90 "$BIN/dynamicrafter-bench" --device cuda unet-256 unet-512 unet-1024 --runs 3 --json "$JSON/unet.json"

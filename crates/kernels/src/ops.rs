@@ -273,6 +273,40 @@ pub fn conv3x3_taps(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Tensor
     }
 }
 
+/// Whether [`conv1x1`] runs as one product and our channel-bias epilogue (a CUDA float tensor,
+/// the weight and bias of its dtype); elsewhere candle's convolution serves.
+pub fn conv1x1_supported(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> bool {
+    cuda::usable(x) && w.dtype() == x.dtype() && bias.is_none_or(|b| b.dtype() == x.dtype()) && x.rank() >= 3 && w.elem_count() > 0
+}
+
+/// A 1×1 convolution of `x (n, ci, …)` with `w (co, ci[, 1, 1])` and a bias `(co)`: one batched
+/// product `w · x[n]` straight into `(n, co, …)`, then the bias on the way out
+/// ([`cuda::epilogue::bias_channels`] on CUDA). candle's convolution copies the input into an
+/// im2col matrix, transposes the product back and adds the bias with a broadcast op (the UNet's
+/// skip connections, the VAE's shortcuts and attention projections).
+pub fn conv1x1(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims();
+    if dims.len() < 3 {
+        candle_core::bail!("1x1 convolution: input {:?} is not (n, c, …)", x.shape());
+    }
+    let (n, ci) = (dims[0], dims[1]);
+    let s: usize = dims[2..].iter().product();
+    let co = w.dim(0)?;
+    if w.elem_count() != co * ci {
+        candle_core::bail!("1x1 convolution: weight {:?} for {ci} input channels", w.shape());
+    }
+    let w = w.reshape((co, ci))?.broadcast_left(n)?;
+    let y = w.matmul(&x.reshape((n, ci, s))?.contiguous()?)?;
+    let y = match bias {
+        Some(b) if cuda::epilogue::supported(&y, b, None) => cuda::epilogue::bias_channels(&y, b, None)?,
+        Some(b) => y.broadcast_add(&b.reshape((1, co, 1))?)?,
+        None => y,
+    };
+    let mut out = dims.to_vec();
+    out[1] = co;
+    y.reshape(out)
+}
+
 /// [`conv3x3_taps`] from a weight in its stored layout `(co, c, 3, 3)`.
 pub fn conv3x3(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
     conv3x3_taps(x, &taps_first(w)?, bias)
@@ -369,6 +403,26 @@ mod tests {
         }
         let bf16 = Tensor::zeros((1, 4, 8), DType::BF16, &dev).unwrap();
         assert!(!heads_in_place(&bf16, &bf16, &bf16, 2));
+    }
+
+    /// The 1×1 convolution as one product (the CUDA path's composition, here on the CPU) equals
+    /// candle's convolution.
+    #[test]
+    fn conv1x1_as_a_product_equals_candles_convolution() {
+        let dev = Device::Cpu;
+        for &(n, ci, co, h, w) in &[(2usize, 6usize, 5usize, 3usize, 7usize), (1, 16, 32, 9, 9)] {
+            let x = Tensor::randn(0f32, 1.0, (n, ci, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 0.3, (co, ci, 1, 1), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, co, &dev).unwrap();
+            let got = conv1x1(&x, &wt, Some(&b)).unwrap();
+            let want = x.conv2d(&wt, 0, 1, 1, 1).unwrap().broadcast_add(&b.reshape((1, co, 1, 1)).unwrap()).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let diff = (&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-5, "{:?}: max difference {diff}", (n, ci, co, h, w));
+            let video = conv1x1(&x.reshape((n, ci, 1, h, w)).unwrap(), &wt, None).unwrap();
+            assert_eq!(video.dims(), &[n, co, 1, h, w]);
+        }
+        assert!(conv1x1(&Tensor::zeros((2, 3), DType::F32, &dev).unwrap(), &Tensor::zeros((4, 3), DType::F32, &dev).unwrap(), None).is_err());
     }
 
     #[test]

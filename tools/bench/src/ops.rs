@@ -44,6 +44,10 @@ pub(crate) fn ops_1024(runs: usize, target: &Target) -> Result<Vec<Timing>> {
         let wt2 = wt.squeeze(4)?;
         op("temporal conv 1x320x16x9216 k3 (cuDNN)", &mut || Ok(kernels::temporal_conv_cudnn(&xt, &wt2, &zeros)?))?;
     }
+    // A residual block's skip connection at the first level of the output blocks (960 → 320).
+    let (x960, w1) = (r(&[t, 3 * c, h, w], 1.0)?, r(&[c, 3 * c, 1, 1], 0.02)?);
+    op("conv1x1 16x960->320x72x128 (candle)", &mut || Ok(x960.conv2d(&w1, 0, 1, 1, 1)?.broadcast_add(&zeros.reshape((1, c, 1, 1))?)?))?;
+    op("conv1x1 16x960->320x72x128", &mut || Ok(kernels::conv1x1(&x960, &w1, Some(&zeros))?))?;
     op("group_norm+silu 16x320x72x128 g32", &mut || Ok(kernels::group_norm(&x, &ones, &zeros, 32, 1e-5, true)?))?;
     op("group_norm+silu 16x320x72x128 g32 (candle)", &mut || Ok(kernels::group_norm_reference(&x, &ones, &zeros, 32, 1e-5, true)?))?;
     let xv = r(&[1, c, t, h, w], 1.0)?;

@@ -415,4 +415,26 @@ mod tests {
             }
         }
     }
+
+    /// On a GPU: 1×1 convolutions as one product with the bias epilogue against candle's
+    /// convolution in f32 (the UNet's skips, a VAE shortcut's shape, planes of whole packs and
+    /// not).
+    #[test]
+    fn conv1x1_matches_candle_on_gpu() {
+        let dev = Device::new_cuda(0).expect("a CUDA build's tests need a GPU");
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 5e-3), (DType::F16, 1e-3)] {
+            let r = |shape: &[usize], std: f32| Tensor::randn(0f32, std, shape, &dev).and_then(|t| t.to_dtype(dtype)).unwrap();
+            let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            for (n, ci, co, h, w) in [(16usize, 960usize, 320usize, 36usize, 64usize), (1, 256, 128, 72, 128), (3, 24, 40, 5, 7)] {
+                let (x, wt, b) = (r(&[n, ci, h, w], 1.0), r(&[co, ci, 1, 1], 0.05), r(&[co], 1.0));
+                assert!(crate::conv1x1_supported(&x, &wt, Some(&b)));
+                let got = crate::conv1x1(&x, &wt, Some(&b)).unwrap();
+                assert_eq!((got.dims(), got.dtype()), (&[n, co, h, w][..], dtype));
+                let want = f(&x).conv2d(&f(&wt), 0, 1, 1, 1).unwrap().broadcast_add(&f(&b).reshape((1, co, 1, 1)).unwrap()).unwrap();
+                let e = rel(&got, &want);
+                eprintln!("1x1 convolution {dtype:?} {n}x{ci}->{co}x{h}x{w}: {e:.2e}");
+                assert!(e < tol, "1x1 convolution {dtype:?} {n}x{ci}->{co}x{h}x{w}: {e:.2e}");
+            }
+        }
+    }
 }

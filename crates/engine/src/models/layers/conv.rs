@@ -8,12 +8,19 @@ use dynamicrafter_kernels::{Bf16Conv, Bf16DotConv, Bf16DotTemporalConv, ConvExtr
 use std::sync::Arc;
 
 /// candle's `Conv2d`, which on the CPU also takes bf16/f16 inputs (candle has no such CPU
-/// convolution): they are computed in f32, as GPUs accumulate, and rounded back.
+/// convolution): they are computed in f32, as GPUs accumulate, and rounded back. Pointwise (1×1)
+/// ones on CUDA are one product and our bias epilogue ([`dynamicrafter_kernels::conv1x1`]).
 #[derive(Debug, Clone)]
 pub struct Conv2d(candle_nn::Conv2d);
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (w, cfg) = (self.0.weight(), self.0.config());
+        // A pointwise convolution as one product where the op API has the kernels for it (CUDA).
+        let pointwise = w.dims()[2..] == [1, 1] && cfg.stride == 1 && cfg.padding == 0 && cfg.dilation == 1 && cfg.groups == 1;
+        if pointwise && dynamicrafter_kernels::conv1x1_supported(xs, w, self.0.bias()) {
+            return dynamicrafter_kernels::conv1x1(xs, w, self.0.bias());
+        }
         if xs.device().is_cpu() && (xs.dtype() != DType::F32 || self.0.weight().dtype() != DType::F32) {
             let f32 = |t: &Tensor| t.to_dtype(DType::F32);
             let conv = candle_nn::Conv2d::new(f32(self.0.weight())?, self.0.bias().map(f32).transpose()?, *self.0.config());
