@@ -307,6 +307,17 @@ pub fn conv1x1(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> 
     y.reshape(out)
 }
 
+/// [`conv3x3_taps`] of `x (n, c, h, w)` upsampled 2× (nearest), as before the UNet's and the
+/// VAE's upsampling convolutions: on CUDA the upsample happens in the implicit GEMM's input copy.
+pub fn conv3x3_taps_upsampled(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if cuda::usable(x) && w_taps.dtype() == x.dtype() {
+        cuda::conv3x3_upsampled(x, w_taps, bias)
+    } else {
+        let (_, _, h, w) = x.dims4()?;
+        conv3x3_taps(&x.upsample_nearest2d(2 * h, 2 * w)?, w_taps, bias)
+    }
+}
+
 /// [`conv3x3_taps`] from a weight in its stored layout `(co, c, 3, 3)`.
 pub fn conv3x3(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
     conv3x3_taps(x, &taps_first(w)?, bias)

@@ -24,6 +24,11 @@ pub(crate) fn ops_1024(runs: usize, target: &Target) -> Result<Vec<Timing>> {
     let (ones, zeros) = (Tensor::ones(c, dt, &target.device)?, Tensor::zeros(c, dt, &target.device)?);
     let w3 = r(&[c, c, 3, 3], 0.02)?;
     op("conv3x3 16x320x72x128", &mut || Ok(kernels::conv3x3(&x, &w3, &zeros)?))?;
+    // The output blocks' upsampling convolution into the first level: 2× nearest, then 3×3.
+    let (x_half, w_up) = (r(&[t, 2 * c, h / 2, w / 2], 1.0)?, kernels::taps_first(&r(&[2 * c, 2 * c, 3, 3], 0.02)?)?);
+    let zeros_up = Tensor::zeros(2 * c, dt, &target.device)?;
+    op("upsample 2x + conv3x3 16x640x36x64 (upsampled first)", &mut || Ok(kernels::conv3x3_taps(&x_half.upsample_nearest2d(h, w)?, &w_up, &zeros_up)?))?;
+    op("upsample 2x + conv3x3 16x640x36x64", &mut || Ok(kernels::conv3x3_taps_upsampled(&x_half, &w_up, &zeros_up)?))?;
     let xt = r(&[1, c, t, hw], 1.0)?;
     let wt = r(&[c, c, 3, 1, 1], 0.02)?;
     op("temporal conv 1x320x16x9216 k3", &mut || Ok(kernels::temporal_conv(&xt, &wt, &zeros)?))?;

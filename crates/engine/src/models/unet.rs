@@ -389,10 +389,7 @@ impl Layer {
             Layer::Res(r) => r.forward(xs, emb, b),
             Layer::Spatial(s) => s.forward(xs, context),
             Layer::Temporal(t) => t.forward(xs, b),
-            Layer::Up(c) => {
-                let (_, _, h, w) = xs.dims4()?;
-                c.forward(&xs.upsample_nearest2d(2 * h, 2 * w)?)
-            }
+            Layer::Up(c) => c.forward_upsampled(xs),
         }
     }
 }

@@ -201,8 +201,7 @@ impl Decoder {
                 h = b.forward(&h)?;
             }
             if let Some(conv) = &level.resample {
-                let (_, _, hh, ww) = h.dims4()?;
-                h = conv.forward(&h.upsample_nearest2d(2 * hh, 2 * ww)?)?;
+                h = conv.forward_upsampled(&h)?;
             }
         }
         let out = self.conv_out.forward(&self.norm_out.forward_silu(&h)?)?;

@@ -43,20 +43,22 @@ template <typename T> __device__ __forceinline__ T from_f32(float v);
 template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 
-// Grid: (ceil(cols_p / 32), ceil(c / 32), n · rows_p); block (32, 8).
+// x (n, c, rows, cols) upsampled by `up` (1, or 2: nearest, as a 2× upsample before a
+// convolution) → xp (n, rows·up + 2·pad_r, cols·up + 2·pad_c, c). Grid: (ceil(cols_p / 32),
+// ceil(c / 32), n · rows_p); block (32, 8).
 template <typename T>
 __device__ void to_channels_last(const T* __restrict__ x, T* __restrict__ xp, int c, int rows, int cols, int pad_r,
-                                 int pad_c) {
+                                 int pad_c, int up) {
     __shared__ T tile[32][33];
-    const int rows_p = rows + 2 * pad_r, cols_p = cols + 2 * pad_c;
+    const int rows_p = rows * up + 2 * pad_r, cols_p = cols * up + 2 * pad_c;
     const int sample = blockIdx.z / rows_p, r = blockIdx.z % rows_p;
     const int col0 = blockIdx.x * 32, ch0 = blockIdx.y * 32;
     const int tx = threadIdx.x, ty = threadIdx.y;
-    const int in_r = r - pad_r, in_c = col0 + tx - pad_c;
-    const bool inside = in_r >= 0 && in_r < rows && in_c >= 0 && in_c < cols;
+    const int in_r = r - pad_r, in_c = col0 + tx - pad_c;  // in the upsampled image
+    const bool inside = in_r >= 0 && in_r < rows * up && in_c >= 0 && in_c < cols * up;
     for (int i = ty; i < 32; i += 8) {
         const int ch = ch0 + i;
-        tile[i][tx] = inside && ch < c ? x[(((size_t)sample * c + ch) * rows + in_r) * cols + in_c] : from_f32<T>(0.f);
+        tile[i][tx] = inside && ch < c ? x[(((size_t)sample * c + ch) * rows + in_r / up) * cols + in_c / up] : from_f32<T>(0.f);
     }
     __syncthreads();
     for (int i = ty; i < 32; i += 8) {
@@ -192,8 +194,8 @@ __device__ void conv_igemm(const T* __restrict__ xp, const T* __restrict__ w, co
 
 #define CONV_IGEMM(NAME, T)                                                                                  \
     extern "C" __global__ void to_channels_last_##NAME(const T* x, T* xp, int c, int rows, int cols, int pad_r, \
-                                                        int pad_c) {                                          \
-        to_channels_last(x, xp, c, rows, cols, pad_r, pad_c);                                                \
+                                                        int pad_c, int up) {                                  \
+        to_channels_last(x, xp, c, rows, cols, pad_r, pad_c, up);                                            \
     }                                                                                                         \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                    \
         conv_igemm_##NAME(const T* xp, const T* w, const T* bias, const T* sample_bias, const T* residual,    \

@@ -13,6 +13,11 @@ const CHANNEL_STEP: usize = 32;
 /// build, a GPU, f16/bf16 throughout, `ci` a multiple of 32. `DYNAMICRAFTER_CONV_IGEMM=0` keeps
 /// the shifted GEMMs (A/B benchmarks).
 pub fn supported(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> bool {
+    supported_upsampled(x, w_taps, bias, 1)
+}
+
+/// [`supported`] for [`conv3x3_upsampled`] by `up` (the padded copy's rows grow with it).
+pub fn supported_upsampled(x: &Tensor, w_taps: &Tensor, bias: &Tensor, up: usize) -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let enabled = *ENABLED.get_or_init(|| std::env::var("DYNAMICRAFTER_CONV_IGEMM").map_or(true, |v| v != "0"));
     let dtype = x.dtype();
@@ -29,7 +34,8 @@ pub fn supported(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> bool {
         // grid has a block row per (sample, padded row): at most 65535.
         && x.elem_count() > 0
         && w_taps.elem_count() > 0
-        && x.dim(0).and_then(|n| Ok(n * (x.dim(2)? + 2))).is_ok_and(|rows| rows <= 65535)
+        && x.dim(0).and_then(|n| Ok(n * (x.dim(2)? * up + 2))).is_ok_and(|rows| rows <= 65535)
+        && (up == 1 || x.rank() == 4 && w_taps.dim(0).ok() == Some(9))
 }
 
 /// What the kernel adds besides the bias, on the way out: a bias per sample and output channel
@@ -61,8 +67,20 @@ impl Extras<'_> {
 /// 3×3 convolution, stride 1, padding 1, of `x (n, ci, h, w)` with `w_taps (9, co, ci)`, bias
 /// `(co)` and `extras`.
 pub fn conv3x3(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras) -> Result<Tensor> {
+    conv3x3_scaled(x, w_taps, bias, extras, 1)
+}
+
+/// [`conv3x3`] of `x` upsampled 2× (nearest), `(n, co, 2h, 2w)`: the upsample happens in the
+/// channels-last copy, so the 4× larger upsampled image is never written on its own (candle's
+/// upsample computes every element's source with 64-bit divisions).
+pub fn conv3x3_upsampled(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    conv3x3_scaled(x, w_taps, bias, Extras::default(), 2)
+}
+
+fn conv3x3_scaled(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras, up: usize) -> Result<Tensor> {
     let (n, _, h, w) = x.dims4()?;
-    let xp = channels_last(x, 1, 1)?;
+    let (h, w) = (h * up, w * up);
+    let xp = channels_last(x, 1, 1, up)?;
     let co = w_taps.dim(1)?;
     let geometry = Geometry { rows: h, cols: w, cols_padded: w + 2, kw: 3, row_step: w + 2 };
     convolve(&xp, w_taps, bias, extras, geometry)?.reshape((n, co, h, w))
@@ -71,15 +89,16 @@ pub fn conv3x3(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras) -> Re
 /// Conv3d with kernel (3,1,1), padding (1,0,0) of `x (b, ci, t, s)` with `w_taps (3, co, ci)`.
 pub fn temporal_conv(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras) -> Result<Tensor> {
     let (b, _, t, s) = x.dims4()?;
-    let xp = channels_last(x, 1, 0)?;
+    let xp = channels_last(x, 1, 0, 1)?;
     let co = w_taps.dim(1)?;
     let geometry = Geometry { rows: t, cols: s, cols_padded: s, kw: 1, row_step: s };
     convolve(&xp, w_taps, bias, extras, geometry)?.reshape((b, co, t, s))
 }
 
-/// `x (n, c, rows, cols)` → `(n, rows + 2·pad_r, cols + 2·pad_c, c)`, zeros in the border.
-fn channels_last(x: &Tensor, pad_r: usize, pad_c: usize) -> Result<Tensor> {
-    x.contiguous()?.apply_op1_no_bwd(&ChannelsLast { pad_r, pad_c })
+/// `x (n, c, rows, cols)` upsampled by `up` (nearest) → `(n, rows·up + 2·pad_r, cols·up +
+/// 2·pad_c, c)`, zeros in the border.
+fn channels_last(x: &Tensor, pad_r: usize, pad_c: usize, up: usize) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&ChannelsLast { pad_r, pad_c, up })
 }
 
 /// `xp` channels-last and padded (`n, rows_p, cols_padded, ci`) → `(n, co, rows·cols)`.
@@ -121,6 +140,7 @@ struct Geometry {
 struct ChannelsLast {
     pad_r: usize,
     pad_c: usize,
+    up: usize,
 }
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -177,7 +197,7 @@ mod imp {
     pub fn channels_last<T: CudaDType + DeviceRepr>(dtype: &str, op: &ChannelsLast, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
         let (n, c, rows, cols) = xl.shape().dims4()?;
         let (x0, x1) = contiguous(xl, "x")?;
-        let (rows_p, cols_p) = (rows + 2 * op.pad_r, cols + 2 * op.pad_c);
+        let (rows_p, cols_p) = (rows * op.up + 2 * op.pad_r, cols * op.up + 2 * op.pad_c);
         let dev = x.device.clone();
         let xs = x.as_cuda_slice::<T>()?.slice(x0..x1);
         // SAFETY: the grid covers every (sample, row, column, channel) of the output once.
@@ -186,7 +206,7 @@ mod imp {
         let grid = (cols_p.div_ceil(32) as u32, c.div_ceil(32) as u32, (n * rows_p) as u32);
         let cfg = LaunchConfig { grid_dim: grid, block_dim: (32, 8, 1), shared_mem_bytes: 0 };
         let (c_i, rows_i, cols_i) = (int(c, "channels")?, int(rows, "rows")?, int(cols, "columns")?);
-        let (pad_r, pad_c) = (op.pad_r as i32, op.pad_c as i32);
+        let (pad_r, pad_c, up) = (op.pad_r as i32, op.pad_c as i32, op.up as i32);
         let mut builder = func.builder();
         builder.arg(&xs);
         builder.arg(&out);
@@ -195,6 +215,7 @@ mod imp {
         builder.arg(&cols_i);
         builder.arg(&pad_r);
         builder.arg(&pad_c);
+        builder.arg(&up);
         // SAFETY: arguments match `to_channels_last_*`; sizes from the layout above.
         unsafe { builder.launch(cfg) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, rows_p, cols_p, c))))
@@ -334,6 +355,14 @@ mod tests {
                 let e = rel(&got, &crate::temporal_conv_reference(&f(&x), &f(&w3), &f(&b)).unwrap());
                 eprintln!("implicit-GEMM temporal conv {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");
                 assert!(e < tol, "temporal conv {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");
+                // Of the input upsampled 2× in the channels-last copy.
+                assert!(supported_upsampled(&x, &taps_first(&wt).unwrap(), &b, 2));
+                let got = conv3x3_upsampled(&x, &taps_first(&wt).unwrap(), &b).unwrap();
+                let want = crate::conv3x3_reference(&f(&x).upsample_nearest2d(2 * h, 2 * w).unwrap(), &f(&wt), &f(&b)).unwrap();
+                assert_eq!(got.dims(), want.dims());
+                let e = rel(&got, &want);
+                eprintln!("implicit-GEMM conv3x3 of the 2x upsampled {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");
+                assert!(e < tol, "conv3x3 of the upsampled input {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");
             }
         }
     }

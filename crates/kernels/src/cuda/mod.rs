@@ -124,6 +124,19 @@ pub fn conv3x3(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: conv_igemm::E
     }
 }
 
+/// [`conv3x3`] of `x (n, ci, h, w)` upsampled 2× (nearest): the upsample fused into the
+/// implicit GEMM's channels-last copy where that kernel takes the convolution, else candle's
+/// upsample first.
+pub fn conv3x3_upsampled(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let bias = bias.to_dtype(x.dtype())?;
+    if conv_igemm::supported_upsampled(x, w_taps, &bias, 2) {
+        conv_igemm::conv3x3_upsampled(x, w_taps, &bias)
+    } else {
+        let (_, _, h, w) = x.dims4()?;
+        conv3x3(&x.upsample_nearest2d(2 * h, 2 * w)?, w_taps, &bias, conv_igemm::Extras::default())
+    }
+}
+
 /// [`conv3x3`] as 9 cuBLAS GEMMs over shifted windows of the padded input, f32 accumulation.
 pub fn conv3x3_shifted(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let (n, _, h, w) = x.dims4()?;

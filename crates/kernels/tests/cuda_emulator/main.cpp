@@ -34,7 +34,7 @@ ATTENTION_KERNELS(flash_attention2, bf16, __nv_bfloat16)
     extern "C" void permute_bias_add_##NAME(const T*, const T*, int64_t, const T*, T*, Tiles, int64_t);         \
     extern "C" void add_layer_norm_##NAME(const T*, const T*, const T*, const T*, const T*, T*, T*, size_t, int, float, int);
 #define CONV_KERNELS(NAME, T)                                                                               \
-    extern "C" void to_channels_last_##NAME(const T*, T*, int, int, int, int, int);                         \
+    extern "C" void to_channels_last_##NAME(const T*, T*, int, int, int, int, int, int);                    \
     extern "C" void conv_igemm_##NAME(const T*, const T*, const T*, const T*, const T*, T*, int, int, int, int, int, \
                                       int, int, int, int);
 CONV_KERNELS(f16, __half)
@@ -422,19 +422,24 @@ void permute_bias_adds(void (*kernel)(const T*, const T*, int64_t, const T*, T*,
 template <typename T>
 using ConvKernel = void (*)(const T*, const T*, const T*, const T*, const T*, T*, int, int, int, int, int, int, int, int, int);
 
-// A 3×3 convolution (padding 1) when `spatial`, else the temporal (3, 1, 1) one (padding 1 in
-// rows); with a bias per sample and channel and a residual added when `extras`.
 template <typename T>
-void conv_case(void (*to_channels_last)(const T*, T*, int, int, int, int, int), ConvKernel<T> conv, bool spatial,
-               bool extras, int n, int ci, int co, int rows, int cols, double tolerance) {
+using ToChannelsLast = void (*)(const T*, T*, int, int, int, int, int, int);
+
+// A 3×3 convolution (padding 1) when `spatial`, else the temporal (3, 1, 1) one (padding 1 in
+// rows); with a bias per sample and channel and a residual added when `extras`; of the input
+// upsampled 2× (nearest) in the channels-last copy when `up` is 2 (rows, cols: the output's).
+template <typename T>
+void conv_case(ToChannelsLast<T> to_channels_last, ConvKernel<T> conv, bool spatial, bool extras, int n, int ci, int co,
+               int rows, int cols, double tolerance, int up = 1) {
     const int pad_r = 1, pad_c = spatial ? 1 : 0, kh = 3, kw = spatial ? 3 : 1, taps = kh * kw;
     const int rows_p = rows + 2 * pad_r, cols_p = cols + 2 * pad_c, plane_p = rows_p * cols_p;
     const size_t positions = (size_t)rows * cols;
-    Buffer<T> x = random_buffer<T>((size_t)n * ci * positions), w = random_buffer<T>((size_t)taps * co * ci, 0.f, 0.1f),
+    const int in_rows = rows / up, in_cols = cols / up;
+    Buffer<T> x = random_buffer<T>((size_t)n * ci * in_rows * in_cols), w = random_buffer<T>((size_t)taps * co * ci, 0.f, 0.1f),
               bias = random_buffer<T>(co), xp((size_t)n * plane_p * ci), out((size_t)n * co * positions),
               sample_bias = random_buffer<T>((size_t)n * co), residual = random_buffer<T>((size_t)n * co * positions);
     emu::launch(dim3{(unsigned)((cols_p + 31) / 32), (unsigned)((ci + 31) / 32), (unsigned)(n * rows_p)}, dim3{32, 8, 1},
-                [&] { to_channels_last(x.data(), xp.data(), ci, rows, cols, pad_r, pad_c); });
+                [&] { to_channels_last(x.data(), xp.data(), ci, in_rows, in_cols, pad_r, pad_c, up); });
     const int row_step = cols_p;
     emu::launch(dim3{(unsigned)((positions + 127) / 128), (unsigned)((co + 127) / 128), (unsigned)n}, dim3{256, 1, 1},
                 [&] {
@@ -457,7 +462,7 @@ void conv_case(void (*to_channels_last)(const T*, T*, int, int, int, int, int), 
                         if (rr < 0 || rr >= rows || cc < 0 || cc >= cols) continue;
                         for (int i = 0; i < ci; ++i)
                             want += double(float(w[((size_t)t * co + o) * ci + i])) *
-                                    float(x[(((size_t)s * ci + i) * rows + rr) * cols + cc]);
+                                    float(x[(((size_t)s * ci + i) * in_rows + rr / up) * in_cols + cc / up]);
                     }
                     const double got = float(out[((size_t)s * co + o) * positions + (size_t)r * cols + c]);
                     err += (got - want) * (got - want);
@@ -465,8 +470,9 @@ void conv_case(void (*to_channels_last)(const T*, T*, int, int, int, int, int), 
                 }
     const double rel = std::sqrt(err / norm);
     char detail[200];
-    std::snprintf(detail, sizeof detail, "%s%s n=%d ci=%d co=%d %dx%d relative error %.2e (bound %.0e)%s%s",
-                  spatial ? "3x3" : "temporal", extras ? " + sample bias + residual" : "", n, ci, co, rows, cols, rel, tolerance,
+    std::snprintf(detail, sizeof detail, "%s%s%s n=%d ci=%d co=%d %dx%d relative error %.2e (bound %.0e)%s%s",
+                  spatial ? "3x3" : "temporal", up == 2 ? " of the 2x upsampled input" : "",
+                  extras ? " + sample bias + residual" : "", n, ci, co, rows, cols, rel, tolerance,
                   xp.guards_intact() ? "" : ", wrote outside the channels-last copy",
                   out.guards_intact() ? "" : ", wrote outside its output");
     report(std::string("conv_igemm ") + dtype_name<T>(),
@@ -474,13 +480,13 @@ void conv_case(void (*to_channels_last)(const T*, T*, int, int, int, int, int), 
 }
 
 template <typename T>
-void convolutions(void (*to_channels_last)(const T*, T*, int, int, int, int, int), ConvKernel<T> conv,
-                  double tolerance) {
+void convolutions(ToChannelsLast<T> to_channels_last, ConvKernel<T> conv, double tolerance) {
     // Partial tiles in both GEMM dimensions, several of each, rows of the image across a tile.
     conv_case<T>(to_channels_last, conv, true, false, 2, 64, 48, 5, 7, tolerance);
     conv_case<T>(to_channels_last, conv, true, true, 1, 32, 160, 12, 20, tolerance);
     conv_case<T>(to_channels_last, conv, false, true, 2, 32, 40, 5, 30, tolerance);
     conv_case<T>(to_channels_last, conv, false, false, 1, 96, 130, 4, 70, tolerance);
+    conv_case<T>(to_channels_last, conv, true, false, 2, 32, 40, 10, 14, tolerance, 2);
 }
 
 

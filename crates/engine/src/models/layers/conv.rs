@@ -106,6 +106,18 @@ impl Module for Conv3x3 {
 }
 
 impl Conv3x3 {
+    /// The convolution of `xs (n, c, h, w)` upsampled 2× (nearest): on CUDA the upsample is part
+    /// of the convolution's input copy.
+    pub fn forward_upsampled(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Shifted { taps, bias } => dynamicrafter_kernels::conv3x3_taps_upsampled(xs, taps, bias),
+            _ => {
+                let (_, _, h, w) = xs.dims4()?;
+                self.forward(&xs.upsample_nearest2d(2 * h, 2 * w)?)
+            }
+        }
+    }
+
     /// The convolution plus `extras` (a bias per sample, a residual): in the kernel where it
     /// takes them (CUDA's implicit GEMM), added after it otherwise.
     pub fn forward_with(&self, xs: &Tensor, extras: ConvExtras) -> Result<Tensor> {
