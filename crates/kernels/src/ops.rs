@@ -28,7 +28,7 @@ pub fn group_norm(x: &Tensor, w: &Tensor, b: &Tensor, groups: usize, eps: f64, s
     }
     if cpu_f32(&[x, w, b]) {
         portable::group_norm(x, w, b, groups, eps, silu)
-    } else if cuda::group_norm_enabled() && cuda::usable(x) && w.dtype() == x.dtype() && b.dtype() == x.dtype() {
+    } else if cuda::group_norm_enabled() && cuda::usable(x) && w.dtype() == x.dtype() && b.dtype() == x.dtype() && x.elem_count() > 0 && x.dim(0)? * groups <= 65535 {
         cuda::group_norm(x, w, b, groups, eps, silu)
     } else {
         group_norm_reference(x, w, b, groups, eps, silu)

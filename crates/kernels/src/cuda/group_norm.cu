@@ -77,13 +77,19 @@ __device__ void group_stats(const T* __restrict__ x, double* __restrict__ sums, 
     }
 }
 
+template <bool SILU>
+__device__ __forceinline__ float activate(float v) {
+    return SILU ? v / (1.f + __expf(-v)) : v;
+}
+
 // Grid: (chunks per group, n·groups), as group_stats: a block normalises CHUNK elements of one
 // group, whose mean and scale it works out once; a group's channels are consecutive planes of
-// s elements. `packed` (s a multiple of a pack): a pack never straddles two channels.
-template <typename T>
-__device__ void group_apply(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
-                            const double* __restrict__ sums, T* __restrict__ y, int c, size_t s, int channels_per_group,
-                            float eps, int silu, int packed) {
+// s elements. `packed` (s a multiple of a pack): a pack never straddles two channels. SiLU is a
+// template parameter: a runtime choice inside the loop kept nvcc from storing whole packs.
+template <typename T, bool SILU>
+__device__ void group_apply_as(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
+                               const double* __restrict__ sums, T* __restrict__ y, int c, size_t s,
+                               int channels_per_group, float eps, int packed) {
     constexpr int V = 16 / sizeof(T);
     const size_t group = blockIdx.y;
     const size_t group_len = (size_t)channels_per_group * s;
@@ -97,24 +103,33 @@ __device__ void group_apply(const T* __restrict__ x, const T* __restrict__ w, co
     T* gy = y + group * group_len;
     const size_t begin = (size_t)blockIdx.x * CHUNK;
     const size_t end = min(begin + CHUNK, group_len);
-    auto normalise = [&](float v, int ch) {
-        v = (v - mean) * rstd * load(w, ch) + load(b, ch);
-        return silu ? v / (1.f + __expf(-v)) : v;
-    };
     // A 64-bit division costs several times a 32-bit one; groups past 2³² elements take it.
     const bool narrow = group_len <= 0xffffffffu;
-    auto channel = [&](size_t i) { return ch0 + (int)(narrow ? (uint32_t)i / (uint32_t)s : i / s); };
     if (packed) {
         for (size_t i = begin + threadIdx.x * V; i < end; i += THREADS * V) {
-            const int ch = channel(i);
+            const int ch = ch0 + (int)(narrow ? (uint32_t)i / (uint32_t)s : i / s);
+            const float weight = load(w, ch), bias = load(b, ch);
             Pack<T> p = *reinterpret_cast<const Pack<T>*>(gx + i);
 #pragma unroll
-            for (int k = 0; k < V; ++k) store(p.v, k, normalise(load(p.v, k), ch));
+            for (int k = 0; k < V; ++k) store(p.v, k, activate<SILU>((load(p.v, k) - mean) * rstd * weight + bias));
             *reinterpret_cast<Pack<T>*>(gy + i) = p;
         }
     } else {
-        for (size_t i = begin + threadIdx.x; i < end; i += THREADS) store(gy, i, normalise(load(gx, i), channel(i)));
+        for (size_t i = begin + threadIdx.x; i < end; i += THREADS) {
+            const int ch = ch0 + (int)(narrow ? (uint32_t)i / (uint32_t)s : i / s);
+            store(gy, i, activate<SILU>((load(gx, i) - mean) * rstd * load(w, ch) + load(b, ch)));
+        }
     }
+}
+
+template <typename T>
+__device__ void group_apply(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
+                            const double* __restrict__ sums, T* __restrict__ y, int c, size_t s, int channels_per_group,
+                            float eps, int silu, int packed) {
+    if (silu)
+        group_apply_as<T, true>(x, w, b, sums, y, c, s, channels_per_group, eps, packed);
+    else
+        group_apply_as<T, false>(x, w, b, sums, y, c, s, channels_per_group, eps, packed);
 }
 
 }  // namespace

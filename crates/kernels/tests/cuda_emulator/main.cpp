@@ -249,7 +249,7 @@ void group_norm(GroupStats<T> stats, GroupApply<T> apply, double tolerance) {
     constexpr size_t V = 16 / sizeof(T);
     // (n, c, groups, s, silu): a plane that is whole packs or not; groups of one and of several
     // statistics blocks; a group's channels straddling blocks.
-    const size_t cases[][5] = {{2, 32, 8, 300, 0}, {1, 16, 4, 2500, 1}, {2, 64, 32, 2048, 1}, {3, 40, 8, 72, 0}};
+    const size_t cases[][5] = {{2, 32, 8, 300, 0}, {1, 16, 4, 2500, 1}, {1, 16, 4, 2560, 1}, {2, 64, 32, 2048, 1}, {3, 40, 8, 72, 0}};
     for (const auto& k : cases) {
         for (int packed : {0, 1}) {
             if (packed && k[3] % V != 0) continue;
