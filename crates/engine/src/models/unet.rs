@@ -139,14 +139,9 @@ impl Attention {
         let to_k = linear_no_bias(context_dim, inner, vb.pp("to_k"), backend)?;
         let to_v = linear_no_bias(context_dim, inner, vb.pp("to_v"), backend)?;
         let kernel = backend.attention(&vb, to_q.kernel());
-        let mut projections = Projections::Separate { to_q, to_k, to_v };
-        if kind == AttentionKind::SelfAttention {
-            if let Projections::Separate { to_q, to_k, to_v } = &projections {
-                if backend.fused_qkv([to_q.kernel(), to_k.kernel(), to_v.kernel()], kernel, dim_head) {
-                    projections = projections.stacked()?;
-                }
-            }
-        }
+        let stack = kind == AttentionKind::SelfAttention && backend.fused_qkv([to_q.kernel(), to_k.kernel(), to_v.kernel()], kernel, dim_head);
+        let separate = Projections::Separate { to_q, to_k, to_v };
+        let projections = if stack { separate.stacked()? } else { separate };
         Ok(Self {
             kernel,
             projections,

@@ -173,7 +173,8 @@ cuda_op!(CustomOp3 for ConvIgemm, "dc-conv-igemm", |op, xp, xl, w, wl, b, bl| {
 #[cfg(feature = "cuda")]
 mod imp {
     use super::{ChannelsLast, ConvIgemm, CHANNEL_STEP};
-    use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+    use crate::cuda::launch::{arg_or_null, carried};
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, CudaStorage, WrapErr};
     use candle_core::{Layout, Result, Shape};
 
@@ -221,16 +222,6 @@ mod imp {
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, rows_p, cols_p, c))))
     }
 
-    /// The device view of a held addend.
-    fn addend<'a, T: CudaDType>(held: &'a Option<(candle_core::StorageRef<'_>, &Layout)>) -> Result<Option<CudaView<'a, T>>> {
-        let Some((storage, layout)) = held else { return Ok(None) };
-        let candle_core::Storage::Cuda(storage) = &**storage else {
-            candle_core::bail!("implicit-GEMM convolution: an addend is not on the GPU");
-        };
-        let (start, end) = contiguous(layout, "addend")?;
-        Ok(Some(storage.as_cuda_slice::<T>()?.slice(start..end)))
-    }
-
     #[allow(clippy::too_many_arguments)]
     pub fn conv<T: CudaDType + DeviceRepr>(
         dtype: &str,
@@ -273,11 +264,10 @@ mod imp {
         let ws = w.as_cuda_slice::<T>()?.slice(w0..w1);
         let bs = b.as_cuda_slice::<T>()?.slice(b0..b1);
         // The extras' storages, read-locked for the launch (their sizes checked by `convolve`).
-        let per_sample = op.per_sample.as_ref().map(|t| t.storage_and_layout());
-        let residual = op.residual.as_ref().map(|t| t.storage_and_layout());
-        let (per_sample, residual) = (addend::<T>(&per_sample)?, addend::<T>(&residual)?);
-        // A null pointer where an addend is absent (the kernel tests for it).
-        let null: u64 = 0;
+        let held_per_sample = op.per_sample.as_ref().map(|t| t.storage_and_layout());
+        let held_residual = op.residual.as_ref().map(|t| t.storage_and_layout());
+        let per_sample = held_per_sample.as_ref().map(|(s, l)| carried::<T>(s, l, "a bias per sample")).transpose()?;
+        let residual = held_residual.as_ref().map(|(s, l)| carried::<T>(s, l, "a residual")).transpose()?;
         // SAFETY: the grid covers every (sample, channel, position); each is written once.
         let out = unsafe { dev.alloc::<T>(n * co * positions)? };
         let func = dev.get_or_load_custom_func(&format!("conv_igemm_{dtype}"), MODULE, PTX)?;
@@ -300,14 +290,8 @@ mod imp {
         builder.arg(&xs);
         builder.arg(&ws);
         builder.arg(&bs);
-        match &per_sample {
-            Some(v) => builder.arg(v),
-            None => builder.arg(&null),
-        };
-        match &residual {
-            Some(v) => builder.arg(v),
-            None => builder.arg(&null),
-        };
+        arg_or_null(&mut builder, per_sample.as_ref());
+        arg_or_null(&mut builder, residual.as_ref());
         builder.arg(&out);
         for a in &args {
             builder.arg(a);

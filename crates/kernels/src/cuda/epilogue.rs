@@ -190,6 +190,7 @@ mod imp {
     use candle_core::cuda_backend::{CudaDType, CudaStorage, WrapErr};
     use candle_core::{DType, Layout, Result, Shape};
 
+    use crate::cuda::launch::{arg_or_null, carried};
     use crate::cuda::permute::imp::tile_launch;
     use crate::cuda::permute::Plan;
 
@@ -282,14 +283,10 @@ mod imp {
         // SAFETY: the kernel writes every element.
         let out = unsafe { dev.alloc::<T>(total)? };
         let (total_u, channels_i, plane_u) = (total as u64, channels as i32, plane as u64);
-        let null = 0u64;
         let mut builder = f.builder();
         builder.arg(&ys);
         builder.arg(&bs);
-        match &residual {
-            Some((rs, _)) => builder.arg(rs),
-            None => builder.arg(&null),
-        };
+        arg_or_null(&mut builder, residual.as_ref().map(|(r, _)| r));
         builder.arg(&out);
         builder.arg(&total_u);
         builder.arg(&channels_i);
@@ -339,12 +336,6 @@ mod imp {
         by_dtype!(y.dtype(), add_layer_norm_t, op, y, yl, r)
     }
 
-    /// A small contiguous tensor the op carries, as a device view.
-    fn carried<'a, T: CudaDType>(storage: &'a candle_core::Storage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
-        let candle_core::Storage::Cuda(s) = storage else { candle_core::bail!("{what} is not on the GPU") };
-        Ok(view::<T>(s, l, what)?.0)
-    }
-
     fn add_layer_norm_t<T: CudaDType + DeviceRepr>(
         op: &super::AddLayerNorm,
         y: &CudaStorage,
@@ -371,14 +362,10 @@ mod imp {
             let (mut sum, mut normed) = out.split_at_mut(total);
             let f = kernel!(dev, "add_layer_norm", y.dtype());
             let (rows_u, cols_i) = (rows as u64, cols as i32);
-            let null = 0u64;
             let mut builder = f.builder();
             builder.arg(&ys);
             builder.arg(&bs);
-            match &residual {
-                Some((rs, _)) => builder.arg(rs),
-                None => builder.arg(&null),
-            };
+            arg_or_null(&mut builder, residual.as_ref().map(|(r, _)| r));
             builder.arg(&gs);
             builder.arg(&betas);
             builder.arg(&mut sum);
@@ -427,13 +414,9 @@ mod imp {
         // SAFETY: the kernel writes every element (each tile of each batch).
         let out = unsafe { dev.alloc::<T>(total)? };
         let f = kernel!(dev, "permute_bias_add", y.dtype());
-        let null = 0u64;
         let mut builder = f.builder();
         builder.arg(&ys);
-        match &bias {
-            Some((bs, _)) => builder.arg(bs),
-            None => builder.arg(&null),
-        };
+        arg_or_null(&mut builder, bias.as_ref().map(|(b, _)| b));
         builder.arg(&bias_len);
         builder.arg(&adds);
         builder.arg(&out);

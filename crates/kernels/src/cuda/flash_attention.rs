@@ -292,18 +292,12 @@ mod cuda {
         };
         // The addend's storage, held for the launch (attention_op made it contiguous and aligned).
         let addend_storage = args.addend.map(|(a, _)| a.storage_and_layout());
-        let addend = match &addend_storage {
-            Some((storage, layout)) => {
-                let candle_core::Storage::Cuda(storage) = &**storage else { candle_core::bail!("flash attention: the addend is not on the GPU") };
-                let (start, end) = layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("flash attention: a strided addend".into()))?;
-                if end - start != b * n * c {
-                    candle_core::bail!("flash attention: an addend of {} elements for {} outputs", end - start, b * n * c);
-                }
-                Some(storage.as_cuda_slice::<T>()?.slice(start..end))
+        let addend = addend_storage.as_ref().map(|(storage, layout)| crate::cuda::launch::carried::<T>(storage, layout, "the attention's addend")).transpose()?;
+        if let Some(a) = &addend {
+            if a.len() != b * n * c {
+                candle_core::bail!("flash attention: an addend of {} elements for {} outputs", a.len(), b * n * c);
             }
-            None => None,
-        };
-        let null = 0u64;
+        }
         let (n_i, m_i) = (n as i32, m as i32);
         let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: shared_bytes as u32 };
         let mut builder = func.builder();
@@ -311,10 +305,7 @@ mod cuda {
         builder.arg(&k);
         builder.arg(&v);
         builder.arg(&out);
-        match &addend {
-            Some(a) => builder.arg(a),
-            None => builder.arg(&null),
-        };
+        crate::cuda::launch::arg_or_null(&mut builder, addend.as_ref());
         builder.arg(&n_i);
         builder.arg(&m_i);
         builder.arg(&args.scale);

@@ -85,6 +85,31 @@ pub mod epilogue;
 pub mod flash_attention;
 pub mod permute;
 
+/// What the launchers share: tensors an op carries beside its inputs, and optional pointers.
+#[cfg(feature = "cuda")]
+mod launch {
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchArgs, PushKernelArg};
+    use candle_core::cuda_backend::CudaDType;
+    use candle_core::{Layout, Result, Storage};
+
+    /// The contiguous elements of a tensor an op carries (read-locked by the caller for the
+    /// launch), as a device view.
+    pub fn carried<'a, T: CudaDType>(storage: &'a Storage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+        let Storage::Cuda(storage) = storage else { candle_core::bail!("{what} is not on the GPU") };
+        let (start, end) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{what} must be contiguous")))?;
+        Ok(storage.as_cuda_slice::<T>()?.slice(start..end))
+    }
+
+    /// Pushes `view`, or a null pointer where there is none (the kernels test for null).
+    pub fn arg_or_null<'a, 'c: 'a, T>(builder: &mut LaunchArgs<'a>, view: Option<&'a CudaView<'c, T>>) {
+        static NULL: u64 = 0;
+        match view {
+            Some(v) => builder.arg(v),
+            None => builder.arg(&NULL),
+        };
+    }
+}
+
 use candle_core::{DType, Result, Tensor};
 
 /// Whether `x` is a float tensor on a GPU this build can run our kernels on.
