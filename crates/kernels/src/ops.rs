@@ -2,7 +2,7 @@
 //! dtype and (on the CPU) instruction set, and falls back to the reference composition
 //! ([`crate::reference`]) where we have none.
 
-use crate::reference::{attention_chunked, conv3x3_reference, group_norm_reference, temporal_conv_reference, MAX_SCORES};
+use crate::reference::{attention_chunked, conv3x3_reference, conv3x3_strided_reference, group_norm_reference, temporal_conv_reference, MAX_SCORES};
 use crate::{cuda, portable};
 use candle_core::{DType, Result, Tensor};
 
@@ -268,8 +268,7 @@ pub fn conv3x3_taps(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Tensor
     } else if cuda::usable(x) && w_taps.dtype() == x.dtype() {
         cuda::conv3x3(x, w_taps, bias, ConvExtras::default())
     } else {
-        let (co, c) = (w_taps.dim(1)?, w_taps.dim(2)?);
-        conv3x3_reference(x, &w_taps.permute((1, 2, 0))?.reshape((co, c, 3, 3))?, bias)
+        conv3x3_reference(x, &taps_last(w_taps, 3)?, bias)
     }
 }
 
@@ -318,9 +317,27 @@ pub fn conv3x3_taps_upsampled(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Res
     }
 }
 
+/// [`conv3x3_taps`] with stride 2 (the UNet's downsampling): `(n, co, ⌈h/2⌉, ⌈w/2⌉)`. On CUDA
+/// the implicit GEMM reads every second position of its channels-last copy; elsewhere candle's
+/// strided convolution serves (in f32 on the CPU).
+pub fn conv3x3_taps_strided(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if cuda::usable(x) && w_taps.dtype() == x.dtype() {
+        cuda::conv3x3_strided(x, w_taps, bias)
+    } else {
+        conv3x3_strided_reference(x, &taps_last(w_taps, 3)?, bias)
+    }
+}
+
 /// [`conv3x3_taps`] from a weight in its stored layout `(co, c, 3, 3)`.
 pub fn conv3x3(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
     conv3x3_taps(x, &taps_first(w)?, bias)
+}
+
+/// A weight taps first `(k·k, co, ci)` back in its stored layout `(co, ci, k, k)`: the inverse of
+/// [`taps_first`] for a square kernel of side `k`.
+pub fn taps_last(w_taps: &Tensor, k: usize) -> Result<Tensor> {
+    let (co, ci) = (w_taps.dim(1)?, w_taps.dim(2)?);
+    w_taps.permute((1, 2, 0))?.reshape((co, ci, k, k))
 }
 
 /// A conv weight `(co, ci, k…)` as `(taps, co, ci)`, taps in row-major kernel order: each tap's
@@ -513,6 +530,27 @@ mod tests {
             let want = temporal_conv_reference(&f64(&x), &f64(&w), &f64(&bias)).unwrap();
             let candle = temporal_conv_reference(&x, &w, &bias).unwrap();
             assert_f32_level(&got, &candle, &want, &format!("{:?}", (b, c, co, t, s)));
+        }
+    }
+
+    /// The downsampling convolution from a weight taps first (the UNet's layer on CUDA keeps it
+    /// so) against candle's strided convolution of the stored weight, odd and even sides, bf16.
+    #[test]
+    fn strided_conv_from_taps_equals_candles() {
+        let dev = Device::Cpu;
+        for (n, c, co, h, w) in [(2, 8, 6, 9, 7), (1, 4, 5, 8, 10)] {
+            let x = Tensor::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 0.2, (co, c, 3, 3), &dev).unwrap();
+            let bias = Tensor::randn(0f32, 0.2, co, &dev).unwrap();
+            let back = taps_last(&taps_first(&wt).unwrap(), 3).unwrap();
+            assert_eq!((back - &wt).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+            let bf16 = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+            let got = conv3x3_taps_strided(&bf16(&x), &taps_first(&bf16(&wt)).unwrap(), &bf16(&bias)).unwrap();
+            assert_eq!((got.dtype(), got.dims()), (DType::BF16, &[n, co, h.div_ceil(2), w.div_ceil(2)][..]));
+            let f = |t: &Tensor| bf16(t).to_dtype(DType::F32).unwrap();
+            let want = f(&x).conv2d(&f(&wt), 1, 2, 1, 1).unwrap().broadcast_add(&f(&bias).reshape((1, co, 1, 1)).unwrap()).unwrap();
+            let e = crate::common::testing::rel_l2(&got, &want);
+            assert!(e < 5e-3, "{:?}: {e:.2e}", (n, c, co, h, w));
         }
     }
 

@@ -54,6 +54,14 @@ pub fn conv3x3_reference(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor
     x.conv2d(w, 1, 1, 1, 1)?.broadcast_add(&bias.reshape((1, bias.dim(0)?, 1, 1))?)
 }
 
+/// candle's 3×3 convolution with stride 2 and padding 1, with bias, computed in f32 (candle has
+/// no bf16/f16 CPU convolution) and rounded back to `x`'s dtype.
+pub fn conv3x3_strided_reference(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let f32 = |t: &Tensor| t.to_dtype(candle_core::DType::F32);
+    let y = f32(x)?.conv2d(&f32(w)?, 1, 2, 1, 1)?.broadcast_add(&f32(bias)?.reshape((1, bias.dim(0)?, 1, 1))?)?;
+    y.to_dtype(x.dtype())
+}
+
 /// `a · GELU_erf(g)` for `[a, g]` = the two halves of the last dimension.
 pub fn geglu_reference(p: &Tensor) -> Result<Tensor> {
     let half = p.dim(candle_core::D::Minus1)? / 2;

@@ -50,6 +50,9 @@ pub(crate) fn unet_case(preset: &str, runs: usize, target: &Target) -> Result<Ti
         let gb = |b: Option<u64>| b.unwrap_or(0) as f64 / 1e9;
         let (now, peak) = (dynamicrafter_engine::report::rss_bytes(), dynamicrafter_engine::report::peak_rss_bytes());
         println!("unet-{preset} built: RSS {:.2} GB (peak while building {:.2} GB)", gb(now), gb(peak));
+    } else {
+        // Which kernels the forward runs (the switches' effect, the convolution tile).
+        println!("unet-{preset} kernels: {}", target.backend.describe());
     }
     let (x, context, h, w) = preset_input(&cfg, target)?;
     let name = format!("unet-{} forward{} ({}×{h}×{w}, ctx 333)", cfg.defaults.width.max(cfg.defaults.height), target.suffix(), cfg.unet.temporal_length);

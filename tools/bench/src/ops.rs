@@ -43,6 +43,21 @@ pub(crate) fn ops_1024(runs: usize, target: &Target) -> Result<Vec<Timing>> {
         let wt_taps = kernels::taps_first(&wt)?;
         op("conv3x3 16x320x72x128 (shifted GEMMs)", &mut || Ok(kernels::conv3x3_shifted(&x, &w3_taps, &zeros)?))?;
         op("temporal conv 1x320x16x9216 k3 (shifted GEMMs)", &mut || Ok(kernels::temporal_conv_shifted(&xt, &wt_taps, &zeros)?))?;
+        // Each tile shape and pipeline depth of the implicit GEMM (DYNAMICRAFTER_CONV_IGEMM_TILE
+        // picks one; the rows above ran the default), at the first level and at the deepest one
+        // (9×16 positions per frame, 1280 channels: tiles span frames).
+        let (x_deep, w_deep) = (r(&[t, 4 * c, h / 8, w / 8], 1.0)?, kernels::taps_first(&r(&[4 * c, 4 * c, 3, 3], 0.02)?)?);
+        let zeros_deep = Tensor::zeros(4 * c, dt, &target.device)?;
+        let none = kernels::ConvExtras::default();
+        for tile in kernels::ConvTile::ALL {
+            let name = tile.name();
+            op(&format!("conv3x3 16x320x72x128 (tile {name})"), &mut || Ok(kernels::conv3x3_on(&x, &w3_taps, &zeros, none, tile)?))?;
+            op(&format!("temporal conv 1x320x16x9216 k3 (tile {name})"), &mut || Ok(kernels::temporal_conv_on(&xt, &wt_taps, &zeros, none, tile)?))?;
+            op(&format!("conv3x3 16x1280x9x16 (tile {name})"), &mut || Ok(kernels::conv3x3_on(&x_deep, &w_deep, &zeros_deep, none, tile)?))?;
+        }
+        // The downsampling convolution out of the first level: candle's (im2col) and ours.
+        op("conv3x3 stride 2 16x320x72x128 (candle)", &mut || Ok(x.conv2d(&w3, 1, 2, 1, 1)?.broadcast_add(&zeros.reshape((1, c, 1, 1))?)?))?;
+        op("conv3x3 stride 2 16x320x72x128", &mut || Ok(kernels::conv3x3_taps_strided(&x, &w3_taps, &zeros)?))?;
     }
     if kernels::cudnn_enabled() && !target.device.is_cpu() {
         op("conv3x3 16x320x72x128 (cuDNN)", &mut || Ok(kernels::conv3x3_cudnn(&x, &w3, &zeros)?))?;

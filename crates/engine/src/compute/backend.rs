@@ -20,6 +20,7 @@ pub enum LayerKind {
     Linear,
     Conv3x3,
     Conv1x1,
+    Downsample,
     TemporalConv,
     Attention,
 }
@@ -30,6 +31,7 @@ impl LayerKind {
             LayerKind::Linear => "linear",
             LayerKind::Conv3x3 => "conv3x3",
             LayerKind::Conv1x1 => "conv1x1",
+            LayerKind::Downsample => "downsample",
             LayerKind::TemporalConv => "temporal conv",
             LayerKind::Attention => "attention",
         }
@@ -219,6 +221,16 @@ impl Backend {
         self.record(LayerKind::Conv1x1, kernel)
     }
 
+    /// A downsampling convolution (3×3, stride 2) at `vb`: the op API on CUDA (the implicit
+    /// GEMM), candle's strided convolution elsewhere.
+    pub fn downsample(&self, vb: &VarBuilder) -> Kernel {
+        let kernel = match self.op_api(vb.dtype()) {
+            Kernel::Cuda => Kernel::Cuda,
+            _ => Kernel::Candle,
+        };
+        self.record(LayerKind::Downsample, kernel)
+    }
+
     /// The temporal (3,1,1) convolution over `c` channels at `vb`.
     pub fn temporal_conv(&self, vb: &VarBuilder, c: usize) -> Kernel {
         let kernel = if self.bf16_tiles(vb, "weight", c, c) {
@@ -361,6 +373,12 @@ impl Backend {
         }
         if self.cuda_graphs {
             out.insert("unet".into(), "CUDA graphs".into());
+        }
+        if self.device.is_cuda() {
+            let (tile, unknown) = dynamicrafter_kernels::ConvTile::setting();
+            let names: Vec<&str> = dynamicrafter_kernels::ConvTile::ALL.iter().map(|t| t.name()).collect();
+            let note = unknown.map(|name| format!(" (DYNAMICRAFTER_CONV_IGEMM_TILE={name} names none of {})", names.join(", "))).unwrap_or_default();
+            out.insert("conv tile".into(), format!("{}{note}", tile.name()));
         }
         match self.stacked_qkv.load(Ordering::Relaxed) {
             0 => {}

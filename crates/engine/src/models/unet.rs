@@ -4,8 +4,8 @@
 //! `(b, c, t, h, w)` only inside temporal convs and temporal transformers.
 
 use super::layers::{
-    attend, attend_add, conv1x1, conv1x1_as_linear, conv3x3, stored_conv2d, frames_to_video, group_norm, layer_norm, linear, linear_no_bias, silu, temporal_conv, timestep_embedding,
-    video_to_frames, Conv1x1, Conv2d, Conv3x3, GroupNorm, Linear, TemporalConv,
+    attend, attend_add, conv1x1, conv1x1_as_linear, conv3x3, downsample, frames_to_video, group_norm, layer_norm, linear, linear_no_bias, silu, temporal_conv, timestep_embedding,
+    video_to_frames, Conv1x1, Conv3x3, Downsample, GroupNorm, Linear, TemporalConv,
 };
 use crate::compute::{Backend, Kernel};
 use crate::config::UnetConfig;
@@ -372,7 +372,7 @@ enum Layer {
     Res(ResBlock),
     Spatial(SpatialTransformer),
     Temporal(TemporalTransformer),
-    Down(Conv2d),
+    Down(Downsample),
     Up(Conv3x3),
 }
 
@@ -476,7 +476,7 @@ impl Unet {
             }
             if level + 1 != cfg.channel_mult.len() {
                 let b = ib.pp(input_blocks.len().to_string());
-                input_blocks.push(vec![Layer::Down(stored_conv2d(ch, ch, 3, 1, 2, b.pp("0.op"), backend)?)]);
+                input_blocks.push(vec![Layer::Down(downsample(ch, b.pp("0.op"), backend)?)]);
                 skip_channels.push(ch);
                 ds *= 2;
             }

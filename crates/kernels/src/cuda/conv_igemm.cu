@@ -4,26 +4,32 @@
 //
 // Two kernels:
 // * to_channels_last: x (n, c, rows, cols) → xp (n, rows + 2·pad_r, cols + 2·pad_c, c), zero
-//   border, through 32×32 tiles in shared memory (both sides coalesced);
+//   border, through 32×32 tiles in shared memory (both sides coalesced), optionally upsampled 2×;
 // * conv_igemm: out (n, co, rows·cols) = bias (+ sample_bias[sample]) (+ residual) + Σ_tap
 //   w[tap] · xp shifted by the tap, with w (taps, co, ci): what the UNet's residual blocks add
-//   to a convolution (the timestep embedding per frame, the skip connection) on the way out. Tap t reads input row (t / kw)·row_step + t % kw positions past the
-//   output's own: a 3×3 convolution is kh = kw = 3, row_step = the padded width; the temporal
-//   (3, 1, 1) convolution is kh = 3, kw = 1, row_step = the frame size.
+//   to a convolution (the timestep embedding per frame, the skip connection) on the way out.
+//   ConvGeometry says where a tap reads: a 3×3 convolution is kh = kw = 3, row_step = the padded
+//   width (stride 2 for the downsampling ones); the temporal (3, 1, 1) convolution is kh = 3,
+//   kw = 1, row_step = the frame size.
 //
-// GEMM view: M = output channels, N = output positions, K = taps × input channels. Channels
-// last makes each position's input channels one contiguous row, so a shifted tap is a shift by
-// whole rows and every row stays 16-byte aligned for cp.async and ldmatrix.
+// GEMM view: M = output channels, N = output positions of every sample, one after another (a
+// tile may span samples, so the small levels of the UNet, 16 or 144 positions per frame, fill
+// whole tiles), K = taps × input channels. Channels last makes each position's input channels
+// one contiguous row, so a shifted tap is a shift by whole rows and every row stays 16-byte
+// aligned for cp.async and ldmatrix.
 //
-// A block computes 128 channels × 128 positions of one sample with 8 warps (2 along M × 4 along
-// N, 64 × 32 each: 16 mma tiles of 16×8). K advances 32 input channels of one tap per stage; two
-// stages of shared memory, the next in flight by cp.async while the warps compute.
+// A block computes 128 channels × BN positions (128 or 256) with 8 warps (2 along M × 4 along N,
+// 64 × BN/4 each: mma tiles of 16×8). K advances 32 input channels of one tap per stage; STAGES
+// buffers of shared memory, up to STAGES - 1 of them in flight by cp.async while the warps
+// compute, one barrier per stage. The grid is one-dimensional with the channel tiles fastest, so
+// the blocks that read the same input positions run together and share it in L2.
 // Requirements (the launcher checks): ci a multiple of 32, all pointers 16-byte aligned.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "conv_igemm.cuh"
 #include "ptx.cuh"
 
 extern __shared__ __align__(128) unsigned char dynamic_smem[];
@@ -31,11 +37,9 @@ extern __shared__ __align__(128) unsigned char dynamic_smem[];
 namespace {
 
 constexpr int BM = 128;       // output channels per block
-constexpr int BN = 128;       // output positions per block
 constexpr int BC = 32;        // input channels per stage
 constexpr int LDS = BC + 8;   // shared row: 80 bytes, so the 8 rows of an ldmatrix hit distinct banks
 constexpr int THREADS = 256;
-constexpr int STAGE = (BM + BN) * LDS;  // elements per stage: A (BM rows) then B (BN rows)
 
 __device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -67,75 +71,97 @@ __device__ void to_channels_last(const T* __restrict__ x, T* __restrict__ xp, in
     }
 }
 
+
+// The warps' share of a BN-position tile.
+template <int BN> struct TileShape {
+    static constexpr int WN = BN / 4;              // positions per warp (4 warps along N)
+    static constexpr int NT = WN / 8;              // its 8-position mma tiles
+    static constexpr int B_CHUNKS = BN * 4 / THREADS;  // 16-byte input chunks per thread per stage
+    static constexpr int STAGE = (BM + BN) * LDS;  // elements per stage: A (BM rows) then B (BN rows)
+};
+
+// Two adjacent outputs, stored (and residuals loaded) as one 4-byte access.
+template <typename T> struct alignas(2 * sizeof(T)) Pair {
+    T v[2];
+};
+
 // Issues stage `s` (tap s / (ci / BC), channels (s % (ci / BC))·BC ..) into buffer `buf`.
-template <typename T>
-__device__ __forceinline__ void load_stage(T* buf, const T* xp, const T* w, int s, int ci, int co, int co0,
-                                           const int (&in_base)[2], const bool (&in_valid)[2], int kw,
-                                           int row_step) {
-    const int chunks_per_tap = ci / BC;
+template <typename T, int BN>
+__device__ __forceinline__ void load_stage(T* buf, const T* xp, const T* w, int s, const ConvGeometry& g, int co0,
+                                           const int (&in_base)[TileShape<BN>::B_CHUNKS],
+                                           const bool (&in_valid)[TileShape<BN>::B_CHUNKS]) {
+    const int chunks_per_tap = g.ci / BC;
     const int tap = s / chunks_per_tap, c0 = (s % chunks_per_tap) * BC;
-    const int shift = (tap / kw) * row_step + tap % kw;
-    // 512 16-byte chunks per operand (128 rows × 4), two per thread; a thread keeps its rows.
+    const int shift = (tap / g.kw) * g.row_step + tap % g.kw;
+    // 16-byte chunks, 4 per row: the weight's 128 rows (2 per thread), the input's BN rows; a
+    // thread keeps its rows from stage to stage.
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         const int chunk = threadIdx.x + i * THREADS;
         const int row = chunk / 4, part = (chunk % 4) * 8;
-        const bool a_valid = co0 + row < co;
-        const T* a_src = w + ((size_t)tap * co + (a_valid ? co0 + row : 0)) * ci + c0 + part;
+        const bool a_valid = co0 + row < g.co;
+        const T* a_src = w + ((size_t)tap * g.co + (a_valid ? co0 + row : 0)) * g.ci + c0 + part;
         cp_async_16(buf + row * LDS + part, a_src, a_valid);
-        const T* b_src = xp + (size_t)(in_valid[i] ? in_base[i] + shift : 0) * ci + c0 + part;
+    }
+#pragma unroll
+    for (int i = 0; i < TileShape<BN>::B_CHUNKS; ++i) {
+        const int chunk = threadIdx.x + i * THREADS;
+        const int row = chunk / 4, part = (chunk % 4) * 8;
+        const T* b_src = xp + (size_t)(in_valid[i] ? in_base[i] + shift : 0) * g.ci + c0 + part;
         cp_async_16(buf + (BM + row) * LDS + part, b_src, in_valid[i]);
     }
 }
 
-// xp: one sample after another (plane_p positions each); out and residual: (n, co, rows·cols);
+// xp: one sample's padded plane after another; out and residual: (n, co, rows·cols);
 // sample_bias: (n, co). sample_bias and residual may be null.
-template <typename T>
+template <typename T, int BN, int STAGES>
 __device__ void conv_igemm(const T* __restrict__ xp, const T* __restrict__ w, const T* __restrict__ bias,
                            const T* __restrict__ sample_bias, const T* __restrict__ residual, T* __restrict__ out,
-                           int ci, int co, int rows, int cols, int plane_p, int cols_p, int taps, int kw, int row_step) {
+                           const ConvGeometry g) {
+    using Shape = TileShape<BN>;
+    constexpr int NT = Shape::NT, B_CHUNKS = Shape::B_CHUNKS;
     T* const smem = reinterpret_cast<T*>(dynamic_smem);
-    const int positions = rows * cols;
-    const int p0 = blockIdx.x * BN, co0 = blockIdx.y * BM;
-    const size_t sample = blockIdx.z;
-    xp += sample * (size_t)plane_p * ci;
-    out += sample * (size_t)co * positions;
-    if (residual) residual += sample * (size_t)co * positions;
-    if (sample_bias) sample_bias += sample * (size_t)co;
+    const int positions = g.rows * g.cols, total = g.samples * positions;  // the launcher keeps both in i32
+    const int co_tiles = (g.co + BM - 1) / BM;
+    const int co0 = (int)(blockIdx.x % co_tiles) * BM, p0 = (int)(blockIdx.x / co_tiles) * BN;
 
     // The input row (padded coordinates, before the tap's shift) of each position this thread loads.
-    int in_base[2];
-    bool in_valid[2];
+    int in_base[B_CHUNKS];
+    bool in_valid[B_CHUNKS];
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        const int p = p0 + (threadIdx.x + i * THREADS) / 4;
-        in_valid[i] = p < positions;
-        in_base[i] = in_valid[i] ? (p / cols) * cols_p + p % cols : 0;
+    for (int i = 0; i < B_CHUNKS; ++i) {
+        const int at = p0 + (threadIdx.x + i * THREADS) / 4;
+        in_valid[i] = at < total;
+        const int s = in_valid[i] ? at / positions : 0, p = in_valid[i] ? at % positions : 0;
+        in_base[i] = s * g.plane_p + (p / g.cols) * g.stride * g.cols_p + (p % g.cols) * g.stride;
     }
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int warp_m = (warp % 2) * 64, warp_n = (warp / 2) * 32;
+    const int warp_m = (warp % 2) * 64, warp_n = (warp / 2) * Shape::WN;
     const int mat = lane / 8, mat_row = lane % 8;
-    float acc[4][4][4];
+    float acc[4][NT][4];
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
+        for (int j = 0; j < NT; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
 
-    const int stages = taps * (ci / BC);
-    load_stage(smem, xp, w, 0, ci, co, co0, in_base, in_valid, kw, row_step);
-    cp_async_commit();
+    // Stage s lives in buffer s % STAGES. Every iteration commits one group (empty past the
+    // end), so "stage s has landed" is always "at most STAGES - 2 groups pending".
+    const int stages = g.taps * (g.ci / BC);
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < stages) load_stage<T, BN>(smem + s * Shape::STAGE, xp, w, s, g, co0, in_base, in_valid);
+        cp_async_commit();
+    }
     for (int s = 0; s < stages; ++s) {
-        // The next stage goes into the other buffer, released by the barrier that ended s - 1.
-        if (s + 1 < stages) {
-            load_stage(smem + ((s + 1) % 2) * STAGE, xp, w, s + 1, ci, co, co0, in_base, in_valid, kw, row_step);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
+        cp_async_wait<STAGES - 2>();
+        // Stage s is in every thread's view, and every warp is done with stage s - 1, whose
+        // buffer the next load refills.
         __syncthreads();
-        const T* a_tile = smem + (s % 2) * STAGE;
+        const int next = s + STAGES - 1;
+        if (next < stages) load_stage<T, BN>(smem + (next % STAGES) * Shape::STAGE, xp, w, next, g, co0, in_base, in_valid);
+        cp_async_commit();
+        const T* a_tile = smem + (s % STAGES) * Shape::STAGE;
         const T* b_tile = a_tile + BM * LDS;
 #pragma unroll
         for (int ks = 0; ks < BC / 16; ++ks) {
@@ -145,11 +171,11 @@ __device__ void conv_igemm(const T* __restrict__ xp, const T* __restrict__ w, co
 #pragma unroll
             for (int i = 0; i < 4; ++i)
                 ldmatrix_x4(a[i], a_tile + (warp_m + i * 16 + (mat % 2) * 8 + mat_row) * LDS + ks * 16 + (mat / 2) * 8);
-            // B fragments of the warp's four 8-position tiles, two per ldmatrix: matrices
-            // (tile j, k lo), (j, k hi), (j + 1, k lo), (j + 1, k hi); rows are positions.
-            uint32_t b[4][2];
+            // B fragments of the warp's 8-position tiles, two per ldmatrix: matrices (tile j,
+            // k lo), (j, k hi), (j + 1, k lo), (j + 1, k hi); rows are positions.
+            uint32_t b[NT][2];
 #pragma unroll
-            for (int j = 0; j < 4; j += 2) {
+            for (int j = 0; j < NT; j += 2) {
                 uint32_t r[4];
                 ldmatrix_x4(r, b_tile + (warp_n + (j + mat / 2) * 8 + mat_row) * LDS + ks * 16 + (mat % 2) * 8);
                 b[j][0] = r[0];
@@ -160,30 +186,49 @@ __device__ void conv_igemm(const T* __restrict__ xp, const T* __restrict__ w, co
 #pragma unroll
             for (int i = 0; i < 4; ++i)
 #pragma unroll
-                for (int j = 0; j < 4; ++j) mma_m16n8k16<T>(acc[i][j], a[i], b[j]);
+                for (int j = 0; j < NT; ++j) mma_m16n8k16<T>(acc[i][j], a[i], b[j]);
         }
-        __syncthreads();  // every warp is done with this buffer before it is refilled
     }
+    cp_async_wait<0>();  // only empty groups are left; none outlives the block
 
-    // c0, c1 = (channel g, positions 2q, 2q + 1), c2, c3 = (channel g + 8, same positions).
-    const int g = lane / 4, q = lane % 4;
+    // c0, c1 = (channel qg, positions 2q, 2q + 1), c2, c3 = (channel qg + 8, same positions).
+    // With an even number of positions per sample both of a lane's positions are in one sample
+    // and 4-byte aligned: one access for the pair.
+    const int qg = lane / 4, q = lane % 4;
+    const bool paired = positions % 2 == 0 && (!residual || reinterpret_cast<uintptr_t>(residual) % (2 * sizeof(T)) == 0);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
+    for (int j = 0; j < NT; ++j) {
+        const int at0 = p0 + warp_n + j * 8 + 2 * q;
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            const int ch = co0 + warp_m + i * 16 + g + half * 8;
-            if (ch >= co) continue;
-            const float b_ch = to_f32(bias[ch]) + (sample_bias ? to_f32(sample_bias[ch]) : 0.f);
+        for (int e = 0; e < 2; ++e) {
+            const int at = at0 + e;
+            if (at >= total || (paired && e == 1)) continue;
+            const int s = at / positions, p = at % positions;
+            const size_t sample_out = (size_t)s * g.co * positions + p;
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
+            for (int i = 0; i < 4; ++i) {
 #pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int p = p0 + warp_n + j * 8 + 2 * q + e;
-                    if (p >= positions) continue;
-                    const size_t at = (size_t)ch * positions + p;
-                    float v = acc[i][j][half * 2 + e] + b_ch;
-                    if (residual) v += to_f32(residual[at]);
-                    out[at] = from_f32<T>(v);
+                for (int half = 0; half < 2; ++half) {
+                    const int ch = co0 + warp_m + i * 16 + qg + half * 8;
+                    if (ch >= g.co) continue;
+                    const float b_ch = to_f32(bias[ch]) + (sample_bias ? to_f32(sample_bias[(size_t)s * g.co + ch]) : 0.f);
+                    const size_t o = sample_out + (size_t)ch * positions;
+                    if (paired) {
+                        float v0 = acc[i][j][half * 2] + b_ch, v1 = acc[i][j][half * 2 + 1] + b_ch;
+                        if (residual) {
+                            const Pair<T> r = *reinterpret_cast<const Pair<T>*>(residual + o);
+                            v0 += to_f32(r.v[0]);
+                            v1 += to_f32(r.v[1]);
+                        }
+                        Pair<T> y;
+                        y.v[0] = from_f32<T>(v0);
+                        y.v[1] = from_f32<T>(v1);
+                        *reinterpret_cast<Pair<T>*>(out + o) = y;
+                    } else {
+                        float v = acc[i][j][half * 2 + e] + b_ch;
+                        if (residual) v += to_f32(residual[o]);
+                        out[o] = from_f32<T>(v);
+                    }
                 }
             }
         }
@@ -192,18 +237,24 @@ __device__ void conv_igemm(const T* __restrict__ xp, const T* __restrict__ w, co
 
 }  // namespace
 
+// The tile shapes and pipeline depths the launcher chooses from (conv_igemm.rs's `Tile`): BN
+// positions, STAGES buffers; dynamic shared memory STAGES · (128 + BN) · 40 elements.
+#define CONV_IGEMM_TILE(NAME, T, BN, STAGES)                                                                  \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                     \
+        conv_igemm_##BN##_s##STAGES##_##NAME(const T* xp, const T* w, const T* bias, const T* sample_bias,     \
+                                             const T* residual, T* out, ConvGeometry g) {                     \
+        conv_igemm<T, BN, STAGES>(xp, w, bias, sample_bias, residual, out, g);                                \
+    }
+
 #define CONV_IGEMM(NAME, T)                                                                                  \
     extern "C" __global__ void to_channels_last_##NAME(const T* x, T* xp, int c, int rows, int cols, int pad_r, \
                                                         int pad_c, int up) {                                  \
         to_channels_last(x, xp, c, rows, cols, pad_r, pad_c, up);                                            \
     }                                                                                                         \
-    extern "C" __global__ void __launch_bounds__(THREADS)                                                    \
-        conv_igemm_##NAME(const T* xp, const T* w, const T* bias, const T* sample_bias, const T* residual,    \
-                          T* out, int ci, int co, int rows, int cols, int plane_p, int cols_p, int taps, int kw, \
-                          int row_step) {                                                                     \
-        conv_igemm(xp, w, bias, sample_bias, residual, out, ci, co, rows, cols, plane_p, cols_p, taps, kw,   \
-                   row_step);                                                                                 \
-    }
+    CONV_IGEMM_TILE(NAME, T, 128, 2)                                                                          \
+    CONV_IGEMM_TILE(NAME, T, 128, 3)                                                                          \
+    CONV_IGEMM_TILE(NAME, T, 128, 4)                                                                          \
+    CONV_IGEMM_TILE(NAME, T, 256, 3)
 
 CONV_IGEMM(f16, __half)
 CONV_IGEMM(bf16, __nv_bfloat16)

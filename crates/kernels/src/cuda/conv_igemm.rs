@@ -1,8 +1,9 @@
 //! Convolutions as implicit GEMMs on tensor cores (`conv_igemm.cu`): the input copied once to
-//! channels-last with its zero padding, then every tap and input channel of a 128 × 128 output
-//! tile accumulated in registers, bias added on the way out. For f16/bf16 with input channels a
-//! multiple of 32 (every UNet convolution but the first); the shifted cuBLAS GEMMs of `mod.rs`
-//! take the rest (f32, the 8-channel input convolution).
+//! channels-last with its zero padding, then every tap and input channel of an output tile
+//! (128 channels × 128 or 256 positions, across samples) accumulated in registers, bias and
+//! extras added on the way out. For f16/bf16 with input channels a multiple of 32 (every UNet
+//! convolution but the first); the shifted cuBLAS GEMMs of `mod.rs` take the rest (f32, the
+//! 8-channel input convolution).
 
 use candle_core::{DType, Result, Tensor};
 
@@ -67,32 +68,129 @@ impl Extras<'_> {
 /// 3×3 convolution, stride 1, padding 1, of `x (n, ci, h, w)` with `w_taps (9, co, ci)`, bias
 /// `(co)` and `extras`.
 pub fn conv3x3(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras) -> Result<Tensor> {
-    conv3x3_scaled(x, w_taps, bias, extras, 1)
+    conv3x3_general(x, w_taps, bias, extras, Scale::Same, Tile::chosen())
 }
 
 /// [`conv3x3`] of `x` upsampled 2× (nearest), `(n, co, 2h, 2w)`: the upsample happens in the
 /// channels-last copy, so the 4× larger upsampled image is never written on its own (candle's
 /// upsample computes every element's source with 64-bit divisions).
 pub fn conv3x3_upsampled(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    conv3x3_scaled(x, w_taps, bias, Extras::default(), 2)
+    conv3x3_general(x, w_taps, bias, Extras::default(), Scale::Up2, Tile::chosen())
 }
 
-fn conv3x3_scaled(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras, up: usize) -> Result<Tensor> {
+/// 3×3 convolution, stride 2, padding 1 (the UNet's downsampling): `(n, co, ⌈h/2⌉, ⌈w/2⌉)`,
+/// read straight from the channels-last copy (candle's strided convolution writes a 9× im2col
+/// matrix first).
+pub fn conv3x3_strided(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    conv3x3_general(x, w_taps, bias, Extras::default(), Scale::Stride2, Tile::chosen())
+}
+
+/// [`conv3x3`] on a given tile shape and pipeline depth (A/B benchmarks).
+pub fn conv3x3_on(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras, tile: Tile) -> Result<Tensor> {
+    conv3x3_general(x, w_taps, bias, extras, Scale::Same, tile)
+}
+
+/// How the output's grid relates to the input's.
+#[derive(Clone, Copy, PartialEq)]
+enum Scale {
+    Same,
+    /// The input upsampled 2× (nearest) first.
+    Up2,
+    /// Every second position (stride 2).
+    Stride2,
+}
+
+fn conv3x3_general(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras, scale: Scale, tile: Tile) -> Result<Tensor> {
     let (n, _, h, w) = x.dims4()?;
-    let (h, w) = (h * up, w * up);
+    let up = if scale == Scale::Up2 { 2 } else { 1 };
+    let stride = if scale == Scale::Stride2 { 2 } else { 1 };
     let xp = channels_last(x, 1, 1, up)?;
+    let (h_p, w_p) = (h * up + 2, w * up + 2);
+    // Output side of a 3-tap window at `stride` over the padded side.
+    let (rows, cols) = ((h_p - 3) / stride + 1, (w_p - 3) / stride + 1);
     let co = w_taps.dim(1)?;
-    let geometry = Geometry { rows: h, cols: w, cols_padded: w + 2, kw: 3, row_step: w + 2 };
-    convolve(&xp, w_taps, bias, extras, geometry)?.reshape((n, co, h, w))
+    let geometry = Geometry { rows, cols, cols_padded: w_p, kw: 3, row_step: w_p, stride };
+    convolve(&xp, w_taps, bias, extras, geometry, tile)?.reshape((n, co, rows, cols))
 }
 
 /// Conv3d with kernel (3,1,1), padding (1,0,0) of `x (b, ci, t, s)` with `w_taps (3, co, ci)`.
 pub fn temporal_conv(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras) -> Result<Tensor> {
+    temporal_conv_on(x, w_taps, bias, extras, Tile::chosen())
+}
+
+/// [`temporal_conv`] on a given tile shape and pipeline depth (A/B benchmarks).
+pub fn temporal_conv_on(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras, tile: Tile) -> Result<Tensor> {
     let (b, _, t, s) = x.dims4()?;
     let xp = channels_last(x, 1, 0, 1)?;
     let co = w_taps.dim(1)?;
-    let geometry = Geometry { rows: t, cols: s, cols_padded: s, kw: 1, row_step: s };
-    convolve(&xp, w_taps, bias, extras, geometry)?.reshape((b, co, t, s))
+    let geometry = Geometry { rows: t, cols: s, cols_padded: s, kw: 1, row_step: s, stride: 1 };
+    convolve(&xp, w_taps, bias, extras, geometry, tile)?.reshape((b, co, t, s))
+}
+
+/// The kernel's tile shapes and pipeline depths (`conv_igemm.cu` has one kernel for each): 128
+/// output channels × 128 or 256 positions per block, 2–4 shared-memory buffers of 32 input
+/// channels in flight. `DYNAMICRAFTER_CONV_IGEMM_TILE=128x128s2|128x128s3|128x128s4|128x256s3`
+/// picks one without a rebuild; the default is the deepest 128×128 pipeline until a device
+/// session measures them side by side (ops-1024).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Tile {
+    P128S2,
+    P128S3,
+    #[default]
+    P128S4,
+    P256S3,
+}
+
+impl Tile {
+    pub const ALL: [Tile; 4] = [Tile::P128S2, Tile::P128S3, Tile::P128S4, Tile::P256S3];
+
+    /// As `DYNAMICRAFTER_CONV_IGEMM_TILE` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tile::P128S2 => "128x128s2",
+            Tile::P128S3 => "128x128s3",
+            Tile::P128S4 => "128x128s4",
+            Tile::P256S3 => "128x256s3",
+        }
+    }
+
+    /// Output positions per block.
+    pub fn positions(self) -> usize {
+        if self == Tile::P256S3 { 256 } else { 128 }
+    }
+
+    pub fn stages(self) -> usize {
+        match self {
+            Tile::P128S2 => 2,
+            Tile::P128S3 | Tile::P256S3 => 3,
+            Tile::P128S4 => 4,
+        }
+    }
+
+    /// Dynamic shared memory of a block, bytes: each stage holds 128 weight rows and the tile's
+    /// input rows, 32 + 8 elements each (the 8 keep ldmatrix's rows on distinct banks).
+    pub fn shared_bytes(self, element_bytes: usize) -> usize {
+        self.stages() * (128 + self.positions()) * (CHANNEL_STEP + 8) * element_bytes
+    }
+
+    /// The tile `DYNAMICRAFTER_CONV_IGEMM_TILE` names, or the default.
+    pub fn chosen() -> Tile {
+        Tile::setting().0
+    }
+
+    /// [`chosen`](Self::chosen), and the variable's value where it names no tile (the default
+    /// serves then; the run report says so).
+    pub fn setting() -> (Tile, Option<&'static str>) {
+        static SETTING: std::sync::OnceLock<(Tile, Option<String>)> = std::sync::OnceLock::new();
+        let (tile, unknown) = SETTING.get_or_init(|| match std::env::var("DYNAMICRAFTER_CONV_IGEMM_TILE") {
+            Ok(name) => match Tile::ALL.into_iter().find(|t| t.name() == name) {
+                Some(tile) => (tile, None),
+                None => (Tile::default(), Some(name)),
+            },
+            Err(_) => (Tile::default(), None),
+        });
+        (*tile, unknown.as_deref())
+    }
 }
 
 /// `x (n, c, rows, cols)` upsampled by `up` (nearest) → `(n, rows·up + 2·pad_r, cols·up +
@@ -102,7 +200,7 @@ fn channels_last(x: &Tensor, pad_r: usize, pad_c: usize, up: usize) -> Result<Te
 }
 
 /// `xp` channels-last and padded (`n, rows_p, cols_padded, ci`) → `(n, co, rows·cols)`.
-fn convolve(xp: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras, geometry: Geometry) -> Result<Tensor> {
+fn convolve(xp: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras, geometry: Geometry, tile: Tile) -> Result<Tensor> {
     // cp.async reads 16-byte chunks: the weight must start on an 8-element boundary (a forced
     // copy starts at 0; `copy` would keep the offset).
     let w = w_taps.contiguous()?;
@@ -120,12 +218,12 @@ fn convolve(xp: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras, geometr
         .transpose()
     };
     let output = [n, co, geometry.rows, geometry.cols];
-    let op = ConvIgemm { geometry, per_sample: held(extras.per_sample, &[n, co], "bias per sample")?, residual: held(extras.residual, &output, "residual")? };
+    let op = ConvIgemm { geometry, tile, per_sample: held(extras.per_sample, &[n, co], "bias per sample")?, residual: held(extras.residual, &output, "residual")? };
     xp.apply_op3_no_bwd(&w, &bias.contiguous()?, &op)
 }
 
 /// Where a tap reads: output position (r, c) reads the padded input at
-/// `r·cols_padded + c + (tap / kw)·row_step + tap % kw`.
+/// `(r·cols_padded + c)·stride + (tap / kw)·row_step + tap % kw`.
 #[derive(Clone, Copy, Debug)]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct Geometry {
@@ -134,6 +232,7 @@ struct Geometry {
     cols_padded: usize,
     kw: usize,
     row_step: usize,
+    stride: usize,
 }
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -146,6 +245,7 @@ struct ChannelsLast {
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct ConvIgemm {
     geometry: Geometry,
+    tile: Tile,
     /// `(n, co)`, added with the bias.
     per_sample: Option<Tensor>,
     /// The output's shape, added last.
@@ -174,18 +274,18 @@ cuda_op!(CustomOp3 for ConvIgemm, "dc-conv-igemm", |op, xp, xl, w, wl, b, bl| {
 mod imp {
     use super::{ChannelsLast, ConvIgemm, CHANNEL_STEP};
     use crate::cuda::launch::{arg_or_null, carried};
+    use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, CudaStorage, WrapErr};
     use candle_core::{Layout, Result, Shape};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/conv_igemm.ptx"));
     const MODULE: &str = "dynamicrafter_conv_igemm";
-    /// Output channels and positions per block, threads per block, dynamic shared memory (two
-    /// stages of 256 rows of 32 + 8 elements).
+    /// Output channels per block (the tile's positions: `Tile`), threads per block.
     const BLOCK_CHANNELS: usize = 128;
-    const BLOCK_POSITIONS: usize = 128;
     const THREADS: u32 = 256;
-    const SHARED_ELEMENTS: usize = 2 * 256 * (CHANNEL_STEP + 8);
+    /// Dynamic shared memory a kernel gets without opting in.
+    const STATIC_SHARED_LIMIT: usize = 48 * 1024;
 
     fn contiguous(l: &Layout, what: &str) -> Result<(usize, usize)> {
         l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{what} must be contiguous")))
@@ -222,6 +322,26 @@ mod imp {
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, rows_p, cols_p, c))))
     }
 
+    /// conv_igemm.cu's `ConvGeometry`.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct ConvGeometry {
+        ci: i32,
+        co: i32,
+        samples: i32,
+        rows: i32,
+        cols: i32,
+        plane_p: i32,
+        cols_p: i32,
+        taps: i32,
+        kw: i32,
+        row_step: i32,
+        stride: i32,
+    }
+
+    // SAFETY: plain numbers, laid out as the kernel's struct (#[repr(C)]).
+    unsafe impl DeviceRepr for ConvGeometry {}
+
     #[allow(clippy::too_many_arguments)]
     pub fn conv<T: CudaDType + DeviceRepr>(
         dtype: &str,
@@ -233,18 +353,19 @@ mod imp {
         b: &CudaStorage,
         bl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let g = op.geometry;
+        let (g, tile) = (op.geometry, op.tile);
         let (n, rows_p, cols_p, ci) = xl.shape().dims4()?;
         let (taps, co, wci) = wl.shape().dims3()?;
         let kh = taps.checked_div(g.kw).unwrap_or(0);
         // The last tap of the last output position must stay inside the sample's padded input.
-        let reach = |kh: usize| (g.rows - 1) * g.cols_padded + g.cols - 1 + (kh - 1) * g.row_step + g.kw - 1;
+        let reach = |kh: usize| ((g.rows - 1) * g.cols_padded + g.cols - 1) * g.stride + (kh - 1) * g.row_step + g.kw - 1;
         if wci != ci
             || !ci.is_multiple_of(CHANNEL_STEP)
             || kh == 0
             || kh * g.kw != taps
             || g.rows == 0
             || g.cols == 0
+            || g.stride == 0
             || co == 0
             || n == 0
             || cols_p != g.cols_padded
@@ -258,7 +379,10 @@ mod imp {
             candle_core::bail!("implicit-GEMM convolution: input and weight must start on a 16-byte boundary");
         }
         let positions = g.rows * g.cols;
-        int(positions, "positions")?;
+        // The kernel counts positions across samples, and input positions across padded
+        // planes, in i32.
+        int(n * positions, "positions")?;
+        int(n * rows_p * cols_p, "padded positions")?;
         let dev = xp.device.clone();
         let xs = xp.as_cuda_slice::<T>()?.slice(x0..x1);
         let ws = w.as_cuda_slice::<T>()?.slice(w0..w1);
@@ -270,22 +394,29 @@ mod imp {
         let residual = held_residual.as_ref().map(|(s, l)| carried::<T>(s, l, "a residual")).transpose()?;
         // SAFETY: the grid covers every (sample, channel, position); each is written once.
         let out = unsafe { dev.alloc::<T>(n * co * positions)? };
-        let func = dev.get_or_load_custom_func(&format!("conv_igemm_{dtype}"), MODULE, PTX)?;
-        let grid = (positions.div_ceil(BLOCK_POSITIONS) as u32, co.div_ceil(BLOCK_CHANNELS) as u32, n as u32);
-        let shared = (SHARED_ELEMENTS * std::mem::size_of::<T>()) as u32;
-        let cfg = LaunchConfig { grid_dim: grid, block_dim: (THREADS, 1, 1), shared_mem_bytes: shared };
-        let args = [
-            int(ci, "input channels")?,
-            int(co, "output channels")?,
-            int(g.rows, "rows")?,
-
-            int(g.cols, "columns")?,
-            int(rows_p * cols_p, "padded plane")?,
-            int(cols_p, "padded width")?,
-            int(taps, "taps")?,
-            int(g.kw, "kernel width")?,
-            int(g.row_step, "row step")?,
-        ];
+        let name = format!("conv_igemm_{}_s{}_{dtype}", tile.positions(), tile.stages());
+        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let shared = tile.shared_bytes(std::mem::size_of::<T>());
+        if shared > STATIC_SHARED_LIMIT {
+            // Above 48 KiB a kernel must opt in (the card allows up to 227 KiB per block).
+            func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32).w()?;
+        }
+        // One dimension, the channel tiles fastest: blocks that read the same positions run together.
+        let blocks = co.div_ceil(BLOCK_CHANNELS) * (n * positions).div_ceil(tile.positions());
+        let cfg = LaunchConfig { grid_dim: (int(blocks, "blocks")? as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: shared as u32 };
+        let geometry = ConvGeometry {
+            ci: int(ci, "input channels")?,
+            co: int(co, "output channels")?,
+            samples: int(n, "samples")?,
+            rows: int(g.rows, "rows")?,
+            cols: int(g.cols, "columns")?,
+            plane_p: int(rows_p * cols_p, "padded plane")?,
+            cols_p: int(cols_p, "padded width")?,
+            taps: int(taps, "taps")?,
+            kw: int(g.kw, "kernel width")?,
+            row_step: int(g.row_step, "row step")?,
+            stride: int(g.stride, "stride")?,
+        };
         let mut builder = func.builder();
         builder.arg(&xs);
         builder.arg(&ws);
@@ -293,9 +424,7 @@ mod imp {
         arg_or_null(&mut builder, per_sample.as_ref());
         arg_or_null(&mut builder, residual.as_ref());
         builder.arg(&out);
-        for a in &args {
-            builder.arg(a);
-        }
+        builder.arg(&geometry);
         // SAFETY: arguments match `conv_igemm_*`; every read stays inside the buffers checked above.
         unsafe { builder.launch(cfg) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, co, positions))))
@@ -309,15 +438,17 @@ mod tests {
     use crate::taps_first;
     use candle_core::Device;
 
-    /// On a GPU: both convolutions against candle's f32 composition on the same (rounded) inputs,
-    /// with partial tiles in channels and positions, f16 and bf16.
+    /// On a GPU: the convolutions (3×3 plain, upsampled, strided; temporal) against candle's f32
+    /// composition on the same (rounded) inputs, with partial tiles in channels and positions,
+    /// f16 and bf16, on every tile shape.
     #[test]
     fn implicit_gemm_convolutions_match_the_f32_reference_on_gpu() {
         let dev = Device::new_cuda(0).expect("a CUDA build's tests need a GPU");
         for (dtype, tol) in [(DType::BF16, 5e-3), (DType::F16, 1e-3)] {
             let r = |shape: &[usize], std: f32| Tensor::randn(0f32, std, shape, &dev).and_then(|t| t.to_dtype(dtype)).unwrap();
             let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
-            for (n, ci, co, h, w) in [(2, 64, 48, 5, 7), (1, 32, 160, 12, 20), (3, 320, 320, 9, 16), (1, 640, 320, 11, 13)] {
+            // Odd sides, a tile across samples (the UNet's deepest level: 4×4 per frame).
+            for (n, ci, co, h, w) in [(2, 64, 48, 5, 7), (1, 32, 160, 12, 20), (3, 320, 320, 9, 16), (1, 640, 320, 11, 13), (16, 128, 256, 4, 4)] {
                 let (x, b) = (r(&[n, ci, h, w], 1.0), r(&[co], 1.0));
                 let wt = r(&[co, ci, 3, 3], 0.05);
                 assert!(supported(&x, &taps_first(&wt).unwrap(), &b));
@@ -330,13 +461,14 @@ mod tests {
                 let (per_sample, residual) = (r(&[n, co], 1.0), r(&[n, co, h, w], 1.0));
                 let extras = Extras { per_sample: Some(&per_sample), residual: Some(&residual) };
                 let got = conv3x3(&x, &taps_first(&wt).unwrap(), &b, extras).unwrap();
-                let want = (want.broadcast_add(&f(&per_sample).reshape((n, co, 1, 1)).unwrap()).unwrap() + f(&residual)).unwrap();
-                let e = rel(&got, &want);
+                let want_extras = (want.broadcast_add(&f(&per_sample).reshape((n, co, 1, 1)).unwrap()).unwrap() + f(&residual)).unwrap();
+                let e = rel(&got, &want_extras);
                 eprintln!("implicit-GEMM conv3x3 + extras {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");
                 assert!(e < tol, "conv3x3 + extras {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");
                 let w3 = r(&[co, ci, 3, 1, 1], 0.05);
                 let got = temporal_conv(&x, &taps_first(&w3).unwrap(), &b, Extras::default()).unwrap();
-                let e = rel(&got, &crate::temporal_conv_reference(&f(&x), &f(&w3), &f(&b)).unwrap());
+                let want_temporal = crate::temporal_conv_reference(&f(&x), &f(&w3), &f(&b)).unwrap();
+                let e = rel(&got, &want_temporal);
                 eprintln!("implicit-GEMM temporal conv {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");
                 assert!(e < tol, "temporal conv {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");
                 // Of the input upsampled 2× in the channels-last copy.
@@ -347,6 +479,23 @@ mod tests {
                 let e = rel(&got, &want);
                 eprintln!("implicit-GEMM conv3x3 of the 2x upsampled {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");
                 assert!(e < tol, "conv3x3 of the upsampled input {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");
+                // Stride 2 (the downsampling convolutions).
+                let got = conv3x3_strided(&x, &taps_first(&wt).unwrap(), &b).unwrap();
+                let want = f(&x).conv2d(&f(&wt), 1, 2, 1, 1).unwrap().broadcast_add(&f(&b).reshape((1, co, 1, 1)).unwrap()).unwrap();
+                assert_eq!(got.dims(), want.dims());
+                let e = rel(&got, &want);
+                eprintln!("implicit-GEMM conv3x3 stride 2 {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");
+                assert!(e < tol, "conv3x3 stride 2 {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");
+                // Every tile shape and pipeline depth, with the extras (the default tile ran above).
+                for tile in Tile::ALL {
+                    let got = conv3x3_on(&x, &taps_first(&wt).unwrap(), &b, extras, tile).unwrap();
+                    let e = rel(&got, &want_extras);
+                    eprintln!("implicit-GEMM conv3x3 + extras on {} {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}", tile.name());
+                    assert!(e < tol, "conv3x3 + extras on {} {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}", tile.name());
+                    let got = temporal_conv_on(&x, &taps_first(&w3).unwrap(), &b, Extras::default(), tile).unwrap();
+                    let e = rel(&got, &want_temporal);
+                    assert!(e < tol, "temporal conv on {} {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}", tile.name());
+                }
             }
         }
     }

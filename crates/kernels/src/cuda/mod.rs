@@ -162,6 +162,37 @@ pub fn conv3x3_upsampled(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<T
     }
 }
 
+/// 3×3 convolution, stride 2, padding 1, of `x (n, ci, h, w)` with `w_taps (9, co, ci)` and
+/// bias `(co)` → `(n, co, ⌈h/2⌉, ⌈w/2⌉)`: the implicit GEMM where it applies, else candle's
+/// strided convolution (im2col).
+pub fn conv3x3_strided(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let bias = bias.to_dtype(x.dtype())?;
+    if conv_igemm::supported(x, w_taps, &bias) {
+        conv_igemm::conv3x3_strided(x, w_taps, &bias)
+    } else {
+        crate::conv3x3_strided_reference(x, &crate::taps_last(w_taps, 3)?, &bias)
+    }
+}
+
+/// [`conv3x3`] on the implicit GEMM with a given tile shape and pipeline depth (A/B
+/// benchmarks): an error where that kernel does not take the convolution.
+pub fn conv3x3_on(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: conv_igemm::Extras, tile: conv_igemm::Tile) -> Result<Tensor> {
+    let bias = bias.to_dtype(x.dtype())?;
+    if !conv_igemm::supported(x, w_taps, &bias) {
+        candle_core::bail!("the implicit-GEMM convolution does not take {:?} {:?} with weight {:?}", x.shape(), x.dtype(), w_taps.shape());
+    }
+    conv_igemm::conv3x3_on(x, w_taps, &bias, extras, tile)
+}
+
+/// [`temporal_conv`] on a given tile, as [`conv3x3_on`].
+pub fn temporal_conv_on(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: conv_igemm::Extras, tile: conv_igemm::Tile) -> Result<Tensor> {
+    let bias = bias.to_dtype(x.dtype())?;
+    if !conv_igemm::supported(x, w_taps, &bias) {
+        candle_core::bail!("the implicit-GEMM convolution does not take {:?} {:?} with weight {:?}", x.shape(), x.dtype(), w_taps.shape());
+    }
+    conv_igemm::temporal_conv_on(x, w_taps, &bias, extras, tile)
+}
+
 /// [`conv3x3`] as 9 cuBLAS GEMMs over shifted windows of the padded input, f32 accumulation.
 pub fn conv3x3_shifted(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let (n, _, h, w) = x.dims4()?;

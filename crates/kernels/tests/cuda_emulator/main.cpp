@@ -11,6 +11,7 @@
 
 #include "emulator.h"
 #include "../../src/cuda/attention.cuh"
+#include "../../src/cuda/conv_igemm.cuh"
 #include "../../src/cuda/permute.cuh"
 
 #define ATTENTION_KERNELS(PREFIX, NAME, T)                                                                  \
@@ -33,10 +34,14 @@ ATTENTION_KERNELS(flash_attention2, bf16, __nv_bfloat16)
     extern "C" void conv_bias_##NAME(const float*, const T*, T*, size_t, int, int, int, int);                \
     extern "C" void permute_bias_add_##NAME(const T*, const T*, int64_t, const T*, T*, Tiles, int64_t);         \
     extern "C" void add_layer_norm_##NAME(const T*, const T*, const T*, const T*, const T*, T*, T*, size_t, int, float, int);
+#define CONV_TILE(NAME, T, BN, STAGES)                                                                      \
+    extern "C" void conv_igemm_##BN##_s##STAGES##_##NAME(const T*, const T*, const T*, const T*, const T*, T*, ConvGeometry);
 #define CONV_KERNELS(NAME, T)                                                                               \
     extern "C" void to_channels_last_##NAME(const T*, T*, int, int, int, int, int, int);                    \
-    extern "C" void conv_igemm_##NAME(const T*, const T*, const T*, const T*, const T*, T*, int, int, int, int, int, \
-                                      int, int, int, int);
+    CONV_TILE(NAME, T, 128, 2)                                                                              \
+    CONV_TILE(NAME, T, 128, 3)                                                                              \
+    CONV_TILE(NAME, T, 128, 4)                                                                              \
+    CONV_TILE(NAME, T, 256, 3)
 CONV_KERNELS(f16, __half)
 CONV_KERNELS(bf16, __nv_bfloat16)
 
@@ -418,35 +423,44 @@ void permute_bias_adds(void (*kernel)(const T*, const T*, int64_t, const T*, T*,
 // ---- implicit-GEMM convolutions (src/cuda/mod.rs: the channels-last copy in 32×32 tiles of
 // (32, 8) threads, then 128 channels × 128 positions per block of 256 threads)
 
-// (xp, w, bias, sample_bias, residual, out, ci, co, rows, cols, plane_p, cols_p, taps, kw, row_step)
+// (xp, w, bias, sample_bias, residual, out, geometry)
 template <typename T>
-using ConvKernel = void (*)(const T*, const T*, const T*, const T*, const T*, T*, int, int, int, int, int, int, int, int, int);
+using ConvKernel = void (*)(const T*, const T*, const T*, const T*, const T*, T*, ConvGeometry);
 
 template <typename T>
 using ToChannelsLast = void (*)(const T*, T*, int, int, int, int, int, int);
 
-// A 3×3 convolution (padding 1) when `spatial`, else the temporal (3, 1, 1) one (padding 1 in
-// rows); with a bias per sample and channel and a residual added when `extras`; of the input
-// upsampled 2× (nearest) in the channels-last copy when `up` is 2 (rows, cols: the output's).
+// One of conv_igemm.cu's tile shapes and pipeline depths (conv_igemm.rs's `Tile`).
 template <typename T>
-void conv_case(ToChannelsLast<T> to_channels_last, ConvKernel<T> conv, bool spatial, bool extras, int n, int ci, int co,
-               int rows, int cols, double tolerance, int up = 1) {
+struct ConvTile {
+    const char* name;
+    ConvKernel<T> kernel;
+    int positions;  // per block
+};
+
+// A 3×3 convolution (padding 1) when `spatial`, else the temporal (3, 1, 1) one (padding 1 in
+// rows), of an input of in_rows × in_cols: upsampled 2× (nearest) in the channels-last copy when
+// `up` is 2, read at every `stride`-th position (2: the downsampling convolutions), with a bias
+// per sample and channel and a residual added when `extras`.
+template <typename T>
+void conv_case(ToChannelsLast<T> to_channels_last, const ConvTile<T>& tile, bool spatial, bool extras, int n, int ci,
+               int co, int in_rows, int in_cols, double tolerance, int up = 1, int stride = 1) {
     const int pad_r = 1, pad_c = spatial ? 1 : 0, kh = 3, kw = spatial ? 3 : 1, taps = kh * kw;
-    const int rows_p = rows + 2 * pad_r, cols_p = cols + 2 * pad_c, plane_p = rows_p * cols_p;
+    const int rows_p = in_rows * up + 2 * pad_r, cols_p = in_cols * up + 2 * pad_c, plane_p = rows_p * cols_p;
+    const int rows = (rows_p - kh) / stride + 1, cols = (cols_p - kw) / stride + 1;
     const size_t positions = (size_t)rows * cols;
-    const int in_rows = rows / up, in_cols = cols / up;
     Buffer<T> x = random_buffer<T>((size_t)n * ci * in_rows * in_cols), w = random_buffer<T>((size_t)taps * co * ci, 0.f, 0.1f),
               bias = random_buffer<T>(co), xp((size_t)n * plane_p * ci), out((size_t)n * co * positions),
               sample_bias = random_buffer<T>((size_t)n * co), residual = random_buffer<T>((size_t)n * co * positions);
     emu::launch(dim3{(unsigned)((cols_p + 31) / 32), (unsigned)((ci + 31) / 32), (unsigned)(n * rows_p)}, dim3{32, 8, 1},
                 [&] { to_channels_last(x.data(), xp.data(), ci, in_rows, in_cols, pad_r, pad_c, up); });
-    const int row_step = cols_p;
-    emu::launch(dim3{(unsigned)((positions + 127) / 128), (unsigned)((co + 127) / 128), (unsigned)n}, dim3{256, 1, 1},
-                [&] {
-                    conv(xp.data(), w.data(), bias.data(), extras ? sample_bias.data() : nullptr,
-                         extras ? residual.data() : nullptr, out.data(), ci, co, rows, cols, plane_p, cols_p, taps, kw,
-                         row_step);
-                });
+    const ConvGeometry g{ci, co, n, rows, cols, plane_p, cols_p, taps, kw, cols_p, stride};
+    // The launcher's grid: channel tiles fastest, then tiles of positions across samples.
+    const unsigned co_tiles = (co + 127) / 128, position_tiles = (unsigned)((n * positions + tile.positions - 1) / tile.positions);
+    emu::launch(dim3{co_tiles * position_tiles, 1, 1}, dim3{256, 1, 1}, [&] {
+        tile.kernel(xp.data(), w.data(), bias.data(), extras ? sample_bias.data() : nullptr, extras ? residual.data() : nullptr,
+                    out.data(), g);
+    });
     double err = 0, norm = 0;
     for (int s = 0; s < n; ++s)
         for (int o = 0; o < co; ++o)
@@ -458,8 +472,9 @@ void conv_case(ToChannelsLast<T> to_channels_last, ConvKernel<T> conv, bool spat
                         want += float(residual[((size_t)s * co + o) * positions + (size_t)r * cols + c]);
                     }
                     for (int t = 0; t < taps; ++t) {
-                        const int rr = r + t / kw - pad_r, cc = c + t % kw - pad_c;
-                        if (rr < 0 || rr >= rows || cc < 0 || cc >= cols) continue;
+                        // In the (upsampled) input, before padding.
+                        const int rr = r * stride + t / kw - pad_r, cc = c * stride + t % kw - pad_c;
+                        if (rr < 0 || rr >= in_rows * up || cc < 0 || cc >= in_cols * up) continue;
                         for (int i = 0; i < ci; ++i)
                             want += double(float(w[((size_t)t * co + o) * ci + i])) *
                                     float(x[(((size_t)s * ci + i) * in_rows + rr / up) * in_cols + cc / up]);
@@ -469,24 +484,33 @@ void conv_case(ToChannelsLast<T> to_channels_last, ConvKernel<T> conv, bool spat
                     norm += want * want;
                 }
     const double rel = std::sqrt(err / norm);
-    char detail[200];
-    std::snprintf(detail, sizeof detail, "%s%s%s n=%d ci=%d co=%d %dx%d relative error %.2e (bound %.0e)%s%s",
-                  spatial ? "3x3" : "temporal", up == 2 ? " of the 2x upsampled input" : "",
-                  extras ? " + sample bias + residual" : "", n, ci, co, rows, cols, rel, tolerance,
-                  xp.guards_intact() ? "" : ", wrote outside the channels-last copy",
+    char detail[240];
+    std::snprintf(detail, sizeof detail, "%s %s%s%s%s n=%d ci=%d co=%d %dx%d relative error %.2e (bound %.0e)%s%s",
+                  tile.name, spatial ? "3x3" : "temporal", up == 2 ? " of the 2x upsampled input" : "",
+                  stride == 2 ? " stride 2" : "", extras ? " + sample bias + residual" : "", n, ci, co, rows, cols, rel,
+                  tolerance, xp.guards_intact() ? "" : ", wrote outside the channels-last copy",
                   out.guards_intact() ? "" : ", wrote outside its output");
     report(std::string("conv_igemm ") + dtype_name<T>(),
            std::isfinite(rel) && rel < tolerance && xp.guards_intact() && out.guards_intact(), detail);
 }
 
 template <typename T>
-void convolutions(ToChannelsLast<T> to_channels_last, ConvKernel<T> conv, double tolerance) {
-    // Partial tiles in both GEMM dimensions, several of each, rows of the image across a tile.
-    conv_case<T>(to_channels_last, conv, true, false, 2, 64, 48, 5, 7, tolerance);
-    conv_case<T>(to_channels_last, conv, true, true, 1, 32, 160, 12, 20, tolerance);
-    conv_case<T>(to_channels_last, conv, false, true, 2, 32, 40, 5, 30, tolerance);
-    conv_case<T>(to_channels_last, conv, false, false, 1, 96, 130, 4, 70, tolerance);
-    conv_case<T>(to_channels_last, conv, true, false, 2, 32, 40, 10, 14, tolerance, 2);
+void convolutions(ToChannelsLast<T> to_channels_last, const std::vector<ConvTile<T>>& tiles, double tolerance) {
+    for (const ConvTile<T>& tile : tiles) {
+        // Partial tiles in both GEMM dimensions, several of each, rows of the image and samples
+        // across a tile, an odd number of positions per sample (no paired stores).
+        conv_case<T>(to_channels_last, tile, true, false, 2, 64, 48, 5, 7, tolerance);
+        conv_case<T>(to_channels_last, tile, true, true, 1, 32, 160, 12, 20, tolerance);
+        conv_case<T>(to_channels_last, tile, false, true, 2, 32, 40, 5, 30, tolerance);
+        conv_case<T>(to_channels_last, tile, false, false, 1, 96, 130, 4, 70, tolerance);
+        // The UNet's deepest level: 4×4 positions per frame, many frames in one tile.
+        conv_case<T>(to_channels_last, tile, true, true, 9, 32, 40, 4, 4, tolerance);
+        conv_case<T>(to_channels_last, tile, true, true, 9, 32, 40, 3, 3, tolerance);
+        conv_case<T>(to_channels_last, tile, true, false, 2, 32, 40, 5, 7, tolerance, 2);
+        // Downsampling, even and odd input sides.
+        conv_case<T>(to_channels_last, tile, true, false, 2, 32, 40, 10, 14, tolerance, 1, 2);
+        conv_case<T>(to_channels_last, tile, true, false, 3, 64, 24, 9, 7, tolerance, 1, 2);
+    }
 }
 
 
@@ -604,8 +628,14 @@ int main(int argc, char** argv) {
     }
     if (wanted("conv")) {
         // The products' inputs are exact; the error is the output's rounding (and f32 sums).
-        convolutions<__half>(to_channels_last_f16, conv_igemm_f16, 1e-3);
-        convolutions<__nv_bfloat16>(to_channels_last_bf16, conv_igemm_bf16, 5e-3);
+#define CONV_TILES(NAME, T)                                                                                 \
+    std::vector<ConvTile<T>> {                                                                              \
+        {"128x128 2 stages", conv_igemm_128_s2_##NAME, 128}, {"128x128 3 stages", conv_igemm_128_s3_##NAME, 128}, \
+            {"128x128 4 stages", conv_igemm_128_s4_##NAME, 128}, {"128x256 3 stages", conv_igemm_256_s3_##NAME, 256}, \
+    }
+        // Every tile in bf16; f16 differs in the mma's type only: two tiles.
+        convolutions<__half>(to_channels_last_f16, {{"128x128 2 stages", conv_igemm_128_s2_f16, 128}, {"128x256 3 stages", conv_igemm_256_s3_f16, 256}}, 1e-3);
+        convolutions<__nv_bfloat16>(to_channels_last_bf16, CONV_TILES(bf16, __nv_bfloat16), 5e-3);
     }
     if (wanted("permute")) permutes();
     if (wanted("group_norm")) {

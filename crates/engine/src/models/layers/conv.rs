@@ -1,5 +1,5 @@
-//! Convolutions: candle's `Conv2d` for the strided ones, and the UNet's and VAE's 3×3, 1×1 and
-//! temporal convolutions on whichever kernel the backend picks.
+//! Convolutions: the UNet's and VAE's 3×3 (plain and downsampling), 1×1 and temporal
+//! convolutions on whichever kernel the backend picks; candle's `Conv2d` for the rest.
 
 use crate::compute::{Backend, Kernel};
 use candle_core::{DType, Module, Result, Tensor};
@@ -35,8 +35,8 @@ pub fn conv2d(in_c: usize, out_c: usize, kernel: usize, padding: usize, stride: 
     candle_nn::conv2d(in_c, out_c, kernel, cfg, vb).map(Conv2d)
 }
 
-/// A convolution candle computes (the UNet's strided downsampling; its 1×1 skips off the bf16
-/// pair kernel), its weight
+/// A convolution candle computes (the UNet's strided downsampling off CUDA; its 1×1 skips off
+/// the bf16 pair kernel), its weight
 /// kept in the dtype the backend stores such weights in (bf16 in the CPU's bf16 mode: half the
 /// memory, converted to f32 for each product).
 pub fn stored_conv2d(in_c: usize, out_c: usize, kernel: usize, padding: usize, stride: usize, vb: VarBuilder, backend: &Backend) -> Result<Conv2d> {
@@ -74,6 +74,34 @@ pub fn conv1x1(in_c: usize, out_c: usize, vb: VarBuilder, backend: &Backend) -> 
             Conv1x1::Bf16Pairs(Arc::new(Bf16DotTemporalConv::pointwise(&weight, &bias)?))
         }
         _ => Conv1x1::Candle(stored_conv2d(in_c, out_c, 1, 0, 1, vb, backend)?),
+    })
+}
+
+/// The UNet's downsampling: 3×3, stride 2, padding 1, with bias.
+#[derive(Debug, Clone)]
+pub enum Downsample {
+    /// candle's strided convolution (im2col), its weight as the backend stores such weights.
+    Candle(Conv2d),
+    /// The op API (CUDA's implicit GEMM), the weight taps first `(9, co, ci)`, rearranged once at load.
+    Taps { taps: Tensor, bias: Tensor },
+}
+
+impl Module for Downsample {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Candle(conv) => conv.forward(xs),
+            Self::Taps { taps, bias } => dynamicrafter_kernels::conv3x3_taps_strided(xs, taps, bias),
+        }
+    }
+}
+
+pub fn downsample(c: usize, vb: VarBuilder, backend: &Backend) -> Result<Downsample> {
+    Ok(match backend.downsample(&vb) {
+        Kernel::Cuda => {
+            let weight = vb.get((c, c, 3, 3), "weight")?;
+            Downsample::Taps { taps: dynamicrafter_kernels::taps_first(&backend.float_weight(&vb, "weight", weight)?)?, bias: vb.get(c, "bias")? }
+        }
+        _ => Downsample::Candle(stored_conv2d(c, c, 3, 1, 2, vb, backend)?),
     })
 }
 

@@ -9,7 +9,7 @@ mod norm;
 
 pub use attention::{attend, attend_add, attention, merge_heads, multi_head_attention, split_heads};
 pub use clip_block::ClipBlock;
-pub use conv::{conv1x1, conv2d, conv2d_no_bias, conv3x3, stored_conv2d, temporal_conv, Conv1x1, Conv2d, Conv3x3, TemporalConv};
+pub use conv::{conv1x1, conv2d, conv2d_no_bias, conv3x3, downsample, stored_conv2d, temporal_conv, Conv1x1, Conv2d, Conv3x3, Downsample, TemporalConv};
 pub use linear::{conv1x1_as_linear, linear, linear_no_bias, Int8Matmul, Linear};
 pub use norm::{group_norm, layer_norm, GroupNorm};
 
