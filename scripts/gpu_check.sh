@@ -25,7 +25,7 @@
 # takes longer than one call (600 s) and than a session's device time (15 min, starts
 # included), so split it, e.g.
 #   call 1: STEPS="kernel-tests parity-cuda pipeline-tests-cuda bench-unet-bf16 bench-unet-levers bench-graph torch-unet"
-#   call 2: STEPS="bench-pipeline-1024 bench-pipeline-offload bench-pipeline-512 bench-pipeline-256 ops-1024 bench-unet-tiles pipeline-tests-graph bench-pipeline-graph torch-upstream-unet bench-guided-1024 bench-cudnn"
+#   call 2: STEPS="bench-pipeline-1024 bench-pipeline-offload bench-pipeline-512 bench-pipeline-256 ops-1024 bench-unet-variants pipeline-tests-graph bench-pipeline-graph torch-upstream-unet bench-guided-1024 bench-cudnn"
 # with the second call's timeout set to the time left (a step cut off loses only itself: the
 # JSON and logs of those before it come back), and merge the two calls' json/ folders (in
 # logs.tgz) with scripts/gpu_json.py afterwards. bench-unet-chunked (fused against chunked
@@ -85,9 +85,10 @@ for size in 512 256; do
     step bench-pipeline-$size 150 "$BIN/dynamicrafter-bench" --device cuda pipeline-$size --runs 1 --json "$JSON/pipeline-$size.json"
 done
 step ops-1024 60 "$BIN/dynamicrafter-bench" --device cuda ops-1024 --runs 3
-# The implicit GEMM's other tile shapes and pipeline depths on the whole forward (ops-1024 times
-# each on its own; the default is 128x128s4).
-step bench-unet-tiles 120 bash -c "for tile in 128x128s2 128x128s3 128x256s3; do DYNAMICRAFTER_CONV_IGEMM_TILE=\$tile '$BIN/dynamicrafter-bench' --device cuda unet-1024 --runs 2 || exit; done"
+# The kernels' other shapes on the whole forward (ops-1024 times each on its own): the implicit
+# GEMM's tiles and pipeline depths (the default is 128x128s4), the pipelined attention with 16
+# query rows per warp instead of 32.
+step bench-unet-variants 150 bash -c "for tile in 128x128s2 128x128s3 128x256s3; do DYNAMICRAFTER_CONV_IGEMM_TILE=\$tile '$BIN/dynamicrafter-bench' --device cuda unet-1024 --runs 2 || exit; done; DYNAMICRAFTER_FLASH_ATTENTION=2 '$BIN/dynamicrafter-bench' --device cuda unet-1024 --runs 2"
 # Graphs in the pipeline (DYNAMICRAFTER_CUDA_GRAPH=1, off by default): its tests on the
 # fixtures, then whole runs to hold against bench-pipeline-256/512.
 step pipeline-tests-graph 60 env DYNAMICRAFTER_CUDA_GRAPH=1 "$BIN/pipeline" --nocapture --test-threads 1

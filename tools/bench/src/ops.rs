@@ -107,7 +107,7 @@ pub(crate) fn ops_1024(runs: usize, target: &Target) -> Result<Vec<Timing>> {
     op("attention temporal 46080x16x64", &mut || Ok(kernels::attention(&qt, &kt, &vt, 0.125)?))?;
     if kernels::flash_attention_supported(&q, &k, &v) {
         // Each fused kernel on each shape (the rows above run the one `attention` picks).
-        for kernel in [kernels::FlashAttentionKernel::Staged, kernels::FlashAttentionKernel::Pipelined] {
+        for kernel in kernels::FlashAttentionKernel::ALL {
             let mut fused = |name: &str, q: &Tensor, k: &Tensor, v: &Tensor| -> Result<()> {
                 op(&format!("{name} ({kernel:?})"), &mut || Ok(kernels::flash_attention_with(kernel, q, k, v, 0.125)?))
             };

@@ -2,31 +2,42 @@
 //! 64 or 128 without the score matrix in device memory. A 576×1024 spatial attention has
 //! 80 × 9216² scores; the chunked composition writes and re-reads them several times over.
 //!
-//! Two kernels: `flash_attention2.cu` (8 warps share each key/value tile, loaded asynchronously
-//! into two buffers, fragments by ldmatrix) for runs of at least 128 queries, the spatial
-//! attentions; `flash_attention.cu` (4 warps, 64 queries a block) for shorter ones, where 8 warps
-//! would idle: the temporal attention's 16 frames.
+//! Two kernels: `flash_attention2.cu` (128 queries a block share each key/value tile, loaded
+//! asynchronously into two buffers, fragments by ldmatrix; 4 warps of 32 rows for head
+//! dimensions up to 64, 8 warps of 16 above) for runs of at least 128 queries, the spatial
+//! attentions; `flash_attention.cu` (4 warps, 64 queries a block) for shorter ones, where a
+//! 128-query block would idle: the temporal attention's 16 frames.
 
 use candle_core::{DType, Result, Tensor};
 
 /// The head dimensions the kernels are built for (the real UNet uses 64, the tiny fixtures 16).
 pub const HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
 
-/// The two fused kernels.
+/// The fused kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
     /// `flash_attention.cu`: 64 queries a block, tiles staged through registers.
     Staged,
-    /// `flash_attention2.cu`: 128 queries a block, tiles double-buffered by cp.async.
+    /// `flash_attention2.cu`: 128 queries a block, tiles double-buffered by cp.async, 8 warps of
+    /// 16 query rows.
     Pipelined,
+    /// `flash_attention2.cu` with 4 warps of 32 query rows: each fragment read from shared
+    /// memory feeds twice the products (head dimensions up to 64).
+    PipelinedWide,
 }
 
 impl Kernel {
-    /// The kernel for `n` queries: the pipelined one from a block's worth of queries on, unless
-    /// `DYNAMICRAFTER_FLASH_ATTENTION=1` keeps the staged one (A/B benchmarks).
-    pub fn for_queries(n: usize) -> Kernel {
-        if setting() == Setting::StagedOnly || n < Kernel::Pipelined.block_queries() {
+    pub const ALL: [Kernel; 3] = [Kernel::Staged, Kernel::Pipelined, Kernel::PipelinedWide];
+
+    /// The kernel for `n` queries of head dimension `d`: a pipelined one from a block's worth of
+    /// queries on (the wide one where it takes `d`), unless `DYNAMICRAFTER_FLASH_ATTENTION` says
+    /// `1` (the staged one only) or `2` (no wide one): A/B benchmarks.
+    pub fn for_shape(n: usize, d: usize) -> Kernel {
+        let setting = setting();
+        if setting == Setting::StagedOnly || n < Kernel::Pipelined.block_queries() {
             Kernel::Staged
+        } else if setting != Setting::Narrow && Kernel::PipelinedWide.takes(d) {
+            Kernel::PipelinedWide
         } else {
             Kernel::Pipelined
         }
@@ -36,8 +47,13 @@ impl Kernel {
     pub fn block_queries(self) -> usize {
         match self {
             Kernel::Staged => 64,
-            Kernel::Pipelined => 128,
+            Kernel::Pipelined | Kernel::PipelinedWide => 128,
         }
+    }
+
+    /// Whether the kernel is built for head dimension `d`.
+    pub fn takes(self, d: usize) -> bool {
+        HEAD_DIMS.contains(&d) && (self != Kernel::PipelinedWide || d <= 64)
     }
 }
 
@@ -45,28 +61,32 @@ impl Kernel {
 enum Setting {
     Off,
     StagedOnly,
-    /// Both kernels, heads split into `(batch·heads, len, d)` copies and merged back around them.
+    /// The staged kernel and the pipelined one with 16 rows per warp (no wide one).
+    Narrow,
+    /// Every kernel, heads split into `(batch·heads, len, d)` copies and merged back around them.
     Split,
-    Both,
+    All,
 }
 
 /// `DYNAMICRAFTER_FLASH_ATTENTION`: `0` off (candle's chunked composition), `1` the staged kernel
-/// only, `split` both with the heads split and merged by copies (the layout before
-/// [`flash_attention_heads`]), unset or anything else both, heads in place.
+/// only, `2` no wide pipelined kernel, `split` every kernel with the heads split and merged by
+/// copies (the layout before [`flash_attention_heads`]), unset or anything else every kernel,
+/// heads in place.
 fn setting() -> Setting {
     static SETTING: std::sync::OnceLock<Setting> = std::sync::OnceLock::new();
     *SETTING.get_or_init(|| match std::env::var("DYNAMICRAFTER_FLASH_ATTENTION").as_deref() {
         Ok("0") => Setting::Off,
         Ok("1") => Setting::StagedOnly,
+        Ok("2") => Setting::Narrow,
         Ok("split") => Setting::Split,
-        _ => Setting::Both,
+        _ => Setting::All,
     })
 }
 
 /// Whether multi-head attention reads and writes heads in place ([`flash_attention_heads`])
 /// rather than splitting them into copies: unless `DYNAMICRAFTER_FLASH_ATTENTION` says otherwise.
 pub fn heads_in_place_enabled() -> bool {
-    matches!(setting(), Setting::Both | Setting::StagedOnly)
+    matches!(setting(), Setting::All | Setting::StagedOnly | Setting::Narrow)
 }
 
 /// Whether the kernels read heads of `head_dim` in place (strided views included) in this build:
@@ -101,7 +121,7 @@ pub fn supported_heads(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> bool
 
 /// `softmax(q·kᵀ·scale)·v` for `(batch, n, d)` queries and `(batch, m, d)` keys and values.
 pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    flash_attention_with(Kernel::for_queries(q.dim(1)?), q, k, v, scale)
+    flash_attention_with(Kernel::for_shape(q.dim(1)?, q.dim(2)?), q, k, v, scale)
 }
 
 /// [`flash_attention`] on the kernel named.
@@ -115,7 +135,7 @@ pub fn flash_attention_with(kernel: Kernel, q: &Tensor, k: &Tensor, v: &Tensor, 
 /// nor the merge back is copied. The rows may be strided (q, k and v as views of one fused
 /// projection, `(batch, n, 3·heads·d)`).
 pub fn flash_attention_heads(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
-    flash_attention_heads_with(Kernel::for_queries(q.dim(1)?), q, k, v, heads, scale)
+    flash_attention_heads_with(Kernel::for_shape(q.dim(1)?, head_dim(q, heads)?), q, k, v, heads, scale)
 }
 
 /// [`flash_attention_heads`] on the kernel named.
@@ -127,12 +147,20 @@ pub fn flash_attention_heads_with(kernel: Kernel, q: &Tensor, k: &Tensor, v: &Te
 /// output (one rounding): the dual cross-attention's image branch joining the text branch's
 /// output. `addend`: the output's shape, `(batch, n, heads·d)`.
 pub fn flash_attention_heads_add(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64, weight: f64, addend: &Tensor) -> Result<Tensor> {
-    attention_op(Kernel::for_queries(q.dim(1)?), q, k, v, heads, scale, Some((addend, weight)))
+    attention_op(Kernel::for_shape(q.dim(1)?, head_dim(q, heads)?), q, k, v, heads, scale, Some((addend, weight)))
+}
+
+/// The head dimension of `(batch, n, heads·d)` queries.
+fn head_dim(q: &Tensor, heads: usize) -> Result<usize> {
+    Ok(q.dim(2)? / heads.max(1))
 }
 
 fn attention_op(kernel: Kernel, q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64, addend: Option<(&Tensor, f64)>) -> Result<Tensor> {
     if !supported_heads(q, k, v, heads) {
         candle_core::bail!("flash attention needs f16/bf16 CUDA tensors (batch, len, heads·d) with d in {HEAD_DIMS:?}");
+    }
+    if !kernel.takes(head_dim(q, heads)?) {
+        candle_core::bail!("flash attention: the {kernel:?} kernel is not built for head dimension {}", head_dim(q, heads)?);
     }
     let addend = match addend {
         Some((a, weight)) => {
@@ -269,9 +297,10 @@ mod cuda {
         // 64 keys, 32 for d = 128, rows padded by 8 elements), the module.
         let (threads, shared_bytes, name, module, ptx) = match kernel {
             Kernel::Staged => (128, 0, "flash_attention", "dynamicrafter_flash_attention", STAGED_PTX),
-            Kernel::Pipelined => {
+            Kernel::Pipelined | Kernel::PipelinedWide => {
                 let keys = if d <= 64 { 64 } else { 32 };
-                (256, 4 * keys * (d + 8) * std::mem::size_of::<T>(), "flash_attention2", "dynamicrafter_flash_attention2", PIPELINED_PTX)
+                let (threads, name) = if kernel == Kernel::PipelinedWide { (128, "flash_attention2w") } else { (256, "flash_attention2") };
+                (threads, 4 * keys * (d + 8) * std::mem::size_of::<T>(), name, "dynamicrafter_flash_attention2", PIPELINED_PTX)
             }
         };
         let func = dev.get_or_load_custom_func(&format!("{name}_{dtype}_d{d}"), module, ptx)?;
@@ -323,13 +352,13 @@ mod tests {
     use crate::attention_reference;
     use candle_core::Device;
 
-    /// On a GPU: both fused kernels against the f32 composition on the same (rounded) inputs, for
+    /// On a GPU: every fused kernel against the f32 composition on the same (rounded) inputs, for
     /// lengths that are and are not multiples of the tiles, cross- and self-attention.
     #[test]
     fn fused_attention_matches_the_f32_reference() {
         let dev = Device::new_cuda(0).expect("a CUDA build's tests need a GPU");
         let cases = [(1, 1, 1, 64), (3, 17, 77, 64), (2, 64, 16, 64), (5, 100, 33, 64), (80, 1024, 1024, 64), (7, 16, 16, 64), (2, 4096, 300, 64), (1, 9216, 9216, 64), (4, 70, 130, 16), (3, 65, 64, 32), (2, 200, 90, 128)];
-        for (kernel, (b, n, m, d)) in [Kernel::Staged, Kernel::Pipelined].into_iter().flat_map(|k| cases.map(|c| (k, c))) {
+        for (kernel, (b, n, m, d)) in Kernel::ALL.into_iter().flat_map(|k| cases.map(|c| (k, c))).filter(|(k, c)| k.takes(c.3)) {
             for (dtype, tol) in [(DType::BF16, 5e-3), (DType::F16, 1e-3)] {
                 let r = |len| Tensor::randn(0f32, 1.0, (b, len, d), &dev).and_then(|t| t.to_dtype(dtype)).unwrap();
                 let (q, k, v) = (r(n), r(m), r(m));
@@ -356,7 +385,7 @@ mod tests {
         };
         // (b, heads, n, m, d, fused): spatial and temporal self-attention, cross-attention.
         let cases = [(2, 5, 300, 300, 64, true), (40, 5, 16, 16, 64, true), (2, 5, 300, 77, 64, false), (3, 2, 130, 33, 128, false), (1, 3, 20, 20, 16, true)];
-        for (kernel, (b, heads, n, m, d, fused)) in [Kernel::Staged, Kernel::Pipelined].into_iter().flat_map(|k| cases.map(|c| (k, c))) {
+        for (kernel, (b, heads, n, m, d, fused)) in Kernel::ALL.into_iter().flat_map(|k| cases.map(|c| (k, c))).filter(|(k, c)| k.takes(c.4)) {
             for (dtype, tol) in [(DType::BF16, 5e-3), (DType::F16, 1e-3)] {
                 let c = heads * d;
                 let r = |len, width| Tensor::randn(0f32, 1.0, (b, len, width), &dev).and_then(|t| t.to_dtype(dtype)).unwrap();
@@ -376,7 +405,7 @@ mod tests {
                 let what = format!("{kernel:?} {dtype:?} b={b} heads={heads} n={n} m={m} d={d} fused={fused}");
                 eprintln!("flash attention heads in place {what}: relative error {rel:.2e}");
                 assert!(rel.is_finite() && rel < tol, "{what}: relative error {rel:.2e} ≥ {tol:.0e}");
-                if kernel == Kernel::for_queries(n) {
+                if kernel == Kernel::for_shape(n, d) {
                     // With an addend, as the dual cross-attention's image branch.
                     let addend = r(n, c);
                     let got = flash_attention_heads_add(&q, &k, &v, heads, 0.125, 0.75, &addend).unwrap().to_dtype(DType::F32).unwrap();

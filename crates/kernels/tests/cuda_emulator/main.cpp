@@ -23,6 +23,12 @@ ATTENTION_KERNELS(flash_attention, f16, __half)
 ATTENTION_KERNELS(flash_attention, bf16, __nv_bfloat16)
 ATTENTION_KERNELS(flash_attention2, f16, __half)
 ATTENTION_KERNELS(flash_attention2, bf16, __nv_bfloat16)
+#define WIDE_ATTENTION_KERNELS(NAME, T)                                                                     \
+    extern "C" void flash_attention2w_##NAME##_d16(const T*, const T*, const T*, T*, const T*, int, int, float, AttentionLayout); \
+    extern "C" void flash_attention2w_##NAME##_d32(const T*, const T*, const T*, T*, const T*, int, int, float, AttentionLayout); \
+    extern "C" void flash_attention2w_##NAME##_d64(const T*, const T*, const T*, T*, const T*, int, int, float, AttentionLayout);
+WIDE_ATTENTION_KERNELS(f16, __half)
+WIDE_ATTENTION_KERNELS(bf16, __nv_bfloat16)
 
 #define NORM_AND_EPILOGUE_KERNELS(NAME, T)                                                                  \
     extern "C" void group_stats_##NAME(const T*, double*, size_t, int);                                    \
@@ -115,7 +121,7 @@ struct AttentionKernels {
     const char* name;
     int block_queries;  // queries per block (the Rust launcher's BLOCK_QUERIES)
     int threads;
-    AttentionKernel f16[4], bf16[4];  // d = 16, 32, 64, 128
+    AttentionKernel f16[4], bf16[4];  // d = 16, 32, 64, 128; null where the set has no such kernel
 };
 
 // How q, k and v are laid out (the output is always (b, n, heads·d), heads side by side):
@@ -128,6 +134,7 @@ template <typename T>
 void attention_case(const AttentionKernels& kernels, Packing packing, int b, int heads, int n, int m, int d, double tolerance) {
     const int di = d == 16 ? 0 : d == 32 ? 1 : d == 64 ? 2 : 3;
     const AttentionKernel kernel = std::is_same_v<T, __half> ? kernels.f16[di] : kernels.bf16[di];
+    if (!kernel) return;  // the launcher never picks this set for d
     const float scale = 1.f / std::sqrt(static_cast<float>(d));
     const int64_t c = (int64_t)heads * d;
     const bool fused = packing == Packing::FusedQkv, adding = packing == Packing::Addend;
@@ -625,6 +632,12 @@ int main(int argc, char** argv) {
         // Queries per block and threads: flash_attention.rs's launchers.
         attention(KERNEL_SET(flash_attention, 64, 128));
         attention(KERNEL_SET(flash_attention2, 128, 256));
+        // 32 rows per warp: 4 warps, head dimensions up to 64.
+        attention(AttentionKernels{"flash_attention2w", 128, 128,
+                                   {(AttentionKernel)flash_attention2w_f16_d16, (AttentionKernel)flash_attention2w_f16_d32,
+                                    (AttentionKernel)flash_attention2w_f16_d64, nullptr},
+                                   {(AttentionKernel)flash_attention2w_bf16_d16, (AttentionKernel)flash_attention2w_bf16_d32,
+                                    (AttentionKernel)flash_attention2w_bf16_d64, nullptr}});
     }
     if (wanted("conv")) {
         // The products' inputs are exact; the error is the output's rounding (and f32 sums).
