@@ -83,39 +83,42 @@ __device__ __forceinline__ RowStats row_stats() { return RowStats{-INFINITY, -IN
 // One tile of scores s (16 rows × BK keys from key0; keys ≥ m masked) → probabilities p as the A
 // fragments of p·v; updates the row statistics and returns by how much the accumulators of
 // earlier tiles must shrink (corr_lo, corr_hi: 0 on the first tile). A row's values live in one
-// quad of lanes, so its reductions are two shuffles.
+// quad of lanes, so its reductions are two shuffles. Per score: a max, one FMA (the scale and the
+// row's maximum, in log2 units) and one ex2; the mask only in a tile that reaches past m.
 template <typename T, int BK>
 __device__ __forceinline__ void softmax_tile(float (&s)[BK / 8][4], uint32_t (&p)[BK / 16][4], RowStats& rows,
                                              int key0, int m, float log2_scale, float& corr_lo, float& corr_hi) {
     const int qd = threadIdx.x % 4;
+    if (key0 + BK > m) {
+#pragma unroll
+        for (int j = 0; j < BK / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+                if (key0 + j * 8 + 2 * qd + e >= m) s[j][e] = s[j][e + 2] = -INFINITY;
+    }
     float tile_lo = -INFINITY, tile_hi = -INFINITY;
 #pragma unroll
     for (int j = 0; j < BK / 8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-            const bool valid = key0 + j * 8 + 2 * qd + e < m;
-            s[j][e] = valid ? s[j][e] * log2_scale : -INFINITY;
-            s[j][e + 2] = valid ? s[j][e + 2] * log2_scale : -INFINITY;
-            tile_lo = fmaxf(tile_lo, s[j][e]);
-            tile_hi = fmaxf(tile_hi, s[j][e + 2]);
-        }
+        tile_lo = fmaxf(tile_lo, fmaxf(s[j][0], s[j][1]));
+        tile_hi = fmaxf(tile_hi, fmaxf(s[j][2], s[j][3]));
     }
 #pragma unroll
     for (int o = 1; o <= 2; o *= 2) {
         tile_lo = fmaxf(tile_lo, __shfl_xor_sync(0xffffffff, tile_lo, o));
         tile_hi = fmaxf(tile_hi, __shfl_xor_sync(0xffffffff, tile_hi, o));
     }
-    // Every tile holds at least one valid key, so the new maxima are finite.
-    const float new_lo = fmaxf(rows.max_lo, tile_lo), new_hi = fmaxf(rows.max_hi, tile_hi);
-    corr_lo = exp2f(rows.max_lo - new_lo);
-    corr_hi = exp2f(rows.max_hi - new_hi);
+    // In log2 units (the scale is positive: the maximum stays where it is). Every tile holds at
+    // least one valid key, so the new maxima are finite.
+    const float new_lo = fmaxf(rows.max_lo, tile_lo * log2_scale), new_hi = fmaxf(rows.max_hi, tile_hi * log2_scale);
+    corr_lo = exp2_approx(rows.max_lo - new_lo);
+    corr_hi = exp2_approx(rows.max_hi - new_hi);
     rows.max_lo = new_lo;
     rows.max_hi = new_hi;
     float part_lo = 0.f, part_hi = 0.f;
 #pragma unroll
     for (int j = 0; j < BK / 8; ++j) {
-        const float e0 = exp2f(s[j][0] - new_lo), e1 = exp2f(s[j][1] - new_lo);
-        const float e2 = exp2f(s[j][2] - new_hi), e3 = exp2f(s[j][3] - new_hi);
+        const float e0 = exp2_approx(fmaf(s[j][0], log2_scale, -new_lo)), e1 = exp2_approx(fmaf(s[j][1], log2_scale, -new_lo));
+        const float e2 = exp2_approx(fmaf(s[j][2], log2_scale, -new_hi)), e3 = exp2_approx(fmaf(s[j][3], log2_scale, -new_hi));
         const uint32_t lo = Pair<T>::pack(e0, e1), hi = Pair<T>::pack(e2, e3);
         // Sum what the product uses: the rounded probabilities.
         const T* l = reinterpret_cast<const T*>(&lo);

@@ -1,8 +1,8 @@
-// The warp-level PTX instructions our kernels use, in one place: tensor-core products
-// (mma.sync m16n8k16, sm_80+), matrix loads from shared memory (ldmatrix) and asynchronous
-// global → shared copies (cp.async). The CPU emulator of tests/cuda_emulator supplies the same
-// functions, computed from the PTX ISA's fragment layouts, so the kernels' logic is tested
-// without a GPU.
+// The PTX instructions our kernels use, in one place: tensor-core products (mma.sync m16n8k16,
+// sm_80+), matrix loads from shared memory (ldmatrix), asynchronous global → shared copies
+// (cp.async) and the special-function unit's 2^x. The CPU emulator of tests/cuda_emulator
+// supplies the same functions, computed from the PTX ISA's fragment layouts, so the kernels'
+// logic is tested without a GPU.
 //
 // Fragment layouts (g = lane / 4, q = lane % 4; a register holds two 16-bit values, the lower
 // column in the low half):
@@ -31,6 +31,14 @@ template <> __device__ __forceinline__ void mma_m16n8k16<__nv_bfloat16>(float* c
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// 2^x by the special-function unit, subnormal results flushed to zero (one MUFU.EX2; exp2f adds
+// instructions to keep subnormals, which a softmax's probabilities do not need).
+__device__ __forceinline__ float exp2_approx(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
 }
 
 __device__ __forceinline__ uint32_t shared_address(const void* p) {

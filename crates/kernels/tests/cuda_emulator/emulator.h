@@ -337,6 +337,9 @@ inline float half_at(uint32_t pair, int hi) {
 }
 }  // namespace emu
 
+// ex2.approx.ftz: the hardware's is within 2 ulp of 2^x; the CPU's exact one stands in.
+inline float exp2_approx(float x) { return std::exp2(x); }
+
 // D = A·B + C for a 16×16 A (row-major fragments), a 16×8 B (column fragments), f32 C/D.
 template <typename T>
 inline void mma_m16n8k16(float* c, const uint32_t* a, const uint32_t* b) {
