@@ -23,6 +23,7 @@ struct AttentionLayout {
     int64_t q_row, k_row, v_row, out_row;
     int32_t heads;
     float weight;
+    int32_t batches;  // b: the grid covers b · heads (batch, head)s
 };
 
 namespace {

@@ -2,11 +2,12 @@
 //! 64 or 128 without the score matrix in device memory. A 576×1024 spatial attention has
 //! 80 × 9216² scores; the chunked composition writes and re-reads them several times over.
 //!
-//! Two kernels: `flash_attention2.cu` (128 queries a block share each key/value tile, loaded
+//! The kernels: `flash_attention2.cu` (128 queries a block share each key/value tile, loaded
 //! asynchronously into two buffers, fragments by ldmatrix; 4 warps of 32 rows for head
 //! dimensions up to 64, 8 warps of 16 above) for runs of at least 128 queries, the spatial
-//! attentions; `flash_attention.cu` (4 warps, 64 queries a block) for shorter ones, where a
-//! 128-query block would idle: the temporal attention's 16 frames.
+//! attentions; `flash_attention.cu`'s staged kernel (4 warps, 64 queries a block) for shorter
+//! ones, where a 128-query block would idle, and its short one (a warp per batch and head) for at
+//! most 16: the temporal attention's frames.
 
 use candle_core::{DType, Result, Tensor};
 
@@ -16,6 +17,8 @@ pub const HEAD_DIMS: [usize; 4] = [16, 32, 64, 128];
 /// The fused kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
+    /// `flash_attention.cu`: at most 16 queries, a warp per (batch, head), 16-key tiles.
+    Short,
     /// `flash_attention.cu`: 64 queries a block, tiles staged through registers.
     Staged,
     /// `flash_attention2.cu`: 128 queries a block, tiles double-buffered by cp.async, 8 warps of
@@ -27,41 +30,55 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 3] = [Kernel::Staged, Kernel::Pipelined, Kernel::PipelinedWide];
+    pub const ALL: [Kernel; 4] = [Kernel::Short, Kernel::Staged, Kernel::Pipelined, Kernel::PipelinedWide];
 
-    /// The kernel for `n` queries of head dimension `d`: a pipelined one from a block's worth of
-    /// queries on (the wide one where it takes `d`), unless `DYNAMICRAFTER_FLASH_ATTENTION` says
-    /// `1` (the staged one only) or `2` (no wide one): A/B benchmarks.
+    /// The kernel for `n` queries of head dimension `d`: the short one up to 16 queries, a
+    /// pipelined one from a block's worth on (the wide one where it takes `d`), the staged one
+    /// between, unless `DYNAMICRAFTER_FLASH_ATTENTION` says `1` (the staged one only) or `2` (the
+    /// shapes before the short and wide kernels: staged below 128 queries, 16 rows per warp
+    /// above): A/B benchmarks.
     pub fn for_shape(n: usize, d: usize) -> Kernel {
         let setting = setting();
-        if setting == Setting::StagedOnly || n < Kernel::Pipelined.block_queries() {
+        let newest = !matches!(setting, Setting::StagedOnly | Setting::Narrow);
+        if newest && Kernel::Short.takes(n, d) {
+            Kernel::Short
+        } else if setting == Setting::StagedOnly || n < Kernel::Pipelined.block_queries() {
             Kernel::Staged
-        } else if setting != Setting::Narrow && Kernel::PipelinedWide.takes(d) {
+        } else if newest && Kernel::PipelinedWide.takes(n, d) {
             Kernel::PipelinedWide
         } else {
             Kernel::Pipelined
         }
     }
 
-    /// Queries per block.
+    /// Queries per block (the short kernel: per warp, a block holding 4).
     pub fn block_queries(self) -> usize {
         match self {
+            Kernel::Short => SHORT_QUERIES,
             Kernel::Staged => 64,
             Kernel::Pipelined | Kernel::PipelinedWide => 128,
         }
     }
 
-    /// Whether the kernel is built for head dimension `d`.
-    pub fn takes(self, d: usize) -> bool {
-        HEAD_DIMS.contains(&d) && (self != Kernel::PipelinedWide || d <= 64)
+    /// Whether the kernel is built for `n` queries of head dimension `d`.
+    pub fn takes(self, n: usize, d: usize) -> bool {
+        HEAD_DIMS.contains(&d)
+            && match self {
+                Kernel::Short => n <= SHORT_QUERIES,
+                Kernel::PipelinedWide => d <= 64,
+                Kernel::Staged | Kernel::Pipelined => true,
+            }
     }
 }
+
+/// The most queries the short kernel takes: one row tile of the products.
+const SHORT_QUERIES: usize = 16;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Setting {
     Off,
     StagedOnly,
-    /// The staged kernel and the pipelined one with 16 rows per warp (no wide one).
+    /// The staged kernel and the pipelined one with 16 rows per warp (no short or wide one).
     Narrow,
     /// Every kernel, heads split into `(batch·heads, len, d)` copies and merged back around them.
     Split,
@@ -69,7 +86,7 @@ enum Setting {
 }
 
 /// `DYNAMICRAFTER_FLASH_ATTENTION`: `0` off (candle's chunked composition), `1` the staged kernel
-/// only, `2` no wide pipelined kernel, `split` every kernel with the heads split and merged by
+/// only, `2` no short or wide kernel, `split` every kernel with the heads split and merged by
 /// copies (the layout before [`flash_attention_heads`]), unset or anything else every kernel,
 /// heads in place.
 fn setting() -> Setting {
@@ -159,8 +176,8 @@ fn attention_op(kernel: Kernel, q: &Tensor, k: &Tensor, v: &Tensor, heads: usize
     if !supported_heads(q, k, v, heads) {
         candle_core::bail!("flash attention needs f16/bf16 CUDA tensors (batch, len, heads·d) with d in {HEAD_DIMS:?}");
     }
-    if !kernel.takes(head_dim(q, heads)?) {
-        candle_core::bail!("flash attention: the {kernel:?} kernel is not built for head dimension {}", head_dim(q, heads)?);
+    if !kernel.takes(q.dim(1)?, head_dim(q, heads)?) {
+        candle_core::bail!("flash attention: the {kernel:?} kernel does not take {} queries of head dimension {}", q.dim(1)?, head_dim(q, heads)?);
     }
     let addend = match addend {
         Some((a, weight)) => {
@@ -254,6 +271,7 @@ mod cuda {
         out_row: i64,
         heads: i32,
         weight: f32,
+        batches: i32,
     }
 
     // SAFETY: plain numbers, laid out as the kernels' struct (#[repr(C)]).
@@ -292,11 +310,13 @@ mod cuda {
         let (k, k_batch, k_row) = view::<T>(k, kl)?;
         let (v, v_batch, v_row) = view::<T>(v, vl)?;
         let kernel = args.kernel;
-        let blocks = b * args.heads * n.div_ceil(kernel.block_queries());
+        // Query blocks per (batch, head); the short kernel: 4 (batch, head)s per block, a warp each.
+        let blocks = if kernel == Kernel::Short { (b * args.heads).div_ceil(4) } else { b * args.heads * n.div_ceil(kernel.block_queries()) };
         // Threads, dynamic shared memory (flash_attention2.cu: two buffers of k and v tiles,
         // 64 keys, 32 for d = 128, rows padded by 8 elements), the module.
         let (threads, shared_bytes, name, module, ptx) = match kernel {
             Kernel::Staged => (128, 0, "flash_attention", "dynamicrafter_flash_attention", STAGED_PTX),
+            Kernel::Short => (128, 0, "flash_attention_short", "dynamicrafter_flash_attention", STAGED_PTX),
             Kernel::Pipelined | Kernel::PipelinedWide => {
                 let keys = if d <= 64 { 64 } else { 32 };
                 let (threads, name) = if kernel == Kernel::PipelinedWide { (128, "flash_attention2w") } else { (256, "flash_attention2") };
@@ -318,6 +338,7 @@ mod cuda {
             out_row: as_i64(c),
             heads: args.heads as i32,
             weight: args.addend.map_or(1.0, |a| a.1),
+            batches: b as i32,
         };
         // The addend's storage, held for the launch (attention_op made it contiguous and aligned).
         let addend_storage = args.addend.map(|(a, _)| a.storage_and_layout());
@@ -357,8 +378,8 @@ mod tests {
     #[test]
     fn fused_attention_matches_the_f32_reference() {
         let dev = Device::new_cuda(0).expect("a CUDA build's tests need a GPU");
-        let cases = [(1, 1, 1, 64), (3, 17, 77, 64), (2, 64, 16, 64), (5, 100, 33, 64), (80, 1024, 1024, 64), (7, 16, 16, 64), (2, 4096, 300, 64), (1, 9216, 9216, 64), (4, 70, 130, 16), (3, 65, 64, 32), (2, 200, 90, 128)];
-        for (kernel, (b, n, m, d)) in Kernel::ALL.into_iter().flat_map(|k| cases.map(|c| (k, c))).filter(|(k, c)| k.takes(c.3)) {
+        let cases = [(1, 1, 1, 64), (3, 17, 77, 64), (2, 64, 16, 64), (5, 100, 33, 64), (80, 1024, 1024, 64), (7, 16, 16, 64), (2, 4096, 300, 64), (1, 9216, 9216, 64), (4, 70, 130, 16), (3, 65, 64, 32), (2, 200, 90, 128), (9, 12, 40, 32), (3, 16, 16, 128)];
+        for (kernel, (b, n, m, d)) in Kernel::ALL.into_iter().flat_map(|k| cases.map(|c| (k, c))).filter(|(k, c)| k.takes(c.1, c.3)) {
             for (dtype, tol) in [(DType::BF16, 5e-3), (DType::F16, 1e-3)] {
                 let r = |len| Tensor::randn(0f32, 1.0, (b, len, d), &dev).and_then(|t| t.to_dtype(dtype)).unwrap();
                 let (q, k, v) = (r(n), r(m), r(m));
@@ -385,7 +406,7 @@ mod tests {
         };
         // (b, heads, n, m, d, fused): spatial and temporal self-attention, cross-attention.
         let cases = [(2, 5, 300, 300, 64, true), (40, 5, 16, 16, 64, true), (2, 5, 300, 77, 64, false), (3, 2, 130, 33, 128, false), (1, 3, 20, 20, 16, true)];
-        for (kernel, (b, heads, n, m, d, fused)) in Kernel::ALL.into_iter().flat_map(|k| cases.map(|c| (k, c))).filter(|(k, c)| k.takes(c.4)) {
+        for (kernel, (b, heads, n, m, d, fused)) in Kernel::ALL.into_iter().flat_map(|k| cases.map(|c| (k, c))).filter(|(k, c)| k.takes(c.2, c.4)) {
             for (dtype, tol) in [(DType::BF16, 5e-3), (DType::F16, 1e-3)] {
                 let c = heads * d;
                 let r = |len, width| Tensor::randn(0f32, 1.0, (b, len, width), &dev).and_then(|t| t.to_dtype(dtype)).unwrap();

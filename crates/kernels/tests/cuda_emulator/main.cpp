@@ -21,6 +21,8 @@
     extern "C" void PREFIX##_##NAME##_d128(const T*, const T*, const T*, T*, const T*, int, int, float, AttentionLayout);
 ATTENTION_KERNELS(flash_attention, f16, __half)
 ATTENTION_KERNELS(flash_attention, bf16, __nv_bfloat16)
+ATTENTION_KERNELS(flash_attention_short, f16, __half)
+ATTENTION_KERNELS(flash_attention_short, bf16, __nv_bfloat16)
 ATTENTION_KERNELS(flash_attention2, f16, __half)
 ATTENTION_KERNELS(flash_attention2, bf16, __nv_bfloat16)
 #define WIDE_ATTENTION_KERNELS(NAME, T)                                                                     \
@@ -122,6 +124,7 @@ struct AttentionKernels {
     int block_queries;  // queries per block (the Rust launcher's BLOCK_QUERIES)
     int threads;
     AttentionKernel f16[4], bf16[4];  // d = 16, 32, 64, 128; null where the set has no such kernel
+    int max_queries = 0;               // flash_attention_short: at most 16 queries, a warp per (batch, head)
 };
 
 // How q, k and v are laid out (the output is always (b, n, heads·d), heads side by side):
@@ -134,7 +137,7 @@ template <typename T>
 void attention_case(const AttentionKernels& kernels, Packing packing, int b, int heads, int n, int m, int d, double tolerance) {
     const int di = d == 16 ? 0 : d == 32 ? 1 : d == 64 ? 2 : 3;
     const AttentionKernel kernel = std::is_same_v<T, __half> ? kernels.f16[di] : kernels.bf16[di];
-    if (!kernel) return;  // the launcher never picks this set for d
+    if (!kernel || (kernels.max_queries && n > kernels.max_queries)) return;  // the launcher never picks this set for d or n
     const float scale = 1.f / std::sqrt(static_cast<float>(d));
     const int64_t c = (int64_t)heads * d;
     const bool fused = packing == Packing::FusedQkv, adding = packing == Packing::Addend;
@@ -148,8 +151,10 @@ void attention_case(const AttentionKernels& kernels, Packing packing, int b, int
     const T* kp = fused ? q.data() + c : k.data();
     const T* vp = fused ? q.data() + 2 * c : v.data();
     const int64_t qkv_row = fused ? 3 * c : c;
-    AttentionLayout layout{n * qkv_row, m * qkv_row, m * qkv_row, n * c, qkv_row, qkv_row, qkv_row, c, heads, weight};
-    const unsigned blocks = b * heads * ((n + kernels.block_queries - 1) / kernels.block_queries);
+    AttentionLayout layout{n * qkv_row, m * qkv_row, m * qkv_row, n * c, qkv_row, qkv_row, qkv_row, c, heads, weight, b};
+    // Query blocks per (batch, head), or (flash_attention_short) one warp per (batch, head).
+    const unsigned blocks = kernels.max_queries ? (b * heads + kernels.threads / 32 - 1) / (kernels.threads / 32)
+                                                : b * heads * ((n + kernels.block_queries - 1) / kernels.block_queries);
     emu::launch(dim3{blocks, 1, 1}, dim3{(unsigned)kernels.threads, 1, 1},
                 [&] { kernel(qp, kp, vp, out.data(), adding ? addend.data() : nullptr, n, m, scale, layout); });
     double err = 0, norm = 0;
@@ -198,9 +203,15 @@ void attention(const AttentionKernels& kernels) {
         attention_case<__half>(kernels, Packing::Separate, c[0], c[1], c[2], c[3], c[4], 1e-3);
     }
     // The dual cross-attention's image branch joining the text branch's output.
-    for (const auto& c : {std::array<int, 5>{2, 5, 150, 16, 64}, std::array<int, 5>{1, 2, 40, 33, 32}}) {
+    for (const auto& c : {std::array<int, 5>{2, 5, 150, 16, 64}, std::array<int, 5>{1, 2, 40, 33, 32}, std::array<int, 5>{3, 2, 12, 20, 32}}) {
         attention_case<__nv_bfloat16>(kernels, Packing::Addend, c[0], c[1], c[2], c[3], c[4], 5e-3);
         attention_case<__half>(kernels, Packing::Addend, c[0], c[1], c[2], c[3], c[4], 1e-3);
+    }
+    // Short runs of queries (the temporal attention, tiny models' few frames) against more keys
+    // than one 16-key tile, and batches·heads that do not fill a block's warps.
+    for (const auto& c : {std::array<int, 5>{3, 2, 5, 40, 64}, std::array<int, 5>{1, 3, 16, 33, 128}, std::array<int, 5>{7, 1, 2, 2, 16}}) {
+        attention_case<__nv_bfloat16>(kernels, Packing::Separate, c[0], c[1], c[2], c[3], c[4], 5e-3);
+        attention_case<__half>(kernels, Packing::Separate, c[0], c[1], c[2], c[3], c[4], 1e-3);
     }
     // Self-attention on a fused projection: spatial (long) and temporal (16 frames) shapes.
     const int fused[][4] = {{1, 5, 160, 64}, {6, 5, 16, 64}, {2, 3, 20, 16}, {1, 2, 130, 128}};
@@ -632,6 +643,10 @@ int main(int argc, char** argv) {
         // Queries per block and threads: flash_attention.rs's launchers.
         attention(KERNEL_SET(flash_attention, 64, 128));
         attention(KERNEL_SET(flash_attention2, 128, 256));
+        // A warp per (batch, head), at most 16 queries (the temporal attention).
+        AttentionKernels short_set = KERNEL_SET(flash_attention_short, 64, 128);
+        short_set.max_queries = 16;
+        attention(short_set);
         // 32 rows per warp: 4 warps, head dimensions up to 64.
         attention(AttentionKernels{"flash_attention2w", 128, 128,
                                    {(AttentionKernel)flash_attention2w_f16_d16, (AttentionKernel)flash_attention2w_f16_d32,
