@@ -33,4 +33,4 @@ fn main() {
 const KERNELS: [&str; 6] = ["conv_igemm", "epilogue", "flash_attention", "flash_attention2", "group_norm", "permute"];
 
 /// What the kernels include.
-const HEADERS: [&str; 4] = ["attention.cuh", "conv_igemm.cuh", "permute.cuh", "ptx.cuh"];
+const HEADERS: [&str; 5] = ["attention.cuh", "conv_igemm.cuh", "group_norm.cuh", "permute.cuh", "ptx.cuh"];

@@ -235,6 +235,35 @@ pub fn conv3x3_taps_with(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Con
     }
 }
 
+/// A group norm (+ SiLU) ahead of a convolution ([`conv3x3_taps_normed`],
+/// [`temporal_conv_taps_normed`]): applied in CUDA's implicit-GEMM input copy, on its own elsewhere.
+pub use cuda::conv_igemm::Norm as ConvNorm;
+
+/// [`conv3x3_taps_with`] of `norm(x)`: on CUDA's implicit GEMM the norm happens in the
+/// convolution's channels-last copy (its statistics pass first), so the normalised activation is
+/// never written and read back; elsewhere the group norm, then the convolution.
+pub fn conv3x3_taps_normed(x: &Tensor, norm: &ConvNorm, w_taps: &Tensor, bias: &Tensor, extras: ConvExtras) -> Result<Tensor> {
+    if cuda::usable(x) && w_taps.dtype() == x.dtype() {
+        let b = bias.to_dtype(x.dtype())?;
+        if cuda::conv_igemm::supported_normed(x, w_taps, &b, norm) {
+            return cuda::conv_igemm::conv3x3_normed(x, norm, w_taps, &b, extras);
+        }
+    }
+    conv3x3_taps_with(&norm.apply(x)?, w_taps, bias, extras)
+}
+
+/// [`temporal_conv_taps_with`] of `norm(x)`, `x (b, c, t, s)` normalised as it lies: as
+/// [`conv3x3_taps_normed`].
+pub fn temporal_conv_taps_normed(x: &Tensor, norm: &ConvNorm, w_taps: &Tensor, bias: &Tensor, extras: ConvExtras) -> Result<Tensor> {
+    if cuda::usable(x) && w_taps.dtype() == x.dtype() {
+        let b = bias.to_dtype(x.dtype())?;
+        if cuda::conv_igemm::supported_normed(x, w_taps, &b, norm) {
+            return cuda::conv_igemm::temporal_conv_normed(x, norm, w_taps, &b, extras);
+        }
+    }
+    temporal_conv_taps_with(&norm.apply(x)?, w_taps, bias, extras)
+}
+
 /// [`temporal_conv`] plus `extras`.
 pub fn temporal_conv_with(x: &Tensor, w: &Tensor, bias: &Tensor, extras: ConvExtras) -> Result<Tensor> {
     if cuda::usable(x) && w.dtype() == x.dtype() {

@@ -55,6 +55,13 @@ pub(crate) fn ops_1024(runs: usize, target: &Target) -> Result<Vec<Timing>> {
             op(&format!("temporal conv 1x320x16x9216 k3 (tile {name})"), &mut || Ok(kernels::temporal_conv_on(&xt, &wt_taps, &zeros, none, tile)?))?;
             op(&format!("conv3x3 16x1280x9x16 (tile {name})"), &mut || Ok(kernels::conv3x3_on(&x_deep, &w_deep, &zeros_deep, none, tile)?))?;
         }
+        // A residual block's group norm + SiLU and convolution: the norm applied in the
+        // convolution's input copy, or written first (what the layers ran before).
+        let norm = kernels::ConvNorm { weight: &ones, bias: &zeros, groups: 32, eps: 1e-5, silu: true };
+        op("group_norm+silu + conv3x3 16x320x72x128 (norm in the copy)", &mut || Ok(kernels::conv3x3_taps_normed(&x, &norm, &w3_taps, &zeros, none)?))?;
+        op("group_norm+silu + conv3x3 16x320x72x128 (norm first)", &mut || Ok(kernels::conv3x3_taps_with(&norm.apply(&x)?, &w3_taps, &zeros, none)?))?;
+        op("group_norm+silu + temporal conv 1x320x16x9216 (norm in the copy)", &mut || Ok(kernels::temporal_conv_taps_normed(&xt, &norm, &wt_taps, &zeros, none)?))?;
+        op("group_norm+silu + temporal conv 1x320x16x9216 (norm first)", &mut || Ok(kernels::temporal_conv_taps_with(&norm.apply(&xt)?, &wt_taps, &zeros, none)?))?;
         // The downsampling convolution out of the first level: candle's (im2col) and ours.
         op("conv3x3 stride 2 16x320x72x128 (candle)", &mut || Ok(x.conv2d(&w3, 1, 2, 1, 1)?.broadcast_add(&zeros.reshape((1, c, 1, 1))?)?))?;
         op("conv3x3 stride 2 16x320x72x128", &mut || Ok(kernels::conv3x3_taps_strided(&x, &w3_taps, &zeros)?))?;

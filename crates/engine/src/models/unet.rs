@@ -43,10 +43,11 @@ impl TemporalConvBlock {
         let mut hs = xs.clone();
         let last = self.stages.len() - 1;
         for (i, (norm, conv)) in self.stages.iter().enumerate() {
-            let a = norm.forward_silu(&hs)?.reshape((b, c, t, h * w))?;
+            // The norm over (b, c, t·h·w) as it lies: the same groups as over (b, c, t, h, w).
+            let a = hs.reshape((b, c, t, h * w))?;
             // The block's residual goes into the last convolution's output.
             let residual = if i == last { Some(xs.reshape((b, c, t, h * w))?) } else { None };
-            hs = conv.forward_with(&a, ConvExtras { per_sample: None, residual: residual.as_ref() })?.reshape((b, c, t, h, w))?;
+            hs = conv.forward_normed(&a, &norm.before_conv(true), ConvExtras { per_sample: None, residual: residual.as_ref() })?.reshape((b, c, t, h, w))?;
         }
         Ok(hs)
     }
@@ -84,9 +85,10 @@ impl ResBlock {
         // where the kernel has one (a 1×1 skip, where channels change, is computed first and held
         // through out_conv).
         let e = self.emb_proj.forward(&silu(emb)?)?;
-        let mut h = self.in_conv.forward_with(&self.in_norm.forward_silu(xs)?, ConvExtras { per_sample: Some(&e), residual: None })?;
+        // Each group norm + SiLU goes into its convolution's input copy where the kernel has one.
+        let mut h = self.in_conv.forward_normed(xs, &self.in_norm.before_conv(true), ConvExtras { per_sample: Some(&e), residual: None })?;
         let skip = self.skip.as_ref().map(|s| s.forward(xs)).transpose()?;
-        h = self.out_conv.forward_with(&self.out_norm.forward_silu(&h)?, ConvExtras { per_sample: None, residual: Some(skip.as_ref().unwrap_or(xs)) })?;
+        h = self.out_conv.forward_normed(&h, &self.out_norm.before_conv(true), ConvExtras { per_sample: None, residual: Some(skip.as_ref().unwrap_or(xs)) })?;
         drop(skip);
         video_to_frames(&self.temporal_conv.forward(&frames_to_video(&h, b)?)?)
     }

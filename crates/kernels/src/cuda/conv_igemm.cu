@@ -4,7 +4,8 @@
 //
 // Two kernels:
 // * to_channels_last: x (n, c, rows, cols) → xp (n, rows + 2·pad_r, cols + 2·pad_c, c), zero
-//   border, through 32×32 tiles in shared memory (both sides coalesced), optionally upsampled 2×;
+//   border, through 32×32 tiles in shared memory (both sides coalesced), optionally upsampled 2×
+//   and group-normalised (+ SiLU) on the way;
 // * conv_igemm: out (n, co, rows·cols) = bias (+ sample_bias[sample]) (+ residual) + Σ_tap
 //   w[tap] · xp shifted by the tap, with w (taps, co, ci): what the UNet's residual blocks add
 //   to a convolution (the timestep embedding per frame, the skip connection) on the way out.
@@ -30,6 +31,7 @@
 #include <stdint.h>
 
 #include "conv_igemm.cuh"
+#include "group_norm.cuh"
 #include "ptx.cuh"
 
 extern __shared__ __align__(128) unsigned char dynamic_smem[];
@@ -48,11 +50,15 @@ template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 
 // x (n, c, rows, cols) upsampled by `up` (1, or 2: nearest, as a 2× upsample before a
-// convolution) → xp (n, rows·up + 2·pad_r, cols·up + 2·pad_c, c). Grid: (ceil(cols_p / 32),
-// ceil(c / 32), n · rows_p); block (32, 8).
+// convolution) → xp (n, rows·up + 2·pad_r, cols·up + 2·pad_c, c). With `sums` (group_stats's, of
+// x as (n, c, rows·cols) in groups of cpg channels) each element is group-normalised on the way,
+// weight `gamma`, bias `beta`, then SiLU where `silu`: the group norm before a convolution, whose
+// own output is then never written. Grid: (ceil(cols_p / 32), ceil(c / 32), n · rows_p); block
+// (32, 8).
 template <typename T>
 __device__ void to_channels_last(const T* __restrict__ x, T* __restrict__ xp, int c, int rows, int cols, int pad_r,
-                                 int pad_c, int up) {
+                                 int pad_c, int up, const double* __restrict__ sums, const T* __restrict__ gamma,
+                                 const T* __restrict__ beta, int cpg, float eps, int silu) {
     __shared__ T tile[32][33];
     const int rows_p = rows * up + 2 * pad_r, cols_p = cols * up + 2 * pad_c;
     const int sample = blockIdx.z / rows_p, r = blockIdx.z % rows_p;
@@ -60,9 +66,21 @@ __device__ void to_channels_last(const T* __restrict__ x, T* __restrict__ xp, in
     const int tx = threadIdx.x, ty = threadIdx.y;
     const int in_r = r - pad_r, in_c = col0 + tx - pad_c;  // in the upsampled image
     const bool inside = in_r >= 0 && in_r < rows * up && in_c >= 0 && in_c < cols * up;
+    const size_t plane = (size_t)rows * cols;
     for (int i = ty; i < 32; i += 8) {
         const int ch = ch0 + i;
-        tile[i][tx] = inside && ch < c ? x[(((size_t)sample * c + ch) * rows + in_r / up) * cols + in_c / up] : from_f32<T>(0.f);
+        T v = from_f32<T>(0.f);
+        if (inside && ch < c) {
+            v = x[((size_t)sample * c + ch) * plane + (size_t)(in_r / up) * cols + in_c / up];
+            if (sums) {
+                // The group's statistics (a handful of cached loads, once per element a thread copies).
+                const size_t group = (size_t)sample * (c / cpg) + ch / cpg, group_len = (size_t)cpg * plane;
+                const GroupMoments m = group_moments(sums, group, group_len, to_f32(x[group * group_len]), eps);
+                const float y = (to_f32(v) - m.mean) * m.rstd * to_f32(gamma[ch]) + to_f32(beta[ch]);
+                v = from_f32<T>(silu ? group_norm_silu(y) : y);
+            }
+        }
+        tile[i][tx] = v;
     }
     __syncthreads();
     for (int i = ty; i < 32; i += 8) {
@@ -70,7 +88,6 @@ __device__ void to_channels_last(const T* __restrict__ x, T* __restrict__ xp, in
         if (col < cols_p && ch < c) xp[(((size_t)sample * rows_p + r) * cols_p + col) * c + ch] = tile[tx][i];
     }
 }
-
 
 // The warps' share of a BN-position tile.
 template <int BN> struct TileShape {
@@ -248,8 +265,9 @@ __device__ void conv_igemm(const T* __restrict__ xp, const T* __restrict__ w, co
 
 #define CONV_IGEMM(NAME, T)                                                                                  \
     extern "C" __global__ void to_channels_last_##NAME(const T* x, T* xp, int c, int rows, int cols, int pad_r, \
-                                                        int pad_c, int up) {                                  \
-        to_channels_last(x, xp, c, rows, cols, pad_r, pad_c, up);                                            \
+                                                        int pad_c, int up, const double* sums, const T* gamma, \
+                                                        const T* beta, int cpg, float eps, int silu) {        \
+        to_channels_last(x, xp, c, rows, cols, pad_r, pad_c, up, sums, gamma, beta, cpg, eps, silu);         \
     }                                                                                                         \
     CONV_IGEMM_TILE(NAME, T, 128, 2)                                                                          \
     CONV_IGEMM_TILE(NAME, T, 128, 3)                                                                          \

@@ -85,6 +85,56 @@ pub fn conv3x3_strided(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Ten
     conv3x3_general(x, w_taps, bias, Extras::default(), Scale::Stride2, Tile::chosen())
 }
 
+/// A GroupNorm (+ SiLU) ahead of a convolution, applied in the implicit GEMM's channels-last
+/// copy: the normalised activation is never written on its own (a residual block's two 3×3
+/// convolutions and its temporal block's four, each after its norm).
+#[derive(Clone, Copy)]
+pub struct Norm<'a> {
+    pub weight: &'a Tensor,
+    pub bias: &'a Tensor,
+    pub groups: usize,
+    pub eps: f64,
+    pub silu: bool,
+}
+
+impl Norm<'_> {
+    /// The group norm on its own (where the convolution cannot take it).
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        crate::group_norm(x, self.weight, self.bias, self.groups, self.eps, self.silu)
+    }
+}
+
+/// Whether [`conv3x3_normed`] / [`temporal_conv_normed`] take `x` with `norm`: as [`supported`],
+/// the norm's weight and bias of `x`'s dtype, our group norm kernels in use (its statistics pass
+/// runs first) and a grid they can cover.
+pub fn supported_normed(x: &Tensor, w_taps: &Tensor, bias: &Tensor, norm: &Norm) -> bool {
+    supported(x, w_taps, bias)
+        && super::group_norm_enabled()
+        && norm.weight.dtype() == x.dtype()
+        && norm.bias.dtype() == x.dtype()
+        && x.dim(1).is_ok_and(|c| norm.groups > 0 && c.is_multiple_of(norm.groups) && norm.weight.elem_count() == c && norm.bias.elem_count() == c)
+        && x.dim(0).is_ok_and(|n| n * norm.groups <= 65535)
+}
+
+/// [`conv3x3`] of `norm(x)`.
+pub fn conv3x3_normed(x: &Tensor, norm: &Norm, w_taps: &Tensor, bias: &Tensor, extras: Extras) -> Result<Tensor> {
+    let (n, _, h, w) = x.dims4()?;
+    let xp = channels_last(x, 1, 1, 1, Some(norm))?;
+    let co = w_taps.dim(1)?;
+    let geometry = Geometry { rows: h, cols: w, cols_padded: w + 2, kw: 3, row_step: w + 2, stride: 1 };
+    convolve(&xp, w_taps, bias, extras, geometry, Tile::chosen())?.reshape((n, co, h, w))
+}
+
+/// [`temporal_conv`] of `norm(x)` (the norm over `x (b, c, t, s)` as it lies: groups of channels
+/// across every frame).
+pub fn temporal_conv_normed(x: &Tensor, norm: &Norm, w_taps: &Tensor, bias: &Tensor, extras: Extras) -> Result<Tensor> {
+    let (b, _, t, s) = x.dims4()?;
+    let xp = channels_last(x, 1, 0, 1, Some(norm))?;
+    let co = w_taps.dim(1)?;
+    let geometry = Geometry { rows: t, cols: s, cols_padded: s, kw: 1, row_step: s, stride: 1 };
+    convolve(&xp, w_taps, bias, extras, geometry, Tile::chosen())?.reshape((b, co, t, s))
+}
+
 /// [`conv3x3`] on a given tile shape and pipeline depth (A/B benchmarks).
 pub fn conv3x3_on(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras, tile: Tile) -> Result<Tensor> {
     conv3x3_general(x, w_taps, bias, extras, Scale::Same, tile)
@@ -104,7 +154,7 @@ fn conv3x3_general(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras, s
     let (n, _, h, w) = x.dims4()?;
     let up = if scale == Scale::Up2 { 2 } else { 1 };
     let stride = if scale == Scale::Stride2 { 2 } else { 1 };
-    let xp = channels_last(x, 1, 1, up)?;
+    let xp = channels_last(x, 1, 1, up, None)?;
     let (h_p, w_p) = (h * up + 2, w * up + 2);
     // Output side of a 3-tap window at `stride` over the padded side.
     let (rows, cols) = ((h_p - 3) / stride + 1, (w_p - 3) / stride + 1);
@@ -121,7 +171,7 @@ pub fn temporal_conv(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras)
 /// [`temporal_conv`] on a given tile shape and pipeline depth (A/B benchmarks).
 pub fn temporal_conv_on(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras, tile: Tile) -> Result<Tensor> {
     let (b, _, t, s) = x.dims4()?;
-    let xp = channels_last(x, 1, 0, 1)?;
+    let xp = channels_last(x, 1, 0, 1, None)?;
     let co = w_taps.dim(1)?;
     let geometry = Geometry { rows: t, cols: s, cols_padded: s, kw: 1, row_step: s, stride: 1 };
     convolve(&xp, w_taps, bias, extras, geometry, tile)?.reshape((b, co, t, s))
@@ -195,8 +245,21 @@ impl Tile {
 
 /// `x (n, c, rows, cols)` upsampled by `up` (nearest) → `(n, rows·up + 2·pad_r, cols·up +
 /// 2·pad_c, c)`, zeros in the border.
-fn channels_last(x: &Tensor, pad_r: usize, pad_c: usize, up: usize) -> Result<Tensor> {
-    x.contiguous()?.apply_op1_no_bwd(&ChannelsLast { pad_r, pad_c, up })
+fn channels_last(x: &Tensor, pad_r: usize, pad_c: usize, up: usize, norm: Option<&Norm>) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let norm = norm
+        .map(|n| -> Result<CopyNorm> {
+            Ok(CopyNorm {
+                sums: super::group_sums(&x, n.groups)?,
+                weight: n.weight.contiguous()?,
+                bias: n.bias.contiguous()?,
+                channels_per_group: x.dim(1)? / n.groups,
+                eps: n.eps as f32,
+                silu: n.silu,
+            })
+        })
+        .transpose()?;
+    x.apply_op1_no_bwd(&ChannelsLast { pad_r, pad_c, up, norm })
 }
 
 /// `xp` channels-last and padded (`n, rows_p, cols_padded, ci`) → `(n, co, rows·cols)`.
@@ -240,6 +303,19 @@ struct ChannelsLast {
     pad_r: usize,
     pad_c: usize,
     up: usize,
+    norm: Option<CopyNorm>,
+}
+
+/// A group norm the channels-last copy applies: the statistics pass's sums `(n·groups, 2)` f64,
+/// the affine weight and bias.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct CopyNorm {
+    sums: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    channels_per_group: usize,
+    eps: f32,
+    silu: bool,
 }
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -308,6 +384,18 @@ mod imp {
         let cfg = LaunchConfig { grid_dim: grid, block_dim: (32, 8, 1), shared_mem_bytes: 0 };
         let (c_i, rows_i, cols_i) = (int(c, "channels")?, int(rows, "rows")?, int(cols, "columns")?);
         let (pad_r, pad_c, up) = (op.pad_r as i32, op.pad_c as i32, op.up as i32);
+        // The norm's tensors, read-locked for the launch.
+        let held = op.norm.as_ref().map(|m| (m.sums.storage_and_layout(), m.weight.storage_and_layout(), m.bias.storage_and_layout()));
+        let norm = match (&op.norm, &held) {
+            (Some(m), Some(((sums, sl), (w, wl), (b, bl)))) => {
+                if m.channels_per_group == 0 || !c.is_multiple_of(m.channels_per_group) || sl.shape().elem_count() != 2 * n * (c / m.channels_per_group) || wl.shape().elem_count() != c || bl.shape().elem_count() != c {
+                    candle_core::bail!("channels-last copy: a group norm of {c} channels in groups of {}, sums {:?}, weight {:?}, bias {:?}", m.channels_per_group, sl.shape(), wl.shape(), bl.shape());
+                }
+                Some((carried::<f64>(sums, sl, "the group sums")?, carried::<T>(w, wl, "the norm's weight")?, carried::<T>(b, bl, "the norm's bias")?))
+            }
+            _ => None,
+        };
+        let (cpg, eps, silu) = op.norm.as_ref().map_or((1, 0.0, 0), |m| (m.channels_per_group as i32, m.eps, m.silu as i32));
         let mut builder = func.builder();
         builder.arg(&xs);
         builder.arg(&out);
@@ -317,6 +405,12 @@ mod imp {
         builder.arg(&pad_r);
         builder.arg(&pad_c);
         builder.arg(&up);
+        arg_or_null(&mut builder, norm.as_ref().map(|n| &n.0));
+        arg_or_null(&mut builder, norm.as_ref().map(|n| &n.1));
+        arg_or_null(&mut builder, norm.as_ref().map(|n| &n.2));
+        builder.arg(&cpg);
+        builder.arg(&eps);
+        builder.arg(&silu);
         // SAFETY: arguments match `to_channels_last_*`; sizes from the layout above.
         unsafe { builder.launch(cfg) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, rows_p, cols_p, c))))
@@ -486,6 +580,20 @@ mod tests {
                 let e = rel(&got, &want);
                 eprintln!("implicit-GEMM conv3x3 stride 2 {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");
                 assert!(e < tol, "conv3x3 stride 2 {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");
+                // A group norm + SiLU applied in the channels-last copy, against the norm first.
+                let (gamma, beta) = (r(&[ci], 0.2), r(&[ci], 0.2));
+                let norm = Norm { weight: &gamma, bias: &beta, groups: 32, eps: 1e-5, silu: true };
+                assert!(supported_normed(&x, &taps_first(&wt).unwrap(), &b, &norm));
+                let normed = norm.apply(&x).unwrap();
+                let got = conv3x3_normed(&x, &norm, &taps_first(&wt).unwrap(), &b, extras).unwrap();
+                let want_normed = (crate::conv3x3_reference(&f(&normed), &f(&wt), &f(&b)).unwrap().broadcast_add(&f(&per_sample).reshape((n, co, 1, 1)).unwrap()).unwrap() + f(&residual)).unwrap();
+                let e = rel(&got, &want_normed);
+                eprintln!("implicit-GEMM conv3x3 of group norm + SiLU + extras {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");
+                assert!(e < tol, "conv3x3 of group norm + SiLU {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");
+                let got = temporal_conv_normed(&x, &norm, &taps_first(&w3).unwrap(), &b, Extras::default()).unwrap();
+                let e = rel(&got, &crate::temporal_conv_reference(&f(&normed), &f(&w3), &f(&b)).unwrap());
+                eprintln!("implicit-GEMM temporal conv of group norm + SiLU {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");
+                assert!(e < tol, "temporal conv of group norm + SiLU {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");
                 // Every tile shape and pipeline depth, with the extras (the default tile ran above).
                 for tile in Tile::ALL {
                     let got = conv3x3_on(&x, &taps_first(&wt).unwrap(), &b, extras, tile).unwrap();

@@ -10,6 +10,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "group_norm.cuh"
+
 namespace {
 
 __device__ __forceinline__ float load(const float* p, size_t i) { return p[i]; }
@@ -79,7 +81,7 @@ __device__ void group_stats(const T* __restrict__ x, double* __restrict__ sums, 
 
 template <bool SILU>
 __device__ __forceinline__ float activate(float v) {
-    return SILU ? v / (1.f + __expf(-v)) : v;
+    return SILU ? group_norm_silu(v) : v;
 }
 
 // Grid: (chunks per group, n·groups), as group_stats: a block normalises CHUNK elements of one
@@ -94,11 +96,8 @@ __device__ void group_apply_as(const T* __restrict__ x, const T* __restrict__ w,
     const size_t group = blockIdx.y;
     const size_t group_len = (size_t)channels_per_group * s;
     const int ch0 = (int)(group % (size_t)(c / channels_per_group)) * channels_per_group;
-    const double n = (double)group_len;
-    const double mean_shifted = sums[2 * group] / n;
-    const double var = fmax(sums[2 * group + 1] / n - mean_shifted * mean_shifted, 0.0);
-    const float mean = (float)mean_shifted + load(x, group * group_len);
-    const float rstd = rsqrtf((float)var + eps);
+    const GroupMoments moments = group_moments(sums, group, group_len, load(x, group * group_len), eps);
+    const float mean = moments.mean, rstd = moments.rstd;
     const T* gx = x + group * group_len;
     T* gy = y + group * group_len;
     const size_t begin = (size_t)blockIdx.x * CHUNK;

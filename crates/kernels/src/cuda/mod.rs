@@ -129,6 +129,14 @@ pub fn group_norm(x: &Tensor, w: &Tensor, b: &Tensor, groups: usize, eps: f64, s
     x.contiguous()?.apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &GroupNorm { groups, eps: eps as f32, silu })
 }
 
+/// The group norm's statistics of `x (n, c, …)` in `groups`: `(n·groups, 2)` f64, per group
+/// [Σ(x − x₀), Σ(x − x₀)²] with x₀ the group's first element (`group_norm.cuh`'s
+/// `group_moments` turns them into the mean and 1/σ): what a convolution that normalises its
+/// input in its channels-last copy reads.
+pub fn group_sums(x: &Tensor, groups: usize) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&GroupSums { groups })
+}
+
 /// Σ over taps of `w[tap] · x[:, :, offset[tap] .. offset[tap] + len]` for `x (n, ci, l)` and
 /// `w (taps, co, ci)`: `(n, co, out_len)` in f32 (positions past `len` left unwritten). A
 /// convolution whose every tap reads a shifted window of the padded input.
@@ -252,6 +260,11 @@ struct GroupNorm {
 }
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct GroupSums {
+    groups: usize,
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct ShiftedGemm {
     offsets: Vec<usize>,
     len: usize,
@@ -268,15 +281,26 @@ cuda_op!(CustomOp3 for GroupNorm, "dc-group-norm-cuda", |op, x, xl, w, wl, b, bl
     }
 });
 
+cuda_op!(CustomOp1 for GroupSums, "dc-group-sums", |op, x, xl| {
+    use candle_core::backend::BackendStorage;
+    match x.dtype() {
+        DType::F32 => imp::group_sums::<f32>("f32", op.groups, x, xl),
+        DType::F16 => imp::group_sums::<half::f16>("f16", op.groups, x, xl),
+        DType::BF16 => imp::group_sums::<half::bf16>("bf16", op.groups, x, xl),
+        dt => candle_core::bail!("group sums: unsupported dtype {dt:?}"),
+    }
+});
+
 cuda_op!(CustomOp2 for ShiftedGemm, "dc-shifted-gemm", |op, x, xl, w, wl| imp::shifted_gemm(op, x, xl, w, wl));
 
 #[cfg(feature = "cuda")]
 mod imp {
     use super::{GroupNorm, ShiftedGemm};
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::cublas::sys as cublas;
     use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::{CudaDType, CudaStorage, WrapErr};
+    use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
     use candle_core::{DType, Layout, Result, Shape};
 
     const GROUP_NORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/group_norm.ptx"));
@@ -311,23 +335,8 @@ mod imp {
         let ws = w.as_cuda_slice::<T>()?.slice(w0..w1);
         let bs = b.as_cuda_slice::<T>()?.slice(b0..b1);
         let cpg = c / op.groups;
-        let group_len = cpg * s;
         let total = n * c * s;
-        let sums = dev.alloc_zeros::<f64>(2 * n * op.groups)?;
-        // Both passes: a block per CHUNK elements of a group, (chunks, n·groups). 16-byte packs
-        // where a plane is whole packs and x starts on a pack (the output is fresh).
-        let cfg = LaunchConfig { grid_dim: (group_len.div_ceil(CHUNK) as u32, (n * op.groups) as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-        let per_pack = 16 / std::mem::size_of::<T>();
-        let packed = (s.is_multiple_of(per_pack) && x0.is_multiple_of(per_pack)) as i32;
-        let stats = dev.get_or_load_custom_func(&format!("group_stats_{suffix}"), "dynamicrafter_group_norm", GROUP_NORM_PTX)?;
-        let gl = group_len as u64;
-        let mut builder = stats.builder();
-        builder.arg(&xs);
-        builder.arg(&sums);
-        builder.arg(&gl);
-        builder.arg(&packed);
-        // SAFETY: arguments match `group_stats_*`; the grid covers every element once.
-        unsafe { builder.launch(cfg) }.w()?;
+        let (sums, cfg, packed) = stats::<T>(&dev, suffix, &xs, x0, n, op.groups, cpg * s, s)?;
 
         // SAFETY: `group_apply_*` writes every element (the same grid).
         let y = unsafe { dev.alloc::<T>(total)? };
@@ -348,6 +357,54 @@ mod imp {
         // SAFETY: arguments match `group_apply_*`.
         unsafe { builder.launch(cfg) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(y, dev), xl.shape().clone()))
+    }
+
+    /// group_stats's pass over `xs` (n, c, s) in `groups` of `group_len` elements: the sums, and
+    /// the grid and packing both passes use (a block per CHUNK elements of a group, (chunks,
+    /// n·groups); 16-byte packs where a plane is whole packs and x starts on a pack).
+    #[allow(clippy::too_many_arguments)]
+    fn stats<T: CudaDType + DeviceRepr>(
+        dev: &CudaDevice,
+        suffix: &str,
+        xs: &CudaView<'_, T>,
+        x0: usize,
+        n: usize,
+        groups: usize,
+        group_len: usize,
+        s: usize,
+    ) -> Result<(CudaSlice<f64>, LaunchConfig, i32)> {
+        if n * groups > 65535 || group_len == 0 {
+            candle_core::bail!("group norm: {n}·{groups} groups of {group_len} elements are outside the kernels' grid");
+        }
+        let sums = dev.alloc_zeros::<f64>(2 * n * groups)?;
+        let cfg = LaunchConfig { grid_dim: (group_len.div_ceil(CHUNK) as u32, (n * groups) as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let per_pack = 16 / std::mem::size_of::<T>();
+        let packed = (s.is_multiple_of(per_pack) && x0.is_multiple_of(per_pack)) as i32;
+        let func = dev.get_or_load_custom_func(&format!("group_stats_{suffix}"), "dynamicrafter_group_norm", GROUP_NORM_PTX)?;
+        let gl = group_len as u64;
+        let mut builder = func.builder();
+        builder.arg(xs);
+        builder.arg(&sums);
+        builder.arg(&gl);
+        builder.arg(&packed);
+        // SAFETY: arguments match `group_stats_*`; the grid covers every element once.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok((sums, cfg, packed))
+    }
+
+    /// The sums alone (`super::group_sums`).
+    pub fn group_sums<T: CudaDType + DeviceRepr>(suffix: &str, groups: usize, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dims = xl.dims();
+        if dims.len() < 2 || groups == 0 || !dims[1].is_multiple_of(groups) {
+            candle_core::bail!("group sums: {:?} in {groups} groups", xl.shape());
+        }
+        let (n, c) = (dims[0], dims[1]);
+        let s: usize = dims[2..].iter().product();
+        let (x0, x1) = contiguous(xl, "x")?;
+        let dev = x.device.clone();
+        let xs = x.as_cuda_slice::<T>()?.slice(x0..x1);
+        let (sums, _, _) = stats::<T>(&dev, suffix, &xs, x0, n, groups, c / groups * s, s)?;
+        Ok((CudaStorage::wrap_cuda_slice(sums, dev), Shape::from((n * groups, 2))))
     }
 
     fn cuda_type(dt: DType) -> Result<cublas::cudaDataType> {

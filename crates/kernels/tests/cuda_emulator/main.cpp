@@ -45,7 +45,8 @@ WIDE_ATTENTION_KERNELS(bf16, __nv_bfloat16)
 #define CONV_TILE(NAME, T, BN, STAGES)                                                                      \
     extern "C" void conv_igemm_##BN##_s##STAGES##_##NAME(const T*, const T*, const T*, const T*, const T*, T*, ConvGeometry);
 #define CONV_KERNELS(NAME, T)                                                                               \
-    extern "C" void to_channels_last_##NAME(const T*, T*, int, int, int, int, int, int);                    \
+    extern "C" void to_channels_last_##NAME(const T*, T*, int, int, int, int, int, int, const double*, const T*, \
+                                            const T*, int, float, int);                                     \
     CONV_TILE(NAME, T, 128, 2)                                                                              \
     CONV_TILE(NAME, T, 128, 3)                                                                              \
     CONV_TILE(NAME, T, 128, 4)                                                                              \
@@ -446,7 +447,15 @@ template <typename T>
 using ConvKernel = void (*)(const T*, const T*, const T*, const T*, const T*, T*, ConvGeometry);
 
 template <typename T>
-using ToChannelsLast = void (*)(const T*, T*, int, int, int, int, int, int);
+using ToChannelsLast = void (*)(const T*, T*, int, int, int, int, int, int, const double*, const T*, const T*, int, float, int);
+
+// What runs before a convolution: its channels-last copy, and the group norm's statistics pass
+// for a copy that normalises (group_norm.cu's, as the launcher runs it).
+template <typename T>
+struct ConvInput {
+    ToChannelsLast<T> to_channels_last;
+    GroupStats<T> group_stats;
+};
 
 // One of conv_igemm.cu's tile shapes and pipeline depths (conv_igemm.rs's `Tile`).
 template <typename T>
@@ -461,8 +470,8 @@ struct ConvTile {
 // `up` is 2, read at every `stride`-th position (2: the downsampling convolutions), with a bias
 // per sample and channel and a residual added when `extras`.
 template <typename T>
-void conv_case(ToChannelsLast<T> to_channels_last, const ConvTile<T>& tile, bool spatial, bool extras, int n, int ci,
-               int co, int in_rows, int in_cols, double tolerance, int up = 1, int stride = 1) {
+void conv_case(const ConvInput<T>& input, const ConvTile<T>& tile, bool spatial, bool extras, int n, int ci, int co,
+               int in_rows, int in_cols, double tolerance, int up = 1, int stride = 1, int groups = 0, bool silu = false) {
     const int pad_r = 1, pad_c = spatial ? 1 : 0, kh = 3, kw = spatial ? 3 : 1, taps = kh * kw;
     const int rows_p = in_rows * up + 2 * pad_r, cols_p = in_cols * up + 2 * pad_c, plane_p = rows_p * cols_p;
     const int rows = (rows_p - kh) / stride + 1, cols = (cols_p - kw) / stride + 1;
@@ -470,8 +479,42 @@ void conv_case(ToChannelsLast<T> to_channels_last, const ConvTile<T>& tile, bool
     Buffer<T> x = random_buffer<T>((size_t)n * ci * in_rows * in_cols), w = random_buffer<T>((size_t)taps * co * ci, 0.f, 0.1f),
               bias = random_buffer<T>(co), xp((size_t)n * plane_p * ci), out((size_t)n * co * positions),
               sample_bias = random_buffer<T>((size_t)n * co), residual = random_buffer<T>((size_t)n * co * positions);
-    emu::launch(dim3{(unsigned)((cols_p + 31) / 32), (unsigned)((ci + 31) / 32), (unsigned)(n * rows_p)}, dim3{32, 8, 1},
-                [&] { to_channels_last(x.data(), xp.data(), ci, in_rows, in_cols, pad_r, pad_c, up); });
+    // With `groups`: x group-normalised (+ SiLU) in the copy, from group_stats's sums.
+    const int cpg = groups ? ci / groups : 1;
+    const size_t plane = (size_t)in_rows * in_cols, group_len = (size_t)cpg * plane;
+    std::vector<double> sums(2 * (size_t)n * (groups ? groups : 1), 0.0);
+    Buffer<T> gamma = random_buffer<T>(ci, 1.f, 0.2f), beta = random_buffer<T>(ci, 0.f, 0.2f);
+    if (groups) {
+        const int packed = plane % (16 / sizeof(T)) == 0;
+        emu::launch(dim3{(unsigned)((group_len + 4095) / 4096), (unsigned)(n * groups), 1}, dim3{256, 1, 1},
+                    [&] { input.group_stats(x.data(), sums.data(), group_len, packed); });
+    }
+    const float eps = 1e-5f;
+    emu::launch(dim3{(unsigned)((cols_p + 31) / 32), (unsigned)((ci + 31) / 32), (unsigned)(n * rows_p)}, dim3{32, 8, 1}, [&] {
+        input.to_channels_last(x.data(), xp.data(), ci, in_rows, in_cols, pad_r, pad_c, up, groups ? sums.data() : nullptr,
+                               gamma.data(), beta.data(), cpg, eps, silu);
+    });
+    // What the products read: x, or x normalised (statistics in double, from x itself) and
+    // rounded to T as the copy rounds it.
+    std::vector<float> input_value(x.len);
+    for (size_t e = 0; e < x.len; ++e) input_value[e] = float(x[e]);
+    if (groups) {
+        for (int s = 0; s < n; ++s)
+            for (int g = 0; g < groups; ++g) {
+                const size_t first = ((size_t)s * ci + (size_t)g * cpg) * plane;
+                double sum = 0, sq = 0;
+                for (size_t e = 0; e < group_len; ++e) sum += float(x[first + e]);
+                const double mean = sum / group_len;
+                for (size_t e = 0; e < group_len; ++e) sq += (float(x[first + e]) - mean) * (float(x[first + e]) - mean);
+                const float rstd = float(1.0 / std::sqrt(sq / group_len + eps));
+                for (size_t e = 0; e < group_len; ++e) {
+                    const int ch = g * cpg + (int)(e / plane);
+                    float y = (float(x[first + e]) - float(mean)) * rstd * float(gamma[ch]) + float(beta[ch]);
+                    if (silu) y = y / (1.f + std::exp(-y));
+                    input_value[first + e] = float(T(y));
+                }
+            }
+    }
     const ConvGeometry g{ci, co, n, rows, cols, plane_p, cols_p, taps, kw, cols_p, stride};
     // The launcher's grid: channel tiles fastest, then tiles of positions across samples.
     const unsigned co_tiles = (co + 127) / 128, position_tiles = (unsigned)((n * positions + tile.positions - 1) / tile.positions);
@@ -495,17 +538,18 @@ void conv_case(ToChannelsLast<T> to_channels_last, const ConvTile<T>& tile, bool
                         if (rr < 0 || rr >= in_rows * up || cc < 0 || cc >= in_cols * up) continue;
                         for (int i = 0; i < ci; ++i)
                             want += double(float(w[((size_t)t * co + o) * ci + i])) *
-                                    float(x[(((size_t)s * ci + i) * in_rows + rr / up) * in_cols + cc / up]);
+                                    input_value[(((size_t)s * ci + i) * in_rows + rr / up) * in_cols + cc / up];
                     }
                     const double got = float(out[((size_t)s * co + o) * positions + (size_t)r * cols + c]);
                     err += (got - want) * (got - want);
                     norm += want * want;
                 }
     const double rel = std::sqrt(err / norm);
-    char detail[240];
-    std::snprintf(detail, sizeof detail, "%s %s%s%s%s n=%d ci=%d co=%d %dx%d relative error %.2e (bound %.0e)%s%s",
+    char detail[260];
+    std::snprintf(detail, sizeof detail, "%s %s%s%s%s%s n=%d ci=%d co=%d %dx%d relative error %.2e (bound %.0e)%s%s",
                   tile.name, spatial ? "3x3" : "temporal", up == 2 ? " of the 2x upsampled input" : "",
-                  stride == 2 ? " stride 2" : "", extras ? " + sample bias + residual" : "", n, ci, co, rows, cols, rel,
+                  stride == 2 ? " stride 2" : "", groups ? (silu ? " of group norm + SiLU" : " of group norm") : "",
+                  extras ? " + sample bias + residual" : "", n, ci, co, rows, cols, rel,
                   tolerance, xp.guards_intact() ? "" : ", wrote outside the channels-last copy",
                   out.guards_intact() ? "" : ", wrote outside its output");
     report(std::string("conv_igemm ") + dtype_name<T>(),
@@ -513,22 +557,28 @@ void conv_case(ToChannelsLast<T> to_channels_last, const ConvTile<T>& tile, bool
 }
 
 template <typename T>
-void convolutions(ToChannelsLast<T> to_channels_last, const std::vector<ConvTile<T>>& tiles, double tolerance) {
+void convolutions(const ConvInput<T>& input, const std::vector<ConvTile<T>>& tiles, double tolerance) {
     for (const ConvTile<T>& tile : tiles) {
         // Partial tiles in both GEMM dimensions, several of each, rows of the image and samples
         // across a tile, an odd number of positions per sample (no paired stores).
-        conv_case<T>(to_channels_last, tile, true, false, 2, 64, 48, 5, 7, tolerance);
-        conv_case<T>(to_channels_last, tile, true, true, 1, 32, 160, 12, 20, tolerance);
-        conv_case<T>(to_channels_last, tile, false, true, 2, 32, 40, 5, 30, tolerance);
-        conv_case<T>(to_channels_last, tile, false, false, 1, 96, 130, 4, 70, tolerance);
+        conv_case<T>(input, tile, true, false, 2, 64, 48, 5, 7, tolerance);
+        conv_case<T>(input, tile, true, true, 1, 32, 160, 12, 20, tolerance);
+        conv_case<T>(input, tile, false, true, 2, 32, 40, 5, 30, tolerance);
+        conv_case<T>(input, tile, false, false, 1, 96, 130, 4, 70, tolerance);
         // The UNet's deepest level: 4×4 positions per frame, many frames in one tile.
-        conv_case<T>(to_channels_last, tile, true, true, 9, 32, 40, 4, 4, tolerance);
-        conv_case<T>(to_channels_last, tile, true, true, 9, 32, 40, 3, 3, tolerance);
-        conv_case<T>(to_channels_last, tile, true, false, 2, 32, 40, 5, 7, tolerance, 2);
+        conv_case<T>(input, tile, true, true, 9, 32, 40, 4, 4, tolerance);
+        conv_case<T>(input, tile, true, true, 9, 32, 40, 3, 3, tolerance);
+        conv_case<T>(input, tile, true, false, 2, 32, 40, 5, 7, tolerance, 2);
         // Downsampling, even and odd input sides.
-        conv_case<T>(to_channels_last, tile, true, false, 2, 32, 40, 10, 14, tolerance, 1, 2);
-        conv_case<T>(to_channels_last, tile, true, false, 3, 64, 24, 9, 7, tolerance, 1, 2);
+        conv_case<T>(input, tile, true, false, 2, 32, 40, 10, 14, tolerance, 1, 2);
+        conv_case<T>(input, tile, true, false, 3, 64, 24, 9, 7, tolerance, 1, 2);
     }
+    // The group norm (+ SiLU) ahead of a residual block's convolutions, done in the copy: 3×3 and
+    // temporal, planes of whole packs and not (the statistics pass packs or not).
+    const ConvTile<T>& tile = tiles.front();
+    conv_case<T>(input, tile, true, true, 2, 64, 48, 5, 8, tolerance, 1, 1, 8, true);
+    conv_case<T>(input, tile, true, false, 3, 96, 40, 5, 7, tolerance, 1, 1, 32, false);
+    conv_case<T>(input, tile, false, true, 2, 64, 40, 4, 24, tolerance, 1, 1, 16, true);
 }
 
 
@@ -662,8 +712,8 @@ int main(int argc, char** argv) {
             {"128x128 4 stages", conv_igemm_128_s4_##NAME, 128}, {"128x256 3 stages", conv_igemm_256_s3_##NAME, 256}, \
     }
         // Every tile in bf16; f16 differs in the mma's type only: two tiles.
-        convolutions<__half>(to_channels_last_f16, {{"128x128 2 stages", conv_igemm_128_s2_f16, 128}, {"128x256 3 stages", conv_igemm_256_s3_f16, 256}}, 1e-3);
-        convolutions<__nv_bfloat16>(to_channels_last_bf16, CONV_TILES(bf16, __nv_bfloat16), 5e-3);
+        convolutions<__half>({to_channels_last_f16, group_stats_f16}, {{"128x128 2 stages", conv_igemm_128_s2_f16, 128}, {"128x256 3 stages", conv_igemm_256_s3_f16, 256}}, 1e-3);
+        convolutions<__nv_bfloat16>({to_channels_last_bf16, group_stats_bf16}, CONV_TILES(bf16, __nv_bfloat16), 5e-3);
     }
     if (wanted("permute")) permutes();
     if (wanted("group_norm")) {

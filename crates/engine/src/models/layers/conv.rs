@@ -4,7 +4,7 @@
 use crate::compute::{Backend, Kernel};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
-use dynamicrafter_kernels::{Bf16Conv, Bf16DotConv, Bf16DotTemporalConv, ConvExtras, F32Conv, Q8Conv};
+use dynamicrafter_kernels::{Bf16Conv, Bf16DotConv, Bf16DotTemporalConv, ConvExtras, ConvNorm, F32Conv, Q8Conv};
 use std::sync::Arc;
 
 /// candle's `Conv2d`, which on the CPU also takes bf16/f16 inputs (candle has no such CPU
@@ -154,6 +154,15 @@ impl Conv3x3 {
             _ => extras.add_to(self.forward(xs)?),
         }
     }
+
+    /// [`forward_with`](Self::forward_with) of `norm(xs)`: on CUDA's implicit GEMM the norm is
+    /// applied in the convolution's input copy.
+    pub fn forward_normed(&self, xs: &Tensor, norm: &ConvNorm, extras: ConvExtras) -> Result<Tensor> {
+        match self {
+            Self::Shifted { taps, bias } => dynamicrafter_kernels::conv3x3_taps_normed(xs, norm, taps, bias, extras),
+            _ => self.forward_with(&norm.apply(xs)?, extras),
+        }
+    }
 }
 
 pub fn conv3x3(in_c: usize, out_c: usize, vb: VarBuilder, backend: &Backend) -> Result<Conv3x3> {
@@ -204,6 +213,14 @@ impl TemporalConv {
             Self::Shifted { weight, bias } => dynamicrafter_kernels::temporal_conv_with(xs, weight, bias, extras),
             Self::Taps { taps, bias } => dynamicrafter_kernels::temporal_conv_taps_with(xs, taps, bias, extras),
             _ => extras.add_to(self.forward(xs)?),
+        }
+    }
+
+    /// [`forward_with`](Self::forward_with) of `norm(xs)`, as [`Conv3x3::forward_normed`].
+    pub fn forward_normed(&self, xs: &Tensor, norm: &ConvNorm, extras: ConvExtras) -> Result<Tensor> {
+        match self {
+            Self::Taps { taps, bias } => dynamicrafter_kernels::temporal_conv_taps_normed(xs, norm, taps, bias, extras),
+            _ => self.forward_with(&norm.apply(xs)?, extras),
         }
     }
 }

@@ -2,6 +2,7 @@
 
 use candle_core::{Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
+use dynamicrafter_kernels::ConvNorm;
 
 /// GroupNorm with 32 groups (every norm of this model), on our fused kernel.
 #[derive(Debug, Clone)]
@@ -21,6 +22,11 @@ impl GroupNorm {
     /// `SiLU(norm(x))` in one pass.
     pub fn forward_silu(&self, xs: &Tensor) -> Result<Tensor> {
         dynamicrafter_kernels::group_norm(xs, &self.weight, &self.bias, Self::GROUPS, self.eps, true)
+    }
+
+    /// The norm (+ SiLU) for a convolution to apply to its input ([`super::Conv3x3::forward_normed`]).
+    pub fn before_conv(&self, silu: bool) -> ConvNorm<'_> {
+        ConvNorm { weight: &self.weight, bias: &self.bias, groups: Self::GROUPS, eps: self.eps, silu }
     }
 }
 
