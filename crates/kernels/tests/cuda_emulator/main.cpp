@@ -678,9 +678,14 @@ void permutes() {
 
 }  // namespace
 
+// Arguments: the parts to run (attention, conv, permute, group_norm, epilogue); none: all.
 int main(int argc, char** argv) {
-    const std::string only = argc > 1 ? argv[1] : "";
-    auto wanted = [&](const char* part) { return only.empty() || only == part; };
+    auto wanted = [&](const char* part) {
+        if (argc < 2) return true;
+        for (int i = 1; i < argc; ++i)
+            if (std::string(argv[i]) == part) return true;
+        return false;
+    };
     if (wanted("attention")) {
 #define KERNEL_SET(PREFIX, BLOCK_QUERIES, THREADS)                                                          \
     AttentionKernels {                                                                                      \
