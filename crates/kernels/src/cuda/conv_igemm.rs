@@ -106,9 +106,12 @@ impl Norm<'_> {
 
 /// Whether [`conv3x3_normed`] / [`temporal_conv_normed`] take `x` with `norm`: as [`supported`],
 /// the norm's weight and bias of `x`'s dtype, our group norm kernels in use (its statistics pass
-/// runs first) and a grid they can cover.
+/// runs first) and a grid they can cover; `DYNAMICRAFTER_CONV_NORM=0` keeps the norm a pass of
+/// its own (A/B benchmarks).
 pub fn supported_normed(x: &Tensor, w_taps: &Tensor, bias: &Tensor, norm: &Norm) -> bool {
-    supported(x, w_taps, bias)
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("DYNAMICRAFTER_CONV_NORM").as_deref() != Ok("0"))
+        && supported(x, w_taps, bias)
         && super::group_norm_enabled()
         && norm.weight.dtype() == x.dtype()
         && norm.bias.dtype() == x.dtype()
