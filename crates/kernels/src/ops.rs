@@ -252,6 +252,16 @@ pub fn conv3x3_taps_normed(x: &Tensor, norm: &ConvNorm, w_taps: &Tensor, bias: &
     conv3x3_taps_with(&norm.apply(x)?, w_taps, bias, extras)
 }
 
+/// `norm(x)` of `x (n, c, h, w)` as tokens `(n, h·w, c)` (a spatial transformer's entry): on
+/// CUDA one pass that normalises and transposes; elsewhere the group norm, then the permute.
+pub fn group_norm_tokens(x: &Tensor, norm: &ConvNorm) -> Result<Tensor> {
+    if cuda::conv_igemm::supported_tokens(x, norm) {
+        cuda::conv_igemm::normalized_tokens(x, norm)
+    } else {
+        permute(&norm.apply(x)?.flatten_from(2)?, &[0, 2, 1])
+    }
+}
+
 /// [`temporal_conv_taps_with`] of `norm(x)`, `x (b, c, t, s)` normalised as it lies: as
 /// [`conv3x3_taps_normed`].
 pub fn temporal_conv_taps_normed(x: &Tensor, norm: &ConvNorm, w_taps: &Tensor, bias: &Tensor, extras: ConvExtras) -> Result<Tensor> {

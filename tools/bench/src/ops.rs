@@ -62,6 +62,10 @@ pub(crate) fn ops_1024(runs: usize, target: &Target) -> Result<Vec<Timing>> {
         op("group_norm+silu + conv3x3 16x320x72x128 (norm first)", &mut || Ok(kernels::conv3x3_taps_with(&norm.apply(&x)?, &w3_taps, &zeros, none)?))?;
         op("group_norm+silu + temporal conv 1x320x16x9216 (norm in the copy)", &mut || Ok(kernels::temporal_conv_taps_normed(&xt, &norm, &wt_taps, &zeros, none)?))?;
         op("group_norm+silu + temporal conv 1x320x16x9216 (norm first)", &mut || Ok(kernels::temporal_conv_taps_with(&norm.apply(&xt)?, &wt_taps, &zeros, none)?))?;
+        // A spatial transformer's entry: its group norm and the permute to tokens.
+        let plain = kernels::ConvNorm { silu: false, ..norm };
+        op("group_norm + permute to tokens 16x320x72x128 (one pass)", &mut || Ok(kernels::group_norm_tokens(&x, &plain)?))?;
+        op("group_norm + permute to tokens 16x320x72x128 (norm, then permute)", &mut || Ok(kernels::permute(&plain.apply(&x)?.flatten_from(2)?, &[0, 2, 1])?))?;
         // The downsampling convolution out of the first level: candle's (im2col) and ours.
         op("conv3x3 stride 2 16x320x72x128 (candle)", &mut || Ok(x.conv2d(&w3, 1, 2, 1, 1)?.broadcast_add(&zeros.reshape((1, c, 1, 1))?)?))?;
         op("conv3x3 stride 2 16x320x72x128", &mut || Ok(kernels::conv3x3_taps_strided(&x, &w3_taps, &zeros)?))?;

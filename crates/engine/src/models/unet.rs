@@ -47,7 +47,7 @@ impl TemporalConvBlock {
             let a = hs.reshape((b, c, t, h * w))?;
             // The block's residual goes into the last convolution's output.
             let residual = if i == last { Some(xs.reshape((b, c, t, h * w))?) } else { None };
-            hs = conv.forward_normed(&a, &norm.before_conv(true), ConvExtras { per_sample: None, residual: residual.as_ref() })?.reshape((b, c, t, h, w))?;
+            hs = conv.forward_normed(&a, &norm.fused(true), ConvExtras { per_sample: None, residual: residual.as_ref() })?.reshape((b, c, t, h, w))?;
         }
         Ok(hs)
     }
@@ -86,9 +86,9 @@ impl ResBlock {
         // through out_conv).
         let e = self.emb_proj.forward(&silu(emb)?)?;
         // Each group norm + SiLU goes into its convolution's input copy where the kernel has one.
-        let mut h = self.in_conv.forward_normed(xs, &self.in_norm.before_conv(true), ConvExtras { per_sample: Some(&e), residual: None })?;
+        let mut h = self.in_conv.forward_normed(xs, &self.in_norm.fused(true), ConvExtras { per_sample: Some(&e), residual: None })?;
         let skip = self.skip.as_ref().map(|s| s.forward(xs)).transpose()?;
-        h = self.out_conv.forward_normed(&h, &self.out_norm.before_conv(true), ConvExtras { per_sample: None, residual: Some(skip.as_ref().unwrap_or(xs)) })?;
+        h = self.out_conv.forward_normed(&h, &self.out_norm.fused(true), ConvExtras { per_sample: None, residual: Some(skip.as_ref().unwrap_or(xs)) })?;
         drop(skip);
         video_to_frames(&self.temporal_conv.forward(&frames_to_video(&h, b)?)?)
     }
@@ -318,7 +318,8 @@ impl SpatialTransformer {
     /// `xs`: `(b·t, c, h, w)`; `context`: `(b·t, l, context_dim)`.
     fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
         let (n, c, h, w) = xs.dims4()?;
-        let mut hs = self.proj_in.forward(&permute(&self.norm.forward(xs)?.flatten_from(2)?, &[0, 2, 1])?)?;
+        // The norm and the permute to tokens in one pass where the kernel has one.
+        let mut hs = self.proj_in.forward(&dynamicrafter_kernels::group_norm_tokens(xs, &self.norm.fused(false))?)?;
         for block in &self.blocks {
             hs = block.forward(&hs, Some(context))?;
         }

@@ -32,10 +32,10 @@ impl ResnetBlock {
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         // Each group norm + SiLU goes into its convolution's input copy where the kernel has one.
-        let h = self.conv1.forward_normed(xs, &self.norm1.before_conv(true), ConvExtras::default())?;
+        let h = self.conv1.forward_normed(xs, &self.norm1.fused(true), ConvExtras::default())?;
         // The shortcut goes into conv2's output (in its epilogue where the kernel has one).
         let shortcut = self.nin_shortcut.as_ref().map(|s| s.forward(xs)).transpose()?;
-        self.conv2.forward_normed(&h, &self.norm2.before_conv(true), ConvExtras { per_sample: None, residual: Some(shortcut.as_ref().unwrap_or(xs)) })
+        self.conv2.forward_normed(&h, &self.norm2.fused(true), ConvExtras { per_sample: None, residual: Some(shortcut.as_ref().unwrap_or(xs)) })
     }
 }
 
@@ -150,7 +150,7 @@ impl Encoder {
             }
         }
         let h = self.mid.forward(&h)?;
-        self.conv_out.forward_normed(&h, &self.norm_out.before_conv(true), ConvExtras::default())
+        self.conv_out.forward_normed(&h, &self.norm_out.fused(true), ConvExtras::default())
     }
 }
 
@@ -205,7 +205,7 @@ impl Decoder {
                 h = conv.forward_upsampled(&h)?;
             }
         }
-        let out = self.conv_out.forward_normed(&h, &self.norm_out.before_conv(true), ConvExtras::default())?;
+        let out = self.conv_out.forward_normed(&h, &self.norm_out.fused(true), ConvExtras::default())?;
         Ok((out, mid))
     }
 }

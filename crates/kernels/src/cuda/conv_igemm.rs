@@ -119,6 +119,30 @@ pub fn supported_normed(x: &Tensor, w_taps: &Tensor, bias: &Tensor, norm: &Norm)
         && x.dim(0).is_ok_and(|n| n * norm.groups <= 65535)
 }
 
+/// `norm(x)` of `x (n, c, h, w)` as tokens `(n, h·w, c)`: the channels-last copy without padding,
+/// normalising on the way (a spatial transformer's entry: its group norm and the permute to
+/// tokens in one pass). Where [`supported_tokens`] says so.
+pub fn normalized_tokens(x: &Tensor, norm: &Norm) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    channels_last(x, 0, 0, 1, Some(norm))?.reshape((n, h * w, c))
+}
+
+/// Whether [`normalized_tokens`] takes `x` with `norm`: a CUDA f16/bf16 tensor `(n, c, h, w)`, the
+/// norm's tensors of its dtype, grids the copy and the statistics pass can cover.
+pub fn supported_tokens(x: &Tensor, norm: &Norm) -> bool {
+    let dtype = x.dtype();
+    cfg!(feature = "cuda")
+        && x.device().is_cuda()
+        && matches!(dtype, DType::BF16 | DType::F16)
+        && super::group_norm_enabled()
+        && norm.weight.dtype() == dtype
+        && norm.bias.dtype() == dtype
+        && x.rank() == 4
+        && x.elem_count() > 0
+        && x.dim(1).is_ok_and(|c| norm.groups > 0 && c.is_multiple_of(norm.groups) && norm.weight.elem_count() == c && norm.bias.elem_count() == c)
+        && x.dim(0).is_ok_and(|n| n * norm.groups <= 65535 && x.dim(2).is_ok_and(|h| n * h <= 65535))
+}
+
 /// [`conv3x3`] of `norm(x)`.
 pub fn conv3x3_normed(x: &Tensor, norm: &Norm, w_taps: &Tensor, bias: &Tensor, extras: Extras) -> Result<Tensor> {
     let (n, _, h, w) = x.dims4()?;
@@ -593,6 +617,15 @@ mod tests {
                 let e = rel(&got, &want_normed);
                 eprintln!("implicit-GEMM conv3x3 of group norm + SiLU + extras {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");
                 assert!(e < tol, "conv3x3 of group norm + SiLU {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");
+                // The same norm (no SiLU) into tokens (n, h·w, c), a spatial transformer's entry.
+                let plain = Norm { silu: false, ..norm };
+                assert!(supported_tokens(&x, &plain));
+                let got = normalized_tokens(&x, &plain).unwrap();
+                let want_tokens = f(&plain.apply(&x).unwrap()).flatten_from(2).unwrap().transpose(1, 2).unwrap();
+                assert_eq!(got.dims(), want_tokens.dims());
+                let e = rel(&got, &want_tokens.contiguous().unwrap());
+                eprintln!("group norm into tokens {dtype:?} {n}x{ci}x{h}x{w}: {e:.2e}");
+                assert!(e < tol, "group norm into tokens {dtype:?} {n}x{ci}x{h}x{w}: {e:.2e}");
                 let got = temporal_conv_normed(&x, &norm, &taps_first(&w3).unwrap(), &b, Extras::default()).unwrap();
                 let e = rel(&got, &crate::temporal_conv_reference(&f(&normed), &f(&w3), &f(&b)).unwrap());
                 eprintln!("implicit-GEMM temporal conv of group norm + SiLU {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");

@@ -24,8 +24,9 @@ impl GroupNorm {
         dynamicrafter_kernels::group_norm(xs, &self.weight, &self.bias, Self::GROUPS, self.eps, true)
     }
 
-    /// The norm (+ SiLU) for a convolution to apply to its input ([`super::Conv3x3::forward_normed`]).
-    pub fn before_conv(&self, silu: bool) -> ConvNorm<'_> {
+    /// The norm (+ SiLU) for a kernel that applies it on the way: a convolution's input copy
+    /// ([`super::Conv3x3::forward_normed`]), a spatial transformer's entry.
+    pub fn fused(&self, silu: bool) -> ConvNorm<'_> {
         ConvNorm { weight: &self.weight, bias: &self.bias, groups: Self::GROUPS, eps: self.eps, silu }
     }
 }
