@@ -270,8 +270,8 @@ impl Tile {
     }
 }
 
-/// `x (n, c, rows, cols)` upsampled by `up` (nearest) → `(n, rows·up + 2·pad_r, cols·up +
-/// 2·pad_c, c)`, zeros in the border.
+/// `x (n, c, rows, cols)` upsampled by `up` (nearest), group-normalised by `norm` where given
+/// (statistics of `x` first) → `(n, rows·up + 2·pad_r, cols·up + 2·pad_c, c)`, zeros in the border.
 fn channels_last(x: &Tensor, pad_r: usize, pad_c: usize, up: usize, norm: Option<&Norm>) -> Result<Tensor> {
     let x = x.contiguous()?;
     let norm = norm
