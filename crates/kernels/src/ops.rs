@@ -243,13 +243,26 @@ pub use cuda::conv_igemm::Norm as ConvNorm;
 /// convolution's channels-last copy (its statistics pass first), so the normalised activation is
 /// never written and read back; elsewhere the group norm, then the convolution.
 pub fn conv3x3_taps_normed(x: &Tensor, norm: &ConvNorm, w_taps: &Tensor, bias: &Tensor, extras: ConvExtras) -> Result<Tensor> {
+    normed_conv(x, norm, w_taps, bias, |b| cuda::conv_igemm::conv3x3_normed(x, norm, w_taps, b, extras), |y| conv3x3_taps_with(y, w_taps, bias, extras))
+}
+
+/// `fused` (given the bias in `x`'s dtype) where the implicit GEMM takes `x` with `norm`, else
+/// `plain` of `norm(x)`.
+fn normed_conv(
+    x: &Tensor,
+    norm: &ConvNorm,
+    w_taps: &Tensor,
+    bias: &Tensor,
+    fused: impl FnOnce(&Tensor) -> Result<Tensor>,
+    plain: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
     if cuda::usable(x) && w_taps.dtype() == x.dtype() {
         let b = bias.to_dtype(x.dtype())?;
         if cuda::conv_igemm::supported_normed(x, w_taps, &b, norm) {
-            return cuda::conv_igemm::conv3x3_normed(x, norm, w_taps, &b, extras);
+            return fused(&b);
         }
     }
-    conv3x3_taps_with(&norm.apply(x)?, w_taps, bias, extras)
+    plain(&norm.apply(x)?)
 }
 
 /// `norm(x)` of `x (n, c, h, w)` as tokens `(n, h·w, c)` (a spatial transformer's entry): on
@@ -265,13 +278,7 @@ pub fn group_norm_tokens(x: &Tensor, norm: &ConvNorm) -> Result<Tensor> {
 /// [`temporal_conv_taps_with`] of `norm(x)`, `x (b, c, t, s)` normalised as it lies: as
 /// [`conv3x3_taps_normed`].
 pub fn temporal_conv_taps_normed(x: &Tensor, norm: &ConvNorm, w_taps: &Tensor, bias: &Tensor, extras: ConvExtras) -> Result<Tensor> {
-    if cuda::usable(x) && w_taps.dtype() == x.dtype() {
-        let b = bias.to_dtype(x.dtype())?;
-        if cuda::conv_igemm::supported_normed(x, w_taps, &b, norm) {
-            return cuda::conv_igemm::temporal_conv_normed(x, norm, w_taps, &b, extras);
-        }
-    }
-    temporal_conv_taps_with(&norm.apply(x)?, w_taps, bias, extras)
+    normed_conv(x, norm, w_taps, bias, |b| cuda::conv_igemm::temporal_conv_normed(x, norm, w_taps, b, extras), |y| temporal_conv_taps_with(y, w_taps, bias, extras))
 }
 
 /// [`temporal_conv`] plus `extras`.

@@ -81,6 +81,20 @@ struct RowStats {
 
 __device__ __forceinline__ RowStats row_stats() { return RowStats{-INFINITY, -INFINITY, 0.f, 0.f}; }
 
+// A warp's 16 query rows from row0, before the first key: their Q fragments, zeroed
+// accumulators, fresh statistics.
+template <int D>
+__device__ __forceinline__ void start_rows(uint32_t (&qf)[D / 16][4], float (&o)[D / 8][4], RowStats& rows, const void* q,
+                                           int64_t q_row, int row0, int n) {
+    load_q_fragments<D>(qf, q, q_row, row0, n);
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    rows = row_stats();
+}
+
+// The softmax's scale in log2 units (the kernels exponentiate with 2^x).
+__device__ __forceinline__ float log2_units(float scale) { return scale * 1.4426950408889634f; }
+
 // One tile of scores s (16 rows × BK keys from key0; keys ≥ m masked) → probabilities p as the A
 // fragments of p·v; updates the row statistics and returns by how much the accumulators of
 // earlier tiles must shrink (corr_lo, corr_hi: 0 on the first tile). A row's values live in one

@@ -44,12 +44,10 @@ __device__ void flash_attention(const T* __restrict__ q, const T* __restrict__ k
     out += at.out;
 
     uint32_t qf[D / 16][4];
-    load_q_fragments<D>(qf, q, layout.q_row, row0, n);
     float o[D / 8][4];
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
-    RowStats rows = row_stats();
-    const float log2_scale = scale * 1.4426950408889634f;
+    RowStats rows;
+    start_rows<D>(qf, o, rows, q, layout.q_row, row0, n);
+    const float log2_scale = log2_units(scale);
 
     for (int key0 = 0; key0 < m; key0 += BK) {
         __syncthreads();  // every warp is done with the previous tiles
@@ -129,12 +127,10 @@ __device__ void flash_attention_short(const T* __restrict__ q, const T* __restri
     T* const vt = tiles[warp][1];
 
     uint32_t qf[D / 16][4];
-    load_q_fragments<D>(qf, q, layout.q_row, 0, n);
     float o[D / 8][4];
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
-    RowStats rows = row_stats();
-    const float log2_scale = scale * 1.4426950408889634f;
+    RowStats rows;
+    start_rows<D>(qf, o, rows, q, layout.q_row, 0, n);
+    const float log2_scale = log2_units(scale);
 
     for (int key0 = 0; key0 < m; key0 += SHORT_KEYS) {
         __syncwarp();  // the warp is done with the previous tile

@@ -80,13 +80,8 @@ __device__ void flash_attention2(const T* __restrict__ q, const T* __restrict__ 
     float o[MT][D / 8][4];
     RowStats rows[MT];
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-        load_q_fragments<D>(qf[mt], q, layout.q_row, row0 + 16 * mt, n);
-#pragma unroll
-        for (int j = 0; j < D / 8; ++j) o[mt][j][0] = o[mt][j][1] = o[mt][j][2] = o[mt][j][3] = 0.f;
-        rows[mt] = row_stats();
-    }
-    const float log2_scale = scale * 1.4426950408889634f;
+    for (int mt = 0; mt < MT; ++mt) start_rows<D>(qf[mt], o[mt], rows[mt], q, layout.q_row, row0 + 16 * mt, n);
+    const float log2_scale = log2_units(scale);
 
     for (int t = 0; t < tiles; ++t) {
         const int key0 = t * BK;
