@@ -633,7 +633,7 @@ impl Unet {
                 tr.output_blocks.push(h.clone());
             }
         }
-        let out = self.out_conv.forward(&self.out_norm.forward_silu(&h)?)?;
+        let out = self.out_conv.forward_normed(&h, &self.out_norm.fused(true), ConvExtras::default())?;
         frames_to_video(&out, b)
     }
 }

@@ -19,11 +19,6 @@ impl GroupNorm {
         dynamicrafter_kernels::group_norm(xs, &self.weight, &self.bias, Self::GROUPS, self.eps, false)
     }
 
-    /// `SiLU(norm(x))` in one pass.
-    pub fn forward_silu(&self, xs: &Tensor) -> Result<Tensor> {
-        dynamicrafter_kernels::group_norm(xs, &self.weight, &self.bias, Self::GROUPS, self.eps, true)
-    }
-
     /// The norm (+ SiLU) for a kernel that applies it on the way: a convolution's input copy
     /// ([`super::Conv3x3::forward_normed`]), a spatial transformer's entry.
     pub fn fused(&self, silu: bool) -> ConvNorm<'_> {
