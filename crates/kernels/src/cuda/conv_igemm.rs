@@ -68,21 +68,21 @@ impl Extras<'_> {
 /// 3×3 convolution, stride 1, padding 1, of `x (n, ci, h, w)` with `w_taps (9, co, ci)`, bias
 /// `(co)` and `extras`.
 pub fn conv3x3(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras) -> Result<Tensor> {
-    conv3x3_general(x, w_taps, bias, extras, Scale::Same, Tile::chosen())
+    conv3x3_general(x, w_taps, bias, extras, Scale::Same, Tile::chosen(), None)
 }
 
 /// [`conv3x3`] of `x` upsampled 2× (nearest), `(n, co, 2h, 2w)`: the upsample happens in the
 /// channels-last copy, so the 4× larger upsampled image is never written on its own (candle's
 /// upsample computes every element's source with 64-bit divisions).
 pub fn conv3x3_upsampled(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    conv3x3_general(x, w_taps, bias, Extras::default(), Scale::Up2, Tile::chosen())
+    conv3x3_general(x, w_taps, bias, Extras::default(), Scale::Up2, Tile::chosen(), None)
 }
 
 /// 3×3 convolution, stride 2, padding 1 (the UNet's downsampling): `(n, co, ⌈h/2⌉, ⌈w/2⌉)`,
 /// read straight from the channels-last copy (candle's strided convolution writes a 9× im2col
 /// matrix first).
 pub fn conv3x3_strided(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    conv3x3_general(x, w_taps, bias, Extras::default(), Scale::Stride2, Tile::chosen())
+    conv3x3_general(x, w_taps, bias, Extras::default(), Scale::Stride2, Tile::chosen(), None)
 }
 
 /// A GroupNorm (+ SiLU) ahead of a convolution, applied in the implicit GEMM's channels-last
@@ -110,9 +110,13 @@ impl Norm<'_> {
 /// its own (A/B benchmarks).
 pub fn supported_normed(x: &Tensor, w_taps: &Tensor, bias: &Tensor, norm: &Norm) -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var("DYNAMICRAFTER_CONV_NORM").as_deref() != Ok("0"))
-        && supported(x, w_taps, bias)
-        && super::group_norm_enabled()
+    *ENABLED.get_or_init(|| std::env::var("DYNAMICRAFTER_CONV_NORM").as_deref() != Ok("0")) && supported(x, w_taps, bias) && norm_fits(x, norm)
+}
+
+/// The norm's side of the checks: our group norm kernels in use, its weight and bias of `x`'s
+/// dtype and channels, groups that divide the channels, a statistics grid of at most 65535 rows.
+fn norm_fits(x: &Tensor, norm: &Norm) -> bool {
+    super::group_norm_enabled()
         && norm.weight.dtype() == x.dtype()
         && norm.bias.dtype() == x.dtype()
         && x.dim(1).is_ok_and(|c| norm.groups > 0 && c.is_multiple_of(norm.groups) && norm.weight.elem_count() == c && norm.bias.elem_count() == c)
@@ -130,41 +134,30 @@ pub fn normalized_tokens(x: &Tensor, norm: &Norm) -> Result<Tensor> {
 /// Whether [`normalized_tokens`] takes `x` with `norm`: a CUDA f16/bf16 tensor `(n, c, h, w)`, the
 /// norm's tensors of its dtype, grids the copy and the statistics pass can cover.
 pub fn supported_tokens(x: &Tensor, norm: &Norm) -> bool {
-    let dtype = x.dtype();
     cfg!(feature = "cuda")
         && x.device().is_cuda()
-        && matches!(dtype, DType::BF16 | DType::F16)
-        && super::group_norm_enabled()
-        && norm.weight.dtype() == dtype
-        && norm.bias.dtype() == dtype
+        && matches!(x.dtype(), DType::BF16 | DType::F16)
         && x.rank() == 4
         && x.elem_count() > 0
-        && x.dim(1).is_ok_and(|c| norm.groups > 0 && c.is_multiple_of(norm.groups) && norm.weight.elem_count() == c && norm.bias.elem_count() == c)
-        && x.dim(0).is_ok_and(|n| n * norm.groups <= 65535 && x.dim(2).is_ok_and(|h| n * h <= 65535))
+        // The copy's grid has a block row per (sample, row).
+        && x.dim(0).is_ok_and(|n| x.dim(2).is_ok_and(|h| n * h <= 65535))
+        && norm_fits(x, norm)
 }
 
 /// [`conv3x3`] of `norm(x)`.
 pub fn conv3x3_normed(x: &Tensor, norm: &Norm, w_taps: &Tensor, bias: &Tensor, extras: Extras) -> Result<Tensor> {
-    let (n, _, h, w) = x.dims4()?;
-    let xp = channels_last(x, 1, 1, 1, Some(norm))?;
-    let co = w_taps.dim(1)?;
-    let geometry = Geometry { rows: h, cols: w, cols_padded: w + 2, kw: 3, row_step: w + 2, stride: 1 };
-    convolve(&xp, w_taps, bias, extras, geometry, Tile::chosen())?.reshape((n, co, h, w))
+    conv3x3_general(x, w_taps, bias, extras, Scale::Same, Tile::chosen(), Some(norm))
 }
 
 /// [`temporal_conv`] of `norm(x)` (the norm over `x (b, c, t, s)` as it lies: groups of channels
 /// across every frame).
 pub fn temporal_conv_normed(x: &Tensor, norm: &Norm, w_taps: &Tensor, bias: &Tensor, extras: Extras) -> Result<Tensor> {
-    let (b, _, t, s) = x.dims4()?;
-    let xp = channels_last(x, 1, 0, 1, Some(norm))?;
-    let co = w_taps.dim(1)?;
-    let geometry = Geometry { rows: t, cols: s, cols_padded: s, kw: 1, row_step: s, stride: 1 };
-    convolve(&xp, w_taps, bias, extras, geometry, Tile::chosen())?.reshape((b, co, t, s))
+    temporal_conv_general(x, w_taps, bias, extras, Tile::chosen(), Some(norm))
 }
 
 /// [`conv3x3`] on a given tile shape and pipeline depth (A/B benchmarks).
 pub fn conv3x3_on(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras, tile: Tile) -> Result<Tensor> {
-    conv3x3_general(x, w_taps, bias, extras, Scale::Same, tile)
+    conv3x3_general(x, w_taps, bias, extras, Scale::Same, tile, None)
 }
 
 /// How the output's grid relates to the input's.
@@ -177,11 +170,11 @@ enum Scale {
     Stride2,
 }
 
-fn conv3x3_general(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras, scale: Scale, tile: Tile) -> Result<Tensor> {
+fn conv3x3_general(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras, scale: Scale, tile: Tile, norm: Option<&Norm>) -> Result<Tensor> {
     let (n, _, h, w) = x.dims4()?;
     let up = if scale == Scale::Up2 { 2 } else { 1 };
     let stride = if scale == Scale::Stride2 { 2 } else { 1 };
-    let xp = channels_last(x, 1, 1, up, None)?;
+    let xp = channels_last(x, 1, 1, up, norm)?;
     let (h_p, w_p) = (h * up + 2, w * up + 2);
     // Output side of a 3-tap window at `stride` over the padded side.
     let (rows, cols) = ((h_p - 3) / stride + 1, (w_p - 3) / stride + 1);
@@ -197,8 +190,12 @@ pub fn temporal_conv(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras)
 
 /// [`temporal_conv`] on a given tile shape and pipeline depth (A/B benchmarks).
 pub fn temporal_conv_on(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras, tile: Tile) -> Result<Tensor> {
+    temporal_conv_general(x, w_taps, bias, extras, tile, None)
+}
+
+fn temporal_conv_general(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras, tile: Tile, norm: Option<&Norm>) -> Result<Tensor> {
     let (b, _, t, s) = x.dims4()?;
-    let xp = channels_last(x, 1, 0, 1, None)?;
+    let xp = channels_last(x, 1, 0, 1, norm)?;
     let co = w_taps.dim(1)?;
     let geometry = Geometry { rows: t, cols: s, cols_padded: s, kw: 1, row_step: s, stride: 1 };
     convolve(&xp, w_taps, bias, extras, geometry, tile)?.reshape((b, co, t, s))

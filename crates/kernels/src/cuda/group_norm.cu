@@ -104,9 +104,10 @@ __device__ void group_apply_as(const T* __restrict__ x, const T* __restrict__ w,
     const size_t end = min(begin + CHUNK, group_len);
     // A 64-bit division costs several times a 32-bit one; groups past 2³² elements take it.
     const bool narrow = group_len <= 0xffffffffu;
+    auto channel = [&](size_t i) { return ch0 + (int)(narrow ? (uint32_t)i / (uint32_t)s : i / s); };
     if (packed) {
         for (size_t i = begin + threadIdx.x * V; i < end; i += THREADS * V) {
-            const int ch = ch0 + (int)(narrow ? (uint32_t)i / (uint32_t)s : i / s);
+            const int ch = channel(i);
             const float weight = load(w, ch), bias = load(b, ch);
             Pack<T> p = *reinterpret_cast<const Pack<T>*>(gx + i);
 #pragma unroll
@@ -115,7 +116,7 @@ __device__ void group_apply_as(const T* __restrict__ x, const T* __restrict__ w,
         }
     } else {
         for (size_t i = begin + threadIdx.x; i < end; i += THREADS) {
-            const int ch = ch0 + (int)(narrow ? (uint32_t)i / (uint32_t)s : i / s);
+            const int ch = channel(i);
             store(gy, i, activate<SILU>((load(gx, i) - mean) * rstd * load(w, ch) + load(b, ch)));
         }
     }

@@ -185,20 +185,21 @@ pub fn conv3x3_strided(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Ten
 /// [`conv3x3`] on the implicit GEMM with a given tile shape and pipeline depth (A/B
 /// benchmarks): an error where that kernel does not take the convolution.
 pub fn conv3x3_on(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: conv_igemm::Extras, tile: conv_igemm::Tile) -> Result<Tensor> {
-    let bias = bias.to_dtype(x.dtype())?;
-    if !conv_igemm::supported(x, w_taps, &bias) {
-        candle_core::bail!("the implicit-GEMM convolution does not take {:?} {:?} with weight {:?}", x.shape(), x.dtype(), w_taps.shape());
-    }
-    conv_igemm::conv3x3_on(x, w_taps, &bias, extras, tile)
+    conv_igemm::conv3x3_on(x, w_taps, &igemm_bias(x, w_taps, bias)?, extras, tile)
 }
 
 /// [`temporal_conv`] on a given tile, as [`conv3x3_on`].
 pub fn temporal_conv_on(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: conv_igemm::Extras, tile: conv_igemm::Tile) -> Result<Tensor> {
+    conv_igemm::temporal_conv_on(x, w_taps, &igemm_bias(x, w_taps, bias)?, extras, tile)
+}
+
+/// `bias` in `x`'s dtype where the implicit GEMM takes the convolution, an error otherwise.
+fn igemm_bias(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let bias = bias.to_dtype(x.dtype())?;
     if !conv_igemm::supported(x, w_taps, &bias) {
         candle_core::bail!("the implicit-GEMM convolution does not take {:?} {:?} with weight {:?}", x.shape(), x.dtype(), w_taps.shape());
     }
-    conv_igemm::temporal_conv_on(x, w_taps, &bias, extras, tile)
+    Ok(bias)
 }
 
 /// [`conv3x3`] as 9 cuBLAS GEMMs over shifted windows of the padded input, f32 accumulation.
