@@ -275,10 +275,54 @@ pub fn group_norm_tokens(x: &Tensor, norm: &ConvNorm) -> Result<Tensor> {
     }
 }
 
+/// `norm(x)` of frames `x (b·t, c, h, w)` (`frames` = t), normalised as the video `(b, c, t, h, w)`
+/// they are, as tokens across frames `(b·h·w, t, c)` (a temporal transformer's entry): on CUDA one
+/// pass; elsewhere the permute to the video, the group norm, the permute to tokens.
+pub fn group_norm_frame_tokens(x: &Tensor, frames: usize, norm: &ConvNorm) -> Result<Tensor> {
+    if cuda::conv_igemm::supported_frame_tokens(x, frames, norm) {
+        return cuda::conv_igemm::normalized_frame_tokens(x, frames, norm);
+    }
+    let (bt, c, h, w) = x.dims4()?;
+    if frames == 0 || bt % frames != 0 {
+        candle_core::bail!("tokens across frames: {bt} frames are not videos of {frames}");
+    }
+    let video = permute(&x.reshape((bt / frames, frames, c, h, w))?, &[0, 2, 1, 3, 4])?;
+    permute(&norm.apply(&video)?, &[0, 3, 4, 2, 1])?.reshape((bt / frames * h * w, frames, c))
+}
+
 /// [`temporal_conv_taps_with`] of `norm(x)`, `x (b, c, t, s)` normalised as it lies: as
 /// [`conv3x3_taps_normed`].
 pub fn temporal_conv_taps_normed(x: &Tensor, norm: &ConvNorm, w_taps: &Tensor, bias: &Tensor, extras: ConvExtras) -> Result<Tensor> {
     normed_conv(x, norm, w_taps, bias, |b| cuda::conv_igemm::temporal_conv_normed(x, norm, w_taps, b, extras), |y| temporal_conv_taps_with(y, w_taps, bias, extras))
+}
+
+/// [`temporal_conv_taps_normed`] of a video held as frames, `x (b·t, c, h, w)` with `frames` = t
+/// (normalised as the video it is), output `(b·t, co, h, w)` and the extras' residual likewise:
+/// on CUDA's implicit GEMM without leaving the frames layout; elsewhere between permutes to the
+/// video layout `(b, c, t, h·w)` and back. A block of such convolutions asks
+/// [`temporal_conv_frames_supported`] once and permutes once where it says no.
+pub fn temporal_conv_taps_frames_normed(x: &Tensor, frames: usize, norm: &ConvNorm, w_taps: &Tensor, bias: &Tensor, extras: ConvExtras) -> Result<Tensor> {
+    if cuda::usable(x) && w_taps.dtype() == x.dtype() {
+        let b = bias.to_dtype(x.dtype())?;
+        if cuda::conv_igemm::supported_frames(x, frames, w_taps, &b, Some(norm)) {
+            return cuda::conv_igemm::temporal_conv_frames(x, frames, w_taps, &b, extras, Some(norm));
+        }
+    }
+    let (bt, c, h, w) = x.dims4()?;
+    if frames == 0 || bt % frames != 0 {
+        candle_core::bail!("temporal conv: {bt} frames are not videos of {frames}");
+    }
+    let co = w_taps.dim(1)?;
+    let to_video = |t: &Tensor, c: usize| permute(&t.reshape((bt / frames, frames, c, h * w))?, &[0, 2, 1, 3]);
+    let residual = extras.residual.map(|r| to_video(r, co)).transpose()?;
+    let y = temporal_conv_taps_normed(&to_video(x, c)?, norm, w_taps, bias, ConvExtras { per_sample: extras.per_sample, residual: residual.as_ref() })?;
+    permute(&y, &[0, 2, 1, 3])?.reshape((bt, co, h, w))
+}
+
+/// Whether [`temporal_conv_taps_frames_normed`] stays in the frames layout (CUDA's implicit GEMM
+/// takes `x` with `norm`).
+pub fn temporal_conv_frames_supported(x: &Tensor, frames: usize, norm: &ConvNorm, w_taps: &Tensor, bias: &Tensor) -> bool {
+    cuda::usable(x) && w_taps.dtype() == x.dtype() && bias.to_dtype(x.dtype()).is_ok_and(|b| cuda::conv_igemm::supported_frames(x, frames, w_taps, &b, Some(norm)))
 }
 
 /// [`temporal_conv`] plus `extras`.
@@ -598,6 +642,28 @@ mod tests {
             let e = crate::common::testing::rel_l2(&got, &want);
             assert!(e < 5e-3, "{:?}: {e:.2e}", (n, c, co, h, w));
         }
+    }
+
+    /// A temporal convolution of a video held as frames (what the UNet's temporal blocks call)
+    /// against the same convolution of the video, away from CUDA: the permutes around it.
+    #[test]
+    fn temporal_conv_on_frames_matches_the_video_layout() {
+        let dev = Device::Cpu;
+        let (b, t, c, co, h, w) = (2, 5, 64, 32, 3, 4);
+        let r = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+        let (video, residual) = (r(&[b, c, t, h * w]), r(&[b, co, t, h * w]));
+        let (gamma, beta, bias) = (r(&[c]), r(&[c]), r(&[co]));
+        let taps = taps_first(&Tensor::randn(0f32, 0.05, (co, c, 3, 1, 1), &dev).unwrap()).unwrap();
+        let norm = ConvNorm { weight: &gamma, bias: &beta, groups: 32, eps: 1e-5, silu: true };
+        let as_frames = |v: &Tensor, c: usize| v.permute((0, 2, 1, 3)).unwrap().contiguous().unwrap().reshape((b * t, c, h, w)).unwrap();
+        assert!(!temporal_conv_frames_supported(&as_frames(&video, c), t, &norm, &taps, &bias));
+        let want = temporal_conv_taps_normed(&video, &norm, &taps, &bias, ConvExtras { per_sample: None, residual: Some(&residual) }).unwrap();
+        let got = temporal_conv_taps_frames_normed(&as_frames(&video, c), t, &norm, &taps, &bias, ConvExtras { per_sample: None, residual: Some(&as_frames(&residual, co)) }).unwrap();
+        assert_eq!(got.dims(), &[b * t, co, h, w]);
+        let diff = (got - as_frames(&want, co)).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff, 0.0);
+        // Frames that are not whole videos: an error, not a panic.
+        assert!(temporal_conv_taps_frames_normed(&as_frames(&video, c), 3, &norm, &taps, &bias, ConvExtras::default()).is_err());
     }
 
     #[test]

@@ -62,10 +62,25 @@ pub(crate) fn ops_1024(runs: usize, target: &Target) -> Result<Vec<Timing>> {
         op("group_norm+silu + conv3x3 16x320x72x128 (norm first)", &mut || Ok(kernels::conv3x3_taps_with(&norm.apply(&x)?, &w3_taps, &zeros, none)?))?;
         op("group_norm+silu + temporal conv 1x320x16x9216 (norm in the copy)", &mut || Ok(kernels::temporal_conv_taps_normed(&xt, &norm, &wt_taps, &zeros, none)?))?;
         op("group_norm+silu + temporal conv 1x320x16x9216 (norm first)", &mut || Ok(kernels::temporal_conv_taps_with(&norm.apply(&xt)?, &wt_taps, &zeros, none)?))?;
+        // A temporal block's convolution from frames (16, 320, 72, 128) to frames: in that
+        // layout (the copy reads frames, the kernel writes them), or between the permutes to the
+        // video layout and back (what the block ran before).
+        op("group_norm+silu + temporal conv 16x320x72x128 frames (frames in and out)", &mut || Ok(kernels::temporal_conv_taps_frames_normed(&x, t, &norm, &wt_taps, &zeros, none)?))?;
+        op("group_norm+silu + temporal conv 16x320x72x128 frames (permuted to the video and back)", &mut || {
+            let video = kernels::permute(&x.reshape((1, t, c, hw))?, &[0, 2, 1, 3])?;
+            Ok(kernels::permute(&kernels::temporal_conv_taps_normed(&video, &norm, &wt_taps, &zeros, none)?, &[0, 2, 1, 3])?)
+        })?;
         // A spatial transformer's entry: its group norm and the permute to tokens.
         let plain = kernels::ConvNorm { silu: false, ..norm };
         op("group_norm + permute to tokens 16x320x72x128 (one pass)", &mut || Ok(kernels::group_norm_tokens(&x, &plain)?))?;
         op("group_norm + permute to tokens 16x320x72x128 (norm, then permute)", &mut || Ok(kernels::permute(&plain.apply(&x)?.flatten_from(2)?, &[0, 2, 1])?))?;
+        // A temporal transformer's entry: frames to the video, its group norm, the permute to
+        // tokens across frames (9216, 16, 320).
+        op("group_norm + permute to tokens across frames 16x320x72x128 (one pass)", &mut || Ok(kernels::group_norm_frame_tokens(&x, t, &plain)?))?;
+        op("group_norm + permute to tokens across frames 16x320x72x128 (three passes)", &mut || {
+            let video = kernels::permute(&x.reshape((1, t, c, h, w))?, &[0, 2, 1, 3, 4])?;
+            Ok(kernels::permute(&plain.apply(&video)?, &[0, 3, 4, 2, 1])?)
+        })?;
         // The downsampling convolution out of the first level: candle's (im2col) and ours.
         op("conv3x3 stride 2 16x320x72x128 (candle)", &mut || Ok(x.conv2d(&w3, 1, 2, 1, 1)?.broadcast_add(&zeros.reshape((1, c, 1, 1))?)?))?;
         op("conv3x3 stride 2 16x320x72x128", &mut || Ok(kernels::conv3x3_taps_strided(&x, &w3_taps, &zeros)?))?;

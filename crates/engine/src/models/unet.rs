@@ -9,7 +9,7 @@ use super::layers::{
 };
 use crate::compute::{Backend, Kernel};
 use crate::config::UnetConfig;
-use dynamicrafter_kernels::{permute, ConvExtras};
+use dynamicrafter_kernels::ConvExtras;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
 
@@ -37,8 +37,26 @@ impl TemporalConvBlock {
         Ok(Self { stages })
     }
 
+    /// `xs`: frames `(b·t, c, h, w)` of `b` videos. Where every convolution takes frames (CUDA's
+    /// implicit GEMM: the norms over the video read in runs, the output written as frames) the
+    /// block never leaves that layout; elsewhere it runs on the video `(b, c, t, h, w)`, one
+    /// permute each way.
+    fn forward(&self, xs: &Tensor, b: usize) -> Result<Tensor> {
+        let t = xs.dim(0)? / b;
+        if self.stages.iter().all(|(norm, conv)| conv.takes_frames(xs, t, &norm.fused(true))) {
+            let mut hs = xs.clone();
+            let last = self.stages.len() - 1;
+            for (i, (norm, conv)) in self.stages.iter().enumerate() {
+                let residual = if i == last { Some(xs) } else { None };
+                hs = conv.forward_frames_normed(&hs, t, &norm.fused(true), ConvExtras { per_sample: None, residual })?;
+            }
+            return Ok(hs);
+        }
+        video_to_frames(&self.forward_video(&frames_to_video(xs, b)?)?)
+    }
+
     /// `xs`: `(b, c, t, h, w)`.
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    fn forward_video(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, c, t, h, w) = xs.dims5()?;
         let mut hs = xs.clone();
         let last = self.stages.len() - 1;
@@ -90,7 +108,7 @@ impl ResBlock {
         let skip = self.skip.as_ref().map(|s| s.forward(xs)).transpose()?;
         h = self.out_conv.forward_normed(&h, &self.out_norm.fused(true), ConvExtras { per_sample: None, residual: Some(skip.as_ref().unwrap_or(xs)) })?;
         drop(skip);
-        video_to_frames(&self.temporal_conv.forward(&frames_to_video(&h, b)?)?)
+        self.temporal_conv.forward(&h, b)
     }
 }
 
@@ -356,11 +374,9 @@ impl TemporalTransformer {
     fn forward(&self, xs: &Tensor, b: usize) -> Result<Tensor> {
         let (bt, c, h, w) = xs.dims4()?;
         let t = bt / b;
-        // The norm's statistics span all frames: normalise in (b, c, t, h, w), then
-        // (b, c, t, h, w) → (b·h·w, t, c).
-        let mut hs = self.norm.forward(&frames_to_video(xs, b)?)?;
-        hs = permute(&hs, &[0, 3, 4, 2, 1])?.reshape((b * h * w, t, c))?;
-        hs = self.proj_in.forward(&hs)?;
+        // The norm's statistics span all frames (the video (b, c, t, h, w)), then the tokens
+        // (b·h·w, t, c): one pass where the kernel has one.
+        let mut hs = self.proj_in.forward(&dynamicrafter_kernels::group_norm_frame_tokens(xs, t, &self.norm.fused(false))?)?;
         for block in &self.blocks {
             hs = block.forward(&hs, None)?;
         }

@@ -5,10 +5,14 @@
 // Two kernels:
 // * to_channels_last: x (n, c, rows, cols) → xp (n, rows + 2·pad_r, cols + 2·pad_c, c), zero
 //   border, through 32×32 tiles in shared memory (both sides coalesced), optionally upsampled 2×
-//   and group-normalised (+ SiLU) on the way;
+//   and group-normalised (+ SiLU) on the way; x may also be frames (n·rows, c, cols), a video's
+//   frames read as the video (n, c, rows, cols), and the output tokens across frames
+//   (n, cols, rows, c) (CopyLayout);
 // * conv_igemm: out (n, co, rows·cols) = bias (+ sample_bias[sample]) (+ residual) + Σ_tap
 //   w[tap] · xp shifted by the tap, with w (taps, co, ci): what the UNet's residual blocks add
-//   to a convolution (the timestep embedding per frame, the skip connection) on the way out.
+//   to a convolution (the timestep embedding per frame, the skip connection) on the way out;
+//   out (and residual) may be frames (n·rows, co, cols) instead (ConvGeometry's out strides), so
+//   a temporal convolution reads and writes a video in the frames layout around it.
 //   ConvGeometry says where a tap reads: a 3×3 convolution is kh = kw = 3, row_step = the padded
 //   width (stride 2 for the downsampling ones); the temporal (3, 1, 1) convolution is kh = 3,
 //   kw = 1, row_step = the frame size.
@@ -49,34 +53,47 @@ template <typename T> __device__ __forceinline__ T from_f32(float v);
 template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 
-// x (n, c, rows, cols) upsampled by `up` (1, or 2: nearest, as a 2× upsample before a
-// convolution) → xp (n, rows·up + 2·pad_r, cols·up + 2·pad_c, c). With `sums` (group_stats's, of
-// x as (n, c, rows·cols) in groups of cpg channels) each element is group-normalised on the way,
+// x (n, c, rows, cols), read at `at`'s input strides, upsampled by `up` (1, or 2: nearest, as a 2×
+// upsample before a convolution) → xp (n, rows·up + 2·pad_r, cols·up + 2·pad_c, c), written at
+// `at`'s output strides. With `sums`
+// (group_stats's, of x in groups of cpg channels) each element is group-normalised on the way,
 // weight `gamma`, bias `beta`, then SiLU where `silu`: the group norm before a convolution, whose
 // own output is then never written. Grid: (ceil(cols_p / 32), ceil(c / 32), n · rows_p); block
 // (32, 8).
 template <typename T>
 __device__ void to_channels_last(const T* __restrict__ x, T* __restrict__ xp, int c, int rows, int cols, int pad_r,
-                                 int pad_c, int up, const double* __restrict__ sums, const T* __restrict__ gamma,
-                                 const T* __restrict__ beta, int cpg, float eps, int silu) {
+                                 int pad_c, int up, const CopyLayout at, const double* __restrict__ sums,
+                                 const T* __restrict__ gamma, const T* __restrict__ beta, int cpg, float eps, int silu) {
     __shared__ T tile[32][33];
+    // The norm of each of the block's 32 channels (one sample): y = (x − mean)·scale + shift.
+    __shared__ float norm_mean[32], norm_scale[32], norm_shift[32];
     const int rows_p = rows * up + 2 * pad_r, cols_p = cols * up + 2 * pad_c;
     const int sample = blockIdx.z / rows_p, r = blockIdx.z % rows_p;
     const int col0 = blockIdx.x * 32, ch0 = blockIdx.y * 32;
     const int tx = threadIdx.x, ty = threadIdx.y;
+    if (sums) {
+        const int ch = ch0 + tx;
+        if (ty == 0 && ch < c) {
+            const int group = sample * (c / cpg) + ch / cpg;
+            // The group's first element: the shift of its sums.
+            const float first = to_f32(x[sample * at.in_sample + (int64_t)(ch / cpg * cpg) * at.in_channel]);
+            const GroupMoments m = group_moments(sums, group, (size_t)cpg * rows * cols, first, eps);
+            norm_mean[tx] = m.mean;
+            norm_scale[tx] = m.rstd * to_f32(gamma[ch]);
+            norm_shift[tx] = to_f32(beta[ch]);
+        }
+        __syncthreads();
+    }
     const int in_r = r - pad_r, in_c = col0 + tx - pad_c;  // in the upsampled image
     const bool inside = in_r >= 0 && in_r < rows * up && in_c >= 0 && in_c < cols * up;
-    const size_t plane = (size_t)rows * cols;
+    const T* x_row = inside ? x + sample * at.in_sample + (int64_t)(in_r / up) * at.in_row + in_c / up : x;
     for (int i = ty; i < 32; i += 8) {
         const int ch = ch0 + i;
         T v = from_f32<T>(0.f);
         if (inside && ch < c) {
-            v = x[((size_t)sample * c + ch) * plane + (size_t)(in_r / up) * cols + in_c / up];
+            v = x_row[ch * at.in_channel];
             if (sums) {
-                // The group's statistics (a handful of cached loads, once per element a thread copies).
-                const size_t group = (size_t)sample * (c / cpg) + ch / cpg, group_len = (size_t)cpg * plane;
-                const GroupMoments m = group_moments(sums, group, group_len, to_f32(x[group * group_len]), eps);
-                const float y = (to_f32(v) - m.mean) * m.rstd * to_f32(gamma[ch]) + to_f32(beta[ch]);
+                const float y = (to_f32(v) - norm_mean[i]) * norm_scale[i] + norm_shift[i];
                 v = from_f32<T>(silu ? group_norm_silu(y) : y);
             }
         }
@@ -85,7 +102,7 @@ __device__ void to_channels_last(const T* __restrict__ x, T* __restrict__ xp, in
     __syncthreads();
     for (int i = ty; i < 32; i += 8) {
         const int col = col0 + i, ch = ch0 + tx;
-        if (col < cols_p && ch < c) xp[(((size_t)sample * rows_p + r) * cols_p + col) * c + ch] = tile[tx][i];
+        if (col < cols_p && ch < c) xp[sample * at.out_sample + r * at.out_row + col * at.out_col + ch] = tile[tx][i];
     }
 }
 
@@ -129,8 +146,8 @@ __device__ __forceinline__ void load_stage(T* buf, const T* xp, const T* w, int 
     }
 }
 
-// xp: one sample's padded plane after another; out and residual: (n, co, rows·cols);
-// sample_bias: (n, co). sample_bias and residual may be null.
+// xp: one sample's padded plane after another; out and residual: (n, co, rows·cols) or as
+// ConvGeometry's out_* strides say; sample_bias: (n, co). sample_bias and residual may be null.
 template <typename T, int BN, int STAGES>
 __device__ void conv_igemm(const T* __restrict__ xp, const T* __restrict__ w, const T* __restrict__ bias,
                            const T* __restrict__ sample_bias, const T* __restrict__ residual, T* __restrict__ out,
@@ -209,10 +226,12 @@ __device__ void conv_igemm(const T* __restrict__ xp, const T* __restrict__ w, co
     cp_async_wait<0>();  // only empty groups are left; none outlives the block
 
     // c0, c1 = (channel qg, positions 2q, 2q + 1), c2, c3 = (channel qg + 8, same positions).
-    // With an even number of positions per sample both of a lane's positions are in one sample
-    // and 4-byte aligned: one access for the pair.
+    // Where both of a lane's positions are in one row of the output (cols even, or rows that
+    // follow one another) at an even element: one 4-byte access for the pair.
     const int qg = lane / 4, q = lane % 4;
-    const bool paired = positions % 2 == 0 && (!residual || reinterpret_cast<uintptr_t>(residual) % (2 * sizeof(T)) == 0);
+    const bool rows_run_on = g.out_row == g.cols && positions % 2 == 0;
+    const bool paired = (g.cols % 2 == 0 || rows_run_on) && (g.out_sample | g.out_channel | g.out_row) % 2 == 0 &&
+                        (!residual || reinterpret_cast<uintptr_t>(residual) % (2 * sizeof(T)) == 0);
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
         const int at0 = p0 + warp_n + j * 8 + 2 * q;
@@ -221,7 +240,7 @@ __device__ void conv_igemm(const T* __restrict__ xp, const T* __restrict__ w, co
             const int at = at0 + e;
             if (at >= total || (paired && e == 1)) continue;
             const int s = at / positions, p = at % positions;
-            const size_t sample_out = (size_t)s * g.co * positions + p;
+            const int64_t sample_out = s * g.out_sample + (int64_t)(p / g.cols) * g.out_row + p % g.cols;
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
 #pragma unroll
@@ -229,7 +248,7 @@ __device__ void conv_igemm(const T* __restrict__ xp, const T* __restrict__ w, co
                     const int ch = co0 + warp_m + i * 16 + qg + half * 8;
                     if (ch >= g.co) continue;
                     const float b_ch = to_f32(bias[ch]) + (sample_bias ? to_f32(sample_bias[(size_t)s * g.co + ch]) : 0.f);
-                    const size_t o = sample_out + (size_t)ch * positions;
+                    const int64_t o = sample_out + ch * g.out_channel;
                     if (paired) {
                         float v0 = acc[i][j][half * 2] + b_ch, v1 = acc[i][j][half * 2 + 1] + b_ch;
                         if (residual) {
@@ -265,9 +284,10 @@ __device__ void conv_igemm(const T* __restrict__ xp, const T* __restrict__ w, co
 
 #define CONV_IGEMM(NAME, T)                                                                                  \
     extern "C" __global__ void to_channels_last_##NAME(const T* x, T* xp, int c, int rows, int cols, int pad_r, \
-                                                        int pad_c, int up, const double* sums, const T* gamma, \
-                                                        const T* beta, int cpg, float eps, int silu) {        \
-        to_channels_last(x, xp, c, rows, cols, pad_r, pad_c, up, sums, gamma, beta, cpg, eps, silu);         \
+                                                        int pad_c, int up, CopyLayout at, const double* sums,  \
+                                                        const T* gamma, const T* beta, int cpg, float eps,    \
+                                                        int silu) {                                           \
+        to_channels_last(x, xp, c, rows, cols, pad_r, pad_c, up, at, sums, gamma, beta, cpg, eps, silu);     \
     }                                                                                                         \
     CONV_IGEMM_TILE(NAME, T, 128, 2)                                                                          \
     CONV_IGEMM_TILE(NAME, T, 128, 3)                                                                          \

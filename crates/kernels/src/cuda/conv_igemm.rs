@@ -128,7 +128,35 @@ fn norm_fits(x: &Tensor, norm: &Norm) -> bool {
 /// tokens in one pass). Where [`supported_tokens`] says so.
 pub fn normalized_tokens(x: &Tensor, norm: &Norm) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
-    channels_last(x, 0, 0, 1, Some(norm))?.reshape((n, h * w, c))
+    channels_last(x, 1, 0, 0, 1, Some(norm))?.reshape((n, h * w, c))
+}
+
+/// `norm(x)` of frames `x (b·t, c, h, w)` (`frames` = t), normalised as the video they are, as
+/// tokens across frames `(b·h·w, t, c)`: a temporal transformer's entry (the permute to the video,
+/// its group norm and the permute to tokens) in one pass. Where [`supported_frame_tokens`] says so.
+pub fn normalized_frame_tokens(x: &Tensor, frames: usize, norm: &Norm) -> Result<Tensor> {
+    let (bt, c, h, w) = x.dims4()?;
+    if frames == 0 || bt % frames != 0 {
+        candle_core::bail!("tokens across frames: {bt} frames are not videos of {frames}");
+    }
+    let x = x.contiguous()?;
+    let copy = ChannelsLast { frames, pad_r: 0, pad_c: 0, up: 1, norm: Some(CopyNorm::of(&x, frames, norm)?), frame_tokens: true };
+    x.apply_op1_no_bwd(&copy)?.reshape((bt / frames * h * w, frames, c))
+}
+
+/// Whether [`normalized_frame_tokens`] takes frames `x (b·t, c, h, w)` (`frames` = t) with
+/// `norm`: as [`supported_tokens`], t dividing the leading dimension; unless
+/// `DYNAMICRAFTER_CUDA_FRAMES=0`.
+pub fn supported_frame_tokens(x: &Tensor, frames: usize, norm: &Norm) -> bool {
+    frames_enabled() && frames > 0 && x.dim(0).is_ok_and(|n| n.is_multiple_of(frames)) && supported_tokens(x, norm)
+}
+
+/// Whether the kernels read a video held as frames where it lies (the temporal blocks'
+/// convolutions, the temporal transformers' entries): `DYNAMICRAFTER_CUDA_FRAMES=0` permutes it
+/// to the video layout first, as before (A/B benchmarks).
+fn frames_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("DYNAMICRAFTER_CUDA_FRAMES").as_deref() != Ok("0"))
 }
 
 /// Whether [`normalized_tokens`] takes `x` with `norm`: a CUDA f16/bf16 tensor `(n, c, h, w)`, the
@@ -155,6 +183,34 @@ pub fn temporal_conv_normed(x: &Tensor, norm: &Norm, w_taps: &Tensor, bias: &Ten
     temporal_conv_general(x, w_taps, bias, extras, Tile::chosen(), Some(norm))
 }
 
+/// [`temporal_conv`] (of `norm(x)` where given) of a video held as frames: `x (b·t, ci, h, w)`
+/// with `frames` = t, normalised as the video `(b, ci, t, h·w)` it is; the output `(b·t, co, h, w)`
+/// and the extras' residual likewise. A temporal block's convolutions without the permutes to the
+/// video layout and back: the copy reads frames, the kernel writes them. Where
+/// [`supported_frames`] says so.
+pub fn temporal_conv_frames(x: &Tensor, frames: usize, w_taps: &Tensor, bias: &Tensor, extras: Extras, norm: Option<&Norm>) -> Result<Tensor> {
+    let (bt, _, h, w) = x.dims4()?;
+    let (s, co) = (h * w, w_taps.dim(1)?);
+    let xp = channels_last(x, frames, 1, 0, 1, norm)?;
+    let residual = extras.residual.map(|r| r.reshape((bt, co, s))).transpose()?;
+    let extras = Extras { per_sample: extras.per_sample, residual: residual.as_ref() };
+    let geometry = Geometry { rows: frames, cols: s, cols_padded: s, kw: 1, row_step: s, stride: 1 };
+    convolve(&xp, w_taps, bias, extras, geometry, Tile::chosen(), true)?.reshape((bt, co, h, w))
+}
+
+/// Whether [`temporal_conv_frames`] takes `x (b·t, ci, h, w)` as `frames` = t frames per video
+/// (with `norm` where given): as [`supported`] (and [`supported_normed`]), t dividing the
+/// leading dimension; unless `DYNAMICRAFTER_CUDA_FRAMES=0`.
+pub fn supported_frames(x: &Tensor, frames: usize, w_taps: &Tensor, bias: &Tensor, norm: Option<&Norm>) -> bool {
+    frames_enabled()
+        && frames > 0
+        && x.dim(0).is_ok_and(|n| n.is_multiple_of(frames))
+        && match norm {
+            Some(norm) => supported_normed(x, w_taps, bias, norm),
+            None => supported(x, w_taps, bias),
+        }
+}
+
 /// [`conv3x3`] on a given tile shape and pipeline depth (A/B benchmarks).
 pub fn conv3x3_on(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras, tile: Tile) -> Result<Tensor> {
     conv3x3_general(x, w_taps, bias, extras, Scale::Same, tile, None)
@@ -174,13 +230,13 @@ fn conv3x3_general(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras, s
     let (n, _, h, w) = x.dims4()?;
     let up = if scale == Scale::Up2 { 2 } else { 1 };
     let stride = if scale == Scale::Stride2 { 2 } else { 1 };
-    let xp = channels_last(x, 1, 1, up, norm)?;
+    let xp = channels_last(x, 1, 1, 1, up, norm)?;
     let (h_p, w_p) = (h * up + 2, w * up + 2);
     // Output side of a 3-tap window at `stride` over the padded side.
     let (rows, cols) = ((h_p - 3) / stride + 1, (w_p - 3) / stride + 1);
     let co = w_taps.dim(1)?;
     let geometry = Geometry { rows, cols, cols_padded: w_p, kw: 3, row_step: w_p, stride };
-    convolve(&xp, w_taps, bias, extras, geometry, tile)?.reshape((n, co, rows, cols))
+    convolve(&xp, w_taps, bias, extras, geometry, tile, false)?.reshape((n, co, rows, cols))
 }
 
 /// Conv3d with kernel (3,1,1), padding (1,0,0) of `x (b, ci, t, s)` with `w_taps (3, co, ci)`.
@@ -195,10 +251,10 @@ pub fn temporal_conv_on(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extr
 
 fn temporal_conv_general(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras, tile: Tile, norm: Option<&Norm>) -> Result<Tensor> {
     let (b, _, t, s) = x.dims4()?;
-    let xp = channels_last(x, 1, 0, 1, norm)?;
+    let xp = channels_last(x, 1, 1, 0, 1, norm)?;
     let co = w_taps.dim(1)?;
     let geometry = Geometry { rows: t, cols: s, cols_padded: s, kw: 1, row_step: s, stride: 1 };
-    convolve(&xp, w_taps, bias, extras, geometry, tile)?.reshape((b, co, t, s))
+    convolve(&xp, w_taps, bias, extras, geometry, tile, false)?.reshape((b, co, t, s))
 }
 
 /// The kernel's tile shapes and pipeline depths (`conv_igemm.cu` has one kernel for each): 128
@@ -269,25 +325,16 @@ impl Tile {
 
 /// `x (n, c, rows, cols)` upsampled by `up` (nearest), group-normalised by `norm` where given
 /// (statistics of `x` first) → `(n, rows·up + 2·pad_r, cols·up + 2·pad_c, c)`, zeros in the border.
-fn channels_last(x: &Tensor, pad_r: usize, pad_c: usize, up: usize, norm: Option<&Norm>) -> Result<Tensor> {
+/// With `frames` > 1, `x (n·frames, c, h, w)` is read as the video `(n, c, frames, h·w)`.
+fn channels_last(x: &Tensor, frames: usize, pad_r: usize, pad_c: usize, up: usize, norm: Option<&Norm>) -> Result<Tensor> {
     let x = x.contiguous()?;
-    let norm = norm
-        .map(|n| -> Result<CopyNorm> {
-            Ok(CopyNorm {
-                sums: super::group_sums(&x, n.groups)?,
-                weight: n.weight.contiguous()?,
-                bias: n.bias.contiguous()?,
-                channels_per_group: x.dim(1)? / n.groups,
-                eps: n.eps as f32,
-                silu: n.silu,
-            })
-        })
-        .transpose()?;
-    x.apply_op1_no_bwd(&ChannelsLast { pad_r, pad_c, up, norm })
+    let norm = norm.map(|n| CopyNorm::of(&x, frames, n)).transpose()?;
+    x.apply_op1_no_bwd(&ChannelsLast { frames, pad_r, pad_c, up, norm, frame_tokens: false })
 }
 
-/// `xp` channels-last and padded (`n, rows_p, cols_padded, ci`) → `(n, co, rows·cols)`.
-fn convolve(xp: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras, geometry: Geometry, tile: Tile) -> Result<Tensor> {
+/// `xp` channels-last and padded (`n, rows_p, cols_padded, ci`) → `(n, co, rows·cols)`, or with
+/// `frames_out` `(n·rows, co, cols)` (rows are frames).
+fn convolve(xp: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras, geometry: Geometry, tile: Tile, frames_out: bool) -> Result<Tensor> {
     // cp.async reads 16-byte chunks: the weight must start on an 8-element boundary (a forced
     // copy starts at 0; `copy` would keep the offset).
     let w = w_taps.contiguous()?;
@@ -304,8 +351,8 @@ fn convolve(xp: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras, geometr
         })
         .transpose()
     };
-    let output = [n, co, geometry.rows, geometry.cols];
-    let op = ConvIgemm { geometry, tile, per_sample: held(extras.per_sample, &[n, co], "bias per sample")?, residual: held(extras.residual, &output, "residual")? };
+    let output = if frames_out { vec![n * geometry.rows, co, geometry.cols] } else { vec![n, co, geometry.rows, geometry.cols] };
+    let op = ConvIgemm { geometry, tile, frames_out, per_sample: held(extras.per_sample, &[n, co], "bias per sample")?, residual: held(extras.residual, &output, "residual")? };
     xp.apply_op3_no_bwd(&w, &bias.contiguous()?, &op)
 }
 
@@ -324,13 +371,19 @@ struct Geometry {
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct ChannelsLast {
+    /// Frames per video where `x (n·frames, c, h, w)` is read as `(n, c, frames, h·w)`; 1: `x` as it is.
+    frames: usize,
     pad_r: usize,
     pad_c: usize,
     up: usize,
     norm: Option<CopyNorm>,
+    /// The output as tokens across frames `(n, cols, rows, c)` (rows are frames; no padding),
+    /// not `(n, rows_p, cols_p, c)`.
+    frame_tokens: bool,
 }
 
-/// A group norm the channels-last copy applies: the statistics pass's sums `(n·groups, 2)` f64,
+/// A group norm the channels-last copy applies: the statistics pass's sums `(n·groups, 2)` f64
+/// (of the video where the copy reads frames),
 /// the affine weight and bias.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct CopyNorm {
@@ -342,10 +395,27 @@ struct CopyNorm {
     silu: bool,
 }
 
+impl CopyNorm {
+    /// `norm` of contiguous `x` (as `frames`-frame videos where `frames` > 1): its statistics
+    /// pass runs here.
+    fn of(x: &Tensor, frames: usize, norm: &Norm) -> Result<Self> {
+        Ok(Self {
+            sums: super::group_sums(x, frames, norm.groups)?,
+            weight: norm.weight.contiguous()?,
+            bias: norm.bias.contiguous()?,
+            channels_per_group: x.dim(1)? / norm.groups,
+            eps: norm.eps as f32,
+            silu: norm.silu,
+        })
+    }
+}
+
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct ConvIgemm {
     geometry: Geometry,
     tile: Tile,
+    /// The output (and residual) as frames `(n·rows, co, cols)`, not `(n, co, rows·cols)`.
+    frames_out: bool,
     /// `(n, co)`, added with the bias.
     per_sample: Option<Tensor>,
     /// The output's shape, added last.
@@ -395,10 +465,49 @@ mod imp {
         i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("implicit-GEMM convolution: {what} {v} exceeds i32")))
     }
 
+    /// conv_igemm.cuh's `CopyLayout`.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct CopyLayout {
+        in_sample: i64,
+        in_channel: i64,
+        in_row: i64,
+        out_sample: i64,
+        out_row: i64,
+        out_col: i64,
+    }
+
+    // SAFETY: plain numbers, laid out as the kernel's struct (#[repr(C)]).
+    unsafe impl DeviceRepr for CopyLayout {}
+
     pub fn channels_last<T: CudaDType + DeviceRepr>(dtype: &str, op: &ChannelsLast, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
-        let (n, c, rows, cols) = xl.shape().dims4()?;
+        let (nt, c, h, w) = xl.shape().dims4()?;
+        if op.frames == 0 || !nt.is_multiple_of(op.frames) {
+            candle_core::bail!("channels-last copy: {nt} frames are not videos of {}", op.frames);
+        }
+        // (n, c, rows, cols), and where the copy reads element (sample, channel, row, col).
+        let (n, c, rows, cols, input) = if op.frames == 1 {
+            (nt, c, h, w, [c * h * w, h * w, w])
+        } else {
+            (nt / op.frames, c, op.frames, h * w, [op.frames * c * h * w, h * w, c * h * w])
+        };
+        if op.frame_tokens && (op.pad_r, op.pad_c, op.up) != (0, 0, 1) {
+            candle_core::bail!("channels-last copy: tokens across frames are neither padded nor upsampled");
+        }
         let (x0, x1) = contiguous(xl, "x")?;
         let (rows_p, cols_p) = (rows * op.up + 2 * op.pad_r, cols * op.up + 2 * op.pad_c);
+        // Where it writes element (sample, row, col, channel): (n, rows_p, cols_p, c), or tokens
+        // across frames (n, cols, rows, c).
+        let output = if op.frame_tokens { [rows * cols * c, c, rows * c] } else { [rows_p * cols_p * c, cols_p * c, c] };
+        let long = |v: usize| i64::try_from(v).map_err(|_| candle_core::Error::Msg(format!("channels-last copy: stride {v} exceeds i64")));
+        let layout = CopyLayout {
+            in_sample: long(input[0])?,
+            in_channel: long(input[1])?,
+            in_row: long(input[2])?,
+            out_sample: long(output[0])?,
+            out_row: long(output[1])?,
+            out_col: long(output[2])?,
+        };
         let dev = x.device.clone();
         let xs = x.as_cuda_slice::<T>()?.slice(x0..x1);
         // SAFETY: the grid covers every (sample, row, column, channel) of the output once.
@@ -429,6 +538,7 @@ mod imp {
         builder.arg(&pad_r);
         builder.arg(&pad_c);
         builder.arg(&up);
+        builder.arg(&layout);
         arg_or_null(&mut builder, norm.as_ref().map(|n| &n.0));
         arg_or_null(&mut builder, norm.as_ref().map(|n| &n.1));
         arg_or_null(&mut builder, norm.as_ref().map(|n| &n.2));
@@ -437,13 +547,17 @@ mod imp {
         builder.arg(&silu);
         // SAFETY: arguments match `to_channels_last_*`; sizes from the layout above.
         unsafe { builder.launch(cfg) }.w()?;
-        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, rows_p, cols_p, c))))
+        let shape = if op.frame_tokens { Shape::from((n, cols, rows, c)) } else { Shape::from((n, rows_p, cols_p, c)) };
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
     }
 
     /// conv_igemm.cu's `ConvGeometry`.
     #[repr(C)]
     #[derive(Clone, Copy)]
     struct ConvGeometry {
+        out_sample: i64,
+        out_channel: i64,
+        out_row: i64,
         ci: i32,
         co: i32,
         samples: i32,
@@ -522,7 +636,13 @@ mod imp {
         // One dimension, the channel tiles fastest: blocks that read the same positions run together.
         let blocks = co.div_ceil(BLOCK_CHANNELS) * (n * positions).div_ceil(tile.positions());
         let cfg = LaunchConfig { grid_dim: (int(blocks, "blocks")? as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: shared as u32 };
+        // Where output (sample, channel, row, col) lies: (n, co, rows·cols), or frames (n·rows, co, cols).
+        let (out_sample, out_channel, out_row) = if op.frames_out { (g.rows * co * g.cols, g.cols, co * g.cols) } else { (co * positions, positions, g.cols) };
+        let long = |v: usize| i64::try_from(v).map_err(|_| candle_core::Error::Msg(format!("implicit-GEMM convolution: stride {v} exceeds i64")));
         let geometry = ConvGeometry {
+            out_sample: long(out_sample)?,
+            out_channel: long(out_channel)?,
+            out_row: long(out_row)?,
             ci: int(ci, "input channels")?,
             co: int(co, "output channels")?,
             samples: int(n, "samples")?,
@@ -545,7 +665,8 @@ mod imp {
         builder.arg(&geometry);
         // SAFETY: arguments match `conv_igemm_*`; every read stays inside the buffers checked above.
         unsafe { builder.launch(cfg) }.w()?;
-        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, co, positions))))
+        let shape = if op.frames_out { Shape::from((n * g.rows, co, g.cols)) } else { Shape::from((n, co, positions)) };
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
     }
 }
 
@@ -627,6 +748,26 @@ mod tests {
                 let e = rel(&got, &crate::temporal_conv_reference(&f(&normed), &f(&w3), &f(&b)).unwrap());
                 eprintln!("implicit-GEMM temporal conv of group norm + SiLU {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");
                 assert!(e < tol, "temporal conv of group norm + SiLU {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");
+                // A temporal block's convolution on frames: x as n videos of h frames (w·1 each),
+                // normalised as the video, output and residual as frames.
+                let as_frames = |t: &Tensor, c: usize| t.permute((0, 2, 1, 3)).unwrap().contiguous().unwrap().reshape((n * h, c, w, 1)).unwrap();
+                let (frames_x, frames_residual) = (as_frames(&x, ci), as_frames(&residual, co));
+                let frames_extras = Extras { per_sample: Some(&per_sample), residual: Some(&frames_residual) };
+                assert!(supported_frames(&frames_x, h, &taps_first(&w3).unwrap(), &b, Some(&norm)));
+                let got = temporal_conv_frames(&frames_x, h, &taps_first(&w3).unwrap(), &b, frames_extras, Some(&norm)).unwrap();
+                let want_video = (crate::temporal_conv_reference(&f(&normed), &f(&w3), &f(&b)).unwrap().broadcast_add(&f(&per_sample).reshape((n, co, 1, 1)).unwrap()).unwrap() + f(&residual)).unwrap();
+                let want_frames = as_frames(&want_video, co);
+                let e = rel(&got, &want_frames);
+                eprintln!("implicit-GEMM temporal conv on frames of group norm + SiLU + extras {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");
+                assert!(e < tol, "temporal conv on frames {dtype:?} {n}x{ci}x{h}x{w} -> {co}: {e:.2e}");
+                // Those frames normalised as the video into tokens across frames (n·w, h, ci), a
+                // temporal transformer's entry.
+                assert!(supported_frame_tokens(&frames_x, h, &plain));
+                let got = normalized_frame_tokens(&frames_x, h, &plain).unwrap();
+                let want_tokens = f(&plain.apply(&x).unwrap()).permute((0, 3, 2, 1)).unwrap().contiguous().unwrap().reshape((n * w, h, ci)).unwrap();
+                let e = rel(&got, &want_tokens);
+                eprintln!("group norm of frames into tokens across frames {dtype:?} {n}x{ci}x{h}x{w}: {e:.2e}");
+                assert!(e < tol, "group norm into tokens across frames {dtype:?} {n}x{ci}x{h}x{w}: {e:.2e}");
                 // Every tile shape and pipeline depth, with the extras (the default tile ran above).
                 for tile in Tile::ALL {
                     let got = conv3x3_on(&x, &taps_first(&wt).unwrap(), &b, extras, tile).unwrap();

@@ -4,7 +4,9 @@
 // passes give each block a stretch of one group, 16-byte accesses where the shape allows, and
 // work out the group's statistics once per thread, not per element.
 //
-// x: (n, c, s) contiguous, s = product of the trailing dimensions; groups divide c.
+// x: (n, c, s) contiguous, s = product of the trailing dimensions; groups divide c. The
+// statistics pass also reads groups that lie in several runs (GroupRuns: frames normalised as a
+// video), for a convolution's copy that normalises.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -30,17 +32,18 @@ template <typename T> struct alignas(16) Pack {
     T v[16 / sizeof(T)];
 };
 
-// Grid: (chunks per group, n·groups). sums: (n·groups, 2) zeroed f64, [Σx, Σx²] after a shift by
-// the group's first element (keeps Σx² − (Σx)²/N accurate when the mean is large).
+// Grid: (chunks per run, n·groups·runs). sums: (n·groups, 2) zeroed f64, [Σx, Σx²] after a
+// shift by the group's first element (keeps Σx² − (Σx)²/N accurate when the mean is large).
 template <typename T>
-__device__ void group_stats(const T* __restrict__ x, double* __restrict__ sums, size_t group_len, int packed) {
+__device__ void group_stats(const T* __restrict__ x, double* __restrict__ sums, const GroupRuns runs, int packed) {
     constexpr int V = 16 / sizeof(T);
-    const size_t group = blockIdx.y;
-    const T* g = x + group * group_len;
-    const float shift = load(g, 0);
+    const int64_t group = blockIdx.y / runs.runs, start = group_start(runs, group);
+    const float shift = load(x, start);
+    const T* g = x + start + (int64_t)(blockIdx.y % runs.runs) * runs.run_stride;
+    const size_t run_len = runs.run_len;
     float s = 0.f, ss = 0.f;
     const size_t begin = (size_t)blockIdx.x * CHUNK;
-    const size_t end = min(begin + CHUNK, group_len);
+    const size_t end = min(begin + CHUNK, run_len);
     if (packed) {
         for (size_t i = begin + threadIdx.x * V; i < end; i += THREADS * V) {
             const Pack<T> p = *reinterpret_cast<const Pack<T>*>(g + i);
@@ -84,7 +87,7 @@ __device__ __forceinline__ float activate(float v) {
     return SILU ? group_norm_silu(v) : v;
 }
 
-// Grid: (chunks per group, n·groups), as group_stats: a block normalises CHUNK elements of one
+// Grid: (chunks per group, n·groups), as group_stats' with one run per group: a block normalises CHUNK elements of one
 // group, whose mean and scale it works out once; a group's channels are consecutive planes of
 // s elements. `packed` (s a multiple of a pack): a pack never straddles two channels. SiLU is a
 // template parameter: a runtime choice inside the loop kept nvcc from storing whole packs.
@@ -136,9 +139,9 @@ __device__ void group_apply(const T* __restrict__ x, const T* __restrict__ w, co
 
 #define GROUP_NORM(NAME, T)                                                                                   \
     extern "C" __global__ void __launch_bounds__(THREADS) group_stats_##NAME(const T* x, double* sums,     \
-                                                                                size_t group_len,           \
+                                                                                GroupRuns runs,             \
                                                                                 int packed) {               \
-        group_stats(x, sums, group_len, packed);                                                            \
+        group_stats(x, sums, runs, packed);                                                                 \
     }                                                                                                       \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                   \
         group_apply_##NAME(const T* x, const T* w, const T* b, const double* sums, T* y, int c, size_t s,   \

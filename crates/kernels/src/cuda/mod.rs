@@ -132,9 +132,10 @@ pub fn group_norm(x: &Tensor, w: &Tensor, b: &Tensor, groups: usize, eps: f64, s
 /// The group norm's statistics of `x (n, c, …)` in `groups`: `(n·groups, 2)` f64, per group
 /// [Σ(x − x₀), Σ(x − x₀)²] with x₀ the group's first element (`group_norm.cuh`'s
 /// `group_moments` turns them into the mean and 1/σ): what a convolution that normalises its
-/// input in its channels-last copy reads.
-pub fn group_sums(x: &Tensor, groups: usize) -> Result<Tensor> {
-    x.contiguous()?.apply_op1_no_bwd(&GroupSums { groups })
+/// input in its channels-last copy reads. With `frames` > 1, `x (b·t, c, …)` (t = `frames`) is
+/// normalised as the video `(b, c, t, …)` it is: `(b·groups, 2)`, a group's elements read in t runs.
+pub fn group_sums(x: &Tensor, frames: usize, groups: usize) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&GroupSums { groups, frames })
 }
 
 /// Σ over taps of `w[tap] · x[:, :, offset[tap] .. offset[tap] + len]` for `x (n, ci, l)` and
@@ -263,6 +264,8 @@ struct GroupNorm {
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct GroupSums {
     groups: usize,
+    /// Frames per video: the leading dimension is `videos · frames`.
+    frames: usize,
 }
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -285,9 +288,9 @@ cuda_op!(CustomOp3 for GroupNorm, "dc-group-norm-cuda", |op, x, xl, w, wl, b, bl
 cuda_op!(CustomOp1 for GroupSums, "dc-group-sums", |op, x, xl| {
     use candle_core::backend::BackendStorage;
     match x.dtype() {
-        DType::F32 => imp::group_sums::<f32>("f32", op.groups, x, xl),
-        DType::F16 => imp::group_sums::<half::f16>("f16", op.groups, x, xl),
-        DType::BF16 => imp::group_sums::<half::bf16>("bf16", op.groups, x, xl),
+        DType::F32 => imp::group_sums::<f32>("f32", op, x, xl),
+        DType::F16 => imp::group_sums::<half::f16>("f16", op, x, xl),
+        DType::BF16 => imp::group_sums::<half::bf16>("bf16", op, x, xl),
         dt => candle_core::bail!("group sums: unsupported dtype {dt:?}"),
     }
 });
@@ -296,7 +299,7 @@ cuda_op!(CustomOp2 for ShiftedGemm, "dc-shifted-gemm", |op, x, xl, w, wl| imp::s
 
 #[cfg(feature = "cuda")]
 mod imp {
-    use super::{GroupNorm, ShiftedGemm};
+    use super::{GroupNorm, GroupSums, ShiftedGemm};
     use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::cublas::sys as cublas;
@@ -327,7 +330,7 @@ mod imp {
         let dims = xl.dims();
         let (n, c) = (dims[0], dims[1]);
         let s: usize = dims[2..].iter().product();
-        if c % op.groups != 0 || wl.shape().elem_count() != c || bl.shape().elem_count() != c {
+        if op.groups == 0 || c % op.groups != 0 || wl.shape().elem_count() != c || bl.shape().elem_count() != c {
             candle_core::bail!("group norm: {c} channels, {} groups, weight {:?}, bias {:?}", op.groups, wl.shape(), bl.shape());
         }
         let ((x0, x1), (w0, w1), (b0, b1)) = (contiguous(xl, "x")?, contiguous(wl, "weight")?, contiguous(bl, "bias")?);
@@ -337,7 +340,7 @@ mod imp {
         let bs = b.as_cuda_slice::<T>()?.slice(b0..b1);
         let cpg = c / op.groups;
         let total = n * c * s;
-        let (sums, cfg, packed) = stats::<T>(&dev, suffix, &xs, x0, n, op.groups, cpg * s, s)?;
+        let (sums, cfg, packed) = stats::<T>(&dev, suffix, &xs, x0, n, GroupRuns::of(c, op.groups, s, 1)?, s)?;
 
         // SAFETY: `group_apply_*` writes every element (the same grid).
         let y = unsafe { dev.alloc::<T>(total)? };
@@ -360,33 +363,56 @@ mod imp {
         Ok((CudaStorage::wrap_cuda_slice(y, dev), xl.shape().clone()))
     }
 
-    /// group_stats's pass over `xs` (n, c, s) in `groups` of `group_len` elements: the sums, and
-    /// the grid and packing both passes use (a block per CHUNK elements of a group, (chunks,
-    /// n·groups); 16-byte packs where a plane is whole packs and x starts on a pack).
-    #[allow(clippy::too_many_arguments)]
-    fn stats<T: CudaDType + DeviceRepr>(
-        dev: &CudaDevice,
-        suffix: &str,
-        xs: &CudaView<'_, T>,
-        x0: usize,
-        n: usize,
-        groups: usize,
-        group_len: usize,
-        s: usize,
-    ) -> Result<(CudaSlice<f64>, LaunchConfig, i32)> {
-        if n * groups > 65535 || group_len == 0 {
-            candle_core::bail!("group norm: {n}·{groups} groups of {group_len} elements are outside the kernels' grid");
+    /// group_norm.cuh's `GroupRuns`: where a group's elements lie.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct GroupRuns {
+        run_len: i64,
+        sample_stride: i64,
+        group_stride: i64,
+        run_stride: i64,
+        runs: i32,
+        groups: i32,
+    }
+
+    // SAFETY: plain numbers, laid out as the kernel's struct (#[repr(C)], same field order).
+    unsafe impl DeviceRepr for GroupRuns {}
+
+    impl GroupRuns {
+        /// `groups` of `c` channels of planes of `s` over `frames` (n·frames, c, s) read as the
+        /// video (n, c, frames, s): a run per frame (one for contiguous (n, c, s), frames = 1).
+        fn of(c: usize, groups: usize, s: usize, frames: usize) -> Result<Self> {
+            let i = |v: usize| i64::try_from(v).map_err(|_| candle_core::Error::Msg(format!("group norm: {v} elements exceed i64")));
+            let run_len = c / groups * s;
+            Ok(Self {
+                run_len: i(run_len)?,
+                sample_stride: i(frames * c * s)?,
+                group_stride: i(run_len)?,
+                run_stride: i(c * s)?,
+                runs: i32::try_from(frames).map_err(|_| candle_core::Error::Msg(format!("group norm: {frames} frames")))?,
+                groups: i32::try_from(groups).map_err(|_| candle_core::Error::Msg(format!("group norm: {groups} groups")))?,
+            })
+        }
+    }
+
+    /// group_stats's pass over `xs`, `n` samples of `runs` (a run per block row, CHUNK elements
+    /// per block): the sums `(n·groups, 2)`, and the grid and packing the apply pass shares
+    /// (one run per group: a block per CHUNK elements of a group, (chunks, n·groups)); 16-byte
+    /// packs where a plane of `s` is whole packs and x starts on a pack.
+    fn stats<T: CudaDType + DeviceRepr>(dev: &CudaDevice, suffix: &str, xs: &CudaView<'_, T>, x0: usize, n: usize, runs: GroupRuns, s: usize) -> Result<(CudaSlice<f64>, LaunchConfig, i32)> {
+        let (groups, block_rows) = (runs.groups as usize, n * runs.groups as usize * runs.runs as usize);
+        if block_rows > 65535 || runs.run_len == 0 {
+            candle_core::bail!("group norm: {block_rows} runs of {} elements are outside the kernels' grid", runs.run_len);
         }
         let sums = dev.alloc_zeros::<f64>(2 * n * groups)?;
-        let cfg = LaunchConfig { grid_dim: (group_len.div_ceil(CHUNK) as u32, (n * groups) as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig { grid_dim: ((runs.run_len as usize).div_ceil(CHUNK) as u32, block_rows as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
         let per_pack = 16 / std::mem::size_of::<T>();
         let packed = (s.is_multiple_of(per_pack) && x0.is_multiple_of(per_pack)) as i32;
         let func = dev.get_or_load_custom_func(&format!("group_stats_{suffix}"), "dynamicrafter_group_norm", GROUP_NORM_PTX)?;
-        let gl = group_len as u64;
         let mut builder = func.builder();
         builder.arg(xs);
         builder.arg(&sums);
-        builder.arg(&gl);
+        builder.arg(&runs);
         builder.arg(&packed);
         // SAFETY: arguments match `group_stats_*`; the grid covers every element once.
         unsafe { builder.launch(cfg) }.w()?;
@@ -394,18 +420,18 @@ mod imp {
     }
 
     /// The sums alone (`super::group_sums`).
-    pub fn group_sums<T: CudaDType + DeviceRepr>(suffix: &str, groups: usize, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+    pub fn group_sums<T: CudaDType + DeviceRepr>(suffix: &str, op: &GroupSums, x: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
         let dims = xl.dims();
-        if dims.len() < 2 || groups == 0 || !dims[1].is_multiple_of(groups) {
-            candle_core::bail!("group sums: {:?} in {groups} groups", xl.shape());
+        if dims.len() < 2 || op.groups == 0 || !dims[1].is_multiple_of(op.groups) || op.frames == 0 || !dims[0].is_multiple_of(op.frames) {
+            candle_core::bail!("group sums: {:?} in {} groups, {} frames per video", xl.shape(), op.groups, op.frames);
         }
-        let (n, c) = (dims[0], dims[1]);
+        let (n, c) = (dims[0] / op.frames, dims[1]);
         let s: usize = dims[2..].iter().product();
         let (x0, x1) = contiguous(xl, "x")?;
         let dev = x.device.clone();
         let xs = x.as_cuda_slice::<T>()?.slice(x0..x1);
-        let (sums, _, _) = stats::<T>(&dev, suffix, &xs, x0, n, groups, c / groups * s, s)?;
-        Ok((CudaStorage::wrap_cuda_slice(sums, dev), Shape::from((n * groups, 2))))
+        let (sums, _, _) = stats::<T>(&dev, suffix, &xs, x0, n, GroupRuns::of(c, op.groups, s, op.frames)?, s)?;
+        Ok((CudaStorage::wrap_cuda_slice(sums, dev), Shape::from((n * op.groups, 2))))
     }
 
     fn cuda_type(dt: DType) -> Result<cublas::cudaDataType> {

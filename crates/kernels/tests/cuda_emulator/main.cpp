@@ -12,6 +12,7 @@
 #include "emulator.h"
 #include "../../src/cuda/attention.cuh"
 #include "../../src/cuda/conv_igemm.cuh"
+#include "../../src/cuda/group_norm.cuh"
 #include "../../src/cuda/permute.cuh"
 
 #define ATTENTION_KERNELS(PREFIX, NAME, T)                                                                  \
@@ -33,7 +34,7 @@ WIDE_ATTENTION_KERNELS(f16, __half)
 WIDE_ATTENTION_KERNELS(bf16, __nv_bfloat16)
 
 #define NORM_AND_EPILOGUE_KERNELS(NAME, T)                                                                  \
-    extern "C" void group_stats_##NAME(const T*, double*, size_t, int);                                    \
+    extern "C" void group_stats_##NAME(const T*, double*, GroupRuns, int);                                 \
     extern "C" void group_apply_##NAME(const T*, const T*, const T*, const double*, T*, int, size_t, int,  \
                                        float, int, int);                                                    \
     extern "C" void bias_rows_##NAME(const T*, const T*, const T*, T*, size_t, int, int);                  \
@@ -45,8 +46,8 @@ WIDE_ATTENTION_KERNELS(bf16, __nv_bfloat16)
 #define CONV_TILE(NAME, T, BN, STAGES)                                                                      \
     extern "C" void conv_igemm_##BN##_s##STAGES##_##NAME(const T*, const T*, const T*, const T*, const T*, T*, ConvGeometry);
 #define CONV_KERNELS(NAME, T)                                                                               \
-    extern "C" void to_channels_last_##NAME(const T*, T*, int, int, int, int, int, int, const double*, const T*, \
-                                            const T*, int, float, int);                                     \
+    extern "C" void to_channels_last_##NAME(const T*, T*, int, int, int, int, int, int, CopyLayout, const double*, \
+                                            const T*, const T*, int, float, int);                           \
     CONV_TILE(NAME, T, 128, 2)                                                                              \
     CONV_TILE(NAME, T, 128, 3)                                                                              \
     CONV_TILE(NAME, T, 128, 4)                                                                              \
@@ -225,7 +226,7 @@ void attention(const AttentionKernels& kernels) {
 // ---- group norm (src/cuda/mod.rs: 256 threads, statistics blocks of 256·16 elements)
 
 template <typename T>
-using GroupStats = void (*)(const T*, double*, size_t, int);
+using GroupStats = void (*)(const T*, double*, GroupRuns, int);
 template <typename T>
 using GroupApply = void (*)(const T*, const T*, const T*, const double*, T*, int, size_t, int, float, int, int);
 
@@ -240,7 +241,8 @@ void group_norm_case(GroupStats<T> stats, GroupApply<T> apply, int n, int c, int
     std::vector<double> sums(2 * n * groups, 0.0);
     const float eps = 1e-6f;
     const dim3 grid{(unsigned)((group_len + CHUNK - 1) / CHUNK), (unsigned)(n * groups), 1};
-    emu::launch(grid, dim3{THREADS, 1, 1}, [&] { stats(x.data(), sums.data(), group_len, packed); });
+    const GroupRuns runs{(int64_t)group_len, (int64_t)(c * s), (int64_t)group_len, 0, 1, groups};
+    emu::launch(grid, dim3{THREADS, 1, 1}, [&] { stats(x.data(), sums.data(), runs, packed); });
     emu::launch(grid, dim3{THREADS, 1, 1},
                 [&] { apply(x.data(), w.data(), b.data(), sums.data(), y.data(), c, s, (int)cpg, eps, silu, packed); });
     double err = 0, norm = 0;
@@ -447,7 +449,8 @@ template <typename T>
 using ConvKernel = void (*)(const T*, const T*, const T*, const T*, const T*, T*, ConvGeometry);
 
 template <typename T>
-using ToChannelsLast = void (*)(const T*, T*, int, int, int, int, int, int, const double*, const T*, const T*, int, float, int);
+using ToChannelsLast = void (*)(const T*, T*, int, int, int, int, int, int, CopyLayout, const double*, const T*, const T*, int,
+                                float, int);
 
 // What runs before a convolution: its channels-last copy, and the group norm's statistics pass
 // for a copy that normalises (group_norm.cu's, as the launcher runs it).
@@ -468,10 +471,13 @@ struct ConvTile {
 // A 3×3 convolution (padding 1) when `spatial`, else the temporal (3, 1, 1) one (padding 1 in
 // rows), of an input of in_rows × in_cols: upsampled 2× (nearest) in the channels-last copy when
 // `up` is 2, read at every `stride`-th position (2: the downsampling convolutions), with a bias
-// per sample and channel and a residual added when `extras`.
+// per sample and channel and a residual added when `extras`. With `frames` the input, residual and
+// output are frames (n·rows, c, cols), read and written as (n, c, rows, cols) (a temporal
+// convolution in the frames layout around it).
 template <typename T>
 void conv_case(const ConvInput<T>& input, const ConvTile<T>& tile, bool spatial, bool extras, int n, int ci, int co,
-               int in_rows, int in_cols, double tolerance, int up = 1, int stride = 1, int groups = 0, bool silu = false) {
+               int in_rows, int in_cols, double tolerance, int up = 1, int stride = 1, int groups = 0, bool silu = false,
+               bool frames = false) {
     const int pad_r = 1, pad_c = spatial ? 1 : 0, kh = 3, kw = spatial ? 3 : 1, taps = kh * kw;
     const int rows_p = in_rows * up + 2 * pad_r, cols_p = in_cols * up + 2 * pad_c, plane_p = rows_p * cols_p;
     const int rows = (rows_p - kh) / stride + 1, cols = (cols_p - kw) / stride + 1;
@@ -479,19 +485,30 @@ void conv_case(const ConvInput<T>& input, const ConvTile<T>& tile, bool spatial,
     Buffer<T> x = random_buffer<T>((size_t)n * ci * in_rows * in_cols), w = random_buffer<T>((size_t)taps * co * ci, 0.f, 0.1f),
               bias = random_buffer<T>(co), xp((size_t)n * plane_p * ci), out((size_t)n * co * positions),
               sample_bias = random_buffer<T>((size_t)n * co), residual = random_buffer<T>((size_t)n * co * positions);
-    // With `groups`: x group-normalised (+ SiLU) in the copy, from group_stats's sums.
+    // Element (sample, channel, row, col) of the input and of the output (and residual).
+    const int64_t out_plane = (int64_t)plane_p * ci;
+    const CopyLayout at = frames ? CopyLayout{(int64_t)in_rows * ci * in_cols, in_cols, (int64_t)ci * in_cols, out_plane, (int64_t)cols_p * ci, ci}
+                                 : CopyLayout{(int64_t)ci * in_rows * in_cols, (int64_t)in_rows * in_cols, in_cols, out_plane, (int64_t)cols_p * ci, ci};
+    auto x_at = [&](int s, int ch, int r, int c) { return s * at.in_sample + ch * at.in_channel + r * at.in_row + c; };
+    auto out_at = [&](int s, int o, int r, int c) {
+        return frames ? (((size_t)s * rows + r) * co + o) * cols + c : (((size_t)s * co + o) * rows + r) * cols + c;
+    };
+    // With `groups`: x group-normalised (+ SiLU) in the copy, from group_stats's sums (frames: one
+    // run of a group per frame).
     const int cpg = groups ? ci / groups : 1;
     const size_t plane = (size_t)in_rows * in_cols, group_len = (size_t)cpg * plane;
     std::vector<double> sums(2 * (size_t)n * (groups ? groups : 1), 0.0);
     Buffer<T> gamma = random_buffer<T>(ci, 1.f, 0.2f), beta = random_buffer<T>(ci, 0.f, 0.2f);
     if (groups) {
-        const int packed = plane % (16 / sizeof(T)) == 0;
-        emu::launch(dim3{(unsigned)((group_len + 4095) / 4096), (unsigned)(n * groups), 1}, dim3{256, 1, 1},
-                    [&] { input.group_stats(x.data(), sums.data(), group_len, packed); });
+        const GroupRuns runs = frames ? GroupRuns{(int64_t)cpg * in_cols, at.in_sample, (int64_t)cpg * in_cols, at.in_row, in_rows, groups}
+                                      : GroupRuns{(int64_t)group_len, at.in_sample, (int64_t)group_len, 0, 1, groups};
+        const int packed = (frames ? in_cols : plane) % (16 / sizeof(T)) == 0;
+        emu::launch(dim3{(unsigned)((runs.run_len + 4095) / 4096), (unsigned)(n * groups * runs.runs), 1}, dim3{256, 1, 1},
+                    [&] { input.group_stats(x.data(), sums.data(), runs, packed); });
     }
     const float eps = 1e-5f;
     emu::launch(dim3{(unsigned)((cols_p + 31) / 32), (unsigned)((ci + 31) / 32), (unsigned)(n * rows_p)}, dim3{32, 8, 1}, [&] {
-        input.to_channels_last(x.data(), xp.data(), ci, in_rows, in_cols, pad_r, pad_c, up, groups ? sums.data() : nullptr,
+        input.to_channels_last(x.data(), xp.data(), ci, in_rows, in_cols, pad_r, pad_c, up, at, groups ? sums.data() : nullptr,
                                gamma.data(), beta.data(), cpg, eps, silu);
     });
     // What the products read: x, or x normalised (statistics in double, from x itself) and
@@ -501,21 +518,27 @@ void conv_case(const ConvInput<T>& input, const ConvTile<T>& tile, bool spatial,
     if (groups) {
         for (int s = 0; s < n; ++s)
             for (int g = 0; g < groups; ++g) {
-                const size_t first = ((size_t)s * ci + (size_t)g * cpg) * plane;
                 double sum = 0, sq = 0;
-                for (size_t e = 0; e < group_len; ++e) sum += float(x[first + e]);
+                auto each = [&](auto visit) {
+                    for (int ch = g * cpg; ch < (g + 1) * cpg; ++ch)
+                        for (int r = 0; r < in_rows; ++r)
+                            for (int c = 0; c < in_cols; ++c) visit(ch, x_at(s, ch, r, c));
+                };
+                each([&](int, size_t e) { sum += float(x[e]); });
                 const double mean = sum / group_len;
-                for (size_t e = 0; e < group_len; ++e) sq += (float(x[first + e]) - mean) * (float(x[first + e]) - mean);
+                each([&](int, size_t e) { sq += (float(x[e]) - mean) * (float(x[e]) - mean); });
                 const float rstd = float(1.0 / std::sqrt(sq / group_len + eps));
-                for (size_t e = 0; e < group_len; ++e) {
-                    const int ch = g * cpg + (int)(e / plane);
-                    float y = (float(x[first + e]) - float(mean)) * rstd * float(gamma[ch]) + float(beta[ch]);
+                each([&](int ch, size_t e) {
+                    float y = (float(x[e]) - float(mean)) * rstd * float(gamma[ch]) + float(beta[ch]);
                     if (silu) y = y / (1.f + std::exp(-y));
-                    input_value[first + e] = float(T(y));
-                }
+                    input_value[e] = float(T(y));
+                });
             }
     }
-    const ConvGeometry g{ci, co, n, rows, cols, plane_p, cols_p, taps, kw, cols_p, stride};
+    const ConvGeometry g = frames ? ConvGeometry{(int64_t)rows * co * cols, cols, (int64_t)co * cols, ci, co, n, rows, cols, plane_p,
+                                                 cols_p, taps, kw, cols_p, stride}
+                                  : ConvGeometry{(int64_t)co * rows * cols, (int64_t)rows * cols, cols, ci, co, n, rows, cols,
+                                                 plane_p, cols_p, taps, kw, cols_p, stride};
     // The launcher's grid: channel tiles fastest, then tiles of positions across samples.
     const unsigned co_tiles = (co + 127) / 128, position_tiles = (unsigned)((n * positions + tile.positions - 1) / tile.positions);
     emu::launch(dim3{co_tiles * position_tiles, 1, 1}, dim3{256, 1, 1}, [&] {
@@ -530,24 +553,23 @@ void conv_case(const ConvInput<T>& input, const ConvTile<T>& tile, bool spatial,
                     double want = float(bias[o]);
                     if (extras) {
                         want += float(sample_bias[(size_t)s * co + o]);
-                        want += float(residual[((size_t)s * co + o) * positions + (size_t)r * cols + c]);
+                        want += float(residual[out_at(s, o, r, c)]);
                     }
                     for (int t = 0; t < taps; ++t) {
                         // In the (upsampled) input, before padding.
                         const int rr = r * stride + t / kw - pad_r, cc = c * stride + t % kw - pad_c;
                         if (rr < 0 || rr >= in_rows * up || cc < 0 || cc >= in_cols * up) continue;
                         for (int i = 0; i < ci; ++i)
-                            want += double(float(w[((size_t)t * co + o) * ci + i])) *
-                                    input_value[(((size_t)s * ci + i) * in_rows + rr / up) * in_cols + cc / up];
+                            want += double(float(w[((size_t)t * co + o) * ci + i])) * input_value[x_at(s, i, rr / up, cc / up)];
                     }
-                    const double got = float(out[((size_t)s * co + o) * positions + (size_t)r * cols + c]);
+                    const double got = float(out[out_at(s, o, r, c)]);
                     err += (got - want) * (got - want);
                     norm += want * want;
                 }
     const double rel = std::sqrt(err / norm);
-    char detail[260];
-    std::snprintf(detail, sizeof detail, "%s %s%s%s%s%s n=%d ci=%d co=%d %dx%d relative error %.2e (bound %.0e)%s%s",
-                  tile.name, spatial ? "3x3" : "temporal", up == 2 ? " of the 2x upsampled input" : "",
+    char detail[280];
+    std::snprintf(detail, sizeof detail, "%s %s%s%s%s%s%s n=%d ci=%d co=%d %dx%d relative error %.2e (bound %.0e)%s%s",
+                  tile.name, spatial ? "3x3" : "temporal", frames ? " in frames" : "", up == 2 ? " of the 2x upsampled input" : "",
                   stride == 2 ? " stride 2" : "", groups ? (silu ? " of group norm + SiLU" : " of group norm") : "",
                   extras ? " + sample bias + residual" : "", n, ci, co, rows, cols, rel,
                   tolerance, xp.guards_intact() ? "" : ", wrote outside the channels-last copy",
@@ -556,8 +578,67 @@ void conv_case(const ConvInput<T>& input, const ConvTile<T>& tile, bool spatial,
            std::isfinite(rel) && rel < tolerance && xp.guards_intact() && out.guards_intact(), detail);
 }
 
+// The copy without a convolution: x group-normalised (no SiLU) into tokens, a transformer's entry.
+// Spatial: x (n, c, rows, cols) → (n, rows·cols, c). Across frames: frames x (n·rows, c, cols),
+// normalised as the video, → (n, cols, rows, c) (a temporal transformer's (b·h·w, t, c)).
+template <typename T>
+void tokens_case(const ConvInput<T>& input, bool across_frames, int n, int c, int groups, int rows, int cols, double tolerance) {
+    const size_t total = (size_t)n * c * rows * cols;
+    Buffer<T> x = random_buffer<T>(total, 3.f, 2.f), out(total);
+    Buffer<T> gamma = random_buffer<T>(c, 1.f, 0.2f), beta = random_buffer<T>(c, 0.f, 0.2f);
+    const int cpg = c / groups;
+    const int64_t plane = (int64_t)rows * cols;
+    const CopyLayout at = across_frames ? CopyLayout{plane * c, cols, (int64_t)c * cols, plane * c, c, (int64_t)rows * c}
+                                        : CopyLayout{plane * c, plane, cols, plane * c, (int64_t)cols * c, c};
+    auto x_at = [&](int s, int ch, int r, int col) { return s * at.in_sample + ch * at.in_channel + r * at.in_row + col; };
+    const GroupRuns runs = across_frames ? GroupRuns{(int64_t)cpg * cols, at.in_sample, (int64_t)cpg * cols, at.in_row, rows, groups}
+                                         : GroupRuns{cpg * plane, at.in_sample, cpg * plane, 0, 1, groups};
+    std::vector<double> sums(2 * (size_t)n * groups, 0.0);
+    const int packed = (across_frames ? cols : plane) % (16 / sizeof(T)) == 0;
+    emu::launch(dim3{(unsigned)((runs.run_len + 4095) / 4096), (unsigned)(n * groups * runs.runs), 1}, dim3{256, 1, 1},
+                [&] { input.group_stats(x.data(), sums.data(), runs, packed); });
+    const float eps = 1e-6f;
+    emu::launch(dim3{(unsigned)((cols + 31) / 32), (unsigned)((c + 31) / 32), (unsigned)(n * rows)}, dim3{32, 8, 1}, [&] {
+        input.to_channels_last(x.data(), out.data(), c, rows, cols, 0, 0, 1, at, sums.data(), gamma.data(), beta.data(), cpg, eps, 0);
+    });
+    double err = 0, norm = 0;
+    for (int s = 0; s < n; ++s)
+        for (int g = 0; g < groups; ++g) {
+            double sum = 0, sq = 0;
+            for (int ch = g * cpg; ch < (g + 1) * cpg; ++ch)
+                for (int r = 0; r < rows; ++r)
+                    for (int col = 0; col < cols; ++col) sum += float(x[x_at(s, ch, r, col)]);
+            const double mean = sum / (cpg * plane);
+            for (int ch = g * cpg; ch < (g + 1) * cpg; ++ch)
+                for (int r = 0; r < rows; ++r)
+                    for (int col = 0; col < cols; ++col) sq += std::pow(float(x[x_at(s, ch, r, col)]) - mean, 2);
+            const double rstd = 1.0 / std::sqrt(sq / (cpg * plane) + eps);
+            for (int ch = g * cpg; ch < (g + 1) * cpg; ++ch)
+                for (int r = 0; r < rows; ++r)
+                    for (int col = 0; col < cols; ++col) {
+                        const double want = (float(x[x_at(s, ch, r, col)]) - mean) * rstd * float(gamma[ch]) + float(beta[ch]);
+                        const size_t o = across_frames ? (((size_t)s * cols + col) * rows + r) * c + ch : (((size_t)s * rows + r) * cols + col) * c + ch;
+                        const double got = float(out[o]);
+                        err += (got - want) * (got - want);
+                        norm += want * want;
+                    }
+        }
+    const double rel = std::sqrt(err / norm);
+    char detail[200];
+    std::snprintf(detail, sizeof detail, "group norm into tokens%s n=%d c=%d groups=%d %dx%d relative error %.2e (bound %.0e)%s",
+                  across_frames ? " across frames" : "", n, c, groups, rows, cols, rel, tolerance,
+                  out.guards_intact() ? "" : ", wrote outside its output");
+    report(std::string("channels-last copy ") + dtype_name<T>(), std::isfinite(rel) && rel < tolerance && out.guards_intact(), detail);
+}
+
 template <typename T>
 void convolutions(const ConvInput<T>& input, const std::vector<ConvTile<T>>& tiles, double tolerance) {
+    // A transformer's entry: spatial, and across frames (frames of whole packs and not, more
+    // channels than a block's 32, frames past a block's 32 columns).
+    tokens_case<T>(input, false, 2, 64, 32, 5, 9, tolerance);
+    tokens_case<T>(input, true, 2, 64, 32, 5, 24, tolerance);
+    tokens_case<T>(input, true, 3, 96, 32, 16, 37, tolerance);
+    tokens_case<T>(input, true, 1, 32, 8, 3, 40, tolerance);
     for (const ConvTile<T>& tile : tiles) {
         // Partial tiles in both GEMM dimensions, several of each, rows of the image and samples
         // across a tile, an odd number of positions per sample (no paired stores).
@@ -579,6 +660,13 @@ void convolutions(const ConvInput<T>& input, const std::vector<ConvTile<T>>& til
     conv_case<T>(input, tile, true, true, 2, 64, 48, 5, 8, tolerance, 1, 1, 8, true);
     conv_case<T>(input, tile, true, false, 3, 96, 40, 5, 7, tolerance, 1, 1, 32, false);
     conv_case<T>(input, tile, false, true, 2, 64, 40, 4, 24, tolerance, 1, 1, 16, true);
+    // A temporal block's convolutions on frames (n·t, c, s), normalised as the video: frames of
+    // whole packs and not, odd frame sizes (no paired stores), with and without the extras.
+    for (const ConvTile<T>& tile : tiles) {
+        conv_case<T>(input, tile, false, true, 2, 64, 40, 5, 24, tolerance, 1, 1, 16, true, true);
+        conv_case<T>(input, tile, false, false, 3, 32, 130, 4, 9, tolerance, 1, 1, 8, false, true);
+    }
+    conv_case<T>(input, tile, false, true, 1, 96, 48, 6, 15, tolerance, 1, 1, 0, false, true);
 }
 
 

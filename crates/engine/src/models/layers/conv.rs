@@ -223,6 +223,25 @@ impl TemporalConv {
             _ => self.forward_with(&norm.apply(xs)?, extras),
         }
     }
+
+    /// Whether [`forward_frames_normed`](Self::forward_frames_normed) takes frames `xs (b·t, c,
+    /// h, w)` (`frames` = t) with `norm` without permutes (CUDA's implicit GEMM).
+    pub fn takes_frames(&self, xs: &Tensor, frames: usize, norm: &ConvNorm) -> bool {
+        match self {
+            Self::Taps { taps, bias } => dynamicrafter_kernels::temporal_conv_frames_supported(xs, frames, norm, taps, bias),
+            _ => false,
+        }
+    }
+
+    /// [`forward_normed`](Self::forward_normed) of a video held as frames `xs (b·t, c, h, w)`
+    /// (`frames` = t), output and residual likewise. Only where
+    /// [`takes_frames`](Self::takes_frames) says so: elsewhere it permutes both ways.
+    pub fn forward_frames_normed(&self, xs: &Tensor, frames: usize, norm: &ConvNorm, extras: ConvExtras) -> Result<Tensor> {
+        match self {
+            Self::Taps { taps, bias } => dynamicrafter_kernels::temporal_conv_taps_frames_normed(xs, frames, norm, taps, bias, extras),
+            _ => candle_core::bail!("temporal conv: frames in, frames out only on CUDA's implicit GEMM"),
+        }
+    }
 }
 
 /// A temporal conv from `c` to `c` channels, stored `[c, c, 3, 1, 1]`.
