@@ -86,11 +86,12 @@ for size in 512 256; do
 done
 step ops-1024 60 "$BIN/dynamicrafter-bench" --device cuda ops-1024 --runs 3
 # The kernels' other shapes on the whole forward (ops-1024 times each on its own): the implicit
-# GEMM's tiles and pipeline depths (the default is 128x128s4), the attention shapes before the
+# GEMM's tiles and pipeline depths (by default 128x128s4, 64x256s3 at 320 channels; each here
+# for every convolution), the attention shapes before the
 # short and wide kernels, the group norms as passes of their own instead of in the convolutions'
 # input copies, the temporal blocks and temporal transformers' entries between permutes instead
 # of on frames.
-step bench-unet-variants 210 bash -c "for tile in 128x128s2 128x128s3 128x256s3; do DYNAMICRAFTER_CONV_IGEMM_TILE=\$tile '$BIN/dynamicrafter-bench' --device cuda unet-1024 --runs 2; done; DYNAMICRAFTER_FLASH_ATTENTION=2 '$BIN/dynamicrafter-bench' --device cuda unet-1024 --runs 2; DYNAMICRAFTER_CONV_NORM=0 '$BIN/dynamicrafter-bench' --device cuda unet-1024 --runs 2; DYNAMICRAFTER_CUDA_FRAMES=0 '$BIN/dynamicrafter-bench' --device cuda unet-1024 --runs 2"
+step bench-unet-variants 240 bash -c "for tile in 128x128s4 128x128s2 128x256s3 64x256s3; do DYNAMICRAFTER_CONV_IGEMM_TILE=\$tile '$BIN/dynamicrafter-bench' --device cuda unet-1024 --runs 2; done; DYNAMICRAFTER_FLASH_ATTENTION=2 '$BIN/dynamicrafter-bench' --device cuda unet-1024 --runs 2; DYNAMICRAFTER_CONV_NORM=0 '$BIN/dynamicrafter-bench' --device cuda unet-1024 --runs 2; DYNAMICRAFTER_CUDA_FRAMES=0 '$BIN/dynamicrafter-bench' --device cuda unet-1024 --runs 2"
 # Graphs in the pipeline (DYNAMICRAFTER_CUDA_GRAPH=1, off by default): its tests on the
 # fixtures, then whole runs to hold against bench-pipeline-256/512.
 step pipeline-tests-graph 60 env DYNAMICRAFTER_CUDA_GRAPH=1 "$BIN/pipeline" --nocapture --test-threads 1

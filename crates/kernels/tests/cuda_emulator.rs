@@ -61,7 +61,7 @@ fn cuda_kernels_compute_the_reference_in_the_emulator() {
     eprintln!("{stdout}");
     assert!(!failed, "kernels failed in the emulator:\n{}", stdout.lines().filter(|l| !l.starts_with("ok")).collect::<Vec<_>>().join("\n"));
     // Every kernel family ran (a harness that skipped one would also "pass").
-    for family in ["conv_igemm ", "flash_attention ", "flash_attention2 ", "flash_attention2w ", "flash_attention_short ", "group norm ", "bias_rows", "geglu_bias", "bias_channels", "conv_bias", "permute_bias_add", "add_layer_norm", "permute rows", "permute tiles"] {
+    for family in ["conv_igemm ", "channels-last copy ", "flash_attention ", "flash_attention2 ", "flash_attention2w ", "flash_attention_short ", "group norm ", "bias_rows", "geglu_bias", "bias_channels", "conv_bias", "permute_bias_add", "add_layer_norm", "permute rows", "permute tiles"] {
         assert!(stdout.lines().any(|l| l.starts_with("ok") && l.contains(family)), "no passing case of {family} in the emulator's output");
     }
 }

@@ -378,7 +378,8 @@ impl Backend {
             let (tile, unknown) = dynamicrafter_kernels::ConvTile::setting();
             let names: Vec<&str> = dynamicrafter_kernels::ConvTile::ALL.iter().map(|t| t.name()).collect();
             let note = unknown.map(|name| format!(" (DYNAMICRAFTER_CONV_IGEMM_TILE={name} names none of {})", names.join(", "))).unwrap_or_default();
-            out.insert("conv tile".into(), format!("{}{note}", tile.name()));
+            let by_channels = || format!("{}, {} for an odd multiple of 64 channels", dynamicrafter_kernels::ConvTile::for_channels(128).name(), dynamicrafter_kernels::ConvTile::for_channels(64).name());
+            out.insert("conv tile".into(), format!("{}{note}", tile.map_or_else(by_channels, |t| t.name().to_string())));
         }
         match self.stacked_qkv.load(Ordering::Relaxed) {
             0 => {}

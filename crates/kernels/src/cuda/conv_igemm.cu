@@ -23,8 +23,9 @@
 // one contiguous row, so a shifted tap is a shift by whole rows and every row stays 16-byte
 // aligned for cp.async and ldmatrix.
 //
-// A block computes 128 channels × BN positions (128 or 256) with 8 warps (2 along M × 4 along N,
-// 64 × BN/4 each: mma tiles of 16×8). K advances 32 input channels of one tap per stage; STAGES
+// A block computes BM channels × BN positions (128 × 128, 128 × 256, or 64 × 256 where the
+// channels are an odd multiple of 64, the first level's 320) with 8 warps (2 along M × 4 along N,
+// BM/2 × BN/4 each: mma tiles of 16×8). K advances 32 input channels of one tap per stage; STAGES
 // buffers of shared memory, up to STAGES - 1 of them in flight by cp.async while the warps
 // compute, one barrier per stage. The grid is one-dimensional with the channel tiles fastest, so
 // the blocks that read the same input positions run together and share it in L2.
@@ -42,7 +43,6 @@ extern __shared__ __align__(128) unsigned char dynamic_smem[];
 
 namespace {
 
-constexpr int BM = 128;       // output channels per block
 constexpr int BC = 32;        // input channels per stage
 constexpr int LDS = BC + 8;   // shared row: 80 bytes, so the 8 rows of an ldmatrix hit distinct banks
 constexpr int THREADS = 256;
@@ -106,10 +106,14 @@ __device__ void to_channels_last(const T* __restrict__ x, T* __restrict__ xp, in
     }
 }
 
-// The warps' share of a BN-position tile.
-template <int BN> struct TileShape {
+// The warps' share of a tile of BM channels × BN positions.
+template <int BM_, int BN_> struct TileShape {
+    static constexpr int BM = BM_, BN = BN_;
+    static constexpr int WM = BM / 2;              // channels per warp (2 warps along M)
+    static constexpr int MI = WM / 16;             // its 16-channel mma tiles
     static constexpr int WN = BN / 4;              // positions per warp (4 warps along N)
     static constexpr int NT = WN / 8;              // its 8-position mma tiles
+    static constexpr int A_CHUNKS = BM * 4 / THREADS;  // 16-byte weight chunks per thread per stage
     static constexpr int B_CHUNKS = BN * 4 / THREADS;  // 16-byte input chunks per thread per stage
     static constexpr int STAGE = (BM + BN) * LDS;  // elements per stage: A (BM rows) then B (BN rows)
 };
@@ -120,17 +124,17 @@ template <typename T> struct alignas(2 * sizeof(T)) Pair {
 };
 
 // Issues stage `s` (tap s / (ci / BC), channels (s % (ci / BC))·BC ..) into buffer `buf`.
-template <typename T, int BN>
+template <typename T, typename Shape>
 __device__ __forceinline__ void load_stage(T* buf, const T* xp, const T* w, int s, const ConvGeometry& g, int co0,
-                                           const int (&in_base)[TileShape<BN>::B_CHUNKS],
-                                           const bool (&in_valid)[TileShape<BN>::B_CHUNKS]) {
+                                           const int (&in_base)[Shape::B_CHUNKS],
+                                           const bool (&in_valid)[Shape::B_CHUNKS]) {
     const int chunks_per_tap = g.ci / BC;
     const int tap = s / chunks_per_tap, c0 = (s % chunks_per_tap) * BC;
     const int shift = (tap / g.kw) * g.row_step + tap % g.kw;
-    // 16-byte chunks, 4 per row: the weight's 128 rows (2 per thread), the input's BN rows; a
-    // thread keeps its rows from stage to stage.
+    // 16-byte chunks, 4 per row: the weight's BM rows, the input's BN rows; a thread keeps its
+    // rows from stage to stage.
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < Shape::A_CHUNKS; ++i) {
         const int chunk = threadIdx.x + i * THREADS;
         const int row = chunk / 4, part = (chunk % 4) * 8;
         const bool a_valid = co0 + row < g.co;
@@ -138,22 +142,22 @@ __device__ __forceinline__ void load_stage(T* buf, const T* xp, const T* w, int 
         cp_async_16(buf + row * LDS + part, a_src, a_valid);
     }
 #pragma unroll
-    for (int i = 0; i < TileShape<BN>::B_CHUNKS; ++i) {
+    for (int i = 0; i < Shape::B_CHUNKS; ++i) {
         const int chunk = threadIdx.x + i * THREADS;
         const int row = chunk / 4, part = (chunk % 4) * 8;
         const T* b_src = xp + (size_t)(in_valid[i] ? in_base[i] + shift : 0) * g.ci + c0 + part;
-        cp_async_16(buf + (BM + row) * LDS + part, b_src, in_valid[i]);
+        cp_async_16(buf + (Shape::BM + row) * LDS + part, b_src, in_valid[i]);
     }
 }
 
 // xp: one sample's padded plane after another; out and residual: (n, co, rows·cols) or as
 // ConvGeometry's out_* strides say; sample_bias: (n, co). sample_bias and residual may be null.
-template <typename T, int BN, int STAGES>
+template <typename T, int BM, int BN, int STAGES>
 __device__ void conv_igemm(const T* __restrict__ xp, const T* __restrict__ w, const T* __restrict__ bias,
                            const T* __restrict__ sample_bias, const T* __restrict__ residual, T* __restrict__ out,
                            const ConvGeometry g) {
-    using Shape = TileShape<BN>;
-    constexpr int NT = Shape::NT, B_CHUNKS = Shape::B_CHUNKS;
+    using Shape = TileShape<BM, BN>;
+    constexpr int MI = Shape::MI, NT = Shape::NT, B_CHUNKS = Shape::B_CHUNKS;
     T* const smem = reinterpret_cast<T*>(dynamic_smem);
     const int positions = g.rows * g.cols, total = g.samples * positions;  // the launcher keeps both in i32
     const int co_tiles = (g.co + BM - 1) / BM;
@@ -171,11 +175,11 @@ __device__ void conv_igemm(const T* __restrict__ xp, const T* __restrict__ w, co
     }
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int warp_m = (warp % 2) * 64, warp_n = (warp / 2) * Shape::WN;
+    const int warp_m = (warp % 2) * Shape::WM, warp_n = (warp / 2) * Shape::WN;
     const int mat = lane / 8, mat_row = lane % 8;
-    float acc[4][NT][4];
+    float acc[MI][NT][4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < MI; ++i)
 #pragma unroll
         for (int j = 0; j < NT; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
 
@@ -184,7 +188,7 @@ __device__ void conv_igemm(const T* __restrict__ xp, const T* __restrict__ w, co
     const int stages = g.taps * (g.ci / BC);
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < stages) load_stage<T, BN>(smem + s * Shape::STAGE, xp, w, s, g, co0, in_base, in_valid);
+        if (s < stages) load_stage<T, Shape>(smem + s * Shape::STAGE, xp, w, s, g, co0, in_base, in_valid);
         cp_async_commit();
     }
     for (int s = 0; s < stages; ++s) {
@@ -193,17 +197,17 @@ __device__ void conv_igemm(const T* __restrict__ xp, const T* __restrict__ w, co
         // buffer the next load refills.
         __syncthreads();
         const int next = s + STAGES - 1;
-        if (next < stages) load_stage<T, BN>(smem + (next % STAGES) * Shape::STAGE, xp, w, next, g, co0, in_base, in_valid);
+        if (next < stages) load_stage<T, Shape>(smem + (next % STAGES) * Shape::STAGE, xp, w, next, g, co0, in_base, in_valid);
         cp_async_commit();
         const T* a_tile = smem + (s % STAGES) * Shape::STAGE;
         const T* b_tile = a_tile + BM * LDS;
 #pragma unroll
         for (int ks = 0; ks < BC / 16; ++ks) {
-            // A fragments of the warp's four 16-row tiles: matrices (rows lo, k lo), (rows hi,
-            // k lo), (rows lo, k hi), (rows hi, k hi) are a0..a3.
-            uint32_t a[4][4];
+            // A fragments of the warp's 16-row tiles: matrices (rows lo, k lo), (rows hi, k lo),
+            // (rows lo, k hi), (rows hi, k hi) are a0..a3.
+            uint32_t a[MI][4];
 #pragma unroll
-            for (int i = 0; i < 4; ++i)
+            for (int i = 0; i < MI; ++i)
                 ldmatrix_x4(a[i], a_tile + (warp_m + i * 16 + (mat % 2) * 8 + mat_row) * LDS + ks * 16 + (mat / 2) * 8);
             // B fragments of the warp's 8-position tiles, two per ldmatrix: matrices (tile j,
             // k lo), (j, k hi), (j + 1, k lo), (j + 1, k hi); rows are positions.
@@ -218,7 +222,7 @@ __device__ void conv_igemm(const T* __restrict__ xp, const T* __restrict__ w, co
                 b[j + 1][1] = r[3];
             }
 #pragma unroll
-            for (int i = 0; i < 4; ++i)
+            for (int i = 0; i < MI; ++i)
 #pragma unroll
                 for (int j = 0; j < NT; ++j) mma_m16n8k16<T>(acc[i][j], a[i], b[j]);
         }
@@ -242,7 +246,7 @@ __device__ void conv_igemm(const T* __restrict__ xp, const T* __restrict__ w, co
             const int s = at / positions, p = at % positions;
             const int64_t sample_out = s * g.out_sample + (int64_t)(p / g.cols) * g.out_row + p % g.cols;
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
+            for (int i = 0; i < MI; ++i) {
 #pragma unroll
                 for (int half = 0; half < 2; ++half) {
                     const int ch = co0 + warp_m + i * 16 + qg + half * 8;
@@ -273,13 +277,14 @@ __device__ void conv_igemm(const T* __restrict__ xp, const T* __restrict__ w, co
 
 }  // namespace
 
-// The tile shapes and pipeline depths the launcher chooses from (conv_igemm.rs's `Tile`): BN
-// positions, STAGES buffers; dynamic shared memory STAGES · (128 + BN) · 40 elements.
-#define CONV_IGEMM_TILE(NAME, T, BN, STAGES)                                                                  \
+// The tile shapes and pipeline depths the launcher chooses from (conv_igemm.rs's `Tile`): BM
+// channels × BN positions, STAGES buffers; dynamic shared memory STAGES · (BM + BN) · 40 elements.
+#define CONV_IGEMM_TILE(NAME, T, BM, BN, STAGES)                                                              \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                     \
-        conv_igemm_##BN##_s##STAGES##_##NAME(const T* xp, const T* w, const T* bias, const T* sample_bias,     \
-                                             const T* residual, T* out, ConvGeometry g) {                     \
-        conv_igemm<T, BN, STAGES>(xp, w, bias, sample_bias, residual, out, g);                                \
+        conv_igemm_##BM##x##BN##_s##STAGES##_##NAME(const T* xp, const T* w, const T* bias,                   \
+                                                    const T* sample_bias, const T* residual, T* out,          \
+                                                    ConvGeometry g) {                                         \
+        conv_igemm<T, BM, BN, STAGES>(xp, w, bias, sample_bias, residual, out, g);                            \
     }
 
 #define CONV_IGEMM(NAME, T)                                                                                  \
@@ -289,10 +294,11 @@ __device__ void conv_igemm(const T* __restrict__ xp, const T* __restrict__ w, co
                                                         int silu) {                                           \
         to_channels_last(x, xp, c, rows, cols, pad_r, pad_c, up, at, sums, gamma, beta, cpg, eps, silu);     \
     }                                                                                                         \
-    CONV_IGEMM_TILE(NAME, T, 128, 2)                                                                          \
-    CONV_IGEMM_TILE(NAME, T, 128, 3)                                                                          \
-    CONV_IGEMM_TILE(NAME, T, 128, 4)                                                                          \
-    CONV_IGEMM_TILE(NAME, T, 256, 3)
+    CONV_IGEMM_TILE(NAME, T, 128, 128, 2)                                                                     \
+    CONV_IGEMM_TILE(NAME, T, 128, 128, 3)                                                                     \
+    CONV_IGEMM_TILE(NAME, T, 128, 128, 4)                                                                     \
+    CONV_IGEMM_TILE(NAME, T, 128, 256, 3)                                                                     \
+    CONV_IGEMM_TILE(NAME, T, 64, 256, 3)
 
 CONV_IGEMM(f16, __half)
 CONV_IGEMM(bf16, __nv_bfloat16)

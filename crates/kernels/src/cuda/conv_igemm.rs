@@ -1,6 +1,6 @@
 //! Convolutions as implicit GEMMs on tensor cores (`conv_igemm.cu`): the input copied once to
 //! channels-last with its zero padding, then every tap and input channel of an output tile
-//! (128 channels × 128 or 256 positions, across samples) accumulated in registers, bias and
+//! (128 channels × 128 or 256 positions, or 64 × 256, across samples) accumulated in registers, bias and
 //! extras added on the way out. For f16/bf16 with input channels a multiple of 32 (every UNet
 //! convolution but the first); the shifted cuBLAS GEMMs of `mod.rs` take the rest (f32, the
 //! 8-channel input convolution).
@@ -68,21 +68,21 @@ impl Extras<'_> {
 /// 3×3 convolution, stride 1, padding 1, of `x (n, ci, h, w)` with `w_taps (9, co, ci)`, bias
 /// `(co)` and `extras`.
 pub fn conv3x3(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras) -> Result<Tensor> {
-    conv3x3_general(x, w_taps, bias, extras, Scale::Same, Tile::chosen(), None)
+    conv3x3_general(x, w_taps, bias, extras, Scale::Same, None, None)
 }
 
 /// [`conv3x3`] of `x` upsampled 2× (nearest), `(n, co, 2h, 2w)`: the upsample happens in the
 /// channels-last copy, so the 4× larger upsampled image is never written on its own (candle's
 /// upsample computes every element's source with 64-bit divisions).
 pub fn conv3x3_upsampled(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    conv3x3_general(x, w_taps, bias, Extras::default(), Scale::Up2, Tile::chosen(), None)
+    conv3x3_general(x, w_taps, bias, Extras::default(), Scale::Up2, None, None)
 }
 
 /// 3×3 convolution, stride 2, padding 1 (the UNet's downsampling): `(n, co, ⌈h/2⌉, ⌈w/2⌉)`,
 /// read straight from the channels-last copy (candle's strided convolution writes a 9× im2col
 /// matrix first).
 pub fn conv3x3_strided(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    conv3x3_general(x, w_taps, bias, Extras::default(), Scale::Stride2, Tile::chosen(), None)
+    conv3x3_general(x, w_taps, bias, Extras::default(), Scale::Stride2, None, None)
 }
 
 /// A GroupNorm (+ SiLU) ahead of a convolution, applied in the implicit GEMM's channels-last
@@ -174,13 +174,13 @@ pub fn supported_tokens(x: &Tensor, norm: &Norm) -> bool {
 
 /// [`conv3x3`] of `norm(x)`.
 pub fn conv3x3_normed(x: &Tensor, norm: &Norm, w_taps: &Tensor, bias: &Tensor, extras: Extras) -> Result<Tensor> {
-    conv3x3_general(x, w_taps, bias, extras, Scale::Same, Tile::chosen(), Some(norm))
+    conv3x3_general(x, w_taps, bias, extras, Scale::Same, None, Some(norm))
 }
 
 /// [`temporal_conv`] of `norm(x)` (the norm over `x (b, c, t, s)` as it lies: groups of channels
 /// across every frame).
 pub fn temporal_conv_normed(x: &Tensor, norm: &Norm, w_taps: &Tensor, bias: &Tensor, extras: Extras) -> Result<Tensor> {
-    temporal_conv_general(x, w_taps, bias, extras, Tile::chosen(), Some(norm))
+    temporal_conv_general(x, w_taps, bias, extras, None, Some(norm))
 }
 
 /// [`temporal_conv`] (of `norm(x)` where given) of a video held as frames: `x (b·t, ci, h, w)`
@@ -195,7 +195,7 @@ pub fn temporal_conv_frames(x: &Tensor, frames: usize, w_taps: &Tensor, bias: &T
     let residual = extras.residual.map(|r| r.reshape((bt, co, s))).transpose()?;
     let extras = Extras { per_sample: extras.per_sample, residual: residual.as_ref() };
     let geometry = Geometry { rows: frames, cols: s, cols_padded: s, kw: 1, row_step: s, stride: 1 };
-    convolve(&xp, w_taps, bias, extras, geometry, Tile::chosen(), true)?.reshape((bt, co, h, w))
+    convolve(&xp, w_taps, bias, extras, geometry, None, true)?.reshape((bt, co, h, w))
 }
 
 /// Whether [`temporal_conv_frames`] takes `x (b·t, ci, h, w)` as `frames` = t frames per video
@@ -213,7 +213,7 @@ pub fn supported_frames(x: &Tensor, frames: usize, w_taps: &Tensor, bias: &Tenso
 
 /// [`conv3x3`] on a given tile shape and pipeline depth (A/B benchmarks).
 pub fn conv3x3_on(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras, tile: Tile) -> Result<Tensor> {
-    conv3x3_general(x, w_taps, bias, extras, Scale::Same, tile, None)
+    conv3x3_general(x, w_taps, bias, extras, Scale::Same, Some(tile), None)
 }
 
 /// How the output's grid relates to the input's.
@@ -226,7 +226,8 @@ enum Scale {
     Stride2,
 }
 
-fn conv3x3_general(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras, scale: Scale, tile: Tile, norm: Option<&Norm>) -> Result<Tensor> {
+/// `tile`: none for [`Tile::for_channels`].
+fn conv3x3_general(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras, scale: Scale, tile: Option<Tile>, norm: Option<&Norm>) -> Result<Tensor> {
     let (n, _, h, w) = x.dims4()?;
     let up = if scale == Scale::Up2 { 2 } else { 1 };
     let stride = if scale == Scale::Stride2 { 2 } else { 1 };
@@ -241,15 +242,15 @@ fn conv3x3_general(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras, s
 
 /// Conv3d with kernel (3,1,1), padding (1,0,0) of `x (b, ci, t, s)` with `w_taps (3, co, ci)`.
 pub fn temporal_conv(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras) -> Result<Tensor> {
-    temporal_conv_on(x, w_taps, bias, extras, Tile::chosen())
+    temporal_conv_general(x, w_taps, bias, extras, None, None)
 }
 
 /// [`temporal_conv`] on a given tile shape and pipeline depth (A/B benchmarks).
 pub fn temporal_conv_on(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras, tile: Tile) -> Result<Tensor> {
-    temporal_conv_general(x, w_taps, bias, extras, tile, None)
+    temporal_conv_general(x, w_taps, bias, extras, Some(tile), None)
 }
 
-fn temporal_conv_general(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras, tile: Tile, norm: Option<&Norm>) -> Result<Tensor> {
+fn temporal_conv_general(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras, tile: Option<Tile>, norm: Option<&Norm>) -> Result<Tensor> {
     let (b, _, t, s) = x.dims4()?;
     let xp = channels_last(x, 1, 1, 0, 1, norm)?;
     let co = w_taps.dim(1)?;
@@ -258,66 +259,83 @@ fn temporal_conv_general(x: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Ext
 }
 
 /// The kernel's tile shapes and pipeline depths (`conv_igemm.cu` has one kernel for each): 128
-/// output channels × 128 or 256 positions per block, 2–4 shared-memory buffers of 32 input
-/// channels in flight. `DYNAMICRAFTER_CONV_IGEMM_TILE=128x128s2|128x128s3|128x128s4|128x256s3`
-/// picks one without a rebuild; the default is the deepest 128×128 pipeline until a device
-/// session measures them side by side (ops-1024).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// output channels × 128 or 256 positions per block, or 64 × 256, with 2–4 shared-memory buffers
+/// of 32 input channels in flight. `DYNAMICRAFTER_CONV_IGEMM_TILE=128x128s2|128x128s3|128x128s4|
+/// 128x256s3|64x256s3` picks one for every convolution without a rebuild; by default
+/// [`for_channels`](Self::for_channels) picks by the output channels, until a device session
+/// measures the tiles side by side (ops-1024).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tile {
-    P128S2,
-    P128S3,
-    #[default]
-    P128S4,
-    P256S3,
+    C128P128S2,
+    C128P128S3,
+    C128P128S4,
+    C128P256S3,
+    C64P256S3,
 }
 
 impl Tile {
-    pub const ALL: [Tile; 4] = [Tile::P128S2, Tile::P128S3, Tile::P128S4, Tile::P256S3];
+    pub const ALL: [Tile; 5] = [Tile::C128P128S2, Tile::C128P128S3, Tile::C128P128S4, Tile::C128P256S3, Tile::C64P256S3];
 
     /// As `DYNAMICRAFTER_CONV_IGEMM_TILE` spells it.
     pub fn name(self) -> &'static str {
         match self {
-            Tile::P128S2 => "128x128s2",
-            Tile::P128S3 => "128x128s3",
-            Tile::P128S4 => "128x128s4",
-            Tile::P256S3 => "128x256s3",
+            Tile::C128P128S2 => "128x128s2",
+            Tile::C128P128S3 => "128x128s3",
+            Tile::C128P128S4 => "128x128s4",
+            Tile::C128P256S3 => "128x256s3",
+            Tile::C64P256S3 => "64x256s3",
         }
+    }
+
+    /// Output channels per block.
+    pub fn channels(self) -> usize {
+        if self == Tile::C64P256S3 { 64 } else { 128 }
     }
 
     /// Output positions per block.
     pub fn positions(self) -> usize {
-        if self == Tile::P256S3 { 256 } else { 128 }
+        match self {
+            Tile::C128P256S3 | Tile::C64P256S3 => 256,
+            _ => 128,
+        }
     }
 
     pub fn stages(self) -> usize {
         match self {
-            Tile::P128S2 => 2,
-            Tile::P128S3 | Tile::P256S3 => 3,
-            Tile::P128S4 => 4,
+            Tile::C128P128S2 => 2,
+            Tile::C128P128S3 | Tile::C128P256S3 | Tile::C64P256S3 => 3,
+            Tile::C128P128S4 => 4,
         }
     }
 
-    /// Dynamic shared memory of a block, bytes: each stage holds 128 weight rows and the tile's
+    /// Dynamic shared memory of a block, bytes: each stage holds the tile's weight rows and its
     /// input rows, 32 + 8 elements each (the 8 keep ldmatrix's rows on distinct banks).
     pub fn shared_bytes(self, element_bytes: usize) -> usize {
-        self.stages() * (128 + self.positions()) * (CHANNEL_STEP + 8) * element_bytes
+        self.stages() * (self.channels() + self.positions()) * (CHANNEL_STEP + 8) * element_bytes
     }
 
-    /// The tile `DYNAMICRAFTER_CONV_IGEMM_TILE` names, or the default.
-    pub fn chosen() -> Tile {
-        Tile::setting().0
+    /// The tile for a convolution to `co` channels: the one `DYNAMICRAFTER_CONV_IGEMM_TILE`
+    /// names, else 64 × 256 where `co` is an odd multiple of 64 (the first level's 320 channels
+    /// fill 2.5 tiles of 128, 5 of 64), else the deepest 128 × 128 pipeline.
+    pub fn for_channels(co: usize) -> Tile {
+        match Tile::setting() {
+            (Some(tile), _) => tile,
+            _ if !co.is_multiple_of(128) && co.is_multiple_of(64) => Tile::C64P256S3,
+            _ => Tile::C128P128S4,
+        }
     }
 
-    /// [`chosen`](Self::chosen), and the variable's value where it names no tile (the default
-    /// serves then; the run report says so).
-    pub fn setting() -> (Tile, Option<&'static str>) {
-        static SETTING: std::sync::OnceLock<(Tile, Option<String>)> = std::sync::OnceLock::new();
+    /// The tile `DYNAMICRAFTER_CONV_IGEMM_TILE` names (none: the choice by channels), and the
+    /// variable's value where it names no tile (the choice by channels serves then; the run
+    /// report says so).
+    pub fn setting() -> (Option<Tile>, Option<&'static str>) {
+        static SETTING: std::sync::OnceLock<(Option<Tile>, Option<String>)> = std::sync::OnceLock::new();
         let (tile, unknown) = SETTING.get_or_init(|| match std::env::var("DYNAMICRAFTER_CONV_IGEMM_TILE") {
             Ok(name) => match Tile::ALL.into_iter().find(|t| t.name() == name) {
-                Some(tile) => (tile, None),
-                None => (Tile::default(), Some(name)),
+                Some(tile) => (Some(tile), None),
+                None => (None, Some(name)),
             },
-            Err(_) => (Tile::default(), None),
+            Err(_) => (None, None),
         });
         (*tile, unknown.as_deref())
     }
@@ -334,12 +352,13 @@ fn channels_last(x: &Tensor, frames: usize, pad_r: usize, pad_c: usize, up: usiz
 
 /// `xp` channels-last and padded (`n, rows_p, cols_padded, ci`) → `(n, co, rows·cols)`, or with
 /// `frames_out` `(n·rows, co, cols)` (rows are frames).
-fn convolve(xp: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras, geometry: Geometry, tile: Tile, frames_out: bool) -> Result<Tensor> {
+fn convolve(xp: &Tensor, w_taps: &Tensor, bias: &Tensor, extras: Extras, geometry: Geometry, tile: Option<Tile>, frames_out: bool) -> Result<Tensor> {
     // cp.async reads 16-byte chunks: the weight must start on an 8-element boundary (a forced
     // copy starts at 0; `copy` would keep the offset).
     let w = w_taps.contiguous()?;
     let w = if w.layout().start_offset() % 8 == 0 { w } else { w.force_contiguous()? };
     let (n, co) = (xp.dim(0)?, w.dim(1)?);
+    let tile = tile.unwrap_or_else(|| Tile::for_channels(co));
     // The extras ride in the op (a CustomOp takes three inputs): contiguous, of the output's
     // dtype, shaped (n, co) and like the output.
     let held = |t: Option<&Tensor>, dims: &[usize], what: &str| -> Result<Option<Tensor>> {
@@ -451,8 +470,7 @@ mod imp {
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/conv_igemm.ptx"));
     const MODULE: &str = "dynamicrafter_conv_igemm";
-    /// Output channels per block (the tile's positions: `Tile`), threads per block.
-    const BLOCK_CHANNELS: usize = 128;
+    /// Threads per block (the tile's channels and positions: `Tile`).
     const THREADS: u32 = 256;
     /// Dynamic shared memory a kernel gets without opting in.
     const STATIC_SHARED_LIMIT: usize = 48 * 1024;
@@ -626,7 +644,7 @@ mod imp {
         let residual = held_residual.as_ref().map(|(s, l)| carried::<T>(s, l, "a residual")).transpose()?;
         // SAFETY: the grid covers every (sample, channel, position); each is written once.
         let out = unsafe { dev.alloc::<T>(n * co * positions)? };
-        let name = format!("conv_igemm_{}_s{}_{dtype}", tile.positions(), tile.stages());
+        let name = format!("conv_igemm_{}x{}_s{}_{dtype}", tile.channels(), tile.positions(), tile.stages());
         let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
         let shared = tile.shared_bytes(std::mem::size_of::<T>());
         if shared > STATIC_SHARED_LIMIT {
@@ -634,7 +652,7 @@ mod imp {
             func.set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared as i32).w()?;
         }
         // One dimension, the channel tiles fastest: blocks that read the same positions run together.
-        let blocks = co.div_ceil(BLOCK_CHANNELS) * (n * positions).div_ceil(tile.positions());
+        let blocks = co.div_ceil(tile.channels()) * (n * positions).div_ceil(tile.positions());
         let cfg = LaunchConfig { grid_dim: (int(blocks, "blocks")? as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: shared as u32 };
         // Where output (sample, channel, row, col) lies: (n, co, rows·cols), or frames (n·rows, co, cols).
         let (out_sample, out_channel, out_row) = if op.frames_out { (g.rows * co * g.cols, g.cols, co * g.cols) } else { (co * positions, positions, g.cols) };

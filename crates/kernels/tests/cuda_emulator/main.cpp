@@ -43,15 +43,16 @@ WIDE_ATTENTION_KERNELS(bf16, __nv_bfloat16)
     extern "C" void conv_bias_##NAME(const float*, const T*, T*, size_t, int, int, int, int);                \
     extern "C" void permute_bias_add_##NAME(const T*, const T*, int64_t, const T*, T*, Tiles, int64_t);         \
     extern "C" void add_layer_norm_##NAME(const T*, const T*, const T*, const T*, const T*, T*, T*, size_t, int, float, int);
-#define CONV_TILE(NAME, T, BN, STAGES)                                                                      \
-    extern "C" void conv_igemm_##BN##_s##STAGES##_##NAME(const T*, const T*, const T*, const T*, const T*, T*, ConvGeometry);
+#define CONV_TILE(NAME, T, BM, BN, STAGES)                                                                  \
+    extern "C" void conv_igemm_##BM##x##BN##_s##STAGES##_##NAME(const T*, const T*, const T*, const T*, const T*, T*, ConvGeometry);
 #define CONV_KERNELS(NAME, T)                                                                               \
     extern "C" void to_channels_last_##NAME(const T*, T*, int, int, int, int, int, int, CopyLayout, const double*, \
                                             const T*, const T*, int, float, int);                           \
-    CONV_TILE(NAME, T, 128, 2)                                                                              \
-    CONV_TILE(NAME, T, 128, 3)                                                                              \
-    CONV_TILE(NAME, T, 128, 4)                                                                              \
-    CONV_TILE(NAME, T, 256, 3)
+    CONV_TILE(NAME, T, 128, 128, 2)                                                                         \
+    CONV_TILE(NAME, T, 128, 128, 3)                                                                         \
+    CONV_TILE(NAME, T, 128, 128, 4)                                                                         \
+    CONV_TILE(NAME, T, 128, 256, 3)                                                                         \
+    CONV_TILE(NAME, T, 64, 256, 3)
 CONV_KERNELS(f16, __half)
 CONV_KERNELS(bf16, __nv_bfloat16)
 
@@ -465,7 +466,7 @@ template <typename T>
 struct ConvTile {
     const char* name;
     ConvKernel<T> kernel;
-    int positions;  // per block
+    int channels, positions;  // per block
 };
 
 // A 3×3 convolution (padding 1) when `spatial`, else the temporal (3, 1, 1) one (padding 1 in
@@ -540,7 +541,7 @@ void conv_case(const ConvInput<T>& input, const ConvTile<T>& tile, bool spatial,
                                   : ConvGeometry{(int64_t)co * rows * cols, (int64_t)rows * cols, cols, ci, co, n, rows, cols,
                                                  plane_p, cols_p, taps, kw, cols_p, stride};
     // The launcher's grid: channel tiles fastest, then tiles of positions across samples.
-    const unsigned co_tiles = (co + 127) / 128, position_tiles = (unsigned)((n * positions + tile.positions - 1) / tile.positions);
+    const unsigned co_tiles = (co + tile.channels - 1) / tile.channels, position_tiles = (unsigned)((n * positions + tile.positions - 1) / tile.positions);
     emu::launch(dim3{co_tiles * position_tiles, 1, 1}, dim3{256, 1, 1}, [&] {
         tile.kernel(xp.data(), w.data(), bias.data(), extras ? sample_bias.data() : nullptr, extras ? residual.data() : nullptr,
                     out.data(), g);
@@ -653,6 +654,8 @@ void convolutions(const ConvInput<T>& input, const std::vector<ConvTile<T>>& til
         // Downsampling, even and odd input sides.
         conv_case<T>(input, tile, true, false, 2, 32, 40, 10, 14, tolerance, 1, 2);
         conv_case<T>(input, tile, true, false, 3, 64, 24, 9, 7, tolerance, 1, 2);
+        // Channels an odd multiple of 64 (the first level's 320): 1.5 tiles of 128, 3 of 64.
+        conv_case<T>(input, tile, true, true, 2, 32, 192, 6, 10, tolerance);
     }
     // The group norm (+ SiLU) ahead of a residual block's convolutions, done in the copy: 3×3 and
     // temporal, planes of whole packs and not (the statistics pass packs or not).
@@ -801,11 +804,16 @@ int main(int argc, char** argv) {
         // The products' inputs are exact; the error is the output's rounding (and f32 sums).
 #define CONV_TILES(NAME, T)                                                                                 \
     std::vector<ConvTile<T>> {                                                                              \
-        {"128x128 2 stages", conv_igemm_128_s2_##NAME, 128}, {"128x128 3 stages", conv_igemm_128_s3_##NAME, 128}, \
-            {"128x128 4 stages", conv_igemm_128_s4_##NAME, 128}, {"128x256 3 stages", conv_igemm_256_s3_##NAME, 256}, \
+        {"128x128 2 stages", conv_igemm_128x128_s2_##NAME, 128, 128},                                      \
+            {"128x128 3 stages", conv_igemm_128x128_s3_##NAME, 128, 128},                                  \
+            {"128x128 4 stages", conv_igemm_128x128_s4_##NAME, 128, 128},                                  \
+            {"128x256 3 stages", conv_igemm_128x256_s3_##NAME, 128, 256},                                  \
+            {"64x256 3 stages", conv_igemm_64x256_s3_##NAME, 64, 256},                                     \
     }
         // Every tile in bf16; f16 differs in the mma's type only: two tiles.
-        convolutions<__half>({to_channels_last_f16, group_stats_f16}, {{"128x128 2 stages", conv_igemm_128_s2_f16, 128}, {"128x256 3 stages", conv_igemm_256_s3_f16, 256}}, 1e-3);
+        convolutions<__half>({to_channels_last_f16, group_stats_f16},
+                             {{"128x128 2 stages", conv_igemm_128x128_s2_f16, 128, 128}, {"64x256 3 stages", conv_igemm_64x256_s3_f16, 64, 256}},
+                             1e-3);
         convolutions<__nv_bfloat16>({to_channels_last_bf16, group_stats_bf16}, CONV_TILES(bf16, __nv_bfloat16), 5e-3);
     }
     if (wanted("permute")) permutes();
