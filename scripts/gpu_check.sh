@@ -25,7 +25,7 @@
 # takes longer than one call (600 s) and than a session's device time (15 min, starts
 # included), so split it, e.g.
 #   call 1: STEPS="kernel-tests parity-cuda pipeline-tests-cuda bench-unet-bf16 bench-unet-levers bench-graph torch-unet"
-#   call 2: STEPS="bench-pipeline-1024 bench-pipeline-offload bench-pipeline-512 bench-pipeline-256 ops-1024 bench-unet-variants pipeline-tests-graph bench-pipeline-graph torch-upstream-unet bench-guided-1024 bench-cudnn"
+#   call 2: STEPS="bench-pipeline-1024 bench-pipeline-1024-passes bench-pipeline-offload bench-pipeline-512 bench-pipeline-256 ops-1024 bench-unet-variants pipeline-tests-graph bench-pipeline-graph torch-upstream-unet bench-guided-1024 bench-cudnn"
 # with the second call's timeout set to the time left (a step cut off loses only itself: the
 # JSON and logs of those before it come back), and merge the two calls' json/ folders (in
 # logs.tgz) with scripts/gpu_json.py afterwards. bench-unet-chunked (fused against chunked
@@ -80,6 +80,9 @@ if [ -z "${SKIP_TORCH:-}" ] && python3 -c 'import torch; assert torch.cuda.is_av
 # Whole runs, one step per size (1024 first, the headline), each with its own JSON: a call cut
 # off keeps the sizes done before it.
 step bench-pipeline-1024 150 "$BIN/dynamicrafter-bench" --device cuda pipeline-1024 --runs 1 --json "$JSON/pipeline-1024.json"
+# The same run with the guidance passes one by one and the feed-forwards whole (as in November):
+# what the batch (and its feed-forwards in pieces) does to the time and the peak.
+step bench-pipeline-1024-passes 150 env DYNAMICRAFTER_CFG_BATCH=0 DYNAMICRAFTER_FF_CHUNK=0 "$BIN/dynamicrafter-bench" --device cuda pipeline-1024 --runs 1
 step bench-pipeline-offload 200 "$BIN/dynamicrafter-bench" --device cuda --offload pipeline-1024 --runs 1 --json "$JSON/pipeline-offload.json"
 for size in 512 256; do
     step bench-pipeline-$size 150 "$BIN/dynamicrafter-bench" --device cuda pipeline-$size --runs 1 --json "$JSON/pipeline-$size.json"

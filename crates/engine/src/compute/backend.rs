@@ -122,7 +122,7 @@ impl Backend {
             int8,
             bf16_products: precision.bf16_matmuls,
             batched_guidance: batched_guidance(device, precision),
-            ff_chunk_rows: ff_chunk_rows(precision),
+            ff_chunk_rows: ff_chunk_rows(precision, batched_guidance(device, precision)),
             cuda_graphs: cfg!(feature = "cuda") && device.is_cuda() && std::env::var("DYNAMICRAFTER_CUDA_GRAPH").as_deref() == Ok("1"),
             chosen: Mutex::default(),
             counting: AtomicBool::new(true),
@@ -139,8 +139,11 @@ impl Backend {
         self.batched_guidance
     }
 
-    /// Rows per piece of the UNet's feed-forwards (the policy's `ff_chunk_rows`;
-    /// `DYNAMICRAFTER_FF_CHUNK=0|N` overrides it: whole, or N rows).
+    /// Rows per piece of the UNet's feed-forwards (the policy's `ff_chunk_rows`, else
+    /// `BATCHED_FF_CHUNK_ROWS` where the guidance passes run as one batch, so the batch's
+    /// feed-forward temporaries stay under one pass's; `DYNAMICRAFTER_FF_CHUNK=0|N` overrides
+    /// it: whole, or N rows). Set when the backend is made: [`set_batched_guidance`]
+    /// (Self::set_batched_guidance) later leaves it.
     pub fn ff_chunk_rows(&self) -> Option<usize> {
         self.ff_chunk_rows
     }
@@ -404,11 +407,11 @@ fn batched_guidance(device: &Device, precision: &PrecisionPolicy) -> bool {
     }
 }
 
-fn ff_chunk_rows(precision: &PrecisionPolicy) -> Option<usize> {
+fn ff_chunk_rows(precision: &PrecisionPolicy, batched_guidance: bool) -> Option<usize> {
     match std::env::var("DYNAMICRAFTER_FF_CHUNK").ok().and_then(|v| v.parse::<usize>().ok()) {
         Some(0) => None,
         Some(rows) => Some(rows),
-        None => precision.ff_chunk_rows,
+        None => precision.ff_chunk_rows.or(batched_guidance.then_some(super::precision::BATCHED_FF_CHUNK_ROWS)),
     }
 }
 
@@ -419,5 +422,27 @@ fn full_name(vb: &VarBuilder, name: &str) -> String {
         name.to_string()
     } else {
         format!("{prefix}.{name}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compute::precision::{BATCHED_FF_CHUNK_ROWS, OFFLOAD_FF_CHUNK_ROWS};
+
+    /// The feed-forward pieces follow the memory policy: whole for one pass at a time, the
+    /// offload pieces under `--offload`, the batch's pieces where the guidance passes are one
+    /// batch (unless `DYNAMICRAFTER_FF_CHUNK` says otherwise).
+    #[test]
+    fn feed_forward_pieces_follow_the_guidance_batch() {
+        if std::env::var_os("DYNAMICRAFTER_FF_CHUNK").is_some() {
+            return;
+        }
+        let plain = PrecisionPolicy::f32();
+        assert_eq!(ff_chunk_rows(&plain, false), None);
+        assert_eq!(ff_chunk_rows(&plain, true), Some(BATCHED_FF_CHUNK_ROWS));
+        let offload = PrecisionPolicy::f32().with_offload(true);
+        assert_eq!(ff_chunk_rows(&offload, false), Some(OFFLOAD_FF_CHUNK_ROWS));
+        assert_eq!(ff_chunk_rows(&offload, true), Some(OFFLOAD_FF_CHUNK_ROWS));
     }
 }

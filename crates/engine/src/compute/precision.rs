@@ -132,13 +132,22 @@ pub struct PrecisionPolicy {
     pub offload: bool,
     /// Rows (tokens) per piece of the UNet's feed-forwards, run piece by piece so their 8×-wide
     /// hidden activations never exist whole (diffusers' forward chunking); `None`: whole.
-    /// `--offload` sets [`OFFLOAD_FF_CHUNK_ROWS`].
+    /// `--offload` sets [`OFFLOAD_FF_CHUNK_ROWS`] (and batched guidance on a GPU, without a
+    /// setting here, [`BATCHED_FF_CHUNK_ROWS`]).
     pub ff_chunk_rows: Option<usize>,
 }
 
 /// The feed-forward piece `--offload` runs: 16384 tokens, 1/9 of a 576×1024 level-1 forward
 /// (16 frames of 72×128), so the 2560-wide bf16 product is 84 MB instead of 755 MB.
 pub const OFFLOAD_FF_CHUNK_ROWS: usize = 16384;
+
+/// The feed-forward piece when a GPU runs the guidance passes as one batch
+/// ([`Backend::batched_guidance`](super::Backend::batched_guidance)): 32768 tokens, so a batch
+/// of two 576×1024 passes holds 168 MB of the 2560-wide product at a time instead of 1.5 GB (by
+/// the shapes: the feed-forward's temporaries were the largest part of a forward's activations,
+/// and a batch of two would double them), while a batch of two 256×256 passes (32768 tokens)
+/// stays whole.
+pub const BATCHED_FF_CHUNK_ROWS: usize = 32768;
 
 fn dtype(p: Precision) -> DType {
     match p {
