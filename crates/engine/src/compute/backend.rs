@@ -142,8 +142,8 @@ impl Backend {
     /// Rows per piece of the UNet's feed-forwards (the policy's `ff_chunk_rows`, else
     /// `BATCHED_FF_CHUNK_ROWS` where the guidance passes run as one batch, so the batch's
     /// feed-forward temporaries stay under one pass's; `DYNAMICRAFTER_FF_CHUNK=0|N` overrides
-    /// it: whole, or N rows). Set when the backend is made: [`set_batched_guidance`]
-    /// (Self::set_batched_guidance) later leaves it.
+    /// it: whole, or N rows). Set when the backend is made:
+    /// [`set_batched_guidance`](Self::set_batched_guidance) later leaves it.
     pub fn ff_chunk_rows(&self) -> Option<usize> {
         self.ff_chunk_rows
     }
