@@ -87,7 +87,7 @@ step bench-pipeline-offload 200 "$BIN/dynamicrafter-bench" --device cuda --offlo
 for size in 512 256; do
     step bench-pipeline-$size 150 "$BIN/dynamicrafter-bench" --device cuda pipeline-$size --runs 1 --json "$JSON/pipeline-$size.json"
 done
-step ops-1024 60 "$BIN/dynamicrafter-bench" --device cuda ops-1024 --runs 3
+step ops-1024 120 "$BIN/dynamicrafter-bench" --device cuda ops-1024 --runs 3
 # The kernels' other shapes on the whole forward (ops-1024 times each on its own): the implicit
 # GEMM's tiles and pipeline depths (by default 128x128s4, 64x256s3 at 320 channels; each here
 # for every convolution), the attention shapes before the

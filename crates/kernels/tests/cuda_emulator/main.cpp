@@ -469,6 +469,27 @@ struct ConvTile {
     int channels, positions;  // per block
 };
 
+// The group norm's reference over an input read at x_at(sample, channel, row, col): per (sample,
+// group) its mean and 1/σ in double, then visit(sample, channel, row, col, element, mean, rstd)
+// for each of the group's elements.
+template <typename T, typename At, typename Visit>
+void each_normalised(Buffer<T>& x, int n, int groups, int cpg, int rows, int cols, double eps, At x_at, Visit visit) {
+    for (int s = 0; s < n; ++s)
+        for (int g = 0; g < groups; ++g) {
+            auto each = [&](auto f) {
+                for (int ch = g * cpg; ch < (g + 1) * cpg; ++ch)
+                    for (int r = 0; r < rows; ++r)
+                        for (int col = 0; col < cols; ++col) f(ch, r, col, (size_t)x_at(s, ch, r, col));
+            };
+            double sum = 0, sq = 0;
+            each([&](int, int, int, size_t e) { sum += float(x[e]); });
+            const double count = (double)cpg * rows * cols, mean = sum / count;
+            each([&](int, int, int, size_t e) { sq += (float(x[e]) - mean) * (float(x[e]) - mean); });
+            const double rstd = 1.0 / std::sqrt(sq / count + eps);
+            each([&](int ch, int r, int col, size_t e) { visit(s, ch, r, col, e, mean, rstd); });
+        }
+}
+
 // A 3×3 convolution (padding 1) when `spatial`, else the temporal (3, 1, 1) one (padding 1 in
 // rows), of an input of in_rows × in_cols: upsampled 2× (nearest) in the channels-last copy when
 // `up` is 2, read at every `stride`-th position (2: the downsampling convolutions), with a bias
@@ -517,24 +538,11 @@ void conv_case(const ConvInput<T>& input, const ConvTile<T>& tile, bool spatial,
     std::vector<float> input_value(x.len);
     for (size_t e = 0; e < x.len; ++e) input_value[e] = float(x[e]);
     if (groups) {
-        for (int s = 0; s < n; ++s)
-            for (int g = 0; g < groups; ++g) {
-                double sum = 0, sq = 0;
-                auto each = [&](auto visit) {
-                    for (int ch = g * cpg; ch < (g + 1) * cpg; ++ch)
-                        for (int r = 0; r < in_rows; ++r)
-                            for (int c = 0; c < in_cols; ++c) visit(ch, x_at(s, ch, r, c));
-                };
-                each([&](int, size_t e) { sum += float(x[e]); });
-                const double mean = sum / group_len;
-                each([&](int, size_t e) { sq += (float(x[e]) - mean) * (float(x[e]) - mean); });
-                const float rstd = float(1.0 / std::sqrt(sq / group_len + eps));
-                each([&](int ch, size_t e) {
-                    float y = (float(x[e]) - float(mean)) * rstd * float(gamma[ch]) + float(beta[ch]);
-                    if (silu) y = y / (1.f + std::exp(-y));
-                    input_value[e] = float(T(y));
-                });
-            }
+        each_normalised(x, n, groups, cpg, in_rows, in_cols, eps, x_at, [&](int, int ch, int, int, size_t e, double mean, double rstd) {
+            float y = (float(x[e]) - float(mean)) * float(rstd) * float(gamma[ch]) + float(beta[ch]);
+            if (silu) y = y / (1.f + std::exp(-y));
+            input_value[e] = float(T(y));
+        });
     }
     const ConvGeometry g = frames ? ConvGeometry{(int64_t)rows * co * cols, cols, (int64_t)co * cols, ci, co, n, rows, cols, plane_p,
                                                  cols_p, taps, kw, cols_p, stride}
@@ -603,27 +611,13 @@ void tokens_case(const ConvInput<T>& input, bool across_frames, int n, int c, in
         input.to_channels_last(x.data(), out.data(), c, rows, cols, 0, 0, 1, at, sums.data(), gamma.data(), beta.data(), cpg, eps, 0);
     });
     double err = 0, norm = 0;
-    for (int s = 0; s < n; ++s)
-        for (int g = 0; g < groups; ++g) {
-            double sum = 0, sq = 0;
-            for (int ch = g * cpg; ch < (g + 1) * cpg; ++ch)
-                for (int r = 0; r < rows; ++r)
-                    for (int col = 0; col < cols; ++col) sum += float(x[x_at(s, ch, r, col)]);
-            const double mean = sum / (cpg * plane);
-            for (int ch = g * cpg; ch < (g + 1) * cpg; ++ch)
-                for (int r = 0; r < rows; ++r)
-                    for (int col = 0; col < cols; ++col) sq += std::pow(float(x[x_at(s, ch, r, col)]) - mean, 2);
-            const double rstd = 1.0 / std::sqrt(sq / (cpg * plane) + eps);
-            for (int ch = g * cpg; ch < (g + 1) * cpg; ++ch)
-                for (int r = 0; r < rows; ++r)
-                    for (int col = 0; col < cols; ++col) {
-                        const double want = (float(x[x_at(s, ch, r, col)]) - mean) * rstd * float(gamma[ch]) + float(beta[ch]);
-                        const size_t o = across_frames ? (((size_t)s * cols + col) * rows + r) * c + ch : (((size_t)s * rows + r) * cols + col) * c + ch;
-                        const double got = float(out[o]);
-                        err += (got - want) * (got - want);
-                        norm += want * want;
-                    }
-        }
+    each_normalised(x, n, groups, cpg, rows, cols, eps, x_at, [&](int s, int ch, int r, int col, size_t e, double mean, double rstd) {
+        const double want = (float(x[e]) - mean) * rstd * float(gamma[ch]) + float(beta[ch]);
+        const size_t o = across_frames ? (((size_t)s * cols + col) * rows + r) * c + ch : (((size_t)s * rows + r) * cols + col) * c + ch;
+        const double got = float(out[o]);
+        err += (got - want) * (got - want);
+        norm += want * want;
+    });
     const double rel = std::sqrt(err / norm);
     char detail[200];
     std::snprintf(detail, sizeof detail, "group norm into tokens%s n=%d c=%d groups=%d %dx%d relative error %.2e (bound %.0e)%s",
