@@ -256,13 +256,29 @@ fn normed_conv(
     fused: impl FnOnce(&Tensor) -> Result<Tensor>,
     plain: impl FnOnce(&Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
-    if cuda::usable(x) && w_taps.dtype() == x.dtype() {
-        let b = bias.to_dtype(x.dtype())?;
-        if cuda::conv_igemm::supported_normed(x, w_taps, &b, norm) {
-            return fused(&b);
-        }
+    match igemm_bias(x, w_taps, bias, |b| cuda::conv_igemm::supported_normed(x, w_taps, b, norm))? {
+        Some(b) => fused(&b),
+        None => plain(&norm.apply(x)?),
     }
-    plain(&norm.apply(x)?)
+}
+
+/// `bias` in `x`'s dtype where `x` is on CUDA with `w_taps` of its dtype and the implicit GEMM
+/// `takes` the convolution given that bias; none where another path runs it.
+fn igemm_bias(x: &Tensor, w_taps: &Tensor, bias: &Tensor, takes: impl FnOnce(&Tensor) -> bool) -> Result<Option<Tensor>> {
+    if !(cuda::usable(x) && w_taps.dtype() == x.dtype()) {
+        return Ok(None);
+    }
+    let b = bias.to_dtype(x.dtype())?;
+    Ok(takes(&b).then_some(b))
+}
+
+/// Frames `x (b·t, c, h, w)` (`frames` = t) as the video `(b, c, t, h·w)` they are.
+fn frames_as_video(x: &Tensor, frames: usize) -> Result<Tensor> {
+    let (bt, c, h, w) = x.dims4()?;
+    if frames == 0 || bt % frames != 0 {
+        candle_core::bail!("{bt} frames are not videos of {frames}");
+    }
+    permute(&x.reshape((bt / frames, frames, c, h * w))?, &[0, 2, 1, 3])
 }
 
 /// `norm(x)` of `x (n, c, h, w)` as tokens `(n, h·w, c)` (a spatial transformer's entry): on
@@ -282,12 +298,10 @@ pub fn group_norm_frame_tokens(x: &Tensor, frames: usize, norm: &ConvNorm) -> Re
     if cuda::conv_igemm::supported_frame_tokens(x, frames, norm) {
         return cuda::conv_igemm::normalized_frame_tokens(x, frames, norm);
     }
-    let (bt, c, h, w) = x.dims4()?;
-    if frames == 0 || bt % frames != 0 {
-        candle_core::bail!("tokens across frames: {bt} frames are not videos of {frames}");
-    }
-    let video = permute(&x.reshape((bt / frames, frames, c, h, w))?, &[0, 2, 1, 3, 4])?;
-    permute(&norm.apply(&video)?, &[0, 3, 4, 2, 1])?.reshape((bt / frames * h * w, frames, c))
+    // The video (b, c, t, h·w) normalised, then (b, h·w, t, c).
+    let video = frames_as_video(x, frames)?;
+    let (b, c, t, s) = video.dims4()?;
+    permute(&norm.apply(&video)?, &[0, 3, 2, 1])?.reshape((b * s, t, c))
 }
 
 /// [`temporal_conv_taps_with`] of `norm(x)`, `x (b, c, t, s)` normalised as it lies: as
@@ -302,27 +316,19 @@ pub fn temporal_conv_taps_normed(x: &Tensor, norm: &ConvNorm, w_taps: &Tensor, b
 /// video layout `(b, c, t, h·w)` and back. A block of such convolutions asks
 /// [`temporal_conv_frames_supported`] once and permutes once where it says no.
 pub fn temporal_conv_taps_frames_normed(x: &Tensor, frames: usize, norm: &ConvNorm, w_taps: &Tensor, bias: &Tensor, extras: ConvExtras) -> Result<Tensor> {
-    if cuda::usable(x) && w_taps.dtype() == x.dtype() {
-        let b = bias.to_dtype(x.dtype())?;
-        if cuda::conv_igemm::supported_frames(x, frames, w_taps, &b, Some(norm)) {
-            return cuda::conv_igemm::temporal_conv_frames(x, frames, w_taps, &b, extras, Some(norm));
-        }
+    if let Some(b) = igemm_bias(x, w_taps, bias, |b| cuda::conv_igemm::supported_frames(x, frames, w_taps, b, norm))? {
+        return cuda::conv_igemm::temporal_conv_frames(x, frames, norm, w_taps, &b, extras);
     }
-    let (bt, c, h, w) = x.dims4()?;
-    if frames == 0 || bt % frames != 0 {
-        candle_core::bail!("temporal conv: {bt} frames are not videos of {frames}");
-    }
-    let co = w_taps.dim(1)?;
-    let to_video = |t: &Tensor, c: usize| permute(&t.reshape((bt / frames, frames, c, h * w))?, &[0, 2, 1, 3]);
-    let residual = extras.residual.map(|r| to_video(r, co)).transpose()?;
-    let y = temporal_conv_taps_normed(&to_video(x, c)?, norm, w_taps, bias, ConvExtras { per_sample: extras.per_sample, residual: residual.as_ref() })?;
-    permute(&y, &[0, 2, 1, 3])?.reshape((bt, co, h, w))
+    let (bt, _, h, w) = x.dims4()?;
+    let residual = extras.residual.map(|r| frames_as_video(r, frames)).transpose()?;
+    let y = temporal_conv_taps_normed(&frames_as_video(x, frames)?, norm, w_taps, bias, ConvExtras { per_sample: extras.per_sample, residual: residual.as_ref() })?;
+    permute(&y, &[0, 2, 1, 3])?.reshape((bt, w_taps.dim(1)?, h, w))
 }
 
 /// Whether [`temporal_conv_taps_frames_normed`] stays in the frames layout (CUDA's implicit GEMM
 /// takes `x` with `norm`).
 pub fn temporal_conv_frames_supported(x: &Tensor, frames: usize, norm: &ConvNorm, w_taps: &Tensor, bias: &Tensor) -> bool {
-    cuda::usable(x) && w_taps.dtype() == x.dtype() && bias.to_dtype(x.dtype()).is_ok_and(|b| cuda::conv_igemm::supported_frames(x, frames, w_taps, &b, Some(norm)))
+    igemm_bias(x, w_taps, bias, |b| cuda::conv_igemm::supported_frames(x, frames, w_taps, b, norm)).is_ok_and(|b| b.is_some())
 }
 
 /// [`temporal_conv`] plus `extras`.

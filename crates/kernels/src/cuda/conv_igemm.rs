@@ -183,15 +183,15 @@ pub fn temporal_conv_normed(x: &Tensor, norm: &Norm, w_taps: &Tensor, bias: &Ten
     temporal_conv_general(x, w_taps, bias, extras, None, Some(norm))
 }
 
-/// [`temporal_conv`] (of `norm(x)` where given) of a video held as frames: `x (b·t, ci, h, w)`
-/// with `frames` = t, normalised as the video `(b, ci, t, h·w)` it is; the output `(b·t, co, h, w)`
-/// and the extras' residual likewise. A temporal block's convolutions without the permutes to the
-/// video layout and back: the copy reads frames, the kernel writes them. Where
-/// [`supported_frames`] says so.
-pub fn temporal_conv_frames(x: &Tensor, frames: usize, w_taps: &Tensor, bias: &Tensor, extras: Extras, norm: Option<&Norm>) -> Result<Tensor> {
+/// [`temporal_conv`] of `norm(x)` for a video held as frames: `x (b·t, ci, h, w)` with `frames`
+/// = t, normalised as the video `(b, ci, t, h·w)` it is; the output `(b·t, co, h, w)` and the
+/// extras' residual likewise. A temporal block's convolutions without the permutes to the video
+/// layout and back: the copy reads frames, the kernel writes them. Where [`supported_frames`]
+/// says so.
+pub fn temporal_conv_frames(x: &Tensor, frames: usize, norm: &Norm, w_taps: &Tensor, bias: &Tensor, extras: Extras) -> Result<Tensor> {
     let (bt, _, h, w) = x.dims4()?;
     let (s, co) = (h * w, w_taps.dim(1)?);
-    let xp = channels_last(x, frames, 1, 0, 1, norm)?;
+    let xp = channels_last(x, frames, 1, 0, 1, Some(norm))?;
     let residual = extras.residual.map(|r| r.reshape((bt, co, s))).transpose()?;
     let extras = Extras { per_sample: extras.per_sample, residual: residual.as_ref() };
     let geometry = Geometry { rows: frames, cols: s, cols_padded: s, kw: 1, row_step: s, stride: 1 };
@@ -199,16 +199,10 @@ pub fn temporal_conv_frames(x: &Tensor, frames: usize, w_taps: &Tensor, bias: &T
 }
 
 /// Whether [`temporal_conv_frames`] takes `x (b·t, ci, h, w)` as `frames` = t frames per video
-/// (with `norm` where given): as [`supported`] (and [`supported_normed`]), t dividing the
-/// leading dimension; unless `DYNAMICRAFTER_CUDA_FRAMES=0`.
-pub fn supported_frames(x: &Tensor, frames: usize, w_taps: &Tensor, bias: &Tensor, norm: Option<&Norm>) -> bool {
-    frames_enabled()
-        && frames > 0
-        && x.dim(0).is_ok_and(|n| n.is_multiple_of(frames))
-        && match norm {
-            Some(norm) => supported_normed(x, w_taps, bias, norm),
-            None => supported(x, w_taps, bias),
-        }
+/// with `norm`: as [`supported_normed`], t dividing the leading dimension; unless
+/// `DYNAMICRAFTER_CUDA_FRAMES=0`.
+pub fn supported_frames(x: &Tensor, frames: usize, w_taps: &Tensor, bias: &Tensor, norm: &Norm) -> bool {
+    frames_enabled() && frames > 0 && x.dim(0).is_ok_and(|n| n.is_multiple_of(frames)) && supported_normed(x, w_taps, bias, norm)
 }
 
 /// [`conv3x3`] on a given tile shape and pipeline depth (A/B benchmarks).
@@ -483,6 +477,11 @@ mod imp {
         i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("implicit-GEMM convolution: {what} {v} exceeds i32")))
     }
 
+    /// A stride in elements, as the kernels' 64-bit offsets take it.
+    fn long(v: usize) -> Result<i64> {
+        i64::try_from(v).map_err(|_| candle_core::Error::Msg(format!("implicit-GEMM convolution: stride {v} exceeds i64")))
+    }
+
     /// conv_igemm.cuh's `CopyLayout`.
     #[repr(C)]
     #[derive(Clone, Copy)]
@@ -517,7 +516,6 @@ mod imp {
         // Where it writes element (sample, row, col, channel): (n, rows_p, cols_p, c), or tokens
         // across frames (n, cols, rows, c).
         let output = if op.frame_tokens { [rows * cols * c, c, rows * c] } else { [rows_p * cols_p * c, cols_p * c, c] };
-        let long = |v: usize| i64::try_from(v).map_err(|_| candle_core::Error::Msg(format!("channels-last copy: stride {v} exceeds i64")));
         let layout = CopyLayout {
             in_sample: long(input[0])?,
             in_channel: long(input[1])?,
@@ -656,7 +654,6 @@ mod imp {
         let cfg = LaunchConfig { grid_dim: (int(blocks, "blocks")? as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: shared as u32 };
         // Where output (sample, channel, row, col) lies: (n, co, rows·cols), or frames (n·rows, co, cols).
         let (out_sample, out_channel, out_row) = if op.frames_out { (g.rows * co * g.cols, g.cols, co * g.cols) } else { (co * positions, positions, g.cols) };
-        let long = |v: usize| i64::try_from(v).map_err(|_| candle_core::Error::Msg(format!("implicit-GEMM convolution: stride {v} exceeds i64")));
         let geometry = ConvGeometry {
             out_sample: long(out_sample)?,
             out_channel: long(out_channel)?,
@@ -771,8 +768,8 @@ mod tests {
                 let as_frames = |t: &Tensor, c: usize| t.permute((0, 2, 1, 3)).unwrap().contiguous().unwrap().reshape((n * h, c, w, 1)).unwrap();
                 let (frames_x, frames_residual) = (as_frames(&x, ci), as_frames(&residual, co));
                 let frames_extras = Extras { per_sample: Some(&per_sample), residual: Some(&frames_residual) };
-                assert!(supported_frames(&frames_x, h, &taps_first(&w3).unwrap(), &b, Some(&norm)));
-                let got = temporal_conv_frames(&frames_x, h, &taps_first(&w3).unwrap(), &b, frames_extras, Some(&norm)).unwrap();
+                assert!(supported_frames(&frames_x, h, &taps_first(&w3).unwrap(), &b, &norm));
+                let got = temporal_conv_frames(&frames_x, h, &norm, &taps_first(&w3).unwrap(), &b, frames_extras).unwrap();
                 let want_video = (crate::temporal_conv_reference(&f(&normed), &f(&w3), &f(&b)).unwrap().broadcast_add(&f(&per_sample).reshape((n, co, 1, 1)).unwrap()).unwrap() + f(&residual)).unwrap();
                 let want_frames = as_frames(&want_video, co);
                 let e = rel(&got, &want_frames);
