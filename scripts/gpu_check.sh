@@ -28,8 +28,10 @@
 #   call 2: STEPS="bench-pipeline-1024 bench-pipeline-1024-passes bench-pipeline-offload bench-pipeline-512 bench-pipeline-256 ops-1024 bench-unet-variants pipeline-tests-graph bench-pipeline-graph torch-upstream-unet bench-guided-1024 bench-cudnn"
 # with the second call's timeout set to the time left (a step cut off loses only itself: the
 # JSON and logs of those before it come back), and merge the two calls' json/ folders (in
-# logs.tgz) with scripts/gpu_json.py afterwards. bench-unet-chunked (fused against chunked
-# attention) and bench-unet-fp16-fp32 are in neither list: for a session with time to spare.
+# logs.tgz) with scripts/gpu_json.py afterwards. cuda-kernels-off (candle's ops only: where
+# parity-cuda or pipeline-tests-cuda fails, put it first in call 2 to tell our kernels' fault from
+# the engine's), bench-unet-chunked (fused against chunked attention) and bench-unet-fp16-fp32
+# are in neither list: for a session with time to spare.
 set -u
 BIN=${1:?usage: gpu_check.sh BIN_DIR [FIXTURES_DIR]}
 FIX=${2:-fixtures}
@@ -104,6 +106,9 @@ step bench-guided-1024 90 "$BIN/dynamicrafter-bench" --device cuda guided-1024 -
 if [ -x "$BIN/dynamicrafter-bench-cudnn" ]; then
     step bench-cudnn 120 bash -c "'$BIN/dynamicrafter-bench-cudnn' --device cuda unet-1024 --runs 3 && DYNAMICRAFTER_CUDNN=0 '$BIN/dynamicrafter-bench-cudnn' --device cuda unet-1024 --runs 3 && '$BIN/dynamicrafter-bench-cudnn' --device cuda ops-1024 --runs 3"
 fi
+# Every kernel of ours off (DYNAMICRAFTER_CUDA_KERNELS=0, candle's ops only): the way around them
+# the README offers works (the tests pass), and the forward it costs.
+step cuda-kernels-off 150 env DYNAMICRAFTER_CUDA_KERNELS=0 bash -c "'$BIN/parity' --nocapture --test-threads 1 && '$BIN/pipeline' --nocapture --test-threads 1 && '$BIN/dynamicrafter-bench' --device cuda unet-1024 --runs 2"
 step bench-unet-chunked 60 env DYNAMICRAFTER_FLASH_ATTENTION=0 "$BIN/dynamicrafter-bench" --device cuda unet-1024 --runs 2
 step bench-unet-fp16-fp32 90 bash -c "'$BIN/dynamicrafter-bench' --device cuda --precision f16 unet-1024 --runs 2; '$BIN/dynamicrafter-bench' --device cuda --precision fp32 unet-1024 unet-256 --runs 2"
 cat "$OUT/gpu.json"

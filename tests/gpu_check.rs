@@ -64,7 +64,7 @@ fn gpu_check_runs_the_steps_named_and_writes_the_record() {
     }
     executable(&bin.join("dynamicrafter-bench"), BENCH);
 
-    let steps = "kernel-tests bench-unet-bf16 bench-pipeline-1024 bench-pipeline-offload bench-pipeline-512";
+    let steps = "kernel-tests bench-unet-bf16 bench-pipeline-1024 bench-pipeline-offload bench-pipeline-512 cuda-kernels-off";
     let run = Command::new("bash")
         .arg(repo.join("scripts/gpu_check.sh"))
         .arg(&bin)

@@ -39,7 +39,7 @@ pub use amx::{Bf16Conv, Bf16Matrix};
 pub use avx512::{Bf16DotConv, Bf16DotMatrix, Bf16DotTemporalConv, F32Conv, F32Matrix};
 pub use cuda::flash_attention::{flash_attention, flash_attention_with, reads_heads_in_place, supported as flash_attention_supported, Kernel as FlashAttentionKernel};
 pub use cuda::conv_igemm::Tile as ConvTile;
-pub use cuda::{conv3x3_cudnn, conv3x3_on, conv3x3_shifted, cudnn_enabled, temporal_conv_cudnn, temporal_conv_on, temporal_conv_shifted};
+pub use cuda::{conv3x3_cudnn, conv3x3_on, conv3x3_shifted, cudnn_enabled, kernels_enabled as cuda_kernels_enabled, temporal_conv_cudnn, temporal_conv_on, temporal_conv_shifted};
 pub use ops::{
     attention, attention_heads, attention_heads_add, attention_heads_add_fused, conv1x1, conv1x1_supported, conv3x3, conv3x3_taps_upsampled, conv3x3_taps, conv3x3_taps_normed, conv3x3_taps_strided, conv3x3_taps_with, geglu, group_norm, group_norm_frame_tokens, group_norm_tokens, heads_in_place, linear, linear_add_layer_norm, linear_geglu, linear_permute_add, permute, softmax_last_dim, taps_first, taps_last,
     temporal_conv, temporal_conv_frames_supported, temporal_conv_taps_frames_normed, temporal_conv_taps_normed, temporal_conv_taps_with, temporal_conv_with, ConvExtras,

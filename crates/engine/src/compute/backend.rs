@@ -99,6 +99,9 @@ pub struct Backend {
     batched_guidance: bool,
     ff_chunk_rows: Option<usize>,
     cuda_graphs: bool,
+    /// Whether our CUDA kernels serve the layers: a CUDA build on a GPU, unless
+    /// `DYNAMICRAFTER_CUDA_KERNELS=0` leaves them to candle's ops.
+    cuda_kernels: bool,
     chosen: Mutex<BTreeMap<LayerKind, BTreeMap<Kernel, usize>>>,
     /// Off once the pipeline is built: networks rebuilt later (`--offload`) are not counted twice.
     counting: AtomicBool,
@@ -124,6 +127,7 @@ impl Backend {
             batched_guidance: batched_guidance(device, precision),
             ff_chunk_rows: ff_chunk_rows(precision, batched_guidance(device, precision)),
             cuda_graphs: cfg!(feature = "cuda") && device.is_cuda() && std::env::var("DYNAMICRAFTER_CUDA_GRAPH").as_deref() == Ok("1"),
+            cuda_kernels: cfg!(feature = "cuda") && device.is_cuda() && dynamicrafter_kernels::cuda_kernels_enabled(),
             chosen: Mutex::default(),
             counting: AtomicBool::new(true),
             stacked_qkv: AtomicUsize::new(0),
@@ -272,7 +276,7 @@ impl Backend {
             Kernel::AmxBf16 => Kernel::AmxBf16,
             Kernel::Avx512Bf16 => Kernel::Avx512Bf16,
             _ if self.device.is_cpu() && vb.dtype() == DType::F32 => Kernel::PortableF32,
-            _ if cfg!(feature = "cuda") && self.device.is_cuda() && matches!(vb.dtype(), DType::BF16 | DType::F16) => Kernel::Cuda,
+            _ if self.cuda_kernels && matches!(vb.dtype(), DType::BF16 | DType::F16) => Kernel::Cuda,
             _ => Kernel::Candle,
         };
         self.record(LayerKind::Attention, kernel)
@@ -291,7 +295,7 @@ impl Backend {
         if self.device.is_cpu() {
             // Other dtypes are computed in f32 there (candle has no bf16 CPU convolution).
             Kernel::PortableF32
-        } else if cfg!(feature = "cuda") && self.device.is_cuda() && matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+        } else if self.cuda_kernels && matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
             Kernel::Cuda
         } else {
             Kernel::Candle
@@ -377,7 +381,9 @@ impl Backend {
         if self.cuda_graphs {
             out.insert("unet".into(), "CUDA graphs".into());
         }
-        if self.device.is_cuda() {
+        if self.device.is_cuda() && !self.cuda_kernels {
+            out.insert("cuda kernels".into(), "off (DYNAMICRAFTER_CUDA_KERNELS=0): candle's ops".into());
+        } else if self.device.is_cuda() {
             let (tile, unknown) = dynamicrafter_kernels::ConvTile::setting();
             let names: Vec<&str> = dynamicrafter_kernels::ConvTile::ALL.iter().map(|t| t.name()).collect();
             let note = unknown.map(|name| format!(" (DYNAMICRAFTER_CONV_IGEMM_TILE={name} names none of {})", names.join(", "))).unwrap_or_default();

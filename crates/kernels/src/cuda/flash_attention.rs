@@ -88,10 +88,11 @@ enum Setting {
 /// `DYNAMICRAFTER_FLASH_ATTENTION`: `0` off (candle's chunked composition), `1` the staged kernel
 /// only, `2` no short or wide kernel, `split` every kernel with the heads split and merged by
 /// copies (the layout before [`flash_attention_heads`]), unset or anything else every kernel,
-/// heads in place.
+/// heads in place; off too under `DYNAMICRAFTER_CUDA_KERNELS=0` ([`super::kernels_enabled`]).
 fn setting() -> Setting {
     static SETTING: std::sync::OnceLock<Setting> = std::sync::OnceLock::new();
     *SETTING.get_or_init(|| match std::env::var("DYNAMICRAFTER_FLASH_ATTENTION").as_deref() {
+        _ if !super::kernels_enabled() => Setting::Off,
         Ok("0") => Setting::Off,
         Ok("1") => Setting::StagedOnly,
         Ok("2") => Setting::Narrow,
@@ -123,8 +124,7 @@ pub fn supported(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
 pub fn supported_heads(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> bool {
     let dtype = q.dtype();
     setting() != Setting::Off
-        && cfg!(feature = "cuda")
-        && q.device().is_cuda()
+        && super::on_gpu(q)
         && matches!(dtype, DType::BF16 | DType::F16)
         && k.dtype() == dtype
         && v.dtype() == dtype

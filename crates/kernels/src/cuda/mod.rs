@@ -112,16 +112,42 @@ mod launch {
 
 use candle_core::{DType, Result, Tensor};
 
-/// Whether `x` is a float tensor on a GPU this build can run our kernels on.
+/// Whether a switch's value turns it off: `0`, and only that (unset or anything else keeps the
+/// default, on).
+fn turns_off(value: Option<&str>) -> bool {
+    value == Some("0")
+}
+
+/// Whether the environment turns `var` off ([`turns_off`]): read once by each switch's caller.
+pub(crate) fn switched_off(var: &str) -> bool {
+    turns_off(std::env::var(var).ok().as_deref())
+}
+
+/// Whether our CUDA kernels run at all: unless `DYNAMICRAFTER_CUDA_KERNELS=0`, which leaves every
+/// op to candle's composition (cuBLAS products and candle's generic kernels): the way around
+/// kernels of ours that misbehave on a card, without a rebuild, and the baseline a failing CUDA
+/// test is compared with. Each family's own switch (`DYNAMICRAFTER_CUDA_GROUP_NORM`, …) turns
+/// off just that family.
+pub fn kernels_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| !switched_off("DYNAMICRAFTER_CUDA_KERNELS"))
+}
+
+/// Whether `x` lies on a GPU our kernels run on: a CUDA build, a CUDA device, [`kernels_enabled`].
+pub(crate) fn on_gpu(x: &Tensor) -> bool {
+    cfg!(feature = "cuda") && x.device().is_cuda() && kernels_enabled()
+}
+
+/// Whether `x` is a float tensor on a GPU this build can run our kernels on ([`on_gpu`]).
 pub fn usable(x: &Tensor) -> bool {
-    cfg!(feature = "cuda") && x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16)
+    on_gpu(x) && matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16)
 }
 
 /// Whether [`group_norm`] runs our kernels: unless `DYNAMICRAFTER_CUDA_GROUP_NORM=0` leaves it
 /// to candle's composition (A/B timings; a way around the kernel without a rebuild).
 pub fn group_norm_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var("DYNAMICRAFTER_CUDA_GROUP_NORM").as_deref() != Ok("0"))
+    *ENABLED.get_or_init(|| !switched_off("DYNAMICRAFTER_CUDA_GROUP_NORM"))
 }
 
 /// GroupNorm (+ SiLU) of `x (n, c, …)` with weight and bias `(c)` of `x`'s dtype.
@@ -239,7 +265,7 @@ pub fn temporal_conv_shifted(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> Resu
 /// (A/B against our own: implicit or shifted GEMMs).
 pub fn cudnn_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    cfg!(feature = "cudnn") && *ENABLED.get_or_init(|| std::env::var("DYNAMICRAFTER_CUDNN").map_or(true, |v| v != "0"))
+    cfg!(feature = "cudnn") && *ENABLED.get_or_init(|| !switched_off("DYNAMICRAFTER_CUDNN"))
 }
 
 /// 3×3 convolution, stride 1, padding 1, on cuDNN (candle's conv2d in a `cudnn` build) with
@@ -518,6 +544,18 @@ mod imp {
             }
         }
         Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from((n, co, op.out_len))))
+    }
+}
+
+#[cfg(test)]
+mod switch_tests {
+    /// A switch is off for `0` alone: a typo or an empty value must not turn a kernel off unseen.
+    #[test]
+    fn only_zero_turns_a_switch_off() {
+        assert!(super::turns_off(Some("0")));
+        for value in [None, Some(""), Some("1"), Some("00"), Some("off"), Some(" 0")] {
+            assert!(!super::turns_off(value), "{value:?}");
+        }
     }
 }
 
