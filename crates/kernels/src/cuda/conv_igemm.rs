@@ -20,7 +20,7 @@ pub fn supported(x: &Tensor, w_taps: &Tensor, bias: &Tensor) -> bool {
 /// [`supported`] for [`conv3x3_upsampled`] by `up` (the padded copy's rows grow with it).
 pub fn supported_upsampled(x: &Tensor, w_taps: &Tensor, bias: &Tensor, up: usize) -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let enabled = *ENABLED.get_or_init(|| !super::switched_off("DYNAMICRAFTER_CONV_IGEMM"));
+    let enabled = *ENABLED.get_or_init(|| super::family_enabled("DYNAMICRAFTER_CONV_IGEMM"));
     let dtype = x.dtype();
     enabled
         && super::on_gpu(x)
@@ -109,7 +109,7 @@ impl Norm<'_> {
 /// its own (A/B benchmarks).
 pub fn supported_normed(x: &Tensor, w_taps: &Tensor, bias: &Tensor, norm: &Norm) -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| !super::switched_off("DYNAMICRAFTER_CONV_NORM")) && supported(x, w_taps, bias) && norm_fits(x, norm)
+    *ENABLED.get_or_init(|| super::family_enabled("DYNAMICRAFTER_CONV_NORM")) && supported(x, w_taps, bias) && norm_fits(x, norm)
 }
 
 /// The norm's side of the checks: our group norm kernels in use, its weight and bias of `x`'s
@@ -155,7 +155,7 @@ pub fn supported_frame_tokens(x: &Tensor, frames: usize, norm: &Norm) -> bool {
 /// to the video layout first, as before (A/B benchmarks).
 fn frames_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| !super::switched_off("DYNAMICRAFTER_CUDA_FRAMES"))
+    *ENABLED.get_or_init(|| super::family_enabled("DYNAMICRAFTER_CUDA_FRAMES"))
 }
 
 /// Whether [`normalized_tokens`] takes `x` with `norm`: a CUDA f16/bf16 tensor `(n, c, h, w)`, the

@@ -10,7 +10,7 @@ use candle_core::{DType, Result, Tensor};
 /// kernel that misbehaves on some card without a rebuild).
 pub fn enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| !super::switched_off("DYNAMICRAFTER_CUDA_EPILOGUES"))
+    *ENABLED.get_or_init(|| super::family_enabled("DYNAMICRAFTER_CUDA_EPILOGUES"))
 }
 
 /// Whether the epilogues take a product `y` and `bias` (and `residual`): a CUDA float tensor and

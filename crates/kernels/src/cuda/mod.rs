@@ -119,8 +119,14 @@ fn turns_off(value: Option<&str>) -> bool {
 }
 
 /// Whether the environment turns `var` off ([`turns_off`]): read once by each switch's caller.
-pub(crate) fn switched_off(var: &str) -> bool {
+fn switched_off(var: &str) -> bool {
     turns_off(std::env::var(var).ok().as_deref())
+}
+
+/// Whether the family of our kernels that `var` switches runs: our kernels at all
+/// ([`kernels_enabled`]) and `var` not turned off. Read once by each family's caller.
+pub(crate) fn family_enabled(var: &str) -> bool {
+    kernels_enabled() && !switched_off(var)
 }
 
 /// Whether our CUDA kernels run at all: unless `DYNAMICRAFTER_CUDA_KERNELS=0`, which leaves every
@@ -147,7 +153,7 @@ pub fn usable(x: &Tensor) -> bool {
 /// to candle's composition (A/B timings; a way around the kernel without a rebuild).
 pub fn group_norm_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| !switched_off("DYNAMICRAFTER_CUDA_GROUP_NORM"))
+    *ENABLED.get_or_init(|| family_enabled("DYNAMICRAFTER_CUDA_GROUP_NORM"))
 }
 
 /// GroupNorm (+ SiLU) of `x (n, c, …)` with weight and bias `(c)` of `x`'s dtype.

@@ -86,7 +86,7 @@ pub(crate) fn is_permutation(dims: &[usize], rank: usize) -> bool {
 /// a way around the kernels without a rebuild).
 pub fn supported(x: &Tensor, dims: &[usize]) -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| !super::switched_off("DYNAMICRAFTER_CUDA_PERMUTE"))
+    *ENABLED.get_or_init(|| super::family_enabled("DYNAMICRAFTER_CUDA_PERMUTE"))
         && super::on_gpu(x)
         && matches!(x.dtype(), DType::BF16 | DType::F16 | DType::F32 | DType::U32)
         && x.elem_count() > 0
