@@ -383,7 +383,7 @@ impl Backend {
         }
         if self.device.is_cuda() && !self.cuda_kernels {
             out.insert("cuda kernels".into(), "off (DYNAMICRAFTER_CUDA_KERNELS=0): candle's ops".into());
-        } else if self.device.is_cuda() {
+        } else if self.cuda_kernels {
             let (tile, unknown) = dynamicrafter_kernels::ConvTile::setting();
             let names: Vec<&str> = dynamicrafter_kernels::ConvTile::ALL.iter().map(|t| t.name()).collect();
             let note = unknown.map(|name| format!(" (DYNAMICRAFTER_CONV_IGEMM_TILE={name} names none of {})", names.join(", "))).unwrap_or_default();

@@ -147,15 +147,16 @@ pub fn normalized_frame_tokens(x: &Tensor, frames: usize, norm: &Norm) -> Result
 /// `norm`: as [`supported_tokens`], t dividing the leading dimension; unless
 /// `DYNAMICRAFTER_CUDA_FRAMES=0`.
 pub fn supported_frame_tokens(x: &Tensor, frames: usize, norm: &Norm) -> bool {
-    frames_enabled() && frames > 0 && x.dim(0).is_ok_and(|n| n.is_multiple_of(frames)) && supported_tokens(x, norm)
+    frames_fit(x, frames) && supported_tokens(x, norm)
 }
 
-/// Whether the kernels read a video held as frames where it lies (the temporal blocks'
-/// convolutions, the temporal transformers' entries): `DYNAMICRAFTER_CUDA_FRAMES=0` permutes it
-/// to the video layout first, as before (A/B benchmarks).
-fn frames_enabled() -> bool {
+/// Whether the kernels read `x (b·t, …)` as videos of `frames` = t frames where it lies (the
+/// temporal blocks' convolutions, the temporal transformers' entries): t dividing the leading
+/// dimension, unless `DYNAMICRAFTER_CUDA_FRAMES=0` permutes it to the video layout first, as
+/// before (A/B benchmarks).
+fn frames_fit(x: &Tensor, frames: usize) -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| super::family_enabled("DYNAMICRAFTER_CUDA_FRAMES"))
+    *ENABLED.get_or_init(|| super::family_enabled("DYNAMICRAFTER_CUDA_FRAMES")) && frames > 0 && x.dim(0).is_ok_and(|n| n.is_multiple_of(frames))
 }
 
 /// Whether [`normalized_tokens`] takes `x` with `norm`: a CUDA f16/bf16 tensor `(n, c, h, w)`, the
@@ -200,7 +201,7 @@ pub fn temporal_conv_frames(x: &Tensor, frames: usize, norm: &Norm, w_taps: &Ten
 /// with `norm`: as [`supported_normed`], t dividing the leading dimension; unless
 /// `DYNAMICRAFTER_CUDA_FRAMES=0`.
 pub fn supported_frames(x: &Tensor, frames: usize, w_taps: &Tensor, bias: &Tensor, norm: &Norm) -> bool {
-    frames_enabled() && frames > 0 && x.dim(0).is_ok_and(|n| n.is_multiple_of(frames)) && supported_normed(x, w_taps, bias, norm)
+    frames_fit(x, frames) && supported_normed(x, w_taps, bias, norm)
 }
 
 /// [`conv3x3`] on a given tile shape and pipeline depth (A/B benchmarks).

@@ -7,6 +7,7 @@
 // runs every thread, and a short grid exercises the stride.
 
 #include <array>
+#include <initializer_list>
 #include <string>
 
 #include "emulator.h"
@@ -106,6 +107,37 @@ void report(const std::string& name, bool ok, const std::string& detail) {
     if (!ok) ++failures;
 }
 
+// A kernel's output against the reference: the relative (L2) error, element by element.
+struct RelativeError {
+    double err = 0, norm = 0;
+    void add(double got, double want) {
+        err += (got - want) * (got - want);
+        norm += want * want;
+    }
+};
+
+// A buffer's guard check for report_relative: whether it is intact, and what the buffer is.
+struct Guard {
+    bool intact;
+    const char* buffer;
+};
+
+// Reports a case compared by relative error (`what` describes it): ok when the error is finite and
+// under `tolerance` and every guard is intact.
+void report_relative(const std::string& name, const std::string& what, const RelativeError& e, double tolerance,
+                     std::initializer_list<Guard> guards) {
+    const double rel = std::sqrt(e.err / e.norm);
+    char error[64];
+    std::snprintf(error, sizeof error, " relative error %.2e (bound %.0e)", rel, tolerance);
+    std::string detail = what + error;
+    bool ok = std::isfinite(rel) && rel < tolerance;
+    for (const Guard& g : guards) {
+        if (!g.intact) detail += std::string(", wrote outside ") + g.buffer;
+        ok = ok && g.intact;
+    }
+    report(name, ok, detail);
+}
+
 template <typename T>
 const char* dtype_name() {
     if constexpr (std::is_same_v<T, float>) return "f32";
@@ -160,7 +192,7 @@ void attention_case(const AttentionKernels& kernels, Packing packing, int b, int
                                                 : b * heads * ((n + kernels.block_queries - 1) / kernels.block_queries);
     emu::launch(dim3{blocks, 1, 1}, dim3{(unsigned)kernels.threads, 1, 1},
                 [&] { kernel(qp, kp, vp, out.data(), adding ? addend.data() : nullptr, n, m, scale, layout); });
-    double err = 0, norm = 0;
+    RelativeError error;
     std::vector<double> p(m);
     for (int bi = 0; bi < b; ++bi)
         for (int h = 0; h < heads; ++h)
@@ -181,18 +213,13 @@ void attention_case(const AttentionKernels& kernels, Packing packing, int b, int
                     for (int j = 0; j < m; ++j) want += p[j] * float(vp[bi * layout.v_batch + j * layout.v_row + h * d + e]);
                     const int64_t o = bi * layout.out_batch + i * layout.out_row + h * d + e;
                     want = want / sum * weight + (adding ? double(float(addend[o])) : 0.0);
-                    const double got = float(out[o]);
-                    err += (got - want) * (got - want);
-                    norm += want * want;
+                    error.add(float(out[o]), want);
                 }
             }
-    const double rel = std::sqrt(err / norm);
-    char detail[200];
-    std::snprintf(detail, sizeof detail, "%s b=%d heads=%d n=%d m=%d d=%d relative error %.2e (bound %.0e)%s",
-                  fused ? "fused qkv" : adding ? "addend" : "separate", b, heads, n, m, d, rel, tolerance,
-                  out.guards_intact() ? "" : ", wrote outside its output");
-    report(std::string(kernels.name) + " " + dtype_name<T>(), std::isfinite(rel) && rel < tolerance && out.guards_intact(),
-           detail);
+    char what[160];
+    std::snprintf(what, sizeof what, "%s b=%d heads=%d n=%d m=%d d=%d", fused ? "fused qkv" : adding ? "addend" : "separate", b,
+                  heads, n, m, d);
+    report_relative(std::string(kernels.name) + " " + dtype_name<T>(), what, error, tolerance, {{out.guards_intact(), "its output"}});
 }
 
 void attention(const AttentionKernels& kernels) {
@@ -246,7 +273,7 @@ void group_norm_case(GroupStats<T> stats, GroupApply<T> apply, int n, int c, int
     emu::launch(grid, dim3{THREADS, 1, 1}, [&] { stats(x.data(), sums.data(), runs, packed); });
     emu::launch(grid, dim3{THREADS, 1, 1},
                 [&] { apply(x.data(), w.data(), b.data(), sums.data(), y.data(), c, s, (int)cpg, eps, silu, packed); });
-    double err = 0, norm = 0;
+    RelativeError error;
     for (size_t g = 0; g < (size_t)n * groups; ++g) {
         double mean = 0, var = 0;
         for (size_t i = 0; i < group_len; ++i) mean += float(x[g * group_len + i]);
@@ -258,17 +285,12 @@ void group_norm_case(GroupStats<T> stats, GroupApply<T> apply, int n, int c, int
             const int ch = (e / s) % c;
             double want = (float(x[e]) - mean) / std::sqrt(var + eps) * float(w[ch]) + float(b[ch]);
             if (silu) want = want / (1 + std::exp(-want));
-            const double got = float(y[e]);
-            err += (got - want) * (got - want);
-            norm += want * want;
+            error.add(float(y[e]), want);
         }
     }
-    const double rel = std::sqrt(err / norm);
-    char detail[160];
-    std::snprintf(detail, sizeof detail, "n=%d c=%d groups=%d s=%zu silu=%d packed=%d relative error %.2e (bound %.0e)%s", n,
-                  c, groups, s, silu, packed, rel, tolerance, y.guards_intact() ? "" : ", wrote outside its output");
-    report(std::string("group norm ") + dtype_name<T>(), std::isfinite(rel) && rel < tolerance && y.guards_intact(),
-           detail);
+    char what[120];
+    std::snprintf(what, sizeof what, "n=%d c=%d groups=%d s=%zu silu=%d packed=%d", n, c, groups, s, silu, packed);
+    report_relative(std::string("group norm ") + dtype_name<T>(), what, error, tolerance, {{y.guards_intact(), "its output"}});
 }
 
 template <typename T>
@@ -384,7 +406,7 @@ void add_layer_norms(void (*kernel)(const T*, const T*, const T*, const T*, cons
                 if (residual) v += f(r[i]);
                 return v;
             });
-            double err = 0, norm = 0;
+            RelativeError error;
             for (size_t row = 0; row < rows; ++row) {
                 double mean = 0, var = 0;
                 for (int c = 0; c < cols; ++c) mean += f(sum[row * cols + c]);
@@ -393,16 +415,10 @@ void add_layer_norms(void (*kernel)(const T*, const T*, const T*, const T*, cons
                 var /= cols;
                 for (int c = 0; c < cols; ++c) {
                     const double want = (f(sum[row * cols + c]) - mean) / std::sqrt(var + eps) * f(gamma[c]) + f(beta[c]);
-                    const double got = f(normed[row * cols + c]);
-                    err += (got - want) * (got - want);
-                    norm += want * want;
+                    error.add(f(normed[row * cols + c]), want);
                 }
             }
-            const double rel = std::sqrt(err / norm);
-            char detail[120];
-            std::snprintf(detail, sizeof detail, "norm relative error %.2e (bound %.0e)%s", rel, tolerance,
-                          normed.guards_intact() ? "" : ", wrote outside its output");
-            report(name + " norm " + dtype_name<T>(), std::isfinite(rel) && rel < tolerance && normed.guards_intact(), detail);
+            report_relative(name + " norm " + dtype_name<T>(), "norm", error, tolerance, {{normed.guards_intact(), "its output"}});
         }
     }
 }
@@ -554,7 +570,7 @@ void conv_case(const ConvInput<T>& input, const ConvTile<T>& tile, bool spatial,
         tile.kernel(xp.data(), w.data(), bias.data(), extras ? sample_bias.data() : nullptr, extras ? residual.data() : nullptr,
                     out.data(), g);
     });
-    double err = 0, norm = 0;
+    RelativeError error;
     for (int s = 0; s < n; ++s)
         for (int o = 0; o < co; ++o)
             for (int r = 0; r < rows; ++r)
@@ -571,20 +587,15 @@ void conv_case(const ConvInput<T>& input, const ConvTile<T>& tile, bool spatial,
                         for (int i = 0; i < ci; ++i)
                             want += double(float(w[((size_t)t * co + o) * ci + i])) * input_value[x_at(s, i, rr / up, cc / up)];
                     }
-                    const double got = float(out[out_at(s, o, r, c)]);
-                    err += (got - want) * (got - want);
-                    norm += want * want;
+                    error.add(float(out[out_at(s, o, r, c)]), want);
                 }
-    const double rel = std::sqrt(err / norm);
-    char detail[280];
-    std::snprintf(detail, sizeof detail, "%s %s%s%s%s%s%s n=%d ci=%d co=%d %dx%d relative error %.2e (bound %.0e)%s%s",
-                  tile.name, spatial ? "3x3" : "temporal", frames ? " in frames" : "", up == 2 ? " of the 2x upsampled input" : "",
-                  stride == 2 ? " stride 2" : "", groups ? (silu ? " of group norm + SiLU" : " of group norm") : "",
-                  extras ? " + sample bias + residual" : "", n, ci, co, rows, cols, rel,
-                  tolerance, xp.guards_intact() ? "" : ", wrote outside the channels-last copy",
-                  out.guards_intact() ? "" : ", wrote outside its output");
-    report(std::string("conv_igemm ") + dtype_name<T>(),
-           std::isfinite(rel) && rel < tolerance && xp.guards_intact() && out.guards_intact(), detail);
+    char what[200];
+    std::snprintf(what, sizeof what, "%s %s%s%s%s%s%s n=%d ci=%d co=%d %dx%d", tile.name, spatial ? "3x3" : "temporal",
+                  frames ? " in frames" : "", up == 2 ? " of the 2x upsampled input" : "", stride == 2 ? " stride 2" : "",
+                  groups ? (silu ? " of group norm + SiLU" : " of group norm") : "", extras ? " + sample bias + residual" : "", n,
+                  ci, co, rows, cols);
+    report_relative(std::string("conv_igemm ") + dtype_name<T>(), what, error, tolerance,
+                    {{xp.guards_intact(), "the channels-last copy"}, {out.guards_intact(), "its output"}});
 }
 
 // The copy without a convolution: x group-normalised (no SiLU) into tokens, a transformer's entry.
@@ -610,20 +621,16 @@ void tokens_case(const ConvInput<T>& input, bool across_frames, int n, int c, in
     emu::launch(dim3{(unsigned)((cols + 31) / 32), (unsigned)((c + 31) / 32), (unsigned)(n * rows)}, dim3{32, 8, 1}, [&] {
         input.to_channels_last(x.data(), out.data(), c, rows, cols, 0, 0, 1, at, sums.data(), gamma.data(), beta.data(), cpg, eps, 0);
     });
-    double err = 0, norm = 0;
+    RelativeError error;
     each_normalised(x, n, groups, cpg, rows, cols, eps, x_at, [&](int s, int ch, int r, int col, size_t e, double mean, double rstd) {
         const double want = (float(x[e]) - mean) * rstd * float(gamma[ch]) + float(beta[ch]);
         const size_t o = across_frames ? (((size_t)s * cols + col) * rows + r) * c + ch : (((size_t)s * rows + r) * cols + col) * c + ch;
-        const double got = float(out[o]);
-        err += (got - want) * (got - want);
-        norm += want * want;
+        error.add(float(out[o]), want);
     });
-    const double rel = std::sqrt(err / norm);
-    char detail[200];
-    std::snprintf(detail, sizeof detail, "group norm into tokens%s n=%d c=%d groups=%d %dx%d relative error %.2e (bound %.0e)%s",
-                  across_frames ? " across frames" : "", n, c, groups, rows, cols, rel, tolerance,
-                  out.guards_intact() ? "" : ", wrote outside its output");
-    report(std::string("channels-last copy ") + dtype_name<T>(), std::isfinite(rel) && rel < tolerance && out.guards_intact(), detail);
+    char what[120];
+    std::snprintf(what, sizeof what, "group norm into tokens%s n=%d c=%d groups=%d %dx%d", across_frames ? " across frames" : "", n,
+                  c, groups, rows, cols);
+    report_relative(std::string("channels-last copy ") + dtype_name<T>(), what, error, tolerance, {{out.guards_intact(), "its output"}});
 }
 
 template <typename T>
